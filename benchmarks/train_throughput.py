@@ -1,0 +1,105 @@
+"""Train-step throughput and model FLOP utilisation, optimized vs reference BLAS.
+
+Each (shape, BLAS) variant runs in its own process, because the BLAS must be
+chosen before ``mlx.core`` is imported. Prints tokens/s, MFU against the
+measured sgemm peak, and the optimized/reference ratio per shape.
+
+    python benchmarks/train_throughput.py [--steps 10] [--reference-steps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+SHAPES = {
+    # name: (dim, blocks, heads, context, batch, vocab)
+    "seed-default": (1024, 4, 8, 48, 32, 10000),
+    "small": (128, 4, 4, 64, 12, 65),
+}
+
+
+def measure(shape: str, steps: int, checkpoint: bool = False) -> dict:
+    import numpy as np
+
+    import tlm  # noqa: F401  (loads the BLAS chosen by TLM_BLAS)
+    import mlx.core as mx
+    from tlm import blas
+    from tlm.config import TrainConfig
+    from tlm.data import Dataset
+    from tlm.train import Trainer
+
+    dim, blocks, heads, context, batch, vocab = SHAPES[shape]
+    a = mx.random.normal((1024, 1024))
+    mx.eval(a @ a)
+    tic = time.perf_counter()
+    for _ in range(5):
+        mx.eval(a @ a)
+    peak = 5 * 2 * 1024**3 / (time.perf_counter() - tic)
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, 200_000, dtype=np.int32)
+    data = Dataset("random", "word", [str(i) for i in range(vocab)], tokens, tokens, tokens)
+    cfg = TrainConfig(dim=dim, num_blocks=blocks, num_heads=heads, context_size=context,
+                      batch_size=batch, num_iters=10**6, save_dir="/tmp", checkpoint=checkpoint)
+    trainer = Trainer(cfg, data)
+    for _ in range(2):  # compile and warm up
+        mx.eval(trainer._train_step(mx.array(next(trainer.batches))), trainer._state)
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    for _ in range(steps):
+        loss = trainer._train_step(mx.array(next(trainer.batches)))
+        mx.eval(loss, trainer._state)
+    seconds = time.perf_counter() - tic
+    tokens_per_sec = steps * batch * context / seconds
+    # 6 FLOPs per parameter per token (forward + backward), embeddings excluded
+    # (a lookup), plus attention scores and values: 12 * layers * context * dim.
+    n = trainer.num_params() - (0 if cfg.tie_embeddings else vocab * dim)
+    flops_per_token = 6 * n + 12 * blocks * context * dim
+    return {"shape": shape, "blas": blas.describe(), "tokens_per_sec": tokens_per_sec,
+            "mfu": tokens_per_sec * flops_per_token / peak, "sgemm_gflops": peak / 1e9,
+            "peak_memory_gb": mx.get_peak_memory() / 1e9, "checkpoint": checkpoint}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--reference-steps", type=int, default=1)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--checkpoint", action="store_true", help="also measure gradient checkpointing")
+    ap.add_argument("--child", nargs=3, metavar=("SHAPE", "STEPS", "CKPT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        shape, steps, ckpt = args.child
+        print(json.dumps(measure(shape, int(steps), ckpt == "1")))
+        return
+
+    def run(shape: str, reference: bool, steps: int, ckpt: bool = False) -> dict:
+        env = dict(os.environ, TLM_BLAS="reference" if reference else os.environ.get("TLM_BLAS", ""))
+        out = subprocess.run([sys.executable, __file__, "--child", shape, str(steps), str(int(ckpt))],
+                             env=env, check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        print(f"{r['shape']:>13}  {'reference' if reference else 'optimized':>9} BLAS"
+              f"{'  +checkpoint' if ckpt else ''}: {r['tokens_per_sec']:10,.0f} tok/s  "
+              f"MFU {r['mfu']:6.1%} of {r['sgemm_gflops']:.0f} GFLOP/s sgemm  "
+              f"peak mem {r['peak_memory_gb']:.2f} GB   [{r['blas']}]", flush=True)
+        return r
+
+    for shape in args.shapes.split(","):
+        fast = run(shape, False, args.steps)
+        if args.checkpoint:
+            ck = run(shape, False, args.steps, True)
+            print(f"{shape:>13}  checkpointing: speed x{ck['tokens_per_sec'] / fast['tokens_per_sec']:.2f}, "
+                  f"peak memory x{ck['peak_memory_gb'] / fast['peak_memory_gb']:.2f}")
+        if args.reference_steps > 0:
+            ref = run(shape, True, args.reference_steps)
+            print(f"{shape:>13}  optimized / reference BLAS: "
+                  f"x{fast['tokens_per_sec'] / ref['tokens_per_sec']:.1f}")
+
+
+if __name__ == "__main__":
+    main()

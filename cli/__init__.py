@@ -1,0 +1,1 @@
+"""The ``tlm`` command line (installed as the ``tlm_cli`` package)."""

@@ -1,0 +1,42 @@
+"""Click options generated from :class:`tlm.config.TrainConfig`, so every
+command that takes the trainer's flags spells and documents them identically."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Callable
+
+import click
+
+from tlm.config import ConfigError, TrainConfig
+
+_TYPES = {"int": int, "float": float, "str": str, "Optional[str]": str}
+
+
+def train_options(fn: Callable) -> Callable:
+    """Add one option per TrainConfig field: ``--context_size`` and ``--context-size``."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        help_ = f.metadata["help"]
+        if hints[f.name] is bool:
+            fn = click.option(*names, f.name, is_flag=True, default=None, help=help_)(fn)
+        else:
+            typ = hints[f.name]
+            typ = typing.get_args(typ)[0] if typing.get_origin(typ) is typing.Union else typ
+            default = f"default: {f.default}" if f.default not in (None, "") else None
+            fn = click.option(*names, f.name, type=typ, default=None,
+                              help=help_ + (f" ({default})" if default else ""))(fn)
+    return fn
+
+
+def config_from_options(options: dict[str, Any]) -> TrainConfig:
+    """The flags the user gave over the defaults, validated; a click error on bad input."""
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        config = TrainConfig(**given)
+        config.validate()
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    return config

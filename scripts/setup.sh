@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up tlm on a fresh Linux or macOS machine: a .venv with the project and
+# its test tools, and on Linux an optimized BLAS for MLX's CPU backend.
+# Idempotent; safe to run before every command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+if [ "$(uname -s)" = Linux ] && ! .venv/bin/python - <<'PY'
+import sys
+from tlm import blas
+sys.exit(blas.active in ("reference", "disabled"))
+PY
+then
+    # MLX's Linux wheel ships reference BLAS (~30x slower): install OpenBLAS.
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
+    if command -v apt-get >/dev/null && { $SUDO apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 \
+        || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1; }; }; then
+        echo "setup: installed Debian's libopenblas0-pthread" >&2
+    else
+        echo "setup: no apt-get/root: installing Intel MKL from PyPI into .venv instead" >&2
+        .venv/bin/python -m pip install -q --disable-pip-version-check mkl
+    fi
+fi
+.venv/bin/python -c "from tlm import blas; print('setup:', blas.describe())" >&2

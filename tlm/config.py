@@ -1,0 +1,115 @@
+"""Training configuration: the seed's flags as one JSON-serialisable dataclass.
+
+The CLI builds its options from these fields, so flags, defaults and help
+live in exactly one place, and the same object travels in queue payloads and
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import platformdirs
+
+RAMDISK = Path("/Volumes/RAMDisk")
+DATASETS = ("ptb",)
+
+
+class ConfigError(ValueError):
+    """An invalid setting, reported to the user as one line before any work starts."""
+
+
+def default_save_dir() -> str:
+    """The seed's RAM disk where it exists, otherwise the per-user data directory."""
+    if RAMDISK.is_dir():
+        return str(RAMDISK / "transformer-lm")
+    return str(Path(platformdirs.user_data_dir("tlm")) / "transformer-lm")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = _opt("ptb", "dataset name: " + ", ".join(DATASETS))
+    save_dir: str = _opt("", "checkpoint and data directory (default: /Volumes/RAMDisk/"
+                             "transformer-lm if that disk exists, else the per-user data dir)")
+    data_mirror: Optional[str] = _opt(None, "directory or URL laid out like the dataset "
+                                            "sources, tried first (env TLM_DATA_MIRROR)")
+    seed: int = _opt(42, "RNG seed for initialisation, batches and dropout")
+    context_size: int = _opt(48, "context window size in tokens")
+    num_blocks: int = _opt(4, "number of Transformer blocks")
+    dim: int = _opt(1024, "embedding/hidden dimension")
+    num_heads: int = _opt(8, "number of attention heads")
+    dropout: float = _opt(0.0, "dropout probability")
+    tie_embeddings: bool = _opt(False, "share the input embedding and output projection")
+    batch_size: int = _opt(32, "minibatch size")
+    num_iters: int = _opt(100000, "training iterations")
+    learning_rate: float = _opt(3e-4, "AdamW peak learning rate")
+    weight_decay: float = _opt(1e-5, "AdamW weight decay")
+    lr_warmup: int = _opt(200, "linear warmup steps before cosine decay")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)")
+    top_k: int = _opt(50, "top-k for the sample printed after each save")
+    temperature: float = _opt(0.5, "temperature for the sample printed after each save")
+    steps_per_report: int = _opt(10, "report training loss every N steps")
+    steps_per_eval: int = _opt(1000, "evaluate on the validation split every N steps")
+    identifier: Optional[str] = _opt(None, "checkpoint identifier (SHA1 or unique prefix) to load")
+    new_model: bool = _opt(False, "start from scratch, ignoring existing checkpoints")
+    gpu: bool = _opt(False, "use the Metal GPU backend")
+    checkpoint: bool = _opt(False, "gradient checkpointing (less memory, more compute)")
+    eval_test: bool = _opt(False, "evaluate on the test split at the end")
+
+    def __post_init__(self) -> None:
+        if not self.save_dir:
+            self.save_dir = default_save_dir()
+        if self.data_mirror is None:
+            self.data_mirror = os.environ.get("TLM_DATA_MIRROR") or None
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad setting; touches nothing on disk."""
+        positive = ("context_size", "num_blocks", "dim", "num_heads", "batch_size",
+                    "num_iters", "steps_per_report", "steps_per_eval", "top_k")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("learning_rate", "weight_decay", "lr_warmup", "grad_clip", "temperature"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.dim % self.num_heads:
+            raise ConfigError(f"--dim {self.dim} is not divisible by --num_heads {self.num_heads}")
+        if (self.dim // self.num_heads) % 2:
+            raise ConfigError(f"head size --dim/--num_heads = {self.dim // self.num_heads} "
+                              "must be even for rotary embeddings")
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown --dataset {self.dataset!r} (choose from {', '.join(DATASETS)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+def check_save_dir(path: str) -> Path:
+    """Create the save directory if needed and prove it is writable."""
+    p = Path(path).expanduser()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--save_dir {path} is not writable: {e.strerror or e}") from None
+    return p

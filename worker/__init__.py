@@ -1,0 +1,1 @@
+"""Queue tasks and the ``tlm-worker`` process (installed as the ``tlm_worker`` package)."""
