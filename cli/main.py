@@ -1,16 +1,15 @@
-"""``tlm``: train, and (with the queue) submit, watch and cancel jobs."""
+"""``tlm``: train and inspect models; (with the queue) submit, watch and cancel jobs."""
 
 from __future__ import annotations
 
-import signal
-import sys
+from pathlib import Path
 
 import click
 
 import tlm
 from tlm import blas
 from tlm.config import ConfigError, check_save_dir
-from tlm_cli.options import config_from_options, train_options
+from tlm_cli.options import given_options, train_options
 from tlm_cli.render import ProgressPrinter
 
 
@@ -20,31 +19,75 @@ def cli() -> None:
     """Train small Transformer language models with MLX."""
 
 
+def echo(message: str) -> None:
+    click.echo(message, err=True)
+
+
 @cli.command()
 @train_options
 def train(**options) -> None:
-    """Train in the foreground (the seed's main.py)."""
-    config = config_from_options(options)
+    """Train in the foreground, resuming the latest checkpoint in --save_dir.
+
+    Ctrl+C (or SIGTERM) once: finish the step, save, exit 0. Twice: exit now.
+    """
+    from tlm.checkpoint import CheckpointError
+    from tlm.data import DataError, load_dataset
+    from tlm.interrupts import StopOnSignal
+    from tlm.train import Trainer, open_run, select_device
+
+    given = given_options(options)
     try:
-        check_save_dir(config.save_dir)
-        from tlm.train import Trainer, select_device  # imports mlx: after validation
+        check_save_dir(given.get("save_dir") or tlm.config.default_save_dir())
+        config, ckpt = open_run(given, warn=echo)
         device = select_device(config.gpu)
+        echo(blas.describe())
+        echo(f"save_dir: {config.save_dir}  device: {device}")
+        dataset = load_dataset(config.dataset, Path(config.save_dir) / "datasets",
+                               config.data_mirror, log=echo)
+        trainer = Trainer(config, dataset, ckpt, log=echo)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
-    err = click.get_text_stream("stderr")
-    click.echo(blas.describe(), err=True)
-    click.echo(f"save_dir: {config.save_dir}  device: {device}", err=True)
-
-    from tlm.data import DataError, load_dataset
-    from pathlib import Path
-    try:
-        dataset = load_dataset(config.dataset, Path(config.save_dir) / "datasets",
-                               config.data_mirror, log=lambda m: click.echo(m, err=True))
-    except DataError as e:
+    except (DataError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
-    trainer = Trainer(config, dataset)
-    with ProgressPrinter(config.num_iters, err) as printer:
-        trainer.run(on_progress=printer)
+
+    stop = StopOnSignal(on_first=lambda s: echo(
+        "\nstopping: finishing this step and saving (press Ctrl+C again to exit now)"))
+    try:
+        with ProgressPrinter(config.num_iters, click.get_text_stream("stderr")) as printer:
+            result = trainer.run(on_progress=printer, should_stop=stop)
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        stop.restore()
+    if result.stopped:
+        echo(f"stopped at iteration {result.step}; run the same command to resume")
+
+
+@cli.command()
+@click.option("--save_dir", "--save-dir", "save_dir", default=None, help="run directory")
+@click.option("--identifier", default=None, help="checkpoint SHA1 or unique prefix (default: latest)")
+def inspect(save_dir: str | None, identifier: str | None) -> None:
+    """Print a checkpoint's configuration, iteration, losses and integrity."""
+    import json
+    from tlm import checkpoint
+    from tlm.config import default_save_dir
+
+    directory = Path(save_dir or default_save_dir())
+    try:
+        ckpt = checkpoint.find(directory, identifier, warn=echo)
+    except checkpoint.CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    if ckpt is None:
+        raise click.ClickException(f"no checkpoint in {directory}: train one with "
+                                   f"`tlm train --save_dir {directory}`")
+    s = ckpt.state
+    click.echo(f"identifier:  {ckpt.identifier}  (SHA1 verified, metadata verified)")
+    click.echo(f"iteration:   {s['step']} of {s['config']['num_iters']}")
+    click.echo(f"dataset:     {s['dataset']} ({s['level']} level, {len(s['vocab'])} tokens)")
+    for key in ("val_loss", "best_val_loss"):
+        if s.get(key) is not None:
+            click.echo(f"{key + ':':13}{s[key]:.4f}")
+    click.echo("config:      " + json.dumps(s["config"], sort_keys=True))
 
 
 def main() -> None:

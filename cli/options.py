@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import click
 
-from tlm.config import ConfigError, TrainConfig
+from tlm.config import TrainConfig
 
 _TYPES = {"int": int, "float": float, "str": str, "Optional[str]": str}
 
@@ -31,12 +31,6 @@ def train_options(fn: Callable) -> Callable:
     return fn
 
 
-def config_from_options(options: dict[str, Any]) -> TrainConfig:
-    """The flags the user gave over the defaults, validated; a click error on bad input."""
-    given = {k: v for k, v in options.items() if v is not None}
-    try:
-        config = TrainConfig(**given)
-        config.validate()
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
-    return config
+def given_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The flags the user actually gave (click passes None for the rest)."""
+    return {k: v for k, v in options.items() if v is not None}

@@ -20,7 +20,7 @@ def format_progress(p: Progress) -> Optional[str]:
         split = p.message or "valid"
         metric = f"{p.val_metric:.3f} bpc" if p.bits_per_char else f"ppl {p.val_metric:.2f}"
         return f"iter {p.step}  {split} loss {p.val_loss:.3f}  {split} {metric}"
-    if p.kind in ("start", "message") and p.message:
+    if p.kind in ("start", "save", "message") and p.message:
         return p.message
     return None
 
@@ -52,4 +52,4 @@ class ProgressPrinter:
             self.bar.update(self.task, completed=p.step,
                             info=f"loss {p.train_loss:.3f}" if p.train_loss is not None else "")
         if line:
-            self.console.print(line, markup=False)
+            self.console.print(line, markup=False, soft_wrap=True)

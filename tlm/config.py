@@ -63,6 +63,8 @@ class TrainConfig:
     gpu: bool = _opt(False, "use the Metal GPU backend")
     checkpoint: bool = _opt(False, "gradient checkpointing (less memory, more compute)")
     eval_test: bool = _opt(False, "evaluate on the test split at the end")
+    keep_last: int = _opt(1, "keep the newest N checkpoints (the best by validation loss is kept too)")
+    save_retries: int = _opt(8, "retries, with back-off, of a failing checkpoint save")
 
     def __post_init__(self) -> None:
         if not self.save_dir:
@@ -73,11 +75,12 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first bad setting; touches nothing on disk."""
         positive = ("context_size", "num_blocks", "dim", "num_heads", "batch_size",
-                    "num_iters", "steps_per_report", "steps_per_eval", "top_k")
+                    "num_iters", "steps_per_report", "steps_per_eval", "top_k", "keep_last")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ("learning_rate", "weight_decay", "lr_warmup", "grad_clip", "temperature"):
+        for name in ("learning_rate", "weight_decay", "lr_warmup", "grad_clip", "temperature",
+                     "save_retries"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:

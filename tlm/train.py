@@ -1,34 +1,47 @@
-"""The training loop: a compiled AdamW step, warmup + cosine schedule, whole-split evaluation.
+"""The training loop: a compiled AdamW step, warmup + cosine schedule, whole-split
+evaluation, and checkpoints that resume bit for bit.
 
-``train()`` knows nothing of terminals or queues: callers pass a ``should_stop``
-callback (checked after every step) and an ``on_progress`` callback that
-receives :class:`Progress` events.
+``Trainer.run()`` knows nothing of terminals or queues: callers pass a
+``should_stop`` callback (checked after every step; a stop saves first) and an
+``on_progress`` callback that receives :class:`Progress` events.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
+from tlm import checkpoint, fastmath
+from tlm.checkpoint import Checkpoint, CheckpointError
 from tlm.config import ConfigError, TrainConfig
 from tlm.data import Batches, Dataset, eval_windows, load_dataset
+from tlm.generate import generate
 from tlm.model import Model, ModelArgs
+
+# Flags that fix a run's architecture or data: a resumed run takes them from its checkpoint.
+ARCHITECTURE = ("dataset", "dim", "num_blocks", "num_heads", "context_size", "tie_embeddings")
+# Flags that describe this machine or this invocation, never taken from a checkpoint.
+LOCAL = ("save_dir", "data_mirror", "identifier", "new_model", "gpu")
+EVAL_TOKENS = 8192  # tokens per evaluation batch: big enough to keep matmuls efficient
 
 
 @dataclass
 class Progress:
     """One event of a training run, for whoever displays or records it."""
 
-    kind: str  # "start", "report", "eval", "message", "done"
+    kind: str  # "start", "report", "eval", "save", "message", "done"
     step: int
     total: int
     train_loss: Optional[float] = None
@@ -47,15 +60,18 @@ class Progress:
             return None
         return self.val_loss / math.log(2) if self.bits_per_char else math.exp(self.val_loss)
 
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
 
 @dataclass
 class TrainResult:
     step: int
-    train_loss: Optional[float]
-    val_loss: Optional[float]
+    train_loss: Optional[float] = None
+    val_loss: Optional[float] = None
     test_loss: Optional[float] = None
     stopped: bool = False
-    history: list[Progress] = field(default_factory=list)
+    checkpoint: Optional[str] = None
 
 
 def model_args(config: TrainConfig, vocab_size: int) -> ModelArgs:
@@ -74,110 +90,24 @@ def make_schedule(config: TrainConfig) -> Callable:
 
 
 def loss_fn(model: Model, inputs: mx.array, targets: mx.array, checkpoint: bool = False) -> mx.array:
-    logits = model(inputs, checkpoint=checkpoint)
-    return nn.losses.cross_entropy(logits, targets, reduction="mean")
+    return fastmath.cross_entropy(model(inputs, checkpoint=checkpoint), targets).mean()
 
 
-def evaluate(model: Model, tokens: np.ndarray, context_size: int, batch_size: int) -> float:
+def evaluate(model: Model, tokens: np.ndarray, context_size: int) -> float:
     """Mean cross-entropy over every token of a split (no sampling of batches)."""
     model.eval()
 
     @partial(mx.compile, inputs=model.state)
     def summed(x, y):
-        return nn.losses.cross_entropy(model(x), y, reduction="sum")
+        return fastmath.cross_entropy(model(x), y).sum()
 
     total, count = mx.array(0.0), 0
-    for x, y in eval_windows(tokens, context_size, batch_size):
+    for x, y in eval_windows(tokens, context_size, max(1, EVAL_TOKENS // context_size)):
         total = total + summed(mx.array(x), mx.array(y))
         count += y.size
         mx.eval(total)
     model.train()
     return total.item() / count
-
-
-class Trainer:
-    """Holds a run's model, optimizer and data position; ``run()`` trains it."""
-
-    def __init__(self, config: TrainConfig, dataset: Dataset):
-        config.validate()
-        self.config, self.dataset = config, dataset
-        mx.random.seed(config.seed)
-        self.model = Model(model_args(config, dataset.vocab_size))
-        mx.eval(self.model.parameters())
-        self.optimizer = optim.AdamW(learning_rate=make_schedule(config),
-                                     weight_decay=config.weight_decay)
-        self.batches = Batches(dataset.train, config.context_size, config.batch_size, config.seed)
-        self.step = 0
-        self.best_val: Optional[float] = None
-        self._train_step = self._compile_step()
-
-    def _compile_step(self) -> Callable[[mx.array], mx.array]:
-        model, optimizer, clip = self.model, self.optimizer, self.config.grad_clip
-        loss_and_grad = nn.value_and_grad(model, partial(loss_fn, checkpoint=self.config.checkpoint))
-        state = [model.state, optimizer.state, mx.random.state]
-
-        @partial(mx.compile, inputs=state, outputs=state)
-        def step(batch: mx.array) -> mx.array:
-            loss, grads = loss_and_grad(model, batch[:, :-1], batch[:, 1:])
-            if clip > 0:
-                grads, _ = optim.clip_grad_norm(grads, clip)
-            optimizer.update(model, grads)
-            return loss
-
-        self._state = state
-        return step
-
-    def num_params(self) -> int:
-        return sum(p.size for _, p in nn.utils.tree_flatten(self.model.parameters()))
-
-    def evaluate(self, split: str = "valid") -> float:
-        return evaluate(self.model, self.dataset.split(split), self.config.context_size,
-                        self.config.batch_size)
-
-    def run(self, on_progress: Callable[[Progress], None] = lambda p: None,
-            should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
-        cfg = self.config
-        tokens_per_step = cfg.batch_size * cfg.context_size
-        char_level = self.dataset.level == "char"
-        event = partial(Progress, total=cfg.num_iters, bits_per_char=char_level)
-        result = TrainResult(step=self.step, train_loss=None, val_loss=None)
-
-        def emit(p: Progress) -> None:
-            result.history.append(p)
-            on_progress(p)
-
-        emit(event("start", self.step, message=f"{self.num_params():,} parameters"))
-        losses: list[mx.array] = []
-        tic = time.perf_counter()
-        while self.step < cfg.num_iters:
-            loss = self._train_step(mx.array(next(self.batches)))
-            mx.eval(self._state, loss)
-            losses.append(loss)
-            self.step += 1
-            if self.step % cfg.steps_per_report == 0 or self.step == cfg.num_iters:
-                elapsed = time.perf_counter() - tic
-                result.train_loss = mx.stack(losses).mean().item()
-                emit(event("report", self.step, train_loss=result.train_loss,
-                           learning_rate=float(self.optimizer.learning_rate),
-                           it_per_sec=len(losses) / elapsed,
-                           tokens_per_sec=len(losses) * tokens_per_step / elapsed,
-                           peak_memory_gb=mx.get_peak_memory() / 1e9))
-                losses, tic = [], time.perf_counter()
-            if self.step % cfg.steps_per_eval == 0 or self.step == cfg.num_iters:
-                result.val_loss = self.evaluate("valid")
-                if self.best_val is None or result.val_loss < self.best_val:
-                    self.best_val = result.val_loss
-                emit(event("eval", self.step, val_loss=result.val_loss))
-                tic = time.perf_counter()
-            if should_stop():
-                result.stopped = True
-                break
-        if cfg.eval_test and not result.stopped:
-            result.test_loss = self.evaluate("test")
-            emit(event("eval", self.step, val_loss=result.test_loss, message="test"))
-        result.step = self.step
-        emit(event("done", self.step, train_loss=result.train_loss, val_loss=result.val_loss))
-        return result
 
 
 def select_device(gpu: bool) -> str:
@@ -188,12 +118,203 @@ def select_device(gpu: bool) -> str:
     return "gpu" if gpu else "cpu"
 
 
-def train(config: TrainConfig, on_progress: Callable[[Progress], None] = lambda p: None,
-          should_stop: Callable[[], bool] = lambda: False,
-          log: Callable[[str], None] = lambda m: None) -> TrainResult:
-    """Prepare the data, build the model and train it per ``config``."""
+def resume_config(given: dict[str, Any], ckpt: Checkpoint) -> TrainConfig:
+    """The checkpoint's configuration, overridden by the flags the user gave.
+
+    Architecture flags that contradict the checkpoint are an error (the
+    weights could not load); others override with the new value.
+    """
+    stored = ckpt.state["config"]
+    for name in ARCHITECTURE:
+        if name in given and given[name] != stored[name]:
+            raise ConfigError(f"checkpoint {ckpt.identifier[:12]} was trained with --{name} "
+                              f"{stored[name]}, not {given[name]}: drop the flag or use --new_model")
+    merged = {k: v for k, v in stored.items() if k not in LOCAL}
+    merged.update({k: v for k, v in given.items()})
+    return TrainConfig.from_dict(merged)
+
+
+def open_run(given: dict[str, Any], warn: Callable[[str], None] = lambda m: None
+             ) -> tuple[TrainConfig, Optional[Checkpoint]]:
+    """Validate the flags and find the checkpoint to resume (None for a new model)."""
+    config = TrainConfig(**given)
     config.validate()
+    if config.new_model:
+        return config, None
+    try:
+        ckpt = checkpoint.find(config.save_dir, config.identifier, warn)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    if ckpt is None:
+        return config, None
+    config = resume_config(given, ckpt)
+    config.validate()
+    return config, ckpt
+
+
+class Trainer:
+    """A run's model, optimizer and data position; ``run()`` trains and checkpoints it."""
+
+    def __init__(self, config: TrainConfig, dataset: Dataset, resume: Optional[Checkpoint] = None,
+                 log: Callable[[str], None] = lambda m: None,
+                 before_publish: Callable[[], None] = lambda: None):
+        config.validate()
+        self.config, self.dataset, self.log = config, dataset, log
+        self.before_publish = before_publish
+        mx.random.seed(config.seed)
+        self.args = model_args(config, dataset.vocab_size)
+        self.model = Model(self.args)
+        self.optimizer = optim.AdamW(learning_rate=make_schedule(config),
+                                     weight_decay=config.weight_decay)
+        self.optimizer.init(self.model.trainable_parameters())
+        self.batches = Batches(dataset.train, config.context_size, config.batch_size, config.seed)
+        self.step = 0
+        self.best_val: Optional[float] = None
+        self.last_checkpoint: Optional[str] = None
+        if resume is not None:
+            self._restore(resume)
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        self._train_step = self._compile_step()
+
+    def _compile_step(self) -> Callable[[mx.array], mx.array]:
+        model, optimizer, clip = self.model, self.optimizer, self.config.grad_clip
+        loss_and_grad = nn.value_and_grad(model, partial(loss_fn, checkpoint=self.config.checkpoint))
+        self._state = [model.state, optimizer.state, mx.random.state]
+
+        @partial(mx.compile, inputs=self._state, outputs=self._state)
+        def step(batch: mx.array) -> mx.array:
+            loss, grads = loss_and_grad(model, batch[:, :-1], batch[:, 1:])
+            if clip > 0:
+                grads, _ = optim.clip_grad_norm(grads, clip)
+            optimizer.update(model, grads)
+            return loss
+
+        return step
+
+    # -- checkpoints ---------------------------------------------------------
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        state = ckpt.state
+        if state["vocab"] != self.dataset.vocab:
+            raise CheckpointError(f"checkpoint {ckpt.identifier[:12]} was trained with another "
+                                  f"vocabulary than the {self.dataset.name} data found now")
+        self.model.load_weights(list(ckpt.load_weights().items()), strict=True)
+        tensors = ckpt.load_tensors()
+        self.optimizer.state = tree_unflatten(checkpoint.unflatten_prefix(tensors, "optimizer"))
+        self.optimizer.init(self.model.trainable_parameters())
+        self.batches = Batches(self.dataset.train, self.config.context_size,
+                               self.config.batch_size, self.config.seed,
+                               epoch=state["epoch"], position=state["position"])
+        if not np.array_equal(np.array(tensors["perm"]), self.batches.perm):
+            raise CheckpointError(f"checkpoint {ckpt.identifier[:12]}: batch permutation mismatch")
+        self.step, self.best_val = state["step"], state["best_val_loss"]
+        self.last_checkpoint = ckpt.identifier
+
+    def _snapshot(self, val_loss: Optional[float]) -> tuple[dict, dict, dict]:
+        weights = dict(tree_flatten(self.model.parameters()))
+        tensors = {**checkpoint.flatten(self.optimizer.state, "optimizer"),
+                   "perm": mx.array(self.batches.perm.astype(np.int32))}
+        state = {"config": self.config.to_dict(), "model_args": dataclasses.asdict(self.args),
+                 "dataset": self.dataset.name, "level": self.dataset.level,
+                 "vocab": self.dataset.vocab, "step": self.step, **self.batches.state(),
+                 "val_loss": val_loss, "best_val_loss": self.best_val}
+        return weights, tensors, state
+
+    def save(self, val_loss: Optional[float] = None) -> Checkpoint:
+        """Publish a checkpoint, retrying with back-off while the old one stays intact."""
+        snapshot = self._snapshot(val_loss)
+        for attempt in itertools.count():
+            try:
+                ckpt = checkpoint.save(self.config.save_dir, *snapshot,
+                                       before_publish=self.before_publish)
+                break
+            except OSError as e:
+                if attempt >= self.config.save_retries:
+                    raise CheckpointError(f"could not save a checkpoint in {self.config.save_dir} "
+                                          f"after {attempt + 1} attempts: {e}") from None
+                delay = min(2**attempt, 30)
+                self.log(f"checkpoint save failed ({e.strerror or e}); the previous checkpoint is "
+                         f"intact; retrying in {delay}s (Ctrl+C twice to give up)")
+                time.sleep(delay)
+        checkpoint.retain(self.config.save_dir, self.config.keep_last)
+        self.last_checkpoint = ckpt.identifier
+        return ckpt
+
+    def sample(self, max_tokens: int = 30) -> str:
+        """A short continuation of the validation text's start, as the seed prints."""
+        prompt = [int(t) for t in self.dataset.valid[:8]]
+        out = generate(self.model, prompt, max_tokens, self.config.temperature,
+                       self.config.top_k, seed=self.step)
+        return self.dataset.decode(prompt) + " ... " + self.dataset.decode(list(out))
+
+    # -- the loop ------------------------------------------------------------
+
+    def num_params(self) -> int:
+        return sum(p.size for _, p in tree_flatten(self.model.parameters()))
+
+    def evaluate(self, split: str = "valid") -> float:
+        return evaluate(self.model, self.dataset.split(split), self.config.context_size)
+
+    def run(self, on_progress: Callable[[Progress], None] = lambda p: None,
+            should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
+        cfg = self.config
+        tokens_per_step = cfg.batch_size * cfg.context_size
+        event = partial(Progress, total=cfg.num_iters, bits_per_char=self.dataset.level == "char")
+        result = TrainResult(step=self.step)
+        where = f"resuming {self.last_checkpoint[:12]} at iteration {self.step}" \
+            if self.last_checkpoint else "new model"
+        on_progress(event("start", self.step, message=f"{where}, {self.num_params():,} parameters"))
+
+        def checkpoint_now(val_loss: Optional[float]) -> None:
+            ckpt = self.save(val_loss)
+            result.checkpoint = ckpt.identifier
+            on_progress(event("save", self.step, val_loss=val_loss,
+                              message=f"saved {ckpt.weights_path}\n  sample: {self.sample()}"))
+
+        losses: list[mx.array] = []
+        tic = time.perf_counter()
+        while self.step < cfg.num_iters and not result.stopped:
+            # The step's randomness (dropout) is a function of (seed, step),
+            # so a resumed run draws what an uninterrupted one would.
+            mx.random.seed(cfg.seed * 1_000_003 + self.step)
+            loss = self._train_step(mx.array(next(self.batches)))
+            mx.eval(self._state, loss)
+            losses.append(loss)
+            self.step += 1
+            result.stopped = should_stop()
+            if self.step % cfg.steps_per_report == 0 or self.step == cfg.num_iters or result.stopped:
+                elapsed = time.perf_counter() - tic
+                result.train_loss = mx.stack(losses).mean().item()
+                on_progress(event("report", self.step, train_loss=result.train_loss,
+                                  learning_rate=self.optimizer.learning_rate.item(),
+                                  it_per_sec=len(losses) / elapsed,
+                                  tokens_per_sec=len(losses) * tokens_per_step / elapsed,
+                                  peak_memory_gb=mx.get_peak_memory() / 1e9))
+                losses = []
+            if self.step % cfg.steps_per_eval == 0 or self.step == cfg.num_iters:
+                result.val_loss = self.evaluate("valid")
+                self.best_val = min(result.val_loss, self.best_val or math.inf)
+                on_progress(event("eval", self.step, val_loss=result.val_loss))
+                checkpoint_now(result.val_loss)
+            elif result.stopped:
+                checkpoint_now(None)
+            tic = time.perf_counter() if not losses else tic
+        if cfg.eval_test and not result.stopped:
+            result.test_loss = self.evaluate("test")
+            on_progress(event("eval", self.step, val_loss=result.test_loss, message="test"))
+        result.step = self.step
+        on_progress(event("done", self.step, train_loss=result.train_loss,
+                          val_loss=result.val_loss, message=result.checkpoint or ""))
+        return result
+
+
+def train(given: dict[str, Any], on_progress: Callable[[Progress], None] = lambda p: None,
+          should_stop: Callable[[], bool] = lambda: False,
+          log: Callable[[str], None] = lambda m: None,
+          before_publish: Callable[[], None] = lambda: None) -> TrainResult:
+    """Resolve the flags against the save directory, prepare the data, and train."""
+    config, ckpt = open_run(given, warn=log)
     select_device(config.gpu)
-    data_dir = Path(config.save_dir) / "datasets"
-    dataset = load_dataset(config.dataset, data_dir, config.data_mirror, log)
-    return Trainer(config, dataset).run(on_progress, should_stop)
+    dataset = load_dataset(config.dataset, Path(config.save_dir) / "datasets", config.data_mirror, log)
+    trainer = Trainer(config, dataset, ckpt, log=log, before_publish=before_publish)
+    return trainer.run(on_progress, should_stop)

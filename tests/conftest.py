@@ -1,0 +1,43 @@
+"""Shared fixtures: the offline data mirror and a cached PTB dataset."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MIRROR = Path(os.environ.get("TLM_DATA_MIRROR") or ROOT.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def mirror() -> str:
+    if not (MIRROR / "ptb" / "ptb.train.txt").exists():
+        pytest.skip(f"no offline data mirror at {MIRROR}")
+    return str(MIRROR)
+
+
+@pytest.fixture(scope="session")
+def ptb_cache(tmp_path_factory, mirror) -> Path:
+    """A datasets/ directory with PTB downloaded and tokenized once per session."""
+    import tlm  # noqa: F401
+    from tlm.data import load_dataset
+
+    root = tmp_path_factory.mktemp("datasets-cache")
+    load_dataset("ptb", root, mirror)
+    return root
+
+
+@pytest.fixture
+def save_dir(tmp_path, ptb_cache) -> Path:
+    """A fresh save directory whose datasets/ already holds tokenized PTB."""
+    shutil.copytree(ptb_cache, tmp_path / "run" / "datasets")
+    return tmp_path / "run"
+
+
+def tlm_cmd(*args: str) -> list[str]:
+    """The installed ``tlm`` entry point, run with this interpreter."""
+    return [sys.executable, "-m", "tlm_cli.main", *args]

@@ -1,0 +1,253 @@
+"""Checkpoints that never lose work: SHA1-named, atomically published, verified on load.
+
+A checkpoint is a pair of files in the save directory:
+
+* ``<sha1>.safetensors``: the model weights. ``<sha1>`` is the SHA1 of the
+  file's bytes, and its safetensors header records the SHA1 of the metadata
+  file, so the name verifies both files.
+* ``<sha1>.metadata``: the training state, also a safetensors file (never a
+  pickle): tensors hold the optimizer state and the batch permutation; the header's ``tlm`` entry holds JSON (format version, config,
+  model args, vocabulary, dataset, step, data position, best validation loss).
+
+Publishing renames the metadata first and the weights last, so a visible
+``.safetensors`` always has its metadata beside it, and readers only ever list
+``*.safetensors``. This is the only module that writes into a save directory's
+checkpoints; it relies on nothing but rename within one directory, which is
+atomic on local disks and on SMB/NFS shares alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from safetensors import safe_open
+
+FORMAT = "tlm-checkpoint"
+VERSION = 1
+STALE_SECONDS = 600  # a temporary file this old belongs to a writer that died
+SHA1_NAME = re.compile(r"^[0-9a-f]{40}\.safetensors$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, found or verified."""
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint on disk: its identifier and recorded state."""
+
+    identifier: str
+    directory: Path
+    state: dict[str, Any]  # the JSON part of the metadata
+
+    @property
+    def weights_path(self) -> Path:
+        return self.directory / f"{self.identifier}.safetensors"
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.directory / f"{self.identifier}.metadata"
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+    def load_weights(self) -> dict[str, mx.array]:
+        return mx.load(str(self.weights_path))
+
+    def load_tensors(self) -> dict[str, mx.array]:
+        """Optimizer state (``optimizer.*``) and the epoch's batch permutation ``perm``."""
+        return mx.load(str(self.metadata_path), format="safetensors")
+
+
+def _sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # some network filesystems cannot open directories
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _header(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="numpy") as f:
+        return f.metadata() or {}
+
+
+def _write_verified(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str]) -> str:
+    """Write a safetensors file, fsync it, read it back, and return its SHA1."""
+    with open(path, "wb") as f:
+        mx.save_safetensors(f, arrays, metadata=metadata)
+        f.flush()
+        os.fsync(f.fileno())
+    back = mx.load(str(path), format="safetensors")
+    if set(back) != set(arrays) or any(back[k].shape != arrays[k].shape for k in arrays):
+        raise CheckpointError(f"{path.name} did not read back as written")
+    return _sha1(path)
+
+
+def save(directory: str | Path, weights: dict[str, mx.array], tensors: dict[str, mx.array],
+         state: dict[str, Any], before_publish: Callable[[], None] = lambda: None) -> Checkpoint:
+    """Write and atomically publish one checkpoint; return it.
+
+    ``before_publish`` runs after both files are durable and before they become
+    visible; it may raise to refuse publication (a worker that lost its lease).
+    On any error the temporary files are removed and earlier checkpoints are untouched.
+    """
+    directory = Path(directory)
+    tmp = f".tmp-{uuid.uuid4().hex[:12]}"
+    meta_new = directory / f"{tmp}.metadata.new"
+    weights_new = directory / f"{tmp}.safetensors.new"
+    try:
+        state = {**state, "format": FORMAT, "version": VERSION, "created": time.time()}
+        meta_sha1 = _write_verified(meta_new, tensors, {"tlm": json.dumps(state)})
+        identifier = _write_verified(weights_new, weights, {
+            "format": FORMAT, "metadata_sha1": meta_sha1, "step": str(state["step"])})
+        before_publish()
+        os.replace(meta_new, directory / f"{identifier}.metadata")
+        os.replace(weights_new, directory / f"{identifier}.safetensors")
+        _fsync_dir(directory)
+    finally:
+        meta_new.unlink(missing_ok=True)
+        weights_new.unlink(missing_ok=True)
+    return Checkpoint(identifier, directory, state)
+
+
+def verify(directory: str | Path, identifier: str) -> Checkpoint:
+    """Check that a pair hashes to its name and parses; raise CheckpointError if not."""
+    directory = Path(directory)
+    weights = directory / f"{identifier}.safetensors"
+    metadata = directory / f"{identifier}.metadata"
+    try:
+        if _sha1(weights) != identifier:
+            raise CheckpointError("weights do not hash to their name")
+        header = _header(weights)
+        if header.get("format") != FORMAT:
+            raise CheckpointError("not a tlm checkpoint")
+        if not metadata.exists():
+            raise CheckpointError("metadata file is missing")
+        if _sha1(metadata) != header.get("metadata_sha1"):
+            raise CheckpointError("metadata does not match the weights' record of it")
+        state = json.loads(_header(metadata)["tlm"])
+        if state.get("format") != FORMAT or state.get("version") != VERSION:
+            raise CheckpointError(f"unsupported metadata version {state.get('version')!r}")
+    except CheckpointError:
+        raise
+    except Exception as e:  # unreadable, truncated or not safetensors at all
+        raise CheckpointError(f"unreadable ({type(e).__name__}: {e})") from None
+    return Checkpoint(identifier, directory, state)
+
+
+def _candidates(directory: Path) -> list[tuple[int, float, str]]:
+    """(recorded step, mtime, identifier) of every published weights file, newest first."""
+    out = []
+    for path in directory.glob("*.safetensors"):
+        if not SHA1_NAME.match(path.name):
+            continue
+        try:
+            step = int(_header(path).get("step", -1))
+            out.append((step, path.stat().st_mtime, path.name[: -len(".safetensors")]))
+        except Exception:
+            out.append((-1, 0.0, path.name[: -len(".safetensors")]))
+    return sorted(out, reverse=True)
+
+
+def find(directory: str | Path, identifier: Optional[str] = None,
+         warn: Callable[[str], None] = lambda m: None) -> Optional[Checkpoint]:
+    """The named checkpoint, or the latest valid one (None if there is none).
+
+    A corrupt or half-written pair is skipped with a warning and the next
+    older one is tried; a named one that fails verification is an error.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        if identifier:
+            raise CheckpointError(f"no checkpoint {identifier!r}: {directory} does not exist")
+        return None
+    candidates = _candidates(directory)
+    if identifier:
+        matches = [c for c in candidates if c[2].startswith(identifier)]
+        if len(matches) != 1:
+            what = "no" if not matches else f"{len(matches)} checkpoints match"
+            raise CheckpointError(f"{what} checkpoint {identifier!r} in {directory}")
+        return verify(directory, matches[0][2])
+    for _, _, ident in candidates:
+        try:
+            return verify(directory, ident)
+        except CheckpointError as e:
+            warn(f"skipping checkpoint {ident[:12]}: {e}")
+    return None
+
+
+def list_checkpoints(directory: str | Path) -> list[Checkpoint]:
+    """Every valid checkpoint, newest first (corrupt ones left out)."""
+    out = []
+    for _, _, ident in _candidates(Path(directory)):
+        try:
+            out.append(verify(directory, ident))
+        except CheckpointError:
+            pass
+    return out
+
+
+def retain(directory: str | Path, keep_last: int = 1) -> list[str]:
+    """Delete all but the newest ``keep_last`` checkpoints and the best one; return what went.
+
+    Also removes temporary and orphaned files older than ``STALE_SECONDS``
+    (left by writers that died; younger ones may belong to a live writer on
+    another machine).
+    """
+    directory = Path(directory)
+    valid = list_checkpoints(directory)
+    keep = {c.identifier for c in valid[:keep_last]}
+    scored = [c for c in valid if c.state.get("val_loss") is not None]
+    if scored:
+        keep.add(min(scored, key=lambda c: c.state["val_loss"]).identifier)
+    removed = []
+    for c in valid:
+        if c.identifier not in keep:
+            c.weights_path.unlink(missing_ok=True)  # weights first: never a pair without metadata
+            c.metadata_path.unlink(missing_ok=True)
+            removed.append(c.identifier)
+    now = time.time()
+    for path in list(directory.glob(".tmp-*.new")) + list(directory.glob("*.metadata")):
+        orphan = path.suffix == ".new" or not path.with_suffix(".safetensors").exists()
+        try:
+            if orphan and now - path.stat().st_mtime > STALE_SECONDS:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def flatten(tree: Any, prefix: str) -> dict[str, mx.array]:
+    """A nested tree of arrays as flat safetensors entries ``prefix.path``."""
+    return {f"{prefix}.{k}": v for k, v in tree_flatten(tree)}
+
+
+def unflatten_prefix(tensors: dict[str, mx.array], prefix: str) -> list[tuple[str, mx.array]]:
+    n = len(prefix) + 1
+    return [(k[n:], v) for k, v in tensors.items() if k.startswith(prefix + ".")]
+
