@@ -11,6 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MIRROR = Path(os.environ.get("TLM_DATA_MIRROR") or ROOT.parent / "shared" / "data")
+if MIRROR.is_dir():
+    os.environ["TLM_DATA_MIRROR"] = str(MIRROR)  # for the processes tests start too
 
 
 @pytest.fixture(scope="session")

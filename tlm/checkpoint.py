@@ -161,7 +161,10 @@ def verify(directory: str | Path, identifier: str) -> Checkpoint:
 
 
 def _candidates(directory: Path) -> list[tuple[int, float, str]]:
-    """(recorded step, mtime, identifier) of every published weights file, newest first."""
+    """(recorded step, mtime, identifier) of every published weights file, newest first.
+
+    One whose header cannot be read sorts first, so that ``find`` reports it.
+    """
     out = []
     for path in directory.glob("*.safetensors"):
         if not SHA1_NAME.match(path.name):
@@ -170,7 +173,7 @@ def _candidates(directory: Path) -> list[tuple[int, float, str]]:
             step = int(_header(path).get("step", -1))
             out.append((step, path.stat().st_mtime, path.name[: -len(".safetensors")]))
         except Exception:
-            out.append((-1, 0.0, path.name[: -len(".safetensors")]))
+            out.append((2**63, 0.0, path.name[: -len(".safetensors")]))
     return sorted(out, reverse=True)
 
 

@@ -57,7 +57,8 @@ class TrainConfig:
     top_k: int = _opt(50, "top-k for the sample printed after each save")
     temperature: float = _opt(0.5, "temperature for the sample printed after each save")
     steps_per_report: int = _opt(10, "report training loss every N steps")
-    steps_per_eval: int = _opt(1000, "evaluate on the validation split every N steps")
+    steps_per_eval: int = _opt(1000, "evaluate on the validation split and save every N steps")
+    eval_tokens: int = _opt(0, "evaluate on the first N validation tokens only (0: the whole split)")
     identifier: Optional[str] = _opt(None, "checkpoint identifier (SHA1 or unique prefix) to load")
     new_model: bool = _opt(False, "start from scratch, ignoring existing checkpoints")
     gpu: bool = _opt(False, "use the Metal GPU backend")
@@ -80,7 +81,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         for name in ("learning_rate", "weight_decay", "lr_warmup", "grad_clip", "temperature",
-                     "save_retries"):
+                     "save_retries", "eval_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:

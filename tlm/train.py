@@ -253,7 +253,10 @@ class Trainer:
         return sum(p.size for _, p in tree_flatten(self.model.parameters()))
 
     def evaluate(self, split: str = "valid") -> float:
-        return evaluate(self.model, self.dataset.split(split), self.config.context_size)
+        tokens = self.dataset.split(split)
+        if split == "valid" and self.config.eval_tokens:
+            tokens = tokens[: self.config.eval_tokens + 1]
+        return evaluate(self.model, tokens, self.config.context_size)
 
     def run(self, on_progress: Callable[[Progress], None] = lambda p: None,
             should_stop: Callable[[], bool] = lambda: False) -> TrainResult:

@@ -1,0 +1,64 @@
+"""The tlm command line, run as a real process."""
+
+import subprocess
+
+import pytest
+
+from tlm import checkpoint
+
+from conftest import tlm_cmd
+
+
+def tlm(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(tlm_cmd(*args), capture_output=True, text=True, timeout=600, **kw)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dim", "100", "--num_heads", "8"], "--dim 100 is not divisible by --num_heads 8"),
+    (["--batch_size", "0"], "--batch_size must be positive, got 0"),
+    (["--num-iters", "-5"], "--num_iters must be positive, got -5"),
+    (["--dataset", "imagenet"], "unknown --dataset 'imagenet'"),
+    (["--gpu"], "--gpu: no GPU backend (Metal) is available on this machine"),
+    (["--learning_rate", "abc"], "'abc' is not a valid float"),
+])
+def test_invalid_settings_fail_fast_with_one_line(tmp_path, flags, message):
+    proc = tlm("train", "--save_dir", str(tmp_path / "run"), *flags)
+    assert proc.returncode == 2
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run" / "datasets").exists()  # no work started
+
+
+def test_unwritable_save_dir_fails_fast(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = tlm("train", "--save_dir", str(blocker / "run"))
+    assert proc.returncode == 2
+    assert f"--save_dir {blocker / 'run'} is not writable" in proc.stderr.splitlines()[-1]
+
+
+def test_contradicting_architecture_flag_on_resume_is_a_clear_error(save_dir):
+    assert tlm("train", "--save_dir", str(save_dir), "--dim", "32", "--num_heads", "2",
+               "--num_blocks", "1", "--num_iters", "2", "--eval_tokens", "200").returncode == 0
+    proc = tlm("train", "--save_dir", str(save_dir), "--dim", "64")
+    assert proc.returncode == 2
+    assert "was trained with --dim 32, not 64: drop the flag or use --new_model" in proc.stderr
+
+
+def test_seed_smoke_test_as_written(save_dir):
+    """The seed README's quick smoke test, verbatim (default model: dim 1024)."""
+    proc = tlm("train", "--dataset", "ptb", "--batch_size", "2", "--num_iters", "10",
+               "--context_size", "48", "--new_model", "--save_dir", "./tmp", cwd=save_dir.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert "iter 10/10" in proc.stderr and "valid ppl" in proc.stderr
+    found = checkpoint.find(save_dir.parent / "tmp")
+    assert found.step == 10 and found.state["config"]["dim"] == 1024
+    assert "sample:" in proc.stderr
+
+
+def test_inspect_prints_the_checkpoint(save_dir):
+    tlm("train", "--save_dir", str(save_dir), "--dim", "32", "--num_heads", "2",
+        "--num_blocks", "1", "--num_iters", "2", "--eval_tokens", "200")
+    proc = tlm("inspect", "--save_dir", str(save_dir))
+    assert proc.returncode == 0
+    assert "iteration:   2 of 2" in proc.stdout and "SHA1 verified" in proc.stdout
+    assert tlm("inspect", "--save_dir", str(save_dir / "nothing")).returncode == 1
