@@ -90,6 +90,12 @@ def inspect(save_dir: str | None, identifier: str | None) -> None:
     click.echo("config:      " + json.dumps(s["config"], sort_keys=True))
 
 
+from tlm_cli.jobs import cancel, logs, status, submit  # noqa: E402
+
+for command in (submit, status, logs, cancel):
+    cli.add_command(command)
+
+
 def main() -> None:
     cli()
 

@@ -10,21 +10,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextCo
 from tlm.train import Progress
 
 
-def format_progress(p: Progress) -> Optional[str]:
-    """One human line per event (None for events with nothing to say)."""
-    if p.kind == "report":
-        return (f"iter {p.step}/{p.total}  train loss {p.train_loss:.3f}  "
-                f"{p.it_per_sec:.2f} it/s  {p.tokens_per_sec:,.0f} tok/s  "
-                f"lr {p.learning_rate:.2e}  peak mem {p.peak_memory_gb:.2f} GB")
-    if p.kind == "eval":
-        split = p.message or "valid"
-        metric = f"{p.val_metric:.3f} bpc" if p.bits_per_char else f"ppl {p.val_metric:.2f}"
-        return f"iter {p.step}  {split} loss {p.val_loss:.3f}  {split} {metric}"
-    if p.kind in ("start", "save", "message") and p.message:
-        return p.message
-    return None
-
-
 class ProgressPrinter:
     """Callable ``on_progress`` sink writing to a stream; use as a context manager."""
 
@@ -47,7 +32,7 @@ class ProgressPrinter:
             self.bar.stop()
 
     def __call__(self, p: Progress) -> None:
-        line = format_progress(p)
+        line = p.describe()
         if self.bar:
             self.bar.update(self.task, completed=p.step,
                             info=f"loss {p.train_loss:.3f}" if p.train_loss is not None else "")

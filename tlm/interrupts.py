@@ -17,15 +17,17 @@ class StopOnSignal:
     """Install handlers for ``signals``; calling the object says whether one arrived."""
 
     def __init__(self, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM),
-                 on_first: Callable[[int], None] = lambda s: None, exit_code: int = 130):
+                 on_first: Callable[[int], None] = lambda s: None,
+                 on_second: Callable[[], None] = lambda: None, exit_code: int = 130):
         self.requested = False
-        self.on_first, self.exit_code = on_first, exit_code
+        self.on_first, self.on_second, self.exit_code = on_first, on_second, exit_code
         self.previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum: int, frame) -> None:
         if self.requested:
             sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting now\n")
             sys.stderr.flush()
+            self.on_second()
             os._exit(self.exit_code)
         self.requested = True
         self.on_first(signum)

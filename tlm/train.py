@@ -52,6 +52,7 @@ class Progress:
     peak_memory_gb: Optional[float] = None
     message: str = ""
     bits_per_char: bool = False
+    checkpoint: Optional[str] = None  # the identifier, on "save"
 
     @property
     def val_metric(self) -> Optional[float]:
@@ -62,6 +63,18 @@ class Progress:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def describe(self) -> Optional[str]:
+        """One human line (None for events with nothing to say)."""
+        if self.kind == "report":
+            return (f"iter {self.step}/{self.total}  train loss {self.train_loss:.3f}  "
+                    f"{self.it_per_sec:.2f} it/s  {self.tokens_per_sec:,.0f} tok/s  "
+                    f"lr {self.learning_rate:.2e}  peak mem {self.peak_memory_gb:.2f} GB")
+        if self.kind == "eval":
+            split = self.message or "valid"
+            metric = f"{self.val_metric:.3f} bpc" if self.bits_per_char else f"ppl {self.val_metric:.2f}"
+            return f"iter {self.step}  {split} loss {self.val_loss:.3f}  {split} {metric}"
+        return self.message or None if self.kind in ("start", "save", "message") else None
 
 
 @dataclass
@@ -271,7 +284,7 @@ class Trainer:
         def checkpoint_now(val_loss: Optional[float]) -> None:
             ckpt = self.save(val_loss)
             result.checkpoint = ckpt.identifier
-            on_progress(event("save", self.step, val_loss=val_loss,
+            on_progress(event("save", self.step, val_loss=val_loss, checkpoint=ckpt.identifier,
                               message=f"saved {ckpt.weights_path}\n  sample: {self.sample()}"))
 
         losses: list[mx.array] = []
@@ -321,3 +334,23 @@ def train(given: dict[str, Any], on_progress: Callable[[Progress], None] = lambd
     dataset = load_dataset(config.dataset, Path(config.save_dir) / "datasets", config.data_mirror, log)
     trainer = Trainer(config, dataset, ckpt, log=log, before_publish=before_publish)
     return trainer.run(on_progress, should_stop)
+
+
+def evaluate_checkpoint(save_dir: str, identifier: Optional[str] = None, split: str = "valid",
+                        data_mirror: Optional[str] = None,
+                        log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Loss and perplexity (or bits per character) of a checkpoint on a whole split."""
+    ckpt = checkpoint.find(save_dir, identifier, warn=log)
+    if ckpt is None:
+        raise CheckpointError(f"no checkpoint in {save_dir}: train one first")
+    config = TrainConfig.from_dict({**ckpt.state["config"], "save_dir": save_dir,
+                                    "data_mirror": data_mirror})
+    dataset = load_dataset(config.dataset, Path(save_dir) / "datasets", data_mirror, log)
+    model = Model(ModelArgs(**ckpt.state["model_args"]))
+    model.load_weights(list(ckpt.load_weights().items()), strict=True)
+    loss = evaluate(model, dataset.split(split), config.context_size)
+    metric = Progress("eval", ckpt.step, config.num_iters, val_loss=loss,
+                      bits_per_char=dataset.level == "char").val_metric
+    name = "bits_per_char" if dataset.level == "char" else "perplexity"
+    return {"checkpoint": ckpt.identifier, "step": ckpt.step, "split": split, "loss": loss,
+            name: metric}

@@ -1,0 +1,272 @@
+"""Queue commands: ``tlm submit``, ``status``, ``logs``, ``cancel``.
+
+Each is a thin translation into registry and queue calls; the job id goes
+alone to stdout so scripts can capture it, messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from tlm.config import ConfigError, TrainConfig
+from tlm_cli.options import given_options, train_options
+from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError, queue_url, redact
+from tlm_worker.registry import CANCELLED, FINAL, QUEUED, SUCCEEDED, JobNotFound, Registry
+
+queue_option = click.option("--queue", envvar="TLM_QUEUE", default=None,
+                            help="redis://[:password@]host:port/db (env TLM_QUEUE); "
+                                 "default: embedded SQLite in the per-user data dir")
+
+
+def echo(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def connect(url: Optional[str]) -> Registry:
+    try:
+        queue = Queue(url)
+        queue.ping()
+    except QueueError as e:
+        raise click.ClickException(str(e)) from None
+    return Registry(queue)
+
+
+def queue_errors(fn: Callable) -> Callable:
+    """Turn an unreachable queue or an unknown job id into a one-line error."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except JobNotFound as e:
+            raise click.ClickException(str(e)) from None
+        except QUEUE_ERRORS as e:
+            url = redact(queue_url(kwargs.get("queue")))
+            raise click.ClickException(f"cannot reach the queue at {url}: {e}") from None
+    return wrapper
+
+
+@click.group()
+def submit() -> None:
+    """Queue a job for tlm-worker."""
+
+
+def _run_target(run: Optional[str], save_dir: Optional[str]) -> tuple[dict[str, Any], str]:
+    """Job params that locate the run, and the key that identifies it across machines."""
+    if run and save_dir:
+        raise click.UsageError("give --run or --save_dir, not both")
+    if run:
+        if "/" in run or run.startswith("."):
+            raise click.UsageError(f"--run {run!r}: a plain name, resolved under each worker's --save_root")
+        return {"run": run}, f"run:{run}"
+    from tlm.config import default_save_dir
+    path = str(Path(save_dir or default_save_dir()).expanduser().resolve())
+    return {"save_dir": path}, f"dir:{path}"
+
+
+@submit.command("train")
+@train_options
+@click.option("--run", default=None, help="run name, under each worker's --save_root")
+@click.option("--wait", is_flag=True, help="follow the job to its end")
+@queue_option
+@queue_errors
+def submit_train(run, wait, queue, **options) -> None:
+    """Queue a training job (resumes the run's latest checkpoint, as tlm train does)."""
+    given = given_options(options)
+    target, run_key = _run_target(run, given.pop("save_dir", None))
+    try:
+        config = TrainConfig(**given, save_dir=target.get("save_dir", "/unused"))
+        config.validate()
+        if "save_dir" in target and Path(target["save_dir"]).is_dir():
+            from tlm.train import open_run  # catches flags that contradict its checkpoint now
+            open_run({**given, **target})
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    registry = connect(queue)
+    live = registry.live_job_for_run(run_key)
+    if live:
+        raise click.ClickException(f"{run_key.split(':', 1)[1]} already has a {live['state']} job "
+                                   f"{live['id']} (one trainer per run): `tlm cancel {live['id']}` first")
+    params = {**given, **target}
+    if config.data_mirror and "data_mirror" not in given:
+        params["data_mirror"] = config.data_mirror
+    _enqueue(registry, "train", params, run_key, wait)
+
+
+@submit.command("eval")
+@click.option("--run", default=None, help="run name, under each worker's --save_root")
+@click.option("--save_dir", "--save-dir", default=None, help="run directory")
+@click.option("--identifier", default=None, help="checkpoint SHA1 or prefix (default: latest)")
+@click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
+@click.option("--wait", is_flag=True, help="follow the job to its end")
+@queue_option
+@queue_errors
+def submit_eval(run, save_dir, identifier, split, wait, queue) -> None:
+    """Queue an evaluation of a checkpoint: loss and perplexity on a split."""
+    target, run_key = _run_target(run, save_dir)
+    params = {**target, "identifier": identifier, "split": split,
+              "data_mirror": os.environ.get("TLM_DATA_MIRROR")}
+    _enqueue(connect(queue), "eval", params, run_key, wait)
+
+
+def _enqueue(registry: Registry, kind: str, params: dict, run_key: str, wait: bool) -> None:
+    job = registry.create(kind, params, run_key)
+    registry.queue.push(job["id"])
+    click.echo(job["id"])
+    echo(f"queued {kind} job {job['id']} for {run_key.split(':', 1)[1]}")
+    if wait:
+        raise SystemExit(follow(registry, job["id"]))
+
+
+def follow(registry: Registry, job_id: str) -> int:
+    """Print the job's log as it grows until it ends; Ctrl+C cancels (twice: forced).
+
+    Exit status: 0 succeeded, 1 failed, 130 cancelled.
+    """
+    from tlm.interrupts import StopOnSignal
+
+    def first(_):
+        registry.request_cancel(job_id)
+        echo("\ncancelling: the job finishes its step and saves (Ctrl+C again to force)")
+
+    def second_exit():
+        registry.request_cancel(job_id, force=True)
+
+    stop = StopOnSignal(on_first=first, on_second=second_exit)
+    shown = 0
+    try:
+        while True:
+            job = registry.get(job_id)
+            lines = registry.logs(job_id)
+            for line in lines[shown:]:
+                echo(line)
+            shown = len(lines)
+            if job["state"] in FINAL:
+                echo(f"job {job_id} {job['state']}" + (f": {job['error']}" if job["error"] else ""))
+                return {SUCCEEDED: 0, CANCELLED: 130}.get(job["state"], 1)
+            time.sleep(0.5)
+    finally:
+        stop.restore()
+
+
+def _age(t: Optional[float]) -> str:
+    if not t:
+        return "-"
+    s = time.time() - t
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
+
+
+def _progress(job: dict) -> str:
+    p = job.get("progress") or {}
+    if not p.get("step"):
+        return ""
+    out = f"{p['step']}/{p['total']}"
+    if p.get("train_loss") is not None:
+        out += f" loss {p['train_loss']:.3f}"
+    if p.get("val_metric") is not None:
+        out += f" val {p['val_metric_name']} {p['val_metric']:.2f}"
+    if p.get("tokens_per_sec"):
+        out += f" {p['tokens_per_sec']:,.0f} tok/s"
+    if p.get("eta_seconds") and job["state"] == "running":
+        out += f" ETA {p['eta_seconds'] / 60:.0f}m"
+    return out
+
+
+def status_table(registry: Registry, limit: int) -> Table:
+    table = Table(title="jobs", title_justify="left")
+    for col in ("id", "kind", "run", "state", "worker", "tries", "age", "progress", "error"):
+        table.add_column(col)
+    for job in registry.jobs()[-limit:]:
+        table.add_row(job["id"], job["kind"], job["run"].split(":", 1)[1], job["state"],
+                      job["worker"] or "-", str(job["attempts"]), _age(job["created"]),
+                      _progress(job), (job["error"] or "")[:60])
+    workers = Table(title="workers", title_justify="left")
+    for col in ("worker", "host", "pid", "device", "heartbeat", "jobs"):
+        workers.add_column(col)
+    for w in registry.workers():
+        workers.add_row(w["id"], w["host"], str(w["pid"]), w["device"], _age(w["heartbeat"]),
+                        ", ".join(w["jobs"]) or "-")
+    grid = Table.grid()
+    grid.add_row(table)
+    grid.add_row(workers)
+    return grid
+
+
+@click.command()
+@click.argument("job_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--watch", is_flag=True, help="refresh every 2 seconds")
+@click.option("--limit", default=50, show_default=True, help="most recent jobs to list")
+@queue_option
+@queue_errors
+def status(job_id, as_json, watch, limit, queue) -> None:
+    """List jobs and workers, or show one job in full."""
+    registry = connect(queue)
+    if job_id:
+        job = registry.get(job_id)
+        job["heartbeat"] = registry.job_heartbeat(job["id"])
+        click.echo(json.dumps(job, indent=None if as_json else 2, sort_keys=True))
+        return
+    if as_json:
+        click.echo(json.dumps({"jobs": registry.jobs()[-limit:], "workers": registry.workers()}))
+        return
+    console = Console(width=None if Console().is_terminal else 200)
+    if not watch:
+        console.print(status_table(registry, limit))
+        return
+    with Live(status_table(registry, limit), console=console, refresh_per_second=1) as live:
+        try:
+            while True:
+                time.sleep(2)
+                live.update(status_table(registry, limit))
+        except KeyboardInterrupt:
+            pass
+
+
+@click.command()
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="keep printing new lines until the job ends")
+@queue_option
+@queue_errors
+def logs(job_id, follow, queue) -> None:
+    """Print a job's log lines, from whichever worker runs it."""
+    registry = connect(queue)
+    job_id = registry.get(job_id)["id"]
+    shown = 0
+    while True:
+        lines = registry.logs(job_id)
+        for line in lines[shown:]:
+            click.echo(line)
+        shown = len(lines)
+        if not follow or registry.get(job_id)["state"] in FINAL:
+            return
+        time.sleep(0.5)
+
+
+@click.command()
+@click.argument("job_id")
+@click.option("--force", is_flag=True, help="stop now instead of after a save")
+@queue_option
+@queue_errors
+def cancel(job_id, force, queue) -> None:
+    """Cancel a job: it finishes its step, saves, and can be resumed by submitting again."""
+    registry = connect(queue)
+    job = registry.get(job_id)
+    if job["state"] in FINAL:
+        raise click.ClickException(f"job {job['id']} already {job['state']}")
+    registry.request_cancel(job["id"], force)
+    if job["state"] == QUEUED or job["state"] == "interrupted":
+        registry.update(job["id"], state=CANCELLED, finished=time.time())
+        echo(f"job {job['id']} removed from the queue")
+    else:  # the job's own process marks it cancelling when it sees the flag
+        echo(f"job {job['id']}: " + ("stopping now" if force else
+                                     "finishing its step and saving, then cancelled"))

@@ -1,0 +1,121 @@
+"""What runs one job: the entry point of the process tlm-worker spawns per job.
+
+Runs in a child started with multiprocessing's ``spawn`` method (MLX hangs in
+forked children), in its own process group so a terminal's Ctrl+C reaches
+only the worker, which forwards exactly one signal. The trainer's callbacks
+are wired to the registry: ``should_stop`` to the job's cancel flag and this
+process's signals, ``on_progress`` to progress and log lines,
+``before_publish`` to the fencing token.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+from tlm_worker.queue import Queue
+from tlm_worker.registry import CANCELLED, CANCELLING, FAILED, SUCCEEDED, Registry
+
+EXIT_INTERRUPTED = 75  # stopped by a signal to the worker: re-queue the job
+CANCEL_POLL_SECONDS = 1.0
+
+
+def resolve_save_dir(params: dict[str, Any], save_root: Optional[str]) -> str:
+    """A run name is relative to this worker's save root (shares mount at different paths)."""
+    if params.get("run"):
+        from tlm.config import default_save_dir
+        root = Path(save_root) if save_root else Path(default_save_dir()).parent / "runs"
+        return str(root / params["run"])
+    return params["save_dir"]
+
+
+def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bool) -> None:
+    """Run one claimed job to an end state, or exit EXIT_INTERRUPTED after a signal."""
+    os.setpgid(0, 0)
+    registry = Registry(Queue(url))
+    job = registry.get(job_id)
+
+    def log(line: str) -> None:
+        print(f"[{job_id}] {line}", file=sys.stderr, flush=True)
+        registry.log(job_id, line)
+
+    try:
+        import tlm  # noqa: F401  (optimized BLAS before MLX)
+        from tlm.interrupts import StopOnSignal
+
+        stop = StopOnSignal(on_first=lambda s: log("worker is stopping: finishing the step and saving"))
+        params = {k: v for k, v in job["params"].items() if k not in ("run", "save_dir")}
+        save_dir = resolve_save_dir(job["params"], save_root)
+        if job["kind"] == "train":
+            _train(registry, job_id, fence, {**params, "save_dir": save_dir, "gpu": gpu}, stop, log)
+        elif job["kind"] == "eval":
+            from tlm.train import evaluate_checkpoint
+            result = evaluate_checkpoint(save_dir, params.get("identifier"),
+                                         params.get("split", "valid"), params.get("data_mirror"), log)
+            log(f"{result['split']} loss {result['loss']:.4f}")
+            registry.update(job_id, state=SUCCEEDED, finished=time.time(), result=result)
+        else:
+            raise ValueError(f"unknown job kind {job['kind']!r}")
+    except SystemExit:
+        raise
+    except BaseException as e:
+        traceback.print_exc()
+        registry.update(job_id, state=FAILED, finished=time.time(),
+                        error=f"{type(e).__name__}: {e}".splitlines()[0])
+        log(f"failed: {type(e).__name__}: {e}")
+
+
+def _train(registry: Registry, job_id: str, fence: int, given: dict[str, Any], stop, log) -> None:
+    from tlm.train import Progress, train
+
+    cancelled = False
+    last_poll = 0.0
+
+    def should_stop() -> bool:
+        nonlocal cancelled, last_poll
+        if stop():
+            return True
+        if time.monotonic() - last_poll >= CANCEL_POLL_SECONDS:
+            last_poll = time.monotonic()
+            if not cancelled and registry.cancel_requested(job_id) is not None:
+                cancelled = True
+                registry.update(job_id, state=CANCELLING)
+                log("cancel requested: finishing the step and saving")
+        return cancelled
+
+    started = time.time()
+
+    def on_progress(p: Progress) -> None:
+        line = p.describe()
+        if line:
+            log(line)
+        if p.kind in ("report", "eval", "save"):
+            job = registry.get(job_id)
+            progress = job["progress"]
+            progress.update({k: v for k, v in p.to_dict().items()
+                             if v is not None and k not in ("kind", "message", "bits_per_char",
+                                                            "checkpoint")})
+            if p.kind == "eval" and p.val_loss is not None and p.message != "test":
+                progress["val_metric"] = p.val_metric
+                progress["val_metric_name"] = "bpc" if p.bits_per_char else "ppl"
+            done = p.step - progress.setdefault("first_step", p.step)
+            if done > 0:
+                progress["eta_seconds"] = (time.time() - started) / done * (p.total - p.step)
+            fields = {"progress": progress}
+            if p.checkpoint:
+                fields["checkpoint"] = p.checkpoint
+            registry.update(job_id, **fields)
+
+    result = train(given, on_progress, should_stop, log,
+                   before_publish=lambda: registry.check_fence(job_id, fence))
+    if result.stopped and not cancelled:
+        sys.exit(EXIT_INTERRUPTED)
+    state = CANCELLED if result.stopped else SUCCEEDED
+    registry.update(job_id, state=state, finished=time.time(), checkpoint=result.checkpoint,
+                    result={"step": result.step, "val_loss": result.val_loss,
+                            "test_loss": result.test_loss})
+    log(f"{state} at iteration {result.step}, checkpoint {result.checkpoint}")

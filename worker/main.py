@@ -1,0 +1,35 @@
+"""``tlm-worker``: the command each Mac runs."""
+
+from __future__ import annotations
+
+import click
+
+from tlm_worker.process import Worker
+from tlm_worker.queue import QueueError, queue_url, redact
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--queue", envvar="TLM_QUEUE", default=None,
+              help="redis://[:password@]host:port/db (env TLM_QUEUE); default: embedded SQLite")
+@click.option("--concurrency", default=1, type=click.IntRange(1), help="jobs run at once")
+@click.option("--gpu", is_flag=True, help="run jobs on the Metal GPU")
+@click.option("--save_root", "--save-root", default=None,
+              help="where this machine mounts the shared runs directory (for --run jobs)")
+@click.option("--lease", default=60.0, type=click.FloatRange(1), show_default=True,
+              help="seconds without a heartbeat after which a job is re-queued")
+@click.option("--max_attempts", "--max-attempts", default=3, type=click.IntRange(1), show_default=True,
+              help="attempts before a job whose worker keeps dying is failed")
+def main(queue, concurrency, gpu, save_root, lease, max_attempts) -> None:
+    """Run queued tlm jobs. Ctrl+C once: jobs save and are re-queued; twice: exit now."""
+    url = queue_url(queue)
+    try:
+        Worker(url, concurrency=concurrency, gpu=gpu, save_root=save_root, lease=lease,
+               max_attempts=max_attempts).run()
+    except QueueError as e:
+        raise click.ClickException(str(e)) from None
+    except Exception as e:  # a backend that cannot even be opened
+        raise click.ClickException(f"queue {redact(url)}: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
