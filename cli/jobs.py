@@ -107,13 +107,15 @@ def submit_train(run, wait, queue, **options) -> None:
 @click.option("--save_dir", "--save-dir", default=None, help="run directory")
 @click.option("--identifier", default=None, help="checkpoint SHA1 or prefix (default: latest)")
 @click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
+@click.option("--tokens", type=click.IntRange(0), default=0,
+              help="evaluate the split's first N tokens only (default: all)")
 @click.option("--wait", is_flag=True, help="follow the job to its end")
 @queue_option
 @queue_errors
-def submit_eval(run, save_dir, identifier, split, wait, queue) -> None:
+def submit_eval(run, save_dir, identifier, split, tokens, wait, queue) -> None:
     """Queue an evaluation of a checkpoint: loss and perplexity on a split."""
     target, run_key = _run_target(run, save_dir)
-    params = {**target, "identifier": identifier, "split": split,
+    params = {**target, "identifier": identifier, "split": split, "tokens": tokens,
               "data_mirror": os.environ.get("TLM_DATA_MIRROR")}
     _enqueue(connect(queue), "eval", params, run_key, wait)
 

@@ -337,9 +337,10 @@ def train(given: dict[str, Any], on_progress: Callable[[Progress], None] = lambd
 
 
 def evaluate_checkpoint(save_dir: str, identifier: Optional[str] = None, split: str = "valid",
-                        data_mirror: Optional[str] = None,
+                        data_mirror: Optional[str] = None, tokens: int = 0,
                         log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """Loss and perplexity (or bits per character) of a checkpoint on a whole split."""
+    """Loss and perplexity (or bits per character) of a checkpoint on a split
+    (its first ``tokens`` tokens, or all of it)."""
     ckpt = checkpoint.find(save_dir, identifier, warn=log)
     if ckpt is None:
         raise CheckpointError(f"no checkpoint in {save_dir}: train one first")
@@ -348,7 +349,8 @@ def evaluate_checkpoint(save_dir: str, identifier: Optional[str] = None, split: 
     dataset = load_dataset(config.dataset, Path(save_dir) / "datasets", data_mirror, log)
     model = Model(ModelArgs(**ckpt.state["model_args"]))
     model.load_weights(list(ckpt.load_weights().items()), strict=True)
-    loss = evaluate(model, dataset.split(split), config.context_size)
+    data = dataset.split(split)
+    loss = evaluate(model, data[: tokens + 1] if tokens else data, config.context_size)
     metric = Progress("eval", ckpt.step, config.num_iters, val_loss=loss,
                       bits_per_char=dataset.level == "char").val_metric
     name = "bits_per_char" if dataset.level == "char" else "perplexity"

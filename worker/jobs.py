@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tlm_worker.queue import Queue
-from tlm_worker.registry import CANCELLED, CANCELLING, FAILED, SUCCEEDED, Registry
+from tlm_worker.registry import CANCELLED, CANCELLING, FAILED, SUCCEEDED, LeaseLost, Registry
 
 EXIT_INTERRUPTED = 75  # stopped by a signal to the worker: re-queue the job
 CANCEL_POLL_SECONDS = 1.0
@@ -36,6 +36,7 @@ def resolve_save_dir(params: dict[str, Any], save_root: Optional[str]) -> str:
 def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bool) -> None:
     """Run one claimed job to an end state, or exit EXIT_INTERRUPTED after a signal."""
     os.setpgid(0, 0)
+    parent = os.getppid()
     registry = Registry(Queue(url))
     job = registry.get(job_id)
 
@@ -48,20 +49,25 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
         from tlm.interrupts import StopOnSignal
 
         stop = StopOnSignal(on_first=lambda s: log("worker is stopping: finishing the step and saving"))
+        orphaned = lambda: os.getppid() != parent  # noqa: E731
         params = {k: v for k, v in job["params"].items() if k not in ("run", "save_dir")}
         save_dir = resolve_save_dir(job["params"], save_root)
         if job["kind"] == "train":
-            _train(registry, job_id, fence, {**params, "save_dir": save_dir, "gpu": gpu}, stop, log)
+            _train(registry, job_id, fence, {**params, "save_dir": save_dir, "gpu": gpu}, stop,
+                   orphaned, log)
         elif job["kind"] == "eval":
             from tlm.train import evaluate_checkpoint
             result = evaluate_checkpoint(save_dir, params.get("identifier"),
-                                         params.get("split", "valid"), params.get("data_mirror"), log)
+                                         params.get("split", "valid"), params.get("data_mirror"),
+                                         params.get("tokens", 0), log)
             log(f"{result['split']} loss {result['loss']:.4f}")
             registry.update(job_id, state=SUCCEEDED, finished=time.time(), result=result)
         else:
             raise ValueError(f"unknown job kind {job['kind']!r}")
     except SystemExit:
         raise
+    except LeaseLost as e:  # another worker owns the job now: leave its record alone
+        print(f"[{job_id}] {e}", file=sys.stderr, flush=True)
     except BaseException as e:
         traceback.print_exc()
         registry.update(job_id, state=FAILED, finished=time.time(),
@@ -69,7 +75,8 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
         log(f"failed: {type(e).__name__}: {e}")
 
 
-def _train(registry: Registry, job_id: str, fence: int, given: dict[str, Any], stop, log) -> None:
+def _train(registry: Registry, job_id: str, fence: int, given: dict[str, Any], stop, orphaned,
+           log) -> None:
     from tlm.train import Progress, train
 
     cancelled = False
@@ -81,7 +88,10 @@ def _train(registry: Registry, job_id: str, fence: int, given: dict[str, Any], s
             return True
         if time.monotonic() - last_poll >= CANCEL_POLL_SECONDS:
             last_poll = time.monotonic()
-            if not cancelled and registry.cancel_requested(job_id) is not None:
+            if orphaned():  # the worker died: its lease will expire and another worker resume
+                os._exit(EXIT_INTERRUPTED)
+            # "force" is the worker's to act on: it kills this process.
+            if not cancelled and registry.cancel_requested(job_id) == "stop":
                 cancelled = True
                 registry.update(job_id, state=CANCELLING)
                 log("cancel requested: finishing the step and saving")

@@ -19,12 +19,13 @@ from tlm_worker.queue import QueueError, queue_url, redact
               help="seconds without a heartbeat after which a job is re-queued")
 @click.option("--max_attempts", "--max-attempts", default=3, type=click.IntRange(1), show_default=True,
               help="attempts before a job whose worker keeps dying is failed")
-def main(queue, concurrency, gpu, save_root, lease, max_attempts) -> None:
+@click.option("--burst", is_flag=True, help="exit once the queue is empty and no job runs")
+def main(queue, concurrency, gpu, save_root, lease, max_attempts, burst) -> None:
     """Run queued tlm jobs. Ctrl+C once: jobs save and are re-queued; twice: exit now."""
     url = queue_url(queue)
     try:
         Worker(url, concurrency=concurrency, gpu=gpu, save_root=save_root, lease=lease,
-               max_attempts=max_attempts).run()
+               max_attempts=max_attempts, burst=burst).run()
     except QueueError as e:
         raise click.ClickException(str(e)) from None
     except Exception as e:  # a backend that cannot even be opened

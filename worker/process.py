@@ -44,6 +44,7 @@ class Worker:
     lease: float = 60.0
     max_attempts: int = 3
     poll: float = 0.5
+    burst: bool = False  # exit once the queue is empty and no job runs
     id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}")
     running: dict[str, Running] = field(default_factory=dict)
     stopping: bool = False
@@ -110,7 +111,11 @@ class Worker:
             while not (self.stopping and not self.running):
                 busy = self._try(self._reap) or False
                 if not self.stopping and len(self.running) < self.concurrency:
-                    busy = self._try(self._take_one) or busy
+                    took = self._try(self._take_one)
+                    if self.burst and took is False and not self.running:
+                        self.say("queue empty: exiting (--burst)")
+                        break
+                    busy = took or busy
                 if time.monotonic() - last_recovery > self.lease / 2:
                     last_recovery = time.monotonic()
                     self._try(self._recover)

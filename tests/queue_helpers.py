@@ -1,0 +1,79 @@
+"""Real workers, real queues: helpers for the orchestrator tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+from tlm_worker.queue import Queue
+from tlm_worker.registry import Registry
+
+from conftest import tlm_cmd
+
+TINY = ["--dim", "32", "--num_heads", "2", "--num_blocks", "1", "--context_size", "16",
+        "--batch_size", "8", "--eval_tokens", "500", "--steps_per_report", "5"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Workers:
+    """Start and stop tlm-worker processes against one queue; logs kept per worker."""
+
+    def __init__(self, url: str, tmp: Path):
+        self.url, self.tmp, self.procs = url, tmp, []
+
+    def start(self, *args: str, lease: float = 4) -> subprocess.Popen:
+        log = open(self.tmp / f"worker-{len(self.procs)}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "tlm_worker.main", "--queue", self.url,
+                                 "--lease", str(lease), *args], stdout=log, stderr=log)
+        proc.log_path = log.name
+        self.procs.append(proc)
+        return proc
+
+    def log(self, proc) -> str:
+        return Path(proc.log_path).read_text()
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL) if False else p.kill()
+                p.wait()
+        # Job processes run in their own process groups: reap any left.
+        subprocess.run(["pkill", "-9", "-f", f"tlm-job"], check=False)
+
+
+def tlm(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(tlm_cmd(*args), capture_output=True, text=True, timeout=120, **kw)
+
+
+def submit(url: str, *args: str) -> str:
+    proc = tlm("submit", *args, "--queue", url)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def registry(url: str) -> Registry:
+    return Registry(Queue(url))
+
+
+def wait_for(url: str, job_id: str, states: Iterable[str], timeout: float = 120,
+             until=lambda job: True) -> dict:
+    reg, deadline = registry(url), time.time() + timeout
+    while time.time() < deadline:
+        job = reg.get(job_id)
+        if job["state"] in states and until(job):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} not in {list(states)} after {timeout}s: {json.dumps(job)}\n"
+                         + "\n".join(reg.logs(job_id)))

@@ -1,0 +1,240 @@
+"""The orchestrator end to end: real queues (SQLite and Redis), real tlm-worker processes."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import signal
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from tlm import checkpoint
+from tlm_worker.queue import Queue
+
+from queue_helpers import TINY, Workers, free_port, registry, submit, tlm, wait_for
+
+REDIS_TEST_DB = "redis://127.0.0.1:6379/15"
+
+
+def redis_available() -> bool:
+    try:
+        return redis.Redis.from_url(REDIS_TEST_DB, socket_connect_timeout=1).ping()
+    except redis.exceptions.ConnectionError:
+        return False
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'queue.db'}"
+    if not redis_available():
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    redis.Redis.from_url(REDIS_TEST_DB).flushdb()
+    return REDIS_TEST_DB
+
+
+@pytest.fixture
+def workers(url, tmp_path):
+    w = Workers(url, tmp_path)
+    yield w
+    w.stop_all()
+
+
+def test_submit_run_status_logs(url, workers, save_dir):
+    workers.start()
+    job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "20",
+                    "--steps_per_eval", "10")
+    assert len(job_id) == 12
+    wait_for(url, job_id, ["succeeded"])
+    status = json.loads(tlm("status", job_id, "--json", "--queue", url).stdout)
+    assert status["state"] == "succeeded" and status["attempts"] == 1
+    assert status["progress"]["step"] == 20 and status["checkpoint"]
+    assert checkpoint.find(save_dir).identifier == status["checkpoint"]
+    listing = json.loads(tlm("status", "--json", "--queue", url).stdout)
+    assert [j["id"] for j in listing["jobs"]] == [job_id]
+    assert listing["workers"][0]["device"] == "cpu"
+    table = tlm("status", "--queue", url).stdout
+    assert job_id in table and "succeeded" in table
+    logs = tlm("logs", job_id, "--queue", url).stdout
+    assert "iter 20/20" in logs and "succeeded at iteration 20" in logs
+
+
+def test_cooperative_cancel_saves_and_a_resubmit_resumes(url, workers, save_dir):
+    workers.start()
+    args = ["train", "--save_dir", str(save_dir), *TINY, "--num_iters", "100000",
+            "--steps_per_eval", "100000"]
+    job_id = submit(url, *args)
+    wait_for(url, job_id, ["running"], until=lambda j: j["progress"].get("step", 0) >= 10)
+    assert tlm("cancel", job_id, "--queue", url).returncode == 0
+    job = wait_for(url, job_id, ["cancelled"])
+    saved = checkpoint.find(save_dir)
+    assert saved.identifier == job["checkpoint"] and saved.step == job["result"]["step"]
+    again = submit(url, *args[:-4], "--num_iters", str(saved.step + 5))
+    wait_for(url, again, ["succeeded"])
+    assert f"resuming {saved.identifier[:12]} at iteration {saved.step}" in "\n".join(
+        registry(url).logs(again))
+
+
+def test_forced_cancel_stops_now_and_keeps_the_last_checkpoint_valid(url, workers, save_dir):
+    workers.start()
+    job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "100000",
+                    "--steps_per_eval", "5")
+    wait_for(url, job_id, ["running"], until=lambda j: j["checkpoint"])
+    assert tlm("cancel", "--force", job_id, "--queue", url).returncode == 0
+    job = wait_for(url, job_id, ["cancelled"], timeout=30)
+    assert job["error"] == "cancelled with --force"
+    warnings = []
+    assert checkpoint.find(save_dir, warn=warnings.append) is not None and warnings == []
+
+
+def test_cancelling_a_queued_job_removes_it_before_it_starts(url, workers, save_dir):
+    job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "5")
+    refused = tlm("submit", "train", "--save_dir", str(save_dir), "--queue", url)
+    assert refused.returncode == 1
+    assert f"already has a queued job {job_id} (one trainer per run)" in refused.stderr
+    assert tlm("cancel", job_id, "--queue", url).returncode == 0
+    workers.start()
+    time.sleep(3)
+    job = registry(url).get(job_id)
+    assert job["state"] == "cancelled" and job["attempts"] == 0
+    assert checkpoint.find(save_dir) is None
+
+
+def test_clear_errors_for_bad_input(url, tmp_path):
+    proc = tlm("submit", "train", "--dim", "100", "--num_heads", "3", "--queue", url)
+    assert proc.returncode == 2 and "not divisible" in proc.stderr.splitlines()[-1]
+    proc = tlm("status", "nosuchjob", "--queue", url)
+    assert proc.returncode == 1 and "no job 'nosuchjob'" in proc.stderr
+    port = free_port()
+    proc = tlm("status", "--queue", f"redis://:s3cret@127.0.0.1:{port}/0",
+               env={**__import__("os").environ, "TLM_QUEUE_RETRIES": "0"})
+    assert proc.returncode == 1
+    assert f"cannot reach the queue at redis://:***@127.0.0.1:{port}/0" in proc.stderr
+    assert "s3cret" not in proc.stderr
+
+
+def test_a_pickle_payload_in_the_queue_is_rejected_without_running(url, workers, save_dir, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (__import__("os").system, (f"touch {marker}",))
+
+    Queue(url).storage.enqueue(pickle.dumps(Payload()))
+    worker = workers.start()
+    job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "5")
+    wait_for(url, job_id, ["succeeded"])
+    assert "rejected a queue entry: not a JSON queue entry" in workers.log(worker)
+    assert not marker.exists()
+
+
+def reference_weights(save_dir: Path, tmp_path: Path, flags: list[str]) -> dict:
+    """Weights of the same training run done in one go, in this process."""
+    from tlm.config import TrainConfig
+    from tlm.data import load_dataset
+    from tlm.train import Trainer
+
+    ref = tmp_path / "reference"
+    shutil.copytree(save_dir / "datasets", ref / "datasets")
+    given = {flags[i][2:]: flags[i + 1] for i in range(0, len(flags), 2)}
+    types = {k: type(getattr(TrainConfig(), k)) for k in given}
+    config = TrainConfig(save_dir=str(ref), **{k: types[k](v) for k, v in given.items()})
+    Trainer(config, load_dataset("ptb", ref / "datasets")).run()
+    return checkpoint.find(ref).load_weights()
+
+
+def test_a_killed_worker_s_job_is_finished_elsewhere_with_identical_weights(url, workers, save_dir,
+                                                                            tmp_path):
+    flags = [*TINY, "--num_iters", "200", "--steps_per_eval", "20", "--dropout", "0.1"]
+    first = workers.start()
+    job_id = submit(url, "train", "--save_dir", str(save_dir), *flags)
+    wait_for(url, job_id, ["running"], until=lambda j: j["checkpoint"])
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    workers.start()
+    job = wait_for(url, job_id, ["succeeded"], timeout=180)
+    assert job["attempts"] == 2
+    logs = "\n".join(registry(url).logs(job_id))
+    assert "stopped heartbeating" in logs and "resuming" in logs
+    final = checkpoint.find(save_dir).load_weights()
+    expected = reference_weights(save_dir, tmp_path, flags)
+    for name, value in expected.items():
+        assert np.array(final[name]).tobytes() == np.array(value).tobytes(), name
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_worker_signal_saves_requeues_and_another_worker_resumes(url, workers, save_dir, sig):
+    first = workers.start()
+    job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "100000",
+                    "--steps_per_eval", "100000")
+    wait_for(url, job_id, ["running"], until=lambda j: j["progress"].get("step", 0) >= 10)
+    first.send_signal(sig)
+    assert first.wait(timeout=60) == 0
+    job = wait_for(url, job_id, ["interrupted"])
+    saved = checkpoint.find(save_dir)
+    assert saved is not None and job["checkpoint"] == saved.identifier
+    workers.start()
+    wait_for(url, job_id, ["running"], until=lambda j: j["attempts"] == 2)
+    assert tlm("cancel", job_id, "--queue", url).returncode == 0
+    wait_for(url, job_id, ["cancelled"])
+    assert f"resuming {saved.identifier[:12]}" in "\n".join(registry(url).logs(job_id))
+
+
+def test_many_small_jobs_on_two_workers_run_exactly_once(url, workers, save_dir):
+    tlm("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "2")
+    workers.start()
+    workers.start()
+    ids = [submit(url, "eval", "--save_dir", str(save_dir), "--tokens", "2000") for _ in range(8)]
+    for job_id in ids:
+        job = wait_for(url, job_id, ["succeeded"], timeout=180)
+        assert job["attempts"] == 1 and job["result"]["step"] == 2
+    reg = registry(url)
+    assert all(sum("valid loss" in l for l in reg.logs(j)) == 1 for j in ids)
+    ran_on = {reg.get(j)["worker"] for j in ids}
+    assert len(ran_on) == 2  # both workers took jobs
+
+
+def test_redis_restart_mid_job_loses_nothing(tmp_path, save_dir):
+    port = free_port()
+    data = tmp_path / "redis"
+    data.mkdir()
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+           "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+
+    def start():
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        for _ in range(50):
+            try:
+                if redis.Redis(port=port).ping():
+                    return proc
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.1)
+        raise AssertionError("redis-server did not start")
+
+    server = start()
+    url = f"redis://127.0.0.1:{port}/0"
+    workers = Workers(url, tmp_path)
+    try:
+        workers.start(lease=30)
+        job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "1000",
+                        "--steps_per_eval", "250")
+        queued = submit(url, "eval", "--save_dir", str(tmp_path / "elsewhere"))
+        wait_for(url, job_id, ["running"], until=lambda j: j["progress"].get("step", 0) >= 10)
+        server.terminate()
+        server.wait()
+        time.sleep(2)
+        server = start()
+        job = wait_for(url, job_id, ["succeeded"], timeout=300)
+        assert job["attempts"] == 1 and job["result"]["step"] == 1000
+        # The job queued before the restart is still there (and fails: no checkpoint there).
+        assert wait_for(url, queued, ["failed"])["error"].startswith("CheckpointError")
+        assert tlm("status", "--queue", url).returncode == 0
+    finally:
+        workers.stop_all()
+        server.kill()
