@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import tlm  # noqa: F401
-from tlm import checkpoint
 from tlm.config import TrainConfig
 from tlm.data import load_dataset
 from tlm.train import Trainer

@@ -143,21 +143,30 @@ def follow(registry: Registry, job_id: str) -> int:
     def second_exit():
         registry.request_cancel(job_id, force=True)
 
+    from tlm_cli.render import ProgressDisplay
+
     stop = StopOnSignal(on_first=first, on_second=second_exit)
     shown = 0
+    job = registry.get(job_id)
+    total = int(job["params"].get("num_iters", 0)) or 1
     try:
-        while True:
-            job = registry.get(job_id)
-            lines = registry.logs(job_id)
-            for line in lines[shown:]:
-                echo(line)
-            shown = len(lines)
-            if job["state"] in FINAL:
-                echo(f"job {job_id} {job['state']}" + (f": {job['error']}" if job["error"] else ""))
-                return {SUCCEEDED: 0, CANCELLED: 130}.get(job["state"], 1)
-            time.sleep(0.5)
+        with ProgressDisplay(total, click.get_text_stream("stderr")) as display:
+            while True:
+                job = registry.get(job_id)
+                lines = registry.logs(job_id)
+                for line in lines[shown:]:
+                    display.line(line)
+                shown = len(lines)
+                p = job["progress"]
+                if p.get("step"):
+                    display.advance(p["step"], p["total"], p.get("train_loss"))
+                if job["state"] in FINAL:
+                    break
+                time.sleep(0.5)
     finally:
         stop.restore()
+    echo(f"job {job_id} {job['state']}" + (f": {job['error']}" if job["error"] else ""))
+    return {SUCCEEDED: 0, CANCELLED: 130}.get(job["state"], 1)
 
 
 def _age(t: Optional[float]) -> str:

@@ -10,7 +10,7 @@ import tlm
 from tlm import blas
 from tlm.config import ConfigError, check_save_dir
 from tlm_cli.options import given_options, train_options
-from tlm_cli.render import ProgressPrinter
+from tlm_cli.render import ProgressDisplay
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,7 +53,7 @@ def train(**options) -> None:
     stop = StopOnSignal(on_first=lambda s: echo(
         "\nstopping: finishing this step and saving (press Ctrl+C again to exit now)"))
     try:
-        with ProgressPrinter(config.num_iters, click.get_text_stream("stderr")) as printer:
+        with ProgressDisplay(config.num_iters, click.get_text_stream("stderr")) as printer:
             result = trainer.run(on_progress=printer, should_stop=stop)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None

@@ -1,17 +1,22 @@
-"""Terminal rendering of training progress: a rich progress bar on a TTY, plain lines otherwise."""
+"""Terminal rendering of progress: a rich progress bar on a TTY, plain lines otherwise."""
 
 from __future__ import annotations
 
-from typing import IO, Optional
+from typing import IO, TYPE_CHECKING, Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
-from tlm.train import Progress
+if TYPE_CHECKING:
+    from tlm.train import Progress
 
 
-class ProgressPrinter:
-    """Callable ``on_progress`` sink writing to a stream; use as a context manager."""
+class ProgressDisplay:
+    """Lines above a progress bar (on a terminal); use as a context manager.
+
+    Called with a trainer :class:`~tlm.train.Progress` event it is an
+    ``on_progress`` sink.
+    """
 
     def __init__(self, total: int, stream: IO[str]):
         self.console = Console(file=stream, highlight=False)
@@ -22,7 +27,7 @@ class ProgressPrinter:
                            console=self.console, transient=False)
             self.task = self.bar.add_task("train", total=total, info="")
 
-    def __enter__(self) -> "ProgressPrinter":
+    def __enter__(self) -> "ProgressDisplay":
         if self.bar:
             self.bar.start()
         return self
@@ -31,10 +36,16 @@ class ProgressPrinter:
         if self.bar:
             self.bar.stop()
 
-    def __call__(self, p: Progress) -> None:
-        line = p.describe()
+    def line(self, text: str) -> None:
+        self.console.print(text, markup=False, soft_wrap=True)
+
+    def advance(self, step: int, total: int, train_loss: Optional[float]) -> None:
         if self.bar:
-            self.bar.update(self.task, completed=p.step,
-                            info=f"loss {p.train_loss:.3f}" if p.train_loss is not None else "")
+            self.bar.update(self.task, completed=step, total=total,
+                            info=f"loss {train_loss:.3f}" if train_loss is not None else "")
+
+    def __call__(self, p: "Progress") -> None:
+        self.advance(p.step, p.total, p.train_loss)
+        line = p.describe()
         if line:
-            self.console.print(line, markup=False, soft_wrap=True)
+            self.line(line)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -47,10 +45,9 @@ class Workers:
     def stop_all(self) -> None:
         for p in self.procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL) if False else p.kill()
+                p.kill()
                 p.wait()
-        # Job processes run in their own process groups: reap any left.
-        subprocess.run(["pkill", "-9", "-f", f"tlm-job"], check=False)
+        # Job processes left behind notice their worker is gone and exit by themselves.
 
 
 def tlm(*args: str, **kw) -> subprocess.CompletedProcess:

@@ -7,7 +7,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import pytest
 
 import tlm  # noqa: F401
 from tlm import checkpoint
-from tlm.config import TrainConfig
 from tlm.data import load_dataset
 from tlm.train import Trainer, open_run
 
@@ -45,7 +43,7 @@ def test_stop_and_resume_equals_one_uninterrupted_run_bit_for_bit(save_dir, tmp_
     other = tmp_path / "other"
     shutil.copytree(save_dir, other)
     flags = dict(num_iters=12, steps_per_eval=4, dropout=0.1)
-    straight = run_trainer(save_dir, **flags)
+    run_trainer(save_dir, **flags)
     stopped = run_trainer(other, stop_after=6, **flags)
     assert stopped.stopped and stopped.step == 6
     resumed = run_trainer(other, **flags)

@@ -1,5 +1,4 @@
 import hashlib
-import json
 import shutil
 import subprocess
 import sys

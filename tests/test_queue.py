@@ -238,3 +238,27 @@ def test_redis_restart_mid_job_loses_nothing(tmp_path, save_dir):
     finally:
         workers.stop_all()
         server.kill()
+
+
+def test_ctrl_c_in_submit_wait_cancels_cooperatively_and_follows_until_saved(tmp_path, save_dir):
+    url = f"sqlite://{tmp_path / 'queue.db'}"
+    workers = Workers(url, tmp_path)
+    try:
+        workers.start()
+        from conftest import tlm_cmd
+        proc = subprocess.Popen(tlm_cmd("submit", "train", "--save_dir", str(save_dir), *TINY,
+                                        "--num_iters", "100000", "--steps_per_eval", "100000",
+                                        "--wait", "--queue", url),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        job_id = proc.stdout.readline().strip()
+        wait_for(url, job_id, ["running"], until=lambda j: j["progress"].get("step", 0) >= 10)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "cancelling: the job finishes its step and saves" in err
+        assert f"job {job_id} cancelled" in err.splitlines()[-1]
+        assert "saved " in err  # it kept following until the save
+        job = registry(url).get(job_id)
+        assert job["state"] == "cancelled" and checkpoint.find(save_dir).identifier == job["checkpoint"]
+    finally:
+        workers.stop_all()

@@ -18,7 +18,6 @@ atomic on local disks and on SMB/NFS shares alike.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,8 @@ from typing import Any, Callable, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from safetensors import safe_open
+
+from tlm.files import file_digest
 
 FORMAT = "tlm-checkpoint"
 VERSION = 1
@@ -71,11 +72,7 @@ class Checkpoint:
 
 
 def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha1")
 
 
 def _fsync_dir(path: Path) -> None:

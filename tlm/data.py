@@ -7,7 +7,6 @@ well under a second and every process builds the same vocabulary.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+
+from tlm.files import file_digest
 
 SPLITS = ("train", "valid", "test")
 USER_AGENT = "tlm/0.1 (+https://github.com/ml-explore/mlx)"
@@ -54,11 +55,7 @@ class DataError(RuntimeError):
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def _fetch(url_or_path: str, dest: Path, timeout: float = 30.0) -> None:
