@@ -91,8 +91,9 @@ def inspect(save_dir: str | None, identifier: str | None) -> None:
 
 
 from tlm_cli.jobs import cancel, logs, status, submit  # noqa: E402
+from tlm_cli.sample import sample  # noqa: E402
 
-for command in (submit, status, logs, cancel):
+for command in (submit, status, logs, cancel, sample):
     cli.add_command(command)
 
 

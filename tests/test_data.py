@@ -15,8 +15,10 @@ def test_ptb_through_the_mirror_has_the_standard_sizes(ptb_cache):
     data = load_dataset("ptb", ptb_cache)  # cached: no mirror needed now
     assert data.vocab_size == 10000
     assert len(data.train) == 887521 + 42068  # words + one <eos> per line
-    assert data.decode(data.encode("the stock market")) == "the stock market"
-    assert data.encode("zzzunseenword") == [data.vocab.index("<unk>")]
+    tok = data.tokenizer
+    assert tok.decode(tok.encode("the stock market")) == "the stock market"
+    assert tok.encode("zzzunseenword") == [data.vocab.index("<unk>")]
+    assert tok.unknown("the zzzunseenword") == ["zzzunseenword"]
 
 
 def test_vocabulary_is_identical_across_processes(tmp_path, mirror):

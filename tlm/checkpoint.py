@@ -31,7 +31,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from safetensors import safe_open
 
+from tlm.data import Tokenizer
 from tlm.files import file_digest
+from tlm.model import Model, ModelArgs
 
 FORMAT = "tlm-checkpoint"
 VERSION = 1
@@ -65,6 +67,17 @@ class Checkpoint:
 
     def load_weights(self) -> dict[str, mx.array]:
         return mx.load(str(self.weights_path))
+
+    def load_model(self) -> Model:
+        """The model, rebuilt from the recorded configuration, with these weights."""
+        model = Model(ModelArgs(**self.state["model_args"]))
+        model.load_weights(list(self.load_weights().items()), strict=True)
+        model.eval()
+        return model
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer(self.state["level"], self.state["vocab"])
 
     def load_tensors(self) -> dict[str, mx.array]:
         """Optimizer state (``optimizer.*``) and the epoch's batch permutation ``perm``."""

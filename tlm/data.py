@@ -114,6 +114,35 @@ def _source_candidates(src: Source, name: str, mirror: Optional[str]) -> list[st
     return out
 
 
+class Tokenizer:
+    """Text <-> token ids for a word- or character-level vocabulary."""
+
+    def __init__(self, level: str, vocab: list[str]):
+        self.level, self.vocab = level, vocab
+        self.index = {w: i for i, w in enumerate(vocab)}
+        self.unk = self.index.get("<unk>")
+        self.eos = self.index.get("<eos>")
+
+    def pieces(self, text: str) -> list[str]:
+        return list(text) if self.level == "char" else text.split()
+
+    def unknown(self, text: str) -> list[str]:
+        """Pieces of ``text`` outside the vocabulary (they encode as ``<unk>``, or are dropped)."""
+        return [p for p in self.pieces(text) if p not in self.index]
+
+    def encode(self, text: str) -> list[int]:
+        ids = (self.index.get(p, self.unk) for p in self.pieces(text))
+        return [i for i in ids if i is not None]
+
+    def decode_piece(self, token: int, first: bool = False) -> str:
+        """The text of one token as it streams: words get a leading space."""
+        piece = self.vocab[token]
+        return piece if self.level == "char" or first else " " + piece
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.decode_piece(t, first=i == 0) for i, t in enumerate(ids))
+
+
 @dataclass
 class Dataset:
     """Token arrays of the three splits and the vocabulary they index."""
@@ -132,16 +161,9 @@ class Dataset:
     def split(self, name: str) -> np.ndarray:
         return getattr(self, name)
 
-    def encode(self, text: str) -> list[int]:
-        index = {w: i for i, w in enumerate(self.vocab)}
-        if self.level == "char":
-            return [index[c] for c in text if c in index]
-        unk = index.get("<unk>", 0)
-        return [index.get(w, unk) for w in text.split()]
-
-    def decode(self, ids: list[int]) -> str:
-        sep = "" if self.level == "char" else " "
-        return sep.join(self.vocab[i] for i in ids)
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer(self.level, self.vocab)
 
 
 def _words(path: Path) -> list[str]:

@@ -1,40 +1,114 @@
-"""Text generation: prefill the prompt once, then one token per step with a KV cache."""
+"""Text generation: prefill the prompt once, then one token per step with a KV cache.
+
+Past the training context, generation keeps going with a sliding window over
+the cache. Sampling: temperature (0 is greedy), top-k, top-p, min-p and a
+repetition penalty, all reproducible from a seed; stops at ``<eos>`` (word
+level), ``max_tokens`` or a stop string.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import mlx.core as mx
 
+from tlm.data import Tokenizer
 from tlm.model import Model
 
 
-def sample_token(logits: mx.array, temperature: float, top_k: int, key: Optional[mx.array]) -> int:
-    """Greedy at temperature 0, else sample from the ``top_k`` most likely tokens."""
-    if temperature == 0:
-        return int(mx.argmax(logits, axis=-1).item())
-    if 0 < top_k < logits.shape[-1]:
-        kth = mx.sort(logits, axis=-1)[..., -top_k, None]
+@dataclass
+class SampleConfig:
+    max_tokens: int = 100
+    temperature: float = 0.5
+    top_k: int = 50
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_at_eos: bool = True
+
+
+def sample_token(logits: mx.array, cfg: SampleConfig, key: mx.array,
+                 history: Optional[list[int]] = None) -> int:
+    """One token id from next-token logits (shape ``(vocab,)``)."""
+    if cfg.repetition_penalty != 1.0 and history:
+        seen = mx.array(sorted(set(history)))
+        picked = logits[seen]
+        logits[seen] = mx.where(picked > 0, picked / cfg.repetition_penalty,
+                                picked * cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return int(mx.argmax(logits).item())
+    logits = logits / cfg.temperature
+    if 0 < cfg.top_k < logits.shape[-1]:
+        kth = mx.sort(logits)[-cfg.top_k]
         logits = mx.where(logits < kth, -mx.inf, logits)
-    return int(mx.random.categorical(logits / temperature, key=key).item())
+    probs = mx.softmax(logits)
+    if cfg.min_p > 0:
+        logits = mx.where(probs < cfg.min_p * probs.max(), -mx.inf, logits)
+    if cfg.top_p < 1:
+        order = mx.argsort(-probs)
+        ranked = probs[order]
+        keep = (mx.cumsum(ranked) - ranked) < cfg.top_p  # the smallest set reaching top_p
+        logits = mx.where(keep[mx.argsort(order)], logits, -mx.inf)
+    return int(mx.random.categorical(logits, key=key).item())
 
 
-def generate(model: Model, prompt: list[int], max_tokens: int, temperature: float = 0.5,
-             top_k: int = 50, seed: int = 0) -> Iterator[int]:
-    """Yield up to ``max_tokens`` new token ids after ``prompt``.
+def generate(model: Model, prompt: list[int], cfg: SampleConfig, context_size: int,
+             eos: Optional[int] = None) -> Iterator[int]:
+    """Yield new token ids after ``prompt`` (its last ``context_size`` tokens are used).
 
     Uses its own RNG key, so sampling never disturbs a training run's RNG state.
     """
     training = model.training
     model.eval()
     try:
-        key = mx.random.key(seed)
-        cache = model.make_cache()
-        logits = model(mx.array([prompt]), cache=cache)[0, -1]
-        for _ in range(max_tokens):
+        key = mx.random.key(cfg.seed)
+        cache = model.make_cache(max_size=context_size)
+        history = list(prompt[-context_size:]) or [eos or 0]
+        logits = model(mx.array([history]), cache=cache)[0, -1]
+        for _ in range(cfg.max_tokens):
             key, sub = mx.random.split(key)
-            token = sample_token(logits, temperature, top_k, sub)
+            token = sample_token(logits, cfg, sub, history)
+            if cfg.stop_at_eos and eos is not None and token == eos:
+                return
             yield token
+            history.append(token)
             logits = model(mx.array([[token]]), cache=cache)[0, -1]
     finally:
         model.train(training)
+
+
+def generate_text(model: Model, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig,
+                  context_size: int) -> Iterator[str]:
+    """Stream the continuation of ``prompt`` as text pieces, honouring stop strings."""
+    text = ""
+    for i, token in enumerate(generate(model, tokenizer.encode(prompt), cfg, context_size,
+                                       tokenizer.eos)):
+        piece = tokenizer.decode_piece(token, first=i == 0 and not prompt)
+        text += piece
+        hit = min((text.find(s) for s in cfg.stop if s in text), default=-1)
+        if hit >= 0:
+            yield piece[: len(piece) - (len(text) - hit)]
+            return
+        yield piece
+
+
+def sample_checkpoint(save_dir: str, identifier: Optional[str], prompt: str, cfg: SampleConfig,
+                      num_samples: int = 1, warn=lambda m: None) -> dict:
+    """Continuations of ``prompt`` from a checkpoint (seeds ``cfg.seed``, ``cfg.seed + 1``, ...)."""
+    from dataclasses import replace
+
+    from tlm import checkpoint
+
+    ckpt = checkpoint.find(save_dir, identifier, warn=warn)
+    if ckpt is None:
+        raise checkpoint.CheckpointError(
+            f"no checkpoint in {save_dir}: train one first, e.g. `tlm train --save_dir {save_dir}`")
+    model, tokenizer = ckpt.load_model(), ckpt.tokenizer
+    context = ckpt.state["config"]["context_size"]
+    samples = ["".join(generate_text(model, tokenizer, prompt, replace(cfg, seed=cfg.seed + i), context))
+               for i in range(num_samples)]
+    return {"checkpoint": ckpt.identifier, "step": ckpt.step, "samples": samples,
+            "unknown": tokenizer.unknown(prompt)}

@@ -38,19 +38,28 @@ class ModelArgs:
 
 
 class KVCache:
-    """Keys and values of earlier positions, for incremental decoding."""
+    """Keys and values of earlier positions, for incremental decoding.
 
-    def __init__(self) -> None:
+    ``offset`` counts every position seen (the rotary position of the next
+    token); at most ``max_size`` positions are kept, so generation can run past
+    the training context with a sliding window (rotary attention depends only
+    on relative positions).
+    """
+
+    def __init__(self, max_size: Optional[int] = None) -> None:
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
         self.offset = 0
+        self.max_size = max_size
 
     def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         if self.keys is not None:
             keys = mx.concatenate([self.keys, keys], axis=2)
             values = mx.concatenate([self.values, values], axis=2)
+        self.offset += keys.shape[2] - (0 if self.keys is None else self.keys.shape[2])
+        if self.max_size and keys.shape[2] > self.max_size:
+            keys, values = keys[:, :, -self.max_size:], values[:, :, -self.max_size:]
         self.keys, self.values = keys, values
-        self.offset = keys.shape[2]
         return keys, values
 
 
@@ -149,5 +158,5 @@ class Model(nn.Module):
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.model.layers]
+    def make_cache(self, max_size: Optional[int] = None) -> list[KVCache]:
+        return [KVCache(max_size) for _ in self.model.layers]

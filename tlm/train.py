@@ -27,7 +27,7 @@ from tlm import checkpoint, fastmath
 from tlm.checkpoint import Checkpoint, CheckpointError
 from tlm.config import ConfigError, TrainConfig
 from tlm.data import Batches, Dataset, eval_windows, load_dataset
-from tlm.generate import generate
+from tlm.generate import SampleConfig, generate_text
 from tlm.model import Model, ModelArgs
 
 # Flags that fix a run's architecture or data: a resumed run takes them from its checkpoint.
@@ -255,10 +255,12 @@ class Trainer:
 
     def sample(self, max_tokens: int = 30) -> str:
         """A short continuation of the validation text's start, as the seed prints."""
-        prompt = [int(t) for t in self.dataset.valid[:8]]
-        out = generate(self.model, prompt, max_tokens, self.config.temperature,
-                       self.config.top_k, seed=self.step)
-        return self.dataset.decode(prompt) + " ... " + self.dataset.decode(list(out))
+        tokenizer = self.dataset.tokenizer
+        prompt = tokenizer.decode([int(t) for t in self.dataset.valid[:8]])
+        cfg = SampleConfig(max_tokens=max_tokens, temperature=self.config.temperature,
+                           top_k=self.config.top_k, seed=self.step, stop_at_eos=False)
+        return prompt + " ..." + "".join(generate_text(self.model, tokenizer, prompt, cfg,
+                                                       self.config.context_size))
 
     # -- the loop ------------------------------------------------------------
 
@@ -347,8 +349,7 @@ def evaluate_checkpoint(save_dir: str, identifier: Optional[str] = None, split: 
     config = TrainConfig.from_dict({**ckpt.state["config"], "save_dir": save_dir,
                                     "data_mirror": data_mirror})
     dataset = load_dataset(config.dataset, Path(save_dir) / "datasets", data_mirror, log)
-    model = Model(ModelArgs(**ckpt.state["model_args"]))
-    model.load_weights(list(ckpt.load_weights().items()), strict=True)
+    model = ckpt.load_model()
     data = dataset.split(split)
     loss = evaluate(model, data[: tokens + 1] if tokens else data, config.context_size)
     metric = Progress("eval", ckpt.step, config.num_iters, val_loss=loss,

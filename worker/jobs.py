@@ -62,6 +62,12 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
                                          params.get("tokens", 0), log)
             log(f"{result['split']} loss {result['loss']:.4f}")
             registry.update(job_id, state=SUCCEEDED, finished=time.time(), result=result)
+        elif job["kind"] == "sample":
+            from tlm.generate import SampleConfig, sample_checkpoint
+            result = sample_checkpoint(save_dir, params.get("identifier"), params["prompt"],
+                                       SampleConfig(**params["sampling"]),
+                                       params.get("num_samples", 1), warn=log)
+            registry.update(job_id, state=SUCCEEDED, finished=time.time(), result=result)
         else:
             raise ValueError(f"unknown job kind {job['kind']!r}")
     except SystemExit:

@@ -89,7 +89,9 @@ class Registry:
         return sorted(out, key=lambda j: j["created"])
 
     def live_job_for_run(self, run_key: str) -> Optional[dict[str, Any]]:
-        return next((j for j in self.jobs() if j["run"] == run_key and j["state"] in LIVE), None)
+        """The queued or running training job of a run (one trainer per run)."""
+        return next((j for j in self.jobs() if j["run"] == run_key and j["kind"] == "train"
+                     and j["state"] in LIVE), None)
 
     def claim(self, job: dict[str, Any], worker_id: str) -> Optional[int]:
         """Take a queued job for this worker; return its fencing token, or None if taken."""

@@ -1,0 +1,176 @@
+"""``tlm sample``: continue a prompt from the latest (or a named) checkpoint,
+through the queue, in-process (``--local``), or as the seed's interactive REPL."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from tlm_cli.jobs import _run_target, connect, queue_errors, queue_option
+
+
+def echo(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.command()
+@click.option("--run", default=None, help="run name, under each worker's --save_root")
+@click.option("--save_dir", "--save-dir", default=None, help="run directory")
+@click.option("--identifier", default=None, help="checkpoint SHA1 or prefix (default: latest)")
+@click.option("--prompt", default="", help="text to continue")
+@click.option("--max_tokens", "--max-tokens", default=100, show_default=True, type=click.IntRange(0))
+@click.option("--num_samples", "--num-samples", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.5, show_default=True, type=click.FloatRange(0),
+              help="0: greedy")
+@click.option("--top_k", "--top-k", default=50, show_default=True, type=click.IntRange(0),
+              help="0: off")
+@click.option("--top_p", "--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--min_p", "--min-p", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--repetition_penalty", "--repetition-penalty", default=1.0, show_default=True,
+              type=click.FloatRange(0, min_open=True))
+@click.option("--seed", default=0, show_default=True, help="same seed, same sample")
+@click.option("--stop", multiple=True, help="stop at this string (repeatable)")
+@click.option("--local", is_flag=True, help="run here, without the queue")
+@click.option("--interactive", "-i", is_flag=True, help="the seed's --inference REPL (local)")
+@click.option("--gpu", is_flag=True, help="sample on the Metal GPU (with --local/--interactive)")
+@queue_option
+@queue_errors
+def sample(run, save_dir, identifier, prompt, max_tokens, num_samples, temperature, top_k, top_p,
+           min_p, repetition_penalty, seed, stop, local, interactive, gpu, queue) -> None:
+    """Continue --prompt from the latest checkpoint; print only the continuation."""
+    from tlm.generate import SampleConfig
+
+    cfg = SampleConfig(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                       stop=list(stop))
+    target, run_key = _run_target(run, save_dir)
+    if not (local or interactive):
+        _queued(queue, target, run_key, identifier, prompt, cfg, num_samples)
+        return
+    if "save_dir" not in target:
+        raise click.UsageError("--local and --interactive need --save_dir (a run name is resolved on workers)")
+    from tlm import checkpoint
+    from tlm.config import ConfigError
+    from tlm.train import select_device
+
+    try:
+        select_device(gpu)
+        ckpt = checkpoint.find(target["save_dir"], identifier, warn=echo)
+    except (ConfigError, checkpoint.CheckpointError) as e:
+        raise click.ClickException(str(e)) from None
+    if ckpt is None:
+        raise click.ClickException(f"no checkpoint in {target['save_dir']}: train one first, e.g. "
+                                   f"`tlm train --save_dir {target['save_dir']}`")
+    model, tokenizer = ckpt.load_model(), ckpt.tokenizer
+    context = ckpt.state["config"]["context_size"]
+    if interactive:
+        repl(ckpt, model, tokenizer, cfg, context)
+        return
+    _warn_unknown(tokenizer, prompt)
+    from tlm.generate import generate_text
+    for i in range(num_samples):
+        for piece in generate_text(model, tokenizer, prompt, replace(cfg, seed=seed + i), context):
+            click.echo(piece, nl=False)
+        click.echo()
+
+
+def _warn_unknown(tokenizer, text: str) -> None:
+    unknown = tokenizer.unknown(text)
+    if unknown:
+        what = "left out" if tokenizer.level == "char" else "read as <unk>"
+        shown = ", ".join(sorted(set(unknown))[:10])
+        echo(f"not in the vocabulary, {what}: {shown}" + (" ..." if len(set(unknown)) > 10 else ""))
+
+
+def _queued(queue, target, run_key, identifier, prompt, cfg, num_samples) -> None:
+    import dataclasses
+
+    from tlm_worker.registry import FINAL, SUCCEEDED
+
+    registry = connect(queue)
+    job = registry.create("sample", {**target, "identifier": identifier, "prompt": prompt,
+                                     "sampling": dataclasses.asdict(cfg),
+                                     "num_samples": num_samples}, run_key)
+    registry.queue.push(job["id"])
+    echo(f"queued sample job {job['id']}; waiting for a worker (Ctrl+C to cancel)")
+    try:
+        while (job := registry.get(job["id"]))["state"] not in FINAL:
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        registry.request_cancel(job["id"])
+        raise click.ClickException(f"gave up waiting: sample job {job['id']} cancelled") from None
+    if job["state"] != SUCCEEDED:
+        raise click.ClickException(f"sample job {job['id']} {job['state']}: {job['error']}")
+    if job["result"]["unknown"]:
+        echo("not in the vocabulary: " + ", ".join(sorted(set(job["result"]["unknown"]))[:10]))
+    for text in job["result"]["samples"]:
+        click.echo(text)
+
+
+def repl(ckpt, model, tokenizer, cfg, context: int) -> None:
+    """Read a prompt, stream a continuation, repeat; Ctrl+D, Ctrl+C or `quit` ends it."""
+    from tlm.generate import generate_text
+
+    _enable_line_editing()
+    val = ckpt.state.get("val_loss")
+    metric = ""
+    if val is not None:
+        import math
+        metric = (f", validation {val / math.log(2):.3f} bpc" if tokenizer.level == "char"
+                  else f", validation perplexity {math.exp(val):.2f}")
+    echo(f"loaded {ckpt.identifier[:12]} (iteration {ckpt.step}{metric}) from {ckpt.directory}")
+    echo("type a prompt; empty line: skip; quit, Ctrl+D or Ctrl+C at the prompt: exit; "
+         "Ctrl+C while generating: stop that sample")
+    turn = 0
+    while True:
+        try:
+            text = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            echo("")
+            return
+        if not text:
+            continue
+        if text.lower() in ("quit", "exit"):
+            return
+        _warn_unknown(tokenizer, text)
+        n = len(tokenizer.encode(text))
+        if n > context:
+            echo(f"the prompt has {n} tokens: using its last {context} (the model's context)")
+        try:
+            for piece in generate_text(model, tokenizer, text, replace(cfg, seed=cfg.seed + turn), context):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        turn += 1
+
+
+def _enable_line_editing() -> None:
+    """readline editing and a history file, where the platform has readline."""
+    try:
+        import atexit
+        import readline
+
+        import platformdirs
+    except ImportError:
+        return
+    history = Path(platformdirs.user_data_dir("tlm")) / "sample_history"
+    try:
+        history.parent.mkdir(parents=True, exist_ok=True)
+        readline.read_history_file(history)
+    except OSError:
+        pass
+    atexit.register(lambda: _save_history(readline, history))
+
+
+def _save_history(readline, history: Path) -> None:
+    try:
+        readline.write_history_file(history)
+    except OSError:
+        pass

@@ -1,0 +1,143 @@
+"""Generation: KV cache against full recomputation, samplers, the REPL, sampling jobs."""
+
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+import tlm  # noqa: F401
+import mlx.core as mx
+
+from tlm import checkpoint
+from tlm.generate import SampleConfig, generate, sample_token
+from tlm.model import Model, ModelArgs
+
+from conftest import tlm_cmd
+from queue_helpers import TINY, Workers
+
+
+def small_model() -> Model:
+    mx.random.seed(3)
+    model = Model(ModelArgs(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4))
+    mx.eval(model.parameters())
+    return model.eval() or model
+
+
+def recompute(model: Model, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
+    """The seed's method: run the whole sequence again for every new token (greedy)."""
+    seq, logits = list(prompt), []
+    for _ in range(n):
+        last = model(mx.array([seq]))[0, -1]
+        logits.append(np.array(last))
+        seq.append(int(mx.argmax(last).item()))
+    return seq[len(prompt):], logits
+
+
+def test_cached_decoding_matches_full_recomputation():
+    model = small_model()
+    prompt = [5, 3, 9, 1]
+    expected, expected_logits = recompute(model, prompt, 12)
+    cache = model.make_cache()
+    logits = model(mx.array([prompt]), cache=cache)[0, -1]
+    got = []
+    for want in expected_logits:
+        np.testing.assert_allclose(np.array(logits), want, rtol=1e-4, atol=1e-4)
+        got.append(int(mx.argmax(logits).item()))
+        logits = model(mx.array([[got[-1]]]), cache=cache)[0, -1]
+    assert got == expected
+    greedy = SampleConfig(max_tokens=12, temperature=0)
+    assert list(generate(model, prompt, greedy, context_size=64)) == expected
+
+
+def test_generation_runs_past_the_context_with_a_sliding_window():
+    model = small_model()
+    out = list(generate(model, [1, 2, 3], SampleConfig(max_tokens=50, temperature=0.8), context_size=8))
+    assert len(out) == 50
+    assert model.make_cache(8)[0].max_size == 8
+
+
+def test_same_seed_same_sample_other_seed_other_sample():
+    model = small_model()
+    run = lambda seed: list(generate(model, [4, 2], SampleConfig(max_tokens=30, temperature=1.0,
+                                                                  top_k=0, seed=seed), 64))
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_samplers_restrict_the_choice():
+    logits = mx.array([0.0, 5.0, 4.9, -2.0])
+    key = mx.random.key(0)
+    picks = lambda **kw: {sample_token(mx.array(logits), SampleConfig(**{"temperature": 1.0,
+                                                                          "top_k": 0, **kw}), k)
+                          for k in mx.random.split(key, 200)}
+    assert picks(top_p=0.01) == {1}
+    assert picks(top_k=2) == {1, 2}
+    assert picks(min_p=0.5) == {1, 2}
+    assert len(picks(temperature=5.0)) == 4
+    penalised = sample_token(mx.array(logits), SampleConfig(temperature=0, repetition_penalty=2.0),
+                             key, history=[1])
+    assert penalised == 2
+
+
+@pytest.fixture
+def trained(save_dir):
+    proc = subprocess.run(tlm_cmd("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "20"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return save_dir
+
+
+def test_repl_handles_awkward_input_without_tracebacks(trained):
+    long = " ".join(["the"] * 100)
+    session = "\n".join(["", "the stock market", "zzyzx qwrtp", long, "ünïcödé ☃", "quit", "never read"])
+    proc = subprocess.run(tlm_cmd("sample", "--interactive", "--save_dir", str(trained),
+                                  "--max_tokens", "5"), input=session + "\n",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    found = checkpoint.find(trained)
+    assert f"loaded {found.identifier[:12]} (iteration 20, validation perplexity" in proc.stderr
+    assert "read as <unk>: qwrtp, zzyzx" in proc.stderr
+    assert "the prompt has 100 tokens: using its last 16" in proc.stderr
+    assert "ünïcödé" in proc.stderr
+    assert proc.stdout.count("> ") == 6  # empty, 4 prompts, quit
+
+
+def test_repl_ends_cleanly_on_eof_and_on_ctrl_c(trained):
+    eof = subprocess.run(tlm_cmd("sample", "-i", "--save_dir", str(trained)), input="",
+                         capture_output=True, text=True, timeout=120)
+    assert eof.returncode == 0 and "Traceback" not in eof.stderr
+    proc = subprocess.Popen(tlm_cmd("sample", "-i", "--save_dir", str(trained)), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while "type a prompt" not in (line := proc.stderr.readline()) and time.time() < deadline:
+        pass
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err
+
+
+def test_no_checkpoint_says_how_to_train_one(tmp_path):
+    proc = subprocess.run(tlm_cmd("sample", "--local", "--save_dir", str(tmp_path), "--prompt", "x"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert f"no checkpoint in {tmp_path}: train one first, e.g. `tlm train --save_dir" in proc.stderr
+
+
+def test_a_sampling_job_through_a_worker_matches_local_sampling(trained, tmp_path):
+    url = f"sqlite://{tmp_path / 'queue.db'}"
+    args = ["sample", "--save_dir", str(trained), "--prompt", "the company said",
+            "--max_tokens", "12", "--seed", "5", "--num_samples", "2"]
+    local = subprocess.run(tlm_cmd(*args, "--local"), capture_output=True, text=True, timeout=60)
+    workers = Workers(url, tmp_path)
+    try:
+        workers.start()
+        queued = subprocess.run(tlm_cmd(*args, "--queue", url), capture_output=True, text=True,
+                                timeout=120)
+    finally:
+        workers.stop_all()
+    assert queued.returncode == 0, queued.stderr
+    assert queued.stdout == local.stdout and len(local.stdout.splitlines()) == 2
