@@ -31,6 +31,7 @@ def measure(shape: str, steps: int, checkpoint: bool = False) -> dict:
     from tlm import blas
     from tlm.config import TrainConfig
     from tlm.data import Dataset
+    from tlm.vocab import WordTokenizer
     from tlm.train import Trainer
 
     dim, blocks, heads, context, batch, vocab = SHAPES[shape]
@@ -43,7 +44,7 @@ def measure(shape: str, steps: int, checkpoint: bool = False) -> dict:
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, vocab, 200_000, dtype=np.int32)
-    data = Dataset("random", "word", [str(i) for i in range(vocab)], tokens, tokens, tokens)
+    data = Dataset("random", WordTokenizer([str(i) for i in range(vocab)]), tokens, tokens, tokens)
     cfg = TrainConfig(dim=dim, num_blocks=blocks, num_heads=heads, context_size=context,
                       batch_size=batch, num_iters=10**6, save_dir="/tmp", checkpoint=checkpoint)
     trainer = Trainer(cfg, data)

@@ -43,7 +43,7 @@ def train(**options) -> None:
         echo(blas.describe())
         echo(f"save_dir: {config.save_dir}  device: {device}")
         dataset = load_dataset(config.dataset, Path(config.save_dir) / "datasets",
-                               config.data_mirror, log=echo)
+                               config.data_mirror, log=echo, tokenizer=config.tokenizer)
         trainer = Trainer(config, dataset, ckpt, log=echo)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
@@ -83,7 +83,8 @@ def inspect(save_dir: str | None, identifier: str | None) -> None:
     s = ckpt.state
     click.echo(f"identifier:  {ckpt.identifier}  (SHA1 verified, metadata verified)")
     click.echo(f"iteration:   {s['step']} of {s['config']['num_iters']}")
-    click.echo(f"dataset:     {s['dataset']} ({s['level']} level, {len(s['vocab'])} tokens)")
+    click.echo(f"dataset:     {s['dataset']} ({ckpt.tokenizer.kind} tokenizer, "
+               f"{ckpt.tokenizer.vocab_size:,} tokens)")
     for key in ("val_loss", "best_val_loss"):
         if s.get(key) is not None:
             click.echo(f"{key + ':':13}{s[key]:.4f}")

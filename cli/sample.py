@@ -81,7 +81,7 @@ def sample(run, save_dir, identifier, prompt, max_tokens, num_samples, temperatu
 def _warn_unknown(tokenizer, text: str) -> None:
     unknown = tokenizer.unknown(text)
     if unknown:
-        what = "left out" if tokenizer.level == "char" else "read as <unk>"
+        what = "read as <unk>" if tokenizer.kind == "word" else "left out"
         shown = ", ".join(sorted(set(unknown))[:10])
         echo(f"not in the vocabulary, {what}: {shown}" + (" ..." if len(set(unknown)) > 10 else ""))
 
@@ -120,7 +120,7 @@ def repl(ckpt, model, tokenizer, cfg, context: int) -> None:
     metric = ""
     if val is not None:
         import math
-        metric = (f", validation {val / math.log(2):.3f} bpc" if tokenizer.level == "char"
+        metric = (f", validation {val / math.log(2):.3f} bpc" if tokenizer.kind in ("char", "byte")
                   else f", validation perplexity {math.exp(val):.2f}")
     echo(f"loaded {ckpt.identifier[:12]} (iteration {ckpt.step}{metric}) from {ckpt.directory}")
     echo("type a prompt; empty line: skip; quit, Ctrl+D or Ctrl+C at the prompt: exit; "

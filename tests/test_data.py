@@ -17,7 +17,7 @@ def test_ptb_through_the_mirror_has_the_standard_sizes(ptb_cache):
     assert len(data.train) == 887521 + 42068  # words + one <eos> per line
     tok = data.tokenizer
     assert tok.decode(tok.encode("the stock market")) == "the stock market"
-    assert tok.encode("zzzunseenword") == [data.vocab.index("<unk>")]
+    assert tok.encode("zzzunseenword") == [tok.vocab.index("<unk>")]
     assert tok.unknown("the zzzunseenword") == ["zzzunseenword"]
 
 
@@ -28,7 +28,7 @@ def test_vocabulary_is_identical_across_processes(tmp_path, mirror):
     for name in ("a", "b"):
         subprocess.run([sys.executable, "-c", code, str(tmp_path / name), mirror], check=True,
                        env={"PYTHONHASHSEED": name == "a" and "1" or "2", "PATH": ""})
-        vocab = (tmp_path / name / "ptb" / "word" / "vocab.json").read_bytes()
+        vocab = (tmp_path / name / "ptb" / "word" / "tokenizer.json").read_bytes()
         digests.append(hashlib.sha256(vocab).hexdigest())
     assert digests[0] == digests[1]
 

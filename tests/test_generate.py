@@ -112,7 +112,7 @@ def test_repl_ends_cleanly_on_eof_and_on_ctrl_c(trained):
     proc = subprocess.Popen(tlm_cmd("sample", "-i", "--save_dir", str(trained)), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while "type a prompt" not in (line := proc.stderr.readline()) and time.time() < deadline:
+    while "type a prompt" not in proc.stderr.readline() and time.time() < deadline:
         pass
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)

@@ -8,7 +8,7 @@ from tlm.train import Trainer
 def ptb_subset(save_dir) -> Dataset:
     """Real PTB with the validation split cut to 5,000 tokens, so evaluation is quick."""
     d = load_dataset("ptb", save_dir / "datasets")
-    return Dataset(d.name, d.level, d.vocab, d.train, d.valid[:5000], d.test[:5000])
+    return Dataset(d.name, d.tokenizer, d.train, d.valid[:5000], d.test[:5000])
 
 
 SMALL = dict(dim=64, num_heads=4, num_blocks=2, context_size=32, batch_size=16,

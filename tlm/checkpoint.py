@@ -31,7 +31,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from safetensors import safe_open
 
-from tlm.data import Tokenizer
+from tlm.vocab import Tokenizer
 from tlm.files import file_digest
 from tlm.model import Model, ModelArgs
 
@@ -77,7 +77,7 @@ class Checkpoint:
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.state["level"], self.state["vocab"])
+        return Tokenizer.from_dict(self.state["tokenizer"])
 
     def load_tensors(self) -> dict[str, mx.array]:
         """Optimizer state (``optimizer.*``) and the epoch's batch permutation ``perm``."""

