@@ -50,6 +50,9 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
 
         stop = StopOnSignal(on_first=lambda s: log("worker is stopping: finishing the step and saving"))
         orphaned = lambda: os.getppid() != parent  # noqa: E731
+        from tlm.train import select_device
+
+        select_device(gpu)
         params = {k: v for k, v in job["params"].items() if k not in ("run", "save_dir")}
         save_dir = resolve_save_dir(job["params"], save_root)
         if job["kind"] == "train":
