@@ -109,13 +109,15 @@ def submit_train(run, wait, queue, **options) -> None:
 @click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
 @click.option("--tokens", type=click.IntRange(0), default=0,
               help="evaluate the split's first N tokens only (default: all)")
+@click.option("--stride", type=click.IntRange(1), default=None,
+              help="sliding-window evaluation: windows every N tokens, each scoring its last N")
 @click.option("--wait", is_flag=True, help="follow the job to its end")
 @queue_option
 @queue_errors
-def submit_eval(run, save_dir, identifier, split, tokens, wait, queue) -> None:
+def submit_eval(run, save_dir, identifier, split, tokens, stride, wait, queue) -> None:
     """Queue an evaluation of a checkpoint: loss and perplexity on a split."""
     target, run_key = _run_target(run, save_dir)
-    params = {**target, "identifier": identifier, "split": split, "tokens": tokens,
+    params = {**target, "identifier": identifier, "split": split, "tokens": tokens, "stride": stride,
               "data_mirror": os.environ.get("TLM_DATA_MIRROR")}
     _enqueue(connect(queue), "eval", params, run_key, wait)
 

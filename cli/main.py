@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -96,6 +97,37 @@ from tlm_cli.sample import sample  # noqa: E402
 
 for command in (submit, status, logs, cancel, sample):
     cli.add_command(command)
+
+
+@cli.command("eval")
+@click.option("--save_dir", "--save-dir", "save_dir", default=None, help="run directory")
+@click.option("--identifier", default=None, help="checkpoint SHA1 or unique prefix (default: latest)")
+@click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
+@click.option("--tokens", type=click.IntRange(0), default=0, help="the split's first N tokens only")
+@click.option("--stride", type=click.IntRange(1), default=None,
+              help="sliding-window evaluation: windows every N tokens, each scoring its last N")
+@click.option("--local", is_flag=True, required=True,
+              help="evaluate here (for a worker, use `tlm submit eval`)")
+@click.option("--gpu", is_flag=True, help="use the Metal GPU")
+def eval_(save_dir, identifier, split, tokens, stride, local, gpu) -> None:
+    """Loss and perplexity (or bits per character) of a checkpoint on a split."""
+    from tlm.checkpoint import CheckpointError
+    from tlm.config import default_save_dir
+    from tlm.data import DataError
+    from tlm.train import evaluate_checkpoint, select_device
+
+    try:
+        select_device(gpu)
+        r = evaluate_checkpoint(save_dir or default_save_dir(), identifier, split,
+                                os.environ.get("TLM_DATA_MIRROR"), tokens, stride, log=echo)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    except (CheckpointError, DataError) as e:
+        raise click.ClickException(str(e)) from None
+    metric = (f"bits per character {r['bits_per_char']:.4f}" if "bits_per_char" in r
+              else f"perplexity {r['perplexity']:.2f}")
+    click.echo(f"{split} loss {r['loss']:.4f}  {metric}  (checkpoint {r['checkpoint'][:12]}, "
+               f"iteration {r['step']})")
 
 
 def main() -> None:

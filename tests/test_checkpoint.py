@@ -187,9 +187,15 @@ def test_sigkill_at_random_moments_never_leaves_an_unusable_checkpoint(save_dir)
     last_step = 0
     for trial in range(12):
         # Save every step, so kills land inside saves often.
-        proc = start_training(save_dir, num_iters=100000, steps_per_eval=1, keep_last=2)
+        earlier = set(save_dir.glob(".tmp-*.new"))
+        proc = start_training(save_dir, num_iters=100000, steps_per_eval=1, keep_last=2, dim=128)
         wait_for(proc, "iter")
-        time.sleep(rng.uniform(0.0, 1.5))
+        if trial % 2:
+            time.sleep(rng.uniform(0.0, 1.5))
+        else:  # the moment a save has begun writing its temporary files
+            deadline = time.time() + 30
+            while not set(save_dir.glob(".tmp-*.new")) - earlier and time.time() < deadline:
+                time.sleep(0.001)
         proc.kill()
         proc.communicate()
         warnings = []

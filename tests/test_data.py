@@ -59,7 +59,11 @@ def test_batches_are_non_overlapping_windows_in_a_seeded_permutation():
     np.testing.assert_array_equal(next(again), seen[1])
 
 
-def test_eval_windows_cover_every_target_once():
+@pytest.mark.parametrize("stride", [None, 1, 2, 5])
+def test_eval_windows_score_every_target_exactly_once(stride):
     tokens = np.arange(23)
-    targets = np.concatenate([y.ravel() for _, y in eval_windows(tokens, 5, 2)])
-    np.testing.assert_array_equal(targets, np.arange(1, 23))
+    scored = np.concatenate([y[w > 0] for _, y, w in eval_windows(tokens, 5, 2, stride)])
+    np.testing.assert_array_equal(np.sort(scored), np.arange(1, 23))
+    if stride == 1:  # all but the first window's targets see a full context
+        first = next(eval_windows(tokens, 5, 2, stride))
+        assert first[2][1].tolist() == [0, 0, 0, 0, 1]

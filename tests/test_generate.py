@@ -141,3 +141,15 @@ def test_a_sampling_job_through_a_worker_matches_local_sampling(trained, tmp_pat
         workers.stop_all()
     assert queued.returncode == 0, queued.stderr
     assert queued.stdout == local.stdout and len(local.stdout.splitlines()) == 2
+
+
+def test_tlm_eval_local_whole_split_and_sliding_window(trained):
+    def run(*extra):
+        proc = subprocess.run(tlm_cmd("eval", "--local", "--save_dir", str(trained), "--split", "test",
+                                      "--tokens", "3000", *extra), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return float(proc.stdout.split("test loss ")[1].split()[0])
+
+    plain, sliding = run(), run("--stride", "4")
+    assert 0 < sliding < 12 and 0 < plain < 12
+    assert sliding != plain  # more context per scored token changes the loss

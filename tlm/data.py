@@ -456,14 +456,29 @@ class Batches:
         return {"epoch": self.epoch, "position": self.position}
 
 
-def eval_windows(tokens: np.ndarray, context_size: int, batch_size: int):
-    """Yield (inputs, targets) covering every token of a split once as a target."""
+def eval_windows(tokens: np.ndarray, context_size: int, batch_size: int,
+                 stride: Optional[int] = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield (inputs, targets, weights) batches that score every target of a split once.
+
+    Windows of ``context_size`` tokens start every ``stride`` tokens (default:
+    the context, i.e. non-overlapping); each scores only targets no earlier
+    window scored, so with a small stride every target but the first few sees
+    nearly a full context (sliding-window evaluation). A last window aligned
+    to the end covers the remainder.
+    """
     tokens = np.asarray(tokens)
-    n = (len(tokens) - 1) // context_size
-    full = n * context_size
-    inputs = tokens[:full].reshape(n, context_size)
-    targets = tokens[1 : full + 1].reshape(n, context_size)
-    for i in range(0, n, batch_size):
-        yield inputs[i : i + batch_size].astype(np.int32), targets[i : i + batch_size].astype(np.int32)
-    if len(tokens) - 1 > full:
-        yield tokens[None, full:-1].astype(np.int32), tokens[None, full + 1 :].astype(np.int32)
+    n = len(tokens) - 1
+    length = min(context_size, n)
+    starts = list(range(0, n - length + 1, stride or length))
+    if starts[-1] + length < n:
+        starts.append(n - length)
+    done = 0
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i : i + batch_size]
+        x = np.stack([tokens[s : s + length] for s in chunk]).astype(np.int32)
+        y = np.stack([tokens[s + 1 : s + length + 1] for s in chunk]).astype(np.int32)
+        w = np.zeros(x.shape, np.float32)
+        for row, s in enumerate(chunk):
+            w[row, max(done - s, 0):] = 1.0
+            done = s + length
+        yield x, y, w

@@ -107,18 +107,19 @@ def loss_fn(model: Model, inputs: mx.array, targets: mx.array, checkpoint: bool 
     return fastmath.cross_entropy(model(inputs, checkpoint=checkpoint), targets).mean()
 
 
-def evaluate(model: Model, tokens: np.ndarray, context_size: int) -> float:
-    """Mean cross-entropy over every token of a split (no sampling of batches)."""
+def evaluate(model: Model, tokens: np.ndarray, context_size: int,
+             stride: Optional[int] = None) -> float:
+    """Mean cross-entropy over every token of a split (see ``eval_windows`` for ``stride``)."""
     model.eval()
 
     @partial(mx.compile, inputs=model.state)
-    def summed(x, y):
-        return fastmath.cross_entropy(model(x), y).sum()
+    def summed(x, y, w):
+        return (fastmath.cross_entropy(model(x), y) * w).sum()
 
-    total, count = mx.array(0.0), 0
-    for x, y in eval_windows(tokens, context_size, max(1, EVAL_TOKENS // context_size)):
-        total = total + summed(mx.array(x), mx.array(y))
-        count += y.size
+    total, count = mx.array(0.0), 0.0
+    for x, y, w in eval_windows(tokens, context_size, max(1, EVAL_TOKENS // context_size), stride):
+        total = total + summed(mx.array(x), mx.array(y), mx.array(w))
+        count += float(w.sum())
         mx.eval(total)
     model.train()
     return total.item() / count
@@ -342,9 +343,10 @@ def train(given: dict[str, Any], on_progress: Callable[[Progress], None] = lambd
 
 def evaluate_checkpoint(save_dir: str, identifier: Optional[str] = None, split: str = "valid",
                         data_mirror: Optional[str] = None, tokens: int = 0,
+                        stride: Optional[int] = None,
                         log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Loss and perplexity (or bits per character) of a checkpoint on a split
-    (its first ``tokens`` tokens, or all of it)."""
+    (its first ``tokens`` tokens, or all of it), optionally with a sliding window."""
     ckpt = checkpoint.find(save_dir, identifier, warn=log)
     if ckpt is None:
         raise CheckpointError(f"no checkpoint in {save_dir}: train one first")
@@ -354,9 +356,9 @@ def evaluate_checkpoint(save_dir: str, identifier: Optional[str] = None, split: 
                            config.tokenizer)
     model = ckpt.load_model()
     data = dataset.split(split)
-    loss = evaluate(model, data[: tokens + 1] if tokens else data, config.context_size)
+    loss = evaluate(model, data[: tokens + 1] if tokens else data, config.context_size, stride)
     metric = Progress("eval", ckpt.step, config.num_iters, val_loss=loss,
                       bits_per_char=dataset.bits_per_char).val_metric
     name = "bits_per_char" if dataset.bits_per_char else "perplexity"
     return {"checkpoint": ckpt.identifier, "step": ckpt.step, "split": split, "loss": loss,
-            name: metric}
+            name: metric, "stride": stride}

@@ -62,7 +62,7 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
             from tlm.train import evaluate_checkpoint
             result = evaluate_checkpoint(save_dir, params.get("identifier"),
                                          params.get("split", "valid"), params.get("data_mirror"),
-                                         params.get("tokens", 0), log)
+                                         params.get("tokens", 0), params.get("stride"), log)
             log(f"{result['split']} loss {result['loss']:.4f}")
             registry.update(job_id, state=SUCCEEDED, finished=time.time(), result=result)
         elif job["kind"] == "sample":
