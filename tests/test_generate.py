@@ -15,7 +15,7 @@ from tlm.generate import SampleConfig, generate, sample_token
 from tlm.model import Model, ModelArgs
 
 from conftest import tlm_cmd
-from queue_helpers import TINY, Workers
+from queue_helpers import TINY, Workers, registry
 
 
 def small_model() -> Model:
@@ -135,12 +135,15 @@ def test_a_sampling_job_through_a_worker_matches_local_sampling(trained, tmp_pat
     workers = Workers(url, tmp_path)
     try:
         workers.start()
-        queued = subprocess.run(tlm_cmd(*args, "--queue", url), capture_output=True, text=True,
-                                timeout=120)
+        queued = [subprocess.run(tlm_cmd(*args, "--queue", url), capture_output=True, text=True,
+                                 timeout=120) for _ in range(2)]
     finally:
         workers.stop_all()
-    assert queued.returncode == 0, queued.stderr
-    assert queued.stdout == local.stdout and len(local.stdout.splitlines()) == 2
+    assert queued[0].returncode == 0, queued[0].stderr
+    assert queued[0].stdout == queued[1].stdout == local.stdout
+    assert len(local.stdout.splitlines()) == 2
+    jobs = sorted((j for j in registry(url).jobs() if j["kind"] == "sample"), key=lambda j: j["created"])
+    assert [j["result"]["model_cached"] for j in jobs] == [False, True]  # the worker kept it
 
 
 def test_tlm_eval_local_whole_split_and_sliding_window(trained):

@@ -187,6 +187,13 @@ def _candidates(directory: Path) -> list[tuple[int, float, str]]:
     return sorted(out, reverse=True)
 
 
+def newest_name(directory: str | Path) -> Optional[str]:
+    """The identifier ``find`` would try first, from file names and headers only (no hashing)."""
+    directory = Path(directory)
+    candidates = _candidates(directory) if directory.is_dir() else []
+    return candidates[0][2] if candidates else None
+
+
 def find(directory: str | Path, identifier: Optional[str] = None,
          warn: Callable[[str], None] = lambda m: None) -> Optional[Checkpoint]:
     """The named checkpoint, or the latest valid one (None if there is none).

@@ -8,12 +8,17 @@ level), ``max_tokens`` or a stop string.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import mlx.core as mx
 
 from tlm.vocab import Tokenizer
+
+if TYPE_CHECKING:
+    from tlm.checkpoint import Checkpoint
 from tlm.model import Model
 
 
@@ -101,20 +106,55 @@ def generate_text(model: Model, tokenizer: Tokenizer, prompt: str, cfg: SampleCo
         shown = text
 
 
+class ModelCache:
+    """Recently used checkpoints' models, so repeated sampling skips loading and hashing.
+
+    Checkpoints are content-addressed (SHA1 names), so a cached model stays
+    valid as long as its file is unchanged; the newest checkpoint is found from
+    names and headers alone.
+    """
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.entries: OrderedDict[tuple[str, str], tuple[int, "Checkpoint", Model]] = OrderedDict()
+
+    def load(self, save_dir: str, identifier: Optional[str], warn=lambda m: None
+             ) -> tuple["Checkpoint", Model, bool]:
+        """The checkpoint and its model, and whether they came from the cache."""
+        from tlm import checkpoint
+
+        name = identifier if identifier and len(identifier) == 40 else None
+        name = name or (None if identifier else checkpoint.newest_name(save_dir))
+        key = (str(save_dir), name or "")
+        hit = self.entries.get(key)
+        if name and hit:
+            try:
+                if hit[0] == (Path(save_dir) / f"{name}.safetensors").stat().st_mtime_ns:
+                    self.entries.move_to_end(key)
+                    return hit[1], hit[2], True
+            except FileNotFoundError:
+                pass
+        ckpt = checkpoint.find(save_dir, identifier, warn=warn)
+        if ckpt is None:
+            raise checkpoint.CheckpointError(
+                f"no checkpoint in {save_dir}: train one first, e.g. `tlm train --save_dir {save_dir}`")
+        model = ckpt.load_model()
+        self.entries[(str(save_dir), ckpt.identifier)] = (ckpt.weights_path.stat().st_mtime_ns, ckpt, model)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return ckpt, model, False
+
+
+MODELS = ModelCache()
+
+
 def sample_checkpoint(save_dir: str, identifier: Optional[str], prompt: str, cfg: SampleConfig,
                       num_samples: int = 1, warn=lambda m: None) -> dict:
     """Continuations of ``prompt`` from a checkpoint (seeds ``cfg.seed``, ``cfg.seed + 1``, ...)."""
-    from dataclasses import replace
-
-    from tlm import checkpoint
-
-    ckpt = checkpoint.find(save_dir, identifier, warn=warn)
-    if ckpt is None:
-        raise checkpoint.CheckpointError(
-            f"no checkpoint in {save_dir}: train one first, e.g. `tlm train --save_dir {save_dir}`")
-    model, tokenizer = ckpt.load_model(), ckpt.tokenizer
+    ckpt, model, cached = MODELS.load(save_dir, identifier, warn)
+    tokenizer = ckpt.tokenizer
     context = ckpt.state["config"]["context_size"]
     samples = ["".join(generate_text(model, tokenizer, prompt, replace(cfg, seed=cfg.seed + i), context))
                for i in range(num_samples)]
     return {"checkpoint": ckpt.identifier, "step": ckpt.step, "samples": samples,
-            "unknown": tokenizer.unknown(prompt)}
+            "unknown": tokenizer.unknown(prompt), "model_cached": cached}

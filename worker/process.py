@@ -10,6 +10,7 @@ heartbeat is older than the lease (its worker died), up to a retry limit.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.pool
 import os
 import signal
 import socket
@@ -25,6 +26,33 @@ from tlm_worker.queue import QUEUE_ERRORS, PayloadError, Queue
 from tlm_worker.registry import CANCELLED, CANCELLING, FAILED, FINAL, INTERRUPTED, QUEUED, RUNNING, Registry
 
 SPAWN = multiprocessing.get_context("spawn")
+
+
+class PooledJob:
+    """A job run in the worker's long-lived sampler process (a one-process spawn pool),
+    which keeps recently used models loaded between sampling jobs."""
+
+    def __init__(self, pool, args: tuple):
+        self.pid = pool._pool[0].pid
+        self.result = pool.apply_async(run_job, args)
+
+    def is_alive(self) -> bool:
+        if self.result.ready():
+            return False
+        try:
+            os.kill(self.pid, 0)
+            return True
+        except ProcessLookupError:  # killed (a forced cancel): the result never comes
+            return False
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        self.result.wait(timeout)
+
+    @property
+    def exitcode(self) -> int:
+        if not self.result.ready():
+            return -signal.SIGKILL
+        return 0 if self.result.successful() else 1
 
 
 @dataclass
@@ -48,6 +76,7 @@ class Worker:
     id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}")
     running: dict[str, Running] = field(default_factory=dict)
     stopping: bool = False
+    sampler: Optional[multiprocessing.pool.Pool] = None
 
     def __post_init__(self) -> None:
         self.queue = Queue(self.url)
@@ -123,6 +152,8 @@ class Worker:
                     time.sleep(self.poll)
         finally:
             self._done.set()
+            if self.sampler is not None:
+                self.sampler.terminate()
             self._try(self.registry.remove_worker, self.id)
         self.say("stopped")
 
@@ -156,9 +187,14 @@ class Worker:
         fence = self.registry.claim(job, self.id)
         if fence is None:
             return True
-        process = SPAWN.Process(target=run_job, args=(self.url, job_id, fence, self.save_root, self.gpu),
-                                name=f"tlm-job-{job_id}")
-        process.start()
+        args = (self.url, job_id, fence, self.save_root, self.gpu)
+        if job["kind"] == "sample":
+            if self.sampler is None:
+                self.sampler = SPAWN.Pool(1)
+            process = PooledJob(self.sampler, args)
+        else:
+            process = SPAWN.Process(target=run_job, args=args, name=f"tlm-job-{job_id}")
+            process.start()
         with self.lock:
             self.running[job_id] = Running(job_id, fence, process)
         self.say(f"started {job['kind']} job {job_id} (attempt {job['attempts'] + 1}, pid {process.pid})")
@@ -169,6 +205,9 @@ class Worker:
         for r in finished:
             r.process.join()
             self._finish(r, r.process.exitcode)
+            if isinstance(r.process, PooledJob) and r.process.exitcode < 0:
+                self.sampler.terminate()  # its process was killed: start afresh next time
+                self.sampler = None
             with self.lock:
                 del self.running[r.job_id]
         return bool(finished)
