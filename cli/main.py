@@ -93,9 +93,10 @@ def inspect(save_dir: str | None, identifier: str | None) -> None:
 
 
 from tlm_cli.jobs import cancel, logs, status, submit  # noqa: E402
+from tlm_cli.plot import plot  # noqa: E402
 from tlm_cli.sample import sample  # noqa: E402
 
-for command in (submit, status, logs, cancel, sample):
+for command in (submit, status, logs, cancel, sample, plot):
     cli.add_command(command)
 
 

@@ -23,7 +23,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from tlm import checkpoint, fastmath
+from tlm import checkpoint, fastmath, metrics
 from tlm.checkpoint import Checkpoint, CheckpointError
 from tlm.config import ConfigError, TrainConfig
 from tlm.data import Batches, Dataset, eval_windows, load_dataset
@@ -54,6 +54,7 @@ class Progress:
     message: str = ""
     bits_per_char: bool = False
     checkpoint: Optional[str] = None  # the identifier, on "save"
+    elapsed: Optional[float] = None  # seconds of training of this run so far, across resumes
 
     @property
     def val_metric(self) -> Optional[float]:
@@ -172,10 +173,12 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, dataset: Dataset, resume: Optional[Checkpoint] = None,
                  log: Callable[[str], None] = lambda m: None,
-                 before_publish: Callable[[], None] = lambda: None):
+                 before_publish: Callable[[], None] = lambda: None,
+                 labels: Optional[dict[str, Any]] = None):
         config.validate()
         self.config, self.dataset, self.log = config, dataset, log
         self.before_publish = before_publish
+        self.labels = labels or {}  # added to each metrics record (e.g. the worker)
         mx.random.seed(config.seed)
         self.args = model_args(config, dataset.vocab_size)
         self.model = Model(self.args)
@@ -184,6 +187,7 @@ class Trainer:
         self.optimizer.init(self.model.trainable_parameters())
         self.batches = Batches(dataset.train, config.context_size, config.batch_size, config.seed)
         self.step = 0
+        self.elapsed = 0.0
         self.best_val: Optional[float] = None
         self.last_checkpoint: Optional[str] = None
         if resume is not None:
@@ -223,6 +227,7 @@ class Trainer:
         if not np.array_equal(np.array(tensors["perm"]), self.batches.perm):
             raise CheckpointError(f"checkpoint {ckpt.identifier[:12]}: batch permutation mismatch")
         self.step, self.best_val = state["step"], state["best_val_loss"]
+        self.elapsed = state.get("elapsed", 0.0)
         self.last_checkpoint = ckpt.identifier
 
     def _snapshot(self, val_loss: Optional[float]) -> tuple[dict, dict, dict]:
@@ -231,7 +236,7 @@ class Trainer:
                    "perm": mx.array(self.batches.perm.astype(np.int32))}
         state = {"config": self.config.to_dict(), "model_args": dataclasses.asdict(self.args),
                  "dataset": self.dataset.name, "tokenizer": self.dataset.tokenizer.to_dict(),
-                 "step": self.step, **self.batches.state(),
+                 "step": self.step, "elapsed": self.elapsed, **self.batches.state(),
                  "val_loss": val_loss, "best_val_loss": self.best_val}
         return weights, tensors, state
 
@@ -279,7 +284,17 @@ class Trainer:
             should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
         cfg = self.config
         tokens_per_step = cfg.batch_size * cfg.context_size
-        event = partial(Progress, total=cfg.num_iters, bits_per_char=self.dataset.bits_per_char)
+        start, before = time.perf_counter(), self.elapsed
+
+        def event(kind: str, step: int, **fields) -> Progress:
+            self.elapsed = before + time.perf_counter() - start
+            p = Progress(kind, step, cfg.num_iters, bits_per_char=self.dataset.bits_per_char,
+                         elapsed=self.elapsed, **fields)
+            rec = metrics.record(p, tokens_per_step, self.labels)
+            if rec:
+                metrics.append(cfg.save_dir, rec)
+            return p
+
         result = TrainResult(step=self.step)
         where = f"resuming {self.last_checkpoint[:12]} at iteration {self.step}" \
             if self.last_checkpoint else "new model"
@@ -331,13 +346,14 @@ class Trainer:
 def train(given: dict[str, Any], on_progress: Callable[[Progress], None] = lambda p: None,
           should_stop: Callable[[], bool] = lambda: False,
           log: Callable[[str], None] = lambda m: None,
-          before_publish: Callable[[], None] = lambda: None) -> TrainResult:
+          before_publish: Callable[[], None] = lambda: None,
+          labels: Optional[dict[str, Any]] = None) -> TrainResult:
     """Resolve the flags against the save directory, prepare the data, and train."""
     config, ckpt = open_run(given, warn=log)
     select_device(config.gpu)
     dataset = load_dataset(config.dataset, Path(config.save_dir) / "datasets", config.data_mirror, log,
                            config.tokenizer)
-    trainer = Trainer(config, dataset, ckpt, log=log, before_publish=before_publish)
+    trainer = Trainer(config, dataset, ckpt, log=log, before_publish=before_publish, labels=labels)
     return trainer.run(on_progress, should_stop)
 
 

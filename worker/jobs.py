@@ -56,7 +56,7 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
         params = {k: v for k, v in job["params"].items() if k not in ("run", "save_dir")}
         save_dir = resolve_save_dir(job["params"], save_root)
         if job["kind"] == "train":
-            _train(registry, job_id, fence, {**params, "save_dir": save_dir, "gpu": gpu}, stop,
+            _train(registry, job, fence, {**params, "save_dir": save_dir, "gpu": gpu}, stop,
                    orphaned, log)
         elif job["kind"] == "eval":
             from tlm.train import evaluate_checkpoint
@@ -84,10 +84,11 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
         log(f"failed: {type(e).__name__}: {e}")
 
 
-def _train(registry: Registry, job_id: str, fence: int, given: dict[str, Any], stop, orphaned,
+def _train(registry: Registry, job: dict[str, Any], fence: int, given: dict[str, Any], stop, orphaned,
            log) -> None:
     from tlm.train import Progress, train
 
+    job_id = job["id"]
     cancelled = False
     last_poll = 0.0
 
@@ -130,7 +131,8 @@ def _train(registry: Registry, job_id: str, fence: int, given: dict[str, Any], s
             registry.update(job_id, **fields)
 
     result = train(given, on_progress, should_stop, log,
-                   before_publish=lambda: registry.check_fence(job_id, fence))
+                   before_publish=lambda: registry.check_fence(job_id, fence),
+                   labels={"job": job_id, "worker": job["worker"]})
     if result.stopped and not cancelled:
         sys.exit(EXIT_INTERRUPTED)
     state = CANCELLED if result.stopped else SUCCEEDED
