@@ -131,6 +131,29 @@ def eval_(save_dir, identifier, split, tokens, stride, local, gpu) -> None:
                f"iteration {r['step']})")
 
 
+@cli.command()
+@click.option("--save_dir", "--save-dir", "save_dir", default=None, help="run directory")
+@click.option("--identifier", default=None, help="checkpoint SHA1 or unique prefix (default: latest)")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="directory to write")
+def export(save_dir, identifier, out) -> None:
+    """Write a checkpoint as a directory mlx-lm loads (mlx_lm.load / generate / server)."""
+    from tlm import checkpoint
+    from tlm.config import default_save_dir
+    from tlm.export import export as write
+
+    directory = Path(save_dir or default_save_dir())
+    try:
+        ckpt = checkpoint.find(directory, identifier, warn=echo)
+    except checkpoint.CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    if ckpt is None:
+        raise click.ClickException(f"no checkpoint in {directory}: train one first")
+    write(ckpt, out)
+    echo(f"exported {ckpt.identifier[:12]} (iteration {ckpt.step}) to {out}: "
+         f"try `mlx_lm.generate --model {out} --prompt ...`")
+    click.echo(out)
+
+
 def main() -> None:
     cli()
 

@@ -1,0 +1,96 @@
+"""Export a checkpoint as a directory mlx-lm loads as is (``model_type: llama``).
+
+Writes ``config.json``, ``model.safetensors`` (our parameter names already are
+llama's) and ``tokenizer.json`` + ``tokenizer_config.json`` built with Hugging
+Face ``tokenizers``, which ``transformers.AutoTokenizer`` loads: a word-level
+vocabulary for PTB/WikiText, a character or byte vocabulary for
+character-level data, the trained BPE as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+
+from tlm.checkpoint import Checkpoint
+from tlm.vocab import EOS, UNK, Tokenizer
+
+
+def hf_tokenizer(tok: Tokenizer):
+    """The Hugging Face ``tokenizers.Tokenizer`` that encodes and decodes exactly as ``tok``."""
+    from tokenizers import Regex, Tokenizer as HF, decoders, models, pre_tokenizers
+
+    if tok.kind == "bpe":
+        return HF.from_str(tok.spec)
+    if tok.kind == "word":
+        hf = HF(models.WordLevel({w: i for i, w in enumerate(tok.vocab)}, unk_token=UNK))
+        hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return hf  # decoding joins words with spaces
+    if tok.kind == "char":
+        hf = HF(models.WordLevel({c: i for i, c in enumerate(tok.vocab)}, unk_token=tok.vocab[0]))
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        hf.decoder = decoders.Fuse()
+        return hf
+    # byte: GPT-2's byte-to-unicode alphabet, one token per byte, in byte order
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_of)
+    hf = HF(models.BPE({ch: _byte_of(ch) for ch in alphabet}, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+def _byte_of(ch: str) -> int:
+    """Inverse of GPT-2's bytes_to_unicode."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    if ord(ch) in printable:
+        return ord(ch)
+    others = [b for b in range(256) if b not in printable]
+    return others[ord(ch) - 256]
+
+
+def export(ckpt: Checkpoint, out: str | Path) -> Path:
+    """Write the mlx-lm directory for ``ckpt`` at ``out`` (created; files replaced)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    args, config = ckpt.state["model_args"], ckpt.state["config"]
+    tok = ckpt.tokenizer
+    eos = getattr(tok, "eos", None)
+    hf_config = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "hidden_size": args["hidden_size"], "num_hidden_layers": args["num_hidden_layers"],
+        "num_attention_heads": args["num_attention_heads"],
+        "num_key_value_heads": args["num_attention_heads"],
+        "head_dim": args["hidden_size"] // args["num_attention_heads"],
+        "intermediate_size": args["intermediate_size"], "rms_norm_eps": args["rms_norm_eps"],
+        "rope_theta": args["rope_theta"], "rope_traditional": False, "hidden_act": "silu",
+        "vocab_size": args["vocab_size"], "tie_word_embeddings": args["tie_word_embeddings"],
+        "max_position_embeddings": config["context_size"], "attention_bias": False,
+        "mlp_bias": False, "torch_dtype": "float32",
+        **({"eos_token_id": eos} if eos is not None else {}),
+        "tlm": {"checkpoint": ckpt.identifier, "step": ckpt.step, "dataset": ckpt.state["dataset"],
+                "tokenizer": tok.kind},
+    }
+    _write(out / "config.json", json.dumps(hf_config, indent=2))
+    weights = ckpt.load_weights()
+    tmp = out / f".model.safetensors.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        mx.save_safetensors(f, weights, metadata={"format": "mlx"})
+    os.replace(tmp, out / "model.safetensors")
+    _write(out / "tokenizer.json", hf_tokenizer(tok).to_str())
+    special = {"eos_token": EOS} if tok.kind == "word" else {}
+    if tok.kind == "word":
+        special["unk_token"] = UNK
+    _write(out / "tokenizer_config.json", json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+         "model_max_length": config["context_size"], **special}, indent=2))
+    return out
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
