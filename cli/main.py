@@ -32,9 +32,9 @@ def train(**options) -> None:
     Ctrl+C (or SIGTERM) once: finish the step, save, exit 0. Twice: exit now.
     """
     from tlm.checkpoint import CheckpointError
-    from tlm.data import DataError, load_dataset
+    from tlm.data import DataError
     from tlm.interrupts import StopOnSignal
-    from tlm.train import Trainer, open_run, select_device
+    from tlm.train import Trainer, open_run, prepare, select_device
 
     given = given_options(options)
     try:
@@ -43,9 +43,8 @@ def train(**options) -> None:
         device = select_device(config.gpu)
         echo(blas.describe())
         echo(f"save_dir: {config.save_dir}  device: {device}")
-        dataset = load_dataset(config.dataset, Path(config.save_dir) / "datasets",
-                               config.data_mirror, log=echo, tokenizer=config.tokenizer)
-        trainer = Trainer(config, dataset, ckpt, log=echo)
+        dataset, init = prepare(config, ckpt, echo)
+        trainer = Trainer(config, dataset, ckpt, log=echo, init=init)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     except (DataError, CheckpointError) as e:

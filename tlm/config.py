@@ -66,6 +66,8 @@ class TrainConfig:
     new_model: bool = _opt(False, "start from scratch, ignoring existing checkpoints")
     gpu: bool = _opt(False, "use the Metal GPU backend")
     checkpoint: bool = _opt(False, "gradient checkpointing (less memory, more compute)")
+    init_from: Optional[str] = _opt(None, "start a new model from an exported or mlx-lm llama "
+                                          "directory (its weights, shape and tokenizer)")
     eval_test: bool = _opt(False, "evaluate on the test split at the end")
     keep_last: int = _opt(1, "keep the newest N checkpoints (the best by validation loss is kept too)")
     save_retries: int = _opt(8, "retries, with back-off, of a failing checkpoint save")
@@ -97,6 +99,9 @@ class TrainConfig:
         if self.dataset not in DATASETS and not Path(self.dataset).expanduser().exists():
             raise ConfigError(f"unknown --dataset {self.dataset!r}: choose from "
                               f"{', '.join(DATASETS)}, or give a path to a .txt file or directory")
+        if self.init_from and not (Path(self.init_from).expanduser() / "config.json").exists():
+            raise ConfigError(f"--init_from {self.init_from}: no config.json there (export one "
+                              "with `tlm export`, or give an mlx-lm model directory)")
         if self.tokenizer is not None and self.tokenizer not in TOKENIZERS:
             raise ConfigError(f"unknown --tokenizer {self.tokenizer!r} (choose from {', '.join(TOKENIZERS)})")
 

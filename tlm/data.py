@@ -347,23 +347,34 @@ class Dataset:
         return getattr(self, name)
 
 
-def cache_dir(name: str, data_dir: str | Path, tokenizer: Optional[str] = None) -> Path:
+def cache_dir(name: str, data_dir: str | Path, tokenizer: str) -> Path:
     """Where a dataset's files and token arrays live; own text is keyed by its path."""
     if is_text_path(name):
         path = Path(name).expanduser().resolve()
         key = hashlib.sha1(str(path).encode()).hexdigest()[:10]
-        return Path(data_dir) / f"text-{path.stem}-{key}" / (tokenizer or "char")
-    return Path(data_dir) / name / (tokenizer or DATASETS[name].tokenizer)
+        return Path(data_dir) / f"text-{path.stem}-{key}" / tokenizer
+    return Path(data_dir) / name / tokenizer
 
 
 def load_dataset(name: str, data_dir: str | Path, mirror: Optional[str] = None,
-                 log: Log = lambda m: None, tokenizer: Optional[str] = None) -> Dataset:
-    """Return the dataset's token arrays, downloading and tokenizing on first use."""
+                 log: Log = lambda m: None, tokenizer: str | Tokenizer | None = None) -> Dataset:
+    """Return the dataset's token arrays, downloading and tokenizing on first use.
+
+    ``tokenizer``: a kind to fit (default: the dataset's own, char for text), or
+    a Tokenizer: one of a kind we fit is fitted again (deterministically the
+    same); an imported one (kind "hf") is used as it is.
+    """
     if name not in DATASETS and not is_text_path(name):
         raise DataError(f"unknown dataset {name!r}: use {', '.join(DATASETS)} or a path to text")
-    if tokenizer is not None and tokenizer not in KINDS:
+    given = tokenizer if isinstance(tokenizer, Tokenizer) and tokenizer.kind == "hf" else None
+    if isinstance(tokenizer, Tokenizer):
+        tokenizer = tokenizer.kind
+    if given is None and tokenizer is not None and tokenizer not in KINDS:
         raise DataError(f"unknown tokenizer {tokenizer!r}: use {', '.join(KINDS)}")
-    cache = cache_dir(name, data_dir, tokenizer)
+    kind = tokenizer or (DATASETS[name].tokenizer if name in DATASETS else "char")
+    if given is not None:
+        kind = "hf-" + hashlib.sha1(given.spec.encode()).hexdigest()[:10]
+    cache = cache_dir(name, data_dir, kind)
     dataset = _cached(name, cache)
     if dataset is not None:
         return dataset
@@ -371,7 +382,7 @@ def load_dataset(name: str, data_dir: str | Path, mirror: Optional[str] = None,
     with _lock(cache.parent, log):
         dataset = _cached(name, cache)  # another process may have finished meanwhile
         if dataset is None:
-            dataset = _prepare(name, cache, mirror, log, cache.name)
+            dataset = _prepare(name, cache, mirror, log, given or cache.name)
     return dataset
 
 
@@ -384,7 +395,7 @@ def _cached(name: str, cache: Path) -> Optional[Dataset]:
     return Dataset(name, tok, **arrays)
 
 
-def _prepare(name: str, cache: Path, mirror: Optional[str], log: Log, kind: str) -> Dataset:
+def _prepare(name: str, cache: Path, mirror: Optional[str], log: Log, kind: str | Tokenizer) -> Dataset:
     root = cache.parent
     if is_text_path(name):
         raw = _read_own_text(Path(name).expanduser(), log)
@@ -398,8 +409,10 @@ def _prepare(name: str, cache: Path, mirror: Optional[str], log: Log, kind: str)
         raw = spec.read(root)
     tic = time.perf_counter()
     texts = {s: None if kind == "byte" else _decode(raw[s], f"{name} {s}", log) for s in SPLITS}
-    fit_on = "".join(texts[s] for s in SPLITS) if kind == "char" else texts["train"]
-    tok = _fit(kind, fit_on)
+    if isinstance(kind, Tokenizer):
+        tok, kind = kind, kind.kind
+    else:
+        tok = _fit(kind, "".join(texts[s] for s in SPLITS) if kind == "char" else texts["train"])
     arrays = {s: _encode(tok, raw[s], texts[s]) for s in SPLITS}
     for split, array in arrays.items():
         if len(array) < 2:

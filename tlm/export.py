@@ -16,7 +16,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from tlm.checkpoint import Checkpoint
-from tlm.vocab import EOS, UNK, Tokenizer
+from tlm.model import ModelArgs
+from tlm.vocab import EOS, UNK, BPETokenizer, Tokenizer
 
 
 def hf_tokenizer(tok: Tokenizer):
@@ -81,6 +82,7 @@ def export(ckpt: Checkpoint, out: str | Path) -> Path:
         mx.save_safetensors(f, weights, metadata={"format": "mlx"})
     os.replace(tmp, out / "model.safetensors")
     _write(out / "tokenizer.json", hf_tokenizer(tok).to_str())
+    _write(out / "tlm_tokenizer.json", json.dumps(tok.to_dict()))  # exact round trip for --init_from
     special = {"eos_token": EOS} if tok.kind == "word" else {}
     if tok.kind == "word":
         special["unk_token"] = UNK
@@ -94,3 +96,39 @@ def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def load_pretrained(directory: str | Path) -> tuple[ModelArgs, dict[str, mx.array], Tokenizer]:
+    """Architecture, weights and tokenizer of an exported or mlx-lm llama directory."""
+    directory = Path(directory).expanduser()
+    cfg = json.loads((directory / "config.json").read_text())
+    problems = []
+    if cfg.get("model_type") != "llama":
+        problems.append(f"model_type {cfg.get('model_type')!r} is not llama")
+    heads = cfg["num_attention_heads"]
+    if cfg.get("num_key_value_heads", heads) != heads:
+        problems.append("grouped-query attention (num_key_value_heads != num_attention_heads)")
+    if cfg.get("rope_scaling") or cfg.get("rope_traditional") or cfg.get("attention_bias") \
+            or cfg.get("mlp_bias"):
+        problems.append("RoPE scaling, traditional RoPE or biases")
+    if cfg.get("head_dim", cfg["hidden_size"] // heads) * heads != cfg["hidden_size"]:
+        problems.append("head_dim * heads != hidden_size")
+    if problems:
+        raise ValueError(f"{directory}: not a compatible model: {'; '.join(problems)}")
+    args = ModelArgs(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+                     num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=heads,
+                     intermediate_size=cfg["intermediate_size"],
+                     rms_norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", 10000.0),
+                     tie_word_embeddings=cfg.get("tie_word_embeddings", False))
+    weights: dict[str, mx.array] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        weights.update(mx.load(str(path)))
+    weights = {k: v.astype(mx.float32) for k, v in weights.items() if "rotary_emb" not in k}
+    ours = directory / "tlm_tokenizer.json"
+    if ours.exists():
+        tok = Tokenizer.from_dict(json.loads(ours.read_text()))
+    else:
+        tok = BPETokenizer((directory / "tokenizer.json").read_text(), kind="hf")
+    if tok.vocab_size > args.vocab_size:
+        raise ValueError(f"{directory}: tokenizer has {tok.vocab_size} tokens, the model {args.vocab_size}")
+    return args, weights, tok

@@ -174,14 +174,22 @@ class Trainer:
     def __init__(self, config: TrainConfig, dataset: Dataset, resume: Optional[Checkpoint] = None,
                  log: Callable[[str], None] = lambda m: None,
                  before_publish: Callable[[], None] = lambda: None,
-                 labels: Optional[dict[str, Any]] = None):
+                 labels: Optional[dict[str, Any]] = None,
+                 init: Optional[tuple[ModelArgs, dict[str, mx.array]]] = None):
         config.validate()
         self.config, self.dataset, self.log = config, dataset, log
         self.before_publish = before_publish
         self.labels = labels or {}  # added to each metrics record (e.g. the worker)
         mx.random.seed(config.seed)
-        self.args = model_args(config, dataset.vocab_size)
+        if resume is not None:
+            self.args = ModelArgs(**resume.state["model_args"])
+        elif init is not None:  # --init_from: a pretrained shape and weights
+            self.args = dataclasses.replace(init[0], dropout=config.dropout)
+        else:
+            self.args = model_args(config, dataset.vocab_size)
         self.model = Model(self.args)
+        if init is not None and resume is None:
+            self.model.load_weights(list(init[1].items()), strict=True)
         self.optimizer = optim.AdamW(learning_rate=make_schedule(config),
                                      weight_decay=config.weight_decay)
         self.optimizer.init(self.model.trainable_parameters())
@@ -343,6 +351,26 @@ class Trainer:
         return result
 
 
+def prepare(config: TrainConfig, ckpt: Optional[Checkpoint], log: Callable[[str], None]
+            ) -> tuple[Dataset, Optional[tuple[ModelArgs, dict[str, mx.array]]]]:
+    """The run's data, tokenized as its checkpoint or ``--init_from`` model expects,
+    and the pretrained shape and weights for a new model started from one."""
+    init, tokenizer = None, config.tokenizer
+    if ckpt is not None:
+        tokenizer = ckpt.tokenizer
+    elif config.init_from:
+        from tlm.export import load_pretrained
+        try:
+            args, weights, tokenizer = load_pretrained(config.init_from)
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"--init_from {config.init_from}: {e}") from None
+        init = (args, weights)
+        log(f"starting from {config.init_from}: {args.num_hidden_layers} blocks, dim {args.hidden_size}, "
+            f"{tokenizer.kind} tokenizer of {tokenizer.vocab_size:,} tokens")
+    data_dir = Path(config.save_dir) / "datasets"
+    return load_dataset(config.dataset, data_dir, config.data_mirror, log, tokenizer), init
+
+
 def train(given: dict[str, Any], on_progress: Callable[[Progress], None] = lambda p: None,
           should_stop: Callable[[], bool] = lambda: False,
           log: Callable[[str], None] = lambda m: None,
@@ -351,9 +379,9 @@ def train(given: dict[str, Any], on_progress: Callable[[Progress], None] = lambd
     """Resolve the flags against the save directory, prepare the data, and train."""
     config, ckpt = open_run(given, warn=log)
     select_device(config.gpu)
-    dataset = load_dataset(config.dataset, Path(config.save_dir) / "datasets", config.data_mirror, log,
-                           config.tokenizer)
-    trainer = Trainer(config, dataset, ckpt, log=log, before_publish=before_publish, labels=labels)
+    dataset, init = prepare(config, ckpt, log)
+    trainer = Trainer(config, dataset, ckpt, log=log, before_publish=before_publish, labels=labels,
+                      init=init)
     return trainer.run(on_progress, should_stop)
 
 
@@ -369,7 +397,7 @@ def evaluate_checkpoint(save_dir: str, identifier: Optional[str] = None, split: 
     config = TrainConfig.from_dict({**ckpt.state["config"], "save_dir": save_dir,
                                     "data_mirror": data_mirror})
     dataset = load_dataset(config.dataset, Path(save_dir) / "datasets", data_mirror, log,
-                           config.tokenizer)
+                           ckpt.tokenizer)
     model = ckpt.load_model()
     data = dataset.split(split)
     loss = evaluate(model, data[: tokens + 1] if tokens else data, config.context_size, stride)

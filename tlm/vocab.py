@@ -62,8 +62,8 @@ class Tokenizer:
             return CharTokenizer(data["vocab"])
         if kind == "byte":
             return ByteTokenizer()
-        if kind == "bpe":
-            return BPETokenizer(data["json"])
+        if kind in ("bpe", "hf"):
+            return BPETokenizer(data["json"], kind)
         raise ValueError(f"unknown tokenizer kind {kind!r}")
 
 
@@ -169,14 +169,13 @@ class ByteTokenizer(Tokenizer):
 
 
 class BPETokenizer(Tokenizer):
-    """Byte-level BPE trained locally with Hugging Face ``tokenizers``."""
+    """A Hugging Face ``tokenizers`` tokenizer: byte-level BPE trained locally (kind
+    "bpe"), or the ``tokenizer.json`` of an imported model (kind "hf")."""
 
-    kind = "bpe"
-
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, kind: str = "bpe"):
         from tokenizers import Tokenizer as HFTokenizer
 
-        self.spec = spec
+        self.spec, self.kind = spec, kind
         self.hf = HFTokenizer.from_str(spec)
 
     @classmethod
