@@ -177,6 +177,7 @@ class Trainer:
                  labels: Optional[dict[str, Any]] = None,
                  init: Optional[tuple[ModelArgs, dict[str, mx.array]]] = None):
         config.validate()
+        Path(config.save_dir).mkdir(parents=True, exist_ok=True)
         self.config, self.dataset, self.log = config, dataset, log
         self.before_publish = before_publish
         self.labels = labels or {}  # added to each metrics record (e.g. the worker)

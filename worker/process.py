@@ -10,6 +10,7 @@ heartbeat is older than the lease (its worker died), up to a retry limit.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.pool
 import os
 import signal
@@ -148,8 +149,11 @@ class Worker:
                 if time.monotonic() - last_recovery > self.lease / 2:
                     last_recovery = time.monotonic()
                     self._try(self._recover)
-                if not busy:
-                    time.sleep(self.poll)
+                if not busy:  # until a job process ends, or the next poll of the queue
+                    sentinels = [r.process.sentinel for r in self.running.values()
+                                 if not isinstance(r.process, PooledJob)]
+                    multiprocessing.connection.wait(sentinels, self.poll) if sentinels \
+                        else time.sleep(self.poll)
         finally:
             self._done.set()
             if self.sampler is not None:

@@ -1,7 +1,7 @@
 """Queue benchmark: submit-to-start latency, status latency with 1,000 jobs,
 jobs/s with 1 and 2 workers, and the worker's overhead per training step.
 
-    python benchmarks/queue.py [--redis redis://127.0.0.1:6379/14] [--mirror ../shared/data]
+    python benchmarks/job_queue.py [--redis redis://127.0.0.1:6379/14] [--mirror ../shared/data]
 
 Uses real tlm-worker processes on an embedded SQLite queue and, when given, Redis
 (the Redis database is flushed). Prints figures; asserts nothing about time.
@@ -47,14 +47,15 @@ def wait(reg: Registry, ids: list[str], states: tuple[str, ...]) -> None:
         time.sleep(0.02)
 
 
-def bench(url: str, root: Path) -> None:
+def bench(url: str, data: Path) -> None:
+    root = Path(tempfile.mkdtemp(dir=data.parent))  # this backend's runs
     queue = Queue(url)
     queue.storage.flush_all()
     reg = Registry(queue)
     run = root / "tiny"
-    Trainer(TrainConfig(save_dir=str(run), num_iters=2, **TINY),
-            load_dataset("ptb", root / "datasets")).run()
-    (run / "datasets").symlink_to(root / "datasets")
+    run.mkdir()
+    (run / "datasets").symlink_to(data)
+    Trainer(TrainConfig(save_dir=str(run), num_iters=2, **TINY), load_dataset("ptb", data)).run()
 
     def submit_eval() -> str:
         job = reg.create("eval", {"save_dir": str(run), "tokens": 100}, f"bench:{time.time()}")
@@ -103,12 +104,12 @@ def bench(url: str, root: Path) -> None:
     cfg = dict(STEP, num_iters=150, steps_per_eval=1000)
     direct_dir = root / "direct"
     seen = []
-    Trainer(TrainConfig(save_dir=str(direct_dir), **cfg), load_dataset("ptb", root / "datasets")
+    Trainer(TrainConfig(save_dir=str(direct_dir), **cfg), load_dataset("ptb", data)
             ).run(on_progress=lambda p: seen.append(p.tokens_per_sec) if p.kind == "report" else None)
     direct = statistics.median(seen[2:])
     queued_dir = root / "queued"
     queued_dir.mkdir()
-    (queued_dir / "datasets").symlink_to(root / "datasets")
+    (queued_dir / "datasets").symlink_to(data)
     job = reg.create("train", {"save_dir": str(queued_dir), **cfg}, "bench:overhead")
     rates = []
     workers = start_workers(url, 1)
@@ -137,7 +138,7 @@ def main() -> None:
             targets.append(("Redis", args.redis))
         for name, url in targets:
             print(f"{name}:", flush=True)
-            bench(url, root)
+            bench(url, root / "datasets")
 
 
 if __name__ == "__main__":
