@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import click
 
 import tlm
 from tlm import blas
 from tlm.config import ConfigError, check_save_dir
-from tlm_cli.options import given_options, train_options
+from tlm_cli.options import find_checkpoint, given_options, train_options
 from tlm_cli.render import ProgressDisplay
 
 
@@ -69,17 +68,8 @@ def train(**options) -> None:
 def inspect(save_dir: str | None, identifier: str | None) -> None:
     """Print a checkpoint's configuration, iteration, losses and integrity."""
     import json
-    from tlm import checkpoint
-    from tlm.config import default_save_dir
 
-    directory = Path(save_dir or default_save_dir())
-    try:
-        ckpt = checkpoint.find(directory, identifier, warn=echo)
-    except checkpoint.CheckpointError as e:
-        raise click.ClickException(str(e)) from None
-    if ckpt is None:
-        raise click.ClickException(f"no checkpoint in {directory}: train one with "
-                                   f"`tlm train --save_dir {directory}`")
+    ckpt = find_checkpoint(save_dir, identifier)
     s = ckpt.state
     click.echo(f"identifier:  {ckpt.identifier}  (SHA1 verified, metadata verified)")
     click.echo(f"iteration:   {s['step']} of {s['config']['num_iters']}")
@@ -136,17 +126,9 @@ def eval_(save_dir, identifier, split, tokens, stride, local, gpu) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="directory to write")
 def export(save_dir, identifier, out) -> None:
     """Write a checkpoint as a directory mlx-lm loads (mlx_lm.load / generate / server)."""
-    from tlm import checkpoint
-    from tlm.config import default_save_dir
     from tlm.export import export as write
 
-    directory = Path(save_dir or default_save_dir())
-    try:
-        ckpt = checkpoint.find(directory, identifier, warn=echo)
-    except checkpoint.CheckpointError as e:
-        raise click.ClickException(str(e)) from None
-    if ckpt is None:
-        raise click.ClickException(f"no checkpoint in {directory}: train one first")
+    ckpt = find_checkpoint(save_dir, identifier)
     write(ckpt, out)
     echo(f"exported {ckpt.identifier[:12]} (iteration {ckpt.step}) to {out}: "
          f"try `mlx_lm.generate --model {out} --prompt ...`")

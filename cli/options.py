@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import click
 
@@ -34,3 +34,21 @@ def train_options(fn: Callable) -> Callable:
 def given_options(options: dict[str, Any]) -> dict[str, Any]:
     """The flags the user actually gave (click passes None for the rest)."""
     return {k: v for k, v in options.items() if v is not None}
+
+
+def find_checkpoint(save_dir: Optional[str], identifier: Optional[str]):
+    """The named or latest valid checkpoint of a run, or a one-line error saying how to make one."""
+    import click
+
+    from tlm import checkpoint
+    from tlm.config import default_save_dir
+
+    directory = save_dir or default_save_dir()
+    try:
+        ckpt = checkpoint.find(directory, identifier, warn=lambda m: click.echo(m, err=True))
+    except checkpoint.CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    if ckpt is None:
+        raise click.ClickException(f"no checkpoint in {directory}: train one first, e.g. "
+                                   f"`tlm train --save_dir {directory}`")
+    return ckpt

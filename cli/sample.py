@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from tlm_cli.jobs import _run_target, connect, queue_errors, queue_option
+from tlm_cli.options import find_checkpoint
 
 
 def echo(message: str) -> None:
@@ -53,18 +54,14 @@ def sample(run, save_dir, identifier, prompt, max_tokens, num_samples, temperatu
         return
     if "save_dir" not in target:
         raise click.UsageError("--local and --interactive need --save_dir (a run name is resolved on workers)")
-    from tlm import checkpoint
     from tlm.config import ConfigError
     from tlm.train import select_device
 
     try:
         select_device(gpu)
-        ckpt = checkpoint.find(target["save_dir"], identifier, warn=echo)
-    except (ConfigError, checkpoint.CheckpointError) as e:
-        raise click.ClickException(str(e)) from None
-    if ckpt is None:
-        raise click.ClickException(f"no checkpoint in {target['save_dir']}: train one first, e.g. "
-                                   f"`tlm train --save_dir {target['save_dir']}`")
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    ckpt = find_checkpoint(target["save_dir"], identifier)
     model, tokenizer = ckpt.load_model(), ckpt.tokenizer
     context = ckpt.state["config"]["context_size"]
     if interactive:

@@ -46,7 +46,11 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
 
     try:
         import tlm  # noqa: F401  (optimized BLAS before MLX)
+        from tlm import blas
         from tlm.interrupts import StopOnSignal
+
+        if job["kind"] == "train":
+            log(blas.describe())
 
         stop = StopOnSignal(on_first=lambda s: log("worker is stopping: finishing the step and saving"))
         orphaned = lambda: os.getppid() != parent  # noqa: E731
