@@ -313,7 +313,8 @@ class Trainer:
             ckpt = self.save(val_loss)
             result.checkpoint = ckpt.identifier
             on_progress(event("save", self.step, val_loss=val_loss, checkpoint=ckpt.identifier,
-                              message=f"saved {ckpt.weights_path}\n  sample: {self.sample()}"))
+                              message=f"saved {ckpt.weights_path}\n  sample: "
+                                      + self.sample().replace("\n", "\n          ")))
 
         losses: list[mx.array] = []
         tic = time.perf_counter()
