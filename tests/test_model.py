@@ -66,3 +66,17 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     assert plain_loss.item() == pytest.approx(ck_loss.item(), rel=1e-6)
     for (k, a), (_, b) in zip(nn.utils.tree_flatten(plain_grads), nn.utils.tree_flatten(ck_grads)):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_fast_exp_silu_and_cross_entropy_match_mlx():
+    from tlm import fastmath
+
+    x = mx.random.normal((1000,)) * 20
+    np.testing.assert_allclose(np.array(fastmath.exp(x)), np.array(mx.exp(x)), rtol=1e-5)
+    np.testing.assert_allclose(np.array(fastmath.silu(x)), np.array(nn.silu(x)), rtol=1e-5, atol=1e-6)
+    logits, targets = mx.random.normal((4, 7, 30)) * 3, mx.random.randint(0, 30, (4, 7))
+    np.testing.assert_allclose(np.array(fastmath.cross_entropy(logits, targets)),
+                               np.array(nn.losses.cross_entropy(logits, targets)), rtol=1e-5)
+    g_fast = mx.grad(lambda z: fastmath.cross_entropy(z, targets).sum())(logits)
+    g_mlx = mx.grad(lambda z: nn.losses.cross_entropy(z, targets).sum())(logits)
+    np.testing.assert_allclose(np.array(g_fast), np.array(g_mlx), rtol=1e-4, atol=1e-6)
