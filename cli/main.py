@@ -42,6 +42,7 @@ def train(**options) -> None:
         device = select_device(config.gpu)
         echo(blas.describe())
         echo(f"save_dir: {config.save_dir}  device: {device}")
+        echo(f"configuration: {config.describe()}")
         dataset, init = prepare(config, ckpt, echo)
         trainer = Trainer(config, dataset, ckpt, log=echo, init=init)
     except ConfigError as e:

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from tlm.config import TrainConfig
+from tlm.config import ConfigError, TrainConfig, apply_preset
 
 _TYPES = {"int": int, "float": float, "str": str, "Optional[str]": str}
 
@@ -32,8 +32,13 @@ def train_options(fn: Callable) -> Callable:
 
 
 def given_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The flags the user actually gave (click passes None for the rest)."""
-    return {k: v for k, v in options.items() if v is not None}
+    """The flags the user gave (click passes None for the rest), over their --preset's."""
+    import click
+
+    try:
+        return apply_preset({k: v for k, v in options.items() if v is not None})
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def find_checkpoint(save_dir: Optional[str], identifier: Optional[str]):

@@ -20,8 +20,9 @@ _CANDIDATES = (
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
-    str(Path(sys.prefix) / "lib" / "libmkl_rt.so.2"),
 )
+# Intel MKL from PyPI (``pip install mkl``, the set-up's fallback without root).
+_MKL_GLOB = "libmkl_rt.so*"
 
 #: What was loaded: a library path, "accelerate" (macOS), "reference", or
 #: "disabled" (``TLM_BLAS=reference``).
@@ -39,7 +40,8 @@ def _load() -> str:
     if "mlx.core" in sys.modules:
         return "reference"  # too late: MLX already bound its BLAS symbols
     found = ctypes.util.find_library("openblas")
-    for path in [choice] * bool(choice) + list(_CANDIDATES) + [found] * bool(found):
+    mkl = sorted(str(p) for p in (Path(sys.prefix) / "lib").glob(_MKL_GLOB))
+    for path in [choice] * bool(choice) + list(_CANDIDATES) + [found] * bool(found) + mkl:
         try:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError:

@@ -24,6 +24,45 @@ class ConfigError(ValueError):
     """An invalid setting, reported to the user as one line before any work starts."""
 
 
+# Tuned starting points; explicit flags override them. See the README for why.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tiny Shakespeare on a 2-core CPU: nanoGPT's CPU shape with a higher learning rate.
+    "shakespeare-cpu": dict(dataset="shakespeare", dim=128, num_blocks=4, num_heads=4, context_size=64,
+                            batch_size=12, num_iters=1500, learning_rate=2e-3, lr_warmup=100,
+                            steps_per_eval=250, temperature=0.8),
+    # PTB on a 2-core CPU in about 10 minutes: small, tied embeddings, dropout.
+    "ptb-cpu": dict(dataset="ptb", dim=256, num_blocks=4, num_heads=4, context_size=64, batch_size=32,
+                    num_iters=600, learning_rate=1e-3, steps_per_eval=300, tie_embeddings=True,
+                    dropout=0.1, weight_decay=0.1, eval_test=True),
+    # Larger models for a Metal GPU, one per dataset.
+    "shakespeare-gpu": dict(dataset="shakespeare", dim=384, num_blocks=6, num_heads=6, context_size=256,
+                            batch_size=64, num_iters=5000, learning_rate=1e-3, lr_warmup=100,
+                            dropout=0.2, steps_per_eval=500, temperature=0.8, gpu=True),
+    "ptb-gpu": dict(dataset="ptb", dim=512, num_blocks=6, num_heads=8, context_size=128, batch_size=64,
+                    num_iters=20000, learning_rate=6e-4, tie_embeddings=True, dropout=0.3,
+                    weight_decay=0.1, steps_per_eval=1000, eval_test=True, gpu=True),
+    "wikitext2-gpu": dict(dataset="wikitext2", dim=512, num_blocks=6, num_heads=8, context_size=128,
+                          batch_size=64, num_iters=20000, learning_rate=6e-4, tie_embeddings=True,
+                          dropout=0.3, weight_decay=0.1, steps_per_eval=1000, eval_test=True, gpu=True),
+    "wikitext103-gpu": dict(dataset="wikitext103", dim=768, num_blocks=12, num_heads=12, context_size=256,
+                            batch_size=32, num_iters=100000, learning_rate=3e-4, tie_embeddings=True,
+                            dropout=0.1, weight_decay=0.1, steps_per_eval=2000, eval_test=True, gpu=True),
+    "enwik8-gpu": dict(dataset="enwik8", dim=512, num_blocks=8, num_heads=8, context_size=512, batch_size=32,
+                       num_iters=50000, learning_rate=4e-4, dropout=0.1, steps_per_eval=2000,
+                       eval_test=True, gpu=True),
+}
+
+
+def apply_preset(given: dict[str, Any]) -> dict[str, Any]:
+    """The flags a user gave, over the values of ``given["preset"]`` if any."""
+    name = given.get("preset")
+    if name is None:
+        return given
+    if name not in PRESETS:
+        raise ConfigError(f"unknown --preset {name!r} (choose from {', '.join(PRESETS)})")
+    return {**PRESETS[name], **given}
+
+
 def default_save_dir() -> str:
     """The seed's RAM disk where it exists, otherwise the per-user data directory."""
     if RAMDISK.is_dir():
@@ -37,6 +76,8 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 
 @dataclass
 class TrainConfig:
+    preset: Optional[str] = _opt(None, "tuned flags to start from (explicit flags override): "
+                                       "shakespeare-cpu, ptb-cpu, <dataset>-gpu")
     dataset: str = _opt("ptb", "dataset: " + ", ".join(DATASETS) + ", or a .txt file or directory")
     tokenizer: Optional[str] = _opt(None, "word, char, byte or bpe (default: the dataset's own; "
                                           "char for your text)")
@@ -107,6 +148,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """The flags that differ from the defaults, as one command-line-like line."""
+        defaults = TrainConfig(save_dir=self.save_dir, data_mirror=self.data_mirror)
+        return " ".join(f"--{f.name} {getattr(self, f.name)}" for f in dataclasses.fields(self)
+                        if getattr(self, f.name) != getattr(defaults, f.name))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":

@@ -1,0 +1,68 @@
+"""Race a preset to a validation-loss target: wall time from process start, with the data cached.
+
+    python benchmarks/race.py --preset shakespeare-cpu --target 1.88 --limit 300
+    python benchmarks/race.py --preset ptb-cpu --target 4.753 --limit 900 -- --num_iters 3000
+
+(PTB targets are losses: ln 115.9 = 4.753, ln 82.1 = 4.408.) Starts ``tlm train``
+as a fresh process, follows the run's metrics.jsonl, stops the run (SIGINT: it
+saves) when a whole-split validation loss reaches the target or at the time limit,
+and prints time-to-target, tokens seen and the curve (validation loss against
+seconds). Extra arguments after ``--`` go to ``tlm train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import tlm  # noqa: F401
+from tlm import metrics
+from tlm.config import PRESETS
+from tlm.data import load_dataset
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    ap.add_argument("--target", type=float, required=True, help="validation loss to reach (nats)")
+    ap.add_argument("--limit", type=float, default=600, help="seconds before giving up")
+    ap.add_argument("--mirror", default=os.environ.get("TLM_DATA_MIRROR"))
+    ap.add_argument("extra", nargs="*", help="more tlm train flags (after --)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        load_dataset(PRESETS[args.preset]["dataset"], run / "datasets", args.mirror)  # cached first
+        cmd = [sys.executable, "-m", "tlm_cli.main", "train", "--preset", args.preset,
+               "--save_dir", str(run), *args.extra]
+        print("command:", " ".join(cmd[2:]), flush=True)
+        start = time.time()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        reached, seen = None, 0
+        while proc.poll() is None and time.time() - start < args.limit and reached is None:
+            time.sleep(0.5)
+            valid = [r for r in metrics.read(run) if r["kind"] == "valid"]
+            for r in valid[seen:]:
+                print(f"  {r['time'] - start:7.1f} s  step {r['step']:6d}  tokens {r['tokens']:>11,}  "
+                      f"valid loss {r['loss']:.4f}", flush=True)
+                if r["loss"] <= args.target and reached is None:
+                    reached = r
+            seen = len(valid)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+        if reached:
+            print(f"{args.preset}: reached {reached['loss']:.4f} <= {args.target} after "
+                  f"{reached['time'] - start:.1f} s wall ({reached['elapsed']:.1f} s training), "
+                  f"{reached['tokens']:,} tokens, step {reached['step']}")
+        else:
+            print(f"{args.preset}: did not reach {args.target} within {args.limit:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
