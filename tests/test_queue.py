@@ -7,6 +7,7 @@ import pickle
 import signal
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -262,3 +263,15 @@ def test_ctrl_c_in_submit_wait_cancels_cooperatively_and_follows_until_saved(tmp
         assert job["state"] == "cancelled" and checkpoint.find(save_dir).identifier == job["checkpoint"]
     finally:
         workers.stop_all()
+
+
+def test_a_burst_worker_runs_the_queue_dry_and_reports_failures(tmp_path, save_dir):
+    url = f"sqlite://{tmp_path / 'queue.db'}"
+    ok = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "3")
+    bad = submit(url, "eval", "--save_dir", str(tmp_path / "no-checkpoints"))
+    proc = subprocess.run([sys.executable, "-m", "tlm_worker.main", "--queue", url, "--burst"],
+                          capture_output=True, text=True, timeout=300)
+    reg = registry(url)
+    assert reg.get(ok)["state"] == "succeeded" and reg.get(bad)["state"] == "failed"
+    assert proc.returncode == 1 and "1 job(s) failed" in proc.stderr
+    assert "queue empty: exiting (--burst)" in proc.stderr

@@ -24,12 +24,15 @@ def main(queue, concurrency, gpu, save_root, lease, max_attempts, burst) -> None
     """Run queued tlm jobs. Ctrl+C once: jobs save and are re-queued; twice: exit now."""
     url = queue_url(queue)
     try:
-        Worker(url, concurrency=concurrency, gpu=gpu, save_root=save_root, lease=lease,
-               max_attempts=max_attempts, burst=burst).run()
+        worker = Worker(url, concurrency=concurrency, gpu=gpu, save_root=save_root, lease=lease,
+                        max_attempts=max_attempts, burst=burst)
+        worker.run()
     except QueueError as e:
         raise click.ClickException(str(e)) from None
     except Exception as e:  # a backend that cannot even be opened
         raise click.ClickException(f"queue {redact(url)}: {e}") from None
+    if burst and worker.failed:
+        raise click.ClickException(f"{worker.failed} job(s) failed: see `tlm status`")
 
 
 if __name__ == "__main__":

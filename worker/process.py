@@ -74,6 +74,7 @@ class Worker:
     max_attempts: int = 3
     poll: float = 0.5
     burst: bool = False  # exit once the queue is empty and no job runs
+    failed: int = 0  # jobs this worker ran that ended failed (--burst exits 1 if any)
     id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}")
     running: dict[str, Running] = field(default_factory=dict)
     stopping: bool = False
@@ -217,9 +218,13 @@ class Worker:
         return bool(finished)
 
     def _finish(self, r: Running, code: int) -> None:
+        self._end(r, code)
+        self.failed += self.registry.get(r.job_id)["state"] == FAILED
+
+    def _end(self, r: Running, code: int) -> None:
         job = self.registry.get(r.job_id)
         if job["state"] in FINAL or job["fence"] != r.fence:
-            self.say(f"job {r.job_id} ended: {job['state']}")
+            self.say(f"job {r.job_id} ended: {job['state']}" + (f": {job['error']}" if job["error"] else ""))
             return
         if r.forced:
             self.registry.update(r.job_id, state=CANCELLED, finished=time.time(),
