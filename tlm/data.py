@@ -278,8 +278,8 @@ def _decode(data: bytes, what: str, log: Log) -> str:
 def _read_own_text(path: Path, log: Log) -> dict[str, bytes]:
     """A .txt file or a directory of them (sorted), split 90/5/5 at line ends."""
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-    data = b"".join(f.read_bytes() + (b"" if f.read_bytes().endswith(b"\n") else b"\n")
-                    for f in files) if files else b""
+    texts = [f.read_bytes() for f in files]
+    data = b"".join(t if t.endswith(b"\n") else t + b"\n" for t in texts)
     if not data.strip():
         raise DataError(f"{path}: no text found" + (" (no .txt files)" if not files else " (empty)"))
     n = len(data)

@@ -194,7 +194,9 @@ class Trainer:
         self.optimizer = optim.AdamW(learning_rate=make_schedule(config),
                                      weight_decay=config.weight_decay)
         self.optimizer.init(self.model.trainable_parameters())
-        self.batches = Batches(dataset.train, config.context_size, config.batch_size, config.seed)
+        position = {k: resume.state[k] for k in ("epoch", "position")} if resume else {}
+        self.batches = Batches(dataset.train, config.context_size, config.batch_size, config.seed,
+                               **position)
         self.step = 0
         self.elapsed = 0.0
         self.best_val: Optional[float] = None
@@ -230,9 +232,6 @@ class Trainer:
         tensors = ckpt.load_tensors()
         self.optimizer.state = tree_unflatten(checkpoint.unflatten_prefix(tensors, "optimizer"))
         self.optimizer.init(self.model.trainable_parameters())
-        self.batches = Batches(self.dataset.train, self.config.context_size,
-                               self.config.batch_size, self.config.seed,
-                               epoch=state["epoch"], position=state["position"])
         if not np.array_equal(np.array(tensors["perm"]), self.batches.perm):
             raise CheckpointError(f"checkpoint {ckpt.identifier[:12]}: batch permutation mismatch")
         self.step, self.best_val = state["step"], state["best_val_loss"]
@@ -338,7 +337,8 @@ class Trainer:
                 losses = []
             if self.step % cfg.steps_per_eval == 0 or self.step == cfg.num_iters:
                 result.val_loss = self.evaluate("valid")
-                self.best_val = min(result.val_loss, self.best_val or math.inf)
+                self.best_val = result.val_loss if self.best_val is None else min(self.best_val,
+                                                                                  result.val_loss)
                 on_progress(event("eval", self.step, val_loss=result.val_loss))
                 checkpoint_now(result.val_loss)
             elif result.stopped:
