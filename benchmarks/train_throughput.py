@@ -1,10 +1,13 @@
-"""Train-step throughput and model FLOP utilisation, optimized vs reference BLAS.
+"""Train-step throughput and model FLOP utilisation: optimized vs reference BLAS, CPU streams vs one.
 
-Each (shape, BLAS) variant runs in its own process, because the BLAS must be
-chosen before ``mlx.core`` is imported. Prints tokens/s, MFU against the
-measured sgemm peak, and the optimized/reference ratio per shape.
+Each (shape, variant) runs in its own process, because the BLAS and MLX's
+graph-walk width must be chosen before ``mlx.core`` is imported. Prints
+tokens/s, MFU against the measured sgemm peak, and per shape the ratios of
+the default (optimized BLAS, one stream per core) to one stream with a
+multi-threaded BLAS and MLX's default walk (how tlm ran before
+``tlm.parallel``) and to the reference BLAS.
 
-    python benchmarks/train_throughput.py [--steps 10] [--reference-steps 2]
+    python benchmarks/train_throughput.py [--steps 10] [--reference-steps 1]
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def measure(shape: str, steps: int, checkpoint: bool = False) -> dict:
 
     import tlm  # noqa: F401  (loads the BLAS chosen by TLM_BLAS)
     import mlx.core as mx
-    from tlm import blas
+    from tlm import blas, parallel
     from tlm.config import TrainConfig
     from tlm.data import Dataset
     from tlm.vocab import WordTokenizer
@@ -62,6 +65,7 @@ def measure(shape: str, steps: int, checkpoint: bool = False) -> dict:
     n = trainer.num_params() - (0 if cfg.tie_embeddings else vocab * dim)
     flops_per_token = 6 * n + 12 * blocks * context * dim
     return {"shape": shape, "blas": blas.describe(), "tokens_per_sec": tokens_per_sec,
+            "streams": len(parallel.streams()),
             "mfu": tokens_per_sec * flops_per_token / peak, "sgemm_gflops": peak / 1e9,
             "peak_memory_gb": mx.get_peak_memory() / 1e9, "checkpoint": checkpoint}
 
@@ -79,19 +83,23 @@ def main() -> None:
         print(json.dumps(measure(shape, int(steps), ckpt == "1")))
         return
 
-    def run(shape: str, reference: bool, steps: int, ckpt: bool = False) -> dict:
+    def run(shape: str, reference: bool, steps: int, ckpt: bool = False, one_stream: bool = False) -> dict:
         env = dict(os.environ, TLM_BLAS="reference" if reference else os.environ.get("TLM_BLAS", ""))
+        if one_stream:
+            env.update(TLM_CPU_STREAMS="1", MLX_BFS_MAX_WIDTH="20")
         out = subprocess.run([sys.executable, __file__, "--child", shape, str(steps), str(int(ckpt))],
                              env=env, check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        print(f"{r['shape']:>13}  {'reference' if reference else 'optimized':>9} BLAS"
-              f"{'  +checkpoint' if ckpt else ''}: {r['tokens_per_sec']:10,.0f} tok/s  "
+        print(f"{r['shape']:>13}  {'reference' if reference else 'optimized':>9} BLAS, "
+              f"{r['streams']} stream(s){'  +checkpoint' if ckpt else ''}: {r['tokens_per_sec']:10,.0f} tok/s  "
               f"MFU {r['mfu']:6.1%} of {r['sgemm_gflops']:.0f} GFLOP/s sgemm  "
               f"peak mem {r['peak_memory_gb']:.2f} GB   [{r['blas']}]", flush=True)
         return r
 
     for shape in args.shapes.split(","):
         fast = run(shape, False, args.steps)
+        single = run(shape, False, args.steps, one_stream=True)
+        print(f"{shape:>13}  streams / one stream: x{fast['tokens_per_sec'] / single['tokens_per_sec']:.2f}")
         if args.checkpoint:
             ck = run(shape, False, args.steps, True)
             print(f"{shape:>13}  checkpointing: speed x{ck['tokens_per_sec'] / fast['tokens_per_sec']:.2f}, "

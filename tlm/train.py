@@ -23,7 +23,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from tlm import checkpoint, fastmath, metrics
+from tlm import checkpoint, fastmath, metrics, parallel
 from tlm.checkpoint import Checkpoint, CheckpointError
 from tlm.config import ConfigError, TrainConfig
 from tlm.data import Batches, Dataset, eval_windows, load_dataset
@@ -115,7 +115,9 @@ def evaluate(model: Model, tokens: np.ndarray, context_size: int,
 
     @partial(mx.compile, inputs=model.state)
     def summed(x, y, w):
-        return (fastmath.cross_entropy(model(x), y) * w).sum()
+        shards = parallel.map_shards(lambda x, y, w: (fastmath.cross_entropy(model(x), y) * w).sum(),
+                                     [x, y, w])
+        return sum(result for _, result in shards)
 
     total, count = mx.array(0.0), 0.0
     for x, y, w in eval_windows(tokens, context_size, max(1, EVAL_TOKENS // context_size), stride):
@@ -213,7 +215,8 @@ class Trainer:
 
         @partial(mx.compile, inputs=self._state, outputs=self._state)
         def step(batch: mx.array) -> mx.array:
-            loss, grads = loss_and_grad(model, batch[:, :-1], batch[:, 1:])
+            shards = parallel.map_shards(lambda b: loss_and_grad(model, b[:, :-1], b[:, 1:]), [batch])
+            loss, grads = parallel.weighted_sum(shards)
             if clip > 0:
                 grads, _ = optim.clip_grad_norm(grads, clip)
             optimizer.update(model, grads)
