@@ -23,6 +23,7 @@ import threading
 from typing import Any, Callable, Sequence
 
 import mlx.core as mx
+import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from tlm import blas
@@ -71,3 +72,25 @@ def weighted_sum(shards: list[tuple[float, Any]]) -> Any:
     if len(results) == 1:
         return results[0]
     return tree_map(lambda *xs: sum(w * x for w, x in zip(weights, xs)), *results)
+
+
+def spread_updates(optimizer: optim.Optimizer) -> None:
+    """Run an optimizer's per-parameter updates on the least-loaded stream (by parameter size).
+
+    Updates are elementwise (AdamW) or small matmul chains (Muon's Newton-Schulz
+    iterations), each single-threaded; spread out, the streams run them side by side.
+    """
+    load: dict[int, int] = {}  # stream index -> parameter elements placed on it
+    for part in getattr(optimizer, "optimizers", [optimizer]):  # a MultiOptimizer's parts
+        part.apply_single = _on_least_loaded(part.apply_single, load)
+
+
+def _on_least_loaded(apply_single: Callable, load: dict[int, int]) -> Callable:
+    def wrapped(gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        parts = streams()
+        i = min(range(len(parts)), key=lambda j: load.get(j, 0))
+        load[i] = load.get(i, 0) + parameter.size
+        with mx.stream(parts[i]):
+            return apply_single(gradient, parameter, state)
+
+    return wrapped
