@@ -20,6 +20,7 @@ def tlm(*args, **kw) -> subprocess.CompletedProcess:
     (["--dataset", "imagenet"], "unknown --dataset 'imagenet'"),
     (["--gpu"], "--gpu: no GPU backend (Metal) is available on this machine"),
     (["--learning_rate", "abc"], "'abc' is not a valid float"),
+    (["--optimizer", "sgd"], "unknown --optimizer 'sgd' (choose from adamw, muon)"),
 ])
 def test_invalid_settings_fail_fast_with_one_line(tmp_path, flags, message):
     proc = tlm("train", "--save_dir", str(tmp_path / "run"), *flags)

@@ -98,7 +98,8 @@ def model_args(config: TrainConfig, vocab_size: int) -> ModelArgs:
 
 def make_schedule(config: TrainConfig, peak: Optional[float] = None) -> Callable:
     """Linear warmup to the peak rate (default ``--learning_rate``), then cosine decay to a tenth of it."""
-    peak, warmup = peak or config.learning_rate, min(config.lr_warmup, config.num_iters)
+    peak = config.learning_rate if peak is None else peak
+    warmup = min(config.lr_warmup, config.num_iters)
     decay = optim.cosine_decay(peak, max(config.num_iters - warmup, 1), peak * 0.1)
     if warmup == 0:
         return decay
@@ -163,7 +164,8 @@ def resume_config(given: dict[str, Any], ckpt: Checkpoint) -> TrainConfig:
     Architecture flags that contradict the checkpoint are an error (the
     weights could not load); others override with the new value.
     """
-    stored = ckpt.state["config"]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    stored = {**defaults, **ckpt.state["config"]}  # flags added since the checkpoint: defaults
     for name in ARCHITECTURE:
         if name in given and given[name] != stored[name]:
             raise ConfigError(f"checkpoint {ckpt.identifier[:12]} was trained with --{name} "
