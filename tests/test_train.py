@@ -64,7 +64,8 @@ def test_a_batch_split_across_cpu_streams_gives_one_streams_loss_and_gradients(m
     monkeypatch.setenv("TLM_CPU_STREAMS", "2")
     shards = parallel.map_shards(lambda b: loss_and_grad(model, b[:, :-1], b[:, 1:]), [batch])
     split = parallel.weighted_sum(shards)
-    assert len(set(parallel.streams())) == 2 [w for w, _ in shards] == [3 / 7, 4 / 7]
+    assert len(set(parallel.streams())) == 2
+    assert [w for w, _ in shards] == [3 / 7, 4 / 7]
     assert abs(split[0].item() - whole[0].item()) < 1e-5
     for (name, a), (_, b) in zip(tree_flatten(whole[1]), tree_flatten(split[1])):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-6, err_msg=name)
