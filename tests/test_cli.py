@@ -1,5 +1,6 @@
 """The tlm command line, run as a real process."""
 
+import os
 import subprocess
 
 import pytest
@@ -63,6 +64,14 @@ def test_inspect_prints_the_checkpoint(save_dir):
     assert proc.returncode == 0
     assert "iteration:   2 of 2" in proc.stdout and "SHA1 verified" in proc.stdout
     assert tlm("inspect", "--save_dir", str(save_dir / "nothing")).returncode == 1
+
+
+def test_a_bad_stream_count_is_a_one_line_error_before_training(save_dir):
+    env = dict(os.environ, TLM_CPU_STREAMS="two")
+    proc = tlm("train", "--save_dir", str(save_dir), "--dim", "32", "--num_heads", "2", env=env)
+    assert proc.returncode == 2
+    assert "TLM_CPU_STREAMS must be a positive whole number, got 'two'" in proc.stderr.splitlines()[-1]
+    assert not list(save_dir.glob("*.safetensors"))
 
 
 def test_a_preset_fills_flags_and_explicit_flags_override(save_dir):

@@ -28,6 +28,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from tlm import blas
+from tlm.config import ConfigError
 
 _local = threading.local()  # MLX streams belong to the thread that made them
 
@@ -37,7 +38,11 @@ def stream_count() -> int:
     if mx.default_device() != mx.cpu or not sys.platform.startswith("linux"):
         return 1
     wanted = os.environ.get("TLM_CPU_STREAMS")
-    return max(1, int(wanted) if wanted else len(os.sched_getaffinity(0)))
+    if not wanted:
+        return len(os.sched_getaffinity(0))
+    if not wanted.isdigit() or int(wanted) < 1:
+        raise ConfigError(f"TLM_CPU_STREAMS must be a positive whole number, got {wanted!r}")
+    return int(wanted)
 
 
 def streams() -> list[mx.Stream]:

@@ -202,6 +202,7 @@ class Trainer:
                  labels: Optional[dict[str, Any]] = None,
                  init: Optional[tuple[ModelArgs, dict[str, mx.array]]] = None):
         config.validate()
+        parallel.streams()  # a bad TLM_CPU_STREAMS fails here, before any training
         Path(config.save_dir).mkdir(parents=True, exist_ok=True)
         self.config, self.dataset, self.log = config, dataset, log
         self.before_publish = before_publish
