@@ -46,17 +46,22 @@ def main() -> None:
         print("command:", " ".join(cmd[2:]), flush=True)
         start = time.time()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        reached, seen = None, 0
-        while proc.poll() is None and time.time() - start < args.limit and reached is None:
+        reached, seen = None, set()
+        while time.time() - start < args.limit and reached is None:
+            finished = proc.poll() is not None  # then read once more: a run's last record (test) ends it
             time.sleep(0.5)
             evals = [r for r in metrics.read(run) if r["kind"] in ("valid", "test")]
-            for r in evals[seen:]:
+            for r in evals:
+                if (r["kind"], r["step"]) in seen:
+                    continue  # records come sorted by (step, kind), so count-based slicing misses some
+                seen.add((r["kind"], r["step"]))
                 metric = f"ppl {r['ppl']:.1f}" if "ppl" in r else f"bpc {r['bpc']:.3f}"
                 print(f"  {r['time'] - start:7.1f} s  step {r['step']:6d}  tokens {r['tokens']:>11,}  "
                       f"{r['kind']:>5} loss {r['loss']:.4f} ({metric})", flush=True)
                 if r["kind"] == args.split and r["loss"] <= args.target and reached is None:
                     reached = r
-            seen = len(evals)
+            if finished:
+                break
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=120)
