@@ -36,10 +36,11 @@ def main() -> None:
                     help="the split whose loss must reach the target")
     ap.add_argument("--limit", type=float, default=600, help="seconds before giving up")
     ap.add_argument("--mirror", default=os.environ.get("TLM_DATA_MIRROR"))
+    ap.add_argument("--keep", metavar="DIR", help="run in DIR and keep it (default: a temporary directory)")
     ap.add_argument("extra", nargs="*", help="more tlm train flags (after --)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "run"
+        run = Path(args.keep or Path(tmp) / "run")
         load_dataset(PRESETS[args.preset]["dataset"], run / "datasets", args.mirror)  # cached first
         cmd = [sys.executable, "-m", "tlm_cli.main", "train", "--preset", args.preset,
                "--save_dir", str(run), *args.extra]

@@ -22,6 +22,7 @@ def tlm(*args, **kw) -> subprocess.CompletedProcess:
     (["--gpu"], "--gpu: no GPU backend (Metal) is available on this machine"),
     (["--learning_rate", "abc"], "'abc' is not a valid float"),
     (["--optimizer", "sgd"], "unknown --optimizer 'sgd' (choose from adamw, muon)"),
+    (["--eval_stride", "64"], "--eval_stride 64 is longer than --context_size 48"),
 ])
 def test_invalid_settings_fail_fast_with_one_line(tmp_path, flags, message):
     proc = tlm("train", "--save_dir", str(tmp_path / "run"), *flags)

@@ -1,9 +1,12 @@
 import math
 
-import tlm  # noqa: F401
+import pytest
+
+import tlm  # noqa: F401  (BLAS before MLX)
+import mlx.core as mx
 from tlm.config import TrainConfig
 from tlm.data import Dataset, load_dataset
-from tlm.train import Trainer
+from tlm.train import Trainer, evaluate
 
 def ptb_subset(save_dir) -> Dataset:
     """Real PTB with the validation split cut to 5,000 tokens, so evaluation is quick."""
@@ -69,3 +72,13 @@ def test_a_batch_split_across_cpu_streams_gives_one_streams_loss_and_gradients(m
     assert abs(split[0].item() - whole[0].item()) < 1e-5
     for (name, a), (_, b) in zip(tree_flatten(whole[1]), tree_flatten(split[1])):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_eval_stride_scores_the_split_with_a_sliding_window(save_dir):
+    data = ptb_subset(save_dir)
+    trainer = Trainer(TrainConfig(save_dir=str(save_dir), **SMALL, eval_stride=8), data)
+    for _ in range(30):
+        mx.eval(trainer._train_step(mx.array(next(trainer.batches))), trainer._state)
+    sliding = trainer.evaluate()
+    assert sliding == pytest.approx(evaluate(trainer.model, data.valid, 32, stride=8), rel=1e-6)
+    assert sliding < evaluate(trainer.model, data.valid, 32) - 0.01  # more context per target

@@ -112,6 +112,8 @@ class TrainConfig:
     steps_per_report: int = _opt(10, "report training loss every N steps")
     steps_per_eval: int = _opt(1000, "evaluate on the validation split and save every N steps")
     eval_tokens: int = _opt(0, "evaluate on the first N validation tokens only (0: the whole split)")
+    eval_stride: int = _opt(0, "start evaluation windows every N tokens, scoring only new targets "
+                               "(0: the context, non-overlapping; less: every target sees more context)")
     identifier: Optional[str] = _opt(None, "checkpoint identifier (SHA1 or unique prefix) to load")
     new_model: bool = _opt(False, "start from scratch, ignoring existing checkpoints")
     gpu: bool = _opt(False, "use the Metal GPU backend")
@@ -136,11 +138,14 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         for name in ("learning_rate", "muon_learning_rate", "weight_decay", "lr_warmup", "grad_clip", "temperature",
-                     "save_retries", "eval_tokens"):
+                     "save_retries", "eval_tokens", "eval_stride"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.eval_stride > self.context_size:
+            raise ConfigError(f"--eval_stride {self.eval_stride} is longer than --context_size "
+                              f"{self.context_size}: windows would skip targets")
         if self.dim % self.num_heads:
             raise ConfigError(f"--dim {self.dim} is not divisible by --num_heads {self.num_heads}")
         if (self.dim // self.num_heads) % 2:

@@ -312,7 +312,7 @@ class Trainer:
         tokens = self.dataset.split(split)
         if split == "valid" and self.config.eval_tokens:
             tokens = tokens[: self.config.eval_tokens + 1]
-        return evaluate(self.model, tokens, self.config.context_size)
+        return evaluate(self.model, tokens, self.config.context_size, self.config.eval_stride or None)
 
     def run(self, on_progress: Callable[[Progress], None] = lambda p: None,
             should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
