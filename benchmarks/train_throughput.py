@@ -5,14 +5,16 @@ graph-walk width must be chosen before ``mlx.core`` is imported. Prints
 tokens/s, MFU against the measured sgemm peak, and per shape the ratios of
 the default (optimized BLAS, one stream per core) to one stream with a
 multi-threaded BLAS and MLX's default walk (how tlm ran before
-``tlm.parallel``) and to the reference BLAS.
+``tlm.parallel``), to the reference BLAS and, where PyTorch is installed, to
+nanoGPT's model and train step in PyTorch (``torch_reference.py``).
 
-    python benchmarks/train_throughput.py [--steps 10] [--reference-steps 1]
+    python benchmarks/train_throughput.py [--steps 10] [--reference-steps 1] [--torch-python PY]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -76,6 +78,8 @@ def main() -> None:
     ap.add_argument("--reference-steps", type=int, default=1)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--checkpoint", action="store_true", help="also measure gradient checkpointing")
+    ap.add_argument("--torch-python", metavar="PY", help="a Python with torch for the PyTorch reference "
+                    "(default: this one, if it has torch)")
     ap.add_argument("--child", nargs=3, metavar=("SHAPE", "STEPS", "CKPT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -96,6 +100,17 @@ def main() -> None:
               f"peak mem {r['peak_memory_gb']:.2f} GB   [{r['blas']}]", flush=True)
         return r
 
+    torch_python = args.torch_python or (sys.executable if importlib.util.find_spec("torch") else None)
+
+    def run_torch(shape: str, steps: int) -> dict:
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_reference.py")
+        out = subprocess.run([torch_python, script, json.dumps(SHAPES[shape]), str(steps)],
+                             check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        print(f"{shape:>13}  PyTorch {r['torch']}, nanoGPT's model, {r['threads']} threads: "
+              f"{r['tokens_per_sec']:10,.0f} tok/s", flush=True)
+        return r
+
     for shape in args.shapes.split(","):
         fast = run(shape, False, args.steps)
         single = run(shape, False, args.steps, one_stream=True)
@@ -108,6 +123,11 @@ def main() -> None:
             ref = run(shape, True, args.reference_steps)
             print(f"{shape:>13}  optimized / reference BLAS: "
                   f"x{fast['tokens_per_sec'] / ref['tokens_per_sec']:.1f}")
+        if torch_python:
+            torch = run_torch(shape, args.steps)
+            print(f"{shape:>13}  tlm / PyTorch: x{fast['tokens_per_sec'] / torch['tokens_per_sec']:.2f}")
+        else:
+            print(f"{shape:>13}  PyTorch reference skipped: no torch here (--torch-python PY)")
 
 
 if __name__ == "__main__":
