@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import re
 import signal
 import shutil
 import subprocess
@@ -185,6 +187,24 @@ def test_worker_signal_saves_requeues_and_another_worker_resumes(url, workers, s
     assert tlm("cancel", job_id, "--queue", url).returncode == 0
     wait_for(url, job_id, ["cancelled"])
     assert f"resuming {saved.identifier[:12]}" in "\n".join(registry(url).logs(job_id))
+
+
+def test_a_second_worker_signal_kills_requeues_and_exits_at_once(url, workers, save_dir):
+    first = workers.start()
+    job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "100000",
+                    "--steps_per_eval", "100000")
+    wait_for(url, job_id, ["running"], until=lambda j: j["progress"].get("step", 0) >= 10)
+    first.send_signal(signal.SIGINT)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 130
+    log = workers.log(first)
+    assert "SIGTERM again: killing running jobs" in log
+    job_pid = int(re.search(rf"started train job {job_id} .*pid (\d+)", log).group(1))
+    with pytest.raises(ProcessLookupError):
+        os.kill(job_pid, 0)  # killed and reaped, not left training
+    job = wait_for(url, job_id, ["interrupted"])
+    assert "was stopped" in job["error"]
+    assert not registry(url).workers()  # it signed off
 
 
 def test_many_small_jobs_on_two_workers_run_exactly_once(url, workers, save_dir):

@@ -31,6 +31,8 @@ def main(queue, concurrency, gpu, save_root, lease, max_attempts, burst) -> None
         raise click.ClickException(str(e)) from None
     except Exception as e:  # a backend that cannot even be opened
         raise click.ClickException(f"queue {redact(url)}: {e}") from None
+    if worker.killing:  # stopped by a second Ctrl+C or SIGTERM
+        raise SystemExit(130)
     if burst and worker.failed:
         raise click.ClickException(f"{worker.failed} job(s) failed: see `tlm status`")
 

@@ -61,7 +61,8 @@ class Running:
     job_id: str
     fence: int
     process: multiprocessing.process.BaseProcess
-    forced: bool = False
+    forced: bool = False  # killed by `tlm cancel --force`
+    interrupted: bool = False  # sent SIGINT by a stopping worker
 
 
 @dataclass
@@ -77,7 +78,8 @@ class Worker:
     failed: int = 0  # jobs this worker ran that ended failed (--burst exits 1 if any)
     id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}")
     running: dict[str, Running] = field(default_factory=dict)
-    stopping: bool = False
+    stopping: bool = False  # one SIGINT/SIGTERM: jobs save and are re-queued
+    killing: bool = False  # two: jobs are killed and re-queued, and the worker exits at once
     sampler: Optional[multiprocessing.pool.Pool] = None
 
     def __post_init__(self) -> None:
@@ -92,21 +94,33 @@ class Worker:
     # -- signals ---------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame) -> None:
+        """Flags and signals to the job processes only: the main loop does the queue I/O."""
         name = signal.Signals(signum).name
         if not self.stopping:
             self.stopping = True
             self.say(f"{name}: taking no new jobs; stopping {len(self.running)} running job(s) "
                      "cooperatively so they save and are re-queued (again to exit now)")
+            self._interrupt_jobs()
+        else:
+            self.killing = True
+            self.say(f"{name} again: killing running jobs, re-queueing them and exiting")
             for r in list(self.running.values()):
+                _signal(r.process, signal.SIGKILL)
+
+    def _interrupt_jobs(self) -> None:
+        """While stopping, SIGINT each running job once (also one started as a signal came)."""
+        for r in list(self.running.values()):
+            if self.stopping and not r.interrupted:
+                r.interrupted = True
                 _signal(r.process, signal.SIGINT)
-            return
-        self.say(f"{name} again: killing running jobs and exiting")
+
+    def _abandon_jobs(self) -> None:
+        """Kill the running jobs and re-queue the unfinished ones (one try each: exiting
+        must not wait on an unreachable queue; other workers recover what is missed)."""
         for r in list(self.running.values()):
             _signal(r.process, signal.SIGKILL)
             r.process.join(5)
-            self._try(self.registry.requeue, r.job_id, f"worker {self.id} was stopped")
-        self._try(self.registry.remove_worker, self.id)
-        os._exit(130)
+            self._try(self._end, r, r.process.exitcode)
 
     # -- heartbeats and forced cancels (a thread, so long steps never starve them) --
 
@@ -140,6 +154,10 @@ class Worker:
         last_recovery = 0.0
         try:
             while not (self.stopping and not self.running):
+                if self.killing:
+                    self._abandon_jobs()
+                    break
+                self._interrupt_jobs()
                 busy = self._try(self._reap) or False
                 if not self.stopping and len(self.running) < self.concurrency:
                     took = self._try(self._take_one)
