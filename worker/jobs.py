@@ -52,7 +52,7 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
         if job["kind"] == "train":
             log(blas.describe())
 
-        stop = StopOnSignal(on_first=lambda s: log("worker is stopping: finishing the step and saving"))
+        stop = StopOnSignal()  # no I/O in the handler: should_stop logs it
         orphaned = lambda: os.getppid() != parent  # noqa: E731
         from tlm.train import select_device
 
@@ -93,12 +93,15 @@ def _train(registry: Registry, job: dict[str, Any], fence: int, given: dict[str,
     from tlm.train import Progress, train
 
     job_id = job["id"]
-    cancelled = False
+    cancelled = stopping = False
     last_poll = 0.0
 
     def should_stop() -> bool:
-        nonlocal cancelled, last_poll
+        nonlocal cancelled, stopping, last_poll
         if stop():
+            if not stopping:
+                stopping = True
+                log("worker is stopping: finishing the step and saving")
             return True
         if time.monotonic() - last_poll >= CANCEL_POLL_SECONDS:
             last_poll = time.monotonic()

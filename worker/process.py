@@ -81,6 +81,7 @@ class Worker:
     stopping: bool = False  # one SIGINT/SIGTERM: jobs save and are re-queued
     killing: bool = False  # two: jobs are killed and re-queued, and the worker exits at once
     sampler: Optional[multiprocessing.pool.Pool] = None
+    notices: list[str] = field(default_factory=list)  # from signal handlers, printed by the loop
 
     def __post_init__(self) -> None:
         self.queue = Queue(self.url)
@@ -94,23 +95,30 @@ class Worker:
     # -- signals ---------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame) -> None:
-        """Flags and signals to the job processes only: the main loop does the queue I/O."""
+        """Flags and signals to the job processes only: the main loop prints and does the
+        queue I/O (a handler can land in the middle of either)."""
         name = signal.Signals(signum).name
         if not self.stopping:
             self.stopping = True
-            self.say(f"{name}: taking no new jobs; stopping {len(self.running)} running job(s) "
-                     "cooperatively so they save and are re-queued (again to exit now)")
+            self.notices.append(f"{name}: taking no new jobs; stopping {len(self.running)} running "
+                                "job(s) cooperatively so they save and are re-queued (again to exit now)")
             self._interrupt_jobs()
         else:
             self.killing = True
-            self.say(f"{name} again: killing running jobs, re-queueing them and exiting")
+            self.notices.append(f"{name} again: killing running jobs, re-queueing them and exiting")
             for r in list(self.running.values()):
                 _signal(r.process, signal.SIGKILL)
 
+    def _say_notices(self) -> None:
+        while self.notices:
+            self.say(self.notices.pop(0))
+
     def _interrupt_jobs(self) -> None:
         """While stopping, SIGINT each running job once (also one started as a signal came)."""
+        if not self.stopping:
+            return
         for r in list(self.running.values()):
-            if self.stopping and not r.interrupted:
+            if not r.interrupted:
                 r.interrupted = True
                 _signal(r.process, signal.SIGINT)
 
@@ -154,6 +162,7 @@ class Worker:
         last_recovery = 0.0
         try:
             while not (self.stopping and not self.running):
+                self._say_notices()
                 if self.killing:
                     self._abandon_jobs()
                     break
@@ -174,6 +183,7 @@ class Worker:
                     multiprocessing.connection.wait(sentinels, self.poll) if sentinels \
                         else time.sleep(self.poll)
         finally:
+            self._say_notices()
             self._done.set()
             if self.sampler is not None:
                 self.sampler.terminate()
