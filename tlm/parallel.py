@@ -4,8 +4,8 @@ MLX's CPU backend runs each stream's operations on that stream's own thread,
 but its kernels are single-threaded except the BLAS matmuls: on a 2-core
 machine one core idled through the softmax, the activations, the loss and the
 optimizer. Splitting a batch across one stream per core, with the BLAS pinned
-to one thread per call, keeps both busy: x1.11 tokens/s at the seed default
-shape, x1.23 at the small one (``benchmarks/train_throughput.py`` compares
+to one thread per call, keeps both busy: x1.11-1.13 tokens/s at the seed default
+shape, x1.06-1.23 at the small one (``benchmarks/train_throughput.py`` compares
 ``TLM_CPU_STREAMS=1``), up to x1.7 at larger batches.
 
 The streams only overlap when MLX interleaves their operations while it walks
