@@ -23,6 +23,7 @@ def tlm(*args, **kw) -> subprocess.CompletedProcess:
     (["--learning_rate", "abc"], "'abc' is not a valid float"),
     (["--optimizer", "sgd"], "unknown --optimizer 'sgd' (choose from adamw, muon)"),
     (["--eval_stride", "64"], "--eval_stride 64 is longer than --context_size 48"),
+    (["--time_budget", "-5"], "--time_budget must not be negative, got -5.0"),
 ])
 def test_invalid_settings_fail_fast_with_one_line(tmp_path, flags, message):
     proc = tlm("train", "--save_dir", str(tmp_path / "run"), *flags)

@@ -42,6 +42,22 @@ def test_same_seed_same_losses_other_seed_other_losses(save_dir, tmp_path):
     assert first != third
 
 
+def test_a_time_budget_ends_the_run_on_time_with_the_rate_decayed_by_the_clock(save_dir):
+    """--time_budget: steps are not what ends the run or shapes the decay, the minutes are."""
+    config = TrainConfig(save_dir=str(save_dir), **{**SMALL, "num_iters": 100_000, "time_budget": 0.25,
+                                                    "steps_per_eval": 100_000})
+    seen = []
+    result = Trainer(config, ptb_subset(save_dir)).run(on_progress=seen.append)
+    reports = [p for p in seen if p.kind == "report"]
+    rates = [p.learning_rate for p in reports]
+    assert 10 < result.step < 100_000
+    assert reports[-1].elapsed >= 15 and reports[-1].total == result.step
+    assert result.val_loss is not None and result.checkpoint  # then evaluated and saved as at the end
+    assert max(rates) > 0.8 * SMALL["learning_rate"]
+    assert rates[1:] == sorted(rates[1:], reverse=True)  # after the warmup, only decay
+    assert rates[-1] < 0.15 * SMALL["learning_rate"]  # ... to a tenth, reached on time
+
+
 def test_muon_learns_faster_than_adamw_in_the_same_steps(save_dir):
     adamw, _ = losses(save_dir, num_iters=40, steps_per_eval=40, new_model=True)
     muon, _ = losses(save_dir, num_iters=40, steps_per_eval=40, new_model=True, optimizer="muon")

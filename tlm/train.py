@@ -96,9 +96,15 @@ def model_args(config: TrainConfig, vocab_size: int) -> ModelArgs:
                      tie_word_embeddings=config.tie_embeddings, dropout=config.dropout)
 
 
-def make_schedule(config: TrainConfig, peak: Optional[float] = None) -> Callable:
-    """Linear warmup to the peak rate (default ``--learning_rate``), then cosine decay to a tenth of it."""
+def make_schedule(config: TrainConfig, peak: Optional[float] = None) -> Callable | float:
+    """Linear warmup to the peak rate (default ``--learning_rate``), then cosine decay to a tenth of it.
+
+    With ``--time_budget`` the rate is the peak until the trainer sets it from
+    the time spent (:func:`follow_budget`).
+    """
     peak = config.learning_rate if peak is None else peak
+    if config.time_budget:
+        return peak
     warmup = min(config.lr_warmup, config.num_iters)
     decay = optim.cosine_decay(peak, max(config.num_iters - warmup, 1), peak * 0.1)
     if warmup == 0:
@@ -124,6 +130,19 @@ def make_optimizer(config: TrainConfig) -> optim.Optimizer:
         optimizer = optim.MultiOptimizer([adamw, muon], [for_adamw])
     parallel.spread_updates(optimizer)
     return optimizer
+
+
+def follow_budget(optimizer: optim.Optimizer, config: TrainConfig, step: int, spent: float) -> None:
+    """Set the rates for ``--time_budget``: :func:`make_schedule`'s warmup over steps, times its
+    cosine decay to a tenth over the fraction of the budget ``spent`` instead of the steps.
+
+    A slower machine then takes fewer steps, but still ends on a decayed rate on time.
+    """
+    warm = min(1.0, step / config.lr_warmup) if config.lr_warmup else 1.0
+    decay = 0.55 + 0.45 * math.cos(math.pi * min(spent, 1.0))
+    parts = getattr(optimizer, "optimizers", [optimizer])  # make_optimizer's order: AdamW, Muon
+    for part, peak in zip(parts, (config.learning_rate, config.muon_learning_rate)):
+        part.learning_rate = peak * warm * decay
 
 
 def loss_fn(model: Model, inputs: mx.array, targets: mx.array, checkpoint: bool = False) -> mx.array:
@@ -318,11 +337,23 @@ class Trainer:
             should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
         cfg = self.config
         tokens_per_step = cfg.batch_size * cfg.context_size
-        start, before = time.perf_counter(), self.elapsed
+        start, before, first_step = time.perf_counter(), self.elapsed, self.step
+        budget = cfg.time_budget * 60
+
+        def clock() -> float:
+            self.elapsed = before + time.perf_counter() - start
+            return self.elapsed
+
+        def total() -> int:
+            """The steps this run will end at: on a time budget, an estimate from the pace so far."""
+            if not budget or self.step == first_step:
+                return cfg.num_iters
+            pace = (self.step - first_step) / (self.elapsed - before)
+            return min(cfg.num_iters, self.step + round(max(budget - self.elapsed, 0) * pace))
 
         def event(kind: str, step: int, **fields) -> Progress:
-            self.elapsed = before + time.perf_counter() - start
-            p = Progress(kind, step, cfg.num_iters, bits_per_char=self.dataset.bits_per_char,
+            clock()
+            p = Progress(kind, step, total(), bits_per_char=self.dataset.bits_per_char,
                          elapsed=self.elapsed, **fields)
             rec = metrics.record(p, tokens_per_step, self.labels)
             if rec:
@@ -341,9 +372,15 @@ class Trainer:
                               message=f"saved {ckpt.weights_path}\n  sample: "
                                       + self.sample().replace("\n", "\n          ")))
 
+        def finished() -> bool:
+            return self.step >= cfg.num_iters or bool(budget) and clock() >= budget
+
         losses: list[mx.array] = []
         tic = time.perf_counter()
-        while self.step < cfg.num_iters and not result.stopped:
+        done = finished()
+        while not done and not result.stopped:
+            if budget:
+                follow_budget(self.optimizer, cfg, self.step, clock() / budget)
             # The step's randomness (dropout) is a function of (seed, step),
             # so a resumed run draws what an uninterrupted one would.
             mx.random.seed(cfg.seed * 1_000_003 + self.step)
@@ -351,8 +388,9 @@ class Trainer:
             mx.eval(self._state, loss)
             losses.append(loss)
             self.step += 1
+            done = finished()
             result.stopped = should_stop()
-            if self.step % cfg.steps_per_report == 0 or self.step == cfg.num_iters or result.stopped:
+            if self.step % cfg.steps_per_report == 0 or done or result.stopped:
                 elapsed = time.perf_counter() - tic
                 result.train_loss = mx.stack(losses).mean().item()
                 on_progress(event("report", self.step, train_loss=result.train_loss,
@@ -361,7 +399,7 @@ class Trainer:
                                   tokens_per_sec=len(losses) * tokens_per_step / elapsed,
                                   peak_memory_gb=mx.get_peak_memory() / 1e9))
                 losses = []
-            if self.step % cfg.steps_per_eval == 0 or self.step == cfg.num_iters:
+            if self.step % cfg.steps_per_eval == 0 or done:
                 result.val_loss = self.evaluate("valid")
                 self.best_val = result.val_loss if self.best_val is None else min(self.best_val,
                                                                                   result.val_loss)
