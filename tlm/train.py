@@ -37,6 +37,7 @@ ARCHITECTURE = ("dataset", "tokenizer", "dim", "num_blocks", "num_heads", "conte
 # Flags that describe this machine or this invocation, never taken from a checkpoint.
 LOCAL = ("save_dir", "data_mirror", "identifier", "new_model", "gpu")
 EVAL_TOKENS = 8192  # tokens per evaluation batch: big enough to keep matmuls efficient
+FINAL_RATE = 0.1  # the cosine decay ends at this fraction of the peak learning rate
 
 
 @dataclass
@@ -106,7 +107,7 @@ def make_schedule(config: TrainConfig, peak: Optional[float] = None) -> Callable
     if config.time_budget:
         return peak
     warmup = min(config.lr_warmup, config.num_iters)
-    decay = optim.cosine_decay(peak, max(config.num_iters - warmup, 1), peak * 0.1)
+    decay = optim.cosine_decay(peak, max(config.num_iters - warmup, 1), peak * FINAL_RATE)
     if warmup == 0:
         return decay
     return optim.join_schedules([optim.linear_schedule(0.0, peak, warmup), decay], [warmup])
@@ -139,7 +140,7 @@ def follow_budget(optimizer: optim.Optimizer, config: TrainConfig, step: int, sp
     A slower machine then takes fewer steps, but still ends on a decayed rate on time.
     """
     warm = min(1.0, step / config.lr_warmup) if config.lr_warmup else 1.0
-    decay = 0.55 + 0.45 * math.cos(math.pi * min(spent, 1.0))
+    decay = FINAL_RATE + (1 - FINAL_RATE) * 0.5 * (1 + math.cos(math.pi * min(spent, 1.0)))
     parts = getattr(optimizer, "optimizers", [optimizer])  # make_optimizer's order: AdamW, Muon
     for part, peak in zip(parts, (config.learning_rate, config.muon_learning_rate)):
         part.learning_rate = peak * warm * decay
