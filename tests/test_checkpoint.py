@@ -43,7 +43,7 @@ def run_trainer(save_dir: Path, stop_after: int | None = None, **kw):
 def test_stop_and_resume_equals_one_uninterrupted_run_bit_for_bit(save_dir, tmp_path, optimizer):
     other = tmp_path / "other"
     shutil.copytree(save_dir, other)
-    flags = dict(num_iters=12, steps_per_eval=4, dropout=0.1, optimizer=optimizer)
+    flags = dict(num_iters=12, steps_per_eval=4, dropout=0.1, embed_dropout=0.1, optimizer=optimizer)
     run_trainer(save_dir, **flags)
     stopped = run_trainer(other, stop_after=6, **flags)
     assert stopped.stopped and stopped.step == 6

@@ -24,6 +24,7 @@ def tlm(*args, **kw) -> subprocess.CompletedProcess:
     (["--optimizer", "sgd"], "unknown --optimizer 'sgd' (choose from adamw, muon)"),
     (["--eval_stride", "64"], "--eval_stride 64 is longer than --context_size 48"),
     (["--time_budget", "-5"], "--time_budget must not be negative, got -5.0"),
+    (["--embed_dropout", "1"], "--embed_dropout must be in [0, 1), got 1.0"),
 ])
 def test_invalid_settings_fail_fast_with_one_line(tmp_path, flags, message):
     proc = tlm("train", "--save_dir", str(tmp_path / "run"), *flags)

@@ -52,11 +52,26 @@ def test_batches_are_non_overlapping_windows_in_a_seeded_permutation():
     rows = np.concatenate(seen)
     assert rows.shape == (9, 10)
     assert len({r[0] for r in rows}) == 9 and all(r[0] % 10 == 0 for r in rows)
-    assert b.state() == {"epoch": 0, "position": 9}
+    assert b.state() == {"epoch": 0, "position": 9, "shift": False}
     next(b)
-    assert b.state() == {"epoch": 1, "position": 3}
+    assert b.state() == {"epoch": 1, "position": 3, "shift": False}
     again = Batches(tokens, context_size=9, batch_size=3, seed=1, epoch=0, position=3)
     np.testing.assert_array_equal(next(again), seen[1])
+
+
+def test_shifted_epochs_cut_the_text_at_a_seeded_offset():
+    tokens = np.arange(100, dtype=np.int32)
+    b = Batches(tokens, context_size=9, batch_size=3, seed=1, shift=True)
+    offsets = []
+    for epoch in range(6):
+        rows = np.concatenate([next(b) for _ in range(3)])  # 9 or 10 windows: 3 batches
+        assert b.epoch == epoch
+        assert len({r[0] for r in rows}) == 9 and (np.diff(rows, axis=1) == 1).all()
+        offsets.append(rows[0][0] % 10)
+        assert all(r[0] % 10 == offsets[-1] for r in rows)  # non-overlapping within the epoch
+    assert offsets[0] == 0 and len(set(offsets)) > 2
+    resumed = Batches(tokens, context_size=9, batch_size=3, seed=1, **b.state())
+    np.testing.assert_array_equal(next(resumed), next(b))
 
 
 @pytest.mark.parametrize("stride", [None, 1, 2, 5])

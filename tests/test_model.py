@@ -57,6 +57,21 @@ def test_kv_cache_decoding_matches_full_forward():
     np.testing.assert_allclose(np.concatenate([first] + steps, axis=1), full, rtol=1e-4, atol=1e-4)
 
 
+def test_word_dropout_drops_every_occurrence_of_a_word_and_only_in_training():
+    from tlm.model import WordDropout
+
+    drop = WordDropout(vocab_size=50, p=0.5)
+    inputs = mx.array([list(range(50)) * 4])  # each word four times
+    h = mx.ones((1, 200, 8))
+    mx.random.seed(0)
+    scale = np.array(drop(h, inputs))[0, :, 0].reshape(4, 50)
+    assert set(np.unique(scale)) == {0.0, 2.0}  # dropped, or kept and scaled by 1/(1-p)
+    assert (scale == scale[0]).all()  # a word's occurrences share their fate
+    assert 10 < (scale[0] == 0).sum() < 40
+    drop.eval()
+    assert (np.array(drop(h, inputs)) == 1.0).all()
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     model = small()
     x = mx.random.randint(0, 50, (2, 9))

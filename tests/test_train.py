@@ -64,6 +64,17 @@ def test_muon_learns_faster_than_adamw_in_the_same_steps(save_dir):
     assert muon.val_loss < adamw.val_loss
 
 
+def test_muon_weight_decay_is_decoupled_from_the_orthogonalised_update():
+    import mlx.optimizers as optim
+    from tlm.train import Muon
+
+    weights, no_gradient = {"w": mx.ones((4, 4))}, {"w": mx.zeros((4, 4))}
+    ours = Muon(learning_rate=0.1, weight_decay=0.5).apply_gradients(no_gradient, weights)
+    assert mx.allclose(ours["w"], mx.full((4, 4), 0.95)).item()  # shrunk by lr * decay, as AdamW
+    mlx = optim.Muon(learning_rate=0.1, weight_decay=0.5).apply_gradients(no_gradient, weights)
+    assert not mx.allclose(mlx["w"], ours["w"]).item()  # MLX's decay goes through Newton-Schulz
+
+
 def test_a_batch_split_across_cpu_streams_gives_one_streams_loss_and_gradients(monkeypatch):
     """Each stream takes a share of the batch; the weighted sum is the whole batch's mean."""
     import mlx.core as mx

@@ -101,7 +101,9 @@ class TrainConfig:
     num_blocks: int = _opt(4, "number of Transformer blocks")
     dim: int = _opt(1024, "embedding/hidden dimension")
     num_heads: int = _opt(8, "number of attention heads")
-    dropout: float = _opt(0.0, "dropout probability")
+    dropout: float = _opt(0.0, "dropout probability (embeddings, residual branches, final hidden state)")
+    embed_dropout: float = _opt(0.0, "in training, drop whole word types from the input "
+                                     "embeddings with this probability")
     tie_embeddings: bool = _opt(False, "share the input embedding and output projection")
     batch_size: int = _opt(32, "minibatch size")
     num_iters: int = _opt(100000, "training iterations")
@@ -112,7 +114,7 @@ class TrainConfig:
     optimizer: str = _opt("adamw", "adamw, or muon: Muon for the blocks' weight matrices, "
                                    "AdamW for embeddings, output layer and norms")
     muon_learning_rate: float = _opt(0.02, "Muon peak learning rate (with --optimizer muon)")
-    weight_decay: float = _opt(1e-5, "AdamW weight decay")
+    weight_decay: float = _opt(1e-5, "decoupled weight decay (AdamW's, and Muon's matrices')")
     lr_warmup: int = _opt(200, "linear warmup steps before cosine decay")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)")
     top_k: int = _opt(50, "top-k for the sample printed after each save")
@@ -149,8 +151,9 @@ class TrainConfig:
                      "save_retries", "eval_tokens", "eval_stride", "time_budget"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "embed_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.eval_stride > self.context_size:
             raise ConfigError(f"--eval_stride {self.eval_stride} is longer than --context_size "
                               f"{self.context_size}: windows would skip targets")

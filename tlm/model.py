@@ -27,6 +27,7 @@ class ModelArgs:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     dropout: float = 0.0
+    embed_dropout: float = 0.0  # drops whole word types in training (see LlamaModel)
 
     def __post_init__(self) -> None:
         if not self.intermediate_size:
@@ -112,17 +113,34 @@ class TransformerBlock(nn.Module):
         return h + self.dropout(self.mlp(self.post_attention_layernorm(h)))
 
 
+class WordDropout(nn.Module):
+    """Embedding dropout (Gal & Ghahramani 2016, as in AWD-LSTM): in training, drop
+    whole word types, so every occurrence of a dropped word in the batch loses its
+    vector and the model cannot lean on memorised rare words."""
+
+    def __init__(self, vocab_size: int, p: float):
+        super().__init__()
+        self.vocab_size, self.p = vocab_size, p
+
+    def __call__(self, h: mx.array, inputs: mx.array) -> mx.array:
+        if not self.training or self.p == 0:
+            return h
+        keep = mx.random.bernoulli(1 - self.p, (self.vocab_size,))
+        return h * (keep[inputs] / (1 - self.p))[..., None]
+
+
 class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.word_dropout = WordDropout(args.vocab_size, args.embed_dropout)
         self.dropout = nn.Dropout(args.dropout)
 
     def __call__(self, inputs: mx.array, cache: Optional[list[KVCache]] = None,
                  checkpoint: bool = False) -> mx.array:
-        h = self.dropout(self.embed_tokens(inputs))
+        h = self.dropout(self.word_dropout(self.embed_tokens(inputs), inputs))
         # A causal mask is only needed when several new tokens attend to each other.
         mask = "causal" if h.shape[1] > 1 else None
         cache = cache or [None] * len(self.layers)
@@ -131,7 +149,7 @@ class LlamaModel(nn.Module):
                 h = nn.utils.checkpoint(layer)(h, mask)
             else:
                 h = layer(h, mask, c)
-        return self.norm(h)
+        return self.dropout(self.norm(h))  # dropout before the output layer too, as AWD-LSTM
 
 
 class Model(nn.Module):

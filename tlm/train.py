@@ -94,7 +94,8 @@ class TrainResult:
 def model_args(config: TrainConfig, vocab_size: int) -> ModelArgs:
     return ModelArgs(vocab_size=vocab_size, hidden_size=config.dim,
                      num_hidden_layers=config.num_blocks, num_attention_heads=config.num_heads,
-                     tie_word_embeddings=config.tie_embeddings, dropout=config.dropout)
+                     tie_word_embeddings=config.tie_embeddings, dropout=config.dropout,
+                     embed_dropout=config.embed_dropout)
 
 
 def make_schedule(config: TrainConfig, peak: Optional[float] = None) -> Callable | float:
@@ -113,6 +114,20 @@ def make_schedule(config: TrainConfig, peak: Optional[float] = None) -> Callable
     return optim.join_schedules([optim.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+class Muon(optim.Muon):
+    """MLX's Muon with AdamW's decoupled weight decay (the weights shrink by
+    ``lr * weight_decay`` each step) instead of decay added to the gradient, which the
+    orthogonalisation would rescale away."""
+
+    def __init__(self, learning_rate: Callable | float, weight_decay: float):
+        super().__init__(learning_rate, weight_decay=0.0)
+        self.decoupled_decay = weight_decay
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        shrink = 1 - self.learning_rate.astype(parameter.dtype) * self.decoupled_decay
+        return super().apply_single(gradient, parameter * shrink, state)
+
+
 def make_optimizer(config: TrainConfig) -> optim.Optimizer:
     """AdamW, or Muon for the blocks' weight matrices with AdamW for the rest.
 
@@ -125,8 +140,8 @@ def make_optimizer(config: TrainConfig) -> optim.Optimizer:
     if config.optimizer == "adamw":
         optimizer = adamw
     else:
-        muon = optim.Muon(learning_rate=make_schedule(config, config.muon_learning_rate),
-                          weight_decay=0.0)
+        muon = Muon(learning_rate=make_schedule(config, config.muon_learning_rate),
+                    weight_decay=config.weight_decay)
         for_adamw = lambda path, p: p.ndim < 2 or not path.startswith("model.layers.")
         optimizer = optim.MultiOptimizer([adamw, muon], [for_adamw])
     parallel.spread_updates(optimizer)
@@ -231,7 +246,8 @@ class Trainer:
         if resume is not None:
             self.args = ModelArgs(**resume.state["model_args"])
         elif init is not None:  # --init_from: a pretrained shape and weights
-            self.args = dataclasses.replace(init[0], dropout=config.dropout)
+            self.args = dataclasses.replace(init[0], dropout=config.dropout,
+                                            embed_dropout=config.embed_dropout)
         else:
             self.args = model_args(config, dataset.vocab_size)
         self.model = Model(self.args)
@@ -239,7 +255,10 @@ class Trainer:
             self.model.load_weights(list(init[1].items()), strict=True)
         self.optimizer = make_optimizer(config)
         self.optimizer.init(self.model.trainable_parameters())
-        position = {k: resume.state[k] for k in ("epoch", "position")} if resume else {}
+        position = {"shift": True}
+        if resume is not None:  # checkpoints from before shifted epochs keep their windows
+            position = {"epoch": resume.state["epoch"], "position": resume.state["position"],
+                        "shift": resume.state.get("shift", False)}
         self.batches = Batches(dataset.train, config.context_size, config.batch_size, config.seed,
                                **position)
         self.step = 0
