@@ -47,7 +47,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                     eval_test=True),
     # An hour of PTB on a 2-core CPU: ptb-cpu's model on longer windows, trained 57 minutes
     # with the regularisation ten epochs need (dropout, word-type dropout, weight decay, and
-    # windows cut at another offset each epoch), evaluated with overlapping windows.
+    # windows cut at another offset each epoch), evaluated with overlapping windows: test
+    # perplexity 77.9 after 57.5 min (5,572 steps) on a 250 GFLOP/s machine; 91.5-91.9 without the
+    # word-type dropout, weight decay, shifted epochs and dropout before the output layer.
     "ptb-cpu-hour": dict(dataset="ptb", dim=256, num_blocks=4, num_heads=4, context_size=128,
                          batch_size=16, num_iters=8000, time_budget=57, optimizer="muon",
                          learning_rate=3e-3, muon_learning_rate=0.02, lr_warmup=50,
