@@ -27,7 +27,7 @@ class ModelArgs:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     dropout: float = 0.0
-    embed_dropout: float = 0.0  # drops whole word types in training (see LlamaModel)
+    embed_dropout: float = 0.0  # drops whole word types in training (see WordDropout)
 
     def __post_init__(self) -> None:
         if not self.intermediate_size:
