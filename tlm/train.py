@@ -116,8 +116,8 @@ def make_schedule(config: TrainConfig, peak: Optional[float] = None) -> Callable
 
 class Muon(optim.Muon):
     """MLX's Muon with AdamW's decoupled weight decay (the weights shrink by
-    ``lr * weight_decay`` each step) instead of decay added to the gradient, which the
-    orthogonalisation would rescale away."""
+    ``lr * weight_decay`` each step) instead of decay added to the gradient, where the
+    orthogonalisation would normalise it together with the gradient."""
 
     def __init__(self, learning_rate: Callable | float, weight_decay: float):
         super().__init__(learning_rate, weight_decay=0.0)
@@ -255,12 +255,10 @@ class Trainer:
             self.model.load_weights(list(init[1].items()), strict=True)
         self.optimizer = make_optimizer(config)
         self.optimizer.init(self.model.trainable_parameters())
-        position = {"shift": True}
-        if resume is not None:  # checkpoints from before shifted epochs keep their windows
-            position = {"epoch": resume.state["epoch"], "position": resume.state["position"],
-                        "shift": resume.state.get("shift", False)}
+        position = {k: resume.state[k] for k in ("epoch", "position")} if resume else {}
+        shift = resume.state.get("shift", False) if resume else True  # older checkpoints: unshifted
         self.batches = Batches(dataset.train, config.context_size, config.batch_size, config.seed,
-                               **position)
+                               shift=shift, **position)
         self.step = 0
         self.elapsed = 0.0
         self.best_val: Optional[float] = None
