@@ -1,4 +1,4 @@
-"""Queue commands: ``tlm submit``, ``status``, ``logs``, ``cancel``.
+"""Queue commands: ``tlm submit``, ``status``, ``logs``, ``cancel``, ``prune``.
 
 Each is a thin translation into registry and queue calls; the job id goes
 alone to stdout so scripts can capture it, messages go to stderr.
@@ -21,7 +21,8 @@ from rich.table import Table
 from tlm.config import ConfigError, TrainConfig
 from tlm_cli.options import given_options, train_options
 from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError, queue_url, redact
-from tlm_worker.registry import CANCELLED, FINAL, QUEUED, SUCCEEDED, JobNotFound, Registry
+from tlm_worker.registry import (CANCELLED, FINAL, LIVE, SUCCEEDED, JobNotFound, Registry,
+                                 RunBusy)
 
 queue_option = click.option("--queue", envvar="TLM_QUEUE", default=None,
                             help="redis://[:password@]host:port/db (env TLM_QUEUE); "
@@ -92,10 +93,6 @@ def submit_train(run, wait, queue, **options) -> None:
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     registry = connect(queue)
-    live = registry.live_job_for_run(run_key)
-    if live:
-        raise click.ClickException(f"{run_key.split(':', 1)[1]} already has a {live['state']} job "
-                                   f"{live['id']} (one trainer per run): `tlm cancel {live['id']}` first")
     params = {**given, **target}
     if config.data_mirror and "data_mirror" not in given:
         params["data_mirror"] = config.data_mirror
@@ -123,8 +120,13 @@ def submit_eval(run, save_dir, identifier, split, tokens, stride, wait, queue) -
 
 
 def _enqueue(registry: Registry, kind: str, params: dict, run_key: str, wait: bool) -> None:
-    job = registry.create(kind, params, run_key)
-    registry.queue.push(job["id"])
+    try:
+        job = registry.create(kind, params, run_key)
+    except RunBusy as e:
+        live = e.job
+        raise click.ClickException(f"{run_key.split(':', 1)[1]} already has a {live['state']} job "
+                                   f"{live['id']} (one trainer per run): `tlm cancel {live['id']}` "
+                                   "first") from None
     click.echo(job["id"])
     echo(f"queued {kind} job {job['id']} for {run_key.split(':', 1)[1]}")
     if wait:
@@ -139,32 +141,34 @@ def follow(registry: Registry, job_id: str) -> int:
     from tlm.interrupts import StopOnSignal
 
     def first(_):
-        registry.request_cancel(job_id)
-        echo("\ncancelling: the job finishes its step and saves (Ctrl+C again to force)")
+        if registry.cancel(job_id):
+            echo("\ncancelled before a worker took it")
+        else:
+            echo("\ncancelling: the job finishes its step and saves (Ctrl+C again to force)")
 
     def second_exit():
-        registry.request_cancel(job_id, force=True)
+        registry.cancel(job_id, force=True)
 
     from tlm_cli.render import ProgressDisplay
 
     stop = StopOnSignal(on_first=first, on_second=second_exit)
-    shown = 0
+    cursor = None
     job = registry.get(job_id)
     total = int(job["params"].get("num_iters", 0)) or 1
     try:
-        with ProgressDisplay(total, click.get_text_stream("stderr")) as display:
+        with ProgressDisplay(total, click.get_text_stream("stderr")) as display, \
+                registry.changes() as wait:
             while True:
                 job = registry.get(job_id)
-                lines = registry.logs(job_id)
-                for line in lines[shown:]:
+                lines, cursor = registry.logs(job_id, cursor)
+                for line in lines:
                     display.line(line)
-                shown = len(lines)
                 p = job["progress"]
                 if p.get("step"):
                     display.advance(p["step"], p["total"], p.get("train_loss"))
                 if job["state"] in FINAL:
                     break
-                time.sleep(0.5)
+                wait(1.0)
     finally:
         stop.restore()
     echo(f"job {job_id} {job['state']}" + (f": {job['error']}" if job["error"] else ""))
@@ -194,53 +198,68 @@ def _progress(job: dict) -> str:
     return out
 
 
-def status_table(registry: Registry, limit: int) -> Table:
+def _tries(job: dict) -> str:
+    """Attempts (crashes count), and interruptions after a +."""
+    return str(job["attempts"]) + (f"+{job['interruptions']}" if job.get("interruptions") else "")
+
+
+def status_table(jobs: list[dict], workers: list[dict]) -> Table:
     table = Table(title="jobs", title_justify="left")
     for col in ("id", "kind", "run", "state", "worker", "tries", "age", "progress", "error"):
         table.add_column(col)
-    for job in registry.jobs()[-limit:]:
+    for job in jobs:
         table.add_row(job["id"], job["kind"], job["run"].split(":", 1)[1], job["state"],
-                      job["worker"] or "-", str(job["attempts"]), _age(job["created"]),
+                      job["worker"] or "-", _tries(job), _age(job["created"]),
                       _progress(job), (job["error"] or "")[:60])
-    workers = Table(title="workers", title_justify="left")
+    workers_table = Table(title="workers", title_justify="left")
     for col in ("worker", "host", "pid", "device", "heartbeat", "jobs"):
-        workers.add_column(col)
-    for w in registry.workers():
-        workers.add_row(w["id"], w["host"], str(w["pid"]), w["device"], _age(w["heartbeat"]),
-                        ", ".join(w["jobs"]) or "-")
+        workers_table.add_column(col)
+    for w in workers:
+        workers_table.add_row(w["id"], w["host"], str(w["pid"]), w["device"], _age(w["heartbeat"]),
+                              ", ".join(w["jobs"]) or "-")
     grid = Table.grid()
     grid.add_row(table)
-    grid.add_row(workers)
+    grid.add_row(workers_table)
     return grid
 
 
 @click.command()
 @click.argument("job_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option("--watch", is_flag=True, help="refresh every 2 seconds")
-@click.option("--limit", default=50, show_default=True, help="most recent jobs to list")
+@click.option("--watch", is_flag=True, help="redraw as jobs change")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(0),
+              help="finished jobs to list after the live ones (newest)")
+@click.option("--all", "show_all", is_flag=True, help="every finished job still kept")
+@click.option("--state", type=click.Choice(LIVE + FINAL), default=None, help="only jobs in this state")
+@click.option("--run", default=None, help="only this run's jobs (a run name)")
+@click.option("--save_dir", "--save-dir", default=None, help="only this run directory's jobs")
 @queue_option
 @queue_errors
-def status(job_id, as_json, watch, limit, queue) -> None:
-    """List jobs and workers, or show one job in full."""
+def status(job_id, as_json, watch, limit, show_all, state, run, save_dir, queue) -> None:
+    """List live jobs, the latest finished ones and the workers; or show one job in full."""
     registry = connect(queue)
     if job_id:
-        job = registry.get(job_id)
-        job["heartbeat"] = registry.job_heartbeat(job["id"])
-        click.echo(json.dumps(job, indent=None if as_json else 2, sort_keys=True))
+        click.echo(json.dumps(registry.get(job_id), indent=None if as_json else 2, sort_keys=True))
         return
+    run_key = _run_target(run, save_dir)[1] if run or save_dir else None
+
+    def listing() -> tuple[list[dict], list[dict]]:
+        return (registry.jobs(None if show_all else limit, state=state, run=run_key),
+                registry.workers())
     if as_json:
-        click.echo(json.dumps({"jobs": registry.jobs()[-limit:], "workers": registry.workers()}))
+        jobs, workers = listing()
+        click.echo(json.dumps({"jobs": jobs, "workers": workers}))
         return
     console = Console(width=None if Console().is_terminal else 200)
     if not watch:
-        console.print(status_table(registry, limit))
+        console.print(status_table(*listing()))
         return
-    with Live(status_table(registry, limit), console=console, refresh_per_second=1) as live:
+    with Live(status_table(*listing()), console=console, refresh_per_second=1) as live, \
+            registry.changes() as wait:
         try:
             while True:
-                time.sleep(2)
-                live.update(status_table(registry, limit))
+                wait(2.0)
+                live.update(status_table(*listing()))
         except KeyboardInterrupt:
             pass
 
@@ -254,15 +273,16 @@ def logs(job_id, follow, queue) -> None:
     """Print a job's log lines, from whichever worker runs it."""
     registry = connect(queue)
     job_id = registry.get(job_id)["id"]
-    shown = 0
-    while True:
-        lines = registry.logs(job_id)
-        for line in lines[shown:]:
-            click.echo(line)
-        shown = len(lines)
-        if not follow or registry.get(job_id)["state"] in FINAL:
-            return
-        time.sleep(0.5)
+    cursor = None
+    with registry.changes() as wait:
+        while True:
+            done = registry.get(job_id)["state"] in FINAL  # before reading: no last line missed
+            lines, cursor = registry.logs(job_id, cursor)
+            for line in lines:
+                click.echo(line)
+            if not follow or done:
+                return
+            wait(1.0)
 
 
 @click.command()
@@ -276,10 +296,19 @@ def cancel(job_id, force, queue) -> None:
     job = registry.get(job_id)
     if job["state"] in FINAL:
         raise click.ClickException(f"job {job['id']} already {job['state']}")
-    registry.request_cancel(job["id"], force)
-    if job["state"] == QUEUED or job["state"] == "interrupted":
-        registry.update(job["id"], state=CANCELLED, finished=time.time())
+    if registry.cancel(job["id"], force):
         echo(f"job {job['id']} removed from the queue")
     else:  # the job's own process marks it cancelling when it sees the flag
         echo(f"job {job['id']}: " + ("stopping now" if force else
                                      "finishing its step and saving, then cancelled"))
+
+
+@click.command()
+@click.option("--older_than", "--older-than", default=None, type=click.FloatRange(0),
+              help="days since a job finished (default: the retention, 30 or TLM_KEEP_DAYS)")
+@queue_option
+@queue_errors
+def prune(older_than, queue) -> None:
+    """Delete finished jobs and their logs now (checkpoints and metrics files are untouched)."""
+    n = connect(queue).prune(older_than)
+    echo(f"deleted {n} finished job(s)")

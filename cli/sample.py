@@ -4,7 +4,6 @@ through the queue, in-process (``--local``), or as the seed's interactive REPL."
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -92,13 +91,13 @@ def _queued(queue, target, run_key, identifier, prompt, cfg, num_samples) -> Non
     job = registry.create("sample", {**target, "identifier": identifier, "prompt": prompt,
                                      "sampling": dataclasses.asdict(cfg),
                                      "num_samples": num_samples}, run_key)
-    registry.queue.push(job["id"])
     echo(f"queued sample job {job['id']}; waiting for a worker (Ctrl+C to cancel)")
     try:
-        while (job := registry.get(job["id"]))["state"] not in FINAL:
-            time.sleep(0.1)
+        with registry.changes() as wait:
+            while (job := registry.get(job["id"]))["state"] not in FINAL:
+                wait(0.5)
     except KeyboardInterrupt:
-        registry.request_cancel(job["id"])
+        registry.cancel(job["id"])
         raise click.ClickException(f"gave up waiting: sample job {job['id']} cancelled") from None
     if job["state"] != SUCCEEDED:
         raise click.ClickException(f"sample job {job['id']} {job['state']}: {job['error']}")

@@ -73,4 +73,4 @@ def wait_for(url: str, job_id: str, states: Iterable[str], timeout: float = 120,
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} not in {list(states)} after {timeout}s: {json.dumps(job)}\n"
-                         + "\n".join(reg.logs(job_id)))
+                         + "\n".join(reg.logs(job_id)[0]))

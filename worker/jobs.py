@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tlm_worker.queue import Queue
-from tlm_worker.registry import CANCELLED, CANCELLING, FAILED, SUCCEEDED, LeaseLost, Registry
+from tlm_worker.registry import CANCELLED, FAILED, SUCCEEDED, LeaseLost, Registry
 
 EXIT_INTERRUPTED = 75  # stopped by a signal to the worker: re-queue the job
 CANCEL_POLL_SECONDS = 1.0
@@ -68,13 +68,13 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
                                          params.get("split", "valid"), params.get("data_mirror"),
                                          params.get("tokens", 0), params.get("stride"), log)
             log(f"{result['split']} loss {result['loss']:.4f}")
-            registry.update(job_id, state=SUCCEEDED, finished=time.time(), result=result)
+            registry.finish(job_id, SUCCEEDED, fence, result=result)
         elif job["kind"] == "sample":
             from tlm.generate import SampleConfig, sample_checkpoint
             result = sample_checkpoint(save_dir, params.get("identifier"), params["prompt"],
                                        SampleConfig(**params["sampling"]),
                                        params.get("num_samples", 1), warn=log)
-            registry.update(job_id, state=SUCCEEDED, finished=time.time(), result=result)
+            registry.finish(job_id, SUCCEEDED, fence, result=result)
         else:
             raise ValueError(f"unknown job kind {job['kind']!r}")
     except SystemExit:
@@ -83,8 +83,7 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
         print(f"[{job_id}] {e}", file=sys.stderr, flush=True)
     except BaseException as e:
         traceback.print_exc()
-        registry.update(job_id, state=FAILED, finished=time.time(),
-                        error=f"{type(e).__name__}: {e}".splitlines()[0])
+        registry.finish(job_id, FAILED, fence, error=f"{type(e).__name__}: {e}".splitlines()[0])
         log(f"failed: {type(e).__name__}: {e}")
 
 
@@ -108,21 +107,20 @@ def _train(registry: Registry, job: dict[str, Any], fence: int, given: dict[str,
             if orphaned():  # the worker died: its lease will expire and another worker resume
                 os._exit(EXIT_INTERRUPTED)
             # "force" is the worker's to act on: it kills this process.
-            if not cancelled and registry.cancel_requested(job_id) == "stop":
+            if not cancelled and registry.get(job_id)["cancel"] == "stop":
                 cancelled = True
-                registry.update(job_id, state=CANCELLING)
+                registry.mark_cancelling(job_id, fence)
                 log("cancel requested: finishing the step and saving")
         return cancelled
 
     started = time.time()
+    progress = job["progress"]  # this process is its only writer while it holds the job
 
     def on_progress(p: Progress) -> None:
         line = p.describe()
         if line:
             log(line)
         if p.kind in ("report", "eval", "save"):
-            job = registry.get(job_id)
-            progress = job["progress"]
             progress.update({k: v for k, v in p.to_dict().items()
                              if v is not None and k not in ("kind", "message", "bits_per_char",
                                                             "checkpoint")})
@@ -143,7 +141,7 @@ def _train(registry: Registry, job: dict[str, Any], fence: int, given: dict[str,
     if result.stopped and not cancelled:
         sys.exit(EXIT_INTERRUPTED)
     state = CANCELLED if result.stopped else SUCCEEDED
-    registry.update(job_id, state=state, finished=time.time(), checkpoint=result.checkpoint,
+    registry.finish(job_id, state, fence, checkpoint=result.checkpoint,
                     result={"step": result.step, "val_loss": result.val_loss,
                             "test_loss": result.test_loss})
     log(f"{state} at iteration {result.step}, checkpoint {result.checkpoint}")

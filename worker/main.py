@@ -11,21 +11,25 @@ from tlm_worker.queue import QueueError, queue_url, redact
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--queue", envvar="TLM_QUEUE", default=None,
               help="redis://[:password@]host:port/db (env TLM_QUEUE); default: embedded SQLite")
-@click.option("--concurrency", default=1, type=click.IntRange(1), help="jobs run at once")
+@click.option("--concurrency", default=1, type=click.IntRange(1),
+              help="training jobs run at once (sample and eval jobs run beside them in a lane of their own)")
 @click.option("--gpu", is_flag=True, help="run jobs on the Metal GPU")
 @click.option("--save_root", "--save-root", default=None,
               help="where this machine mounts the shared runs directory (for --run jobs)")
 @click.option("--lease", default=60.0, type=click.FloatRange(1), show_default=True,
               help="seconds without a heartbeat after which a job is re-queued")
 @click.option("--max_attempts", "--max-attempts", default=3, type=click.IntRange(1), show_default=True,
-              help="attempts before a job whose worker keeps dying is failed")
+              help="crashes (not interruptions) before a job is failed")
+@click.option("--keep_days", "--keep-days", default=30.0, show_default=True,
+              type=click.FloatRange(0, min_open=True),
+              help="finished jobs and their logs are deleted after this many days")
 @click.option("--burst", is_flag=True, help="exit once the queue is empty and no job runs")
-def main(queue, concurrency, gpu, save_root, lease, max_attempts, burst) -> None:
+def main(queue, concurrency, gpu, save_root, lease, max_attempts, keep_days, burst) -> None:
     """Run queued tlm jobs. Ctrl+C once: jobs save and are re-queued; twice: exit now."""
     url = queue_url(queue)
     try:
         worker = Worker(url, concurrency=concurrency, gpu=gpu, save_root=save_root, lease=lease,
-                        max_attempts=max_attempts, burst=burst)
+                        max_attempts=max_attempts, keep_days=keep_days, burst=burst)
         worker.run()
     except QueueError as e:
         raise click.ClickException(str(e)) from None

@@ -1,10 +1,20 @@
 """tlm-worker: take jobs from the queue and run each in a spawned child process.
 
+Lanes: ``--concurrency`` training slots, and beside them one interactive slot
+for sample and eval jobs (in a long-lived sampler process), so a sample never
+waits behind hours of training. A queue entry only wakes the worker: it runs
+the job only if its claim of the job's record succeeds.
+
 Signals: the first SIGINT or SIGTERM stops taking jobs and forwards one
 SIGINT to each running job, which finishes its step, saves, and is re-queued
-as interrupted for another worker to resume; a second signal kills the jobs,
-re-queues them and exits at once. Recovery: any worker re-queues a job whose
-heartbeat is older than the lease (its worker died), up to a retry limit.
+as interrupted for another worker to resume (an interruption, not an
+attempt); a second signal kills the jobs, re-queues them and exits at once.
+
+Sweeps, every lease/2 by every worker: re-queue a job whose heartbeat is
+older than the lease (its worker died), failing it after ``max_attempts``
+crashes; push again a claimable job that is in no queue (its entry was taken
+by a worker that died before claiming it); prune finished jobs past
+retention.
 """
 
 from __future__ import annotations
@@ -23,8 +33,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from tlm_worker.jobs import EXIT_INTERRUPTED, run_job
-from tlm_worker.queue import QUEUE_ERRORS, PayloadError, Queue
-from tlm_worker.registry import CANCELLED, CANCELLING, FAILED, FINAL, INTERRUPTED, QUEUED, RUNNING, Registry
+from tlm_worker.queue import LANES, QUEUE_ERRORS, PayloadError, Queue, lane_of
+from tlm_worker.registry import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILED, FINAL,
+                                 Registry)
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -60,6 +71,7 @@ class PooledJob:
 class Running:
     job_id: str
     fence: int
+    lane: str
     process: multiprocessing.process.BaseProcess
     forced: bool = False  # killed by `tlm cancel --force`
     interrupted: bool = False  # sent SIGINT by a stopping worker
@@ -73,7 +85,8 @@ class Worker:
     save_root: Optional[str] = None
     lease: float = 60.0
     max_attempts: int = 3
-    poll: float = 0.5
+    keep_days: float = 30.0  # finished jobs older than this are pruned
+    poll: float = 0.2
     burst: bool = False  # exit once the queue is empty and no job runs
     failed: int = 0  # jobs this worker ran that ended failed (--burst exits 1 if any)
     id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}")
@@ -85,9 +98,10 @@ class Worker:
 
     def __post_init__(self) -> None:
         self.queue = Queue(self.url)
-        self.registry = Registry(self.queue)
+        self.registry = Registry(self.queue, self.keep_days)
         self.lock = threading.Lock()
         self._done = threading.Event()
+        self._last_prune = 0.0
 
     def say(self, message: str) -> None:
         print(f"tlm-worker {self.id}: {message}", file=sys.stderr, flush=True)
@@ -142,10 +156,11 @@ class Worker:
             running = list(self.running.values())
         self.registry.heartbeat_worker(self.id, {
             "host": socket.gethostname(), "pid": os.getpid(), "device": "gpu" if self.gpu else "cpu",
+            "slots": {"train": self.concurrency, "interactive": 1},
             "jobs": [r.job_id for r in running], "stopping": self.stopping})
         for r in running:
-            self.registry.heartbeat_job(r.job_id, self.id)
-            if not r.forced and self.registry.cancel_requested(r.job_id) == "force":
+            self.registry.heartbeat_job(r.job_id)
+            if not r.forced and self.registry.get(r.job_id)["cancel"] == "force":
                 r.forced = True
                 _signal(r.process, signal.SIGKILL)
 
@@ -155,11 +170,12 @@ class Worker:
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self._on_signal)
         self.queue.ping()
-        self.say(f"serving {self.queue.url.split('@')[-1]} with {self.concurrency} slot(s)")
+        self.say(f"serving {self.queue.url.split('@')[-1]} with {self.concurrency} training "
+                 "slot(s) and an interactive lane")
         self._try(self._heartbeat)
         beat = threading.Thread(target=self._heartbeat_loop, daemon=True)
         beat.start()
-        last_recovery = 0.0
+        last_sweep = 0.0
         try:
             while not (self.stopping and not self.running):
                 self._say_notices()
@@ -168,15 +184,17 @@ class Worker:
                     break
                 self._interrupt_jobs()
                 busy = self._try(self._reap) or False
-                if not self.stopping and len(self.running) < self.concurrency:
-                    took = self._try(self._take_one)
-                    if self.burst and took is False and not self.running:
-                        self.say("queue empty: exiting (--burst)")
-                        break
-                    busy = took or busy
-                if time.monotonic() - last_recovery > self.lease / 2:
-                    last_recovery = time.monotonic()
-                    self._try(self._recover)
+                took = False
+                for lane in LANES:
+                    if not self.stopping and self._free(lane):
+                        took = self._try(self._take, lane) or took
+                if self.burst and not took and not self.running and not self._try(self._waiting):
+                    self.say("queue empty: exiting (--burst)")
+                    break
+                busy = took or busy
+                if time.monotonic() - last_sweep > self.lease / 2:
+                    last_sweep = time.monotonic()
+                    self._try(self._sweep)
                 if not busy:  # until a job process ends, or the next poll of the queue
                     sentinels = [r.process.sentinel for r in self.running.values()
                                  if not isinstance(r.process, PooledJob)]
@@ -199,29 +217,28 @@ class Worker:
             time.sleep(1)
             return None
 
-    def _take_one(self) -> bool:
+    def _free(self, lane: str) -> bool:
+        held = sum(r.lane == lane for r in self.running.values())
+        return held < (self.concurrency if lane == "train" else 1)
+
+    def _waiting(self) -> bool:
+        """Whether any job waits to be claimed (for --burst: entries can lag records)."""
+        return bool(self.registry.store.ids_in(CLAIMABLE))
+
+    def _take(self, lane: str) -> bool:
+        """Pop one entry of a lane and run its job if the claim succeeds."""
         try:
-            job_id = self.queue.pop()
+            job_id = self.queue.pop(lane)
         except PayloadError as e:
             self.say(f"rejected a queue entry: {e}")
             return True
         if job_id is None:
             return False
-        try:
-            job = self.registry.get(job_id)
-        except KeyError:
-            self.say(f"dropped queue entry for unknown job {job_id}")
+        job = self.registry.claim(job_id, self.id)
+        if job is None:  # unknown, cancelled, or a duplicate entry
             return True
-        if job["state"] not in (QUEUED, INTERRUPTED):
-            return True  # cancelled while queued, or a duplicate delivery
-        if self.registry.cancel_requested(job_id):
-            self.registry.update(job_id, state=CANCELLED, finished=time.time())
-            return True
-        fence = self.registry.claim(job, self.id)
-        if fence is None:
-            return True
-        args = (self.url, job_id, fence, self.save_root, self.gpu)
-        if job["kind"] == "sample":
+        args = (self.url, job_id, job["fence"], self.save_root, self.gpu)
+        if lane == "interactive":
             if self.sampler is None:
                 self.sampler = SPAWN.Pool(1)
             process = PooledJob(self.sampler, args)
@@ -229,8 +246,10 @@ class Worker:
             process = SPAWN.Process(target=run_job, args=args, name=f"tlm-job-{job_id}")
             process.start()
         with self.lock:
-            self.running[job_id] = Running(job_id, fence, process)
-        self.say(f"started {job['kind']} job {job_id} (attempt {job['attempts'] + 1}, pid {process.pid})")
+            self.running[job_id] = Running(job_id, job["fence"], lane, process)
+        self.say(f"started {job['kind']} job {job_id} (attempt {job['attempts']}"
+                 + (f", {job['interruptions']} interruption(s)" if job["interruptions"] else "")
+                 + f", pid {process.pid})")
         return True
 
     def _reap(self) -> bool:
@@ -250,44 +269,58 @@ class Worker:
         self.failed += self.registry.get(r.job_id)["state"] == FAILED
 
     def _end(self, r: Running, code: int) -> None:
+        """Settle a job whose process ended without settling it (killed, crashed, stopped)."""
         job = self.registry.get(r.job_id)
         if job["state"] in FINAL or job["fence"] != r.fence:
             self.say(f"job {r.job_id} ended: {job['state']}" + (f": {job['error']}" if job["error"] else ""))
             return
         if r.forced:
-            self.registry.update(r.job_id, state=CANCELLED, finished=time.time(),
-                                 error="cancelled with --force")
+            self.registry.finish(r.job_id, CANCELLED, r.fence, error="cancelled with --force")
             self.registry.log(r.job_id, "cancelled with --force: stopped at once")
+            self.say(f"job {r.job_id} ended: cancelled with --force")
         elif code == EXIT_INTERRUPTED or self.stopping:
-            self.registry.requeue(r.job_id, f"worker {self.id} was stopped")
-        elif job["attempts"] < self.max_attempts:
-            self.registry.requeue(r.job_id, f"job process died with exit code {code}")
+            self.registry.requeue(r.job_id, r.fence, f"worker {self.id} was stopped", interrupted=True)
+            self.say(f"job {r.job_id} interrupted: back in the queue")
         else:
-            self.registry.update(r.job_id, state=FAILED, finished=time.time(),
-                                 error=f"job process died with exit code {code} "
-                                       f"(attempt {job['attempts']} of {self.max_attempts})")
-        self.say(f"job {r.job_id} ended: exit code {code}")
+            self._crashed(job, f"job process died with exit code {code}")
 
-    def _recover(self) -> None:
-        """Re-queue running jobs whose worker stopped heartbeating for longer than the lease."""
+    def _crashed(self, job: dict, reason: str) -> None:
+        """A crash counts as an attempt: re-queue the job, or fail it after max_attempts."""
+        if job["attempts"] < self.max_attempts:
+            self.registry.requeue(job["id"], job["fence"], reason, interrupted=False)
+        else:
+            self.registry.finish(job["id"], FAILED, job["fence"],
+                                 error=f"{reason} (attempt {job['attempts']} of {self.max_attempts})")
+        self.say(f"job {job['id']}: {reason}")
+
+    def _sweep(self) -> None:
+        """Recover jobs of dead workers, re-push stranded claimable jobs, prune old ones."""
         now = time.time()
-        for job in self.registry.jobs():
-            if job["state"] not in (RUNNING, CANCELLING) or job["id"] in self.running:
+        for job in self.registry.store.read(self.registry.store.ids_in(ACTIVE)):
+            beat = job["heartbeat"] or job["started"] or job["created"]
+            if job["id"] in self.running or now - beat <= self.lease:
                 continue
-            beat = self.registry.job_heartbeat(job["id"]) or job["started"] or job["created"]
-            if now - beat <= self.lease:
-                continue
-            if not self.queue.storage.put_if_empty(f"recover:{job['id']}:{job['fence']}", b"1"):
-                continue  # another worker is recovering it
-            reason = f"worker {job['worker']} stopped heartbeating ({now - beat:.0f}s > lease {self.lease:.0f}s)"
-            if job["attempts"] >= self.max_attempts:
-                self.registry.update(job["id"], state=FAILED, finished=now,
-                                     error=f"{reason}; gave up after {job['attempts']} attempts")
-            elif job["state"] == CANCELLING:
-                self.registry.update(job["id"], state=CANCELLED, finished=now, error=reason)
+            reason = (f"worker {job['worker']} stopped heartbeating "
+                      f"({now - beat:.0f}s > lease {self.lease:.0f}s)")
+            if job["state"] == CANCELLING:
+                self.registry.finish(job["id"], CANCELLED, job["fence"], error=reason)
             else:
-                self.registry.requeue(job["id"], reason)
-            self.say(f"recovered job {job['id']}: {reason}")
+                self._crashed(job, reason)
+        stranded = [j for j in self.registry.store.read(self.registry.store.ids_in(CLAIMABLE))
+                    if now - j["enqueued"] > self.lease]
+        if stranded:
+            pending = {lane: self.queue.pending(lane) for lane in LANES}
+            for job in stranded:
+                if job["id"] not in pending[lane_of(job["kind"])]:
+                    self.registry.update(job["id"], enqueued=now)
+                    self.queue.push(job["id"], lane_of(job["kind"]))
+                    self.say(f"job {job['id']} was in no queue (its entry was taken by a worker "
+                             "that died before claiming it): queued again")
+        if now - self._last_prune > 600:
+            self._last_prune = now
+            pruned = self.registry.prune()
+            if pruned:
+                self.say(f"pruned {pruned} job(s) finished more than {self.keep_days:g} days ago")
 
 
 def _signal(process, sig: int) -> None:

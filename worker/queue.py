@@ -1,5 +1,11 @@
 """The queue: huey's storage (Redis, or an embedded SQLite file) holding JSON only.
 
+The queue only wakes workers: the job registry is the source of truth, and a
+job runs only after a worker claims its record. An entry lost between a
+worker's dequeue and its claim is pushed again by a sweep; a duplicate entry
+is dropped at the claim. Two lanes, so a sample never waits behind training:
+``train`` for training jobs and ``interactive`` for sample and eval jobs.
+
 tlm-worker is its own consumer over huey's storage layer: huey's consumer
 waits for running tasks on SIGINT, kills them on SIGTERM and never
 re-delivers a task whose worker died, none of which fits hours-long training.
@@ -24,6 +30,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 QUEUE_NAME = "tlm"
+LANES = {"train": QUEUE_NAME, "interactive": f"{QUEUE_NAME}-interactive"}  # lane: huey queue name
 # What an unreachable or restarting backend raises.
 QUEUE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                 sqlite3.OperationalError)
@@ -35,6 +42,10 @@ class QueueError(RuntimeError):
 
 class PayloadError(ValueError):
     """A queue entry that is not one of our JSON messages."""
+
+
+def lane_of(kind: str) -> str:
+    return "train" if kind == "train" else "interactive"
 
 
 class JSONSerializer(Serializer):
@@ -65,11 +76,17 @@ def redact(url: str) -> str:
 
 
 class Queue:
-    """Jobs in, jobs out: ``push``/``pop`` JSON entries on a huey storage backend."""
+    """Job ids in, job ids out: ``push``/``pop`` JSON entries per lane on huey's storage.
+
+    ``redis`` (a redis-py client) or ``sqlite_path`` tells the registry where
+    to keep its records: the same server or file as the queue.
+    """
 
     def __init__(self, url: Optional[str] = None):
         self.url = queue_url(url)
         self.serializer = JSONSerializer()
+        self.redis: Optional[redis.Redis] = None
+        self.sqlite_path: Optional[Path] = None
         if self.url.startswith(("redis://", "rediss://", "unix://")):
             # Fail in seconds when Redis is unreachable; ride out restarts with retries.
             pool = redis.ConnectionPool.from_url(
@@ -77,26 +94,39 @@ class Queue:
                 retry=Retry(ExponentialBackoff(cap=5, base=0.2), retries=int(os.environ.get(
                     "TLM_QUEUE_RETRIES", "12"))),
                 retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
-            self.huey = RedisHuey(QUEUE_NAME, connection_pool=pool, serializer=self.serializer,
-                                  read_timeout=1)
+            self.redis = redis.Redis(connection_pool=pool)
+            self.lanes = {lane: RedisHuey(name, connection_pool=pool, serializer=self.serializer,
+                                          blocking=False).storage for lane, name in LANES.items()}
         elif self.url.startswith("sqlite://"):
-            path = Path(self.url[len("sqlite://"):]).expanduser()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.huey = SqliteHuey(QUEUE_NAME, filename=str(path), serializer=self.serializer,
-                                   timeout=30)
+            self.sqlite_path = Path(self.url[len("sqlite://"):]).expanduser()
+            self.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+            self.lanes = {lane: SqliteHuey(name, filename=str(self.sqlite_path),
+                                           serializer=self.serializer, timeout=30).storage
+                          for lane, name in LANES.items()}
         else:
             raise QueueError(f"unsupported queue URL {redact(self.url)!r}: use "
                              "redis://[:password@]host:port/db, rediss://..., or sqlite:///path")
-        self.storage = self.huey.storage
+        self.storage = self.lanes["train"]  # huey's result store held the registry before 0.2
 
-    def push(self, job_id: str) -> None:
-        self.storage.enqueue(self.serializer.serialize({"job": job_id}))
+    def push(self, job_id: str, lane: str) -> None:
+        self.lanes[lane].enqueue(self.serializer.serialize({"job": job_id}))
 
-    def pop(self) -> Optional[str]:
-        """The next job id, or None. Raises PayloadError for an entry that is not ours."""
-        raw = self.storage.dequeue()
-        if raw is None:
-            return None
+    def pop(self, lane: str) -> Optional[str]:
+        """The lane's next job id, or None. Raises PayloadError for an entry that is not ours."""
+        raw = self.lanes[lane].dequeue()
+        return None if raw is None else self._job_id(raw)
+
+    def pending(self, lane: str) -> set[str]:
+        """The job ids waiting in a lane (a short list: live work only)."""
+        ids = set()
+        for raw in self.lanes[lane].enqueued_items():
+            try:
+                ids.add(self._job_id(raw))
+            except PayloadError:
+                pass
+        return ids
+
+    def _job_id(self, raw: bytes) -> str:
         entry = self.serializer.deserialize(raw)
         if not isinstance(entry, dict) or not isinstance(entry.get("job"), str):
             raise PayloadError("queue entry without a job id")

@@ -1,40 +1,71 @@
-"""The job registry: job records, logs, cancel flags, heartbeats and fencing tokens.
+"""The job registry: the source of truth for every job, worker and log line.
 
-Everything lives in the queue's own key-value store (huey's result store: a
-Redis hash or a SQLite table), so Redis users and single-machine users get the
-same behaviour from one implementation. Each key has one writer at a time:
+One record per job, indexed by state and by run, so what a command or a
+worker's sweep costs follows the live work, not the history. The rules of
+each state change are written once, in Python (``Registry``); a backend only
+makes a read-modify-write of one record atomic and keeps its indexes:
 
-* ``job:<id>``    the record: the CLI while queued, the worker that claimed it
-                  while running, a recovering worker after its lease expired;
-* ``hb:<id>``     the running job's heartbeat (the worker's heartbeat thread);
-* ``log:<id>``    log lines (the process running the job);
-* ``cancel:<id>`` "stop" or "force" (the CLI);
-* ``worker:<id>`` a worker's host, pid, device, heartbeat and current job.
+* ``RedisStore``: a hash per job (``tlm:job:<id>``, each field JSON), sets of
+  ids per live state, a sorted set of finished ids by finish time, one per
+  run, and one of all ids for prefix lookups; capped log streams; worker
+  records that expire; WATCH/MULTI for each change; pub/sub for followers.
+* ``SqliteStore``: tables in the embedded queue's own file (WAL mode), one
+  row per job with indexed columns, a partial unique index for "one live
+  trainer per run", and ``BEGIN IMMEDIATE`` for each change.
 
-Claims use ``put_if_empty`` (atomic in both backends) and fencing tokens an
-atomic counter, so two workers never run one job and a worker that lost its
-lease cannot publish a checkpoint over a newer one.
+Finished jobs and their logs expire after ``keep_days`` (a Redis TTL, and a
+prune run by workers on both backends). A record has one writer per field:
+the CLI (cancel), the worker that holds the job's fencing token (state,
+heartbeat) and its job process (progress); a worker that lost its lease
+cannot publish over the new holder because every transition of a running
+job names the fence it expects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sqlite3
+import threading
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from huey.constants import EmptyData
+import redis
+
+from tlm_worker.queue import Queue, lane_of
 
 QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
 CANCELLED, SUCCEEDED, FAILED, INTERRUPTED = "cancelled", "succeeded", "failed", "interrupted"
-LIVE = (QUEUED, RUNNING, CANCELLING, INTERRUPTED)  # interrupted jobs are back in the queue
+CLAIMABLE = (QUEUED, INTERRUPTED)  # interrupted jobs are back in the queue
+ACTIVE = (RUNNING, CANCELLING)  # held by a worker
+LIVE = CLAIMABLE + ACTIVE
 FINAL = (CANCELLED, SUCCEEDED, FAILED)
 MAX_LOG_LINES = 2000
+KEEP_DAYS = float(os.environ.get("TLM_KEEP_DAYS", "30"))
+WORKER_TTL = 120.0  # a worker record outlives its last heartbeat by this much
+
+Change = Callable[[dict[str, Any]], Optional[dict[str, Any]]]
 
 
 class JobNotFound(KeyError):
+    def __init__(self, job_id: str, matches: int = 0):
+        super().__init__(job_id, matches)
+
     def __str__(self) -> str:
-        return f"no job {self.args[0]!r}"
+        job_id, matches = self.args
+        if matches > 1:
+            return f"job prefix {job_id!r} matches {matches} jobs: give more characters"
+        return f"no job {job_id!r}"
+
+
+class RunBusy(RuntimeError):
+    """The run already has a live training job (one trainer per run)."""
+
+    def __init__(self, job: dict[str, Any]):
+        super().__init__(job["id"])
+        self.job = job
 
 
 class LeaseLost(RuntimeError):
@@ -42,114 +73,525 @@ class LeaseLost(RuntimeError):
 
 
 class Registry:
-    def __init__(self, queue):
+    """Jobs, logs and workers over one store; every state change one atomic step."""
+
+    def __init__(self, queue: Queue, keep_days: float = KEEP_DAYS):
         self.queue = queue
-        self.storage = queue.storage
-
-    # -- raw JSON values -----------------------------------------------------
-
-    def _get(self, key: str) -> Any:
-        raw = self.storage.peek_data(key)
-        return None if raw is EmptyData else json.loads(raw)
-
-    def _put(self, key: str, value: Any) -> None:
-        self.storage.put_data(key, json.dumps(value).encode())
+        self.keep_days = keep_days
+        self.store = RedisStore(queue.redis) if queue.redis is not None else SqliteStore(queue.sqlite_path)
+        if queue.storage.result_store_size():
+            self._migrate()
 
     # -- jobs ------------------------------------------------------------------
 
     def create(self, kind: str, params: dict[str, Any], run_key: str) -> dict[str, Any]:
+        """Record a queued job and wake a worker; a second live trainer of a run raises RunBusy."""
+        now = time.time()
         job = {"id": uuid.uuid4().hex[:12], "kind": kind, "params": params, "run": run_key,
-               "state": QUEUED, "worker": None, "attempts": 0, "fence": 0,
-               "created": time.time(), "started": None, "finished": None,
-               "progress": {}, "checkpoint": None, "error": None, "result": None}
-        self._put(f"job:{job['id']}", job)
+               "state": QUEUED, "worker": None, "attempts": 0, "interruptions": 0, "fence": 0,
+               "created": now, "enqueued": now, "started": None, "finished": None,
+               "heartbeat": None, "cancel": None, "progress": {}, "checkpoint": None,
+               "error": None, "result": None}
+        busy = self.store.insert(job, exclusive=kind == "train")
+        if busy is not None:
+            raise RunBusy(self.get(busy))
+        self.queue.push(job["id"], lane_of(kind))
         return job
 
     def get(self, job_id: str) -> dict[str, Any]:
         """A job by id or unique id prefix."""
-        job = self._get(f"job:{job_id}")
-        if job is None:
-            matches = [j for j in self.jobs() if j["id"].startswith(job_id)] if job_id else []
-            if len(matches) != 1:
-                raise JobNotFound(job_id)
-            job = matches[0]
-        return job
+        found = self.store.read([job_id])
+        if found:
+            return found[0]
+        matches = self.store.match_prefix(job_id, 2) if job_id else []
+        found = self.store.read(matches[:1]) if len(matches) == 1 else []
+        if not found:
+            raise JobNotFound(job_id, len(matches))
+        return found[0]
 
-    def update(self, job_id: str, **fields: Any) -> dict[str, Any]:
-        job = self.get(job_id)
-        job.update(fields)
-        self._put(f"job:{job_id}", job)
-        return job
+    def update(self, job_id: str, **fields: Any) -> None:
+        """Set fields other than the state (progress, checkpoint, result) of an existing job."""
+        self.store.set_fields(job_id, fields)
 
-    def jobs(self) -> list[dict[str, Any]]:
-        """All job records, oldest first."""
-        items = self.storage.result_items()
-        out = [json.loads(v) for k, v in items.items()
-               if (k.decode() if isinstance(k, bytes) else k).startswith("job:")]
-        return sorted(out, key=lambda j: j["created"])
+    def jobs(self, limit: Optional[int] = 50, state: Optional[str] = None,
+             run: Optional[str] = None) -> list[dict[str, Any]]:
+        """Live jobs and the latest ``limit`` finished ones (None: all), oldest first."""
+        if run is not None:
+            jobs = self.store.read(self.store.run_ids(run))
+            live = [j for j in jobs if j["state"] in LIVE]
+            done = [j for j in jobs if j["state"] in FINAL]
+            done = done[:limit] if limit is not None else done  # run_ids is newest first
+            jobs = [j for j in live + done if state in (None, j["state"])]
+        elif state in LIVE:
+            jobs = self.store.read(self.store.ids_in([state]))
+        else:
+            jobs = self.store.read(self.store.ids_in(LIVE)) if state is None else []
+            jobs += self._finished(limit, state)
+        return sorted(jobs, key=lambda j: j["created"])
+
+    def _finished(self, limit: Optional[int], state: Optional[str]) -> list[dict[str, Any]]:
+        """The newest finished jobs, optionally of one state, reading a page at a time."""
+        out, offset, page = [], 0, max(limit or 0, 200)
+        while limit is None or len(out) < limit:
+            ids = self.store.finished_ids(offset, page)
+            if not ids:
+                break
+            out += [j for j in self.store.read(ids) if state in (None, j["state"])]
+            offset += len(ids)
+        return out if limit is None else out[:limit]
 
     def live_job_for_run(self, run_key: str) -> Optional[dict[str, Any]]:
         """The queued or running training job of a run (one trainer per run)."""
-        return next((j for j in self.jobs() if j["run"] == run_key and j["kind"] == "train"
-                     and j["state"] in LIVE), None)
+        return next((j for j in self.jobs(0, run=run_key) if j["kind"] == "train"), None)
 
-    def claim(self, job: dict[str, Any], worker_id: str) -> Optional[int]:
-        """Take a queued job for this worker; return its fencing token, or None if taken."""
-        attempt = job["attempts"] + 1
-        if not self.storage.put_if_empty(f"claim:{job['id']}:{attempt}", worker_id.encode()):
-            return None
-        fence = self.storage.incr(f"fence:{job['id']}")
-        self.heartbeat_job(job["id"], worker_id)
-        self.update(job["id"], state=RUNNING, worker=worker_id, attempts=attempt, fence=fence,
-                    started=time.time(), error=None)
-        return fence
+    # -- state changes: each one atomic step of one record -----------------------
+
+    def claim(self, job_id: str, worker_id: str) -> Optional[dict[str, Any]]:
+        """Take a claimable job for this worker with a new fencing token; None if not ours.
+
+        A claimable job whose cancel was asked for while it ran ends cancelled here.
+        """
+        now = time.time()
+
+        def take(job):
+            if job["state"] not in CLAIMABLE:
+                return None
+            if job["cancel"]:
+                return {"state": CANCELLED, "finished": now}
+            return {"state": RUNNING, "worker": worker_id, "attempts": job["attempts"] + 1,
+                    "fence": job["fence"] + 1, "started": now, "heartbeat": now, "error": None}
+        job = self.store.change(job_id, take, expire=self.keep_days * 86400)
+        return job if job is not None and job["state"] == RUNNING else None
+
+    def finish(self, job_id: str, state: str, fence: Optional[int] = None,
+               **fields: Any) -> Optional[dict[str, Any]]:
+        """End a live job (held under ``fence``, if given); None if it was not."""
+        assert state in FINAL
+        now = time.time()
+
+        def end(job):
+            if job["state"] not in LIVE or (fence is not None and job["fence"] != fence):
+                return None
+            return {"state": state, "finished": now, **fields}
+        return self.store.change(job_id, end, expire=self.keep_days * 86400)
+
+    def requeue(self, job_id: str, fence: int, reason: str, interrupted: bool) -> Optional[dict]:
+        """Give a held job back to the queue with a new fence (voiding the old holder).
+
+        ``interrupted``: stopped on purpose (a worker's signal), so the attempt
+        does not count against ``--max_attempts``.
+        """
+        def back(job):
+            if job["state"] not in ACTIVE or job["fence"] != fence:
+                return None
+            changes = {"state": INTERRUPTED, "worker": None, "fence": fence + 1, "error": reason,
+                       "enqueued": time.time()}
+            if interrupted:
+                changes.update(attempts=job["attempts"] - 1, interruptions=job["interruptions"] + 1)
+            return changes
+        job = self.store.change(job_id, back)
+        if job is not None:
+            self.log(job_id, f"re-queued: {reason}")
+            self.queue.push(job_id, lane_of(job["kind"]))
+        return job
+
+    def cancel(self, job_id: str, force: bool = False) -> bool:
+        """Cancel: a claimable job ends at once (True); a held one is asked to stop (False)."""
+        now = time.time()
+
+        def drop(job):
+            if job["state"] not in CLAIMABLE:
+                return None
+            return {"state": CANCELLED, "finished": now, "cancel": "stop"}
+        if self.store.change(job_id, drop, expire=self.keep_days * 86400):
+            return True
+        self.update(job_id, cancel="force" if force else "stop")
+        return False
+
+    def mark_cancelling(self, job_id: str, fence: int) -> None:
+        self.store.change(job_id, lambda job: {"state": CANCELLING}
+                          if job["state"] == RUNNING and job["fence"] == fence else None)
 
     def check_fence(self, job_id: str, fence: int) -> None:
         """Raise LeaseLost unless ``fence`` is still the job's current token."""
         job = self.get(job_id)
-        if job["fence"] != fence or job["state"] not in (RUNNING, CANCELLING):
+        if job["fence"] != fence or job["state"] not in ACTIVE:
             raise LeaseLost(f"job {job_id} was taken over (fence {fence} -> {job['fence']}, "
                             f"state {job['state']}): not saving")
 
-    def requeue(self, job_id: str, reason: str) -> None:
-        """Put an interrupted job back in the queue (a new fence voids the old holder)."""
-        fence = self.storage.incr(f"fence:{job_id}")
-        self.update(job_id, state=INTERRUPTED, worker=None, fence=fence, error=reason)
-        self.log(job_id, f"re-queued: {reason}")
-        self.queue.push(job_id)
+    # -- heartbeats, logs, followers ------------------------------------------------
 
-    # -- heartbeats, cancel flags, logs ---------------------------------------
-
-    def heartbeat_job(self, job_id: str, worker_id: str) -> None:
-        self._put(f"hb:{job_id}", {"t": time.time(), "worker": worker_id})
-
-    def job_heartbeat(self, job_id: str) -> Optional[float]:
-        hb = self._get(f"hb:{job_id}")
-        return hb["t"] if hb else None
-
-    def request_cancel(self, job_id: str, force: bool = False) -> None:
-        self._put(f"cancel:{job_id}", "force" if force else "stop")
-
-    def cancel_requested(self, job_id: str) -> Optional[str]:
-        return self._get(f"cancel:{job_id}")
+    def heartbeat_job(self, job_id: str) -> None:
+        self.store.set_fields(job_id, {"heartbeat": time.time()})
 
     def log(self, job_id: str, line: str) -> None:
-        lines = self._get(f"log:{job_id}") or []
-        lines.append(f"{time.strftime('%H:%M:%S')} {line}")
-        self._put(f"log:{job_id}", lines[-MAX_LOG_LINES:])
+        self.store.append_log(job_id, f"{time.strftime('%H:%M:%S')} {line}")
 
-    def logs(self, job_id: str) -> list[str]:
-        return self._get(f"log:{job_id}") or []
+    def logs(self, job_id: str, after: Any = None) -> tuple[list[str], Any]:
+        """Log lines after a cursor (None: all kept), and the cursor to pass next time."""
+        return self.store.read_log(job_id, after)
 
-    # -- workers ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def changes(self) -> Iterator[Callable[[float], None]]:
+        """``wait(timeout)``: returns early when any job changes or logs (Redis pub/sub)."""
+        with self.store.waiter() as wait:
+            yield wait
+
+    # -- workers -------------------------------------------------------------------
 
     def heartbeat_worker(self, worker_id: str, info: dict[str, Any]) -> None:
-        self._put(f"worker:{worker_id}", {**info, "id": worker_id, "heartbeat": time.time()})
+        self.store.put_worker(worker_id, {**info, "id": worker_id, "heartbeat": time.time()})
 
     def remove_worker(self, worker_id: str) -> None:
-        self.storage.delete_data(f"worker:{worker_id}")
+        self.store.drop_worker(worker_id)
 
     def workers(self) -> list[dict[str, Any]]:
-        items = self.storage.result_items()
-        return [json.loads(v) for k, v in items.items()
-                if (k.decode() if isinstance(k, bytes) else k).startswith("worker:")]
+        return self.store.workers()
+
+    # -- retention and upgrades ----------------------------------------------------------
+
+    def prune(self, older_than_days: Optional[float] = None) -> int:
+        """Delete jobs (and logs) finished more than the given days ago; return how many."""
+        days = self.keep_days if older_than_days is None else older_than_days
+        return self.store.prune(time.time() - days * 86400)
+
+    def _migrate(self) -> None:
+        """Move records written by tlm 0.1 (in huey's result store) into this registry, once."""
+        items = self.queue.storage.result_items()
+        value = lambda key: json.loads(items[key]) if key in items else None  # noqa: E731
+        for key in items:
+            if not key.startswith("job:"):
+                continue
+            old = json.loads(items[key])
+            hb = value(f"hb:{old['id']}")
+            job = {"interruptions": 0, "enqueued": old["created"], "heartbeat": hb and hb["t"],
+                   "cancel": value(f"cancel:{old['id']}"), **old}
+            if job["state"] in FINAL:
+                job["finished"] = job["finished"] or job["created"]
+            if self.store.insert(job, exclusive=False, migrating=True) is None:
+                for line in value(f"log:{old['id']}") or []:
+                    self.store.append_log(old["id"], line)
+        self.queue.storage.flush_results()
+
+
+def _json(fields: dict[str, Any]) -> dict[str, str]:
+    return {k: json.dumps(v) for k, v in fields.items()}
+
+
+class RedisStore:
+    """Redis keys under ``tlm:``; see the module docstring."""
+
+    P = "tlm:"
+
+    def __init__(self, client: redis.Redis):
+        self.r = client
+
+    def _job(self, job_id: str) -> str:
+        return f"{self.P}job:{job_id}"
+
+    def _log(self, job_id: str) -> str:
+        return f"{self.P}log:{job_id}"
+
+    def _trainer(self, run: str) -> str:
+        return f"{self.P}trainer:{run}"
+
+    def _decode(self, raw: dict) -> Optional[dict[str, Any]]:
+        job = {k.decode(): json.loads(v) for k, v in raw.items()}
+        return job if "state" in job else None
+
+    def insert(self, job: dict[str, Any], exclusive: bool, migrating: bool = False) -> Optional[str]:
+        """Add a job; return the id of the run's live trainer instead if ``exclusive`` and busy."""
+        key, trainer = self._job(job["id"]), self._trainer(job["run"])
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(trainer, key)
+                    if migrating and pipe.exists(key):
+                        return job["id"]
+                    holder = pipe.get(trainer) if exclusive else None
+                    if holder is not None:
+                        state = pipe.hget(self._job(holder.decode()), "state")
+                        if state is not None and json.loads(state) in LIVE:
+                            return holder.decode()
+                    pipe.multi()
+                    pipe.hset(key, mapping=_json(job))
+                    self._index(pipe, job, None)
+                    if exclusive:
+                        pipe.set(trainer, job["id"])
+                    pipe.zadd(f"{self.P}run:{job['run']}", {job["id"]: job["created"]})
+                    pipe.zadd(f"{self.P}ids", {job["id"]: 0})
+                    pipe.execute()
+                    return None
+                except redis.WatchError:
+                    continue
+
+    def _index(self, pipe, job: dict[str, Any], old_state: Optional[str],
+               expire: Optional[float] = None) -> None:
+        """Move a job between the state indexes (inside a MULTI)."""
+        if old_state is not None:
+            pipe.srem(f"{self.P}state:{old_state}", job["id"])
+        if job["state"] in FINAL:
+            pipe.zadd(f"{self.P}finished", {job["id"]: job["finished"]})
+            if expire:
+                pipe.expire(self._job(job["id"]), int(expire) + 86400)  # prune comes first
+                pipe.expire(self._log(job["id"]), int(expire) + 86400)
+        else:
+            pipe.sadd(f"{self.P}state:{job['state']}", job["id"])
+        pipe.publish(f"{self.P}events", job["id"])
+
+    def change(self, job_id: str, fn: Change, expire: Optional[float] = None) -> Optional[dict]:
+        """Atomically apply ``fn(job) -> changes`` to a job; the new record, or None."""
+        key = self._job(job_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    job = self._decode(pipe.hgetall(key))
+                    changes = fn(job) if job is not None else None
+                    if changes is None:
+                        pipe.unwatch()
+                        return None
+                    new = {**job, **changes}
+                    trainer = self._trainer(job["run"])
+                    pipe.watch(trainer)
+                    release = new["state"] in FINAL and pipe.get(trainer) == job_id.encode()
+                    pipe.multi()
+                    pipe.hset(key, mapping=_json(changes))
+                    if new["state"] != job["state"]:
+                        self._index(pipe, new, job["state"], expire)
+                    if release:
+                        pipe.delete(trainer)
+                    pipe.execute()
+                    return new
+                except redis.WatchError:
+                    continue
+
+    # Fields written outside a state change; only while the record exists, so a late
+    # heartbeat never brings back an expired job as a fragment.
+    _SET_IF_EXISTS = """
+    if redis.call('EXISTS', KEYS[1]) == 1 then
+        redis.call('HSET', KEYS[1], unpack(ARGV))
+        redis.call('PUBLISH', KEYS[2], KEYS[3])
+    end"""
+
+    def set_fields(self, job_id: str, fields: dict[str, Any]) -> None:
+        args = [x for kv in _json(fields).items() for x in kv]
+        self.r.eval(self._SET_IF_EXISTS, 3, self._job(job_id), f"{self.P}events", job_id, *args)
+
+    def read(self, ids: list[str]) -> list[dict[str, Any]]:
+        with self.r.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(self._job(job_id))
+            return [j for j in map(self._decode, pipe.execute()) if j is not None]
+
+    def ids_in(self, states) -> list[str]:
+        return [i.decode() for i in self.r.sunion([f"{self.P}state:{s}" for s in states])]
+
+    def finished_ids(self, offset: int, count: int) -> list[str]:
+        return [i.decode() for i in self.r.zrevrange(f"{self.P}finished", offset, offset + count - 1)]
+
+    def run_ids(self, run: str) -> list[str]:
+        return [i.decode() for i in self.r.zrevrange(f"{self.P}run:{run}", 0, -1)]
+
+    def match_prefix(self, prefix: str, count: int) -> list[str]:
+        return [i.decode() for i in self.r.zrangebylex(
+            f"{self.P}ids", f"[{prefix}", f"[{prefix}\xff", start=0, num=count)]
+
+    def append_log(self, job_id: str, line: str) -> None:
+        with self.r.pipeline() as pipe:
+            pipe.xadd(self._log(job_id), {"l": line}, maxlen=MAX_LOG_LINES, approximate=False)
+            pipe.publish(f"{self.P}events", job_id)
+            pipe.execute()
+
+    def read_log(self, job_id: str, after: Optional[str]) -> tuple[list[str], Optional[str]]:
+        entries = self.r.xrange(self._log(job_id), min=f"({after}" if after else "-")
+        if not entries:
+            return [], after
+        return [fields[b"l"].decode() for _, fields in entries], entries[-1][0].decode()
+
+    @contextlib.contextmanager
+    def waiter(self) -> Iterator[Callable[[float], None]]:
+        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(f"{self.P}events")
+
+        def wait(timeout: float) -> None:
+            if pubsub.get_message(timeout=timeout) is not None:
+                while pubsub.get_message(timeout=0.05) is not None:  # a burst is one wake-up
+                    pass
+        try:
+            yield wait
+        finally:
+            pubsub.close()
+
+    def put_worker(self, worker_id: str, record: dict[str, Any]) -> None:
+        with self.r.pipeline() as pipe:
+            pipe.set(f"{self.P}worker:{worker_id}", json.dumps(record), ex=int(WORKER_TTL))
+            pipe.sadd(f"{self.P}workers", worker_id)
+            pipe.execute()
+
+    def drop_worker(self, worker_id: str) -> None:
+        with self.r.pipeline() as pipe:
+            pipe.delete(f"{self.P}worker:{worker_id}")
+            pipe.srem(f"{self.P}workers", worker_id)
+            pipe.execute()
+
+    def workers(self) -> list[dict[str, Any]]:
+        ids = [i.decode() for i in self.r.smembers(f"{self.P}workers")]
+        values = self.r.mget([f"{self.P}worker:{i}" for i in ids]) if ids else []
+        gone = [i for i, v in zip(ids, values) if v is None]
+        if gone:
+            self.r.srem(f"{self.P}workers", *gone)
+        return [json.loads(v) for v in values if v is not None]
+
+    def prune(self, before: float) -> int:
+        ids = [i.decode() for i in self.r.zrangebyscore(f"{self.P}finished", "-inf", before)]
+        for job_id in ids:
+            run = self.r.hget(self._job(job_id), "run")
+            with self.r.pipeline() as pipe:
+                pipe.delete(self._job(job_id), self._log(job_id))
+                pipe.zrem(f"{self.P}finished", job_id)
+                pipe.zrem(f"{self.P}ids", job_id)
+                if run is not None:
+                    pipe.zrem(f"{self.P}run:{json.loads(run)}", job_id)
+                pipe.execute()
+        return len(ids)
+
+
+class SqliteStore:
+    """Tables in the embedded queue's SQLite file; see the module docstring."""
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS tlm_job (
+        id TEXT PRIMARY KEY, kind TEXT NOT NULL, run TEXT NOT NULL, state TEXT NOT NULL,
+        created REAL NOT NULL, finished REAL, record TEXT NOT NULL);
+    CREATE INDEX IF NOT EXISTS tlm_job_state ON tlm_job (state);
+    CREATE INDEX IF NOT EXISTS tlm_job_run ON tlm_job (run, created);
+    CREATE INDEX IF NOT EXISTS tlm_job_finished ON tlm_job (finished);
+    CREATE UNIQUE INDEX IF NOT EXISTS tlm_one_trainer_per_run ON tlm_job (run)
+        WHERE kind = 'train' AND state IN ('queued', 'interrupted', 'running', 'cancelling');
+    CREATE TABLE IF NOT EXISTS tlm_log (
+        job TEXT NOT NULL, n INTEGER NOT NULL, line TEXT NOT NULL, PRIMARY KEY (job, n));
+    CREATE TABLE IF NOT EXISTS tlm_worker (
+        id TEXT PRIMARY KEY, heartbeat REAL NOT NULL, record TEXT NOT NULL);
+    """
+
+    def __init__(self, path):
+        self.db = sqlite3.connect(str(path), timeout=30, isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(self.SCHEMA)
+        self._tx_lock = threading.RLock()  # one transaction at a time per process
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._tx_lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def _write(self, db, job: dict[str, Any]) -> None:
+        db.execute("UPDATE tlm_job SET state = ?, finished = ?, record = ? WHERE id = ?",
+                   (job["state"], job["finished"], json.dumps(job), job["id"]))
+
+    def insert(self, job: dict[str, Any], exclusive: bool, migrating: bool = False) -> Optional[str]:
+        with self._tx() as db:
+            try:
+                db.execute("INSERT INTO tlm_job VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (job["id"], job["kind"], job["run"], job["state"], job["created"],
+                            job["finished"], json.dumps(job)))
+                return None
+            except sqlite3.IntegrityError:
+                if migrating:
+                    return job["id"]
+                row = db.execute("SELECT id FROM tlm_job WHERE run = ? AND kind = 'train' AND "
+                                 "state IN (?, ?, ?, ?)", (job["run"], *LIVE)).fetchone()
+                if row is None:
+                    raise
+                return row[0]
+
+    def change(self, job_id: str, fn: Change, expire: Optional[float] = None) -> Optional[dict]:
+        with self._tx() as db:
+            row = db.execute("SELECT record FROM tlm_job WHERE id = ?", (job_id,)).fetchone()
+            changes = fn(json.loads(row[0])) if row else None
+            if changes is None:
+                return None
+            job = {**json.loads(row[0]), **changes}
+            self._write(db, job)
+            return job
+
+    def set_fields(self, job_id: str, fields: dict[str, Any]) -> None:
+        self.change(job_id, lambda job: fields)
+
+    def read(self, ids: list[str]) -> list[dict[str, Any]]:
+        out = []
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows = self.db.execute(f"SELECT id, record FROM tlm_job WHERE id IN "
+                                   f"({','.join('?' * len(chunk))})", chunk).fetchall()
+            by_id = dict(rows)
+            out += [json.loads(by_id[j]) for j in chunk if j in by_id]
+        return out
+
+    def ids_in(self, states) -> list[str]:
+        states = list(states)
+        return [r[0] for r in self.db.execute(
+            f"SELECT id FROM tlm_job WHERE state IN ({','.join('?' * len(states))})", states)]
+
+    def finished_ids(self, offset: int, count: int) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM tlm_job WHERE finished IS NOT NULL AND state IN (?, ?, ?) "
+            "ORDER BY finished DESC LIMIT ? OFFSET ?", (*FINAL, count, offset))]
+
+    def run_ids(self, run: str) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM tlm_job WHERE run = ? ORDER BY created DESC", (run,))]
+
+    def match_prefix(self, prefix: str, count: int) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM tlm_job WHERE id >= ? AND id < ? LIMIT ?",
+            (prefix, prefix + "\uffff", count))]
+
+    def append_log(self, job_id: str, line: str) -> None:
+        with self._tx() as db:
+            n = db.execute("SELECT COALESCE(MAX(n), 0) + 1 FROM tlm_log WHERE job = ?",
+                           (job_id,)).fetchone()[0]
+            db.execute("INSERT INTO tlm_log VALUES (?, ?, ?)", (job_id, n, line))
+            db.execute("DELETE FROM tlm_log WHERE job = ? AND n <= ?", (job_id, n - MAX_LOG_LINES))
+
+    def read_log(self, job_id: str, after: Optional[int]) -> tuple[list[str], Optional[int]]:
+        rows = self.db.execute("SELECT n, line FROM tlm_log WHERE job = ? AND n > ? ORDER BY n",
+                               (job_id, after or 0)).fetchall()
+        return [line for _, line in rows], rows[-1][0] if rows else after
+
+    @contextlib.contextmanager
+    def waiter(self) -> Iterator[Callable[[float], None]]:
+        yield lambda timeout: time.sleep(min(timeout, 0.25))  # polling is cheap on a local file
+
+    def put_worker(self, worker_id: str, record: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO tlm_worker VALUES (?, ?, ?)",
+                       (worker_id, record["heartbeat"], json.dumps(record)))
+
+    def drop_worker(self, worker_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM tlm_worker WHERE id = ?", (worker_id,))
+
+    def workers(self) -> list[dict[str, Any]]:
+        with self._tx() as db:
+            db.execute("DELETE FROM tlm_worker WHERE heartbeat < ?", (time.time() - WORKER_TTL,))
+        return [json.loads(r[0]) for r in self.db.execute("SELECT record FROM tlm_worker")]
+
+    def prune(self, before: float) -> int:
+        with self._tx() as db:
+            ids = [r[0] for r in db.execute(
+                "SELECT id FROM tlm_job WHERE finished < ? AND state IN (?, ?, ?)", (before, *FINAL))]
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                db.execute(f"DELETE FROM tlm_log WHERE job IN ({marks})", chunk)
+                db.execute(f"DELETE FROM tlm_job WHERE id IN ({marks})", chunk)
+        return len(ids)
