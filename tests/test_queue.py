@@ -296,3 +296,72 @@ def test_a_burst_worker_runs_the_queue_dry_and_reports_failures(tmp_path, save_d
     assert reg.get(ok)["state"] == "succeeded" and reg.get(bad)["state"] == "failed"
     assert proc.returncode == 1 and "1 job(s) failed" in proc.stderr
     assert "queue empty: exiting (--burst)" in proc.stderr
+
+
+def test_a_job_whose_entry_was_taken_by_a_dying_worker_still_runs(url, workers, save_dir):
+    """The fault between dequeue and claim: the entry is gone, the record says queued."""
+    job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "3")
+    assert Queue(url).pop("train") == job_id  # as a worker killed right after its dequeue
+    workers.start(lease=2)
+    wait_for(url, job_id, ["succeeded"], timeout=120)
+
+
+def test_a_queued_sample_answers_while_the_only_worker_trains_that_run(url, workers, save_dir):
+    workers.start()
+    train = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "100000",
+                   "--steps_per_eval", "20")
+    wait_for(url, train, ["running"], until=lambda j: j["checkpoint"])
+    proc = tlm("sample", "--save_dir", str(save_dir), "--prompt", "the", "--max_tokens", "5",
+               "--queue", url)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    step = registry(url).get(train)["progress"]["step"]
+    job = wait_for(url, train, ["running"], until=lambda j: j["progress"]["step"] > step)
+    assert job["attempts"] == 1 and job["interruptions"] == 0  # training went on meanwhile
+    assert tlm("cancel", train, "--queue", url).returncode == 0
+    wait_for(url, train, ["cancelled"])
+
+
+def test_chaos_every_job_succeeds_once_through_random_worker_kills(tmp_path, save_dir):
+    """20 short training jobs, 2 workers, one SIGKILLed every few seconds and replaced."""
+    import random
+
+    if not redis_available():
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    redis.Redis.from_url(REDIS_TEST_DB).flushdb()
+    url = REDIS_TEST_DB
+    workers = Workers(url, tmp_path)
+    runs = []
+    for i in range(20):
+        run = tmp_path / f"chaos-{i}"
+        run.mkdir()
+        (run / "datasets").symlink_to(save_dir / "datasets")
+        runs.append(run)
+    ids = [submit(url, "train", "--save_dir", str(run), *TINY, "--num_iters", "30",
+                  "--steps_per_eval", "10") for run in runs]
+    rng = random.Random(0)
+    alive = [workers.start("--max_attempts", "1000", lease=3) for _ in range(2)]
+    reg = registry(url)
+    kills, deadline = 0, time.time() + 300
+    try:
+        while time.time() < deadline and any(reg.get(j)["state"] != "succeeded" for j in ids):
+            time.sleep(rng.uniform(2, 5))
+            victim = alive.pop(rng.randrange(len(alive)))
+            victim.kill()
+            victim.wait()
+            kills += 1
+            alive.append(workers.start("--max_attempts", "1000", lease=3))
+        for job_id in ids:
+            wait_for(url, job_id, ["succeeded"], timeout=60)
+    finally:
+        workers.stop_all()
+    assert kills >= 5
+    assert sum(reg.get(j)["attempts"] for j in ids) > len(ids)  # kills did land on jobs
+    for job_id, run in zip(ids, runs):
+        job = reg.get(job_id)
+        saved = checkpoint.find(run)  # verifies the SHA1 against the file's name
+        assert saved.identifier == job["checkpoint"] and saved.step == 30
+        # Never two holders at once: the workers that wrote the run's metrics took turns.
+        holders = [json.loads(line).get("worker") for line in (run / "metrics.jsonl").open()]
+        turns = [w for i, w in enumerate(holders) if i == 0 or w != holders[i - 1]]
+        assert len(turns) == len(set(turns)), turns

@@ -268,7 +268,8 @@ class Registry:
                    "cancel": value(f"cancel:{old['id']}"), **old}
             if job["state"] in FINAL:
                 job["finished"] = job["finished"] or job["created"]
-            if self.store.insert(job, exclusive=False, migrating=True) is None:
+            exclusive = job["kind"] == "train" and job["state"] in LIVE
+            if self.store.insert(job, exclusive, migrating=True) is None:
                 for line in value(f"log:{old['id']}") or []:
                     self.store.append_log(old["id"], line)
         self.queue.storage.flush_results()

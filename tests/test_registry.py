@@ -1,0 +1,219 @@
+"""The job registry's rules, against both backends (real Redis, a real SQLite file)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import redis
+
+from tlm_worker.queue import Queue
+from tlm_worker.registry import MAX_LOG_LINES, JobNotFound, LeaseLost, Registry, RunBusy
+
+from queue_helpers import tlm
+
+REDIS_TEST_DB = "redis://127.0.0.1:6379/13"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'queue.db'}"
+    try:
+        redis.Redis.from_url(REDIS_TEST_DB, socket_connect_timeout=1).flushdb()
+    except redis.exceptions.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    return REDIS_TEST_DB
+
+
+@pytest.fixture
+def reg(url) -> Registry:
+    return Registry(Queue(url))
+
+
+def test_create_get_by_prefix_and_update(reg):
+    job = reg.create("eval", {"save_dir": "/x"}, "dir:/x")
+    assert reg.get(job["id"][:5])["id"] == job["id"]
+    reg.update(job["id"], progress={"step": 3})
+    assert reg.get(job["id"])["progress"] == {"step": 3}
+    assert reg.queue.pending("interactive") == {job["id"]}
+    with pytest.raises(JobNotFound, match="no job 'zz'"):
+        reg.get("zz")
+
+
+def test_an_ambiguous_prefix_says_how_many_match(reg):
+    ids = {reg.create("sample", {}, "dir:/x")["id"] for _ in range(40)}
+    first_chars = [i[0] for i in ids]
+    shared = max(set(first_chars), key=first_chars.count)
+    with pytest.raises(JobNotFound, match=f"job prefix '{shared}' matches 2 jobs"):
+        reg.get(shared)  # (2: the lookup stops counting at two)
+
+
+def test_one_live_trainer_per_run_even_when_submitted_at_once(url):
+    errors, created = [], []
+
+    def submit():
+        try:
+            created.append(Registry(Queue(url)).create("train", {}, "run:a"))
+        except RunBusy as e:
+            errors.append(e.job["id"])
+    threads = [threading.Thread(target=submit) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(created) == 1 and errors == [created[0]["id"]] * 5
+    reg = Registry(Queue(url))
+    reg.create("sample", {}, "run:a")  # other kinds are not exclusive
+    assert reg.cancel(created[0]["id"]) is True  # queued: ends at once
+    assert reg.get(created[0]["id"])["state"] == "cancelled"
+    assert reg.create("train", {}, "run:a")["state"] == "queued"
+
+
+def test_exactly_one_of_many_concurrent_claims_wins(url):
+    job = Registry(Queue(url)).create("train", {}, "run:a")
+    won = []
+
+    def claim(i):
+        got = Registry(Queue(url)).claim(job["id"], f"w{i}")
+        if got:
+            won.append(got)
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1
+    record = Registry(Queue(url)).get(job["id"])
+    assert record["state"] == "running" and record["fence"] == 1 and record["attempts"] == 1
+    assert record["worker"] == won[0]["worker"]
+
+
+def test_transitions_are_fenced(reg):
+    job = reg.create("train", {}, "run:a")
+    held = reg.claim(job["id"], "w1")
+    assert reg.claim(job["id"], "w2") is None  # a duplicate delivery
+    assert reg.requeue(job["id"], held["fence"], "worker stopped", interrupted=True)
+    again = reg.claim(job["id"], "w2")
+    assert again["fence"] == held["fence"] + 2  # the requeue voided fence 1, the claim took 3
+    with pytest.raises(LeaseLost):
+        reg.check_fence(job["id"], held["fence"])
+    assert reg.finish(job["id"], "succeeded", held["fence"]) is None  # the old holder cannot
+    assert reg.get(job["id"])["state"] == "running"
+    assert reg.finish(job["id"], "succeeded", again["fence"])["state"] == "succeeded"
+    assert reg.finish(job["id"], "failed") is None  # final stays final
+
+
+def test_interruptions_do_not_use_up_attempts_but_crashes_do(reg):
+    job = reg.create("train", {}, "run:a")
+    for _ in range(3):
+        held = reg.claim(job["id"], "w")
+        reg.requeue(job["id"], held["fence"], "stopped", interrupted=True)
+    held = reg.claim(job["id"], "w")
+    assert (held["attempts"], held["interruptions"]) == (1, 3)
+    reg.requeue(job["id"], held["fence"], "crashed", interrupted=False)
+    held = reg.claim(job["id"], "w")
+    assert (held["attempts"], held["interruptions"]) == (2, 3)
+    assert "re-queued: crashed" in reg.logs(job["id"])[0][-1]
+
+
+def test_cancelling_a_running_job_asks_it_and_an_interrupted_one_ends_at_claim(reg):
+    job = reg.create("train", {}, "run:a")
+    held = reg.claim(job["id"], "w")
+    assert reg.cancel(job["id"]) is False and reg.get(job["id"])["cancel"] == "stop"
+    reg.requeue(job["id"], held["fence"], "worker stopped", interrupted=True)  # before it saw it
+    assert reg.claim(job["id"], "w") is None
+    assert reg.get(job["id"])["state"] == "cancelled"
+
+
+def test_logs_are_capped_and_read_after_a_cursor(reg):
+    job = reg.create("train", {}, "run:a")
+    for i in range(MAX_LOG_LINES + 10):
+        reg.log(job["id"], f"line {i}")
+    lines, cursor = reg.logs(job["id"])
+    assert len(lines) == MAX_LOG_LINES and lines[0].endswith("line 10")
+    assert reg.logs(job["id"], cursor) == ([], cursor)
+    reg.log(job["id"], "more")
+    lines, _ = reg.logs(job["id"], cursor)
+    assert len(lines) == 1 and lines[0].endswith("more")
+
+
+def test_listing_reads_live_jobs_and_the_latest_finished(reg):
+    done = []
+    for i in range(30):
+        job = reg.create("eval", {}, f"run:r{i % 3}")
+        held = reg.claim(job["id"], "w")
+        reg.finish(job["id"], "succeeded" if i % 2 else "failed", held["fence"])
+        done.append(job["id"])
+    live = reg.create("train", {}, "run:r0")
+    listed = [j["id"] for j in reg.jobs(5)]
+    assert listed == done[-5:] + [live["id"]]  # oldest first
+    assert [j["id"] for j in reg.jobs(0)] == [live["id"]]
+    assert len(reg.jobs(None)) == 31
+    assert {j["state"] for j in reg.jobs(100, state="failed")} == {"failed"}
+    assert len(reg.jobs(100, state="failed")) == 15
+    assert [j["id"] for j in reg.jobs(2, run="run:r0")] == [done[24], done[27], live["id"]]
+    assert reg.live_job_for_run("run:r0")["id"] == live["id"]
+    assert reg.live_job_for_run("run:r1") is None
+
+
+def test_prune_deletes_old_finished_jobs_and_their_logs_only(reg, url):
+    old = reg.create("eval", {}, "run:a")
+    reg.finish(old["id"], "succeeded", reg.claim(old["id"], "w")["fence"])
+    reg.log(old["id"], "old line")
+    live = reg.create("train", {}, "run:a")
+    time.sleep(0.05)
+    assert reg.prune(older_than_days=0) == 1
+    with pytest.raises(JobNotFound):
+        reg.get(old["id"])
+    assert reg.logs(old["id"])[0] == []
+    assert reg.get(live["id"])["state"] == "queued" and reg.jobs(None) == [reg.get(live["id"])]
+    assert [j["id"] for j in reg.jobs(None, run="run:a")] == [live["id"]]
+    if url.startswith("redis"):  # finished records also expire on their own
+        young = reg.create("eval", {}, "run:b")
+        reg.finish(young["id"], "failed")
+        ttl = redis.Redis.from_url(url).ttl(f"tlm:job:{young['id']}")
+        assert 30 * 86400 < ttl <= 31 * 86400
+
+
+def test_tlm_prune_command(url):
+    reg = Registry(Queue(url))
+    job = reg.create("eval", {}, "run:a")
+    reg.finish(job["id"], "failed")
+    proc = tlm("prune", "--older_than", "0", "--queue", url)
+    assert proc.returncode == 0 and "deleted 1 finished job(s)" in proc.stderr
+    assert reg.jobs(None) == []
+
+
+def test_records_of_the_previous_release_are_migrated_once(url):
+    """tlm 0.1 kept jobs in huey's result store; the first registry opened moves them."""
+    storage = Queue(url).storage
+    old = {"id": "0123456789ab", "kind": "train", "params": {"num_iters": 5}, "run": "run:old",
+           "state": "succeeded", "worker": "w", "attempts": 1, "fence": 1, "created": 100.0,
+           "started": 101.0, "finished": 102.0, "progress": {"step": 5, "total": 5}, "checkpoint": "c" * 40,
+           "error": None, "result": {"step": 5}}
+    queued = {**old, "id": "ba9876543210", "state": "queued", "finished": None, "attempts": 0,
+              "run": "run:new"}
+    for job in (old, queued):
+        storage.put_data(f"job:{job['id']}", json.dumps(job).encode())
+    storage.put_data(f"log:{old['id']}", json.dumps(["10:00:00 iter 5/5"]).encode())
+    storage.put_data(f"fence:{old['id']}", b"1")
+    reg = Registry(Queue(url))
+    assert storage.result_store_size() == 0
+    assert reg.get(old["id"])["checkpoint"] == "c" * 40
+    assert reg.logs(old["id"])[0] == ["10:00:00 iter 5/5"]
+    assert reg.get(queued["id"])["interruptions"] == 0
+    with pytest.raises(RunBusy):  # the migrated queued trainer still holds its run
+        reg.create("train", {}, "run:new")
+    assert reg.claim(queued["id"], "w")["state"] == "running"
+    proc = tlm("status", "--queue", url)
+    assert proc.returncode == 0 and old["id"] in proc.stdout
+
+
+def test_workers_are_listed_until_they_sign_off(reg):
+    reg.heartbeat_worker("w1", {"host": "h", "pid": 1, "device": "cpu", "jobs": []})
+    assert [w["id"] for w in reg.workers()] == ["w1"]
+    reg.remove_worker("w1")
+    assert reg.workers() == []
