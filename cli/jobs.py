@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -74,14 +75,43 @@ def _run_target(run: Optional[str], save_dir: Optional[str]) -> tuple[dict[str, 
     return {"save_dir": path}, f"dir:{path}"
 
 
+def carry_dataset(dataset: str, run_dir: Path) -> dict[str, str]:
+    """Copy the user's own text into the run directory, named by its SHA1, so every worker
+    on every Mac trains on the same bytes; the job params that name the copy."""
+    from tlm.config import RUN_INPUTS
+    from tlm.files import text_digest
+
+    source = Path(dataset).expanduser().resolve()
+    digest = text_digest(source)
+    name = f"{source.stem}-{digest[:10]}{source.suffix}" if source.is_file() else f"{source.name}-{digest[:10]}"
+    dest = run_dir / RUN_INPUTS / name
+    try:
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            part = dest.with_name(f".{name}.{os.getpid()}.part")
+            (shutil.copytree if source.is_dir() else shutil.copyfile)(source, part)
+            os.replace(part, dest)
+    except OSError as e:
+        raise click.ClickException(f"cannot copy --dataset {dataset} into {dest.parent} (workers "
+                                   f"read it from the run directory): {e.strerror or e}") from None
+    return {"dataset": f"{RUN_INPUTS}/{name}", "dataset_sha1": digest}
+
+
 @submit.command("train")
 @train_options
 @click.option("--run", default=None, help="run name, under each worker's --save_root")
+@click.option("--save_root", "--save-root", envvar="TLM_SAVE_ROOT", default=None,
+              help="where this machine mounts the shared runs directory (with --run: a --dataset "
+                   "file is copied into the run there)")
 @click.option("--wait", is_flag=True, help="follow the job to its end")
 @queue_option
 @queue_errors
-def submit_train(run, wait, queue, **options) -> None:
-    """Queue a training job (resumes the run's latest checkpoint, as tlm train does)."""
+def submit_train(run, save_root, wait, queue, **options) -> None:
+    """Queue a training job (resumes the run's latest checkpoint, as tlm train does).
+
+    A --dataset file or folder is copied into the run directory first, so workers
+    on other machines (or in other directories) train on the same bytes.
+    """
     given = given_options(options)
     target, run_key = _run_target(run, given.pop("save_dir", None))
     try:
@@ -94,6 +124,10 @@ def submit_train(run, wait, queue, **options) -> None:
         raise click.UsageError(str(e)) from None
     registry = connect(queue)
     params = {**given, **target}
+    from tlm.data import is_text_path
+    if is_text_path(config.dataset):
+        from tlm_worker.jobs import resolve_save_dir
+        params.update(carry_dataset(config.dataset, Path(resolve_save_dir(target, save_root))))
     if config.data_mirror and "data_mirror" not in given:
         params["data_mirror"] = config.data_mirror
     _enqueue(registry, "train", params, run_key, wait)

@@ -365,3 +365,40 @@ def test_chaos_every_job_succeeds_once_through_random_worker_kills(tmp_path, sav
         holders = [json.loads(line).get("worker") for line in (run / "metrics.jsonl").open()]
         turns = [w for i, w in enumerate(holders) if i == 0 or w != holders[i - 1]]
         assert len(turns) == len(set(turns)), turns
+
+
+def test_a_relative_dataset_file_travels_with_the_job(url, workers, tmp_path):
+    """Submitted from one directory, trained by a worker started in another."""
+    here, root = tmp_path / "submitter", tmp_path / "shared-runs"
+    here.mkdir()
+    text = "".join(f"line {i} of my own text, with words that repeat.\n" for i in range(3000))
+    (here / "mine.txt").write_text(text)
+    proc = tlm("submit", "train", "--run", "mine", "--save_root", str(root), "--dataset",
+               "mine.txt", *TINY, "--num_iters", "5", "--queue", url, cwd=here)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip()
+    params = registry(url).get(job_id)["params"]
+    copy = root / "mine" / params["dataset"]
+    assert params["dataset"].startswith("inputs/mine-") and copy.read_text() == text
+    other = submit(url, "train", "--run", "other", "--save_root", str(root), "--dataset",
+                   str(here / "mine.txt"), *TINY, "--num_iters", "5")
+    tampered = root / "other" / registry(url).get(other)["params"]["dataset"]
+    tampered.write_text(text + "changed on the share\n")
+    (here / "mine.txt").write_text("edited after submitting\n")  # the job keeps what it was given
+    workers.start("--save_root", str(root))
+    job = wait_for(url, job_id, ["succeeded"])
+    assert checkpoint.find(root / "mine").identifier == job["checkpoint"]
+    failed = wait_for(url, other, ["failed"])
+    assert failed["error"] == f"DataError: {tampered} changed since it was submitted (SHA1 differs)"
+
+
+def test_a_dataset_that_cannot_be_carried_is_refused_at_submit(url, tmp_path):
+    (tmp_path / "mine.txt").write_text("some text\n" * 100)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the run directory should be")
+    proc = tlm("submit", "train", "--save_dir", str(blocked / "run"), "--dataset",
+               str(tmp_path / "mine.txt"), "--queue", url)
+    assert proc.returncode == 1
+    assert f"cannot copy --dataset {tmp_path / 'mine.txt'} into {blocked / 'run' / 'inputs'}" \
+        in proc.stderr.splitlines()[-1]
+    assert registry(url).jobs(None) == []

@@ -17,6 +17,7 @@ import platformdirs
 
 RAMDISK = Path("/Volumes/RAMDisk")
 DATASETS = ("ptb", "shakespeare", "wikitext2", "wikitext103", "enwik8")
+RUN_INPUTS = "inputs"  # where `tlm submit` copies a run's own text, inside its directory
 TOKENIZERS = ("word", "char", "byte", "bpe")
 OPTIMIZERS = ("adamw", "muon")
 
@@ -150,6 +151,14 @@ class TrainConfig:
         if self.data_mirror is None:
             self.data_mirror = os.environ.get("TLM_DATA_MIRROR") or None
 
+    def dataset_source(self) -> str:
+        """``--dataset`` to read: a name, a path, or a copy that ``tlm submit`` carried into
+        the run directory (``inputs/...``, the same on every Mac whatever the mount)."""
+        carried = Path(self.save_dir).expanduser() / self.dataset
+        if self.dataset.startswith(f"{RUN_INPUTS}/") and carried.exists():
+            return str(carried)
+        return self.dataset
+
     def validate(self) -> None:
         """Raise ConfigError naming the first bad setting; touches nothing on disk."""
         positive = ("context_size", "num_blocks", "dim", "num_heads", "batch_size",
@@ -172,7 +181,7 @@ class TrainConfig:
         if (self.dim // self.num_heads) % 2:
             raise ConfigError(f"head size --dim/--num_heads = {self.dim // self.num_heads} "
                               "must be even for rotary embeddings")
-        if self.dataset not in DATASETS and not Path(self.dataset).expanduser().exists():
+        if self.dataset not in DATASETS and not Path(self.dataset_source()).expanduser().exists():
             raise ConfigError(f"unknown --dataset {self.dataset!r}: choose from "
                               f"{', '.join(DATASETS)}, or give a path to a .txt file or directory")
         if self.init_from and not (Path(self.init_from).expanduser() / "config.json").exists():

@@ -452,7 +452,7 @@ def prepare(config: TrainConfig, ckpt: Optional[Checkpoint], log: Callable[[str]
         log(f"starting from {config.init_from}: {args.num_hidden_layers} blocks, dim {args.hidden_size}, "
             f"{tokenizer.kind} tokenizer of {tokenizer.vocab_size:,} tokens")
     data_dir = Path(config.save_dir) / "datasets"
-    return load_dataset(config.dataset, data_dir, config.data_mirror, log, tokenizer), init
+    return load_dataset(config.dataset_source(), data_dir, config.data_mirror, log, tokenizer), init
 
 
 def train(given: dict[str, Any], on_progress: Callable[[Progress], None] = lambda p: None,
@@ -480,7 +480,7 @@ def evaluate_checkpoint(save_dir: str, identifier: Optional[str] = None, split: 
         raise CheckpointError(f"no checkpoint in {save_dir}: train one first")
     config = TrainConfig.from_dict({**ckpt.state["config"], "save_dir": save_dir,
                                     "data_mirror": data_mirror})
-    dataset = load_dataset(config.dataset, Path(save_dir) / "datasets", data_mirror, log,
+    dataset = load_dataset(config.dataset_source(), Path(save_dir) / "datasets", data_mirror, log,
                            ckpt.tokenizer)
     model = ckpt.load_model()
     data = dataset.split(split)

@@ -33,6 +33,21 @@ def resolve_save_dir(params: dict[str, Any], save_root: Optional[str]) -> str:
     return params["save_dir"]
 
 
+def check_carried_dataset(params: dict[str, Any], save_dir: str) -> None:
+    """The text ``tlm submit`` copied into the run is there, with the bytes it had then."""
+    if not params.get("dataset_sha1"):
+        return
+    from tlm.data import DataError
+    from tlm.files import text_digest
+
+    path = Path(save_dir) / params["dataset"]
+    if not path.exists():
+        raise DataError(f"{path} is missing: is the shared run directory mounted here "
+                        "(tlm-worker --save_root)?")
+    if text_digest(path) != params["dataset_sha1"]:
+        raise DataError(f"{path} changed since it was submitted (SHA1 differs)")
+
+
 def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bool) -> None:
     """Run one claimed job to an end state, or exit EXIT_INTERRUPTED after a signal."""
     os.setpgid(0, 0)
@@ -57,8 +72,10 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
         from tlm.train import select_device
 
         select_device(gpu)
-        params = {k: v for k, v in job["params"].items() if k not in ("run", "save_dir")}
+        params = {k: v for k, v in job["params"].items()
+                  if k not in ("run", "save_dir", "dataset_sha1")}
         save_dir = resolve_save_dir(job["params"], save_root)
+        check_carried_dataset(job["params"], save_dir)
         if job["kind"] == "train":
             _train(registry, job, fence, {**params, "save_dir": save_dir, "gpu": gpu}, stop,
                    orphaned, log)
