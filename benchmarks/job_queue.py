@@ -1,10 +1,22 @@
-"""Queue benchmark: submit-to-start latency, status latency with 1,000 jobs,
-jobs/s with 1 and 2 workers, and the worker's overhead per training step.
+"""Queue benchmark: what history costs, a sample beside training, latency, throughput.
 
     python benchmarks/job_queue.py [--redis redis://127.0.0.1:6379/14] [--mirror ../shared/data]
+                                   [--history 10000] [--logged 1000]
 
-Uses real tlm-worker processes on an embedded SQLite queue and, when given, Redis
-(the Redis database is flushed). Prints figures; asserts nothing about time.
+For each backend (an embedded SQLite file, and Redis when given: its database
+is flushed), with real tlm-worker processes:
+
+* `tlm status`, `tlm submit`, a job-id prefix lookup and one worker sweep with
+  10 finished jobs, then with --history finished jobs (--logged of them with
+  2,000 log lines each), as a ratio (goal: at most x1.2, cost independent of
+  history; `tlm status` lists the live jobs and the latest 10 finished);
+  Redis memory per finished job; pruning them all;
+* submit-to-first-token of a queued `tlm sample` while a training job runs on
+  the same (only) worker (goal: under 2 s);
+* submit-to-start latency, trivial jobs/s with 1 and 2 workers, and the
+  worker's overhead per training step (goal: under 2%).
+
+Prints figures; asserts nothing about time.
 """
 
 from __future__ import annotations
@@ -17,17 +29,27 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
+
+import redis
 
 import tlm  # noqa: F401
 from tlm.config import TrainConfig
 from tlm.data import load_dataset
 from tlm.train import Trainer
+from tlm_worker.process import Worker
 from tlm_worker.queue import Queue
-from tlm_worker.registry import Registry
+from tlm_worker.registry import MAX_LOG_LINES, Registry
 
 TINY = dict(dim=32, num_heads=2, num_blocks=1, context_size=16, batch_size=8, eval_tokens=500)
 STEP = dict(dim=256, num_heads=4, num_blocks=2, context_size=64, batch_size=16, eval_tokens=500,
             steps_per_report=10)
+LOG_LINE = "12:00:00 iter 1200/5000  train loss 4.512  3.41 it/s  11,200 tok/s  lr 2.9e-03  peak mem 0.41 GB"
+
+
+def tlm_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tlm_cli.main", *args], capture_output=True,
+                          text=True, check=True)
 
 
 def start_workers(url: str, n: int) -> list[subprocess.Popen]:
@@ -44,76 +66,143 @@ def stop(workers: list[subprocess.Popen]) -> None:
 
 def wait(reg: Registry, ids: list[str], states: tuple[str, ...]) -> None:
     while any(reg.get(i)["state"] not in states for i in ids):
-        time.sleep(0.02)
+        time.sleep(0.01)
 
 
-def bench(url: str, data: Path) -> None:
+def best(fn: Callable[[], object], n: int = 5) -> float:
+    """Best of n wall times, in ms."""
+    times = []
+    for _ in range(n):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return min(times) * 1000
+
+
+def add_finished(reg: Registry, n: int, logged: int) -> None:
+    """n finished jobs, the first ``logged`` of them with a full log."""
+    for i in range(n):
+        job = reg.create("eval", {"save_dir": f"/runs/h{i % 50}"}, f"dir:/runs/h{i % 50}")
+        held = reg.claim(job["id"], "bench")
+        if i < logged:
+            reg.store.append_log(job["id"], [LOG_LINE] * MAX_LOG_LINES)
+        reg.finish(job["id"], "succeeded", held["fence"], result={"loss": 4.5})
+
+
+def history_costs(url: str, reg: Registry, run: Path, label: str) -> dict[str, float]:
+    live = reg.create("train", {"save_dir": "/runs/live"}, "dir:/runs/live")
+    worker = Worker(url)
+    figures = {
+        "status (registry read)": best(lambda: reg.jobs(10)),
+        "status (`tlm status` wall)": best(lambda: tlm_cli("status", "--limit", "10", "--queue", url), 3),
+        "submit (registry)": best(lambda: reg.cancel(reg.create("eval", {}, "dir:/x")["id"])),
+        "submit (`tlm submit eval` wall)": best(lambda: tlm_cli(
+            "submit", "eval", "--save_dir", str(run), "--queue", url), 3),
+        "prefix lookup": best(lambda: reg.get(live["id"][:6])),
+        "one worker sweep": best(worker._sweep),
+    }
+    for job_id in reg.store.ids_in(("queued",)):  # the live job and what the CLI submitted
+        reg.cancel(job_id)
+    for q in reg.queue.lanes.values():
+        while q.dequeue() is not None:
+            pass
+    print(f"  with {label}:")
+    for name, ms in figures.items():
+        print(f"    {name:34s} {ms:9.3f} ms")
+    return figures
+
+
+def bench(url: str, data: Path, history: int, logged: int) -> None:
     root = Path(tempfile.mkdtemp(dir=data.parent))  # this backend's runs
+    if url.startswith("redis"):
+        redis.Redis.from_url(url).flushdb()
     queue = Queue(url)
-    queue.storage.flush_all()
     reg = Registry(queue)
     run = root / "tiny"
     run.mkdir()
     (run / "datasets").symlink_to(data)
     Trainer(TrainConfig(save_dir=str(run), num_iters=2, **TINY), load_dataset("ptb", data)).run()
 
-    def submit_eval() -> str:
-        job = reg.create("eval", {"save_dir": str(run), "tokens": 100}, f"bench:{time.time()}")
-        queue.push(job["id"])
-        return job["id"]
-
-    workers = start_workers(url, 1)
-    time.sleep(2)
-    latencies = []
-    for _ in range(5):
-        t = time.time()
-        job_id = submit_eval()
-        wait(reg, [job_id], ("running", "succeeded"))
-        latencies.append(time.time() - t)
-        wait(reg, [job_id], ("succeeded",))
-    print(f"  submit-to-start latency: median {statistics.median(latencies) * 1000:.0f} ms")
+    # What history costs.
+    add_finished(reg, 10, 0)
+    small = history_costs(url, reg, run, "10 finished jobs")
+    memory = redis.Redis.from_url(url).info("memory")["used_memory"] if queue.redis else 0
     tic = time.time()
-    subprocess.run([sys.executable, "-m", "tlm_cli.main", "submit", "eval", "--save_dir", str(run),
-                    "--queue", url], capture_output=True, check=True)
-    print(f"  `tlm submit eval` wall time: {(time.time() - tic) * 1000:.0f} ms")
+    add_finished(reg, logged, logged)
+    mid = redis.Redis.from_url(url).info("memory")["used_memory"] if queue.redis else 0
+    add_finished(reg, history - 10 - logged, 0)
+    print(f"  (added {history - 10:,} finished jobs, {logged:,} with {MAX_LOG_LINES:,} log lines, "
+          f"in {time.time() - tic:.0f} s)")
+    large = history_costs(url, reg, run, f"{history:,} finished jobs")
+    print("    ratios (large/small): " + ", ".join(
+        f"{name.split(' (')[0] if '(' in name else name} {large[name] / small[name]:.2f}"
+        for name in small))
+    if queue.redis:
+        end = redis.Redis.from_url(url).info("memory")["used_memory"]
+        print(f"  Redis memory per finished job: {(end - mid) / (history - 10 - logged) / 1024:.2f} KiB "
+              f"without logs, {(mid - memory) / logged / 1024:.0f} KiB with {MAX_LOG_LINES:,} log lines")
+    tic = time.perf_counter()
+    pruned = reg.prune(0)
+    print(f"  `prune` of all {pruned:,} finished jobs: {time.perf_counter() - tic:.1f} s")
+
+    # A sample beside training, on the one worker.
+    workers = start_workers(url, 1)
+    train = reg.create("train", {"save_dir": str(run), **TINY, "num_iters": 100000,
+                                 "steps_per_eval": 50}, "bench:train")
+    wait(reg, [train["id"]], ("running",))
+    while not reg.get(train["id"])["checkpoint"]:
+        time.sleep(0.1)
+    firsts = []
+    for i in range(5):
+        tic = time.perf_counter()
+        tlm_cli("sample", "--save_dir", str(run), "--prompt", "the", "--max_tokens", "1",
+                "--seed", str(i), "--queue", url)
+        firsts.append(time.perf_counter() - tic)
+    step = reg.get(train["id"])["progress"]["step"]
+    reg.cancel(train["id"])
+    wait(reg, [train["id"]], ("cancelled",))
+    print(f"  queued `tlm sample` while the only worker trains: first token after "
+          f"{statistics.median(firsts):.2f} s median ({min(firsts):.2f}-{max(firsts):.2f} s, "
+          f"CLI start included); training reached step {step}")
     stop(workers)
 
+    # Latency and throughput.
+    def submit_eval() -> str:
+        return reg.create("eval", {"save_dir": str(run), "tokens": 100}, "bench:eval")["id"]
+
+    workers = start_workers(url, 1)
+    wait(reg, [submit_eval()], ("succeeded",))  # the sampler process is up
+    latencies = []
+    for _ in range(5):
+        tic = time.time()
+        job_id = submit_eval()
+        wait(reg, [job_id], ("running", "succeeded"))
+        latencies.append(time.time() - tic)
+        wait(reg, [job_id], ("succeeded",))
+    print(f"  submit-to-start latency: median {statistics.median(latencies) * 1000:.0f} ms")
+    stop(workers)
     for n in (1, 2):
         workers = start_workers(url, n)
         time.sleep(2)
         tic = time.time()
-        ids = [submit_eval() for _ in range(8)]
+        ids = [submit_eval() for _ in range(16)]
         wait(reg, ids, ("succeeded",))
-        print(f"  trivial jobs with {n} worker(s): {8 / (time.time() - tic):.2f} jobs/s "
-              "(each runs in a fresh spawned process that imports MLX)")
+        print(f"  trivial eval jobs with {n} worker(s): {16 / (time.time() - tic):.1f} jobs/s "
+              "(in each worker's long-lived interactive process)")
         stop(workers)
-
-    for i in range(1000):
-        reg.create("train", {"save_dir": f"/runs/{i}"}, f"dir:/runs/{i}")
-    tic = time.time()
-    jobs = reg.jobs()
-    listing = time.time() - tic
-    tic = time.time()
-    subprocess.run([sys.executable, "-m", "tlm_cli.main", "status", "--queue", url],
-                   capture_output=True, check=True)
-    print(f"  status with {len(jobs)} jobs: registry read {listing * 1000:.0f} ms, "
-          f"`tlm status` wall {(time.time() - tic) * 1000:.0f} ms")
-    queue.storage.flush_all()
 
     # Worker overhead: the same training, directly and as a queued job.
     cfg = dict(STEP, num_iters=150, steps_per_eval=1000)
-    direct_dir = root / "direct"
     seen = []
-    Trainer(TrainConfig(save_dir=str(direct_dir), **cfg), load_dataset("ptb", data)
+    Trainer(TrainConfig(save_dir=str(root / "direct"), **cfg), load_dataset("ptb", data)
             ).run(on_progress=lambda p: seen.append(p.tokens_per_sec) if p.kind == "report" else None)
     direct = statistics.median(seen[2:])
     queued_dir = root / "queued"
     queued_dir.mkdir()
     (queued_dir / "datasets").symlink_to(data)
+    workers = start_workers(url, 1)
     job = reg.create("train", {"save_dir": str(queued_dir), **cfg}, "bench:overhead")
     rates = []
-    workers = start_workers(url, 1)
-    queue.push(job["id"])
     while reg.get(job["id"])["state"] not in ("succeeded", "failed"):
         p = reg.get(job["id"])["progress"]
         if p.get("step", 0) > 20 and p.get("tokens_per_sec") and (not rates or rates[-1][0] != p["step"]):
@@ -129,6 +218,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--redis", default=None, help="also benchmark this Redis URL (flushed!)")
     ap.add_argument("--mirror", default=os.environ.get("TLM_DATA_MIRROR"))
+    ap.add_argument("--history", type=int, default=10000, help="finished jobs for the large case")
+    ap.add_argument("--logged", type=int, default=1000, help="of which with a full log")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -138,7 +229,7 @@ def main() -> None:
             targets.append(("Redis", args.redis))
         for name, url in targets:
             print(f"{name}:", flush=True)
-            bench(url, root / "datasets")
+            bench(url, root / "datasets", args.history, args.logged)
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ class Registry:
 
     def _finished(self, limit: Optional[int], state: Optional[str]) -> list[dict[str, Any]]:
         """The newest finished jobs, optionally of one state, reading a page at a time."""
-        out, offset, page = [], 0, max(limit or 0, 200)
+        out, offset = [], 0
+        page = 1000 if limit is None else max(limit, 1) if state is None else max(limit, 100)
         while limit is None or len(out) < limit:
             ids = self.store.finished_ids(offset, page)
             if not ids:
@@ -225,7 +226,7 @@ class Registry:
         self.store.set_fields(job_id, {"heartbeat": time.time()})
 
     def log(self, job_id: str, line: str) -> None:
-        self.store.append_log(job_id, f"{time.strftime('%H:%M:%S')} {line}")
+        self.store.append_log(job_id, [f"{time.strftime('%H:%M:%S')} {line}"])
 
     def logs(self, job_id: str, after: Any = None) -> tuple[list[str], Any]:
         """Log lines after a cursor (None: all kept), and the cursor to pass next time."""
@@ -270,8 +271,7 @@ class Registry:
                 job["finished"] = job["finished"] or job["created"]
             exclusive = job["kind"] == "train" and job["state"] in LIVE
             if self.store.insert(job, exclusive, migrating=True) is None:
-                for line in value(f"log:{old['id']}") or []:
-                    self.store.append_log(old["id"], line)
+                self.store.append_log(old["id"], value(f"log:{old['id']}") or [])
         self.queue.storage.flush_results()
 
 
@@ -398,9 +398,10 @@ class RedisStore:
         return [i.decode() for i in self.r.zrangebylex(
             f"{self.P}ids", f"[{prefix}", f"[{prefix}\xff", start=0, num=count)]
 
-    def append_log(self, job_id: str, line: str) -> None:
+    def append_log(self, job_id: str, lines: list[str]) -> None:
         with self.r.pipeline() as pipe:
-            pipe.xadd(self._log(job_id), {"l": line}, maxlen=MAX_LOG_LINES, approximate=False)
+            for line in lines:
+                pipe.xadd(self._log(job_id), {"l": line}, maxlen=MAX_LOG_LINES, approximate=False)
             pipe.publish(f"{self.P}events", job_id)
             pipe.execute()
 
@@ -543,9 +544,9 @@ class SqliteStore:
             f"SELECT id FROM tlm_job WHERE state IN ({','.join('?' * len(states))})", states)]
 
     def finished_ids(self, offset: int, count: int) -> list[str]:
-        return [r[0] for r in self.db.execute(
-            "SELECT id FROM tlm_job WHERE finished IS NOT NULL AND state IN (?, ?, ?) "
-            "ORDER BY finished DESC LIMIT ? OFFSET ?", (*FINAL, count, offset))]
+        return [r[0] for r in self.db.execute(  # only final states set `finished`
+            "SELECT id FROM tlm_job WHERE finished IS NOT NULL "
+            "ORDER BY finished DESC LIMIT ? OFFSET ?", (count, offset))]
 
     def run_ids(self, run: str) -> list[str]:
         return [r[0] for r in self.db.execute(
@@ -556,12 +557,14 @@ class SqliteStore:
             "SELECT id FROM tlm_job WHERE id >= ? AND id < ? LIMIT ?",
             (prefix, prefix + "\uffff", count))]
 
-    def append_log(self, job_id: str, line: str) -> None:
+    def append_log(self, job_id: str, lines: list[str]) -> None:
         with self._tx() as db:
-            n = db.execute("SELECT COALESCE(MAX(n), 0) + 1 FROM tlm_log WHERE job = ?",
-                           (job_id,)).fetchone()[0]
-            db.execute("INSERT INTO tlm_log VALUES (?, ?, ?)", (job_id, n, line))
-            db.execute("DELETE FROM tlm_log WHERE job = ? AND n <= ?", (job_id, n - MAX_LOG_LINES))
+            last = db.execute("SELECT COALESCE(MAX(n), 0) FROM tlm_log WHERE job = ?",
+                              (job_id,)).fetchone()[0]
+            db.executemany("INSERT INTO tlm_log VALUES (?, ?, ?)",
+                           [(job_id, last + 1 + i, line) for i, line in enumerate(lines)])
+            db.execute("DELETE FROM tlm_log WHERE job = ? AND n <= ?",
+                       (job_id, last + len(lines) - MAX_LOG_LINES))
 
     def read_log(self, job_id: str, after: Optional[int]) -> tuple[list[str], Optional[int]]:
         rows = self.db.execute("SELECT n, line FROM tlm_log WHERE job = ? AND n > ? ORDER BY n",
@@ -588,8 +591,7 @@ class SqliteStore:
 
     def prune(self, before: float) -> int:
         with self._tx() as db:
-            ids = [r[0] for r in db.execute(
-                "SELECT id FROM tlm_job WHERE finished < ? AND state IN (?, ?, ?)", (before, *FINAL))]
+            ids = [r[0] for r in db.execute("SELECT id FROM tlm_job WHERE finished < ?", (before,))]
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
                 marks = ",".join("?" * len(chunk))
