@@ -85,7 +85,7 @@ def add_finished(reg: Registry, n: int, logged: int) -> None:
         job = reg.create("eval", {"save_dir": f"/runs/h{i % 50}"}, f"dir:/runs/h{i % 50}")
         held = reg.claim(job["id"], "bench")
         if i < logged:
-            reg.store.append_log(job["id"], [LOG_LINE] * MAX_LOG_LINES)
+            reg.store.append(job["id"], "log", [LOG_LINE] * MAX_LOG_LINES)
         reg.finish(job["id"], "succeeded", held["fence"], result={"loss": 4.5})
 
 

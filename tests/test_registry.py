@@ -217,3 +217,24 @@ def test_workers_are_listed_until_they_sign_off(reg):
     assert [w["id"] for w in reg.workers()] == ["w1"]
     reg.remove_worker("w1")
     assert reg.workers() == []
+
+
+def test_metric_points_travel_with_the_job_and_go_with_it(reg):
+    job = reg.create("train", {}, "run:a")
+    for step in (10, 20):
+        reg.add_point(job["id"], {"kind": "train", "step": step, "loss": 5.0 - step / 10})
+    points, cursor = reg.points(job["id"])
+    assert [p["step"] for p in points] == [10, 20] and reg.points(job["id"], cursor)[0] == []
+    reg.finish(job["id"], "cancelled")
+    reg.prune(0)
+    assert reg.points(job["id"])[0] == []
+
+
+def test_a_follower_wakes_when_another_process_changes_a_job(url):
+    reg, other = Registry(Queue(url)), Registry(Queue(url))
+    job = reg.create("train", {}, "run:a")
+    with reg.changes() as wait:
+        threading.Timer(0.3, lambda: other.log(job["id"], "hello")).start()
+        tic = time.monotonic()
+        wait(10)
+        assert time.monotonic() - tic < 5

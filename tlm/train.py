@@ -235,13 +235,15 @@ class Trainer:
                  log: Callable[[str], None] = lambda m: None,
                  before_publish: Callable[[], None] = lambda: None,
                  labels: Optional[dict[str, Any]] = None,
-                 init: Optional[tuple[ModelArgs, dict[str, mx.array]]] = None):
+                 init: Optional[tuple[ModelArgs, dict[str, mx.array]]] = None,
+                 on_record: Callable[[dict[str, Any]], None] = lambda rec: None):
         config.validate()
         parallel.streams()  # a bad TLM_CPU_STREAMS fails here, before any training
         Path(config.save_dir).mkdir(parents=True, exist_ok=True)
         self.config, self.dataset, self.log = config, dataset, log
         self.before_publish = before_publish
         self.labels = labels or {}  # added to each metrics record (e.g. the worker)
+        self.on_record = on_record  # each metrics.jsonl record, also for whoever carries them elsewhere
         mx.random.seed(config.seed)
         if resume is not None:
             self.args = ModelArgs(**resume.state["model_args"])
@@ -376,6 +378,7 @@ class Trainer:
             rec = metrics.record(p, tokens_per_step, self.labels)
             if rec:
                 metrics.append(cfg.save_dir, rec)
+                self.on_record(rec)
             return p
 
         result = TrainResult(step=self.step)
@@ -459,13 +462,14 @@ def train(given: dict[str, Any], on_progress: Callable[[Progress], None] = lambd
           should_stop: Callable[[], bool] = lambda: False,
           log: Callable[[str], None] = lambda m: None,
           before_publish: Callable[[], None] = lambda: None,
-          labels: Optional[dict[str, Any]] = None) -> TrainResult:
+          labels: Optional[dict[str, Any]] = None,
+          on_record: Callable[[dict[str, Any]], None] = lambda rec: None) -> TrainResult:
     """Resolve the flags against the save directory, prepare the data, and train."""
     config, ckpt = open_run(given, warn=log)
     select_device(config.gpu)
     dataset, init = prepare(config, ckpt, log)
     trainer = Trainer(config, dataset, ckpt, log=log, before_publish=before_publish, labels=labels,
-                      init=init)
+                      init=init, on_record=on_record)
     return trainer.run(on_progress, should_stop)
 
 

@@ -154,7 +154,8 @@ def _train(registry: Registry, job: dict[str, Any], fence: int, given: dict[str,
 
     result = train(given, on_progress, should_stop, log,
                    before_publish=lambda: registry.check_fence(job_id, fence),
-                   labels={"job": job_id, "worker": job["worker"]})
+                   labels={"job": job_id, "worker": job["worker"]},
+                   on_record=lambda rec: registry.add_point(job_id, rec))
     if result.stopped and not cancelled:
         sys.exit(EXIT_INTERRUPTED)
     state = CANCELLED if result.stopped else SUCCEEDED

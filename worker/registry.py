@@ -7,11 +7,13 @@ makes a read-modify-write of one record atomic and keeps its indexes:
 
 * ``RedisStore``: a hash per job (``tlm:job:<id>``, each field JSON), sets of
   ids per live state, a sorted set of finished ids by finish time, one per
-  run, and one of all ids for prefix lookups; capped log streams; worker
-  records that expire; WATCH/MULTI for each change; pub/sub for followers.
+  run, and one of all ids for prefix lookups; capped streams per job (log
+  lines, metric points); worker records that expire; WATCH/MULTI for each
+  change; pub/sub for followers.
 * ``SqliteStore``: tables in the embedded queue's own file (WAL mode), one
   row per job with indexed columns, a partial unique index for "one live
-  trainer per run", and ``BEGIN IMMEDIATE`` for each change.
+  trainer per run", ``BEGIN IMMEDIATE`` for each change; followers watch
+  SQLite's data_version.
 
 Finished jobs and their logs expire after ``keep_days`` (a Redis TTL, and a
 prune run by workers on both backends). A record has one writer per field:
@@ -43,6 +45,8 @@ ACTIVE = (RUNNING, CANCELLING)  # held by a worker
 LIVE = CLAIMABLE + ACTIVE
 FINAL = (CANCELLED, SUCCEEDED, FAILED)
 MAX_LOG_LINES = 2000
+MAX_POINTS = 20000  # metric records per job (a report every 10 steps: 200,000 steps)
+STREAMS = {"log": MAX_LOG_LINES, "points": MAX_POINTS}  # per-job append-only lists, capped
 KEEP_DAYS = float(os.environ.get("TLM_KEEP_DAYS", "30"))
 WORKER_TTL = 120.0  # a worker record outlives its last heartbeat by this much
 
@@ -226,11 +230,19 @@ class Registry:
         self.store.set_fields(job_id, {"heartbeat": time.time()})
 
     def log(self, job_id: str, line: str) -> None:
-        self.store.append_log(job_id, [f"{time.strftime('%H:%M:%S')} {line}"])
+        self.store.append(job_id, "log", [f"{time.strftime('%H:%M:%S')} {line}"])
 
     def logs(self, job_id: str, after: Any = None) -> tuple[list[str], Any]:
         """Log lines after a cursor (None: all kept), and the cursor to pass next time."""
-        return self.store.read_log(job_id, after)
+        return self.store.read_stream(job_id, "log", after)
+
+    def add_point(self, job_id: str, record: dict[str, Any]) -> None:
+        """A metrics.jsonl record, carried to machines that do not mount the save directory."""
+        self.store.append(job_id, "points", [json.dumps(record)])
+
+    def points(self, job_id: str, after: Any = None) -> tuple[list[dict[str, Any]], Any]:
+        lines, cursor = self.store.read_stream(job_id, "points", after)
+        return [json.loads(line) for line in lines], cursor
 
     @contextlib.contextmanager
     def changes(self) -> Iterator[Callable[[float], None]]:
@@ -271,7 +283,7 @@ class Registry:
                 job["finished"] = job["finished"] or job["created"]
             exclusive = job["kind"] == "train" and job["state"] in LIVE
             if self.store.insert(job, exclusive, migrating=True) is None:
-                self.store.append_log(old["id"], value(f"log:{old['id']}") or [])
+                self.store.append(old["id"], "log", value(f"log:{old['id']}") or [])
         self.queue.storage.flush_results()
 
 
@@ -290,8 +302,8 @@ class RedisStore:
     def _job(self, job_id: str) -> str:
         return f"{self.P}job:{job_id}"
 
-    def _log(self, job_id: str) -> str:
-        return f"{self.P}log:{job_id}"
+    def _stream(self, job_id: str, stream: str) -> str:
+        return f"{self.P}{stream}:{job_id}"
 
     def _trainer(self, run: str) -> str:
         return f"{self.P}trainer:{run}"
@@ -335,7 +347,8 @@ class RedisStore:
             pipe.zadd(f"{self.P}finished", {job["id"]: job["finished"]})
             if expire:
                 pipe.expire(self._job(job["id"]), int(expire) + 86400)  # prune comes first
-                pipe.expire(self._log(job["id"]), int(expire) + 86400)
+                for stream in STREAMS:
+                    pipe.expire(self._stream(job["id"], stream), int(expire) + 86400)
         else:
             pipe.sadd(f"{self.P}state:{job['state']}", job["id"])
         pipe.publish(f"{self.P}events", job["id"])
@@ -398,15 +411,17 @@ class RedisStore:
         return [i.decode() for i in self.r.zrangebylex(
             f"{self.P}ids", f"[{prefix}", f"[{prefix}\xff", start=0, num=count)]
 
-    def append_log(self, job_id: str, lines: list[str]) -> None:
+    def append(self, job_id: str, stream: str, lines: list[str]) -> None:
         with self.r.pipeline() as pipe:
             for line in lines:
-                pipe.xadd(self._log(job_id), {"l": line}, maxlen=MAX_LOG_LINES, approximate=False)
+                pipe.xadd(self._stream(job_id, stream), {"l": line}, maxlen=STREAMS[stream],
+                          approximate=False)
             pipe.publish(f"{self.P}events", job_id)
             pipe.execute()
 
-    def read_log(self, job_id: str, after: Optional[str]) -> tuple[list[str], Optional[str]]:
-        entries = self.r.xrange(self._log(job_id), min=f"({after}" if after else "-")
+    def read_stream(self, job_id: str, stream: str,
+                    after: Optional[str]) -> tuple[list[str], Optional[str]]:
+        entries = self.r.xrange(self._stream(job_id, stream), min=f"({after}" if after else "-")
         if not entries:
             return [], after
         return [fields[b"l"].decode() for _, fields in entries], entries[-1][0].decode()
@@ -450,7 +465,7 @@ class RedisStore:
         for job_id in ids:
             run = self.r.hget(self._job(job_id), "run")
             with self.r.pipeline() as pipe:
-                pipe.delete(self._job(job_id), self._log(job_id))
+                pipe.delete(self._job(job_id), *(self._stream(job_id, s) for s in STREAMS))
                 pipe.zrem(f"{self.P}finished", job_id)
                 pipe.zrem(f"{self.P}ids", job_id)
                 if run is not None:
@@ -471,8 +486,9 @@ class SqliteStore:
     CREATE INDEX IF NOT EXISTS tlm_job_finished ON tlm_job (finished);
     CREATE UNIQUE INDEX IF NOT EXISTS tlm_one_trainer_per_run ON tlm_job (run)
         WHERE kind = 'train' AND state IN ('queued', 'interrupted', 'running', 'cancelling');
-    CREATE TABLE IF NOT EXISTS tlm_log (
-        job TEXT NOT NULL, n INTEGER NOT NULL, line TEXT NOT NULL, PRIMARY KEY (job, n));
+    CREATE TABLE IF NOT EXISTS tlm_line (
+        job TEXT NOT NULL, stream TEXT NOT NULL, n INTEGER NOT NULL, line TEXT NOT NULL,
+        PRIMARY KEY (job, stream, n));
     CREATE TABLE IF NOT EXISTS tlm_worker (
         id TEXT PRIMARY KEY, heartbeat REAL NOT NULL, record TEXT NOT NULL);
     """
@@ -557,23 +573,32 @@ class SqliteStore:
             "SELECT id FROM tlm_job WHERE id >= ? AND id < ? LIMIT ?",
             (prefix, prefix + "\uffff", count))]
 
-    def append_log(self, job_id: str, lines: list[str]) -> None:
+    def append(self, job_id: str, stream: str, lines: list[str]) -> None:
         with self._tx() as db:
-            last = db.execute("SELECT COALESCE(MAX(n), 0) FROM tlm_log WHERE job = ?",
-                              (job_id,)).fetchone()[0]
-            db.executemany("INSERT INTO tlm_log VALUES (?, ?, ?)",
-                           [(job_id, last + 1 + i, line) for i, line in enumerate(lines)])
-            db.execute("DELETE FROM tlm_log WHERE job = ? AND n <= ?",
-                       (job_id, last + len(lines) - MAX_LOG_LINES))
+            last = db.execute("SELECT COALESCE(MAX(n), 0) FROM tlm_line WHERE job = ? AND stream = ?",
+                              (job_id, stream)).fetchone()[0]
+            db.executemany("INSERT INTO tlm_line VALUES (?, ?, ?, ?)",
+                           [(job_id, stream, last + 1 + i, line) for i, line in enumerate(lines)])
+            db.execute("DELETE FROM tlm_line WHERE job = ? AND stream = ? AND n <= ?",
+                       (job_id, stream, last + len(lines) - STREAMS[stream]))
 
-    def read_log(self, job_id: str, after: Optional[int]) -> tuple[list[str], Optional[int]]:
-        rows = self.db.execute("SELECT n, line FROM tlm_log WHERE job = ? AND n > ? ORDER BY n",
-                               (job_id, after or 0)).fetchall()
+    def read_stream(self, job_id: str, stream: str,
+                    after: Optional[int]) -> tuple[list[str], Optional[int]]:
+        rows = self.db.execute("SELECT n, line FROM tlm_line WHERE job = ? AND stream = ? AND n > ? "
+                               "ORDER BY n", (job_id, stream, after or 0)).fetchall()
         return [line for _, line in rows], rows[-1][0] if rows else after
 
     @contextlib.contextmanager
     def waiter(self) -> Iterator[Callable[[float], None]]:
-        yield lambda timeout: time.sleep(min(timeout, 0.25))  # polling is cheap on a local file
+        """Polls SQLite's data_version, which moves when another connection commits."""
+        def version() -> int:
+            return self.db.execute("PRAGMA data_version").fetchone()[0]
+
+        def wait(timeout: float) -> None:
+            seen, deadline = version(), time.monotonic() + timeout
+            while time.monotonic() < deadline and version() == seen:
+                time.sleep(0.05)
+        yield wait
 
     def put_worker(self, worker_id: str, record: dict[str, Any]) -> None:
         with self._tx() as db:
@@ -595,6 +620,6 @@ class SqliteStore:
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
                 marks = ",".join("?" * len(chunk))
-                db.execute(f"DELETE FROM tlm_log WHERE job IN ({marks})", chunk)
+                db.execute(f"DELETE FROM tlm_line WHERE job IN ({marks})", chunk)
                 db.execute(f"DELETE FROM tlm_job WHERE id IN ({marks})", chunk)
         return len(ids)
