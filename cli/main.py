@@ -82,11 +82,12 @@ def inspect(save_dir: str | None, identifier: str | None) -> None:
     click.echo("config:      " + json.dumps(s["config"], sort_keys=True))
 
 
+from tlm_cli.dashboard import dashboard  # noqa: E402
 from tlm_cli.jobs import cancel, logs, prune, status, submit  # noqa: E402
 from tlm_cli.plot import plot  # noqa: E402
 from tlm_cli.sample import sample  # noqa: E402
 
-for command in (submit, status, logs, cancel, prune, sample, plot):
+for command in (submit, status, logs, cancel, prune, sample, plot, dashboard):
     cli.add_command(command)
 
 

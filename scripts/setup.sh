@@ -28,4 +28,15 @@ then
         .venv/bin/python -m pip install -q --disable-pip-version-check mkl
     fi
 fi
+# The dashboard's tests drive a real browser: Debian's Chromium and ChromeDriver
+# (a browser download, as Playwright's installer does, fails on machines without internet).
+if [ "$(uname -s)" = Linux ] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
+    if command -v apt-get >/dev/null && { $SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+        || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; }; then
+        echo "setup: installed Debian's chromium and chromium-driver (for the dashboard's tests)" >&2
+    else
+        echo "setup: could not install chromium: the dashboard's browser tests will be skipped" >&2
+    fi
+fi
 .venv/bin/python -c "from tlm import blas; print('setup:', blas.describe())" >&2

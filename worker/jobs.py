@@ -150,6 +150,8 @@ def _train(registry: Registry, job: dict[str, Any], fence: int, given: dict[str,
             fields = {"progress": progress}
             if p.checkpoint:
                 fields["checkpoint"] = p.checkpoint
+                registry.add_point(job_id, {"time": time.time(), "kind": "checkpoint", "step": p.step,
+                                            "identifier": p.checkpoint, "loss": p.val_loss})
             registry.update(job_id, **fields)
 
     result = train(given, on_progress, should_stop, log,

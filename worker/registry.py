@@ -245,8 +245,8 @@ class Registry:
         return [json.loads(line) for line in lines], cursor
 
     @contextlib.contextmanager
-    def changes(self) -> Iterator[Callable[[float], None]]:
-        """``wait(timeout)``: returns early when any job changes or logs (Redis pub/sub)."""
+    def changes(self) -> Iterator[Callable[[float], bool]]:
+        """``wait(timeout) -> changed``: returns early, True, when any job changes or logs."""
         with self.store.waiter() as wait:
             yield wait
 
@@ -427,14 +427,16 @@ class RedisStore:
         return [fields[b"l"].decode() for _, fields in entries], entries[-1][0].decode()
 
     @contextlib.contextmanager
-    def waiter(self) -> Iterator[Callable[[float], None]]:
+    def waiter(self) -> Iterator[Callable[[float], bool]]:
         pubsub = self.r.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(f"{self.P}events")
 
-        def wait(timeout: float) -> None:
-            if pubsub.get_message(timeout=timeout) is not None:
-                while pubsub.get_message(timeout=0.05) is not None:  # a burst is one wake-up
-                    pass
+        def wait(timeout: float) -> bool:
+            if pubsub.get_message(timeout=timeout) is None:
+                return False
+            while pubsub.get_message(timeout=0.05) is not None:  # a burst is one wake-up
+                pass
+            return True
         try:
             yield wait
         finally:
@@ -494,22 +496,29 @@ class SqliteStore:
     """
 
     def __init__(self, path):
-        self.db = sqlite3.connect(str(path), timeout=30, isolation_level=None,
-                                  check_same_thread=False)
+        self.path = str(path)
+        self._local = threading.local()
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(self.SCHEMA)
-        self._tx_lock = threading.RLock()  # one transaction at a time per process
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """This thread's connection (a worker's heartbeat thread, a dashboard's request threads)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        return db
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._tx_lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.db
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def _write(self, db, job: dict[str, Any]) -> None:
         db.execute("UPDATE tlm_job SET state = ?, finished = ?, record = ? WHERE id = ?",
@@ -589,16 +598,28 @@ class SqliteStore:
         return [line for _, line in rows], rows[-1][0] if rows else after
 
     @contextlib.contextmanager
-    def waiter(self) -> Iterator[Callable[[float], None]]:
-        """Polls SQLite's data_version, which moves when another connection commits."""
-        def version() -> int:
-            return self.db.execute("PRAGMA data_version").fetchone()[0]
+    def waiter(self) -> Iterator[Callable[[float], bool]]:
+        """Polls SQLite's data_version on a connection of its own: it moves when another
+        connection commits."""
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
 
-        def wait(timeout: float) -> None:
-            seen, deadline = version(), time.monotonic() + timeout
-            while time.monotonic() < deadline and version() == seen:
+        def version() -> int:
+            return db.execute("PRAGMA data_version").fetchone()[0]
+        seen = version()
+
+        def wait(timeout: float) -> bool:
+            nonlocal seen
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if version() != seen:
+                    seen = version()
+                    return True
                 time.sleep(0.05)
-        yield wait
+            return False
+        try:
+            yield wait
+        finally:
+            db.close()
 
     def put_worker(self, worker_id: str, record: dict[str, Any]) -> None:
         with self._tx() as db:

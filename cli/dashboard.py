@@ -1,0 +1,344 @@
+"""``tlm dashboard``: the whole lab on one web page, a thin front end over the registry.
+
+A Starlette app served by uvicorn: JSON under ``/api``, one server-sent event
+stream (``/api/events``) that says "something changed" whenever the registry
+does (Redis pub/sub, or SQLite's data_version), and static files (the page,
+its script, and uPlot for the curves: shipped in the package, no CDN).
+Everything the page shows comes from the registry, so curves draw on a
+machine that does not mount the shared save directory.
+
+Safety: it listens on 127.0.0.1 and then checks the Host header (no DNS
+rebinding). Bound to anything else, every request needs the token (printed at
+start; ``?token=`` once sets a cookie). State changes are POSTs that must
+carry the token in a header and, when the browser sends an Origin, come from
+this page's own origin, so another site cannot submit or cancel. The page
+writes job-provided text with ``textContent`` only, under a CSP with no inline
+script.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import ipaddress
+import secrets
+import shlex
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import anyio
+import click
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from tlm.config import PRESETS, ConfigError, TrainConfig, apply_preset
+from tlm_worker.registry import FINAL, LIVE, JobNotFound, Registry, RunBusy
+
+STATIC = Path(__file__).parent / "static"
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+EVENT_WAIT = 10.0  # seconds between keep-alive pings of the event stream
+
+
+class Refused(Exception):
+    """A request the API answers with a status and one line."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def target_of(key: str) -> dict[str, str]:
+    """Job params that locate a run, from its registry key (``run:NAME`` or ``dir:PATH``)."""
+    kind, _, name = key.partition(":")
+    if kind == "run" and name:
+        return {"run": name}
+    if kind == "dir" and name:
+        return {"save_dir": name}
+    raise Refused(400, f"not a run key: {key!r}")
+
+
+def command(verb: str, params: dict[str, Any]) -> str:
+    """The ``tlm`` command line that does what the page just did."""
+    parts = ["tlm", *verb.split()]
+    for k, v in params.items():
+        if v is None or v is False or k in ("data_mirror", "dataset_sha1"):
+            continue
+        parts += [f"--{k}"] if v is True else [f"--{k}", str(v)]
+    return shlex.join(parts)
+
+
+def typed_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Form values (strings) as TrainConfig's types; unknown flags refused."""
+    hints = typing.get_type_hints(TrainConfig)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for k, v in overrides.items():
+        k = k.strip().lstrip("-").replace("-", "_")
+        if k not in names or k in ("save_dir",):
+            raise Refused(400, f"unknown flag --{k}")
+        typ = hints[k]
+        typ = typing.get_args(typ)[0] if typing.get_origin(typ) is typing.Union else typ
+        try:
+            out[k] = (str(v).lower() in ("1", "true", "yes", "on")) if typ is bool else typ(v)
+        except ValueError:
+            raise Refused(400, f"--{k} {v!r}: expected {typ.__name__}") from None
+    return out
+
+
+class Lab:
+    """What the API reads and does, over one registry."""
+
+    def __init__(self, registry: Registry, save_root: Optional[str] = None):
+        self.registry, self.save_root = registry, save_root
+
+    def _on_disk(self, key: str, identifier: str) -> Optional[bool]:
+        """Whether a checkpoint's file is still there (None: the run is not visible here)."""
+        from tlm_worker.jobs import resolve_save_dir
+        directory = Path(resolve_save_dir(target_of(key), self.save_root))
+        return (directory / f"{identifier}.safetensors").exists() if directory.is_dir() else None
+
+    def overview(self, state: Optional[str], run: Optional[str], limit: int) -> dict[str, Any]:
+        if state not in (None, "", *LIVE, *FINAL):
+            raise Refused(400, f"unknown state {state!r}")
+        jobs = self.registry.jobs(limit, state=state or None, run=run or None)
+        return {"jobs": [{k: v for k, v in j.items() if k != "params"} for j in jobs],
+                "workers": self.registry.workers()}
+
+    def run(self, key: str) -> dict[str, Any]:
+        target_of(key)
+        jobs = self.registry.jobs(None, run=key)
+        trains = [j for j in jobs if j["kind"] == "train"]
+        points: dict[tuple[str, int], dict] = {}
+        for job in trains:  # oldest first: a resumed step's later record wins
+            for p in self.registry.points(job["id"])[0]:
+                points[(p["kind"], p["step"])] = p
+        ordered = sorted(points.values(), key=lambda p: (p["step"], p["kind"]))
+        checkpoints = [{**p, "on_disk": self._on_disk(key, p["identifier"])}
+                       for p in reversed(ordered) if p["kind"] == "checkpoint"]
+        return {"key": key, "jobs": jobs, "config": trains[-1]["params"] if trains else {},
+                "points": [p for p in ordered if p["kind"] != "checkpoint"],
+                "checkpoints": checkpoints}
+
+    def compare(self, keys: list[str]) -> dict[str, Any]:
+        runs = [self.run(k) for k in keys]
+        configs = [r["config"] for r in runs]
+        flags = sorted({k for c in configs for k in c} - {"data_mirror", "dataset_sha1"})
+        differs = [k for k in flags if len({repr(c.get(k)) for c in configs}) > 1]
+        out = []
+        for r in runs:
+            last = {kind: next((p for p in reversed(r["points"]) if p["kind"] == kind), None)
+                    for kind in ("train", "valid", "test")}
+            out.append({"key": r["key"], "points": r["points"], "config": r["config"],
+                        "final": {k: p and {"step": p["step"], "loss": p["loss"],
+                                            "ppl": p.get("ppl"), "bpc": p.get("bpc")}
+                                  for k, p in last.items()}})
+        return {"runs": out, "differs": differs}
+
+    def cancel(self, job_id: str, force: bool) -> dict[str, Any]:
+        job = self.registry.get(job_id)
+        if job["state"] in FINAL:
+            raise Refused(409, f"job {job_id} already {job['state']}")
+        ended = self.registry.cancel(job_id, force)
+        return {"job": job_id, "ended": ended,
+                "command": command(f"cancel {job_id}", {"force": force})}
+
+    def submit(self, key: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Queue a training job of a run (resuming its checkpoints), as `tlm submit train`."""
+        target = target_of(key)
+        try:
+            config = TrainConfig(**params, save_dir=target.get("save_dir", "/unused"))
+            config.validate()
+        except (ConfigError, TypeError) as e:
+            raise Refused(400, str(e)) from None
+        from tlm.data import is_text_path
+        if is_text_path(config.dataset):
+            raise Refused(400, "a --dataset of your own text is submitted with `tlm submit train`, "
+                               "which copies it into the run")
+        if config.data_mirror and "data_mirror" not in params:
+            params = {**params, "data_mirror": config.data_mirror}
+        try:
+            job = self.registry.create("train", {**params, **target}, key)
+        except RunBusy as e:
+            raise Refused(409, f"{key.split(':', 1)[1]} already has a {e.job['state']} job "
+                               f"{e.job['id']} (one trainer per run)") from None
+        return {"job": job["id"], "command": command("submit train", {**target, **params})}
+
+    def new_run(self, body: dict[str, Any]) -> dict[str, Any]:
+        run, save_dir = (body.get("run") or "").strip(), (body.get("save_dir") or "").strip()
+        if bool(run) == bool(save_dir):
+            raise Refused(400, "give a run name or a save directory (one of them)")
+        if run and ("/" in run or run.startswith(".")):
+            raise Refused(400, f"run {run!r}: a plain name, resolved under each worker's --save_root")
+        key = f"run:{run}" if run else f"dir:{Path(save_dir).expanduser().resolve()}"
+        preset = body.get("preset") or None
+        if preset is not None and preset not in PRESETS:
+            raise Refused(400, f"unknown preset {preset!r}")
+        overrides = typed_overrides(body.get("overrides") or {})
+        given = {**({"preset": preset} if preset else {}), **overrides}
+        return self.submit(key, apply_preset(given) if preset else given)
+
+    def resume(self, key: str) -> dict[str, Any]:
+        trains = [j for j in self.registry.jobs(None, run=key) if j["kind"] == "train"]
+        if not trains:
+            raise Refused(404, f"no training job of {key} to resume")
+        params = {k: v for k, v in trains[-1]["params"].items() if k not in ("run", "save_dir")}
+        return self.submit(key, params)
+
+    def sample(self, key: str, prompt: str, max_tokens: int, temperature: float) -> dict[str, Any]:
+        from tlm.generate import SampleConfig
+        target = target_of(key)
+        if not 0 < max_tokens <= 2000 or not 0 <= temperature <= 10:
+            raise Refused(400, "max_tokens must be 1-2000 and temperature 0-10")
+        cfg = SampleConfig(max_tokens=max_tokens, temperature=temperature)
+        job = self.registry.create("sample", {**target, "identifier": None, "prompt": prompt,
+                                              "sampling": dataclasses.asdict(cfg),
+                                              "num_samples": 1}, key)
+        return {"job": job["id"], "command": command("sample", {
+            **target, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature})}
+
+
+def create_app(registry: Registry, token: str, require_token: bool,
+               save_root: Optional[str] = None) -> "Guard":
+    """The dashboard's ASGI app; ``require_token`` for every request (bound beyond localhost)."""
+    lab = Lab(registry, save_root)
+
+    def api(fn):
+        async def endpoint(request: Request) -> Response:
+            body = await request.json() if request.method == "POST" else {}
+            if not isinstance(body, dict):
+                return PlainTextResponse("expected a JSON object", status_code=400)
+            try:
+                return JSONResponse(await anyio.to_thread.run_sync(fn, request, body))
+            except Refused as e:
+                return PlainTextResponse(str(e), status_code=e.status)
+            except JobNotFound as e:
+                return PlainTextResponse(str(e), status_code=404)
+        return endpoint
+
+    def page(request: Request) -> Response:
+        html = (STATIC / "index.html").read_text().replace("{{TOKEN}}", token)
+        return Response(html, media_type="text/html")
+
+    async def events(request: Request) -> Response:
+        async def stream():
+            with registry.changes() as wait:
+                yield "retry: 1000\n\n"
+                while not await request.is_disconnected():
+                    changed = await anyio.to_thread.run_sync(wait, EVENT_WAIT)
+                    yield "event: change\ndata: {}\n\n" if changed else ": ping\n\n"
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    q = lambda request, name, default=None: request.query_params.get(name, default)  # noqa: E731
+    routes = [
+        Route("/", page),
+        Route("/api/overview", api(lambda r, b: lab.overview(
+            q(r, "state"), q(r, "run"), int(q(r, "limit", "50"))))),
+        Route("/api/jobs/{id}", api(lambda r, b: {"job": registry.get(r.path_params["id"])})),
+        Route("/api/jobs/{id}/log", api(lambda r, b: dict(zip(("lines", "cursor"), registry.logs(
+            r.path_params["id"], q(r, "after")))))),
+        Route("/api/run", api(lambda r, b: lab.run(q(r, "key", "")))),
+        Route("/api/compare", api(lambda r, b: lab.compare(r.query_params.getlist("key")))),
+        Route("/api/presets", api(lambda r, b: {"presets": PRESETS})),
+        Route("/api/events", events),
+        Route("/api/jobs/{id}/cancel", api(lambda r, b: lab.cancel(
+            r.path_params["id"], bool(b.get("force")))), methods=["POST"]),
+        Route("/api/resume", api(lambda r, b: lab.resume(str(b.get("key", "")))), methods=["POST"]),
+        Route("/api/submit", api(lambda r, b: lab.new_run(b)), methods=["POST"]),
+        Route("/api/sample", api(lambda r, b: lab.sample(
+            str(b.get("key", "")), str(b.get("prompt", "")), int(b.get("max_tokens", 60)),
+            float(b.get("temperature", 0.5)))), methods=["POST"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    return Guard(Starlette(routes=routes), token, require_token)
+
+
+class Guard:
+    """ASGI middleware: Host check on localhost, the token where required, safe POSTs."""
+
+    def __init__(self, app, token: str, require_token: bool):
+        self.app, self.token, self.require_token = app, token, require_token
+
+    def _valid(self, given: Optional[str]) -> bool:
+        return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        host = request.headers.get("host", "")
+        hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        header = request.headers.get("x-tlm-token")
+        from_query = request.query_params.get("token")
+        refusal = None
+        if not self.require_token and hostname not in LOCAL_HOSTS:
+            refusal = PlainTextResponse(f"unexpected Host {host!r}", status_code=403)
+        elif self.require_token and not (self._valid(header) or self._valid(from_query)
+                                         or self._valid(request.cookies.get("tlm_token"))):
+            refusal = PlainTextResponse("token required: open the address `tlm dashboard` printed",
+                                        status_code=401)
+        elif request.method not in ("GET", "HEAD"):
+            origin = request.headers.get("origin")
+            if not self._valid(header):
+                refusal = PlainTextResponse("missing or wrong X-TLM-Token header", status_code=403)
+            elif origin is not None and origin != f"{request.url.scheme}://{host}":
+                refusal = PlainTextResponse(f"cross-site request from {origin} refused",
+                                            status_code=403)
+        if refusal is None and from_query and request.method == "GET":
+            # The token from the printed address becomes a cookie; the address bar drops it.
+            refusal = RedirectResponse(request.url.remove_query_params("token"), status_code=303)
+            refusal.set_cookie("tlm_token", self.token, httponly=True, samesite="strict")
+        response = refusal
+        if response is not None:
+            return await response(scope, receive, send)
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] += [(b"content-security-policy", CSP.encode()),
+                                       (b"x-content-type-options", b"nosniff"),
+                                       (b"referrer-policy", b"no-referrer")]
+            await send(message)
+        await self.app(scope, receive, with_headers)
+
+
+def is_local(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@click.command()
+@click.option("--queue", envvar="TLM_QUEUE", default=None,
+              help="redis://[:password@]host:port/db (env TLM_QUEUE); default: embedded SQLite")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; anything but localhost requires the token")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--token", envvar="TLM_DASHBOARD_TOKEN", default=None,
+              help="the access token (env TLM_DASHBOARD_TOKEN); default: a new random one")
+@click.option("--save_root", "--save-root", default=None,
+              help="where this machine mounts the shared runs directory (to mark checkpoints "
+                   "still on disk; curves and logs need no mount)")
+def dashboard(queue, host, port, token, save_root) -> None:
+    """Serve the lab's web page: jobs, workers, live curves, logs, controls."""
+    import uvicorn
+
+    from tlm_cli.jobs import connect
+
+    registry = connect(queue)
+    token = token or secrets.token_urlsafe(18)
+    local = is_local(host)
+    app = create_app(registry, token, require_token=not local, save_root=save_root)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://{shown}:{port}/" + ("" if local else f"?token={token}")
+    click.echo(f"tlm dashboard on {url}" + ("" if local else
+               "  (from another Mac: this machine's address in place of the host)"), err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=1, access_log=False)

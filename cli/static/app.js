@@ -1,0 +1,326 @@
+// The tlm lab page: jobs, workers, a run's curves, log and checkpoints, compare, controls.
+// Every piece of job-provided text goes into the page as text (el() below), never as HTML.
+"use strict";
+
+const TOKEN = document.querySelector('meta[name="tlm-token"]').content;
+const STATES = ["queued", "running", "cancelling", "interrupted", "succeeded", "failed", "cancelled"];
+const STALE_SECONDS = 30; // a worker heartbeats every lease/4 (at most 5 s)
+
+// -- small helpers -------------------------------------------------------------------
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (k === "dataset") Object.assign(node.dataset, v);
+    else node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+async function api(path) {
+  const r = await fetch(path, { headers: { "X-TLM-Token": TOKEN } });
+  if (!r.ok) throw new Error(await r.text());
+  return r.json();
+}
+
+async function post(path, body) {
+  const r = await fetch(path, {
+    method: "POST", body: JSON.stringify(body),
+    headers: { "X-TLM-Token": TOKEN, "Content-Type": "application/json" },
+  });
+  const text = await r.text();
+  if (!r.ok) throw new Error(text);
+  return JSON.parse(text);
+}
+
+function notice(text, command = "", error = false) {
+  const box = document.getElementById("notice");
+  box.hidden = false;
+  box.className = error ? "error" : "";
+  document.getElementById("notice-text").textContent = text;
+  document.getElementById("notice-command").textContent = command ? `same as: ${command}` : "";
+}
+
+async function act(promise, what) {
+  try {
+    const r = await promise;
+    notice(what(r), r.command);
+    return r;
+  } catch (e) {
+    notice(e.message, "", true);
+  }
+}
+
+const runName = key => key.slice(key.indexOf(":") + 1);
+const runLink = key => el("a", { href: "#/run/" + encodeURIComponent(key) }, runName(key));
+const fmt = (x, digits = 3) => (x === null || x === undefined ? "" : Number(x).toFixed(digits));
+
+function age(t) {
+  if (!t) return "-";
+  const s = Date.now() / 1000 - t;
+  return s < 120 ? `${s.toFixed(0)}s` : s < 7200 ? `${(s / 60).toFixed(0)}m` : `${(s / 3600).toFixed(1)}h`;
+}
+
+function table(headers, rows) {
+  return el("table", {}, el("thead", {}, el("tr", {}, headers.map(h => el("th", {}, h)))),
+    el("tbody", {}, rows));
+}
+
+// -- jobs and workers -------------------------------------------------------------------
+
+function jobActions(job) {
+  const live = ["queued", "running", "cancelling", "interrupted"].includes(job.state);
+  const out = [];
+  if (live) {
+    out.push(el("button", { class: "cancel", onclick: () => act(
+      post(`/api/jobs/${job.id}/cancel`, { force: false }),
+      r => r.ended ? `job ${job.id} removed from the queue` : `job ${job.id}: saving, then cancelled`) },
+      "cancel"));
+    if (job.state !== "queued") out.push(" ", el("button", { class: "force", onclick: () => act(
+      post(`/api/jobs/${job.id}/cancel`, { force: true }), () => `job ${job.id}: stopping now`) },
+      "force"));
+  } else if (job.kind === "train" && ["cancelled", "failed"].includes(job.state)) {
+    out.push(el("button", { class: "resume", onclick: () => act(
+      post("/api/resume", { key: job.run }), r => `queued job ${r.job} to resume ${runName(job.run)}`) },
+      "resume"));
+  }
+  return out;
+}
+
+function jobRow(job, selectable) {
+  const p = job.progress || {};
+  const val = p.val_metric !== undefined ? `${p.val_metric_name} ${fmt(p.val_metric, 2)}` : "";
+  const eta = p.eta_seconds && job.state === "running" ? `${(p.eta_seconds / 60).toFixed(0)}m` : "";
+  return el("tr", { dataset: { job: job.id } },
+    selectable ? el("td", {}, el("input", { type: "checkbox", class: "pick", value: job.run })) : null,
+    el("td", {}, el("code", {}, job.id)), el("td", {}, job.kind), el("td", {}, runLink(job.run)),
+    el("td", { class: `state state-${job.state}` }, job.state), el("td", {}, job.worker || "-"),
+    el("td", { class: "num step" }, p.step ? `${p.step}/${p.total}` : ""),
+    el("td", { class: "num" }, fmt(p.train_loss)), el("td", { class: "num" }, val),
+    el("td", { class: "num" }, p.tokens_per_sec ? Math.round(p.tokens_per_sec).toLocaleString() : ""),
+    el("td", { class: "num" }, eta),
+    el("td", { class: "num" }, job.interruptions ? `${job.attempts}+${job.interruptions}` : job.attempts),
+    el("td", { class: "num" }, age(job.created)), el("td", { class: "error" }, job.error || ""),
+    el("td", {}, jobActions(job)));
+}
+
+const JOB_HEADERS = ["id", "kind", "run", "state", "worker", "step", "train loss", "val", "tok/s",
+  "ETA", "tries", "age", "error", ""];
+
+function workerTable(workers) {
+  return table(["worker", "host", "device", "slots", "heartbeat", "jobs"], workers.map(w => {
+    const stale = Date.now() / 1000 - w.heartbeat > STALE_SECONDS;
+    const slots = w.slots ? `train ${w.slots.train} · interactive ${w.slots.interactive}` : "";
+    return el("tr", { dataset: { worker: w.id } }, el("td", {}, w.id), el("td", {}, w.host),
+      el("td", {}, w.device), el("td", {}, slots),
+      el("td", { class: stale ? "stale" : "" }, age(w.heartbeat) + (stale ? " (stale)" : "")),
+      el("td", {}, (w.jobs || []).join(", ") || "-"));
+  }));
+}
+
+function jobsView(root) {
+  const state = el("select", { id: "filter-state" }, el("option", { value: "" }, "all states"),
+    STATES.map(s => el("option", { value: s }, s)));
+  const run = el("input", { id: "filter-run", placeholder: "run contains…" });
+  const jobsBox = el("div", { id: "jobs" }), workersBox = el("div", { id: "workers" });
+  const compare = el("button", { onclick: () => {
+    const keys = [...new Set([...document.querySelectorAll("input.pick:checked")].map(c => c.value))];
+    location.hash = "#/compare/" + keys.map(encodeURIComponent).join(",");
+  } }, "compare selected runs");
+  root.append(el("h2", {}, "Jobs"), el("div", { class: "filters" }, state, run, compare), jobsBox,
+    el("h2", {}, "Workers"), workersBox, submitForm());
+  async function refresh() {
+    const query = state.value ? `?state=${state.value}` : "";
+    const data = await api("/api/overview" + query);
+    const needle = run.value.trim();
+    const jobs = data.jobs.filter(j => !needle || j.run.includes(needle)).reverse();
+    jobsBox.replaceChildren(table(["", ...JOB_HEADERS], jobs.map(j => jobRow(j, true))));
+    workersBox.replaceChildren(data.workers.length ? workerTable(data.workers)
+      : el("p", { class: "muted" }, "no worker is running: start one with `tlm-worker`"));
+  }
+  state.addEventListener("change", refresh);
+  run.addEventListener("input", refresh);
+  return refresh;
+}
+
+function submitForm() {
+  const preset = el("select", { id: "submit-preset" }, el("option", { value: "" }, "no preset"));
+  api("/api/presets").then(d => Object.keys(d.presets).forEach(
+    name => preset.append(el("option", { value: name }, name))));
+  const run = el("input", { id: "submit-run", placeholder: "run name", required: true });
+  const overrides = el("textarea", { id: "submit-overrides", rows: 3,
+    placeholder: "one flag per line, e.g.\nnum_iters=2000\nlearning_rate=3e-3" });
+  const form = el("form", {}, el("div", { class: "row" }, preset, run,
+    el("button", { class: "primary", type: "submit" }, "submit training job")), overrides);
+  form.addEventListener("submit", e => {
+    e.preventDefault();
+    const flags = {};
+    for (const line of overrides.value.split("\n").map(l => l.trim()).filter(Boolean)) {
+      const [k, ...v] = line.split("=");
+      flags[k.trim()] = v.join("=").trim();
+    }
+    act(post("/api/submit", { preset: preset.value, run: run.value, overrides: flags }),
+      r => `queued training job ${r.job}`);
+  });
+  return el("div", {}, el("h2", {}, "Submit"), form);
+}
+
+// -- curves -----------------------------------------------------------------------------------
+
+// uPlot wants one x array shared by all series: the union of x values, gaps as null.
+function align(series) {
+  const xs = [...new Set(series.flatMap(s => s.map(p => p[0])))].sort((a, b) => a - b);
+  return [xs, ...series.map(s => { const m = new Map(s); return xs.map(x => (m.has(x) ? m.get(x) : null)); })];
+}
+
+const COLORS = ["#3157d5", "#e67e22", "#1e8449", "#8e44ad", "#c0392b", "#16a085", "#7f8c8d"];
+
+function chart(box, title, xLabel, labels, series) {
+  box.replaceChildren();
+  const data = align(series);
+  box.dataset.points = String(series.reduce((n, s) => n + s.length, 0));
+  if (!data[0].length) {
+    box.append(el("p", { class: "muted" }, `${title}: no points yet`));
+    return;
+  }
+  new uPlot({
+    title, width: Math.min(640, Math.max(320, box.parentElement.clientWidth / 2 - 30)), height: 260,
+    scales: { x: { time: false } },
+    axes: [{ label: xLabel }, { label: "loss" }],
+    series: [{}, ...labels.map((label, i) => ({ label, stroke: COLORS[i % COLORS.length], spanGaps: true,
+      points: { show: series[i].length < 60 } }))],
+  }, data, box);
+}
+
+function curves(points, x) {
+  const pick = kind => points.filter(p => p.kind === kind).map(p => [x(p), p.loss]);
+  return [pick("train"), pick("valid")];
+}
+
+// -- a run's page --------------------------------------------------------------------------
+
+function runView(root, key) {
+  const head = el("div"), charts = el("div", { class: "charts" });
+  const byStep = el("div", { class: "chart", id: "chart-step" });
+  const byTime = el("div", { class: "chart", id: "chart-time" });
+  charts.append(byStep, byTime);
+  const jobsBox = el("div", { id: "run-jobs" }), config = el("div"), ckpts = el("div");
+  const log = el("pre", { class: "log", id: "log" });
+  const prompt = el("input", { id: "sample-prompt", placeholder: "prompt", size: 40 });
+  const maxTokens = el("input", { id: "sample-max-tokens", type: "number", value: 60, min: 1, max: 2000 });
+  const output = el("pre", { class: "sample", id: "sample-output" });
+  const sampleForm = el("form", { class: "row" }, prompt, maxTokens,
+    el("button", { class: "primary", type: "submit" }, "sample the latest checkpoint"));
+  let sampleJob = null, logJob = null, logCursor = null;
+  sampleForm.addEventListener("submit", async e => {
+    e.preventDefault();
+    output.textContent = "queued…";
+    const r = await act(post("/api/sample", { key, prompt: prompt.value, max_tokens: Number(maxTokens.value) }),
+      r => `queued sample job ${r.job}`);
+    sampleJob = r ? r.job : null;
+    refresh();
+  });
+  root.append(head, charts, el("div", { class: "grid2" },
+    el("div", {}, el("h2", {}, "Checkpoints"), ckpts), el("div", {}, el("h2", {}, "Configuration"), config)),
+  el("h2", {}, "Sample"), sampleForm, output, el("h2", {}, "Jobs"), jobsBox, el("h2", {}, "Log"), log);
+
+  async function refresh() {
+    const run = await api("/api/run?key=" + encodeURIComponent(key));
+    head.replaceChildren(el("h1", {}, runName(key)), el("p", { class: "muted" }, key));
+    chart(byStep, "loss against step", "step", ["train", "valid"], curves(run.points, p => p.step));
+    chart(byTime, "loss against training time", "minutes", ["train", "valid"],
+      curves(run.points, p => (p.elapsed || 0) / 60));
+    jobsBox.replaceChildren(table(JOB_HEADERS, [...run.jobs].reverse().map(j => jobRow(j, false))));
+    config.replaceChildren(table(["flag", "value"], Object.entries(run.config).sort().map(
+      ([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, JSON.stringify(v))))));
+    const older = run.checkpoints.length - 10;
+    ckpts.replaceChildren(run.checkpoints.length ? table(["step", "validation loss", "identifier", "on disk"],
+      run.checkpoints.slice(0, 10).map(c => el("tr", {}, el("td", { class: "num" }, c.step),
+        el("td", { class: "num" }, fmt(c.loss)), el("td", {}, el("code", {}, c.identifier)),
+        el("td", {}, c.on_disk === null ? "not mounted here" : c.on_disk ? "yes" : "deleted"))))
+      : el("p", { class: "muted" }, "no checkpoint yet"),
+    older > 0 ? el("p", { class: "muted" }, `and ${older} older`) : null);
+    const trains = run.jobs.filter(j => j.kind === "train"), shown = trains.length ? trains : run.jobs;
+    const latest = shown.length ? shown[shown.length - 1].id : null; // whose log streams below
+    if (latest !== logJob) { logJob = latest; logCursor = null; log.textContent = ""; }
+    if (logJob) {
+      const more = await api(`/api/jobs/${logJob}/log` + (logCursor ? `?after=${logCursor}` : ""));
+      const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+      if (more.lines.length) log.append(document.createTextNode(more.lines.join("\n") + "\n"));
+      logCursor = more.cursor;
+      if (atEnd) log.scrollTop = log.scrollHeight;
+    }
+    if (sampleJob) {
+      const { job } = await api(`/api/jobs/${sampleJob}`);
+      if (job.state === "succeeded") { output.textContent = job.result.samples[0] || "(empty)"; sampleJob = null; }
+      else if (["failed", "cancelled"].includes(job.state)) { output.textContent = `${job.state}: ${job.error}`; sampleJob = null; }
+      else output.textContent = `${job.state}…`;
+    }
+  }
+  return refresh;
+}
+
+// -- compare ---------------------------------------------------------------------------------
+
+function compareView(root, keys) {
+  if (!keys.length) {
+    root.append(el("p", { class: "muted" }, "tick runs on the jobs page, then “compare selected runs”."));
+    return async () => {};
+  }
+  const box = el("div", { class: "chart", id: "chart-compare" }), summary = el("div");
+  root.append(el("h1", {}, "Compare runs"), box, el("h2", {}, "Final metrics and the flags that differ"), summary);
+  return async () => {
+    const data = await api("/api/compare?" + keys.map(k => "key=" + encodeURIComponent(k)).join("&"));
+    const series = data.runs.map(r => {
+      const valid = r.points.filter(p => p.kind === "valid");
+      return (valid.length ? valid : r.points.filter(p => p.kind === "train")).map(p => [p.step, p.loss]);
+    });
+    chart(box, "validation loss against step (train loss where none)", "step",
+      data.runs.map(r => runName(r.key)), series);
+    const metric = f => (f ? `${fmt(f.loss)}${f.ppl ? ` (ppl ${fmt(f.ppl, 1)})` : f.bpc ? ` (${fmt(f.bpc)} bpc)` : ""} @${f.step}` : "");
+    summary.replaceChildren(table(["run", "train", "valid", "test", ...data.differs],
+      data.runs.map(r => el("tr", {}, el("td", {}, runLink(r.key)), el("td", {}, metric(r.final.train)),
+        el("td", {}, metric(r.final.valid)), el("td", {}, metric(r.final.test)),
+        data.differs.map(k => el("td", {}, r.config[k] === undefined ? "-" : JSON.stringify(r.config[k])))))));
+  };
+}
+
+// -- routing and live updates -----------------------------------------------------------------------
+
+let refresh = async () => {};
+let pending = null;
+
+function route() {
+  const root = document.getElementById("view");
+  root.replaceChildren();
+  const hash = location.hash.slice(1) || "/";
+  if (hash.startsWith("/run/")) refresh = runView(root, decodeURIComponent(hash.slice(5)));
+  else if (hash.startsWith("/compare")) refresh = compareView(root,
+    hash.slice(9).split(",").filter(Boolean).map(decodeURIComponent));
+  else refresh = jobsView(root);
+  update();
+}
+
+function update() {
+  refresh().catch(e => notice(e.message, "", true));
+}
+
+function schedule() { // many changes in a burst: one refresh
+  if (pending) return;
+  pending = setTimeout(() => { pending = null; update(); }, 150);
+}
+
+const events = new EventSource("/api/events");
+const live = document.getElementById("live");
+events.addEventListener("change", schedule);
+events.onopen = () => { live.textContent = "live"; live.className = "live on"; };
+events.onerror = () => { live.textContent = "reconnecting…"; live.className = "live"; };
+setInterval(schedule, 15000); // ages and heartbeats move without events
+window.addEventListener("hashchange", route);
+route();

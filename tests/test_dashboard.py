@@ -1,0 +1,246 @@
+"""`tlm dashboard`: a real server process, a real queue and worker, headless Chromium."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tlm import checkpoint
+
+from queue_helpers import TINY, Workers, free_port, registry, submit, wait_for
+
+REDIS_TEST_DB = "redis://127.0.0.1:6379/12"
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'queue.db'}"
+    try:
+        redis.Redis.from_url(REDIS_TEST_DB, socket_connect_timeout=1).flushdb()
+    except redis.exceptions.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    return REDIS_TEST_DB
+
+
+class Dashboard:
+    def __init__(self, url: str, tmp: Path, *args: str):
+        self.port = free_port()
+        self.log = open(tmp / "dashboard.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tlm_cli.main", "dashboard", "--queue", url,
+                                      "--port", str(self.port), *args],
+                                     stdout=self.log, stderr=self.log)
+        self.base = f"http://127.0.0.1:{self.port}"
+        for _ in range(150):
+            try:
+                httpx.get(self.base + "/static/app.css", timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise AssertionError(Path(self.log.name).read_text())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def dashboard(url, tmp_path):
+    d = Dashboard(url, tmp_path)
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("no chromium/chromedriver (scripts/setup.sh installs Debian's)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--window-size=1400,1000"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+def until(fn, timeout: float = 60, what: str = ""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            value = fn()
+            if value:
+                return value
+        except Exception:  # the element is being re-rendered
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"timed out: {what}")
+
+
+def text(driver, css: str) -> str:
+    return driver.find_element("css selector", css).text
+
+
+def click(driver, css: str) -> None:
+    """Click, again if the page re-rendered the element in between (it does on every change)."""
+    until(lambda: driver.find_element("css selector", css).click() or True, what=f"click {css}")
+
+
+def test_a_job_appears_advances_draws_and_is_cancelled_from_the_page(url, dashboard, browser,
+                                                                     save_dir, tmp_path):
+    workers = Workers(url, tmp_path)
+    workers.start()
+    try:
+        browser.get(dashboard.base + "/")
+        browser.execute_script("window.__sameDocument = true")
+        job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "100000",
+                        "--steps_per_eval", "20")
+        row = f'tr[data-job="{job_id}"]'
+        until(lambda: text(browser, row + " td.state") == "running", what="the job runs")
+        first = until(lambda: int(text(browser, row + " td.step").split("/")[0]), what="a step")
+        until(lambda: int(text(browser, row + " td.step").split("/")[0]) > first, what="steps advance")
+        until(lambda: "train 1" in text(browser, "#workers"), what="the worker's slots")
+
+        click(browser, row + " td a")  # the run's page
+        points = lambda: int(browser.find_element("css selector", "#chart-step").get_attribute(  # noqa: E731
+            "data-points") or 0)
+        seen = until(points, what="curve points")
+        until(lambda: points() > seen, what="the curve gains points")
+        until(lambda: "iter " in text(browser, "#log"), what="the log")
+        until(lambda: browser.find_elements("css selector", "#chart-time canvas"), what="time chart")
+        click(browser, f"#run-jobs {row} button.cancel")
+        until(lambda: "tlm cancel " + job_id in text(browser, "#notice"), what="the command shown")
+        job = wait_for(url, job_id, ["cancelled"])
+        assert checkpoint.find(save_dir).identifier == job["checkpoint"]
+        until(lambda: text(browser, f'#run-jobs {row} td.state') == "cancelled", what="state shown")
+        assert browser.execute_script("return window.__sameDocument") is True  # never reloaded
+    finally:
+        workers.stop_all()
+
+
+def test_job_provided_text_renders_as_text(tmp_path, browser):
+    url = f"sqlite://{tmp_path / 'queue.db'}"
+    name = '<img src=x onerror="window.__xss=1">'
+    job_id = submit(url, "eval", "--run", name)
+    registry(url).log(job_id, "<script>window.__xss=2</script> a log line")
+    registry(url).cancel(job_id)
+    d = Dashboard(url, tmp_path)
+    try:
+        browser.get(d.base + "/")
+        until(lambda: text(browser, f'tr[data-job="{job_id}"] td a') == name, what="the name as text")
+        browser.get(d.base + "/#/run/" + urllib.parse.quote(f"run:{name}", safe=""))
+        until(lambda: name in text(browser, "h1"), what="the run page")
+        until(lambda: "<script>window.__xss=2</script> a log line" in text(browser, "#log"),
+              what="the log line as text")
+        assert browser.find_elements("css selector", "main img, main script") == []
+        assert browser.execute_script("return window.__xss") is None
+    finally:
+        d.stop()
+
+
+def test_a_sample_from_the_run_page(tmp_path, browser, save_dir):
+    url = f"sqlite://{tmp_path / 'queue.db'}"
+    subprocess.run([sys.executable, "-m", "tlm_cli.main", "train", "--save_dir", str(save_dir), *TINY,
+                    "--num_iters", "10"], check=True, capture_output=True)
+    train = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "12")
+    workers, d = Workers(url, tmp_path), Dashboard(url, tmp_path)
+    workers.start()
+    try:
+        wait_for(url, train, ["succeeded"])
+        browser.get(d.base + "/#/run/" + urllib.parse.quote(f"dir:{save_dir}", safe=""))
+        prompt = until(lambda: browser.find_element("css selector", "#sample-prompt"), what="form")
+        prompt.send_keys("the")
+        browser.find_element("css selector", "#sample-max-tokens").clear()
+        browser.find_element("css selector", "#sample-max-tokens").send_keys("5")
+        click(browser, "form.row button")
+        until(lambda: text(browser, "#sample-output") and "…" not in text(browser, "#sample-output"),
+              what="the sample")
+        job = registry(url).jobs(None, state="succeeded", run=f"dir:{save_dir}")[-1]
+        assert job["kind"] == "sample" and text(browser, "#sample-output") == job["result"]["samples"][0]
+        assert "tlm sample --save_dir" in text(browser, "#notice")
+    finally:
+        workers.stop_all()
+        d.stop()
+
+
+# -- the API, over a real HTTP server ------------------------------------------------------
+
+
+def test_state_changes_need_the_page_token_and_its_origin(url, dashboard):
+    reg = registry(url)
+    job = reg.create("eval", {"save_dir": "/x"}, "dir:/x")
+    page = httpx.get(dashboard.base + "/").text
+    token = page.split('name="tlm-token" content="')[1].split('"')[0]
+    cancel = dashboard.base + f"/api/jobs/{job['id']}/cancel"
+    assert httpx.post(cancel, json={}).status_code == 403  # no token
+    assert httpx.post(cancel, json={}, headers={"X-TLM-Token": "wrong"}).status_code == 403
+    refused = httpx.post(cancel, json={}, headers={"X-TLM-Token": token, "Origin": "http://evil.example"})
+    assert refused.status_code == 403 and "cross-site" in refused.text
+    assert reg.get(job["id"])["state"] == "queued"
+    ok = httpx.post(cancel, json={}, headers={"X-TLM-Token": token, "Origin": dashboard.base})
+    assert ok.status_code == 200 and ok.json()["command"] == f"tlm cancel {job['id']}"
+    assert reg.get(job["id"])["state"] == "cancelled"
+    rebound = httpx.get(dashboard.base + "/api/overview", headers={"Host": "evil.example"})
+    assert rebound.status_code == 403  # DNS rebinding
+    assert "content-security-policy" in httpx.get(dashboard.base + "/").headers
+
+
+def test_bound_beyond_localhost_every_request_needs_the_token(tmp_path):
+    url = f"sqlite://{tmp_path / 'queue.db'}"
+    d = Dashboard(url, tmp_path, "--host", "0.0.0.0", "--token", "s3cret-token")
+    try:
+        assert httpx.get(d.base + "/api/overview").status_code == 401
+        assert httpx.get(d.base + "/").status_code == 401
+        assert httpx.get(d.base + "/api/overview", headers={"X-TLM-Token": "s3cret-token"}).status_code == 200
+        with httpx.Client() as client:
+            first = client.get(d.base + "/?token=s3cret-token")
+            assert first.status_code == 303 and "token" not in first.headers["location"]
+            assert client.get(d.base + "/api/overview").status_code == 200  # the cookie
+            assert client.post(d.base + "/api/resume", json={"key": "run:a"}).status_code == 403
+        assert "?token=s3cret-token" in Path(d.log.name).read_text()
+    finally:
+        d.stop()
+
+
+def test_submit_resume_and_compare_through_the_api(url, dashboard):
+    page = httpx.get(dashboard.base + "/").text
+    headers = {"X-TLM-Token": page.split('name="tlm-token" content="')[1].split('"')[0]}
+    post = lambda path, body: httpx.post(dashboard.base + path, json=body, headers=headers)  # noqa: E731
+    r = post("/api/submit", {"preset": "shakespeare-cpu", "run": "a", "overrides": {"num_iters": "7"}})
+    assert r.status_code == 200, r.text
+    job = registry(url).get(r.json()["job"])
+    assert job["params"]["num_iters"] == 7 and job["params"]["dataset"] == "shakespeare"
+    assert r.json()["command"].startswith("tlm submit train --run a ")
+    busy = post("/api/submit", {"run": "a", "overrides": {}})
+    assert busy.status_code == 409 and "one trainer per run" in busy.text
+    bad = post("/api/submit", {"run": "b", "overrides": {"dim": "many"}})
+    assert bad.status_code == 400 and bad.text == "--dim 'many': expected int"
+    assert post("/api/submit", {"run": "b", "overrides": {"nope": "1"}}).text == "unknown flag --nope"
+    r = post("/api/submit", {"run": "b", "overrides": {"dim": "64", "num_heads": "4"}})
+    reg = registry(url)
+    for job_id, loss in ((job["id"], 4.0), (r.json()["job"], 3.0)):
+        held = reg.claim(job_id, "w")
+        reg.add_point(job_id, {"kind": "valid", "step": 5, "loss": loss, "ppl": 2.718 ** loss,
+                               "elapsed": 1.0})
+        reg.finish(job_id, "cancelled", held["fence"])
+    resumed = post("/api/resume", {"key": "run:a"})
+    assert resumed.status_code == 200 and reg.get(resumed.json()["job"])["params"]["num_iters"] == 7
+    data = httpx.get(dashboard.base + "/api/compare?key=run:a&key=run:b").json()
+    assert {"dim", "dataset", "num_iters"} <= set(data["differs"]) and "num_heads" not in data["differs"]
+    assert [r["final"]["valid"]["loss"] for r in data["runs"]] == [4.0, 3.0]
+    bad_state = httpx.get(dashboard.base + "/api/overview?state=nonsense")
+    assert bad_state.status_code == 400 and bad_state.text == "unknown state 'nonsense'"
