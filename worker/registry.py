@@ -373,6 +373,8 @@ class RedisStore:
                     pipe.hset(key, mapping=_json(changes))
                     if new["state"] != job["state"]:
                         self._index(pipe, new, job["state"], expire)
+                    else:
+                        pipe.publish(f"{self.P}events", job_id)
                     if release:
                         pipe.delete(trainer)
                     pipe.execute()
