@@ -1,10 +1,15 @@
-"""Generation speed: KV cache against full recomputation (the seed's method), in one run.
+"""Generation speed, in one run: tlm against mlx-lm on the same exported model, and the
+KV cache against full recomputation (the seed's method).
 
     python benchmarks/generate.py [--mirror ../shared/data]
 
-Prints tokens/s and time to first token for a few prompt and output lengths at
-the seed's default shape and a small one, the cache/recompute ratio, and the
-wall time of a queued `tlm sample` against `tlm sample --local`.
+Prints tokens/s of tlm's decode and mlx-lm's ``generate_step`` on one model
+(the ptb-cpu shape, trained briefly, exported with ``tlm export`` and loaded
+with ``mlx_lm.load``), greedy and sampled, 300 new tokens, best of three each,
+as a ratio (goal: at least x1.0); tokens/s and time to first token for a few
+prompt and output lengths at the seed's default shape and a small one, the
+cache/recompute ratio; and the wall time of a queued `tlm sample` against
+`tlm sample --local`.
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ from pathlib import Path
 import tlm  # noqa: F401
 import mlx.core as mx
 
+from tlm.config import TrainConfig, apply_preset
+from tlm.data import load_dataset
 from tlm.generate import SampleConfig, generate
 from tlm.model import Model, ModelArgs
+from tlm.train import Trainer
 
 SHAPES = {"seed-default": (1024, 4, 8, 48, 10000), "small": (128, 4, 4, 64, 65)}
 CASES = [(8, 32), (32, 64), (48, 128)]  # (prompt tokens, new tokens)
@@ -62,6 +70,44 @@ def bench_shapes() -> None:
                   f"(first {ttft_r * 1000:5.0f} ms)  ratio x{total_r / total_c:.1f}", flush=True)
 
 
+def bench_mlx_lm(mirror: str | None) -> None:
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    from tlm import checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run, out = Path(tmp) / "run", Path(tmp) / "export"
+        env = dict(os.environ, **({"TLM_DATA_MIRROR": mirror} if mirror else {}))
+        tlm_ = [sys.executable, "-m", "tlm_cli.main"]
+        config = TrainConfig(**{**apply_preset({"preset": "ptb-cpu"}), "save_dir": str(run),
+                                "num_iters": 30, "eval_tokens": 500, "eval_test": False})
+        Trainer(config, load_dataset("ptb", run / "datasets", mirror)).run()
+        subprocess.run(tlm_ + ["export", "--save_dir", str(run), "--out", str(out)], env=env, check=True,
+                       capture_output=True)
+        ckpt = checkpoint.find(run)
+        ours, context = ckpt.load_model(), ckpt.state["config"]["context_size"]
+        theirs, _ = load(str(out))
+        prompt = ckpt.tokenizer.encode("the company said")
+        n = 300
+        for label, temp, top_k in (("greedy", 0.0, 0), ("sampled t=0.5 top-k 50", 0.5, 50)):
+            cfg = SampleConfig(max_tokens=n, temperature=temp, top_k=top_k, allow_unk=True)
+            sampler = make_sampler(temp, top_k=top_k)
+
+            def mlx_lm_run():
+                return [t for t, _ in generate_step(mx.array(prompt), theirs, max_tokens=n, sampler=sampler,
+                                                    max_kv_size=context)]
+            best = {}
+            for name, fn in (("tlm", lambda: list(generate(ours, prompt, cfg, context))),
+                             ("mlx-lm", mlx_lm_run)):
+                fn()  # warm up
+                best[name] = min(timed(fn())[1] for _ in range(3))
+            print(f"decode, {label}: tlm {n / best['tlm']:6.0f} tok/s, mlx-lm generate_step "
+                  f"{n / best['mlx-lm']:6.0f} tok/s: x{best['mlx-lm'] / best['tlm']:.2f} "
+                  "(ptb-cpu shape, 300 new tokens, best of 3)", flush=True)
+
+
 def bench_queue(mirror: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run, url = Path(tmp) / "run", f"sqlite://{tmp}/queue.db"
@@ -92,6 +138,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mirror", default=os.environ.get("TLM_DATA_MIRROR"))
     args = ap.parse_args()
+    bench_mlx_lm(args.mirror)
     bench_shapes()
     bench_queue(args.mirror)
 

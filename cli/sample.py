@@ -34,19 +34,24 @@ def echo(message: str) -> None:
               type=click.FloatRange(0, min_open=True))
 @click.option("--seed", default=0, show_default=True, help="same seed, same sample")
 @click.option("--stop", multiple=True, help="stop at this string (repeatable)")
+@click.option("--stop_at_eos", "--stop-at-eos", is_flag=True,
+              help="word-level data: stop at the first <eos> (default: it reads as a line break)")
+@click.option("--allow_unk", "--allow-unk", is_flag=True,
+              help="word-level data: let <unk> be sampled (default: never)")
 @click.option("--local", is_flag=True, help="run here, without the queue")
 @click.option("--interactive", "-i", is_flag=True, help="the seed's --inference REPL (local)")
 @click.option("--gpu", is_flag=True, help="sample on the Metal GPU (with --local/--interactive)")
 @queue_option
 @queue_errors
 def sample(run, save_dir, identifier, prompt, max_tokens, num_samples, temperature, top_k, top_p,
-           min_p, repetition_penalty, seed, stop, local, interactive, gpu, queue) -> None:
+           min_p, repetition_penalty, seed, stop, stop_at_eos, allow_unk, local, interactive, gpu,
+           queue) -> None:
     """Continue --prompt from the latest checkpoint; print only the continuation."""
     from tlm.generate import SampleConfig
 
     cfg = SampleConfig(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                       stop=list(stop))
+                       stop=list(stop), stop_at_eos=stop_at_eos, allow_unk=allow_unk)
     target, run_key = _run_target(run, save_dir)
     if not (local or interactive):
         _queued(queue, target, run_key, identifier, prompt, cfg, num_samples)
@@ -69,9 +74,24 @@ def sample(run, save_dir, identifier, prompt, max_tokens, num_samples, temperatu
     _warn_unknown(tokenizer, prompt)
     from tlm.generate import generate_text
     for i in range(num_samples):
+        text = ""
         for piece in generate_text(model, tokenizer, prompt, replace(cfg, seed=seed + i), context):
             click.echo(piece, nl=False)
+            text += piece
         click.echo()
+        _explain_if_empty(text, cfg)
+
+
+def _explain_if_empty(text: str, cfg) -> None:
+    """An empty continuation never passes silently: one line on stderr says why."""
+    if text.strip():
+        return
+    why = ("--max_tokens is 0" if cfg.max_tokens == 0 else
+           "the model ended the text at once (<eos> first; without --stop_at_eos it reads as a "
+           "line break)" if cfg.stop_at_eos else
+           f"a --stop string ({', '.join(map(repr, cfg.stop))}) came first" if cfg.stop else
+           "the continuation is only whitespace or tokens that decode to no text")
+    echo(f"empty continuation: {why}")
 
 
 def _warn_unknown(tokenizer, text: str) -> None:
@@ -105,6 +125,7 @@ def _queued(queue, target, run_key, identifier, prompt, cfg, num_samples) -> Non
         echo("not in the vocabulary: " + ", ".join(sorted(set(job["result"]["unknown"]))[:10]))
     for text in job["result"]["samples"]:
         click.echo(text)
+        _explain_if_empty(text, cfg)
 
 
 def repl(ckpt, model, tokenizer, cfg, context: int) -> None:
@@ -136,14 +157,18 @@ def repl(ckpt, model, tokenizer, cfg, context: int) -> None:
         n = len(tokenizer.encode(text))
         if n > context:
             echo(f"the prompt has {n} tokens: using its last {context} (the model's context)")
+        out = ""
         try:
             for piece in generate_text(model, tokenizer, text, replace(cfg, seed=cfg.seed + turn), context):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
+                out += piece
         except KeyboardInterrupt:
+            out += " [stopped]"
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
         sys.stdout.flush()
+        _explain_if_empty(out, cfg)
         turn += 1
 
 

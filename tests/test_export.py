@@ -30,8 +30,8 @@ theirs = [r.token for r in stream_generate(model, tok, mx.array(ids), max_tokens
 if theirs and theirs[-1] == ckpt.tokenizer.eos:
     theirs.pop()  # mlx-lm yields the end token it stopped at; ours leaves it out
 # Both stop at <eos> (word level); mlx-lm reads it from config.json's eos_token_id.
-ours = list(generate(ckpt.load_model(), ids, SampleConfig(max_tokens=12, temperature=0), 64,
-                     ckpt.tokenizer.eos))
+ours = list(generate(ckpt.load_model(), ids, SampleConfig(max_tokens=12, temperature=0, stop_at_eos=True,
+                                                         allow_unk=True), 64, ckpt.tokenizer.eos))
 print(json.dumps({"hf_ids": hf.encode(prompt, add_special_tokens=False), "ids": ids,
                   "theirs": theirs, "ours": ours,
                   "hf_text": hf.decode(ours), "text": ckpt.tokenizer.decode(ours)}))

@@ -11,7 +11,7 @@ import tlm  # noqa: F401
 import mlx.core as mx
 
 from tlm import checkpoint
-from tlm.generate import SampleConfig, generate, sample_token
+from tlm.generate import SampleConfig, generate, make_sampler
 from tlm.model import Model, ModelArgs
 
 from conftest import tlm_cmd
@@ -68,17 +68,19 @@ def test_same_seed_same_sample_other_seed_other_sample():
 
 def test_samplers_restrict_the_choice():
     logits = mx.array([0.0, 5.0, 4.9, -2.0])
-    key = mx.random.key(0)
-    picks = lambda **kw: {sample_token(mx.array(logits), SampleConfig(**{"temperature": 1.0,
-                                                                          "top_k": 0, **kw}), k)
-                          for k in mx.random.split(key, 200)}
+    none = mx.array([0])
+
+    def picks(banned=None, **kw):
+        sample = make_sampler(SampleConfig(**{"temperature": 1.0, "top_k": 0, **kw}), 4, banned)
+        return {int(sample(logits, none, k).item()) for k in mx.random.split(mx.random.key(0), 200)}
     assert picks(top_p=0.01) == {1}
     assert picks(top_k=2) == {1, 2}
     assert picks(min_p=0.5) == {1, 2}
     assert len(picks(temperature=5.0)) == 4
-    penalised = sample_token(mx.array(logits), SampleConfig(temperature=0, repetition_penalty=2.0),
-                             key, history=[1])
-    assert penalised == 2
+    assert 1 not in picks(banned=1, temperature=5.0)  # <unk>, unless --allow_unk
+    penalised = make_sampler(SampleConfig(temperature=0, repetition_penalty=2.0), 4)(
+        logits, mx.array([1]), mx.random.key(0))
+    assert penalised.item() == 2
 
 
 @pytest.fixture
@@ -141,7 +143,7 @@ def test_a_sampling_job_through_a_worker_matches_local_sampling(trained, tmp_pat
         workers.stop_all()
     assert queued[0].returncode == 0, queued[0].stderr
     assert queued[0].stdout == queued[1].stdout == local.stdout
-    assert len(local.stdout.splitlines()) == 2
+    assert local.stdout.count("\n") >= 2 and local.stdout.strip()  # two samples, <eos> as line breaks
     jobs = sorted((j for j in registry(url).jobs() if j["kind"] == "sample"), key=lambda j: j["created"])
     assert [j["result"]["model_cached"] for j in jobs] == [False, True]  # the worker kept it
 
@@ -156,3 +158,55 @@ def test_tlm_eval_local_whole_split_and_sliding_window(trained):
     plain, sliding = run(), run("--stride", "4")
     assert 0 < sliding < 12 and 0 < plain < 12
     assert sliding != plain  # more context per scored token changes the loss
+
+
+def test_the_readme_sampling_example_reads_like_text(trained):
+    """Non-empty, no <unk>, <eos> as line breaks; --stop_at_eos stops at the first one."""
+    base = ["sample", "--local", "--save_dir", str(trained), "--prompt", "the company said",
+            "--max_tokens", "40"]
+    for seed in range(3):
+        proc = subprocess.run(tlm_cmd(*base, "--seed", str(seed)), capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+        assert "<unk>" not in proc.stdout and "<eos>" not in proc.stdout
+        assert len(proc.stdout.split()) >= 20  # it kept going past line ends
+    from tlm import checkpoint
+    ckpt = checkpoint.find(trained)
+    model, tok = ckpt.load_model(), ckpt.tokenizer
+    prompt = tok.encode("the company said")
+    free = list(generate(model, prompt, SampleConfig(max_tokens=200, temperature=1.0, seed=3,
+                                                     allow_unk=True), 64, tok.eos, tok.unk))
+    assert tok.eos in free and tok.unk in free  # an undertrained model says both often
+    banned = list(generate(model, prompt, SampleConfig(max_tokens=200, temperature=1.0, seed=3),
+                           64, tok.eos, tok.unk))
+    assert tok.unk not in banned
+    stopped = list(generate(model, prompt, SampleConfig(max_tokens=200, temperature=1.0, seed=3,
+                                                        stop_at_eos=True), 64, tok.eos, tok.unk))
+    assert stopped == banned[:banned.index(tok.eos)]
+
+
+def test_an_empty_continuation_says_why(trained):
+    proc = subprocess.run(tlm_cmd("sample", "--local", "--save_dir", str(trained), "--prompt", "the",
+                                  "--max_tokens", "0"), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "\n"
+    assert proc.stderr.strip().splitlines()[-1] == "empty continuation: --max_tokens is 0"
+    proc = subprocess.run(tlm_cmd("sample", "--local", "--save_dir", str(trained), "--prompt", "the",
+                                  "--stop", " ", "--max_tokens", "30"),
+                          capture_output=True, text=True, timeout=60)
+    assert "empty continuation: a --stop string (' ') came first" in proc.stderr  # the word's space
+
+
+def test_greedy_decoding_matches_mlx_lm_on_the_export(trained, tmp_path):
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    from tlm import checkpoint
+    from tlm.export import export
+    ckpt = checkpoint.find(trained)
+    export(ckpt, tmp_path / "export")
+    theirs, _ = load(str(tmp_path / "export"))
+    prompt = ckpt.tokenizer.encode("the company said")
+    expected = [t for t, _ in generate_step(mx.array(prompt), theirs, max_tokens=40)]
+    ours = list(generate(ckpt.load_model(), prompt, SampleConfig(max_tokens=40, temperature=0,
+                                                                  allow_unk=True), 1000))
+    assert ours == expected

@@ -2,8 +2,9 @@
 
 Past the training context, generation keeps going with a sliding window over
 the cache. Sampling: temperature (0 is greedy), top-k, top-p, min-p and a
-repetition penalty, all reproducible from a seed; stops at ``<eos>`` (word
-level), ``max_tokens`` or a stop string.
+repetition penalty, all on the device and reproducible from a seed; word-level
+``<eos>`` reads as a line break (``stop_at_eos`` stops there) and ``<unk>`` is
+never sampled (``allow_unk``); stops at ``max_tokens`` or a stop string.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import mlx.core as mx
 
@@ -32,55 +33,79 @@ class SampleConfig:
     repetition_penalty: float = 1.0
     seed: int = 0
     stop: list[str] = field(default_factory=list)
-    stop_at_eos: bool = True
+    stop_at_eos: bool = False  # word level: <eos> is a line break unless this is set
+    allow_unk: bool = False  # word level: never sample <unk> unless this is set
 
 
-def sample_token(logits: mx.array, cfg: SampleConfig, key: mx.array,
-                 history: Optional[list[int]] = None) -> int:
-    """One token id from next-token logits (shape ``(vocab,)``)."""
-    if cfg.repetition_penalty != 1.0 and history:
-        seen = mx.array(sorted(set(history)))
-        picked = logits[seen]
-        logits[seen] = mx.where(picked > 0, picked / cfg.repetition_penalty,
-                                picked * cfg.repetition_penalty)
-    if cfg.temperature == 0:
-        return int(mx.argmax(logits).item())
-    logits = logits / cfg.temperature
-    if 0 < cfg.top_k < logits.shape[-1]:
-        kth = mx.sort(logits)[-cfg.top_k]
-        logits = mx.where(logits < kth, -mx.inf, logits)
-    probs = mx.softmax(logits)
-    if cfg.min_p > 0:
-        logits = mx.where(probs < cfg.min_p * probs.max(), -mx.inf, logits)
-    if cfg.top_p < 1:
-        order = mx.argsort(-probs)
-        ranked = probs[order]
-        keep = (mx.cumsum(ranked) - ranked) < cfg.top_p  # the smallest set reaching top_p
-        logits = mx.where(keep[mx.argsort(order)], logits, -mx.inf)
-    return int(mx.random.categorical(logits, key=key).item())
+def make_sampler(cfg: SampleConfig, vocab_size: int, banned: Optional[int] = None
+                 ) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+    """``sample(logits, history, key) -> token``, all on the device (no host round trip).
+
+    ``logits`` (vocab,), ``history`` the ids so far (repetition penalty). top-k
+    by partition, not a full sort; top-p sorts only the kept candidates.
+    """
+    top_k = cfg.top_k if 0 < cfg.top_k < vocab_size else 0
+
+    def sample(logits: mx.array, history: mx.array, key: mx.array) -> mx.array:
+        if banned is not None:
+            logits = logits.at[banned].add(-mx.inf)
+        if cfg.repetition_penalty != 1.0:
+            picked = logits[history]
+            logits[history] = mx.where(picked > 0, picked / cfg.repetition_penalty,
+                                       picked * cfg.repetition_penalty)
+        if cfg.temperature == 0:
+            return mx.argmax(logits)
+        logits = logits / cfg.temperature
+        if top_k:
+            kth = mx.partition(logits, -top_k)[-top_k]
+            logits = mx.where(logits < kth, -mx.inf, logits)
+        if cfg.min_p > 0 or cfg.top_p < 1:
+            probs = mx.softmax(logits)
+            if cfg.min_p > 0:
+                logits = mx.where(probs < cfg.min_p * probs.max(), -mx.inf, logits)
+            if cfg.top_p < 1:
+                order = mx.argsort(-probs)
+                ranked = probs[order]
+                keep = (mx.cumsum(ranked) - ranked) < cfg.top_p  # the smallest set reaching top_p
+                logits = mx.where(keep[mx.argsort(order)], logits, -mx.inf)
+        return mx.random.categorical(logits, key=key)
+    return sample
 
 
 def generate(model: Model, prompt: list[int], cfg: SampleConfig, context_size: int,
-             eos: Optional[int] = None) -> Iterator[int]:
+             eos: Optional[int] = None, unk: Optional[int] = None) -> Iterator[int]:
     """Yield new token ids after ``prompt`` (its last ``context_size`` tokens are used).
 
+    As mlx-lm's ``generate_step``: the next step is queued (``mx.async_eval``)
+    before the current token is read, so the device never waits on Python.
     Uses its own RNG key, so sampling never disturbs a training run's RNG state.
+    ``unk`` is never sampled unless ``cfg.allow_unk``.
     """
     training = model.training
     model.eval()
+    sample = make_sampler(cfg, model.args.vocab_size, None if cfg.allow_unk else unk)
+    cache = model.make_cache(max_size=context_size)
+    history = mx.array(list(prompt[-context_size:]) or [eos or 0])
+    key = mx.random.key(cfg.seed)
+
+    def step(tokens: mx.array, history: mx.array, key: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        key, sub = mx.random.split(key)
+        token = sample(model(tokens[None], cache=cache)[0, -1], history, sub)
+        return token, mx.concatenate([history, token[None]]), key
+
     try:
-        key = mx.random.key(cfg.seed)
-        cache = model.make_cache(max_size=context_size)
-        history = list(prompt[-context_size:]) or [eos or 0]
-        logits = model(mx.array([history]), cache=cache)[0, -1]
-        for _ in range(cfg.max_tokens):
-            key, sub = mx.random.split(key)
-            token = sample_token(logits, cfg, sub, history)
-            if cfg.stop_at_eos and eos is not None and token == eos:
+        token, history, key = step(history, history, key)
+        mx.async_eval(token, history)
+        for n in range(cfg.max_tokens):
+            if n + 1 < cfg.max_tokens:
+                ahead = step(token[None], history, key)
+                mx.async_eval(*ahead)
+            value = token.item()
+            if cfg.stop_at_eos and eos is not None and value == eos:
                 return
-            yield token
-            history.append(token)
-            logits = model(mx.array([[token]]), cache=cache)[0, -1]
+            yield value
+            if n + 1 < cfg.max_tokens:
+                token, history, key = ahead
     finally:
         model.train(training)
 
@@ -90,15 +115,18 @@ def generate_text(model: Model, tokenizer: Tokenizer, prompt: str, cfg: SampleCo
     """Stream the continuation of ``prompt`` as text pieces, honouring stop strings.
 
     Decoding the whole continuation at each step keeps multi-byte characters
-    and BPE merges intact across token boundaries.
+    and BPE merges intact across token boundaries; word-level ``<eos>`` reads as
+    a line break.
     """
-    lead = " " if tokenizer.kind == "word" and prompt else ""
     ids: list[int] = []
     shown = ""
-    for token in generate(model, tokenizer.encode(prompt), cfg, context_size, tokenizer.eos):
+    for token in generate(model, tokenizer.encode(prompt), cfg, context_size, tokenizer.eos,
+                          tokenizer.unk):
         ids.append(token)
-        text = lead + tokenizer.decode(ids)
-        hit = min((text.find(s) for s in cfg.stop if s in text), default=-1)
+        text = tokenizer.decode(ids)
+        if tokenizer.kind == "word" and prompt and not text.startswith("\n"):
+            text = " " + text
+        hit = min((text.find(s) for s in cfg.stop if s and s in text), default=-1)
         if hit >= 0:
             yield text[len(shown):hit]
             return

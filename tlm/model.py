@@ -42,10 +42,15 @@ class KVCache:
     """Keys and values of earlier positions, for incremental decoding.
 
     ``offset`` counts every position seen (the rotary position of the next
-    token); at most ``max_size`` positions are kept, so generation can run past
-    the training context with a sliding window (rotary attention depends only
-    on relative positions).
+    token). The buffers grow in steps of ``STEP`` positions and are written in
+    place (as mlx-lm's caches), not concatenated anew per token. At most
+    ``max_size`` positions are kept: past that, each new position overwrites the
+    oldest (a ring), so generation runs past the training context with a
+    sliding window; a single query attends to all kept keys, whose rotary
+    positions were applied before caching, so their order does not matter.
     """
+
+    STEP = 256
 
     def __init__(self, max_size: Optional[int] = None) -> None:
         self.keys: Optional[mx.array] = None
@@ -54,14 +59,30 @@ class KVCache:
         self.max_size = max_size
 
     def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        if self.keys is not None:
-            keys = mx.concatenate([self.keys, keys], axis=2)
-            values = mx.concatenate([self.values, values], axis=2)
-        self.offset += keys.shape[2] - (0 if self.keys is None else self.keys.shape[2])
-        if self.max_size and keys.shape[2] > self.max_size:
-            keys, values = keys[:, :, -self.max_size:], values[:, :, -self.max_size:]
-        self.keys, self.values = keys, values
-        return keys, values
+        n = keys.shape[2]
+        if self.max_size and self.offset >= self.max_size and n == 1:  # full: the ring
+            i = self.offset % self.max_size
+            self.keys[:, :, i:i + 1], self.values[:, :, i:i + 1] = keys, values
+            self.offset += 1
+            return self.keys, self.values
+        held = 0 if self.keys is None else min(self.offset, self.keys.shape[2])
+        if self.max_size and held + n > self.max_size:  # a long prefill into a window
+            k = mx.concatenate([self.keys[:, :, :held], keys], axis=2) if held else keys
+            v = mx.concatenate([self.values[:, :, :held], values], axis=2) if held else values
+            self.keys, self.values = k[:, :, -self.max_size:], v[:, :, -self.max_size:]
+            self.offset += n
+            return k, v
+        if self.keys is None or held + n > self.keys.shape[2]:
+            size = -(-(held + n) // self.STEP) * self.STEP
+            size = min(size, self.max_size) if self.max_size else size
+            shape = (*keys.shape[:2], size, keys.shape[3])
+            grown_k, grown_v = mx.zeros(shape, keys.dtype), mx.zeros(shape, values.dtype)
+            if held:
+                grown_k[:, :, :held], grown_v[:, :, :held] = self.keys[:, :, :held], self.values[:, :, :held]
+            self.keys, self.values = grown_k, grown_v
+        self.keys[:, :, held:held + n], self.values[:, :, held:held + n] = keys, values
+        self.offset += n
+        return self.keys[:, :, :held + n], self.values[:, :, :held + n]
 
 
 class Attention(nn.Module):

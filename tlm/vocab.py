@@ -28,10 +28,12 @@ class _Index(dict):
 
 
 class Tokenizer:
-    """Text <-> token ids. ``eos`` is the end-of-line token of word-level data, else None."""
+    """Text <-> token ids. ``eos`` is the end-of-line token of word-level data, ``unk``
+    its unknown-word token; None for other kinds."""
 
     kind = ""
     eos: Optional[int] = None
+    unk: Optional[int] = None
 
     @property
     def vocab_size(self) -> int:
@@ -99,7 +101,16 @@ class WordTokenizer(Tokenizer):
         return np.fromiter(map(self.index.__getitem__, words), dtype=np.int32, count=len(words))
 
     def decode(self, ids: Iterable[int]) -> str:
-        return " ".join(self.vocab[i] for i in ids)
+        """Words joined by spaces, ``<eos>`` as a line break (``encode`` reads it back)."""
+        out: list[str] = []
+        for i in ids:
+            word = self.vocab[i]
+            out.append("\n" if word == EOS else word if not out or out[-1] == "\n" else " " + word)
+        return "".join(out)
+
+    @property
+    def unk(self) -> Optional[int]:
+        return self.index.unk
 
     def unknown(self, text: str) -> list[str]:
         return [w for w in text.split() if w not in self.index]

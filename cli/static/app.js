@@ -240,12 +240,12 @@ function runView(root, key) {
     config.replaceChildren(table(["flag", "value"], Object.entries(run.config).sort().map(
       ([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, JSON.stringify(v))))));
     const older = run.checkpoints.length - 10;
-    ckpts.replaceChildren(run.checkpoints.length ? table(["step", "validation loss", "identifier", "on disk"],
+    ckpts.replaceChildren(...[run.checkpoints.length ? table(["step", "validation loss", "identifier", "on disk"],
       run.checkpoints.slice(0, 10).map(c => el("tr", {}, el("td", { class: "num" }, c.step),
         el("td", { class: "num" }, fmt(c.loss)), el("td", {}, el("code", {}, c.identifier)),
         el("td", {}, c.on_disk === null ? "not mounted here" : c.on_disk ? "yes" : "deleted"))))
       : el("p", { class: "muted" }, "no checkpoint yet"),
-    older > 0 ? el("p", { class: "muted" }, `and ${older} older`) : null);
+    older > 0 ? el("p", { class: "muted" }, `and ${older} older`) : null].filter(Boolean));
     const trains = run.jobs.filter(j => j.kind === "train"), shown = trains.length ? trains : run.jobs;
     const latest = shown.length ? shown[shown.length - 1].id : null; // whose log streams below
     if (latest !== logJob) { logJob = latest; logCursor = null; log.textContent = ""; }
