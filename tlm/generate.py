@@ -88,10 +88,13 @@ def generate(model: Model, prompt: list[int], cfg: SampleConfig, context_size: i
     history = mx.array(list(prompt[-context_size:]) or [eos or 0])
     key = mx.random.key(cfg.seed)
 
+    # Greedy decoding needs no keys, and only a repetition penalty needs the history.
+    keyed, track = cfg.temperature > 0, cfg.repetition_penalty != 1.0
+
     def step(tokens: mx.array, history: mx.array, key: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        key, sub = mx.random.split(key)
+        key, sub = mx.random.split(key) if keyed else (key, key)
         token = sample(model(tokens[None], cache=cache)[0, -1], history, sub)
-        return token, mx.concatenate([history, token[None]]), key
+        return token, mx.concatenate([history, token[None]]) if track else history, key
 
     try:
         token, history, key = step(history, history, key)
