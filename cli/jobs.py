@@ -20,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 
 from tlm.config import ConfigError, TrainConfig
-from tlm_cli.options import given_options, train_options
+from tlm_cli.options import FiniteRange, given_options, train_options
 from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError, queue_url, redact
 from tlm_worker.registry import (CANCELLED, FINAL, LIVE, SUCCEEDED, JobNotFound, Registry,
                                  RunBusy)
@@ -338,7 +338,7 @@ def cancel(job_id, force, queue) -> None:
 
 
 @click.command()
-@click.option("--older_than", "--older-than", default=None, type=click.FloatRange(0),
+@click.option("--older_than", "--older-than", default=None, type=FiniteRange(0),
               help="days since a job finished (default: the retention, 30 or TLM_KEEP_DAYS)")
 @queue_option
 @queue_errors

@@ -33,7 +33,7 @@ def train(**options) -> None:
     from tlm.checkpoint import CheckpointError
     from tlm.data import DataError
     from tlm.interrupts import StopOnSignal
-    from tlm.train import Trainer, open_run, prepare, select_device
+    from tlm.train import Diverged, Trainer, open_run, prepare, select_device
 
     given = given_options(options)
     try:
@@ -55,7 +55,7 @@ def train(**options) -> None:
     try:
         with ProgressDisplay(config.num_iters, click.get_text_stream("stderr")) as printer:
             result = trainer.run(on_progress=printer, should_stop=stop)
-    except CheckpointError as e:
+    except (CheckpointError, Diverged) as e:
         raise click.ClickException(str(e)) from None
     finally:
         stop.restore()

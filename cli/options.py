@@ -14,6 +14,18 @@ from tlm.config import ConfigError, TrainConfig, apply_preset
 _TYPES = {"int": int, "float": float, "str": str, "Optional[str]": str}
 
 
+class FiniteRange(click.FloatRange):
+    """A float range that also refuses nan and inf (which compare false with any bound)."""
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 def train_options(fn: Callable) -> Callable:
     """Add one option per TrainConfig field: ``--context_size`` and ``--context-size``."""
     hints = typing.get_type_hints(TrainConfig)

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from tlm_cli.jobs import _run_target, connect, queue_errors, queue_option
-from tlm_cli.options import find_checkpoint
+from tlm_cli.options import FiniteRange, find_checkpoint
 
 
 def echo(message: str) -> None:
@@ -24,15 +24,16 @@ def echo(message: str) -> None:
 @click.option("--prompt", default="", help="text to continue")
 @click.option("--max_tokens", "--max-tokens", default=100, show_default=True, type=click.IntRange(0))
 @click.option("--num_samples", "--num-samples", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--temperature", default=0.5, show_default=True, type=click.FloatRange(0),
+@click.option("--temperature", default=0.5, show_default=True, type=FiniteRange(0),
               help="0: greedy")
 @click.option("--top_k", "--top-k", default=50, show_default=True, type=click.IntRange(0),
               help="0: off")
-@click.option("--top_p", "--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--min_p", "--min-p", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--top_p", "--top-p", default=1.0, show_default=True, type=FiniteRange(0, 1, min_open=True))
+@click.option("--min_p", "--min-p", default=0.0, show_default=True, type=FiniteRange(0, 1, max_open=True))
 @click.option("--repetition_penalty", "--repetition-penalty", default=1.0, show_default=True,
-              type=click.FloatRange(0, min_open=True))
-@click.option("--seed", default=0, show_default=True, help="same seed, same sample")
+              type=FiniteRange(0, min_open=True))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1),
+              help="same seed, same sample")
 @click.option("--stop", multiple=True, help="stop at this string (repeatable)")
 @click.option("--stop_at_eos", "--stop-at-eos", is_flag=True,
               help="word-level data: stop at the first <eos> (default: it reads as a line break)")

@@ -8,6 +8,7 @@ checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad setting; touches nothing on disk."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name} must be a finite number, got {value}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be in [0, 2^32), got {self.seed}")
         positive = ("context_size", "num_blocks", "dim", "num_heads", "batch_size",
                     "num_iters", "steps_per_report", "steps_per_eval", "top_k", "keep_last")
         for name in positive:

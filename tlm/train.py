@@ -185,10 +185,14 @@ def evaluate(model: Model, tokens: np.ndarray, context_size: int,
     return total.item() / count
 
 
+class Diverged(RuntimeError):
+    """The loss or the weights became non-finite; nothing of them was published."""
+
+
 def select_device(gpu: bool) -> str:
-    """Use the Metal GPU when asked (and present), otherwise the CPU."""
-    if gpu and not mx.metal.is_available():
-        raise ConfigError("--gpu: no GPU backend (Metal) is available on this machine")
+    """Use MLX's GPU when asked (and present: Metal on macOS, CUDA on Linux), otherwise the CPU."""
+    if gpu and not mx.is_available(mx.gpu):
+        raise ConfigError("--gpu: no GPU backend (Metal or CUDA) is available on this machine")
     mx.set_default_device(mx.gpu if gpu else mx.cpu)
     return "gpu" if gpu else "cpu"
 
@@ -387,6 +391,10 @@ class Trainer:
         on_progress(event("start", self.step, message=f"{where}, {self.num_params():,} parameters"))
 
         def checkpoint_now(val_loss: Optional[float]) -> None:
+            finite = mx.all(mx.stack([mx.isfinite(p).all() for _, p in tree_flatten(self.model.parameters())]))
+            if not finite.item():
+                raise Diverged(f"training diverged at step {self.step}: non-finite weights, not "
+                               "saved; the last good checkpoint stays the latest")
             ckpt = self.save(val_loss)
             result.checkpoint = ckpt.identifier
             on_progress(event("save", self.step, val_loss=val_loss, checkpoint=ckpt.identifier,
@@ -407,6 +415,9 @@ class Trainer:
             mx.random.seed(cfg.seed * 1_000_003 + self.step)
             loss = self._train_step(mx.array(next(self.batches)))
             mx.eval(self._state, loss)
+            if not math.isfinite(loss.item()):
+                raise Diverged(f"training diverged at step {self.step + 1}: loss {loss.item()} (try "
+                               "a lower --learning_rate); the last good checkpoint stays the latest")
             losses.append(loss)
             self.step += 1
             done = finished()

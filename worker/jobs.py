@@ -99,9 +99,19 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
     except LeaseLost as e:  # another worker owns the job now: leave its record alone
         print(f"[{job_id}] {e}", file=sys.stderr, flush=True)
     except BaseException as e:
-        traceback.print_exc()
+        if not _ordinary(e):
+            traceback.print_exc()  # a bug: its traceback goes to the worker's output
         registry.finish(job_id, FAILED, fence, error=f"{type(e).__name__}: {e}".splitlines()[0])
         log(f"failed: {type(e).__name__}: {e}")
+
+
+def _ordinary(e: BaseException) -> bool:
+    """A failure the job's own message explains (bad flags, data, checkpoints, divergence)."""
+    from tlm.checkpoint import CheckpointError
+    from tlm.config import ConfigError
+    from tlm.data import DataError
+    from tlm.train import Diverged
+    return isinstance(e, (ConfigError, DataError, CheckpointError, Diverged))
 
 
 def _train(registry: Registry, job: dict[str, Any], fence: int, given: dict[str, Any], stop, orphaned,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from tlm_cli.options import FiniteRange
 from tlm_worker.process import Worker
 from tlm_worker.queue import QueueError, queue_url, redact
 
@@ -16,17 +17,25 @@ from tlm_worker.queue import QueueError, queue_url, redact
 @click.option("--gpu", is_flag=True, help="run jobs on the Metal GPU")
 @click.option("--save_root", "--save-root", default=None,
               help="where this machine mounts the shared runs directory (for --run jobs)")
-@click.option("--lease", default=60.0, type=click.FloatRange(1), show_default=True,
+@click.option("--lease", default=60.0, type=FiniteRange(1), show_default=True,
               help="seconds without a heartbeat after which a job is re-queued")
 @click.option("--max_attempts", "--max-attempts", default=3, type=click.IntRange(1), show_default=True,
               help="crashes (not interruptions) before a job is failed")
 @click.option("--keep_days", "--keep-days", default=30.0, show_default=True,
-              type=click.FloatRange(0, min_open=True),
+              type=FiniteRange(0, min_open=True),
               help="finished jobs and their logs are deleted after this many days")
 @click.option("--burst", is_flag=True, help="exit once the queue is empty and no job runs")
 def main(queue, concurrency, gpu, save_root, lease, max_attempts, keep_days, burst) -> None:
     """Run queued tlm jobs. Ctrl+C once: jobs save and are re-queued; twice: exit now."""
     url = queue_url(queue)
+    if gpu:
+        import tlm  # noqa: F401  (optimized BLAS before MLX)
+        from tlm.config import ConfigError
+        from tlm.train import select_device
+        try:
+            select_device(True)
+        except ConfigError as e:
+            raise click.UsageError(str(e)) from None
     try:
         worker = Worker(url, concurrency=concurrency, gpu=gpu, save_root=save_root, lease=lease,
                         max_attempts=max_attempts, keep_days=keep_days, burst=burst)

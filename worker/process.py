@@ -98,6 +98,7 @@ class Worker:
 
     def __post_init__(self) -> None:
         self.queue = Queue(self.url)
+        self.queue.ping()  # a misconfigured queue is a one-line error at once
         self.registry = Registry(self.queue, self.keep_days)
         self.lock = threading.Lock()
         self._done = threading.Event()
@@ -169,7 +170,6 @@ class Worker:
     def run(self) -> None:
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self._on_signal)
-        self.queue.ping()
         self.say(f"serving {self.queue.url.split('@')[-1]} with {self.concurrency} training "
                  "slot(s) and an interactive lane")
         self._try(self._heartbeat)

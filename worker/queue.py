@@ -19,6 +19,7 @@ import json
 import os
 import re
 import sqlite3
+import urllib.parse
 from pathlib import Path
 from typing import Any, Optional
 
@@ -88,18 +89,29 @@ class Queue:
         self.redis: Optional[redis.Redis] = None
         self.sqlite_path: Optional[Path] = None
         if self.url.startswith(("redis://", "rediss://", "unix://")):
-            # Fail in seconds when Redis is unreachable; ride out restarts with retries.
-            pool = redis.ConnectionPool.from_url(
-                self.url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30,
-                retry=Retry(ExponentialBackoff(cap=5, base=0.2), retries=int(os.environ.get(
-                    "TLM_QUEUE_RETRIES", "12"))),
-                retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
+            db = urllib.parse.urlsplit(self.url).path.strip("/")
+            if db and not db.isdigit():
+                raise QueueError(f"queue URL {redact(self.url)}: the database must be a number, "
+                                 f"not {db!r}")
+            # Ride out restarts with retries (ping() first checks that Redis was there at all).
+            try:
+                pool = redis.ConnectionPool.from_url(
+                    self.url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30,
+                    retry=Retry(ExponentialBackoff(cap=5, base=0.2), retries=int(os.environ.get(
+                        "TLM_QUEUE_RETRIES", "12"))),
+                    retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
+            except ValueError as e:
+                raise QueueError(f"queue URL {redact(self.url)}: {e}") from None
             self.redis = redis.Redis(connection_pool=pool)
             self.lanes = {lane: RedisHuey(name, connection_pool=pool, serializer=self.serializer,
                                           blocking=False).storage for lane, name in LANES.items()}
         elif self.url.startswith("sqlite://"):
             self.sqlite_path = Path(self.url[len("sqlite://"):]).expanduser()
-            self.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+            if self.sqlite_path == default_queue_path():
+                self.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+            elif not self.sqlite_path.parent.is_dir():
+                raise QueueError(f"queue URL {redact(self.url)}: no directory "
+                                 f"{self.sqlite_path.parent} (create it first)")
             self.lanes = {lane: SqliteHuey(name, filename=str(self.sqlite_path),
                                            serializer=self.serializer, timeout=30).storage
                           for lane, name in LANES.items()}
@@ -133,8 +145,25 @@ class Queue:
         return entry["job"]
 
     def ping(self) -> None:
-        """Raise QueueError (one line, no password) unless the backend answers."""
+        """Raise QueueError (one line, no password) unless the backend answers.
+
+        Redis is asked once without retries: an unknown host, a refused port or
+        a wrong password is an answer in seconds; retries are for a Redis that
+        was there and went away.
+        """
         try:
+            if self.redis is not None:
+                once = redis.Redis.from_url(self.url, socket_connect_timeout=5, socket_timeout=10,
+                                            retry=Retry(ExponentialBackoff(), 0))
+                try:
+                    once.ping()
+                finally:
+                    once.close()
             self.storage.queue_size()
-        except QUEUE_ERRORS as e:
-            raise QueueError(f"cannot reach the queue at {redact(self.url)}: {e}") from None
+        except (*QUEUE_ERRORS, redis.exceptions.RedisError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "WRONGPASS" in why or "invalid username-password" in why:
+                why = "wrong password"
+            elif "NOAUTH" in why or "authenticated" in why or "Authentication required" in why:
+                why = "Redis asks for a password: redis://:PASSWORD@host:port/db"
+            raise QueueError(f"cannot reach the queue at {redact(self.url)}: {why}") from None
