@@ -64,8 +64,10 @@ def submit() -> None:
 
 def _run_target(run: Optional[str], save_dir: Optional[str]) -> tuple[dict[str, Any], str]:
     """Job params that locate the run, and the key that identifies it across machines."""
-    if run and save_dir:
+    if run is not None and save_dir is not None:
         raise click.UsageError("give --run or --save_dir, not both")
+    if "" in (run, save_dir) or (run is not None and not run.strip()):
+        raise click.UsageError(f"--{'run' if run is not None else 'save_dir'} is empty")
     if run:
         if "/" in run or run.startswith("."):
             raise click.UsageError(f"--run {run!r}: a plain name, resolved under each worker's --save_root")
@@ -148,6 +150,8 @@ def submit_train(run, save_root, wait, queue, **options) -> None:
 def submit_eval(run, save_dir, identifier, split, tokens, stride, wait, queue) -> None:
     """Queue an evaluation of a checkpoint: loss and perplexity on a split."""
     target, run_key = _run_target(run, save_dir)
+    if "save_dir" in target and not Path(target["save_dir"]).is_dir():
+        raise click.UsageError(f"no run directory {target['save_dir']}: train one first")
     params = {**target, "identifier": identifier, "split": split, "tokens": tokens, "stride": stride,
               "data_mirror": os.environ.get("TLM_DATA_MIRROR")}
     _enqueue(connect(queue), "eval", params, run_key, wait)

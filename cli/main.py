@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import click
 
@@ -131,10 +132,24 @@ def export(save_dir, identifier, out) -> None:
     from tlm.export import export as write
 
     ckpt = find_checkpoint(save_dir, identifier)
-    write(ckpt, out)
+    target = Path(out)
+    if target.is_dir() and any(target.iterdir()) and '"tlm"' not in _read(target / "config.json"):
+        raise click.ClickException(f"--out {out} is not empty and not an earlier export: "
+                                   "choose a new directory")
+    try:
+        write(ckpt, out)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {out}: {e.strerror or e}") from None
     echo(f"exported {ckpt.identifier[:12]} (iteration {ckpt.step}) to {out}: "
          f"try `mlx_lm.generate --model {out} --prompt ...`")
     click.echo(out)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def main() -> None:

@@ -47,6 +47,9 @@ def given_options(options: dict[str, Any]) -> dict[str, Any]:
     """The flags the user gave (click passes None for the rest), over their --preset's."""
     import click
 
+    empty = next((k for k, v in options.items() if v == ""), None)
+    if empty:
+        raise click.UsageError(f"--{empty} is empty")
     try:
         return apply_preset({k: v for k, v in options.items() if v is not None})
     except ConfigError as e:

@@ -53,6 +53,8 @@ def sample(run, save_dir, identifier, prompt, max_tokens, num_samples, temperatu
     cfg = SampleConfig(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                        stop=list(stop), stop_at_eos=stop_at_eos, allow_unk=allow_unk)
+    if "" in stop:
+        raise click.UsageError("--stop is empty: it would stop before the first token")
     target, run_key = _run_target(run, save_dir)
     if not (local or interactive):
         _queued(queue, target, run_key, identifier, prompt, cfg, num_samples)

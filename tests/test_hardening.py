@@ -26,6 +26,13 @@ BAD = [
     (["status", "--queue", "redis://127.0.0.1:6379/abc"], "the database must be a number, not 'abc'"),
     (["status", "--queue", "redis://127.0.0.1:notaport/0"], "queue URL redis://127.0.0.1:notaport/0"),
     (["status", "--queue", "redis://127.0.0.1:6379/99"], "DB index is out of range"),
+    (["train", "--time_budget", "1e-9"], "is under a second, too short for one step"),
+    (["train", "--context_size", "2000000", "--dim", "32", "--num_heads", "2"],
+     "fewer than one window of --context_size + 1 = 2000001: lower --context_size"),
+    (["train", "--dim", "1000000"], "training needs about"),
+    (["sample", "--local", "--stop", ""], "--stop is empty"),
+    (["submit", "train", "--run", ""], "--run is empty"),
+    (["submit", "eval", "--save_dir", "/nonexistent"], "no run directory /nonexistent: train one first"),
 ]
 
 
@@ -95,6 +102,7 @@ def test_a_diverging_queued_job_fails_with_the_reason_and_no_traceback(tmp_path,
         job = wait_for(url, job_id, ["failed"])
         assert job["error"].startswith("Diverged: training diverged at step")
         assert job["attempts"] == 1  # a job's own failure is final, not retried
+        (tmp_path / "nothing-here").mkdir()
         missing = submit(url, "eval", "--save_dir", str(tmp_path / "nothing-here"))
         assert wait_for(url, missing, ["failed"])["error"].startswith("CheckpointError: no checkpoint")
     finally:
@@ -102,3 +110,34 @@ def test_a_diverging_queued_job_fails_with_the_reason_and_no_traceback(tmp_path,
     assert "Traceback" not in workers.log(worker)
     assert checkpoint.find(save_dir) is None
     assert os.path.isdir(save_dir)
+
+
+def test_empty_save_dir_is_refused_not_defaulted():
+    proc = tlm("train", "--save_dir", "")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "Error: --save_dir is empty"
+
+
+def test_training_and_export_with_standard_input_closed(save_dir, tmp_path):
+    """Service managers may start us with descriptor 0 closed; MLX's loader then failed."""
+    from conftest import tlm_cmd
+    for iters in ("3", "6"):  # a save, then a resume that loads it
+        proc = subprocess.run(tlm_cmd("train", "--save_dir", str(save_dir), *TINY, "--num_iters", iters),
+                              capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.close(0))
+        assert proc.returncode == 0, proc.stderr
+    assert checkpoint.find(save_dir).step == 6
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    proc = tlm("export", "--save_dir", str(save_dir), "--out", str(tmp_path / "busy"))
+    assert proc.returncode == 1 and "is not empty and not an earlier export" in proc.stderr
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    for _ in range(2):  # an earlier export may be replaced
+        assert tlm("export", "--save_dir", str(save_dir), "--out", str(tmp_path / "export")).returncode == 0
+    proc = tlm("export", "--save_dir", str(save_dir), "--out", "/proc/nope")
+    assert proc.returncode == 1 and "cannot write /proc/nope" in proc.stderr
+
+
+def test_tlm_eval_refuses_a_stride_longer_than_the_context(save_dir):
+    assert tlm("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "2").returncode == 0
+    proc = tlm("eval", "--local", "--save_dir", str(save_dir), "--stride", "1000")
+    assert proc.returncode == 2
+    assert "--stride 1000 is longer than the model's context (16)" in proc.stderr

@@ -246,6 +246,7 @@ def test_redis_restart_mid_job_loses_nothing(tmp_path, save_dir):
         workers.start(lease=30)
         job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "1000",
                         "--steps_per_eval", "250")
+        (tmp_path / "elsewhere").mkdir()
         queued = submit(url, "eval", "--save_dir", str(tmp_path / "elsewhere"))
         wait_for(url, job_id, ["running"], until=lambda j: j["progress"].get("step", 0) >= 10)
         server.terminate()
@@ -289,6 +290,7 @@ def test_ctrl_c_in_submit_wait_cancels_cooperatively_and_follows_until_saved(tmp
 def test_a_burst_worker_runs_the_queue_dry_and_reports_failures(tmp_path, save_dir):
     url = f"sqlite://{tmp_path / 'queue.db'}"
     ok = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "3")
+    (tmp_path / "no-checkpoints").mkdir()
     bad = submit(url, "eval", "--save_dir", str(tmp_path / "no-checkpoints"))
     proc = subprocess.run([sys.executable, "-m", "tlm_worker.main", "--queue", url, "--burst"],
                           capture_output=True, text=True, timeout=300)

@@ -168,6 +168,9 @@ class TrainConfig:
                 raise ConfigError(f"--{f.name} must be a finite number, got {value}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"--seed must be in [0, 2^32), got {self.seed}")
+        if 0 < self.time_budget < 1 / 60:
+            raise ConfigError(f"--time_budget is in minutes: {self.time_budget} is under a second, "
+                              "too short for one step")
         positive = ("context_size", "num_blocks", "dim", "num_heads", "batch_size",
                     "num_iters", "steps_per_report", "steps_per_eval", "top_k", "keep_last")
         for name in positive:

@@ -446,6 +446,9 @@ class Batches:
                  epoch: int = 0, position: int = 0, shift: bool = False):
         self.tokens, self.width = tokens, context_size + 1
         n = len(tokens) // self.width - shift  # a shifted epoch has one window fewer
+        if n < 1:
+            raise DataError(f"the training split has {len(tokens):,} tokens, fewer than one window "
+                            f"of --context_size + 1 = {self.width}: lower --context_size")
         if n < batch_size:
             raise DataError(f"the training split has {n} windows of {self.width} tokens, "
                             f"fewer than --batch_size {batch_size}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -96,6 +97,22 @@ def model_args(config: TrainConfig, vocab_size: int) -> ModelArgs:
                      num_hidden_layers=config.num_blocks, num_attention_heads=config.num_heads,
                      tie_word_embeddings=config.tie_embeddings, dropout=config.dropout,
                      embed_dropout=config.embed_dropout)
+
+
+def check_memory(args: ModelArgs) -> None:
+    """Refuse a model whose weights, gradients and optimizer state cannot fit in this
+    machine's memory (allocating it would crash the process without a word)."""
+    d, f, v, n = args.hidden_size, args.intermediate_size, args.vocab_size, args.num_hidden_layers
+    params = n * (4 * d * d + 3 * d * f) + v * d * (1 if args.tie_word_embeddings else 2)
+    need = params * 4 * 4  # float32 weights, gradients and AdamW's two moments
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise ConfigError(f"the model has {params / 1e9:.1f}B parameters: training needs about "
+                          f"{need / 2**30:,.0f} GiB for weights and optimizer state, and this "
+                          f"machine has {have / 2**30:,.0f} GiB (lower --dim or --num_blocks)")
 
 
 def make_schedule(config: TrainConfig, peak: Optional[float] = None) -> Callable | float:
@@ -256,6 +273,7 @@ class Trainer:
                                             embed_dropout=config.embed_dropout)
         else:
             self.args = model_args(config, dataset.vocab_size)
+        check_memory(self.args)
         self.model = Model(self.args)
         if init is not None and resume is None:
             self.model.load_weights(list(init[1].items()), strict=True)
@@ -495,6 +513,9 @@ def evaluate_checkpoint(save_dir: str, identifier: Optional[str] = None, split: 
         raise CheckpointError(f"no checkpoint in {save_dir}: train one first")
     config = TrainConfig.from_dict({**ckpt.state["config"], "save_dir": save_dir,
                                     "data_mirror": data_mirror})
+    if stride is not None and stride > config.context_size:
+        raise ConfigError(f"--stride {stride} is longer than the model's context "
+                          f"({config.context_size}): windows would skip targets")
     dataset = load_dataset(config.dataset_source(), Path(save_dir) / "datasets", data_mirror, log,
                            ckpt.tokenizer)
     model = ckpt.load_model()
