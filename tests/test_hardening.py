@@ -141,3 +141,22 @@ def test_tlm_eval_refuses_a_stride_longer_than_the_context(save_dir):
     proc = tlm("eval", "--local", "--save_dir", str(save_dir), "--stride", "1000")
     assert proc.returncode == 2
     assert "--stride 1000 is longer than the model's context (16)" in proc.stderr
+
+
+def test_the_dataset_cache_follows_edits_to_own_text(tmp_path):
+    """Train on mine.txt, change it, train again: the new text is tokenized, not the old tokens."""
+    import tlm  # noqa: F401
+    from tlm.data import load_dataset
+    text = tmp_path / "mine.txt"
+    text.write_text("abc\n" * 400)
+    logs = []
+    first = load_dataset(str(text), tmp_path / "datasets", log=logs.append)
+    assert first.tokenizer.vocab_size == 4  # a, b, c and the line break
+    text.write_text("xyz\n" * 400)
+    second = load_dataset(str(text), tmp_path / "datasets", log=logs.append)
+    assert "changed since it was tokenized" in logs[-2] and second.tokenizer.vocab_size == 4
+    assert second.tokenizer.decode([int(t) for t in second.train[:3]]) == "xyz"
+    os.utime(text)  # touched, same bytes: the cache stands
+    logs.clear()
+    load_dataset(str(text), tmp_path / "datasets", log=logs.append)
+    assert logs == []

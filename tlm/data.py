@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from tlm.files import file_digest
+from tlm.files import file_digest, text_digest
 from tlm.vocab import KINDS, BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
 
 SPLITS = ("train", "valid", "test")
@@ -375,6 +375,9 @@ def load_dataset(name: str, data_dir: str | Path, mirror: Optional[str] = None,
     if given is not None:
         kind = "hf-" + hashlib.sha1(given.spec.encode()).hexdigest()[:10]
     cache = cache_dir(name, data_dir, kind)
+    if is_text_path(name) and (cache / "tokenizer.json").exists() and not _source_current(name, cache):
+        log(f"{name} changed since it was tokenized: tokenizing it again")
+        (cache / "tokenizer.json").unlink(missing_ok=True)
     dataset = _cached(name, cache)
     if dataset is not None:
         return dataset
@@ -420,6 +423,8 @@ def _prepare(name: str, cache: Path, mirror: Optional[str], log: Log, kind: str 
         tmp = cache / f"{split}.tmp-{os.getpid()}.npy"
         np.save(tmp, array)
         os.replace(tmp, cache / f"{split}.npy")
+    if is_text_path(name):
+        _stamp_source(name, cache)
     # tokenizer.json is written last: its presence marks a complete cache.
     tmp = cache / f"tokenizer.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(tok.to_dict()))
@@ -429,6 +434,34 @@ def _prepare(name: str, cache: Path, mirror: Optional[str], log: Log, kind: str 
         + ", ".join(f"{s} {len(a):,}" for s, a in arrays.items())
         + f" ({n / max(time.perf_counter() - tic, 1e-9):,.0f} tokens/s)")
     return _cached(name, cache)
+
+
+def _source_stat(name: str) -> list[int]:
+    path = Path(name).expanduser()
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    stats = [f.stat() for f in files]
+    return [len(files), sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)]
+
+
+def _stamp_source(name: str, cache: Path) -> None:
+    """Record what own text was tokenized: its size and time, and its SHA1."""
+    stamp = {"stat": _source_stat(name), "sha1": text_digest(Path(name).expanduser())}
+    (cache / "source.json").write_text(json.dumps(stamp))
+
+
+def _source_current(name: str, cache: Path) -> bool:
+    """Whether own text is what the cache was made from: the same size and time, or (after a
+    touch or a copy) the same SHA1."""
+    try:
+        stamp = json.loads((cache / "source.json").read_text())
+    except (OSError, ValueError):
+        return False  # a cache from before stamps: tokenize once more
+    if stamp["stat"] == _source_stat(name):
+        return True
+    if stamp["sha1"] != text_digest(Path(name).expanduser()):
+        return False
+    _stamp_source(name, cache)
+    return True
 
 
 class Batches:
