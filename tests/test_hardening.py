@@ -160,3 +160,44 @@ def test_the_dataset_cache_follows_edits_to_own_text(tmp_path):
     logs.clear()
     load_dataset(str(text), tmp_path / "datasets", log=logs.append)
     assert logs == []
+
+
+def test_a_new_model_in_a_used_directory_sets_the_old_run_aside(save_dir):
+    assert tlm("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "20").returncode == 0
+    old = checkpoint.find(save_dir)
+    proc = tlm("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "5", "--new_model",
+               "--seed", "7")
+    assert proc.returncode == 0, proc.stderr
+    assert "the earlier run's checkpoints and metrics moved to" in proc.stderr
+    new = checkpoint.find(save_dir)  # before: retention kept the old run's and deleted this one
+    assert new.step == 5 and new.state["config"]["seed"] == 7
+    aside = next(save_dir.glob("replaced-*"))
+    assert checkpoint.find(aside).identifier == old.identifier  # nothing lost
+    resumed = tlm("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "8")
+    assert f"resuming {new.identifier[:12]} at iteration 5" in resumed.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--new_model", "--identifier", "abc"], "give one of them"),
+    (["--tokenizer", "byte"], "was trained with --tokenizer unset (word), not byte"),
+])
+def test_flags_that_contradict_are_refused(save_dir, flags, message):
+    assert tlm("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "2").returncode == 0
+    proc = tlm("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "4", *flags)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+def test_init_from_refuses_shape_flags_and_a_directory_with_checkpoints(save_dir, tmp_path):
+    assert tlm("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "2").returncode == 0
+    assert tlm("export", "--save_dir", str(save_dir), "--out", str(tmp_path / "export")).returncode == 0
+    proc = tlm("train", "--save_dir", str(tmp_path / "new"), "--init_from", str(tmp_path / "export"),
+               "--dim", "64")
+    assert proc.returncode == 2 and "--dim: the model's shape comes from --init_from" in proc.stderr
+    proc = tlm("train", "--save_dir", str(save_dir), "--init_from", str(tmp_path / "export"))
+    assert proc.returncode == 2 and "already has checkpoints" in proc.stderr
+
+
+def test_a_save_dir_that_is_a_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    proc = tlm("train", "--save_dir", str(tmp_path / "afile"))
+    assert proc.returncode == 2 and f"--save_dir {tmp_path / 'afile'} is a file" in proc.stderr

@@ -232,6 +232,26 @@ def list_checkpoints(directory: str | Path) -> list[Checkpoint]:
     return out
 
 
+def set_aside(directory: str | Path) -> Optional[Path]:
+    """Move a directory's checkpoints and metrics into ``replaced-<time>/`` beside them, so a
+    new model's run starts clean (its retention and resume see only its own checkpoints)
+    and nothing of the old run is lost. Returns where they went, or None if nothing."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    names = [p for p in directory.iterdir() if SHA1_NAME.match(p.name)]
+    names += [p.with_suffix(".metadata") for p in names if p.with_suffix(".metadata").exists()]
+    names += [p for p in (directory / "metrics.jsonl",) if p.exists()]
+    if not names:
+        return None
+    aside = directory / time.strftime("replaced-%Y%m%d-%H%M%S")
+    aside.mkdir(exist_ok=True)
+    for p in names:
+        os.replace(p, aside / p.name)
+    _fsync_dir(directory)
+    return aside
+
+
 def retain(directory: str | Path, keep_last: int = 1) -> list[str]:
     """Delete all but the newest ``keep_last`` checkpoints and the best one; return what went.
 

@@ -168,6 +168,9 @@ class TrainConfig:
                 raise ConfigError(f"--{f.name} must be a finite number, got {value}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"--seed must be in [0, 2^32), got {self.seed}")
+        if self.new_model and self.identifier:
+            raise ConfigError("--identifier picks a checkpoint to resume and --new_model starts "
+                              "afresh: give one of them")
         if 0 < self.time_budget < 1 / 60:
             raise ConfigError(f"--time_budget is in minutes: {self.time_budget} is under a second, "
                               "too short for one step")
@@ -229,5 +232,7 @@ def check_save_dir(path: str) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"--save_dir {path} is a file, not a directory") from None
         raise ConfigError(f"--save_dir {path} is not writable: {e.strerror or e}") from None
     return p

@@ -224,8 +224,9 @@ def resume_config(given: dict[str, Any], ckpt: Checkpoint) -> TrainConfig:
     stored = {**defaults, **ckpt.state["config"]}  # flags added since the checkpoint: defaults
     for name in ARCHITECTURE:
         if name in given and given[name] != stored[name]:
+            had = stored[name] if stored[name] is not None else f"unset ({ckpt.tokenizer.kind})"
             raise ConfigError(f"checkpoint {ckpt.identifier[:12]} was trained with --{name} "
-                              f"{stored[name]}, not {given[name]}: drop the flag or use --new_model")
+                              f"{had}, not {given[name]}: drop the flag or use --new_model")
     merged = {k: v for k, v in stored.items() if k not in LOCAL}
     merged.update({k: v for k, v in given.items()})
     return TrainConfig.from_dict(merged)
@@ -236,12 +237,18 @@ def open_run(given: dict[str, Any], warn: Callable[[str], None] = lambda m: None
     """Validate the flags and find the checkpoint to resume (None for a new model)."""
     config = TrainConfig(**given)
     config.validate()
+    shape = [n for n in ("dim", "num_blocks", "num_heads", "tie_embeddings") if n in given]
+    if config.init_from and shape:
+        raise ConfigError(f"--{shape[0]}: the model's shape comes from --init_from {config.init_from}")
     if config.new_model:
         return config, None
     try:
         ckpt = checkpoint.find(config.save_dir, config.identifier, warn)
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
+    if ckpt is not None and config.init_from:
+        raise ConfigError(f"{config.save_dir} already has checkpoints (a run to resume): add "
+                          "--new_model to start afresh from --init_from (they are set aside)")
     if ckpt is None:
         return config, None
     config = resume_config(given, ckpt)
@@ -274,6 +281,10 @@ class Trainer:
         else:
             self.args = model_args(config, dataset.vocab_size)
         check_memory(self.args)
+        if resume is None and config.new_model:
+            aside = checkpoint.set_aside(config.save_dir)
+            if aside is not None:
+                log(f"--new_model: the earlier run's checkpoints and metrics moved to {aside}")
         self.model = Model(self.args)
         if init is not None and resume is None:
             self.model.load_weights(list(init[1].items()), strict=True)

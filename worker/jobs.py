@@ -77,6 +77,8 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
         save_dir = resolve_save_dir(job["params"], save_root)
         check_carried_dataset(job["params"], save_dir)
         if job["kind"] == "train":
+            if job["checkpoint"]:  # started before and saved: resume that, not afresh again
+                params.pop("new_model", None)
             _train(registry, job, fence, {**params, "save_dir": save_dir, "gpu": gpu}, stop,
                    orphaned, log)
         elif job["kind"] == "eval":
