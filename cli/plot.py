@@ -12,6 +12,12 @@ import click
 @click.option("-o", "--output", default="curves.png", show_default=True, help="image file to write")
 def plot(runs: tuple[str, ...], output: str) -> None:
     """Loss against steps and against wall time, from each RUN's metrics.jsonl."""
+    formats = ("png", "pdf", "svg", "jpg", "jpeg")
+    if Path(output).suffix.lower().lstrip(".") not in formats:
+        raise click.UsageError(f"-o {output}: the picture's name must end in one of "
+                               + ", ".join(f".{f}" for f in formats))
+    if not Path(output).resolve().parent.is_dir():
+        raise click.UsageError(f"-o {output}: no directory {Path(output).resolve().parent}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,5 +50,8 @@ def plot(runs: tuple[str, ...], output: str) -> None:
         ax.grid(alpha=0.3)
     by_time.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(output, dpi=110)
+    try:
+        fig.savefig(output, dpi=110)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {output}: {e.strerror or e}") from None
     click.echo(output)

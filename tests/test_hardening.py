@@ -201,3 +201,16 @@ def test_a_save_dir_that_is_a_file(tmp_path):
     (tmp_path / "afile").write_text("x")
     proc = tlm("train", "--save_dir", str(tmp_path / "afile"))
     assert proc.returncode == 2 and f"--save_dir {tmp_path / 'afile'} is a file" in proc.stderr
+
+
+def test_plot_refuses_bad_outputs_and_skips_foreign_lines(tmp_path, save_dir):
+    assert tlm("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "10").returncode == 0
+    with open(save_dir / "metrics.jsonl", "a") as f:
+        f.write("[1, 2]\n{\"kind\": \"valid\"}\n")
+    for out, message in ((tmp_path / "p.xyz", "must end in one of .png"),
+                         (tmp_path / "missing" / "p.png", "no directory")):
+        proc = tlm("plot", str(save_dir), "-o", str(out))
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    proc = tlm("plot", str(save_dir), "-o", str(tmp_path / "p.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "p.png").stat().st_size > 1000

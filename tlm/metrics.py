@@ -51,5 +51,6 @@ def read(save_dir: str | Path) -> list[dict[str, Any]]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash
-            latest[(rec["kind"], rec["step"])] = rec
+            if isinstance(rec, dict) and {"kind", "step", "loss"} <= rec.keys():
+                latest[(rec["kind"], rec["step"])] = rec  # other lines are not ours: skipped
     return sorted(latest.values(), key=lambda r: (r["step"], r["kind"]))
