@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import click
@@ -64,6 +65,8 @@ def find_checkpoint(save_dir: Optional[str], identifier: Optional[str]):
     from tlm.config import default_save_dir
 
     directory = save_dir or default_save_dir()
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise click.ClickException(f"--save_dir {directory} is a file, not a run directory")
     try:
         ckpt = checkpoint.find(directory, identifier, warn=lambda m: click.echo(m, err=True))
     except checkpoint.CheckpointError as e:

@@ -214,3 +214,28 @@ def test_plot_refuses_bad_outputs_and_skips_foreign_lines(tmp_path, save_dir):
     proc = tlm("plot", str(save_dir), "-o", str(tmp_path / "p.png"))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_ctrl_c_cancels_a_job_no_worker_took(tmp_path, save_dir):
+    """`submit --wait` and a queued `sample` with no worker: Ctrl+C ends the job, at once."""
+    import signal
+    from conftest import tlm_cmd
+    from queue_helpers import registry
+    url = f"sqlite://{tmp_path / 'queue.db'}"
+    (tmp_path / "afile").write_text("x")
+    proc = tlm("sample", "--local", "--save_dir", str(tmp_path / "afile"))
+    assert proc.returncode == 1 and "is a file, not a run directory" in proc.stderr
+    for args in (["submit", "train", "--save_dir", str(save_dir), *TINY, "--wait"],
+                 ["sample", "--save_dir", str(save_dir), "--prompt", "the"]):
+        child = subprocess.Popen(tlm_cmd(*args, "--queue", url), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        reg = registry(url)
+        deadline = time.time() + 60
+        while not reg.jobs(0) and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=30)  # before: "cancelling", then waiting forever
+        assert child.returncode in (1, 130), err
+        assert [j["state"] for j in reg.jobs(5)][-1] == "cancelled"
+        assert not reg.jobs(0)  # nothing left queued for a later worker
