@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+import pytest
+import redis
+
 from tlm_worker.queue import Queue
 from tlm_worker.registry import Registry
 
@@ -74,3 +77,16 @@ def wait_for(url: str, job_id: str, states: Iterable[str], timeout: float = 120,
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} not in {list(states)} after {timeout}s: {json.dumps(job)}\n"
                          + "\n".join(reg.logs(job_id)[0]))
+
+
+def backend_url(kind: str, tmp_path: Path, redis_db: int) -> str:
+    """A fresh queue of either backend: a SQLite file, or a flushed Redis database (each test
+    module its own, so modules never share state)."""
+    if kind == "sqlite":
+        return f"sqlite://{tmp_path / 'queue.db'}"
+    url = f"redis://127.0.0.1:6379/{redis_db}"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).flushdb()
+    except redis.exceptions.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    return url

@@ -11,25 +11,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from tlm import checkpoint
 
-from queue_helpers import TINY, Workers, free_port, registry, submit, wait_for
+from queue_helpers import TINY, Workers, backend_url, free_port, registry, submit, wait_for
 
-REDIS_TEST_DB = "redis://127.0.0.1:6379/12"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @pytest.fixture(params=["sqlite", "redis"])
 def url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path / 'queue.db'}"
-    try:
-        redis.Redis.from_url(REDIS_TEST_DB, socket_connect_timeout=1).flushdb()
-    except redis.exceptions.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    return REDIS_TEST_DB
+    return backend_url(request.param, tmp_path, 12)
 
 
 class Dashboard:

@@ -12,20 +12,12 @@ import redis
 from tlm_worker.queue import Queue
 from tlm_worker.registry import MAX_LOG_LINES, JobNotFound, LeaseLost, Registry, RunBusy
 
-from queue_helpers import tlm
-
-REDIS_TEST_DB = "redis://127.0.0.1:6379/13"
+from queue_helpers import backend_url, tlm
 
 
 @pytest.fixture(params=["sqlite", "redis"])
 def url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path / 'queue.db'}"
-    try:
-        redis.Redis.from_url(REDIS_TEST_DB, socket_connect_timeout=1).flushdb()
-    except redis.exceptions.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    return REDIS_TEST_DB
+    return backend_url(request.param, tmp_path, 13)
 
 
 @pytest.fixture
