@@ -33,6 +33,35 @@ BAD = [
     (["sample", "--local", "--stop", ""], "--stop is empty"),
     (["submit", "train", "--run", ""], "--run is empty"),
     (["submit", "eval", "--save_dir", "/nonexistent"], "no run directory /nonexistent: train one first"),
+    # Every command's flags: negative, zero, huge, nan, inf, empty, wrong type.
+    (["train", "--dim", "0"], "--dim must be positive, got 0"),
+    (["train", "--batch_size", "-1"], "--batch_size must be positive, got -1"),
+    (["train", "--num_iters", "0"], "--num_iters must be positive, got 0"),
+    (["train", "--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
+    (["train", "--learning_rate", "-1"], "--learning_rate must not be negative, got -1.0"),
+    (["train", "--weight_decay", "inf"], "--weight_decay must be a finite number, got inf"),
+    (["train", "--dim", "many"], "'many' is not a valid integer"),
+    (["train", "--dataset", ""], "--dataset is empty"),
+    (["train", "--dataset", "missing.txt"], "unknown --dataset 'missing.txt'"),
+    (["train", "--tokenizer", "bogus"], "unknown --tokenizer 'bogus'"),
+    (["train", "--optimizer", "bogus"], "unknown --optimizer 'bogus'"),
+    (["train", "--preset", "bogus"], "unknown --preset 'bogus'"),
+    (["sample", "--local", "--max_tokens", "-1"], "--max_tokens"),
+    (["sample", "--local", "--num_samples", "0"], "--num_samples"),
+    (["sample", "--local", "--top_p", "0"], "--top_p"),
+    (["sample", "--local", "--repetition_penalty", "inf"], "'inf' is not a finite number"),
+    (["eval", "--local", "--tokens", "-1"], "--tokens"),
+    (["eval", "--local", "--stride", "0"], "--stride"),
+    (["eval", "--local", "--split", "bogus"], "--split"),
+    (["status", "--limit", "-1"], "--limit"),
+    (["logs", "nosuchjob"], "no job 'nosuchjob'"),
+    (["cancel", "nosuchjob"], "no job 'nosuchjob'"),
+    (["prune", "--older_than", "nan"], "'nan' is not a finite number"),
+    (["prune", "--older_than", "-1"], "--older_than"),
+    (["dashboard", "--port", "70000"], "--port"),
+    (["export", "--out", "/dev/null/x"], "no checkpoint"),
+    (["plot", "/nonexistent"], "does not exist"),
+    (["status", "--queue", "ftp://x"], "unsupported queue URL 'ftp://x'"),
 ]
 
 
@@ -47,6 +76,11 @@ def test_bad_input_is_one_line_at_once(args, message, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--lease", "nan"], "'nan' is not a finite number"),
+    (["--lease", "0"], "--lease"),
+    (["--concurrency", "0"], "--concurrency"),
+    (["--max_attempts", "0"], "--max_attempts"),
+    (["--keep_days", "0"], "--keep_days"),
+    (["--keep_days", "inf"], "'inf' is not a finite number"),
     (["--gpu"], "no GPU backend (Metal or CUDA)"),
     (["--queue", "redis://127.0.0.1:6379/99"], "DB index is out of range"),
 ])
@@ -239,3 +273,24 @@ def test_ctrl_c_cancels_a_job_no_worker_took(tmp_path, save_dir):
         assert child.returncode in (1, 130), err
         assert [j["state"] for j in reg.jobs(5)][-1] == "cancelled"
         assert not reg.jobs(0)  # nothing left queued for a later worker
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, ptb_cache):
+    """The save directory fills up mid-run: one line, the previous checkpoint still the latest."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        (disk / "datasets").symlink_to(ptb_cache)
+        proc = tlm("train", "--save_dir", str(disk), *TINY, "--num_iters", "10", "--steps_per_eval", "5",
+                   "--save_retries", "0")  # each checkpoint is 8 MB: the second does not fit
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "No space left on device" in proc.stderr.strip().splitlines()[-1]
+        saved = checkpoint.find(disk)
+        assert saved.step == 5
+        proc = tlm("sample", "--local", "--save_dir", str(disk), "--prompt", "the", "--max_tokens", "5")
+        assert proc.returncode == 0 and proc.stdout.strip()
+    finally:
+        subprocess.run(["umount", str(disk)])
