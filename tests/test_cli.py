@@ -19,7 +19,7 @@ def tlm(*args, **kw) -> subprocess.CompletedProcess:
     (["--batch_size", "0"], "--batch_size must be positive, got 0"),
     (["--num-iters", "-5"], "--num_iters must be positive, got -5"),
     (["--dataset", "imagenet"], "unknown --dataset 'imagenet'"),
-    (["--gpu"], "--gpu: no GPU backend (Metal) is available on this machine"),
+    (["--gpu"], "--gpu: no GPU backend (Metal or CUDA) is available on this machine"),
     (["--learning_rate", "abc"], "'abc' is not a valid float"),
     (["--optimizer", "sgd"], "unknown --optimizer 'sgd' (choose from adamw, muon)"),
     (["--eval_stride", "64"], "--eval_stride 64 is longer than --context_size 48"),

@@ -69,8 +69,9 @@ def test_mlx_lm_generates_what_we_generate_from_the_export(tmp_path, kind):
 def test_init_from_an_export_continues_from_its_weights(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog . she sells sea shells .\n" * 300)
-    flags = ["--dataset", str(text), "--dim", "32", "--num_heads", "2", "--num_blocks", "2",
-             "--context_size", "24", "--batch_size", "8", "--eval_tokens", "200", "--steps_per_report", "1"]
+    flags = ["--dataset", str(text), "--context_size", "24", "--batch_size", "8", "--eval_tokens", "200",
+             "--steps_per_report", "1"]
+    shape = ["--dim", "32", "--num_heads", "2", "--num_blocks", "2"]  # --init_from brings its own
 
     def train(run, *extra):
         proc = subprocess.run(tlm_cmd("train", "--save_dir", str(tmp_path / run), *flags, *extra),
@@ -78,13 +79,14 @@ def test_init_from_an_export_continues_from_its_weights(tmp_path):
         assert proc.returncode == 0, proc.stderr
         return proc.stderr
 
-    train("base", "--tokenizer", "word", "--num_iters", "60", "--learning_rate", "1e-2", "--lr_warmup", "5")
+    train("base", *shape, "--tokenizer", "word", "--num_iters", "60", "--learning_rate", "1e-2",
+          "--lr_warmup", "5")
     out = tmp_path / "export"
     subprocess.run(tlm_cmd("export", "--save_dir", str(tmp_path / "base"), "--out", str(out)), check=True,
                    capture_output=True)
     first_loss = lambda log: float(log.split("iter 1/")[1].split("train loss ")[1].split()[0])
     tuned = train("tuned", "--init_from", str(out), "--num_iters", "2")
-    fresh = train("fresh", "--tokenizer", "word", "--num_iters", "2")
+    fresh = train("fresh", *shape, "--tokenizer", "word", "--num_iters", "2")
     assert f"starting from {out}" in tuned
     assert first_loss(tuned) < first_loss(fresh) - 1.0  # it starts where the export left off
     bad = subprocess.run(tlm_cmd("train", "--save_dir", str(tmp_path / "x"), "--init_from", str(tmp_path)),
