@@ -115,6 +115,9 @@ def submit_train(run, save_root, wait, queue, **options) -> None:
     on other machines (or in other directories) train on the same bytes.
     """
     given = given_options(options)
+    if given.get("nodes", 1) > 1:
+        raise click.UsageError("--nodes through the queue (a gang of workers) is not available "
+                               "yet: `tlm train --nodes N` runs N ranks on one machine")
     target, run_key = _run_target(run, given.pop("save_dir", None))
     try:
         config = TrainConfig(**given, save_dir=target.get("save_dir", "/unused"))

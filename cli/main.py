@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import click
 
 import tlm
-from tlm import blas
+from tlm import blas, ranks
 from tlm.config import ConfigError, check_save_dir
 from tlm_cli.options import find_checkpoint, given_options, train_options
 from tlm_cli.render import ProgressDisplay
@@ -40,12 +41,19 @@ def train(**options) -> None:
     try:
         check_save_dir(given.get("save_dir") or tlm.config.default_save_dir())
         config, ckpt = open_run(given, warn=echo)
+        if config.nodes > 1 and not ranks.joined():  # this process starts the ranks
+            echo(f"starting {config.nodes} ranks on this machine (ring backend over 127.0.0.1)")
+            raise SystemExit(ranks.launch_local([sys.executable, "-m", "tlm_cli.main", *sys.argv[1:]],
+                                                config.nodes))
+        group = ranks.join()
+        if group is not None and group.size() != config.nodes:
+            raise ConfigError(f"--nodes {config.nodes}, but {group.size()} ranks were started")
         device = select_device(config.gpu)
         echo(blas.describe())
         echo(f"save_dir: {config.save_dir}  device: {device}")
         echo(f"configuration: {config.describe()}")
         dataset, init = prepare(config, ckpt, echo)
-        trainer = Trainer(config, dataset, ckpt, log=echo, init=init)
+        trainer = Trainer(config, dataset, ckpt, log=echo, init=init, group=group)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     except (DataError, CheckpointError) as e:

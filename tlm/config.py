@@ -138,7 +138,9 @@ class TrainConfig:
                                "(0: the context, non-overlapping; less: every target sees more context)")
     identifier: Optional[str] = _opt(None, "checkpoint identifier (SHA1 or unique prefix) to load")
     new_model: bool = _opt(False, "start from scratch, ignoring existing checkpoints")
-    gpu: bool = _opt(False, "use the Metal GPU backend")
+    gpu: bool = _opt(False, "use MLX's GPU (Metal on macOS, CUDA on Linux)")
+    nodes: int = _opt(1, "data-parallel ranks on MLX's distributed engine (ring backend); "
+                         "`tlm train` starts them on this machine")
     checkpoint: bool = _opt(False, "gradient checkpointing (less memory, more compute)")
     init_from: Optional[str] = _opt(None, "start a new model from an exported or mlx-lm llama "
                                           "directory (its weights, shape and tokenizer)")
@@ -168,6 +170,9 @@ class TrainConfig:
                 raise ConfigError(f"--{f.name} must be a finite number, got {value}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"--seed must be in [0, 2^32), got {self.seed}")
+        if self.nodes < 1 or self.batch_size % self.nodes:
+            raise ConfigError(f"--nodes {self.nodes} must be positive and divide --batch_size "
+                              f"{self.batch_size} (each rank takes an equal share of every batch)")
         if self.new_model and self.identifier:
             raise ConfigError("--identifier picks a checkpoint to resume and --new_model starts "
                               "afresh: give one of them")

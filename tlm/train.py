@@ -36,7 +36,7 @@ from tlm.model import Model, ModelArgs
 ARCHITECTURE = ("dataset", "tokenizer", "dim", "num_blocks", "num_heads", "context_size",
                 "tie_embeddings", "optimizer")
 # Flags that describe this machine or this invocation, never taken from a checkpoint.
-LOCAL = ("save_dir", "data_mirror", "identifier", "new_model", "gpu")
+LOCAL = ("save_dir", "data_mirror", "identifier", "new_model", "gpu", "nodes")
 EVAL_TOKENS = 8192  # tokens per evaluation batch: big enough to keep matmuls efficient
 FINAL_RATE = 0.1  # the cosine decay ends at this fraction of the peak learning rate
 
@@ -183,9 +183,11 @@ def loss_fn(model: Model, inputs: mx.array, targets: mx.array, checkpoint: bool 
 
 
 def evaluate(model: Model, tokens: np.ndarray, context_size: int,
-             stride: Optional[int] = None) -> float:
-    """Mean cross-entropy over every token of a split (see ``eval_windows`` for ``stride``)."""
+             stride: Optional[int] = None, group: Optional[mx.distributed.Group] = None) -> float:
+    """Mean cross-entropy over every token of a split (see ``eval_windows`` for ``stride``);
+    with a ``group`` of ranks, each evaluates every size-th batch and the sums are added."""
     model.eval()
+    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
 
     @partial(mx.compile, inputs=model.state)
     def summed(x, y, w):
@@ -194,10 +196,14 @@ def evaluate(model: Model, tokens: np.ndarray, context_size: int,
         return sum(result for _, result in shards)
 
     total, count = mx.array(0.0), 0.0
-    for x, y, w in eval_windows(tokens, context_size, max(1, EVAL_TOKENS // context_size), stride):
+    batches = eval_windows(tokens, context_size, max(1, EVAL_TOKENS // context_size), stride)
+    for x, y, w in itertools.islice(batches, rank, None, size):
         total = total + summed(mx.array(x), mx.array(y), mx.array(w))
         count += float(w.sum())
         mx.eval(total)
+    if size > 1:
+        total, count = mx.distributed.all_sum(mx.stack([total, mx.array(count)]), group=group)
+        count = count.item()
     model.train()
     return total.item() / count
 
@@ -264,7 +270,8 @@ class Trainer:
                  before_publish: Callable[[], None] = lambda: None,
                  labels: Optional[dict[str, Any]] = None,
                  init: Optional[tuple[ModelArgs, dict[str, mx.array]]] = None,
-                 on_record: Callable[[dict[str, Any]], None] = lambda rec: None):
+                 on_record: Callable[[dict[str, Any]], None] = lambda rec: None,
+                 group: Optional[mx.distributed.Group] = None):
         config.validate()
         parallel.streams()  # a bad TLM_CPU_STREAMS fails here, before any training
         Path(config.save_dir).mkdir(parents=True, exist_ok=True)
@@ -272,6 +279,10 @@ class Trainer:
         self.before_publish = before_publish
         self.labels = labels or {}  # added to each metrics record (e.g. the worker)
         self.on_record = on_record  # each metrics.jsonl record, also for whoever carries them elsewhere
+        # Data-parallel ranks: each takes its share of every batch, gradients are averaged,
+        # and rank 0 alone writes (checkpoints, metrics) and reports.
+        self.group = group
+        self.rank, self.ranks = (group.rank(), group.size()) if group is not None else (0, 1)
         mx.random.seed(config.seed)
         if resume is not None:
             self.args = ModelArgs(**resume.state["model_args"])
@@ -308,10 +319,15 @@ class Trainer:
         loss_and_grad = nn.value_and_grad(model, partial(loss_fn, checkpoint=self.config.checkpoint))
         self._state = [model.state, optimizer.state, mx.random.state]
 
+        group, ranks = self.group, self.ranks
+
         @partial(mx.compile, inputs=self._state, outputs=self._state)
         def step(batch: mx.array) -> mx.array:
             shards = parallel.map_shards(lambda b: loss_and_grad(model, b[:, :-1], b[:, 1:]), [batch])
             loss, grads = parallel.weighted_sum(shards)
+            if ranks > 1:  # equal shares: the mean of the ranks' means is the batch's mean
+                grads = nn.average_gradients(grads, group=group)
+                loss = mx.distributed.all_sum(loss, group=group) / ranks
             if clip > 0:
                 grads, _ = optim.clip_grad_norm(grads, clip)
             optimizer.update(model, grads)
@@ -384,7 +400,8 @@ class Trainer:
         tokens = self.dataset.split(split)
         if split == "valid" and self.config.eval_tokens:
             tokens = tokens[: self.config.eval_tokens + 1]
-        return evaluate(self.model, tokens, self.config.context_size, self.config.eval_stride or None)
+        return evaluate(self.model, tokens, self.config.context_size, self.config.eval_stride or None,
+                        self.group)
 
     def run(self, on_progress: Callable[[Progress], None] = lambda p: None,
             should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
@@ -409,7 +426,7 @@ class Trainer:
             p = Progress(kind, step, total(), bits_per_char=self.dataset.bits_per_char,
                          elapsed=self.elapsed, **fields)
             rec = metrics.record(p, tokens_per_step, self.labels)
-            if rec:
+            if rec and self.rank == 0:
                 metrics.append(cfg.save_dir, rec)
                 self.on_record(rec)
             return p
@@ -424,6 +441,8 @@ class Trainer:
             if not finite.item():
                 raise Diverged(f"training diverged at step {self.step}: non-finite weights, not "
                                "saved; the last good checkpoint stays the latest")
+            if self.rank:
+                return  # rank 0 publishes
             ckpt = self.save(val_loss)
             result.checkpoint = ckpt.identifier
             on_progress(event("save", self.step, val_loss=val_loss, checkpoint=ckpt.identifier,
@@ -439,10 +458,12 @@ class Trainer:
         while not done and not result.stopped:
             if budget:
                 follow_budget(self.optimizer, cfg, self.step, clock() / budget)
-            # The step's randomness (dropout) is a function of (seed, step),
+            # The step's randomness (dropout) is a function of (seed, step, rank),
             # so a resumed run draws what an uninterrupted one would.
-            mx.random.seed(cfg.seed * 1_000_003 + self.step)
-            loss = self._train_step(mx.array(next(self.batches)))
+            mx.random.seed((cfg.seed * 1_000_003 + self.step) * self.ranks + self.rank)
+            batch = next(self.batches)
+            share = len(batch) // self.ranks  # this rank's rows of the global batch
+            loss = self._train_step(mx.array(batch[self.rank * share:(self.rank + 1) * share]))
             mx.eval(self._state, loss)
             if not math.isfinite(loss.item()):
                 raise Diverged(f"training diverged at step {self.step + 1}: loss {loss.item()} (try "
@@ -451,6 +472,9 @@ class Trainer:
             self.step += 1
             done = finished()
             result.stopped = should_stop()
+            if self.ranks > 1:  # every rank stops at the same step (clocks and signals differ)
+                flags = mx.distributed.all_sum(mx.array([done, result.stopped]), group=self.group)
+                done, result.stopped = (bool(f) for f in flags.tolist())
             if self.step % cfg.steps_per_report == 0 or done or result.stopped:
                 elapsed = time.perf_counter() - tic
                 result.train_loss = mx.stack(losses).mean().item()
