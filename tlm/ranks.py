@@ -34,7 +34,7 @@ def join(backend: str = "ring") -> Optional[mx.distributed.Group]:
     return mx.distributed.init(strict=True, backend=backend) if joined() else None
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
@@ -49,7 +49,7 @@ def launch_local(command: list[str], n: int) -> int:
     write to log files shown if they fail. Returns the first failing exit status, or 0."""
     logs = Path(tempfile.mkdtemp(prefix="tlm-ranks-"))
     hostfile = logs / "hostfile.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
     procs: list[subprocess.Popen] = []
     for rank in range(n):
         out = None if rank == 0 else open(logs / f"rank-{rank}.log", "w")
