@@ -3,7 +3,7 @@
 A rank is a process started with ``MLX_RANK`` and ``MLX_HOSTFILE`` (a JSON list
 of ``["ip:port"]`` lists, one per rank), as ``mlx.launch`` starts them; the ring
 backend connects them over TCP. ``launch_local`` starts N ranks of a command on
-127.0.0.1, each in its own process group: it forwards one SIGINT/SIGTERM to
+127.0.0.1, each in its own session (process group): it forwards one SIGINT/SIGTERM to
 each (so all stop after the same step and save), and if one dies it stops the
 others at once, so no rank is left waiting in a collective.
 """
@@ -53,7 +53,7 @@ def launch_local(command: list[str], n: int) -> int:
     procs: list[subprocess.Popen] = []
     for rank in range(n):
         out = None if rank == 0 else open(logs / f"rank-{rank}.log", "w")
-        procs.append(subprocess.Popen(command, stdout=out, stderr=out, process_group=0,
+        procs.append(subprocess.Popen(command, stdout=out, stderr=out, start_new_session=True,
                                       env={**os.environ, "MLX_RANK": str(rank),
                                            "MLX_HOSTFILE": str(hostfile)}))
 
