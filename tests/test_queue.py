@@ -20,26 +20,14 @@ import redis
 from tlm import checkpoint
 from tlm_worker.queue import Queue
 
-from queue_helpers import TINY, Workers, free_port, registry, submit, tlm, wait_for
+from queue_helpers import TINY, Workers, backend_url, free_port, registry, submit, tlm, wait_for
 
-REDIS_TEST_DB = "redis://127.0.0.1:6379/15"
-
-
-def redis_available() -> bool:
-    try:
-        return redis.Redis.from_url(REDIS_TEST_DB, socket_connect_timeout=1).ping()
-    except redis.exceptions.ConnectionError:
-        return False
+REDIS_DB = 15
 
 
 @pytest.fixture(params=["sqlite", "redis"])
 def url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path / 'queue.db'}"
-    if not redis_available():
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    redis.Redis.from_url(REDIS_TEST_DB).flushdb()
-    return REDIS_TEST_DB
+    return backend_url(request.param, tmp_path, REDIS_DB)
 
 
 @pytest.fixture
@@ -328,10 +316,7 @@ def test_chaos_every_job_succeeds_once_through_random_worker_kills(tmp_path, sav
     """20 short training jobs, 2 workers, one SIGKILLed every few seconds and replaced."""
     import random
 
-    if not redis_available():
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    redis.Redis.from_url(REDIS_TEST_DB).flushdb()
-    url = REDIS_TEST_DB
+    url = backend_url("redis", tmp_path, REDIS_DB)
     workers = Workers(url, tmp_path)
     runs = []
     for i in range(20):

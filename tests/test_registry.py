@@ -147,8 +147,8 @@ def test_listing_reads_live_jobs_and_the_latest_finished(reg):
     assert {j["state"] for j in reg.jobs(100, state="failed")} == {"failed"}
     assert len(reg.jobs(100, state="failed")) == 15
     assert [j["id"] for j in reg.jobs(2, run="run:r0")] == [done[24], done[27], live["id"]]
-    assert reg.live_job_for_run("run:r0")["id"] == live["id"]
-    assert reg.live_job_for_run("run:r1") is None
+    assert [j["id"] for j in reg.jobs(0, run="run:r0") if j["kind"] == "train"] == [live["id"]]
+    assert [j for j in reg.jobs(0, run="run:r1") if j["kind"] == "train"] == []
 
 
 def test_prune_deletes_old_finished_jobs_and_their_logs_only(reg, url):

@@ -14,7 +14,7 @@ from tlm_worker.queue import QueueError, queue_url, redact
               help="redis://[:password@]host:port/db (env TLM_QUEUE); default: embedded SQLite")
 @click.option("--concurrency", default=1, type=click.IntRange(1),
               help="training jobs run at once (sample and eval jobs run beside them in a lane of their own)")
-@click.option("--gpu", is_flag=True, help="run jobs on the Metal GPU")
+@click.option("--gpu", is_flag=True, help="run jobs on MLX's GPU (Metal on macOS, CUDA on Linux)")
 @click.option("--save_root", "--save-root", default=None,
               help="where this machine mounts the shared runs directory (for --run jobs)")
 @click.option("--lease", default=60.0, type=FiniteRange(1), show_default=True,

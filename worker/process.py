@@ -223,7 +223,7 @@ class Worker:
 
     def _waiting(self) -> bool:
         """Whether any job waits to be claimed (for --burst: entries can lag records)."""
-        return bool(self.registry.store.ids_in(CLAIMABLE))
+        return bool(self.registry.in_states(CLAIMABLE))
 
     def _take(self, lane: str) -> bool:
         """Pop one entry of a lane and run its job if the claim succeeds."""
@@ -296,7 +296,7 @@ class Worker:
     def _sweep(self) -> None:
         """Recover jobs of dead workers, re-push stranded claimable jobs, prune old ones."""
         now = time.time()
-        for job in self.registry.store.read(self.registry.store.ids_in(ACTIVE)):
+        for job in self.registry.in_states(ACTIVE):
             beat = job["heartbeat"] or job["started"] or job["created"]
             if job["id"] in self.running or now - beat <= self.lease:
                 continue
@@ -306,8 +306,7 @@ class Worker:
                 self.registry.finish(job["id"], CANCELLED, job["fence"], error=reason)
             else:
                 self._crashed(job, reason)
-        stranded = [j for j in self.registry.store.read(self.registry.store.ids_in(CLAIMABLE))
-                    if now - j["enqueued"] > self.lease]
+        stranded = [j for j in self.registry.in_states(CLAIMABLE) if now - j["enqueued"] > self.lease]
         if stranded:
             pending = {lane: self.queue.pending(lane) for lane in LANES}
             for job in stranded:

@@ -152,14 +152,15 @@ class Queue:
         was there and went away.
         """
         try:
-            if self.redis is not None:
+            if self.redis is None:
+                self.storage.queue_size()
+            else:
                 once = redis.Redis.from_url(self.url, socket_connect_timeout=5, socket_timeout=10,
                                             retry=Retry(ExponentialBackoff(), 0))
                 try:
                     once.ping()
                 finally:
                     once.close()
-            self.storage.queue_size()
         except (*QUEUE_ERRORS, redis.exceptions.RedisError) as e:
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             if "WRONGPASS" in why or "invalid username-password" in why:

@@ -68,7 +68,8 @@ class RunBusy(RuntimeError):
     """The run already has a live training job (one trainer per run)."""
 
     def __init__(self, job: dict[str, Any]):
-        super().__init__(job["id"])
+        super().__init__(f"{job['run'].split(':', 1)[1]} already has a {job['state']} job "
+                         f"{job['id']} (one trainer per run)")
         self.job = job
 
 
@@ -127,11 +128,15 @@ class Registry:
             done = done[:limit] if limit is not None else done  # run_ids is newest first
             jobs = [j for j in live + done if state in (None, j["state"])]
         elif state in LIVE:
-            jobs = self.store.read(self.store.ids_in([state]))
+            jobs = self.in_states([state])
         else:
-            jobs = self.store.read(self.store.ids_in(LIVE)) if state is None else []
+            jobs = self.in_states(LIVE) if state is None else []
             jobs += self._finished(limit, state)
         return sorted(jobs, key=lambda j: j["created"])
+
+    def in_states(self, states) -> list[dict[str, Any]]:
+        """The jobs in these live states (through the state indexes: live work only)."""
+        return self.store.read(self.store.ids_in(states))
 
     def _finished(self, limit: Optional[int], state: Optional[str]) -> list[dict[str, Any]]:
         """The newest finished jobs, optionally of one state, reading a page at a time."""
@@ -145,11 +150,12 @@ class Registry:
             offset += len(ids)
         return out if limit is None else out[:limit]
 
-    def live_job_for_run(self, run_key: str) -> Optional[dict[str, Any]]:
-        """The queued or running training job of a run (one trainer per run)."""
-        return next((j for j in self.jobs(0, run=run_key) if j["kind"] == "train"), None)
-
     # -- state changes: each one atomic step of one record -----------------------
+
+    @property
+    def _ttl(self) -> float:
+        """Seconds a finished job is kept."""
+        return self.keep_days * 86400
 
     def claim(self, job_id: str, worker_id: str) -> Optional[dict[str, Any]]:
         """Take a claimable job for this worker with a new fencing token; None if not ours.
@@ -165,7 +171,7 @@ class Registry:
                 return {"state": CANCELLED, "finished": now}
             return {"state": RUNNING, "worker": worker_id, "attempts": job["attempts"] + 1,
                     "fence": job["fence"] + 1, "started": now, "heartbeat": now, "error": None}
-        job = self.store.change(job_id, take, expire=self.keep_days * 86400)
+        job = self.store.change(job_id, take, expire=self._ttl)
         return job if job is not None and job["state"] == RUNNING else None
 
     def finish(self, job_id: str, state: str, fence: Optional[int] = None,
@@ -178,7 +184,7 @@ class Registry:
             if job["state"] not in LIVE or (fence is not None and job["fence"] != fence):
                 return None
             return {"state": state, "finished": now, **fields}
-        return self.store.change(job_id, end, expire=self.keep_days * 86400)
+        return self.store.change(job_id, end, expire=self._ttl)
 
     def requeue(self, job_id: str, fence: int, reason: str, interrupted: bool) -> Optional[dict]:
         """Give a held job back to the queue with a new fence (voiding the old holder).
@@ -208,7 +214,7 @@ class Registry:
             if job["state"] not in CLAIMABLE:
                 return None
             return {"state": CANCELLED, "finished": now, "cancel": "stop"}
-        if self.store.change(job_id, drop, expire=self.keep_days * 86400):
+        if self.store.change(job_id, drop, expire=self._ttl):
             return True
         self.update(job_id, cancel="force" if force else "stop")
         return False
@@ -367,8 +373,10 @@ class RedisStore:
                         return None
                     new = {**job, **changes}
                     trainer = self._trainer(job["run"])
-                    pipe.watch(trainer)
-                    release = new["state"] in FINAL and pipe.get(trainer) == job_id.encode()
+                    release = False  # an ending trainer frees its run
+                    if new["state"] in FINAL:
+                        pipe.watch(trainer)
+                        release = pipe.get(trainer) == job_id.encode()
                     pipe.multi()
                     pipe.hset(key, mapping=_json(changes))
                     if new["state"] != job["state"]:
@@ -522,10 +530,6 @@ class SqliteStore:
             raise
         db.execute("COMMIT")
 
-    def _write(self, db, job: dict[str, Any]) -> None:
-        db.execute("UPDATE tlm_job SET state = ?, finished = ?, record = ? WHERE id = ?",
-                   (job["state"], job["finished"], json.dumps(job), job["id"]))
-
     def insert(self, job: dict[str, Any], exclusive: bool, migrating: bool = False) -> Optional[str]:
         with self._tx() as db:
             try:
@@ -545,11 +549,13 @@ class SqliteStore:
     def change(self, job_id: str, fn: Change, expire: Optional[float] = None) -> Optional[dict]:
         with self._tx() as db:
             row = db.execute("SELECT record FROM tlm_job WHERE id = ?", (job_id,)).fetchone()
-            changes = fn(json.loads(row[0])) if row else None
+            job = json.loads(row[0]) if row else None
+            changes = fn(job) if job is not None else None
             if changes is None:
                 return None
-            job = {**json.loads(row[0]), **changes}
-            self._write(db, job)
+            job.update(changes)
+            db.execute("UPDATE tlm_job SET state = ?, finished = ?, record = ? WHERE id = ?",
+                       (job["state"], job["finished"], json.dumps(job), job_id))
             return job
 
     def set_fields(self, job_id: str, fields: dict[str, Any]) -> None:
