@@ -150,32 +150,33 @@ class Lab:
 
     def submit(self, key: str, params: dict[str, Any]) -> dict[str, Any]:
         """Queue a training job of a run (resuming its checkpoints), as `tlm submit train`."""
+        from tlm.data import is_text_path
+        from tlm_cli.jobs import training_job
+
         target = target_of(key)
         try:
-            config = TrainConfig(**params, save_dir=target.get("save_dir", "/unused"))
-            config.validate()
+            config, job_params = training_job(params, target)
         except (ConfigError, TypeError) as e:
             raise Refused(400, str(e)) from None
-        from tlm.data import is_text_path
         if is_text_path(config.dataset):
             raise Refused(400, "a --dataset of your own text is submitted with `tlm submit train`, "
                                "which copies it into the run")
-        if config.data_mirror and "data_mirror" not in params:
-            params = {**params, "data_mirror": config.data_mirror}
         try:
-            job = self.registry.create("train", {**params, **target}, key)
+            job = self.registry.create("train", job_params, key)
         except RunBusy as e:
-            raise Refused(409, f"{key.split(':', 1)[1]} already has a {e.job['state']} job "
-                               f"{e.job['id']} (one trainer per run)") from None
+            raise Refused(409, str(e)) from None
         return {"job": job["id"], "command": command("submit train", {**target, **params})}
 
     def new_run(self, body: dict[str, Any]) -> dict[str, Any]:
+        from tlm_cli.jobs import _run_target
+
         run, save_dir = (body.get("run") or "").strip(), (body.get("save_dir") or "").strip()
         if bool(run) == bool(save_dir):
             raise Refused(400, "give a run name or a save directory (one of them)")
-        if run and ("/" in run or run.startswith(".")):
-            raise Refused(400, f"run {run!r}: a plain name, resolved under each worker's --save_root")
-        key = f"run:{run}" if run else f"dir:{Path(save_dir).expanduser().resolve()}"
+        try:
+            _, key = _run_target(run or None, save_dir or None)
+        except click.UsageError as e:
+            raise Refused(400, e.message) from None
         preset = body.get("preset") or None
         if preset is not None and preset not in PRESETS:
             raise Refused(400, f"unknown preset {preset!r}")

@@ -120,22 +120,30 @@ def submit_train(run, save_root, wait, queue, **options) -> None:
                                "yet: `tlm train --nodes N` runs N ranks on one machine")
     target, run_key = _run_target(run, given.pop("save_dir", None))
     try:
-        config = TrainConfig(**given, save_dir=target.get("save_dir", "/unused"))
-        config.validate()
+        config, params = training_job(given, target)
         if "save_dir" in target and Path(target["save_dir"]).is_dir():
             from tlm.train import open_run  # catches flags that contradict its checkpoint now
             open_run({**given, **target})
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     registry = connect(queue)
-    params = {**given, **target}
     from tlm.data import is_text_path
     if is_text_path(config.dataset):
         from tlm_worker.jobs import resolve_save_dir
         params.update(carry_dataset(config.dataset, Path(resolve_save_dir(target, save_root))))
+    _enqueue(registry, "train", params, run_key, wait)
+
+
+def training_job(given: dict[str, Any], target: dict[str, str]) -> tuple[TrainConfig, dict[str, Any]]:
+    """A training job's validated configuration and the params to queue (ConfigError if bad);
+    the data mirror this machine uses travels with the job."""
+    config = TrainConfig(**{k: v for k, v in given.items() if k != "dataset_sha1"},
+                         save_dir=target.get("save_dir", "/unused"))
+    config.validate()
+    params = {**given, **target}
     if config.data_mirror and "data_mirror" not in given:
         params["data_mirror"] = config.data_mirror
-    _enqueue(registry, "train", params, run_key, wait)
+    return config, params
 
 
 @submit.command("eval")
@@ -164,10 +172,7 @@ def _enqueue(registry: Registry, kind: str, params: dict, run_key: str, wait: bo
     try:
         job = registry.create(kind, params, run_key)
     except RunBusy as e:
-        live = e.job
-        raise click.ClickException(f"{run_key.split(':', 1)[1]} already has a {live['state']} job "
-                                   f"{live['id']} (one trainer per run): `tlm cancel {live['id']}` "
-                                   "first") from None
+        raise click.ClickException(f"{e}: `tlm cancel {e.job['id']}` first") from None
     click.echo(job["id"])
     echo(f"queued {kind} job {job['id']} for {run_key.split(':', 1)[1]}")
     if wait:

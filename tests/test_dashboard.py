@@ -231,6 +231,12 @@ def test_submit_resume_and_compare_through_the_api(url, dashboard):
         reg.finish(job_id, "cancelled", held["fence"])
     resumed = post("/api/resume", {"key": "run:a"})
     assert resumed.status_code == 200 and reg.get(resumed.json()["job"])["params"]["num_iters"] == 7
+    carried = reg.create("train", {"run": "c", "dataset": "shakespeare", "dataset_sha1": "ab" * 20},
+                         "run:c")  # as `tlm submit train --dataset mine.txt` leaves it
+    reg.cancel(carried["id"])
+    again = post("/api/resume", {"key": "run:c"})
+    assert again.status_code == 200, again.text
+    assert reg.get(again.json()["job"])["params"]["dataset_sha1"] == "ab" * 20
     data = httpx.get(dashboard.base + "/api/compare?key=run:a&key=run:b").json()
     assert {"dim", "dataset", "num_iters"} <= set(data["differs"]) and "num_heads" not in data["differs"]
     assert [r["final"]["valid"]["loss"] for r in data["runs"]] == [4.0, 3.0]
