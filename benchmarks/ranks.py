@@ -23,6 +23,7 @@ from pathlib import Path
 
 from safetensors.numpy import load_file
 
+from tlm import metrics
 from tlm.ranks import free_ports
 
 SHAPES = {"seed default": ["--dim", "1024", "--num_blocks", "4", "--num_heads", "8", "--context_size", "48",
@@ -47,8 +48,7 @@ if group.rank() == 0:
 
 
 def tokens_per_sec(run: Path) -> float:
-    rates = [json.loads(line)["tokens_per_sec"] for line in (run / "metrics.jsonl").open()
-             if '"train"' in line]
+    rates = [r["tokens_per_sec"] for r in metrics.read(run) if r["kind"] == "train"]
     return statistics.median(rates[1:] or rates)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import subprocess
@@ -11,16 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tlm import checkpoint
+from tlm import checkpoint, metrics
 
 from conftest import tlm_cmd
 from queue_helpers import TINY, tlm
 
 FLAGS = [*TINY, "--num_iters", "40", "--steps_per_eval", "20"]
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").open()]
 
 
 def test_two_ranks_train_what_one_process_trains(save_dir, tmp_path):
@@ -30,7 +25,7 @@ def test_two_ranks_train_what_one_process_trains(save_dir, tmp_path):
     assert two.returncode == 0, two.stderr
     assert "starting 2 ranks on this machine" in two.stderr
     assert tlm("train", "--save_dir", str(one), *FLAGS).returncode == 0
-    ranked, single = records(save_dir), records(one)
+    ranked, single = metrics.read(save_dir), metrics.read(one)
     assert [(r["kind"], r["step"]) for r in ranked] == [(r["kind"], r["step"]) for r in single]
     for a, b in zip(ranked, single):  # every reported loss: the same mathematics
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
