@@ -23,7 +23,6 @@ import hmac
 import ipaddress
 import secrets
 import shlex
-import typing
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,7 +34,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from tlm.config import PRESETS, ConfigError, TrainConfig, apply_preset
+from tlm.config import PRESETS, ConfigError, apply_preset
 from tlm_worker.registry import FINAL, LIVE, JobNotFound, Registry, RunBusy
 
 STATIC = Path(__file__).parent / "static"
@@ -75,15 +74,15 @@ def command(verb: str, params: dict[str, Any]) -> str:
 
 def typed_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     """Form values (strings) as TrainConfig's types; unknown flags refused."""
-    hints = typing.get_type_hints(TrainConfig)
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    from tlm_cli.options import flag_types
+
+    types = flag_types()
     out = {}
     for k, v in overrides.items():
         k = k.strip().lstrip("-").replace("-", "_")
-        if k not in names or k in ("save_dir",):
+        if k not in types or k == "save_dir":
             raise Refused(400, f"unknown flag --{k}")
-        typ = hints[k]
-        typ = typing.get_args(typ)[0] if typing.get_origin(typ) is typing.Union else typ
+        typ = types[k]
         try:
             out[k] = (str(v).lower() in ("1", "true", "yes", "on")) if typ is bool else typ(v)
         except ValueError:

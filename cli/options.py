@@ -12,8 +12,6 @@ import click
 
 from tlm.config import ConfigError, TrainConfig, apply_preset
 
-_TYPES = {"int": int, "float": float, "str": str, "Optional[str]": str}
-
 
 class FiniteRange(click.FloatRange):
     """A float range that also refuses nan and inf (which compare false with any bound)."""
@@ -27,17 +25,23 @@ class FiniteRange(click.FloatRange):
         return number
 
 
+def flag_types() -> dict[str, type]:
+    """Each TrainConfig field's type, ``Optional[X]`` as X: what a flag's value converts to."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {name: typing.get_args(t)[0] if typing.get_origin(t) is typing.Union else t
+            for name, t in hints.items()}
+
+
 def train_options(fn: Callable) -> Callable:
     """Add one option per TrainConfig field: ``--context_size`` and ``--context-size``."""
-    hints = typing.get_type_hints(TrainConfig)
+    types = flag_types()
     for f in reversed(dataclasses.fields(TrainConfig)):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         help_ = f.metadata["help"]
-        if hints[f.name] is bool:
+        typ = types[f.name]
+        if typ is bool:
             fn = click.option(*names, f.name, is_flag=True, default=None, help=help_)(fn)
         else:
-            typ = hints[f.name]
-            typ = typing.get_args(typ)[0] if typing.get_origin(typ) is typing.Union else typ
             default = f"default: {f.default}" if f.default not in (None, "") else None
             fn = click.option(*names, f.name, type=typ, default=None,
                               help=help_ + (f" ({default})" if default else ""))(fn)
