@@ -22,8 +22,8 @@ from rich.table import Table
 from tlm.config import ConfigError, TrainConfig
 from tlm_cli.options import FiniteRange, given_options, train_options
 from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError, queue_url, redact
-from tlm_worker.registry import (CANCELLED, FINAL, LIVE, SUCCEEDED, JobNotFound, Registry,
-                                 RunBusy)
+from tlm_worker.registry import (CANCELLED, CLAIMABLE, FINAL, LIVE, SUCCEEDED, JobNotFound,
+                                 Registry, RunBusy, gang_size)
 
 queue_option = click.option("--queue", envvar="TLM_QUEUE", default=None,
                             help="redis://[:password@]host:port/db (env TLM_QUEUE); "
@@ -111,13 +111,13 @@ def carry_dataset(dataset: str, run_dir: Path) -> dict[str, str]:
 def submit_train(run, save_root, wait, queue, **options) -> None:
     """Queue a training job (resumes the run's latest checkpoint, as tlm train does).
 
+    With --nodes N it is a gang job: it starts when N workers can each run one rank
+    of it, and trains one model across them.
+
     A --dataset file or folder is copied into the run directory first, so workers
     on other machines (or in other directories) train on the same bytes.
     """
     given = given_options(options)
-    if given.get("nodes", 1) > 1:
-        raise click.UsageError("--nodes through the queue (a gang of workers) is not available "
-                               "yet: `tlm train --nodes N` runs N ranks on one machine")
     target, run_key = _run_target(run, given.pop("save_dir", None))
     try:
         config, params = training_job(given, target)
@@ -244,6 +244,14 @@ def _progress(job: dict) -> str:
     return out
 
 
+def _holder(job: dict) -> str:
+    """The worker running a job, or a gang's members (rank 0 first), or those gathered so far."""
+    members = job.get("members") or []
+    if gang_size(job) > 1 and job["state"] in CLAIMABLE:
+        return f"gathering {len(members)}/{gang_size(job)}"
+    return ", ".join(m["worker"] for m in members) if members else job["worker"] or "-"
+
+
 def _tries(job: dict) -> str:
     """Attempts (crashes count), and interruptions after a +."""
     return str(job["attempts"]) + (f"+{job['interruptions']}" if job.get("interruptions") else "")
@@ -255,7 +263,7 @@ def status_table(jobs: list[dict], workers: list[dict]) -> Table:
         table.add_column(col)
     for job in jobs:
         table.add_row(job["id"], job["kind"], job["run"].split(":", 1)[1], job["state"],
-                      job["worker"] or "-", _tries(job), _age(job["created"]),
+                      _holder(job), _tries(job), _age(job["created"]),
                       _progress(job), (job["error"] or "")[:60])
     workers_table = Table(title="workers", title_justify="left")
     for col in ("worker", "host", "pid", "device", "heartbeat", "jobs"):

@@ -35,19 +35,17 @@ def train(**options) -> None:
     from tlm.checkpoint import CheckpointError
     from tlm.data import DataError
     from tlm.interrupts import StopOnSignal
-    from tlm.train import Diverged, Trainer, open_run, prepare, select_device
+    from tlm.train import Diverged, Trainer, join_ranks, open_run, prepare, select_device
 
     given = given_options(options)
     try:
         check_save_dir(given.get("save_dir") or tlm.config.default_save_dir())
         config, ckpt = open_run(given, warn=echo)
         if config.nodes > 1 and not ranks.joined():  # this process starts the ranks
-            echo(f"starting {config.nodes} ranks on this machine (ring backend over 127.0.0.1)")
+            echo(f"starting {config.nodes} ranks on this machine ({config.backend} backend, 127.0.0.1)")
             raise SystemExit(ranks.launch_local([sys.executable, "-m", "tlm_cli.main", *sys.argv[1:]],
-                                                config.nodes))
-        group = ranks.join()
-        if group is not None and group.size() != config.nodes:
-            raise ConfigError(f"--nodes {config.nodes}, but {group.size()} ranks were started")
+                                                config.nodes, config.backend))
+        group = join_ranks(config)
         device = select_device(config.gpu)
         echo(blas.describe())
         echo(f"save_dir: {config.save_dir}  device: {device}")

@@ -21,6 +21,7 @@ DATASETS = ("ptb", "shakespeare", "wikitext2", "wikitext103", "enwik8")
 RUN_INPUTS = "inputs"  # where `tlm submit` copies a run's own text, inside its directory
 TOKENIZERS = ("word", "char", "byte", "bpe")
 OPTIMIZERS = ("adamw", "muon")
+BACKENDS = ("ring", "jaccl", "nccl")  # MLX's distributed backends whose ranks tlm can start
 
 
 class ConfigError(ValueError):
@@ -139,8 +140,10 @@ class TrainConfig:
     identifier: Optional[str] = _opt(None, "checkpoint identifier (SHA1 or unique prefix) to load")
     new_model: bool = _opt(False, "start from scratch, ignoring existing checkpoints")
     gpu: bool = _opt(False, "use MLX's GPU (Metal on macOS, CUDA on Linux)")
-    nodes: int = _opt(1, "data-parallel ranks on MLX's distributed engine (ring backend); "
-                         "`tlm train` starts them on this machine")
+    nodes: int = _opt(1, "data-parallel ranks on MLX's distributed engine: `tlm train` starts "
+                         "them on this machine, `tlm submit train` on N workers")
+    backend: str = _opt("ring", "MLX distributed backend for --nodes: ring (TCP over Ethernet or "
+                                "a Thunderbolt bridge), jaccl (Thunderbolt 5 RDMA), nccl (CUDA)")
     checkpoint: bool = _opt(False, "gradient checkpointing (less memory, more compute)")
     init_from: Optional[str] = _opt(None, "start a new model from an exported or mlx-lm llama "
                                           "directory (its weights, shape and tokenizer)")
@@ -173,6 +176,9 @@ class TrainConfig:
         if self.nodes < 1 or self.batch_size % self.nodes:
             raise ConfigError(f"--nodes {self.nodes} must be positive and divide --batch_size "
                               f"{self.batch_size} (each rank takes an equal share of every batch)")
+        if self.backend not in BACKENDS:
+            why = ": its ranks are started by mpirun, and tlm starts its own" if self.backend == "mpi" else ""
+            raise ConfigError(f"--backend {self.backend}{why}; choose one of {', '.join(BACKENDS)}")
         if self.new_model and self.identifier:
             raise ConfigError("--identifier picks a checkpoint to resume and --new_model starts "
                               "afresh: give one of them")

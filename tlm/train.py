@@ -24,7 +24,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from tlm import checkpoint, fastmath, metrics, parallel
+from tlm import checkpoint, fastmath, metrics, parallel, ranks
 from tlm.checkpoint import Checkpoint, CheckpointError
 from tlm.config import ConfigError, TrainConfig
 from tlm.data import Batches, Dataset, eval_windows, load_dataset
@@ -36,7 +36,7 @@ from tlm.model import Model, ModelArgs
 ARCHITECTURE = ("dataset", "tokenizer", "dim", "num_blocks", "num_heads", "context_size",
                 "tie_embeddings", "optimizer")
 # Flags that describe this machine or this invocation, never taken from a checkpoint.
-LOCAL = ("save_dir", "data_mirror", "identifier", "new_model", "gpu", "nodes")
+LOCAL = ("save_dir", "data_mirror", "identifier", "new_model", "gpu", "nodes", "backend")
 EVAL_TOKENS = 8192  # tokens per evaluation batch: big enough to keep matmuls efficient
 FINAL_RATE = 0.1  # the cosine decay ends at this fraction of the peak learning rate
 
@@ -183,9 +183,11 @@ def loss_fn(model: Model, inputs: mx.array, targets: mx.array, checkpoint: bool 
 
 
 def evaluate(model: Model, tokens: np.ndarray, context_size: int,
-             stride: Optional[int] = None, group: Optional[mx.distributed.Group] = None) -> float:
+             stride: Optional[int] = None, group: Optional[mx.distributed.Group] = None,
+             tick: Callable[[], None] = lambda: None) -> float:
     """Mean cross-entropy over every token of a split (see ``eval_windows`` for ``stride``);
-    with a ``group`` of ranks, each evaluates every size-th batch and the sums are added."""
+    with a ``group`` of ranks, each evaluates every size-th batch and the sums are added.
+    ``tick`` is called after each batch (a rank's watchdog: evaluating is progress)."""
     model.eval()
     rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
 
@@ -201,6 +203,7 @@ def evaluate(model: Model, tokens: np.ndarray, context_size: int,
         total = total + summed(mx.array(x), mx.array(y), mx.array(w))
         count += float(w.sum())
         mx.eval(total)
+        tick()
     if size > 1:
         total, count = mx.distributed.all_sum(mx.stack([total, mx.array(count)]), group=group)
         count = count.item()
@@ -283,6 +286,7 @@ class Trainer:
         # and rank 0 alone writes (checkpoints, metrics) and reports.
         self.group = group
         self.rank, self.ranks = (group.rank(), group.size()) if group is not None else (0, 1)
+        self.watchdog: Optional[ranks.Watchdog] = None  # while ranks train together
         mx.random.seed(config.seed)
         if resume is not None:
             self.args = ModelArgs(**resume.state["model_args"])
@@ -292,7 +296,7 @@ class Trainer:
         else:
             self.args = model_args(config, dataset.vocab_size)
         check_memory(self.args)
-        if resume is None and config.new_model:
+        if resume is None and config.new_model and self.rank == 0:
             aside = checkpoint.set_aside(config.save_dir)
             if aside is not None:
                 log(f"--new_model: the earlier run's checkpoints and metrics moved to {aside}")
@@ -401,7 +405,7 @@ class Trainer:
         if split == "valid" and self.config.eval_tokens:
             tokens = tokens[: self.config.eval_tokens + 1]
         return evaluate(self.model, tokens, self.config.context_size, self.config.eval_stride or None,
-                        self.group)
+                        self.group, self.watchdog.beat if self.watchdog else lambda: None)
 
     def run(self, on_progress: Callable[[Progress], None] = lambda p: None,
             should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
@@ -452,6 +456,8 @@ class Trainer:
         def finished() -> bool:
             return self.step >= cfg.num_iters or bool(budget) and clock() >= budget
 
+        # A rank whose peers stop answering ends itself (an exception ends the process too).
+        self.watchdog = ranks.Watchdog() if self.ranks > 1 else None
         losses: list[mx.array] = []
         tic = time.perf_counter()
         done = finished()
@@ -493,9 +499,14 @@ class Trainer:
             elif result.stopped:
                 checkpoint_now(None)
             tic = time.perf_counter() if not losses else tic
+            if self.watchdog:
+                self.watchdog.beat()
         if cfg.eval_test and not result.stopped:
             result.test_loss = self.evaluate("test")
             on_progress(event("eval", self.step, val_loss=result.test_loss, message="test"))
+        if self.watchdog:  # no rank leaves (and has its job settled) before rank 0 has saved
+            mx.eval(mx.distributed.all_sum(mx.array(1.0), group=self.group))
+            self.watchdog.stop()
         result.step = self.step
         on_progress(event("done", self.step, train_loss=result.train_loss,
                           val_loss=result.val_loss, message=result.checkpoint or ""))
@@ -530,11 +541,21 @@ def train(given: dict[str, Any], on_progress: Callable[[Progress], None] = lambd
           on_record: Callable[[dict[str, Any]], None] = lambda rec: None) -> TrainResult:
     """Resolve the flags against the save directory, prepare the data, and train."""
     config, ckpt = open_run(given, warn=log)
+    group = join_ranks(config)
     select_device(config.gpu)
     dataset, init = prepare(config, ckpt, log)
     trainer = Trainer(config, dataset, ckpt, log=log, before_publish=before_publish, labels=labels,
-                      init=init, on_record=on_record)
+                      init=init, on_record=on_record, group=group)
     return trainer.run(on_progress, should_stop)
+
+
+def join_ranks(config: TrainConfig) -> Optional[mx.distributed.Group]:
+    """This process's group of ``--nodes`` ranks (None for one process)."""
+    group = ranks.join(config.backend)
+    started = group.size() if group is not None else 1
+    if started != config.nodes:
+        raise ConfigError(f"--nodes {config.nodes}, but {started} rank(s) were started")
+    return group
 
 
 def evaluate_checkpoint(save_dir: str, identifier: Optional[str] = None, split: str = "valid",

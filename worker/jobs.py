@@ -6,12 +6,19 @@ only the worker, which forwards exactly one signal. The trainer's callbacks
 are wired to the registry: ``should_stop`` to the job's cancel flag and this
 process's signals, ``on_progress`` to progress and log lines,
 ``before_publish`` to the fencing token.
+
+A gang job runs one such process per member, each a rank of MLX's
+distributed engine, rendezvousing at the members' advertised addresses. Rank
+0 reports and settles the job; the others only train, and a failure of
+theirs that is not the job's own (a peer lost mid-collective) exits non-zero
+so their worker re-queues the gang.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -48,16 +55,20 @@ def check_carried_dataset(params: dict[str, Any], save_dir: str) -> None:
         raise DataError(f"{path} changed since it was submitted (SHA1 differs)")
 
 
-def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bool) -> None:
-    """Run one claimed job to an end state, or exit EXIT_INTERRUPTED after a signal."""
+def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bool,
+            rank: Optional[int] = None) -> None:
+    """Run one claimed job (or ``rank`` of a gang job) to an end state, or exit
+    EXIT_INTERRUPTED after a signal."""
     os.setpgid(0, 0)
     parent = os.getppid()
     registry = Registry(Queue(url))
     job = registry.get(job_id)
+    tag = f"[{job_id}]" if not rank else f"[{job_id} rank {rank}]"
 
-    def log(line: str) -> None:
-        print(f"[{job_id}] {line}", file=sys.stderr, flush=True)
-        registry.log(job_id, line)
+    def log(line: str) -> None:  # the job's log is rank 0's
+        print(f"{tag} {line}", file=sys.stderr, flush=True)
+        if not rank:
+            registry.log(job_id, line)
 
     try:
         import tlm  # noqa: F401  (optimized BLAS before MLX)
@@ -79,8 +90,13 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
         if job["kind"] == "train":
             if job["checkpoint"]:  # started before and saved: resume that, not afresh again
                 params.pop("new_model", None)
+            if rank is not None:
+                from tlm.config import TrainConfig
+                from tlm.ranks import rank_env
+                os.environ.update(rank_env(params.get("backend", TrainConfig.backend), job["members"],
+                                           rank, Path(tempfile.mkdtemp(prefix=f"tlm-{job_id}-"))))
             _train(registry, job, fence, {**params, "save_dir": save_dir, "gpu": gpu}, stop,
-                   orphaned, log)
+                   orphaned, log, rank or 0)
         elif job["kind"] == "eval":
             from tlm.train import evaluate_checkpoint
             result = evaluate_checkpoint(save_dir, params.get("identifier"),
@@ -102,9 +118,12 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
         print(f"[{job_id}] {e}", file=sys.stderr, flush=True)
     except BaseException as e:
         if not _ordinary(e):
-            traceback.print_exc()  # a bug: its traceback goes to the worker's output
+            traceback.print_exc()  # a bug, or a lost peer: its traceback goes to the worker's output
+            if rank is not None:  # the worker re-queues the gang (a crash: attempts count)
+                sys.exit(1)
         registry.finish(job_id, FAILED, fence, error=f"{type(e).__name__}: {e}".splitlines()[0])
-        log(f"failed: {type(e).__name__}: {e}")
+        print(f"{tag} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        registry.log(job_id, (f"rank {rank} " if rank else "") + f"failed: {type(e).__name__}: {e}")
 
 
 def _ordinary(e: BaseException) -> bool:
@@ -117,7 +136,7 @@ def _ordinary(e: BaseException) -> bool:
 
 
 def _train(registry: Registry, job: dict[str, Any], fence: int, given: dict[str, Any], stop, orphaned,
-           log) -> None:
+           log, rank: int) -> None:
     from tlm.train import Progress, train
 
     job_id = job["id"]
@@ -138,7 +157,8 @@ def _train(registry: Registry, job: dict[str, Any], fence: int, given: dict[str,
             # "force" is the worker's to act on: it kills this process.
             if not cancelled and registry.get(job_id)["cancel"] == "stop":
                 cancelled = True
-                registry.mark_cancelling(job_id, fence)
+                if not rank:
+                    registry.mark_cancelling(job_id, fence)
                 log("cancel requested: finishing the step and saving")
         return cancelled
 
@@ -149,7 +169,7 @@ def _train(registry: Registry, job: dict[str, Any], fence: int, given: dict[str,
         line = p.describe()
         if line:
             log(line)
-        if p.kind in ("report", "eval", "save"):
+        if p.kind in ("report", "eval", "save") and not rank:
             progress.update({k: v for k, v in p.to_dict().items()
                              if v is not None and k not in ("kind", "message", "bits_per_char",
                                                             "checkpoint")})
@@ -170,8 +190,12 @@ def _train(registry: Registry, job: dict[str, Any], fence: int, given: dict[str,
                    before_publish=lambda: registry.check_fence(job_id, fence),
                    labels={"job": job_id, "worker": job["worker"]},
                    on_record=lambda rec: registry.add_point(job_id, rec))
+    if result.stopped and not cancelled:  # a gang stops together: a peer may have seen the cancel
+        cancelled = registry.get(job_id)["cancel"] == "stop"
     if result.stopped and not cancelled:
         sys.exit(EXIT_INTERRUPTED)
+    if rank:
+        return  # rank 0 settles the job
     state = CANCELLED if result.stopped else SUCCEEDED
     registry.finish(job_id, state, fence, checkpoint=result.checkpoint,
                     result={"step": result.step, "val_loss": result.val_loss,

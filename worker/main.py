@@ -4,9 +4,27 @@ from __future__ import annotations
 
 import click
 
+from tlm.ranks import free_ports
 from tlm_cli.options import FiniteRange
 from tlm_worker.process import Worker
 from tlm_worker.queue import QueueError, queue_url, redact
+
+
+class PortRange(click.ParamType):
+    """``FIRST-LAST`` (inclusive) or one port, as a range."""
+    name = "FIRST-LAST"
+
+    def convert(self, value, param, ctx) -> range:
+        if isinstance(value, range):
+            return value
+        first, _, last = str(value).partition("-")
+        try:
+            ports = range(int(first), int(last or first) + 1)
+        except ValueError:
+            self.fail(f"{value!r} is not FIRST-LAST, e.g. 47100-47199", param, ctx)
+        if not ports or ports.start < 1 or ports.stop > 65536:
+            self.fail(f"{value!r} is not a range of ports within 1-65535", param, ctx)
+        return ports
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,10 +42,23 @@ from tlm_worker.queue import QueueError, queue_url, redact
 @click.option("--keep_days", "--keep-days", default=30.0, show_default=True,
               type=FiniteRange(0, min_open=True),
               help="finished jobs and their logs are deleted after this many days")
+@click.option("--address", default=None,
+              help="this Mac's address that other workers reach for gang jobs (--nodes): its "
+                   "Ethernet or Thunderbolt bridge address (default: the one it reaches the queue by)")
+@click.option("--ports", default="47100-47199", show_default=True, type=PortRange(),
+              help="ports a gang job's rank may listen on (open them in the firewall)")
+@click.option("--rdma", multiple=True, metavar="PEER=DEVICE",
+              help="for --backend jaccl: the RDMA device linking this Mac to the worker at PEER "
+                   "(an --address), e.g. 10.0.1.2=rdma_en3; repeat per peer")
 @click.option("--burst", is_flag=True, help="exit once the queue is empty and no job runs")
-def main(queue, concurrency, gpu, save_root, lease, max_attempts, keep_days, burst) -> None:
+def main(queue, concurrency, gpu, save_root, lease, max_attempts, keep_days, address, ports, rdma,
+         burst) -> None:
     """Run queued tlm jobs. Ctrl+C once: jobs save and are re-queued; twice: exit now."""
     url = queue_url(queue)
+    if address is not None and not free_ports(1, address, range(0, 1)):
+        raise click.BadParameter(f"{address} is not an address of this machine", param_hint="--address")
+    if any("=" not in r for r in rdma):
+        raise click.BadParameter("give PEER=DEVICE, e.g. 10.0.1.2=rdma_en3", param_hint="--rdma")
     if gpu:
         import tlm  # noqa: F401  (optimized BLAS before MLX)
         from tlm.config import ConfigError
@@ -38,7 +69,8 @@ def main(queue, concurrency, gpu, save_root, lease, max_attempts, keep_days, bur
             raise click.UsageError(str(e)) from None
     try:
         worker = Worker(url, concurrency=concurrency, gpu=gpu, save_root=save_root, lease=lease,
-                        max_attempts=max_attempts, keep_days=keep_days, burst=burst)
+                        max_attempts=max_attempts, keep_days=keep_days, burst=burst, address=address,
+                        ports=ports, rdma=dict(r.split("=", 1) for r in rdma))
         worker.run()
     except QueueError as e:
         raise click.ClickException(str(e)) from None

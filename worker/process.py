@@ -10,6 +10,15 @@ SIGINT to each running job, which finishes its step, saves, and is re-queued
 as interrupted for another worker to resume (an interruption, not an
 attempt); a second signal kills the jobs, re-queues them and exits at once.
 
+Gangs (``tlm submit train --nodes N``): a worker with a free training slot
+reserves a place in the oldest waiting gang that the live workers could fill,
+refreshes it while it waits, and gives it up after two leases (for two more,
+taking other jobs meanwhile), so a gang that cannot gather never holds slots
+forever. The reservation that completes a gang starts it; each member then
+runs one rank, reachable at ``--address`` on a port from ``--ports``. A
+member whose gang was re-queued or ended elsewhere (a peer died, was
+stopped, or stalled) kills its rank, which would wait in a collective.
+
 Sweeps, every lease/2 by every worker: re-queue a job whose heartbeat is
 older than the lease (its worker died), failing it after ``max_attempts``
 crashes; push again a claimable job that is in no queue (its entry was taken
@@ -32,10 +41,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
+from tlm.ranks import COLLECTIVE_TIMEOUT, STALLED, free_ports
 from tlm_worker.jobs import EXIT_INTERRUPTED, run_job
 from tlm_worker.queue import LANES, QUEUE_ERRORS, PayloadError, Queue, lane_of
-from tlm_worker.registry import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILED, FINAL,
-                                 Registry)
+from tlm_worker.registry import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILED, FINAL, RUNNING,
+                                 Registry, gang_size)
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -75,6 +85,27 @@ class Running:
     process: multiprocessing.process.BaseProcess
     forced: bool = False  # killed by `tlm cancel --force`
     interrupted: bool = False  # sent SIGINT by a stopping worker
+    rank: Optional[int] = None  # this worker's rank in a gang job
+
+
+@dataclass
+class Reservation:
+    """A place held in a waiting gang."""
+    job_id: str
+    port: int
+    since: float = field(default_factory=time.monotonic)
+    refreshed: float = field(default_factory=time.monotonic)
+
+
+def local_address(queue: Queue) -> str:
+    """This machine's address on its route to the queue's Redis (for SQLite, one machine:
+    127.0.0.1); no packet is sent."""
+    if queue.redis is None:
+        return "127.0.0.1"
+    kwargs = queue.redis.connection_pool.connection_kwargs
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((kwargs.get("host", "127.0.0.1"), kwargs.get("port", 6379)))
+        return s.getsockname()[0]
 
 
 @dataclass
@@ -88,6 +119,9 @@ class Worker:
     keep_days: float = 30.0  # finished jobs older than this are pruned
     poll: float = 0.2
     burst: bool = False  # exit once the queue is empty and no job runs
+    address: Optional[str] = None  # where this worker's gang ranks are reached (default: see local_address)
+    ports: range = range(47100, 47200)  # ports its gang ranks listen on
+    rdma: dict[str, str] = field(default_factory=dict)  # JACCL: peer address -> RDMA device
     failed: int = 0  # jobs this worker ran that ended failed (--burst exits 1 if any)
     id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}")
     running: dict[str, Running] = field(default_factory=dict)
@@ -95,6 +129,8 @@ class Worker:
     killing: bool = False  # two: jobs are killed and re-queued, and the worker exits at once
     sampler: Optional[multiprocessing.pool.Pool] = None
     notices: list[str] = field(default_factory=list)  # from signal handlers, printed by the loop
+    reservation: Optional[Reservation] = None
+    shunned: dict[str, float] = field(default_factory=dict)  # gang job -> when it may be joined again
 
     def __post_init__(self) -> None:
         self.queue = Queue(self.url)
@@ -103,6 +139,8 @@ class Worker:
         self.lock = threading.Lock()
         self._done = threading.Event()
         self._last_prune = 0.0
+        self._next_gang_look = 0.0
+        self.address = self.address or local_address(self.queue)
 
     def say(self, message: str) -> None:
         print(f"tlm-worker {self.id}: {message}", file=sys.stderr, flush=True)
@@ -160,8 +198,15 @@ class Worker:
             "slots": {"train": self.concurrency, "interactive": 1},
             "jobs": [r.job_id for r in running], "stopping": self.stopping})
         for r in running:
-            self.registry.heartbeat_job(r.job_id)
-            if not r.forced and self.registry.get(r.job_id)["cancel"] == "force":
+            if r.rank is None:
+                self.registry.heartbeat_job(r.job_id)
+                job = self.registry.get(r.job_id)
+            else:
+                job = self.registry.heartbeat_member(r.job_id, self.id, r.fence)
+                if job is None:  # the gang is over elsewhere: this rank's peers are gone
+                    _signal(r.process, signal.SIGKILL)
+                    continue
+            if not r.forced and job["cancel"] == "force":
                 r.forced = True
                 _signal(r.process, signal.SIGKILL)
 
@@ -184,11 +229,11 @@ class Worker:
                     break
                 self._interrupt_jobs()
                 busy = self._try(self._reap) or False
-                took = False
+                took = not self.stopping and bool(self._try(self._gang))
                 for lane in LANES:
                     if not self.stopping and self._free(lane):
                         took = self._try(self._take, lane) or took
-                if self.burst and not took and not self.running and not self._try(self._waiting):
+                if self.burst and not (took or self.running or self.reservation or self._try(self._waiting)):
                     self.say("queue empty: exiting (--burst)")
                     break
                 busy = took or busy
@@ -203,6 +248,8 @@ class Worker:
         finally:
             self._say_notices()
             self._done.set()
+            if self.reservation is not None:
+                self._try(self.registry.withdraw, self.reservation.job_id, self.id)
             if self.sampler is not None:
                 self.sampler.terminate()
             self._try(self.registry.remove_worker, self.id)
@@ -219,7 +266,9 @@ class Worker:
 
     def _free(self, lane: str) -> bool:
         held = sum(r.lane == lane for r in self.running.values())
-        return held < (self.concurrency if lane == "train" else 1)
+        if lane == "train":
+            return held + (self.reservation is not None) < self.concurrency
+        return held < 1
 
     def _waiting(self) -> bool:
         """Whether any job waits to be claimed (for --burst: entries can lag records)."""
@@ -235,22 +284,80 @@ class Worker:
         if job_id is None:
             return False
         job = self.registry.claim(job_id, self.id)
-        if job is None:  # unknown, cancelled, or a duplicate entry
-            return True
-        args = (self.url, job_id, job["fence"], self.save_root, self.gpu)
+        if job is not None:  # else unknown, cancelled, or a duplicate entry
+            self._start(job, lane)
+        return True
+
+    def _start(self, job: dict, lane: str, rank: Optional[int] = None) -> None:
+        """Run a job this worker holds (or its rank of a gang job) in a process of its own."""
+        args = (self.url, job["id"], job["fence"], self.save_root, self.gpu, rank)
         if lane == "interactive":
             if self.sampler is None:
                 self.sampler = SPAWN.Pool(1)
             process = PooledJob(self.sampler, args)
         else:
-            process = SPAWN.Process(target=run_job, args=args, name=f"tlm-job-{job_id}")
+            process = SPAWN.Process(target=run_job, args=args, name=f"tlm-job-{job['id']}")
             process.start()
         with self.lock:
-            self.running[job_id] = Running(job_id, job["fence"], lane, process)
-        self.say(f"started {job['kind']} job {job_id} (attempt {job['attempts']}"
+            self.running[job["id"]] = Running(job["id"], job["fence"], lane, process, rank=rank)
+        self.say(f"started {job['kind']} job {job['id']} (attempt {job['attempts']}"
                  + (f", {job['interruptions']} interruption(s)" if job["interruptions"] else "")
+                 + (f", rank {rank} of {gang_size(job)}" if rank is not None else "")
                  + f", pid {process.pid})")
-        return True
+
+    def _gang(self) -> bool:
+        """Reserve a place in the oldest waiting gang, keep it fresh, start this worker's rank
+        once the gang is complete, or give the place up after two leases. True if started."""
+        now, r = time.monotonic(), self.reservation
+        if r is None:
+            if not self._free("train") or now < self._next_gang_look:
+                return False
+            self._next_gang_look = now + 1.0
+            gang = self._joinable_gang()
+            if gang is None:
+                return False
+            ports = free_ports(1, self.address, self.ports)
+            if not ports:
+                self.say(f"no free port in --ports {self.ports.start}-{self.ports.stop - 1} "
+                         f"on {self.address}: not joining gang job {gang['id']}")
+                return False
+            r = self.reservation = Reservation(gang["id"], ports[0])
+            job = self._reserve(r)
+        elif now - r.refreshed > self.lease / 4:
+            job = self._reserve(r)
+        else:
+            job = self.registry.get(r.job_id)
+        rank = next((i for i, m in enumerate(job["members"]) if m["worker"] == self.id), None)
+        if rank is None or job["state"] not in (RUNNING, *CLAIMABLE):
+            self.reservation = None  # it started without this worker, or ended
+            return False
+        if job["state"] == RUNNING:
+            self.reservation = None
+            self._start(job, "train", rank)
+            return True
+        if now - r.since > 2 * self.lease:
+            self.registry.withdraw(r.job_id, self.id)
+            self.reservation = None
+            self.shunned[r.job_id] = now + 2 * self.lease
+            self.say(f"gang job {r.job_id}: {len(job['members'])} of {gang_size(job)} workers after "
+                     f"{2 * self.lease:.0f}s: gave up its place for {2 * self.lease:.0f}s")
+        return False
+
+    def _reserve(self, r: Reservation) -> dict:
+        """Hold or refresh the place; the job as it is now (perhaps started, or ended)."""
+        r.refreshed = time.monotonic()
+        place = {"address": self.address, "port": r.port, "rdma": self.rdma}
+        return self.registry.reserve(r.job_id, self.id, place, time.time() + self.lease) \
+            or self.registry.get(r.job_id)
+
+    def _joinable_gang(self) -> Optional[dict]:
+        """The oldest waiting gang the live workers could fill, unless this worker gave it up
+        lately; every worker picks the same one, so gangs never split the workers."""
+        live = sum(not w.get("stopping") for w in self.registry.workers())
+        gang = next((g for g in self.registry.waiting_gangs() if gang_size(g) <= live), None)
+        if gang is None or self.shunned.get(gang["id"], 0) > time.monotonic():
+            return None
+        return gang
 
     def _reap(self) -> bool:
         finished = [r for r in list(self.running.values()) if not r.process.is_alive()]
@@ -278,9 +385,14 @@ class Worker:
             self.registry.finish(r.job_id, CANCELLED, r.fence, error="cancelled with --force")
             self.registry.log(r.job_id, "cancelled with --force: stopped at once")
             self.say(f"job {r.job_id} ended: cancelled with --force")
+        elif code == 0 and r.rank:  # rank 0's process settles a gang job's end
+            self.say(f"job {r.job_id}: rank {r.rank} done")
         elif code == EXIT_INTERRUPTED or self.stopping:
             self.registry.requeue(r.job_id, r.fence, f"worker {self.id} was stopped", interrupted=True)
             self.say(f"job {r.job_id} interrupted: back in the queue")
+        elif r.rank is not None:
+            why = f"no progress for {COLLECTIVE_TIMEOUT:.0f}s" if code == STALLED else f"exit code {code}"
+            self._crashed(job, f"rank {r.rank} on worker {self.id} stopped ({why}): the gang stops")
         else:
             self._crashed(job, f"job process died with exit code {code}")
 
@@ -298,15 +410,17 @@ class Worker:
         now = time.time()
         for job in self.registry.in_states(ACTIVE):
             beat = job["heartbeat"] or job["started"] or job["created"]
-            if job["id"] in self.running or now - beat <= self.lease:
+            members = job.get("members") or []  # a gang's heartbeat is its stalest member's
+            if (job["id"] in self.running and not members) or now - beat <= self.lease:
                 continue
-            reason = (f"worker {job['worker']} stopped heartbeating "
-                      f"({now - beat:.0f}s > lease {self.lease:.0f}s)")
+            who = min(members, key=lambda m: m["heartbeat"])["worker"] if members else job["worker"]
+            reason = f"worker {who} stopped heartbeating ({now - beat:.0f}s > lease {self.lease:.0f}s)"
             if job["state"] == CANCELLING:
                 self.registry.finish(job["id"], CANCELLED, job["fence"], error=reason)
             else:
                 self._crashed(job, reason)
-        stranded = [j for j in self.registry.in_states(CLAIMABLE) if now - j["enqueued"] > self.lease]
+        stranded = [j for j in self.registry.in_states(CLAIMABLE)
+                    if now - j["enqueued"] > self.lease and gang_size(j) == 1]
         if stranded:
             pending = {lane: self.queue.pending(lane) for lane in LANES}
             for job in stranded:

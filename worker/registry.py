@@ -15,6 +15,12 @@ makes a read-modify-write of one record atomic and keeps its indexes:
   trainer per run", ``BEGIN IMMEDIATE`` for each change; followers watch
   SQLite's data_version.
 
+A gang job (``--nodes N``) is not claimed but gathered: N workers each
+reserve a place in it (``reserve``: an entry in its ``members`` that expires
+unless refreshed), and the reservation that completes it starts it, in the
+same atomic step, with its members in rank order. Gangs are never in a
+queue lane: workers find them through ``waiting_gangs``.
+
 Finished jobs and their logs expire after ``keep_days`` (a Redis TTL, and a
 prune run by workers on both backends). A record has one writer per field:
 the CLI (cancel), the worker that holds the job's fencing token (state,
@@ -51,6 +57,17 @@ KEEP_DAYS = float(os.environ.get("TLM_KEEP_DAYS", "30"))
 WORKER_TTL = 120.0  # a worker record outlives its last heartbeat by this much
 
 Change = Callable[[dict[str, Any]], Optional[dict[str, Any]]]
+
+
+def gang_size(job: dict[str, Any]) -> int:
+    """The workers a job needs at once: a training job's --nodes, else one."""
+    return job["params"].get("nodes", 1) if job["kind"] == "train" else 1
+
+
+def _wake(queue: Queue, job: dict[str, Any]) -> None:
+    """Push a claimable job's entry into its lane (gangs are gathered, not popped)."""
+    if gang_size(job) == 1:
+        queue.push(job["id"], lane_of(job["kind"]))
 
 
 class JobNotFound(KeyError):
@@ -96,11 +113,11 @@ class Registry:
                "state": QUEUED, "worker": None, "attempts": 0, "interruptions": 0, "fence": 0,
                "created": now, "enqueued": now, "started": None, "finished": None,
                "heartbeat": None, "cancel": None, "progress": {}, "checkpoint": None,
-               "error": None, "result": None}
+               "error": None, "result": None, "members": []}
         busy = self.store.insert(job, exclusive=kind == "train")
         if busy is not None:
             raise RunBusy(self.get(busy))
-        self.queue.push(job["id"], lane_of(kind))
+        _wake(self.queue, job)
         return job
 
     def get(self, job_id: str) -> dict[str, Any]:
@@ -165,7 +182,7 @@ class Registry:
         now = time.time()
 
         def take(job):
-            if job["state"] not in CLAIMABLE:
+            if job["state"] not in CLAIMABLE or gang_size(job) > 1:
                 return None
             if job["cancel"]:
                 return {"state": CANCELLED, "finished": now}
@@ -196,15 +213,68 @@ class Registry:
             if job["state"] not in ACTIVE or job["fence"] != fence:
                 return None
             changes = {"state": INTERRUPTED, "worker": None, "fence": fence + 1, "error": reason,
-                       "enqueued": time.time()}
+                       "enqueued": time.time(), "members": []}
             if interrupted:
                 changes.update(attempts=job["attempts"] - 1, interruptions=job["interruptions"] + 1)
             return changes
         job = self.store.change(job_id, back)
         if job is not None:
             self.log(job_id, f"re-queued: {reason}")
-            self.queue.push(job_id, lane_of(job["kind"]))
+            _wake(self.queue, job)
         return job
+
+    # -- gangs: N workers at once, all or nothing --------------------------------------
+
+    def waiting_gangs(self) -> list[dict[str, Any]]:
+        """Gang jobs waiting for members, oldest first (every worker joins the oldest it can,
+        so two gangs never split the workers between them)."""
+        return sorted((j for j in self.in_states(CLAIMABLE) if gang_size(j) > 1),
+                      key=lambda j: j["created"])
+
+    def reserve(self, job_id: str, worker_id: str, place: dict[str, Any],
+                expires: float) -> Optional[dict[str, Any]]:
+        """Hold (or refresh) this worker's place in a waiting gang until ``expires``; places of
+        others that expired are dropped. The place that completes the gang starts it: the job
+        runs under a new fence, its members (in rank order) fixed. The job, or None if it no
+        longer waits."""
+        now = time.time()
+
+        def join(job):
+            if job["state"] not in CLAIMABLE:
+                return None
+            if job["cancel"]:
+                return {"state": CANCELLED, "finished": now, "members": []}
+            places = [m for m in job["members"] if m["expires"] > now or m["worker"] == worker_id]
+            mine = next((m for m in places if m["worker"] == worker_id), None)
+            if mine is None:
+                places.append(mine := {"worker": worker_id})
+            mine.update(place, expires=expires)
+            if len(places) < gang_size(job):
+                return {"members": places}
+            return {"members": [{**m, "heartbeat": now} for m in places], "state": RUNNING,
+                    "worker": places[0]["worker"], "attempts": job["attempts"] + 1,
+                    "fence": job["fence"] + 1, "started": now, "heartbeat": now, "error": None}
+        return self.store.change(job_id, join, expire=self._ttl)
+
+    def withdraw(self, job_id: str, worker_id: str) -> None:
+        """Give up this worker's place in a gang that still waits."""
+        self.store.change(job_id, lambda job: {"members": [m for m in job["members"]
+                                                           if m["worker"] != worker_id]}
+                          if job["state"] in CLAIMABLE else None)
+
+    def heartbeat_member(self, job_id: str, worker_id: str, fence: int) -> Optional[dict[str, Any]]:
+        """A gang member's heartbeat: the job's own heartbeat is its stalest member's, so a
+        sweep re-queues the gang when any member's worker dies. None: the gang this member
+        ran in is over (re-queued or ended elsewhere)."""
+        now = time.time()
+
+        def beat(job):
+            if job["state"] not in ACTIVE or job["fence"] != fence:
+                return None
+            members = [{**m, "heartbeat": now} if m["worker"] == worker_id else m
+                       for m in job["members"]]
+            return {"members": members, "heartbeat": min(m["heartbeat"] for m in members)}
+        return self.store.change(job_id, beat)
 
     def cancel(self, job_id: str, force: bool = False) -> bool:
         """Cancel: a claimable job ends at once (True); a held one is asked to stop (False)."""
@@ -283,7 +353,7 @@ class Registry:
                 continue
             old = json.loads(items[key])
             hb = value(f"hb:{old['id']}")
-            job = {"interruptions": 0, "enqueued": old["created"], "heartbeat": hb and hb["t"],
+            job = {"interruptions": 0, "enqueued": old["created"], "heartbeat": hb and hb["t"], "members": [],
                    "cancel": value(f"cancel:{old['id']}"), **old}
             if job["state"] in FINAL:
                 job["finished"] = job["finished"] or job["created"]
