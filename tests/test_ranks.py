@@ -68,9 +68,6 @@ def test_a_rank_that_dies_stops_the_others_and_the_checkpoint_stays_valid(save_d
     assert checkpoint.find(save_dir) is not None  # the last published one verifies
 
 
-def test_nodes_must_divide_the_batch_and_the_queue_says_not_yet(tmp_path):
+def test_nodes_must_divide_the_batch(tmp_path):
     proc = tlm("train", "--save_dir", str(tmp_path / "r"), *TINY, "--nodes", "3")
     assert proc.returncode == 2 and "--nodes 3 must be positive and divide --batch_size 8" in proc.stderr
-    proc = tlm("submit", "train", "--save_dir", str(tmp_path / "r"), "--nodes", "2", "--queue",
-               f"sqlite://{tmp_path / 'q.db'}")
-    assert proc.returncode == 2 and "not available yet" in proc.stderr

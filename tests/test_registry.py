@@ -230,3 +230,46 @@ def test_a_follower_wakes_when_another_process_changes_a_job(url):
         tic = time.monotonic()
         wait(10)
         assert time.monotonic() - tic < 5
+
+
+def test_a_gang_is_gathered_not_claimed_and_starts_when_its_last_place_is_taken(reg):
+    gang = reg.create("train", {"nodes": 3}, "run:g")
+    assert reg.queue.pending("train") == set()  # gathered through the registry, not popped
+    assert reg.claim(gang["id"], "w1") is None
+    place = lambda port: {"address": "10.0.0.1", "port": port}  # noqa: E731
+    now = time.time()
+    assert reg.reserve(gang["id"], "w1", place(1), now + 60)["members"][0]["worker"] == "w1"
+    reg.reserve(gang["id"], "gone", place(2), now - 1)  # a place that has expired
+    job = reg.reserve(gang["id"], "w2", place(3), now + 60)
+    assert job["state"] == "queued" and [m["worker"] for m in job["members"]] == ["w1", "w2"]
+    reg.withdraw(gang["id"], "w2")
+    reg.reserve(gang["id"], "w1", place(1), now + 60)  # a refresh keeps w1's rank
+    reg.reserve(gang["id"], "w3", place(4), now + 60)
+    job = reg.reserve(gang["id"], "w2", place(3), now + 60)
+    assert job["state"] == "running" and job["fence"] == 1 and job["worker"] == "w1"
+    assert [(m["worker"], m["port"]) for m in job["members"]] == [("w1", 1), ("w3", 4), ("w2", 3)]
+    assert reg.reserve(gang["id"], "w4", place(5), now + 60) is None  # it no longer waits
+
+
+def test_a_gang_member_sees_when_its_gang_is_over_elsewhere(reg):
+    gang = reg.create("train", {"nodes": 2}, "run:g")
+    for w in ("w1", "w2"):
+        job = reg.reserve(gang["id"], w, {"address": "127.0.0.1", "port": 1}, time.time() + 60)
+    time.sleep(0.01)
+    beat = reg.heartbeat_member(gang["id"], "w2", job["fence"])
+    assert beat["heartbeat"] == job["members"][0]["heartbeat"] < beat["members"][1]["heartbeat"]
+    reg.requeue(gang["id"], job["fence"], "rank 1 died", interrupted=False)
+    assert reg.heartbeat_member(gang["id"], "w1", job["fence"]) is None
+    again = reg.get(gang["id"])
+    assert again["state"] == "interrupted" and again["members"] == [] and again["attempts"] == 1
+    assert reg.queue.pending("train") == set()
+
+
+def test_waiting_gangs_are_offered_oldest_first_and_a_cancel_ends_one(reg):
+    first = reg.create("train", {"nodes": 2}, "run:a")
+    reg.create("train", {}, "run:b")
+    second = reg.create("train", {"nodes": 4}, "run:c")
+    assert [g["id"] for g in reg.waiting_gangs()] == [first["id"], second["id"]]
+    reg.update(first["id"], cancel="stop")  # asked while it ran; it was re-queued since
+    assert reg.reserve(first["id"], "w1", {}, time.time() + 60)["state"] == "cancelled"
+    assert [g["id"] for g in reg.waiting_gangs()] == [second["id"]]
