@@ -35,7 +35,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tlm.config import PRESETS, ConfigError, apply_preset
-from tlm_worker.registry import FINAL, LIVE, JobNotFound, Registry, RunBusy
+from tlm_worker.registry import FINAL, LIVE, JobNotFound, Registry, RunBusy, holder
 
 STATIC = Path(__file__).parent / "static"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -106,7 +106,8 @@ class Lab:
         if state not in (None, "", *LIVE, *FINAL):
             raise Refused(400, f"unknown state {state!r}")
         jobs = self.registry.jobs(limit, state=state or None, run=run or None)
-        return {"jobs": [{k: v for k, v in j.items() if k != "params"} for j in jobs],
+        return {"jobs": [{**{k: v for k, v in j.items() if k != "params"}, "holder": holder(j)}
+                         for j in jobs],
                 "workers": self.registry.workers()}
 
     def run(self, key: str) -> dict[str, Any]:

@@ -22,8 +22,8 @@ from rich.table import Table
 from tlm.config import ConfigError, TrainConfig
 from tlm_cli.options import FiniteRange, given_options, train_options
 from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError, queue_url, redact
-from tlm_worker.registry import (CANCELLED, CLAIMABLE, FINAL, LIVE, SUCCEEDED, JobNotFound,
-                                 Registry, RunBusy, gang_size)
+from tlm_worker.registry import (CANCELLED, FINAL, LIVE, SUCCEEDED, JobNotFound, Registry,
+                                 RunBusy, holder)
 
 queue_option = click.option("--queue", envvar="TLM_QUEUE", default=None,
                             help="redis://[:password@]host:port/db (env TLM_QUEUE); "
@@ -244,14 +244,6 @@ def _progress(job: dict) -> str:
     return out
 
 
-def _holder(job: dict) -> str:
-    """The worker running a job, or a gang's members (rank 0 first), or those gathered so far."""
-    members = job.get("members") or []
-    if gang_size(job) > 1 and job["state"] in CLAIMABLE:
-        return f"gathering {len(members)}/{gang_size(job)}"
-    return ", ".join(m["worker"] for m in members) if members else job["worker"] or "-"
-
-
 def _tries(job: dict) -> str:
     """Attempts (crashes count), and interruptions after a +."""
     return str(job["attempts"]) + (f"+{job['interruptions']}" if job.get("interruptions") else "")
@@ -263,7 +255,7 @@ def status_table(jobs: list[dict], workers: list[dict]) -> Table:
         table.add_column(col)
     for job in jobs:
         table.add_row(job["id"], job["kind"], job["run"].split(":", 1)[1], job["state"],
-                      _holder(job), _tries(job), _age(job["created"]),
+                      holder(job), _tries(job), _age(job["created"]),
                       _progress(job), (job["error"] or "")[:60])
     workers_table = Table(title="workers", title_justify="left")
     for col in ("worker", "host", "pid", "device", "heartbeat", "jobs"):

@@ -177,7 +177,8 @@ class TrainConfig:
             raise ConfigError(f"--nodes {self.nodes} must be positive and divide --batch_size "
                               f"{self.batch_size} (each rank takes an equal share of every batch)")
         if self.backend not in BACKENDS:
-            why = ": its ranks are started by mpirun, and tlm starts its own" if self.backend == "mpi" else ""
+            why = ": its ranks are started by mpirun, and tlm starts its own" \
+                if self.backend == "mpi" else ""
             raise ConfigError(f"--backend {self.backend}{why}; choose one of {', '.join(BACKENDS)}")
         if self.new_model and self.identifier:
             raise ConfigError("--identifier picks a checkpoint to resume and --new_model starts "

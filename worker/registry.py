@@ -64,6 +64,14 @@ def gang_size(job: dict[str, Any]) -> int:
     return job["params"].get("nodes", 1) if job["kind"] == "train" else 1
 
 
+def holder(job: dict[str, Any]) -> str:
+    """Who runs a job: its worker, a gang's members (rank 0 first), or how far a gang has gathered."""
+    members = job.get("members") or []
+    if gang_size(job) > 1 and job["state"] in CLAIMABLE:
+        return f"gathering {len(members)}/{gang_size(job)}"
+    return ", ".join(m["worker"] for m in members) if members else job["worker"] or "-"
+
+
 def _wake(queue: Queue, job: dict[str, Any]) -> None:
     """Push a claimable job's entry into its lane (gangs are gathered, not popped)."""
     if gang_size(job) == 1:

@@ -100,7 +100,7 @@ function jobRow(job, selectable) {
   return el("tr", { dataset: { job: job.id } },
     selectable ? el("td", {}, el("input", { type: "checkbox", class: "pick", value: job.run })) : null,
     el("td", {}, el("code", {}, job.id)), el("td", {}, job.kind), el("td", {}, runLink(job.run)),
-    el("td", { class: `state state-${job.state}` }, job.state), el("td", {}, job.worker || "-"),
+    el("td", { class: `state state-${job.state}` }, job.state), el("td", {}, job.holder || job.worker || "-"),
     el("td", { class: "num step" }, p.step ? `${p.step}/${p.total}` : ""),
     el("td", { class: "num" }, fmt(p.train_loss)), el("td", { class: "num" }, val),
     el("td", { class: "num" }, p.tokens_per_sec ? Math.round(p.tokens_per_sec).toLocaleString() : ""),
