@@ -110,6 +110,29 @@ def test_two_gangs_on_three_workers_both_complete(url, workers, save_dir, tmp_pa
         assert job["attempts"] == 1 and len(job["members"]) == 2
 
 
+@pytest.mark.parametrize("url", ["sqlite"], indirect=True)
+def test_a_gang_that_cannot_gather_gives_its_places_up_to_other_jobs(url, workers, save_dir, tmp_path):
+    runs = {}
+    for name in ("long", "gang", "short"):
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        (runs[name] / "datasets").symlink_to(save_dir / "datasets")
+    for _ in range(3):
+        workers.start(lease=2)  # a waiting member gives its place up after 4 s
+    long = submit(url, "train", "--save_dir", str(runs["long"]), *TINY, "--num_iters", "100000",
+                  "--steps_per_eval", "100000")
+    wait_for(url, long, ["running"])
+    gang = submit(url, "train", "--save_dir", str(runs["gang"]), *FLAGS, "--batch_size", "12",
+                  "--nodes", "3")
+    wait_for(url, gang, ["queued"], until=lambda j: len(j["members"]) == 2, timeout=30)
+    short = submit(url, "train", "--save_dir", str(runs["short"]), *TINY, "--num_iters", "10")
+    wait_for(url, short, ["succeeded"], timeout=60)  # a place given up ran it
+    assert registry(url).get(long)["state"] == "running"
+    assert tlm("cancel", long, "--queue", url).returncode == 0
+    job = wait_for(url, gang, ["succeeded"], timeout=180)
+    assert len({m["worker"] for m in job["members"]}) == 3 and job["attempts"] == 1
+
+
 @pytest.mark.parametrize("url", ["redis"], indirect=True)
 def test_cancel_stops_every_rank_after_a_save(url, workers, save_dir):
     for _ in range(2):

@@ -271,13 +271,9 @@ class Worker:
         return held < 1
 
     def _waiting(self) -> bool:
-        """Whether any job waits that the live workers could run (for --burst: entries can lag
-        records, and a gang needs enough workers)."""
-        waiting = self.registry.in_states(CLAIMABLE)
-        if any(gang_size(j) > 1 for j in waiting):
-            live = self._live_workers()
-            return any(gang_size(j) <= live for j in waiting)
-        return bool(waiting)
+        """Whether any job waits to be claimed (for --burst: entries can lag records, and a
+        gang waits for workers that may not have started yet)."""
+        return bool(self.registry.in_states(CLAIMABLE))
 
     def _take(self, lane: str) -> bool:
         """Pop one entry of a lane and run its job if the claim succeeds."""
@@ -362,8 +358,9 @@ class Worker:
     def _joinable_gang(self) -> Optional[dict]:
         """The oldest waiting gang the live workers could fill, unless this worker gave it up
         lately; every worker picks the same one, so gangs never split the workers."""
-        live = self._live_workers()
-        gang = next((g for g in self.registry.waiting_gangs() if gang_size(g) <= live), None)
+        gangs = self.registry.waiting_gangs()
+        live = self._live_workers() if gangs else 0
+        gang = next((g for g in gangs if gang_size(g) <= live), None)
         if gang is None or self.shunned.get(gang["id"], 0) > time.monotonic():
             return None
         return gang
