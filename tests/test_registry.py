@@ -244,6 +244,7 @@ def test_a_gang_is_gathered_not_claimed_and_starts_when_its_last_place_is_taken(
     assert job["state"] == "queued" and [m["worker"] for m in job["members"]] == ["w1", "w2"]
     reg.withdraw(gang["id"], "w2")
     reg.reserve(gang["id"], "w1", place(1), now + 60)  # a refresh keeps w1's rank
+    assert reg.reserve(gang["id"], "w3", place(1), now + 60) is None  # w1's address and port
     reg.reserve(gang["id"], "w3", place(4), now + 60)
     job = reg.reserve(gang["id"], "w2", place(3), now + 60)
     assert job["state"] == "running" and job["fence"] == 1 and job["worker"] == "w1"
@@ -253,8 +254,8 @@ def test_a_gang_is_gathered_not_claimed_and_starts_when_its_last_place_is_taken(
 
 def test_a_gang_member_sees_when_its_gang_is_over_elsewhere(reg):
     gang = reg.create("train", {"nodes": 2}, "run:g")
-    for w in ("w1", "w2"):
-        job = reg.reserve(gang["id"], w, {"address": "127.0.0.1", "port": 1}, time.time() + 60)
+    for port, w in enumerate(("w1", "w2")):
+        job = reg.reserve(gang["id"], w, {"address": "127.0.0.1", "port": port}, time.time() + 60)
     time.sleep(0.01)
     beat = reg.heartbeat_member(gang["id"], "w2", job["fence"])
     assert beat["heartbeat"] == job["members"][0]["heartbeat"] < beat["members"][1]["heartbeat"]
@@ -271,5 +272,5 @@ def test_waiting_gangs_are_offered_oldest_first_and_a_cancel_ends_one(reg):
     second = reg.create("train", {"nodes": 4}, "run:c")
     assert [g["id"] for g in reg.waiting_gangs()] == [first["id"], second["id"]]
     reg.update(first["id"], cancel="stop")  # asked while it ran; it was re-queued since
-    assert reg.reserve(first["id"], "w1", {}, time.time() + 60)["state"] == "cancelled"
+    assert reg.reserve(first["id"], "w1", {"address": "127.0.0.1", "port": 1}, time.time() + 60)["state"] == "cancelled"
     assert [g["id"] for g in reg.waiting_gangs()] == [second["id"]]

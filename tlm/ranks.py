@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from tlm.config import ConfigError
 
@@ -50,6 +50,13 @@ def join(backend: str = "ring") -> Optional["mx.distributed.Group"]:
         raise ConfigError(f"MLX's {backend} backend is not available in this MLX build "
                            f"({sys.platform}): use --backend ring")
     return mx.distributed.init(strict=True, backend=backend)
+
+
+def barrier(group: "mx.distributed.Group") -> None:
+    """Wait until every rank of the group is here."""
+    import mlx.core as mx
+
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
 
 
 def rank_env(backend: str, members: list[dict[str, Any]], rank: int, directory: Path) -> dict[str, str]:
@@ -77,7 +84,7 @@ def rank_env(backend: str, members: list[dict[str, Any]], rank: int, directory: 
     return env
 
 
-def free_ports(n: int, address: str = "127.0.0.1", ports: Optional[range] = None) -> list[int]:
+def free_ports(n: int, address: str = "127.0.0.1", ports: Optional[Iterable[int]] = None) -> list[int]:
     """``n`` ports free on ``address`` now (from ``ports``, else any the system gives)."""
     found, socks = [], []
     for port in ports if ports is not None else [0] * n:

@@ -456,7 +456,10 @@ class Trainer:
         def finished() -> bool:
             return self.step >= cfg.num_iters or bool(budget) and clock() >= budget
 
-        # A rank whose peers stop answering ends itself (an exception ends the process too).
+        # A rank whose peers stop answering ends itself (an exception ends the process too),
+        # once all are here: preparing the data may take one Mac longer than another.
+        if self.ranks > 1:
+            ranks.barrier(self.group)
         self.watchdog = ranks.Watchdog() if self.ranks > 1 else None
         losses: list[mx.array] = []
         tic = time.perf_counter()
@@ -505,7 +508,7 @@ class Trainer:
             result.test_loss = self.evaluate("test")
             on_progress(event("eval", self.step, val_loss=result.test_loss, message="test"))
         if self.watchdog:  # no rank leaves (and has its job settled) before rank 0 has saved
-            mx.eval(mx.distributed.all_sum(mx.array(1.0), group=self.group))
+            ranks.barrier(self.group)
             self.watchdog.stop()
         result.step = self.step
         on_progress(event("done", self.step, train_loss=result.train_loss,

@@ -317,7 +317,8 @@ class Worker:
             gang = self._joinable_gang()
             if gang is None:
                 return False
-            ports = free_ports(1, self.address, self.ports)
+            taken = {m["port"] for m in gang["members"] if m["address"] == self.address}
+            ports = free_ports(1, self.address, [p for p in self.ports if p not in taken])
             if not ports:
                 self.say(f"no free port in --ports {self.ports.start}-{self.ports.stop - 1} "
                          f"on {self.address}: not joining gang job {gang['id']}")

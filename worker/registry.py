@@ -244,7 +244,8 @@ class Registry:
         """Hold (or refresh) this worker's place in a waiting gang until ``expires``; places of
         others that expired are dropped. The place that completes the gang starts it: the job
         runs under a new fence, its members (in rank order) fixed. The job, or None if it no
-        longer waits."""
+        longer waits or another member holds the same address and port (two workers on one
+        machine that chose a port at once: one tries another)."""
         now = time.time()
 
         def join(job):
@@ -253,6 +254,9 @@ class Registry:
             if job["cancel"]:
                 return {"state": CANCELLED, "finished": now, "members": []}
             places = [m for m in job["members"] if m["expires"] > now or m["worker"] == worker_id]
+            if any(m["worker"] != worker_id and (m["address"], m["port"]) ==
+                   (place["address"], place["port"]) for m in places):
+                return None
             mine = next((m for m in places if m["worker"] == worker_id), None)
             if mine is None:
                 places.append(mine := {"worker": worker_id})
