@@ -242,3 +242,7 @@ def test_submit_resume_and_compare_through_the_api(url, dashboard):
     assert [r["final"]["valid"]["loss"] for r in data["runs"]] == [4.0, 3.0]
     bad_state = httpx.get(dashboard.base + "/api/overview?state=nonsense")
     assert bad_state.status_code == 400 and bad_state.text == "unknown state 'nonsense'"
+    gang = post("/api/submit", {"run": "g", "overrides": {"nodes": "2"}})  # a gang job waits for 2 workers
+    assert gang.status_code == 200 and "--nodes 2" in gang.json()["command"]
+    listed = httpx.get(dashboard.base + "/api/overview").json()["jobs"]
+    assert next(j for j in listed if j["id"] == gang.json()["job"])["holder"] == "gathering 0/2"
