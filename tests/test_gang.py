@@ -209,6 +209,7 @@ def _ranks(worker_pid: int) -> list[int]:
 
 
 def test_rendezvous_for_each_backend_is_built_from_the_members(tmp_path):
+    from tlm.config import ConfigError
     from tlm.ranks import rank_env
 
     members = [{"address": "10.0.0.1", "port": 47100, "rdma": {"10.0.0.2": "rdma_en3"}},
@@ -221,6 +222,9 @@ def test_rendezvous_for_each_backend_is_built_from_the_members(tmp_path):
     jaccl = rank_env("jaccl", members, 0, tmp_path)
     assert jaccl["MLX_JACCL_COORDINATOR"] == "10.0.0.1:47100"
     assert json.loads(Path(jaccl["MLX_IBV_DEVICES"]).read_text()) == [[None, "rdma_en3"], ["rdma_en5", None]]
+    members[1]["rdma"] = {}
+    with pytest.raises(ConfigError, match="no RDMA device from 10.0.0.2 to 10.0.0.1"):
+        rank_env("jaccl", members, 0, tmp_path)
 
 
 def test_clear_errors_for_gang_settings(tmp_path):

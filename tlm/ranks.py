@@ -27,9 +27,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from tlm.config import ConfigError
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 STALLED = 76  # a rank's exit status when its watchdog fired
 COLLECTIVE_TIMEOUT = float(os.environ.get("TLM_COLLECTIVE_TIMEOUT", "300"))
@@ -73,10 +76,15 @@ def rank_env(backend: str, members: list[dict[str, Any]], rank: int, directory: 
         env.update(NCCL_HOST_IP=first["address"], NCCL_PORT=str(first["port"]),
                    MLX_WORLD_SIZE=str(len(members)))
     elif backend == "jaccl":
+        matrix = [[None if i == j else (m.get("rdma") or {}).get(peer["address"])
+                   for j, peer in enumerate(members)] for i, m in enumerate(members)]
+        missing = [f"{members[i]['address']} to {members[j]['address']}" for i in range(len(members))
+                   for j in range(len(members)) if i != j and matrix[i][j] is None]
+        if missing:
+            raise ConfigError(f"--backend jaccl: no RDMA device from {', '.join(missing)} (start each "
+                              "worker with --rdma PEER=DEVICE for every peer; `ibv_devices` lists them)")
         devices = directory / "ibv-devices.json"
-        devices.write_text(json.dumps([[None if i == j else (m.get("rdma") or {}).get(peer["address"])
-                                        for j, peer in enumerate(members)]
-                                       for i, m in enumerate(members)]))
+        devices.write_text(json.dumps(matrix))
         env.update(MLX_IBV_DEVICES=str(devices),
                    MLX_JACCL_COORDINATOR=f"{first['address']}:{first['port']}")
     else:
