@@ -231,6 +231,30 @@ class Registry:
             _wake(self.queue, job)
         return job
 
+    def cancel(self, job_id: str, force: bool = False) -> bool:
+        """Cancel: a claimable job ends at once (True); a held one is asked to stop (False)."""
+        now = time.time()
+
+        def drop(job):
+            if job["state"] not in CLAIMABLE:
+                return None
+            return {"state": CANCELLED, "finished": now, "cancel": "stop"}
+        if self.store.change(job_id, drop, expire=self._ttl):
+            return True
+        self.update(job_id, cancel="force" if force else "stop")
+        return False
+
+    def mark_cancelling(self, job_id: str, fence: int) -> None:
+        self.store.change(job_id, lambda job: {"state": CANCELLING}
+                          if job["state"] == RUNNING and job["fence"] == fence else None)
+
+    def check_fence(self, job_id: str, fence: int) -> None:
+        """Raise LeaseLost unless ``fence`` is still the job's current token."""
+        job = self.get(job_id)
+        if job["fence"] != fence or job["state"] not in ACTIVE:
+            raise LeaseLost(f"job {job_id} was taken over (fence {fence} -> {job['fence']}, "
+                            f"state {job['state']}): not saving")
+
     # -- gangs: N workers at once, all or nothing --------------------------------------
 
     def waiting_gangs(self) -> list[dict[str, Any]]:
@@ -287,30 +311,6 @@ class Registry:
                        for m in job["members"]]
             return {"members": members, "heartbeat": min(m["heartbeat"] for m in members)}
         return self.store.change(job_id, beat)
-
-    def cancel(self, job_id: str, force: bool = False) -> bool:
-        """Cancel: a claimable job ends at once (True); a held one is asked to stop (False)."""
-        now = time.time()
-
-        def drop(job):
-            if job["state"] not in CLAIMABLE:
-                return None
-            return {"state": CANCELLED, "finished": now, "cancel": "stop"}
-        if self.store.change(job_id, drop, expire=self._ttl):
-            return True
-        self.update(job_id, cancel="force" if force else "stop")
-        return False
-
-    def mark_cancelling(self, job_id: str, fence: int) -> None:
-        self.store.change(job_id, lambda job: {"state": CANCELLING}
-                          if job["state"] == RUNNING and job["fence"] == fence else None)
-
-    def check_fence(self, job_id: str, fence: int) -> None:
-        """Raise LeaseLost unless ``fence`` is still the job's current token."""
-        job = self.get(job_id)
-        if job["fence"] != fence or job["state"] not in ACTIVE:
-            raise LeaseLost(f"job {job_id} was taken over (fence {fence} -> {job['fence']}, "
-                            f"state {job['state']}): not saving")
 
     # -- heartbeats, logs, followers ------------------------------------------------
 
