@@ -40,6 +40,23 @@ def save_dir(tmp_path, ptb_cache) -> Path:
     return tmp_path / "run"
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def url(request, tmp_path) -> str:
+    """A fresh queue of each backend (a test picks one with indirect parametrize); the
+    module's REDIS_DB keeps modules that run at once apart."""
+    from queue_helpers import backend_url
+    return backend_url(request.param, tmp_path, request.module.REDIS_DB)
+
+
+@pytest.fixture
+def workers(url, tmp_path):
+    """tlm-worker processes against ``url``, killed after the test."""
+    from queue_helpers import Workers
+    w = Workers(url, tmp_path)
+    yield w
+    w.stop_all()
+
+
 def tlm_cmd(*args: str) -> list[str]:
     """The installed ``tlm`` entry point, run with this interpreter."""
     return [sys.executable, "-m", "tlm_cli.main", *args]

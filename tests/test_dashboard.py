@@ -14,14 +14,12 @@ import pytest
 
 from tlm import checkpoint
 
-from queue_helpers import TINY, Workers, backend_url, free_port, registry, submit, wait_for
+from queue_helpers import TINY, Workers, free_port, registry, submit, wait_for
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def url(request, tmp_path) -> str:
-    return backend_url(request.param, tmp_path, 12)
+REDIS_DB = 12
 
 
 class Dashboard:

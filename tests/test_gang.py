@@ -16,22 +16,10 @@ import pytest
 
 from tlm import checkpoint, metrics
 
-from queue_helpers import TINY, Workers, backend_url, registry, submit, tlm, wait_for
+from queue_helpers import TINY, Workers, registry, submit, tlm, wait_for
 
 REDIS_DB = 11
 FLAGS = [*TINY, "--num_iters", "40", "--steps_per_eval", "20"]
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def url(request, tmp_path) -> str:
-    return backend_url(request.param, tmp_path, REDIS_DB)
-
-
-@pytest.fixture
-def workers(url, tmp_path):
-    w = Workers(url, tmp_path)
-    yield w
-    w.stop_all()
 
 
 def trained_here(tmp_path: Path, save_dir: Path, *flags: str) -> Path:

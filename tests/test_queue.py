@@ -25,18 +25,6 @@ from queue_helpers import TINY, Workers, backend_url, free_port, registry, submi
 REDIS_DB = 15
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def url(request, tmp_path) -> str:
-    return backend_url(request.param, tmp_path, REDIS_DB)
-
-
-@pytest.fixture
-def workers(url, tmp_path):
-    w = Workers(url, tmp_path)
-    yield w
-    w.stop_all()
-
-
 def test_submit_run_status_logs(url, workers, save_dir):
     workers.start()
     job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "20",

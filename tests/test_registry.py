@@ -12,12 +12,10 @@ import redis
 from tlm_worker.queue import Queue
 from tlm_worker.registry import MAX_LOG_LINES, JobNotFound, LeaseLost, Registry, RunBusy
 
-from queue_helpers import backend_url, tlm
+from queue_helpers import tlm
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def url(request, tmp_path) -> str:
-    return backend_url(request.param, tmp_path, 13)
+REDIS_DB = 13
 
 
 @pytest.fixture

@@ -460,7 +460,7 @@ class Trainer:
         # once all are here: preparing the data may take one Mac longer than another.
         if self.ranks > 1:
             ranks.barrier(self.group)
-        self.watchdog = ranks.Watchdog() if self.ranks > 1 else None
+            self.watchdog = ranks.Watchdog()
         losses: list[mx.array] = []
         tic = time.perf_counter()
         done = finished()

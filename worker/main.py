@@ -55,7 +55,7 @@ def main(queue, concurrency, gpu, save_root, lease, max_attempts, keep_days, add
          burst) -> None:
     """Run queued tlm jobs. Ctrl+C once: jobs save and are re-queued; twice: exit now."""
     url = queue_url(queue)
-    if address is not None and not free_ports(1, address, range(0, 1)):
+    if address is not None and not free_ports(1, address, [0]):  # any port: is it ours?
         raise click.BadParameter(f"{address} is not an address of this machine", param_hint="--address")
     if any("=" not in r for r in rdma):
         raise click.BadParameter("give PEER=DEVICE, e.g. 10.0.1.2=rdma_en3", param_hint="--rdma")
