@@ -64,9 +64,9 @@ def bench(url: str, n_jobs: int, driver: webdriver.Chrome) -> None:
     tic = time.time()
     for i in range(n_jobs):
         job = reg.create("eval", {"save_dir": f"/runs/r{i % 40}"}, f"dir:/runs/r{i % 40}")
-        reg.finish(job["id"], "succeeded", reg.claim(job["id"], "bench")["fence"])
+        reg.finish(job.id, "succeeded", reg.claim(job.id, "bench").fence)
     live = reg.create("train", {"save_dir": "/runs/live", "num_iters": 1000}, "dir:/runs/live")
-    reg.claim(live["id"], "bench")
+    reg.claim(live.id, "bench")
     print(f"  registry filled with {n_jobs:,} finished jobs in {time.time() - tic:.0f} s")
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tlm_cli.main", "dashboard", "--queue", url,
@@ -88,7 +88,7 @@ def bench(url: str, n_jobs: int, driver: webdriver.Chrome) -> None:
         for _ in range(5):
             tic = time.perf_counter()
             driver.get(base)
-            while not driver.find_elements("css selector", f'tr[data-job="{live["id"]}"]'):
+            while not driver.find_elements("css selector", f'tr[data-job="{live.id}"]'):
                 time.sleep(0.005)
             loads.append(time.perf_counter() - tic)
         rows = len(driver.find_elements("css selector", "#jobs tbody tr"))
@@ -96,11 +96,11 @@ def bench(url: str, n_jobs: int, driver: webdriver.Chrome) -> None:
               f"drawn ({rows} rows: the live job and the latest 50 finished): median "
               f"{statistics.median(loads) * 1000:.0f} ms")
         time.sleep(1)
-        driver.execute_script(WATCH % live["id"])
+        driver.execute_script(WATCH % live.id)
         latencies = []
         for step in range(10, 110, 10):
             sent = time.time()
-            reg.update(live["id"], progress={"step": step, "total": 1000})  # as the job process does
+            reg.update(live.id, progress={"step": step, "total": 1000})  # as the job process does
             while (seen := driver.execute_script(f"return window.__seen['{step}']")) is None:
                 time.sleep(0.005)
             latencies.append(seen / 1000 - sent)

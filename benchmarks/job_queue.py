@@ -65,7 +65,7 @@ def stop(workers: list[subprocess.Popen]) -> None:
 
 
 def wait(reg: Registry, ids: list[str], states: tuple[str, ...]) -> None:
-    while any(reg.get(i)["state"] not in states for i in ids):
+    while any(reg.get(i).state not in states for i in ids):
         time.sleep(0.01)
 
 
@@ -83,10 +83,10 @@ def add_finished(reg: Registry, n: int, logged: int) -> None:
     """n finished jobs, the first ``logged`` of them with a full log."""
     for i in range(n):
         job = reg.create("eval", {"save_dir": f"/runs/h{i % 50}"}, f"dir:/runs/h{i % 50}")
-        held = reg.claim(job["id"], "bench")
+        held = reg.claim(job.id, "bench")
         if i < logged:
-            reg.store.append(job["id"], "log", [LOG_LINE] * MAX_LOG_LINES)
-        reg.finish(job["id"], "succeeded", held["fence"], result={"loss": 4.5})
+            reg.store.append(job.id, "log", [LOG_LINE] * MAX_LOG_LINES)
+        reg.finish(job.id, "succeeded", held.fence, result={"loss": 4.5})
 
 
 def history_costs(url: str, reg: Registry, run: Path, label: str) -> dict[str, float]:
@@ -95,10 +95,10 @@ def history_costs(url: str, reg: Registry, run: Path, label: str) -> dict[str, f
     figures = {
         "status (registry read)": best(lambda: reg.jobs(10)),
         "status (`tlm status` wall)": best(lambda: tlm_cli("status", "--limit", "10", "--queue", url), 3),
-        "submit (registry)": best(lambda: reg.cancel(reg.create("eval", {}, "dir:/x")["id"])),
+        "submit (registry)": best(lambda: reg.cancel(reg.create("eval", {}, "dir:/x").id)),
         "submit (`tlm submit eval` wall)": best(lambda: tlm_cli(
             "submit", "eval", "--save_dir", str(run), "--queue", url), 3),
-        "prefix lookup": best(lambda: reg.get(live["id"][:6])),
+        "prefix lookup": best(lambda: reg.get(live.id[:6])),
         "one worker sweep": best(worker._sweep),
     }
     for job_id in reg.store.ids_in(("queued",)):  # the live job and what the CLI submitted
@@ -149,8 +149,8 @@ def bench(url: str, data: Path, history: int, logged: int) -> None:
     workers = start_workers(url, 1)
     train = reg.create("train", {"save_dir": str(run), **TINY, "num_iters": 100000,
                                  "steps_per_eval": 50}, "bench:train")
-    wait(reg, [train["id"]], ("running",))
-    while not reg.get(train["id"])["checkpoint"]:
+    wait(reg, [train.id], ("running",))
+    while not reg.get(train.id).checkpoint:
         time.sleep(0.1)
     firsts = []
     for i in range(5):
@@ -158,9 +158,9 @@ def bench(url: str, data: Path, history: int, logged: int) -> None:
         tlm_cli("sample", "--save_dir", str(run), "--prompt", "the", "--max_tokens", "1",
                 "--seed", str(i), "--queue", url)
         firsts.append(time.perf_counter() - tic)
-    step = reg.get(train["id"])["progress"]["step"]
-    reg.cancel(train["id"])
-    wait(reg, [train["id"]], ("cancelled",))
+    step = reg.get(train.id).progress["step"]
+    reg.cancel(train.id)
+    wait(reg, [train.id], ("cancelled",))
     print(f"  queued `tlm sample` while the only worker trains: first token after "
           f"{statistics.median(firsts):.2f} s median ({min(firsts):.2f}-{max(firsts):.2f} s, "
           f"CLI start included); training reached step {step}")
@@ -168,7 +168,7 @@ def bench(url: str, data: Path, history: int, logged: int) -> None:
 
     # Latency and throughput.
     def submit_eval() -> str:
-        return reg.create("eval", {"save_dir": str(run), "tokens": 100}, "bench:eval")["id"]
+        return reg.create("eval", {"save_dir": str(run), "tokens": 100}, "bench:eval").id
 
     workers = start_workers(url, 1)
     wait(reg, [submit_eval()], ("succeeded",))  # the sampler process is up
@@ -203,8 +203,8 @@ def bench(url: str, data: Path, history: int, logged: int) -> None:
     workers = start_workers(url, 1)
     job = reg.create("train", {"save_dir": str(queued_dir), **cfg}, "bench:overhead")
     rates = []
-    while reg.get(job["id"])["state"] not in ("succeeded", "failed"):
-        p = reg.get(job["id"])["progress"]
+    while reg.get(job.id).state not in ("succeeded", "failed"):
+        p = reg.get(job.id).progress
         if p.get("step", 0) > 20 and p.get("tokens_per_sec") and (not rates or rates[-1][0] != p["step"]):
             rates.append((p["step"], p["tokens_per_sec"]))
         time.sleep(0.05)

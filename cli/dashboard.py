@@ -35,7 +35,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tlm.config import PRESETS, ConfigError, apply_preset
+from tlm_worker.kinds import PRIORITIES, Job
 from tlm_worker.registry import FINAL, LIVE, JobNotFound, Registry, RunBusy, holder
+from tlm_worker.targets import TargetError, resolve_save_dir, run_target, target_of
 
 STATIC = Path(__file__).parent / "static"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -52,14 +54,18 @@ class Refused(Exception):
         self.status = status
 
 
-def target_of(key: str) -> dict[str, str]:
-    """Job params that locate a run, from its registry key (``run:NAME`` or ``dir:PATH``)."""
-    kind, _, name = key.partition(":")
-    if kind == "run" and name:
-        return {"run": name}
-    if kind == "dir" and name:
-        return {"save_dir": name}
-    raise Refused(400, f"not a run key: {key!r}")
+def located(key: str) -> dict[str, str]:
+    """``target_of`` with its refusal as a 400."""
+    try:
+        return target_of(key)
+    except TargetError as e:
+        raise Refused(400, str(e)) from None
+
+
+def shown(job: Job, waiting: Optional[str] = None) -> dict[str, Any]:
+    """A job as the page reads it: its record, who holds it, whether it is its run's trainer,
+    and why it waits when no live worker can run it."""
+    return {**job.to_record(), "holder": holder(job), "trainer": job.spec.trainer, "waiting": waiting}
 
 
 def command(verb: str, params: dict[str, Any]) -> str:
@@ -98,30 +104,33 @@ class Lab:
 
     def _on_disk(self, key: str, identifier: str) -> Optional[bool]:
         """Whether a checkpoint's file is still there (None: the run is not visible here)."""
-        from tlm_worker.jobs import resolve_save_dir
-        directory = Path(resolve_save_dir(target_of(key), self.save_root))
+        directory = Path(resolve_save_dir(located(key), self.save_root))
         return (directory / f"{identifier}.safetensors").exists() if directory.is_dir() else None
 
     def overview(self, state: Optional[str], run: Optional[str], limit: int) -> dict[str, Any]:
         if state not in (None, "", *LIVE, *FINAL):
             raise Refused(400, f"unknown state {state!r}")
+        from tlm_cli.jobs import waiting_reasons
+
         jobs = self.registry.jobs(limit, state=state or None, run=run or None)
-        return {"jobs": [{**{k: v for k, v in j.items() if k != "params"}, "holder": holder(j)}
+        workers = self.registry.workers()
+        waiting = waiting_reasons(jobs, workers)
+        return {"jobs": [{k: v for k, v in shown(j, waiting.get(j.id)).items() if k != "params"}
                          for j in jobs],
-                "workers": self.registry.workers()}
+                "workers": workers}
 
     def run(self, key: str) -> dict[str, Any]:
-        target_of(key)
+        located(key)
         jobs = self.registry.jobs(None, run=key)
-        trains = [j for j in jobs if j["kind"] == "train"]
+        trains = [j for j in jobs if j.spec.trainer]
         points: dict[tuple[str, int], dict] = {}
         for job in trains:  # oldest first: a resumed step's later record wins
-            for p in self.registry.points(job["id"])[0]:
+            for p in self.registry.points(job.id)[0]:
                 points[(p["kind"], p["step"])] = p
         ordered = sorted(points.values(), key=lambda p: (p["step"], p["kind"]))
         checkpoints = [{**p, "on_disk": self._on_disk(key, p["identifier"])}
                        for p in reversed(ordered) if p["kind"] == "checkpoint"]
-        return {"key": key, "jobs": jobs, "config": trains[-1]["params"] if trains else {},
+        return {"key": key, "jobs": [shown(j) for j in jobs], "config": trains[-1].params if trains else {},
                 "points": [p for p in ordered if p["kind"] != "checkpoint"],
                 "checkpoints": checkpoints}
 
@@ -142,18 +151,21 @@ class Lab:
 
     def cancel(self, job_id: str, force: bool) -> dict[str, Any]:
         job = self.registry.get(job_id)
-        if job["state"] in FINAL:
-            raise Refused(409, f"job {job_id} already {job['state']}")
+        if job.state in FINAL:
+            raise Refused(409, f"job {job_id} already {job.state}")
         ended = self.registry.cancel(job_id, force)
         return {"job": job_id, "ended": ended,
                 "command": command(f"cancel {job_id}", {"force": force})}
 
-    def submit(self, key: str, params: dict[str, Any]) -> dict[str, Any]:
+    def submit(self, key: str, params: dict[str, Any], priority: str = "normal") -> dict[str, Any]:
         """Queue a training job of a run (resuming its checkpoints), as `tlm submit train`."""
         from tlm.data import is_text_path
+        from tlm.memory import estimate
         from tlm_cli.jobs import training_job
 
-        target = target_of(key)
+        target = located(key)
+        if priority not in PRIORITIES:
+            raise Refused(400, f"unknown priority {priority!r} (choose from {', '.join(PRIORITIES)})")
         try:
             config, job_params = training_job(params, target)
         except (ConfigError, TypeError) as e:
@@ -161,46 +173,48 @@ class Lab:
         if is_text_path(config.dataset):
             raise Refused(400, "a --dataset of your own text is submitted with `tlm submit train`, "
                                "which copies it into the run")
+        needs = {"memory": estimate(config.to_dict()), **({"gpu": True} if config.gpu else {})}
         try:
-            job = self.registry.create("train", job_params, key)
+            job = self.registry.create("train", job_params, key, priority=PRIORITIES[priority],
+                                       needs=needs)
         except RunBusy as e:
             raise Refused(409, str(e)) from None
-        return {"job": job["id"], "command": command("submit train", {**target, **params})}
+        extra = {"priority": priority} if priority != "normal" else {}
+        return {"job": job.id, "command": command("submit train", {**target, **params, **extra})}
 
     def new_run(self, body: dict[str, Any]) -> dict[str, Any]:
-        from tlm_cli.jobs import _run_target
-
         run, save_dir = (body.get("run") or "").strip(), (body.get("save_dir") or "").strip()
         if bool(run) == bool(save_dir):
             raise Refused(400, "give a run name or a save directory (one of them)")
         try:
-            _, key = _run_target(run or None, save_dir or None)
-        except click.UsageError as e:
-            raise Refused(400, e.message) from None
+            _, key = run_target(run or None, save_dir or None)
+        except TargetError as e:
+            raise Refused(400, str(e)) from None
         preset = body.get("preset") or None
         if preset is not None and preset not in PRESETS:
             raise Refused(400, f"unknown preset {preset!r}")
         overrides = typed_overrides(body.get("overrides") or {})
         given = {**({"preset": preset} if preset else {}), **overrides}
-        return self.submit(key, apply_preset(given) if preset else given)
+        return self.submit(key, apply_preset(given) if preset else given,
+                           str(body.get("priority") or "normal"))
 
     def resume(self, key: str) -> dict[str, Any]:
-        trains = [j for j in self.registry.jobs(None, run=key) if j["kind"] == "train"]
+        trains = [j for j in self.registry.jobs(None, run=key) if j.spec.trainer]
         if not trains:
             raise Refused(404, f"no training job of {key} to resume")
-        params = {k: v for k, v in trains[-1]["params"].items() if k not in ("run", "save_dir")}
+        params = {k: v for k, v in trains[-1].params.items() if k not in ("run", "save_dir")}
         return self.submit(key, params)
 
     def sample(self, key: str, prompt: str, max_tokens: int, temperature: float) -> dict[str, Any]:
         from tlm.generate import SampleConfig
-        target = target_of(key)
+        target = located(key)
         if not 0 < max_tokens <= 2000 or not 0 <= temperature <= 10:
             raise Refused(400, "max_tokens must be 1-2000 and temperature 0-10")
         cfg = SampleConfig(max_tokens=max_tokens, temperature=temperature)
         job = self.registry.create("sample", {**target, "identifier": None, "prompt": prompt,
                                               "sampling": dataclasses.asdict(cfg),
                                               "num_samples": 1}, key)
-        return {"job": job["id"], "command": command("sample", {
+        return {"job": job.id, "command": command("sample", {
             **target, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature})}
 
 
@@ -241,7 +255,7 @@ def create_app(registry: Registry, token: str, require_token: bool,
         Route("/", page),
         Route("/api/overview", api(lambda r, b: lab.overview(
             q(r, "state"), q(r, "run"), int(q(r, "limit", "50"))))),
-        Route("/api/jobs/{id}", api(lambda r, b: {"job": registry.get(r.path_params["id"])})),
+        Route("/api/jobs/{id}", api(lambda r, b: {"job": shown(registry.get(r.path_params["id"]))})),
         Route("/api/jobs/{id}/log", api(lambda r, b: dict(zip(("lines", "cursor"), registry.logs(
             r.path_params["id"], q(r, "after")))))),
         Route("/api/run", api(lambda r, b: lab.run(q(r, "key", "")))),

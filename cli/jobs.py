@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -21,9 +22,12 @@ from rich.table import Table
 
 from tlm.config import ConfigError, TrainConfig
 from tlm_cli.options import FiniteRange, given_options, train_options
+from tlm_worker.kinds import CLAIMABLE, PRIORITIES, BadRecord, Job
+from tlm_worker.placement import parse_needs, size_text, waiting_reason
 from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError, queue_url, redact
 from tlm_worker.registry import (CANCELLED, FINAL, LIVE, SUCCEEDED, JobNotFound, Registry,
                                  RunBusy, holder)
+from tlm_worker.targets import TargetError, resolve_save_dir, run_target
 
 queue_option = click.option("--queue", envvar="TLM_QUEUE", default=None,
                             help="redis://[:password@]host:port/db (env TLM_QUEUE); "
@@ -62,19 +66,46 @@ def submit() -> None:
     """Queue a job for tlm-worker."""
 
 
-def _run_target(run: Optional[str], save_dir: Optional[str]) -> tuple[dict[str, Any], str]:
-    """Job params that locate the run, and the key that identifies it across machines."""
-    if run is not None and save_dir is not None:
-        raise click.UsageError("give --run or --save_dir, not both")
-    if "" in (run, save_dir) or (run is not None and not run.strip()):
-        raise click.UsageError(f"--{'run' if run is not None else 'save_dir'} is empty")
-    if run:
-        if "/" in run or run.startswith("."):
-            raise click.UsageError(f"--run {run!r}: a plain name, resolved under each worker's --save_root")
-        return {"run": run}, f"run:{run}"
-    from tlm.config import default_save_dir
-    path = str(Path(save_dir or default_save_dir()).expanduser().resolve())
-    return {"save_dir": path}, f"dir:{path}"
+def target(run: Optional[str], save_dir: Optional[str]) -> tuple[dict[str, Any], str]:
+    """``run_target`` with its refusal as a usage error."""
+    try:
+        return run_target(run, save_dir)
+    except TargetError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def placement_options(fn: Callable) -> Callable:
+    """--priority, --after, --needs and --on: what every queued job may say of its placement."""
+    for option in reversed((
+            click.option("--priority", type=click.Choice(list(PRIORITIES)), default="normal",
+                         show_default=True, help="higher priorities are taken first; FIFO within one"),
+            click.option("--after", default=None, metavar="JOB",
+                         help="start only when JOB has succeeded (skipped if it fails or is cancelled)"),
+            click.option("--needs", multiple=True, metavar="memory=SIZE|gpu",
+                         help="run only on a worker with this much free memory (e.g. memory=24G) or a GPU"),
+            click.option("--on", "on", multiple=True, metavar="KEY=VALUE",
+                         help="run only on a worker started with --label KEY=VALUE, or host=NAME"))):
+        fn = option(fn)
+    return fn
+
+
+@dataclass
+class Placement:
+    """A queued job's priority, parent and needs, from the placement options."""
+    priority: int
+    after: Optional[str]
+    needs: dict[str, Any]
+
+    @classmethod
+    def of(cls, priority: str, after: Optional[str], needs: tuple[str, ...], on: tuple[str, ...],
+           gpu: bool = False, memory: int = 0) -> "Placement":
+        try:
+            parsed = parse_needs(needs, on, gpu)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        if memory > parsed.get("memory", 0):
+            parsed["memory"] = memory
+        return cls(PRIORITIES[priority], after, parsed)
 
 
 def carry_dataset(dataset: str, run_dir: Path) -> dict[str, str]:
@@ -99,8 +130,35 @@ def carry_dataset(dataset: str, run_dir: Path) -> dict[str, str]:
     return {"dataset": f"{RUN_INPUTS}/{name}", "dataset_sha1": digest}
 
 
+THEN = "eval[:SPLIT] | export:DIR | sample:PROMPT"
+
+
+def parse_then(items: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
+    """``--then`` follow-ups of a training job: (kind, params) of each, on the run's final checkpoint."""
+    from tlm.generate import SampleConfig
+
+    out = []
+    for item in items:
+        kind, _, arg = item.partition(":")
+        if kind == "eval" and arg in ("", "valid", "test"):
+            out.append(("eval", {"split": arg or "valid", "tokens": 0, "stride": None,
+                                 "data_mirror": os.environ.get("TLM_DATA_MIRROR")}))
+        elif kind == "export" and arg:
+            out.append(("export", {"out": str(Path(arg).expanduser().resolve())}))
+        elif kind == "sample":
+            import dataclasses
+            out.append(("sample", {"prompt": arg, "sampling": dataclasses.asdict(SampleConfig()),
+                                   "num_samples": 1}))
+        else:
+            raise click.UsageError(f"--then {item!r}: give {THEN}")
+    return out
+
+
 @submit.command("train")
 @train_options
+@placement_options
+@click.option("--then", "then", multiple=True, metavar="STEP",
+              help=f"when training succeeds, on its final checkpoint: {THEN} (repeatable)")
 @click.option("--run", default=None, help="run name, under each worker's --save_root")
 @click.option("--save_root", "--save-root", envvar="TLM_SAVE_ROOT", default=None,
               help="where this machine mounts the shared runs directory (with --run: a --dataset "
@@ -108,7 +166,7 @@ def carry_dataset(dataset: str, run_dir: Path) -> dict[str, str]:
 @click.option("--wait", is_flag=True, help="follow the job to its end")
 @queue_option
 @queue_errors
-def submit_train(run, save_root, wait, queue, **options) -> None:
+def submit_train(run, save_root, wait, queue, priority, after, needs, on, then, **options) -> None:
     """Queue a training job (resumes the run's latest checkpoint, as tlm train does).
 
     With --nodes N it is a gang job: it starts when N workers can each run one rank
@@ -116,22 +174,32 @@ def submit_train(run, save_root, wait, queue, **options) -> None:
 
     A --dataset file or folder is copied into the run directory first, so workers
     on other machines (or in other directories) train on the same bytes.
+
+    --gpu: only a worker with a GPU takes it. Its memory need is estimated from the
+    model's shape, batch, context and optimizer (tlm.memory); --needs memory= raises it.
     """
     given = given_options(options)
-    target, run_key = _run_target(run, given.pop("save_dir", None))
+    where, run_key = target(run, given.pop("save_dir", None))
+    follow_ups = parse_then(then)
     try:
-        config, params = training_job(given, target)
-        if "save_dir" in target and Path(target["save_dir"]).is_dir():
+        config, params = training_job(given, where)
+        if "save_dir" in where and Path(where["save_dir"]).is_dir():
             from tlm.train import open_run  # catches flags that contradict its checkpoint now
-            open_run({**given, **target})
+            config = open_run({**given, **where})[0]
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
+    from tlm.memory import estimate
+    place = Placement.of(priority, after, needs, on, gpu=config.gpu, memory=estimate(config.to_dict()))
     registry = connect(queue)
     from tlm.data import is_text_path
     if is_text_path(config.dataset):
-        from tlm_worker.jobs import resolve_save_dir
-        params.update(carry_dataset(config.dataset, Path(resolve_save_dir(target, save_root))))
-    _enqueue(registry, "train", params, run_key, wait)
+        params.update(carry_dataset(config.dataset, Path(resolve_save_dir(where, save_root))))
+    job = _enqueue(registry, "train", params, run_key, place)
+    for kind, extra in follow_ups:
+        _enqueue(registry, kind, {**where, "identifier": None, **extra}, run_key,
+                 Placement(place.priority, job.id, {}))
+    if wait:
+        raise SystemExit(follow(registry, job.id))
 
 
 def training_job(given: dict[str, Any], target: dict[str, str]) -> tuple[TrainConfig, dict[str, Any]]:
@@ -147,6 +215,7 @@ def training_job(given: dict[str, Any], target: dict[str, str]) -> tuple[TrainCo
 
 
 @submit.command("eval")
+@placement_options
 @click.option("--run", default=None, help="run name, under each worker's --save_root")
 @click.option("--save_dir", "--save-dir", default=None, help="run directory")
 @click.option("--identifier", default=None, help="checkpoint SHA1 or prefix (default: latest)")
@@ -158,25 +227,70 @@ def training_job(given: dict[str, Any], target: dict[str, str]) -> tuple[TrainCo
 @click.option("--wait", is_flag=True, help="follow the job to its end")
 @queue_option
 @queue_errors
-def submit_eval(run, save_dir, identifier, split, tokens, stride, wait, queue) -> None:
+def submit_eval(run, save_dir, identifier, split, tokens, stride, wait, queue, priority, after,
+                needs, on) -> None:
     """Queue an evaluation of a checkpoint: loss and perplexity on a split."""
-    target, run_key = _run_target(run, save_dir)
-    if "save_dir" in target and not Path(target["save_dir"]).is_dir():
-        raise click.UsageError(f"no run directory {target['save_dir']}: train one first")
-    params = {**target, "identifier": identifier, "split": split, "tokens": tokens, "stride": stride,
+    where, run_key = _existing_run(run, save_dir, after)
+    params = {**where, "identifier": identifier, "split": split, "tokens": tokens, "stride": stride,
               "data_mirror": os.environ.get("TLM_DATA_MIRROR")}
-    _enqueue(connect(queue), "eval", params, run_key, wait)
-
-
-def _enqueue(registry: Registry, kind: str, params: dict, run_key: str, wait: bool) -> None:
-    try:
-        job = registry.create(kind, params, run_key)
-    except RunBusy as e:
-        raise click.ClickException(f"{e}: `tlm cancel {e.job['id']}` first") from None
-    click.echo(job["id"])
-    echo(f"queued {kind} job {job['id']} for {run_key.split(':', 1)[1]}")
+    registry = connect(queue)
+    job = _enqueue(registry, "eval", params, run_key, Placement.of(priority, after, needs, on))
     if wait:
-        raise SystemExit(follow(registry, job["id"]))
+        raise SystemExit(follow(registry, job.id))
+
+
+@submit.command("export")
+@placement_options
+@click.option("--run", default=None, help="run name, under each worker's --save_root")
+@click.option("--save_dir", "--save-dir", default=None, help="run directory")
+@click.option("--identifier", default=None, help="checkpoint SHA1 or prefix (default: latest)")
+@click.option("--out", required=True, help="directory to write, as the worker sees it")
+@click.option("--wait", is_flag=True, help="follow the job to its end")
+@queue_option
+@queue_errors
+def submit_export(run, save_dir, identifier, out, wait, queue, priority, after, needs, on) -> None:
+    """Queue an export of a checkpoint as a directory mlx-lm loads (as `tlm export` does here)."""
+    where, run_key = _existing_run(run, save_dir, after)
+    registry = connect(queue)
+    job = _enqueue(registry, "export", {**where, "identifier": identifier,
+                                        "out": str(Path(out).expanduser().resolve())},
+                   run_key, Placement.of(priority, after, needs, on))
+    if wait:
+        raise SystemExit(follow(registry, job.id))
+
+
+def _existing_run(run: Optional[str], save_dir: Optional[str], after: Optional[str]):
+    """A run whose checkpoints a job reads: a directory must exist (unless a chain makes it)."""
+    where, run_key = target(run, save_dir)
+    if "save_dir" in where and not after and not Path(where["save_dir"]).is_dir():
+        raise click.UsageError(f"no run directory {where['save_dir']}: train one first")
+    return where, run_key
+
+
+def _enqueue(registry: Registry, kind: str, params: dict, run_key: str, place: Placement) -> Job:
+    try:
+        job = registry.create(kind, params, run_key, priority=place.priority, needs=place.needs,
+                              after=place.after)
+    except RunBusy as e:
+        raise click.ClickException(f"{e}: `tlm cancel {e.job.id}` first") from None
+    except BadRecord as e:
+        raise click.UsageError(e.reason) from None
+    click.echo(job.id)
+    waits = f", after {job.after}" if job.after else ""
+    needs = f", {describe_needs(job.needs)}" if job.needs else ""
+    echo(f"queued {kind} job {job.id} for {job.run_name}{waits}{needs}")
+    return job
+
+
+def describe_needs(needs: dict[str, Any]) -> str:
+    """A job's needs in words: 'needs gpu, 2.1 GiB, room=office'."""
+    parts = ["gpu"] if needs.get("gpu") else []
+    if needs.get("memory"):
+        parts.append(size_text(needs["memory"]))
+    if needs.get("host"):
+        parts.append(f"host {needs['host']}")
+    parts += [f"{k}={v}" for k, v in (needs.get("labels") or {}).items()]
+    return "needs " + ", ".join(parts)
 
 
 def follow(registry: Registry, job_id: str) -> int:
@@ -200,7 +314,7 @@ def follow(registry: Registry, job_id: str) -> int:
     stop = StopOnSignal(on_first=first, on_second=second_exit)
     cursor = None
     job = registry.get(job_id)
-    total = int(job["params"].get("num_iters", 0)) or 1
+    total = int(job.params.get("num_iters", 0)) or 1
     try:
         with ProgressDisplay(total, click.get_text_stream("stderr")) as display, \
                 registry.changes() as wait:
@@ -209,16 +323,16 @@ def follow(registry: Registry, job_id: str) -> int:
                 lines, cursor = registry.logs(job_id, cursor)
                 for line in lines:
                     display.line(line)
-                p = job["progress"]
+                p = job.progress
                 if p.get("step"):
                     display.advance(p["step"], p["total"], p.get("train_loss"))
-                if job["state"] in FINAL:
+                if job.state in FINAL:
                     break
                 wait(1.0)
     finally:
         stop.restore()
-    echo(f"job {job_id} {job['state']}" + (f": {job['error']}" if job["error"] else ""))
-    return {SUCCEEDED: 0, CANCELLED: 130}.get(job["state"], 1)
+    echo(f"job {job_id} {job.state}" + (f": {job.error}" if job.error else ""))
+    return {SUCCEEDED: 0, CANCELLED: 130}.get(job.state, 1)
 
 
 def _age(t: Optional[float]) -> str:
@@ -228,8 +342,12 @@ def _age(t: Optional[float]) -> str:
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
 
 
-def _progress(job: dict) -> str:
-    p = job.get("progress") or {}
+def _progress(job: Job, waiting: Optional[str] = None) -> str:
+    p = job.progress
+    if waiting:
+        return waiting
+    if job.after and job.state == "waiting":
+        return f"after {job.after}"
     if not p.get("step"):
         return ""
     out = f"{p['step']}/{p['total']}"
@@ -239,30 +357,53 @@ def _progress(job: dict) -> str:
         out += f" val {p['val_metric_name']} {p['val_metric']:.2f}"
     if p.get("tokens_per_sec"):
         out += f" {p['tokens_per_sec']:,.0f} tok/s"
-    if p.get("eta_seconds") and job["state"] == "running":
+    if p.get("eta_seconds") and job.state == "running":
         out += f" ETA {p['eta_seconds'] / 60:.0f}m"
     return out
 
 
-def _tries(job: dict) -> str:
+def _tries(job: Job) -> str:
     """Attempts (crashes count), and interruptions after a +."""
-    return str(job["attempts"]) + (f"+{job['interruptions']}" if job.get("interruptions") else "")
+    return str(job.attempts) + (f"+{job.interruptions}" if job.interruptions else "")
 
 
-def status_table(jobs: list[dict], workers: list[dict]) -> Table:
+def waiting_reasons(jobs: list[Job], workers: list[dict]) -> dict[str, str]:
+    """Claimable jobs that no live worker can run, and why ("waiting: needs gpu; ...")."""
+    out = {}
+    for job in jobs:
+        why = waiting_reason(job.needs, workers) if job.state in CLAIMABLE else None
+        if why:
+            out[job.id] = why
+    return out
+
+
+def _worker_cell(w: dict, key: str) -> str:
+    caps = w.get("capabilities") or {}
+    if key == "memory":
+        return (f"{size_text(caps['memory_available'])} free" if caps.get("memory_available") else "-")
+    if key == "labels":
+        return ", ".join(f"{k}={v}" for k, v in (caps.get("labels") or {}).items()) or "-"
+    if key == "device":
+        return str(w.get("device", "-")) + (f" ({caps['chip']})" if caps.get("chip") else "")
+    return str(w.get(key, "-"))
+
+
+def status_table(jobs: list[Job], workers: list[dict]) -> Table:
     table = Table(title="jobs", title_justify="left")
     for col in ("id", "kind", "run", "state", "worker", "tries", "age", "progress", "error"):
         table.add_column(col)
+    waiting = waiting_reasons(jobs, workers)
     for job in jobs:
-        table.add_row(job["id"], job["kind"], job["run"].split(":", 1)[1], job["state"],
-                      holder(job), _tries(job), _age(job["created"]),
-                      _progress(job), (job["error"] or "")[:60])
+        table.add_row(job.id, job.kind, job.run_name, job.state, holder(job), _tries(job),
+                      _age(job.created), _progress(job, waiting.get(job.id)), (job.error or "")[:60])
     workers_table = Table(title="workers", title_justify="left")
-    for col in ("worker", "host", "pid", "device", "heartbeat", "jobs"):
+    for col in ("worker", "host", "pid", "device", "memory", "labels", "heartbeat", "jobs"):
         workers_table.add_column(col)
     for w in workers:
-        workers_table.add_row(w["id"], w["host"], str(w["pid"]), w["device"], _age(w["heartbeat"]),
-                              ", ".join(w["jobs"]) or "-")
+        state = f" (paused: {w['paused']})" if w.get("paused") else ""
+        workers_table.add_row(*(_worker_cell(w, k) for k in ("id", "host", "pid", "device", "memory",
+                                                              "labels")),
+                              _age(w.get("heartbeat")), (", ".join(w.get("jobs") or []) or "-") + state)
     grid = Table.grid()
     grid.add_row(table)
     grid.add_row(workers_table)
@@ -285,16 +426,30 @@ def status(job_id, as_json, watch, limit, show_all, state, run, save_dir, queue)
     """List live jobs, the latest finished ones and the workers; or show one job in full."""
     registry = connect(queue)
     if job_id:
-        click.echo(json.dumps(registry.get(job_id), indent=None if as_json else 2, sort_keys=True))
+        job = registry.get(job_id)
+        record = job.to_record()
+        why = waiting_reasons([job], registry.workers()).get(job.id)
+        if why:
+            record["waiting"] = why
+        click.echo(json.dumps(record, indent=None if as_json else 2, sort_keys=True))
+        if not as_json and (job.after or job.followers):
+            for line in chain_lines(registry, job):
+                echo(line)
         return
-    run_key = _run_target(run, save_dir)[1] if run or save_dir else None
+    run_key = target(run, save_dir)[1] if run or save_dir else None
 
-    def listing() -> tuple[list[dict], list[dict]]:
-        return (registry.jobs(None if show_all else limit, state=state, run=run_key),
-                registry.workers())
+    def listing() -> tuple[list[Job], list[dict]]:
+        jobs = registry.jobs(None if show_all else limit, state=state, run=run_key)
+        for bad in registry.skipped.values():
+            echo(f"skipped {bad}")
+        registry.skipped.clear()
+        return jobs, registry.workers()
     if as_json:
         jobs, workers = listing()
-        click.echo(json.dumps({"jobs": jobs, "workers": workers}))
+        waiting = waiting_reasons(jobs, workers)
+        click.echo(json.dumps({"jobs": [{**j.to_record(), **({"waiting": waiting[j.id]} if j.id in waiting
+                                                              else {})} for j in jobs],
+                               "workers": workers}))
         return
     console = Console(width=None if Console().is_terminal else 200)
     if not watch:
@@ -310,6 +465,15 @@ def status(job_id, as_json, watch, limit, show_all, state, run, save_dir, queue)
             pass
 
 
+def chain_lines(registry: Registry, job: Job) -> list[str]:
+    """What a job waits for and what waits on it, one line each."""
+    lines = []
+    for parent in registry.find([job.after] if job.after else []):
+        lines.append(f"waits for: {parent.kind} job {parent.id} ({parent.state})")
+    lines += [f"waiting on it: {f.kind} job {f.id} ({f.state})" for f in registry.find(job.followers)]
+    return lines
+
+
 @click.command()
 @click.argument("job_id")
 @click.option("--follow", "-f", is_flag=True, help="keep printing new lines until the job ends")
@@ -318,11 +482,11 @@ def status(job_id, as_json, watch, limit, show_all, state, run, save_dir, queue)
 def logs(job_id, follow, queue) -> None:
     """Print a job's log lines, from whichever worker runs it."""
     registry = connect(queue)
-    job_id = registry.get(job_id)["id"]
+    job_id = registry.get(job_id).id
     cursor = None
     with registry.changes() as wait:
         while True:
-            done = registry.get(job_id)["state"] in FINAL  # before reading: no last line missed
+            done = registry.get(job_id).state in FINAL  # before reading: no last line missed
             lines, cursor = registry.logs(job_id, cursor)
             for line in lines:
                 click.echo(line)
@@ -340,13 +504,16 @@ def cancel(job_id, force, queue) -> None:
     """Cancel a job: it finishes its step, saves, and can be resumed by submitting again."""
     registry = connect(queue)
     job = registry.get(job_id)
-    if job["state"] in FINAL:
-        raise click.ClickException(f"job {job['id']} already {job['state']}")
-    if registry.cancel(job["id"], force):
-        echo(f"job {job['id']} removed from the queue")
+    if job.state in FINAL:
+        raise click.ClickException(f"job {job.id} already {job.state}")
+    waiting = [f.id for f in registry.find(job.followers) if f.state == "waiting"]
+    if registry.cancel(job.id, force):
+        echo(f"job {job.id} removed from the queue")
     else:  # the job's own process marks it cancelling when it sees the flag
-        echo(f"job {job['id']}: " + ("stopping now" if force else
-                                     "finishing its step and saving, then cancelled"))
+        echo(f"job {job.id}: " + ("stopping now" if force else
+                                  "finishing its step and saving, then cancelled"))
+    if waiting:
+        echo(f"cancelled what waited on it: {', '.join(waiting)}")
 
 
 @click.command()

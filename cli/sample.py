@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from tlm_cli.jobs import _run_target, connect, queue_errors, queue_option
+from tlm_cli.jobs import connect, queue_errors, queue_option, target
 from tlm_cli.options import FiniteRange, find_checkpoint
 
 
@@ -55,11 +55,11 @@ def sample(run, save_dir, identifier, prompt, max_tokens, num_samples, temperatu
                        stop=list(stop), stop_at_eos=stop_at_eos, allow_unk=allow_unk)
     if "" in stop:
         raise click.UsageError("--stop is empty: it would stop before the first token")
-    target, run_key = _run_target(run, save_dir)
+    where, run_key = target(run, save_dir)
     if not (local or interactive):
-        _queued(queue, target, run_key, identifier, prompt, cfg, num_samples)
+        _queued(queue, where, run_key, identifier, prompt, cfg, num_samples)
         return
-    if "save_dir" not in target:
+    if "save_dir" not in where:
         raise click.UsageError("--local and --interactive need --save_dir (a run name is resolved on workers)")
     from tlm.config import ConfigError
     from tlm.train import select_device
@@ -68,7 +68,7 @@ def sample(run, save_dir, identifier, prompt, max_tokens, num_samples, temperatu
         select_device(gpu)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
-    ckpt = find_checkpoint(target["save_dir"], identifier)
+    ckpt = find_checkpoint(where["save_dir"], identifier)
     model, tokenizer = ckpt.load_model(), ckpt.tokenizer
     context = ckpt.state["config"]["context_size"]
     if interactive:
@@ -105,28 +105,28 @@ def _warn_unknown(tokenizer, text: str) -> None:
         echo(f"not in the vocabulary, {what}: {shown}" + (" ..." if len(set(unknown)) > 10 else ""))
 
 
-def _queued(queue, target, run_key, identifier, prompt, cfg, num_samples) -> None:
+def _queued(queue, where, run_key, identifier, prompt, cfg, num_samples) -> None:
     import dataclasses
 
     from tlm_worker.registry import FINAL, SUCCEEDED
 
     registry = connect(queue)
-    job = registry.create("sample", {**target, "identifier": identifier, "prompt": prompt,
+    job = registry.create("sample", {**where, "identifier": identifier, "prompt": prompt,
                                      "sampling": dataclasses.asdict(cfg),
                                      "num_samples": num_samples}, run_key)
-    echo(f"queued sample job {job['id']}; waiting for a worker (Ctrl+C to cancel)")
+    echo(f"queued sample job {job.id}; waiting for a worker (Ctrl+C to cancel)")
     try:
         with registry.changes() as wait:
-            while (job := registry.get(job["id"]))["state"] not in FINAL:
+            while (job := registry.get(job.id)).state not in FINAL:
                 wait(0.5)
     except KeyboardInterrupt:
-        registry.cancel(job["id"])
-        raise click.ClickException(f"gave up waiting: sample job {job['id']} cancelled") from None
-    if job["state"] != SUCCEEDED:
-        raise click.ClickException(f"sample job {job['id']} {job['state']}: {job['error']}")
-    if job["result"]["unknown"]:
-        echo("not in the vocabulary: " + ", ".join(sorted(set(job["result"]["unknown"]))[:10]))
-    for text in job["result"]["samples"]:
+        registry.cancel(job.id)
+        raise click.ClickException(f"gave up waiting: sample job {job.id} cancelled") from None
+    if job.state != SUCCEEDED:
+        raise click.ClickException(f"sample job {job.id} {job.state}: {job.error}")
+    if job.result["unknown"]:
+        echo("not in the vocabulary: " + ", ".join(sorted(set(job.result["unknown"]))[:10]))
+    for text in job.result["samples"]:
         click.echo(text)
         _explain_if_empty(text, cfg)
 

@@ -37,7 +37,7 @@ def main() -> None:
                               "--preset", "shakespeare-cpu", "--num_iters", "900", "--steps_per_eval", "100"],
                              capture_output=True, text=True, check=True).stdout.strip()
         reg = Registry(Queue(url))
-        while reg.get(job)["progress"].get("step", 0) < 500:
+        while reg.get(job).progress.get("step", 0) < 500:
             time.sleep(1)
         key = urllib.parse.quote("run:shakespeare-a", safe="")
         driver.get(f"http://127.0.0.1:{port}/#/run/{key}")

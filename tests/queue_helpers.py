@@ -72,10 +72,10 @@ def wait_for(url: str, job_id: str, states: Iterable[str], timeout: float = 120,
     reg, deadline = registry(url), time.time() + timeout
     while time.time() < deadline:
         job = reg.get(job_id)
-        if job["state"] in states and until(job):
+        if job.state in states and until(job):
             return job
         time.sleep(0.2)
-    raise AssertionError(f"job {job_id} not in {list(states)} after {timeout}s: {json.dumps(job)}\n"
+    raise AssertionError(f"job {job_id} not in {list(states)} after {timeout}s: {json.dumps(job.to_record())}\n"
                          + "\n".join(reg.logs(job_id)[0]))
 
 

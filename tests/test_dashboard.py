@@ -115,7 +115,7 @@ def test_a_job_appears_advances_draws_and_is_cancelled_from_the_page(url, dashbo
         click(browser, f"#run-jobs {row} button.cancel")
         until(lambda: "tlm cancel " + job_id in text(browser, "#notice"), what="the command shown")
         job = wait_for(url, job_id, ["cancelled"])
-        assert checkpoint.find(save_dir).identifier == job["checkpoint"]
+        assert checkpoint.find(save_dir).identifier == job.checkpoint
         until(lambda: text(browser, f'#run-jobs {row} td.state') == "cancelled", what="state shown")
         assert browser.execute_script("return window.__sameDocument") is True  # never reloaded
     finally:
@@ -160,7 +160,7 @@ def test_a_sample_from_the_run_page(tmp_path, browser, save_dir):
         until(lambda: text(browser, "#sample-output") and "…" not in text(browser, "#sample-output"),
               what="the sample")
         job = registry(url).jobs(None, state="succeeded", run=f"dir:{save_dir}")[-1]
-        assert job["kind"] == "sample" and text(browser, "#sample-output") == job["result"]["samples"][0]
+        assert job.kind == "sample" and text(browser, "#sample-output") == job.result["samples"][0]
         assert "tlm sample --save_dir" in text(browser, "#notice")
     finally:
         workers.stop_all()
@@ -175,15 +175,15 @@ def test_state_changes_need_the_page_token_and_its_origin(url, dashboard):
     job = reg.create("eval", {"save_dir": "/x"}, "dir:/x")
     page = httpx.get(dashboard.base + "/").text
     token = page.split('name="tlm-token" content="')[1].split('"')[0]
-    cancel = dashboard.base + f"/api/jobs/{job['id']}/cancel"
+    cancel = dashboard.base + f"/api/jobs/{job.id}/cancel"
     assert httpx.post(cancel, json={}).status_code == 403  # no token
     assert httpx.post(cancel, json={}, headers={"X-TLM-Token": "wrong"}).status_code == 403
     refused = httpx.post(cancel, json={}, headers={"X-TLM-Token": token, "Origin": "http://evil.example"})
     assert refused.status_code == 403 and "cross-site" in refused.text
-    assert reg.get(job["id"])["state"] == "queued"
+    assert reg.get(job.id).state == "queued"
     ok = httpx.post(cancel, json={}, headers={"X-TLM-Token": token, "Origin": dashboard.base})
-    assert ok.status_code == 200 and ok.json()["command"] == f"tlm cancel {job['id']}"
-    assert reg.get(job["id"])["state"] == "cancelled"
+    assert ok.status_code == 200 and ok.json()["command"] == f"tlm cancel {job.id}"
+    assert reg.get(job.id).state == "cancelled"
     rebound = httpx.get(dashboard.base + "/api/overview", headers={"Host": "evil.example"})
     assert rebound.status_code == 403  # DNS rebinding
     assert "content-security-policy" in httpx.get(dashboard.base + "/").headers
@@ -213,7 +213,7 @@ def test_submit_resume_and_compare_through_the_api(url, dashboard):
     r = post("/api/submit", {"preset": "shakespeare-cpu", "run": "a", "overrides": {"num_iters": "7"}})
     assert r.status_code == 200, r.text
     job = registry(url).get(r.json()["job"])
-    assert job["params"]["num_iters"] == 7 and job["params"]["dataset"] == "shakespeare"
+    assert job.params["num_iters"] == 7 and job.params["dataset"] == "shakespeare"
     assert r.json()["command"].startswith("tlm submit train --run a ")
     busy = post("/api/submit", {"run": "a", "overrides": {}})
     assert busy.status_code == 409 and "one trainer per run" in busy.text
@@ -222,19 +222,19 @@ def test_submit_resume_and_compare_through_the_api(url, dashboard):
     assert post("/api/submit", {"run": "b", "overrides": {"nope": "1"}}).text == "unknown flag --nope"
     r = post("/api/submit", {"run": "b", "overrides": {"dim": "64", "num_heads": "4"}})
     reg = registry(url)
-    for job_id, loss in ((job["id"], 4.0), (r.json()["job"], 3.0)):
+    for job_id, loss in ((job.id, 4.0), (r.json()["job"], 3.0)):
         held = reg.claim(job_id, "w")
         reg.add_point(job_id, {"kind": "valid", "step": 5, "loss": loss, "ppl": 2.718 ** loss,
                                "elapsed": 1.0})
-        reg.finish(job_id, "cancelled", held["fence"])
+        reg.finish(job_id, "cancelled", held.fence)
     resumed = post("/api/resume", {"key": "run:a"})
-    assert resumed.status_code == 200 and reg.get(resumed.json()["job"])["params"]["num_iters"] == 7
+    assert resumed.status_code == 200 and reg.get(resumed.json()["job"]).params["num_iters"] == 7
     carried = reg.create("train", {"run": "c", "dataset": "shakespeare", "dataset_sha1": "ab" * 20},
                          "run:c")  # as `tlm submit train --dataset mine.txt` leaves it
-    reg.cancel(carried["id"])
+    reg.cancel(carried.id)
     again = post("/api/resume", {"key": "run:c"})
     assert again.status_code == 200, again.text
-    assert reg.get(again.json()["job"])["params"]["dataset_sha1"] == "ab" * 20
+    assert reg.get(again.json()["job"]).params["dataset_sha1"] == "ab" * 20
     data = httpx.get(dashboard.base + "/api/compare?key=run:a&key=run:b").json()
     assert {"dim", "dataset", "num_iters"} <= set(data["differs"]) and "num_heads" not in data["differs"]
     assert [r["final"]["valid"]["loss"] for r in data["runs"]] == [4.0, 3.0]

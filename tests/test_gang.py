@@ -49,9 +49,9 @@ def test_two_workers_train_one_model_as_one_process_would(url, workers, save_dir
         workers.start()
     job_id = submit(url, "train", "--save_dir", str(save_dir), *FLAGS, "--nodes", "2")
     job = wait_for(url, job_id, ["succeeded"], timeout=180)
-    assert len({m["worker"] for m in job["members"]}) == 2 and job["worker"] == job["members"][0]["worker"]
+    assert len({m["worker"] for m in job.members}) == 2 and job.worker == job.members[0]["worker"]
     status = tlm("status", "--queue", url)
-    assert ", ".join(m["worker"] for m in job["members"]) in status.stdout.replace("\n", "")
+    assert ", ".join(m["worker"] for m in job.members) in status.stdout.replace("\n", "")
     single = trained_here(tmp_path, save_dir, *FLAGS)
     ranked, alone = metrics.read(save_dir), metrics.read(single)
     assert [(r["kind"], r["step"]) for r in ranked] == [(r["kind"], r["step"]) for r in alone]
@@ -67,12 +67,12 @@ def test_a_members_worker_stopped_mid_run_requeues_the_gang_which_resumes_to_the
     for _ in range(2):
         workers.start()
     job_id = submit(url, "train", "--save_dir", str(save_dir), *flags, "--nodes", "2")
-    job = wait_for(url, job_id, ["running"], until=lambda j: j["checkpoint"], timeout=180)
-    member = worker_of(workers, job["members"][1]["worker"])
+    job = wait_for(url, job_id, ["running"], until=lambda j: j.checkpoint, timeout=180)
+    member = worker_of(workers, job.members[1]["worker"])
     member.send_signal(signal.SIGTERM)  # rank 1's Mac is being shut down: it saves and leaves
     assert member.wait(timeout=60) == 0
     job = wait_for(url, job_id, ["interrupted"], timeout=60)
-    assert job["interruptions"] == 1 and job["attempts"] == 0
+    assert job.interruptions == 1 and job.attempts == 0
     saved = checkpoint.find(save_dir)
     assert 0 < saved.step < 400
     workers.start()  # a second member again: the gang gathers and resumes
@@ -96,7 +96,7 @@ def test_two_gangs_on_three_workers_both_complete(url, workers, save_dir, tmp_pa
         workers.start()
     for job_id in ids:
         job = wait_for(url, job_id, ["succeeded"], timeout=240)
-        assert job["attempts"] == 1 and len(job["members"]) == 2
+        assert job.attempts == 1 and len(job.members) == 2
 
 
 @pytest.mark.parametrize("url", ["sqlite"], indirect=True)
@@ -113,13 +113,13 @@ def test_a_gang_that_cannot_gather_gives_its_places_up_to_other_jobs(url, worker
     wait_for(url, long, ["running"])
     gang = submit(url, "train", "--save_dir", str(runs["gang"]), *FLAGS, "--batch_size", "12",
                   "--nodes", "3")
-    wait_for(url, gang, ["queued"], until=lambda j: len(j["members"]) == 2, timeout=30)
+    wait_for(url, gang, ["queued"], until=lambda j: len(j.members) == 2, timeout=30)
     short = submit(url, "train", "--save_dir", str(runs["short"]), *TINY, "--num_iters", "10")
     wait_for(url, short, ["succeeded"], timeout=60)  # a place given up ran it
-    assert registry(url).get(long)["state"] == "running"
+    assert registry(url).get(long).state == "running"
     assert tlm("cancel", long, "--queue", url).returncode == 0
     job = wait_for(url, gang, ["succeeded"], timeout=180)
-    assert len({m["worker"] for m in job["members"]}) == 3 and job["attempts"] == 1
+    assert len({m["worker"] for m in job.members}) == 3 and job.attempts == 1
 
 
 @pytest.mark.parametrize("url", ["redis"], indirect=True)
@@ -128,11 +128,11 @@ def test_cancel_stops_every_rank_after_a_save(url, workers, save_dir):
         workers.start()
     job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "100000",
                     "--steps_per_eval", "100000", "--nodes", "2")
-    job = wait_for(url, job_id, ["running"], until=lambda j: j["progress"].get("step"), timeout=180)
+    job = wait_for(url, job_id, ["running"], until=lambda j: j.progress.get("step"), timeout=180)
     assert tlm("cancel", job_id, "--queue", url).returncode == 0
     job = wait_for(url, job_id, ["cancelled"], timeout=60)
     saved = checkpoint.find(save_dir)
-    assert saved is not None and saved.identifier == job["checkpoint"] and saved.step > 0
+    assert saved is not None and saved.identifier == job.checkpoint and saved.step > 0
     deadline = time.time() + 10
     while any(_ranks(p.pid) for p in workers.procs) and time.time() < deadline:
         time.sleep(0.2)
@@ -146,13 +146,13 @@ def test_a_member_killed_with_its_worker_stops_the_gang_and_it_resumes_elsewhere
         workers.start()
     job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "400",
                     "--steps_per_eval", "20", "--nodes", "2")
-    job = wait_for(url, job_id, ["running"], until=lambda j: j["checkpoint"], timeout=180)
-    survivor = worker_of(workers, job["members"][0]["worker"])
-    victim = worker_of(workers, job["members"][1]["worker"])
+    job = wait_for(url, job_id, ["running"], until=lambda j: j.checkpoint, timeout=180)
+    survivor = worker_of(workers, job.members[0]["worker"])
+    victim = worker_of(workers, job.members[1]["worker"])
     victim.kill()  # the Mac lost power: no save, no goodbye
     victim.wait()
     job = wait_for(url, job_id, ["interrupted"], timeout=60)
-    assert job["attempts"] == 1 and "rank" in job["error"] or "stopped heartbeating" in job["error"]
+    assert job.attempts == 1 and "rank" in job.error or "stopped heartbeating" in job.error
     deadline = time.time() + 30
     while _ranks(survivor.pid) and time.time() < deadline:
         time.sleep(0.2)
@@ -174,12 +174,12 @@ def test_a_collective_that_makes_no_progress_stops_every_rank_and_requeues(url, 
     try:
         job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "400",
                         "--steps_per_eval", "20", "--nodes", "2")
-        job = wait_for(url, job_id, ["running"], until=lambda j: j["progress"].get("step"),
+        job = wait_for(url, job_id, ["running"], until=lambda j: j.progress.get("step"),
                        timeout=180)
-        member = worker_of(workers, job["members"][1]["worker"])
+        member = worker_of(workers, job.members[1]["worker"])
         os.kill(_ranks(member.pid)[0], signal.SIGSTOP)  # rank 1 hangs: rank 0 waits in a collective
         job = wait_for(url, job_id, ["interrupted"], timeout=60)
-        assert "no progress for 4s" in job["error"]
+        assert "no progress for 4s" in job.error
         wait_for(url, job_id, ["succeeded"], timeout=180)
     finally:
         workers.stop_all()

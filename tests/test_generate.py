@@ -144,8 +144,8 @@ def test_a_sampling_job_through_a_worker_matches_local_sampling(trained, tmp_pat
     assert queued[0].returncode == 0, queued[0].stderr
     assert queued[0].stdout == queued[1].stdout == local.stdout
     assert local.stdout.count("\n") >= 2 and local.stdout.strip()  # two samples, <eos> as line breaks
-    jobs = sorted((j for j in registry(url).jobs() if j["kind"] == "sample"), key=lambda j: j["created"])
-    assert [j["result"]["model_cached"] for j in jobs] == [False, True]  # the worker kept it
+    jobs = sorted((j for j in registry(url).jobs() if j.kind == "sample"), key=lambda j: j.created)
+    assert [j.result["model_cached"] for j in jobs] == [False, True]  # the worker kept it
 
 
 def test_tlm_eval_local_whole_split_and_sliding_window(trained):

@@ -134,11 +134,11 @@ def test_a_diverging_queued_job_fails_with_the_reason_and_no_traceback(tmp_path,
         job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "30",
                         "--learning_rate", "1e30", "--steps_per_eval", "5")
         job = wait_for(url, job_id, ["failed"])
-        assert job["error"].startswith("Diverged: training diverged at step")
-        assert job["attempts"] == 1  # a job's own failure is final, not retried
+        assert job.error.startswith("Diverged: training diverged at step")
+        assert job.attempts == 1  # a job's own failure is final, not retried
         (tmp_path / "nothing-here").mkdir()
         missing = submit(url, "eval", "--save_dir", str(tmp_path / "nothing-here"))
-        assert wait_for(url, missing, ["failed"])["error"].startswith("CheckpointError: no checkpoint")
+        assert wait_for(url, missing, ["failed"]).error.startswith("CheckpointError: no checkpoint")
     finally:
         workers.stop_all()
     assert "Traceback" not in workers.log(worker)
@@ -271,7 +271,7 @@ def test_ctrl_c_cancels_a_job_no_worker_took(tmp_path, save_dir):
         child.send_signal(signal.SIGINT)
         out, err = child.communicate(timeout=30)  # before: "cancelling", then waiting forever
         assert child.returncode in (1, 130), err
-        assert [j["state"] for j in reg.jobs(5)][-1] == "cancelled"
+        assert [j.state for j in reg.jobs(5)][-1] == "cancelled"
         assert not reg.jobs(0)  # nothing left queued for a later worker
 
 

@@ -49,11 +49,11 @@ def test_cooperative_cancel_saves_and_a_resubmit_resumes(url, workers, save_dir)
     args = ["train", "--save_dir", str(save_dir), *TINY, "--num_iters", "100000",
             "--steps_per_eval", "100000"]
     job_id = submit(url, *args)
-    wait_for(url, job_id, ["running"], until=lambda j: j["progress"].get("step", 0) >= 10)
+    wait_for(url, job_id, ["running"], until=lambda j: j.progress.get("step", 0) >= 10)
     assert tlm("cancel", job_id, "--queue", url).returncode == 0
     job = wait_for(url, job_id, ["cancelled"])
     saved = checkpoint.find(save_dir)
-    assert saved.identifier == job["checkpoint"] and saved.step == job["result"]["step"]
+    assert saved.identifier == job.checkpoint and saved.step == job.result["step"]
     again = submit(url, *args[:-4], "--num_iters", str(saved.step + 5))
     wait_for(url, again, ["succeeded"])
     assert f"resuming {saved.identifier[:12]} at iteration {saved.step}" in "\n".join(
@@ -64,10 +64,10 @@ def test_forced_cancel_stops_now_and_keeps_the_last_checkpoint_valid(url, worker
     workers.start()
     job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "100000",
                     "--steps_per_eval", "5")
-    wait_for(url, job_id, ["running"], until=lambda j: j["checkpoint"])
+    wait_for(url, job_id, ["running"], until=lambda j: j.checkpoint)
     assert tlm("cancel", "--force", job_id, "--queue", url).returncode == 0
     job = wait_for(url, job_id, ["cancelled"], timeout=30)
-    assert job["error"] == "cancelled with --force"
+    assert job.error == "cancelled with --force"
     warnings = []
     assert checkpoint.find(save_dir, warn=warnings.append) is not None and warnings == []
 
@@ -81,7 +81,7 @@ def test_cancelling_a_queued_job_removes_it_before_it_starts(url, workers, save_
     workers.start()
     time.sleep(3)
     job = registry(url).get(job_id)
-    assert job["state"] == "cancelled" and job["attempts"] == 0
+    assert job.state == "cancelled" and job.attempts == 0
     assert checkpoint.find(save_dir) is None
 
 
@@ -133,12 +133,12 @@ def test_a_killed_worker_s_job_is_finished_elsewhere_with_identical_weights(url,
     flags = [*TINY, "--num_iters", "200", "--steps_per_eval", "20", "--dropout", "0.1"]
     first = workers.start()
     job_id = submit(url, "train", "--save_dir", str(save_dir), *flags)
-    wait_for(url, job_id, ["running"], until=lambda j: j["checkpoint"])
+    wait_for(url, job_id, ["running"], until=lambda j: j.checkpoint)
     first.send_signal(signal.SIGKILL)
     first.wait()
     workers.start()
     job = wait_for(url, job_id, ["succeeded"], timeout=180)
-    assert job["attempts"] == 2
+    assert job.attempts == 2
     logs = "\n".join(registry(url).logs(job_id)[0])
     assert "stopped heartbeating" in logs and "resuming" in logs
     final = checkpoint.find(save_dir).load_weights()
@@ -152,15 +152,15 @@ def test_worker_signal_saves_requeues_and_another_worker_resumes(url, workers, s
     first = workers.start()
     job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "100000",
                     "--steps_per_eval", "100000")
-    wait_for(url, job_id, ["running"], until=lambda j: j["progress"].get("step", 0) >= 10)
+    wait_for(url, job_id, ["running"], until=lambda j: j.progress.get("step", 0) >= 10)
     first.send_signal(sig)
     assert first.wait(timeout=60) == 0
     job = wait_for(url, job_id, ["interrupted"])
     saved = checkpoint.find(save_dir)
-    assert saved is not None and job["checkpoint"] == saved.identifier
-    assert job["attempts"] == 0 and job["interruptions"] == 1  # a stop is not an attempt
+    assert saved is not None and job.checkpoint == saved.identifier
+    assert job.attempts == 0 and job.interruptions == 1  # a stop is not an attempt
     workers.start()
-    wait_for(url, job_id, ["running"], until=lambda j: j["started"] > job["started"])
+    wait_for(url, job_id, ["running"], until=lambda j: j.started > job.started)
     assert tlm("cancel", job_id, "--queue", url).returncode == 0
     wait_for(url, job_id, ["cancelled"])
     assert f"resuming {saved.identifier[:12]}" in "\n".join(registry(url).logs(job_id)[0])
@@ -170,7 +170,7 @@ def test_a_second_worker_signal_kills_requeues_and_exits_at_once(url, workers, s
     first = workers.start()
     job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "100000",
                     "--steps_per_eval", "100000")
-    wait_for(url, job_id, ["running"], until=lambda j: j["progress"].get("step", 0) >= 10)
+    wait_for(url, job_id, ["running"], until=lambda j: j.progress.get("step", 0) >= 10)
     first.send_signal(signal.SIGINT)
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=60) == 130
@@ -180,7 +180,7 @@ def test_a_second_worker_signal_kills_requeues_and_exits_at_once(url, workers, s
     with pytest.raises(ProcessLookupError):
         os.kill(job_pid, 0)  # killed and reaped, not left training
     job = wait_for(url, job_id, ["interrupted"])
-    assert "was stopped" in job["error"]
+    assert "was stopped" in job.error
     assert not registry(url).workers()  # it signed off
 
 
@@ -191,10 +191,10 @@ def test_many_small_jobs_on_two_workers_run_exactly_once(url, workers, save_dir)
     ids = [submit(url, "eval", "--save_dir", str(save_dir), "--tokens", "2000") for _ in range(8)]
     for job_id in ids:
         job = wait_for(url, job_id, ["succeeded"], timeout=180)
-        assert job["attempts"] == 1 and job["result"]["step"] == 2
+        assert job.attempts == 1 and job.result["step"] == 2
     reg = registry(url)
     assert all(sum("valid loss" in l for l in reg.logs(j)[0]) == 1 for j in ids)
-    ran_on = {reg.get(j)["worker"] for j in ids}
+    ran_on = {reg.get(j).worker for j in ids}
     assert len(ran_on) == 2  # both workers took jobs
 
 
@@ -224,15 +224,15 @@ def test_redis_restart_mid_job_loses_nothing(tmp_path, save_dir):
                         "--steps_per_eval", "250")
         (tmp_path / "elsewhere").mkdir()
         queued = submit(url, "eval", "--save_dir", str(tmp_path / "elsewhere"))
-        wait_for(url, job_id, ["running"], until=lambda j: j["progress"].get("step", 0) >= 10)
+        wait_for(url, job_id, ["running"], until=lambda j: j.progress.get("step", 0) >= 10)
         server.terminate()
         server.wait()
         time.sleep(2)
         server = start()
         job = wait_for(url, job_id, ["succeeded"], timeout=300)
-        assert job["attempts"] == 1 and job["result"]["step"] == 1000
+        assert job.attempts == 1 and job.result["step"] == 1000
         # The job queued before the restart is still there (and fails: no checkpoint there).
-        assert wait_for(url, queued, ["failed"])["error"].startswith("CheckpointError")
+        assert wait_for(url, queued, ["failed"]).error.startswith("CheckpointError")
         assert tlm("status", "--queue", url).returncode == 0
     finally:
         workers.stop_all()
@@ -250,7 +250,7 @@ def test_ctrl_c_in_submit_wait_cancels_cooperatively_and_follows_until_saved(tmp
                                         "--wait", "--queue", url),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         job_id = proc.stdout.readline().strip()
-        wait_for(url, job_id, ["running"], until=lambda j: j["progress"].get("step", 0) >= 10)
+        wait_for(url, job_id, ["running"], until=lambda j: j.progress.get("step", 0) >= 10)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130, err
@@ -258,7 +258,7 @@ def test_ctrl_c_in_submit_wait_cancels_cooperatively_and_follows_until_saved(tmp
         assert f"job {job_id} cancelled" in err.splitlines()[-1]
         assert "saved " in err  # it kept following until the save
         job = registry(url).get(job_id)
-        assert job["state"] == "cancelled" and checkpoint.find(save_dir).identifier == job["checkpoint"]
+        assert job.state == "cancelled" and checkpoint.find(save_dir).identifier == job.checkpoint
     finally:
         workers.stop_all()
 
@@ -271,7 +271,7 @@ def test_a_burst_worker_runs_the_queue_dry_and_reports_failures(tmp_path, save_d
     proc = subprocess.run([sys.executable, "-m", "tlm_worker.main", "--queue", url, "--burst"],
                           capture_output=True, text=True, timeout=300)
     reg = registry(url)
-    assert reg.get(ok)["state"] == "succeeded" and reg.get(bad)["state"] == "failed"
+    assert reg.get(ok).state == "succeeded" and reg.get(bad).state == "failed"
     assert proc.returncode == 1 and "1 job(s) failed" in proc.stderr
     assert "queue empty: exiting (--burst)" in proc.stderr
 
@@ -288,14 +288,14 @@ def test_a_queued_sample_answers_while_the_only_worker_trains_that_run(url, work
     workers.start()
     train = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "100000",
                    "--steps_per_eval", "20")
-    wait_for(url, train, ["running"], until=lambda j: j["checkpoint"])
+    wait_for(url, train, ["running"], until=lambda j: j.checkpoint)
     proc = tlm("sample", "--save_dir", str(save_dir), "--prompt", "the", "--max_tokens", "5",
                "--queue", url)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
-    step = registry(url).get(train)["progress"]["step"]
-    job = wait_for(url, train, ["running"], until=lambda j: j["progress"]["step"] > step)
-    assert job["attempts"] == 1 and job["interruptions"] == 0  # training went on meanwhile
+    step = registry(url).get(train).progress["step"]
+    job = wait_for(url, train, ["running"], until=lambda j: j.progress["step"] > step)
+    assert job.attempts == 1 and job.interruptions == 0  # training went on meanwhile
     assert tlm("cancel", train, "--queue", url).returncode == 0
     wait_for(url, train, ["cancelled"])
 
@@ -319,7 +319,7 @@ def test_chaos_every_job_succeeds_once_through_random_worker_kills(tmp_path, sav
     reg = registry(url)
     kills, deadline = 0, time.time() + 300
     try:
-        while time.time() < deadline and any(reg.get(j)["state"] != "succeeded" for j in ids):
+        while time.time() < deadline and any(reg.get(j).state != "succeeded" for j in ids):
             time.sleep(rng.uniform(2, 5))
             victim = alive.pop(rng.randrange(len(alive)))
             victim.kill()
@@ -331,11 +331,11 @@ def test_chaos_every_job_succeeds_once_through_random_worker_kills(tmp_path, sav
     finally:
         workers.stop_all()
     assert kills >= 5
-    assert sum(reg.get(j)["attempts"] for j in ids) > len(ids)  # kills did land on jobs
+    assert sum(reg.get(j).attempts for j in ids) > len(ids)  # kills did land on jobs
     for job_id, run in zip(ids, runs):
         job = reg.get(job_id)
         saved = checkpoint.find(run)  # verifies the SHA1 against the file's name
-        assert saved.identifier == job["checkpoint"] and saved.step == 30
+        assert saved.identifier == job.checkpoint and saved.step == 30
         # Never two holders at once: the workers that wrote the run's metrics took turns.
         holders = [json.loads(line).get("worker") for line in (run / "metrics.jsonl").open()]
         turns = [w for i, w in enumerate(holders) if i == 0 or w != holders[i - 1]]
@@ -352,19 +352,19 @@ def test_a_relative_dataset_file_travels_with_the_job(url, workers, tmp_path):
                "mine.txt", *TINY, "--num_iters", "5", "--queue", url, cwd=here)
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip()
-    params = registry(url).get(job_id)["params"]
+    params = registry(url).get(job_id).params
     copy = root / "mine" / params["dataset"]
     assert params["dataset"].startswith("inputs/mine-") and copy.read_text() == text
     other = submit(url, "train", "--run", "other", "--save_root", str(root), "--dataset",
                    str(here / "mine.txt"), *TINY, "--num_iters", "5")
-    tampered = root / "other" / registry(url).get(other)["params"]["dataset"]
+    tampered = root / "other" / registry(url).get(other).params["dataset"]
     tampered.write_text(text + "changed on the share\n")
     (here / "mine.txt").write_text("edited after submitting\n")  # the job keeps what it was given
     workers.start("--save_root", str(root))
     job = wait_for(url, job_id, ["succeeded"])
-    assert checkpoint.find(root / "mine").identifier == job["checkpoint"]
+    assert checkpoint.find(root / "mine").identifier == job.checkpoint
     failed = wait_for(url, other, ["failed"])
-    assert failed["error"] == f"DataError: {tampered} changed since it was submitted (SHA1 differs)"
+    assert failed.error == f"DataError: {tampered} changed since it was submitted (SHA1 differs)"
 
 
 def test_a_dataset_that_cannot_be_carried_is_refused_at_submit(url, tmp_path):

@@ -25,16 +25,16 @@ def reg(url) -> Registry:
 
 def test_create_get_by_prefix_and_update(reg):
     job = reg.create("eval", {"save_dir": "/x"}, "dir:/x")
-    assert reg.get(job["id"][:5])["id"] == job["id"]
-    reg.update(job["id"], progress={"step": 3})
-    assert reg.get(job["id"])["progress"] == {"step": 3}
-    assert reg.queue.pending("interactive") == {job["id"]}
+    assert reg.get(job.id[:5]).id == job.id
+    reg.update(job.id, progress={"step": 3})
+    assert reg.get(job.id).progress == {"step": 3}
+    assert reg.queue.pending("interactive") == {job.id}
     with pytest.raises(JobNotFound, match="no job 'zz'"):
         reg.get("zz")
 
 
 def test_an_ambiguous_prefix_says_how_many_match(reg):
-    ids = {reg.create("sample", {}, "dir:/x")["id"] for _ in range(40)}
+    ids = {reg.create("sample", {"prompt": "", "sampling": {}}, "dir:/x").id for _ in range(40)}
     first_chars = [i[0] for i in ids]
     shared = max(set(first_chars), key=first_chars.count)
     with pytest.raises(JobNotFound, match=f"job prefix '{shared}' matches 2 jobs"):
@@ -48,18 +48,18 @@ def test_one_live_trainer_per_run_even_when_submitted_at_once(url):
         try:
             created.append(Registry(Queue(url)).create("train", {}, "run:a"))
         except RunBusy as e:
-            errors.append(e.job["id"])
+            errors.append(e.job.id)
     threads = [threading.Thread(target=submit) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(created) == 1 and errors == [created[0]["id"]] * 5
+    assert len(created) == 1 and errors == [created[0].id] * 5
     reg = Registry(Queue(url))
-    reg.create("sample", {}, "run:a")  # other kinds are not exclusive
-    assert reg.cancel(created[0]["id"]) is True  # queued: ends at once
-    assert reg.get(created[0]["id"])["state"] == "cancelled"
-    assert reg.create("train", {}, "run:a")["state"] == "queued"
+    reg.create("sample", {"prompt": "", "sampling": {}}, "run:a")  # other kinds are not exclusive
+    assert reg.cancel(created[0].id) is True  # queued: ends at once
+    assert reg.get(created[0].id).state == "cancelled"
+    assert reg.create("train", {}, "run:a").state == "queued"
 
 
 def test_exactly_one_of_many_concurrent_claims_wins(url):
@@ -67,7 +67,7 @@ def test_exactly_one_of_many_concurrent_claims_wins(url):
     won = []
 
     def claim(i):
-        got = Registry(Queue(url)).claim(job["id"], f"w{i}")
+        got = Registry(Queue(url)).claim(job.id, f"w{i}")
         if got:
             won.append(got)
     threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
@@ -76,57 +76,57 @@ def test_exactly_one_of_many_concurrent_claims_wins(url):
     for t in threads:
         t.join()
     assert len(won) == 1
-    record = Registry(Queue(url)).get(job["id"])
-    assert record["state"] == "running" and record["fence"] == 1 and record["attempts"] == 1
-    assert record["worker"] == won[0]["worker"]
+    record = Registry(Queue(url)).get(job.id)
+    assert record.state == "running" and record.fence == 1 and record.attempts == 1
+    assert record.worker == won[0].worker
 
 
 def test_transitions_are_fenced(reg):
     job = reg.create("train", {}, "run:a")
-    held = reg.claim(job["id"], "w1")
-    assert reg.claim(job["id"], "w2") is None  # a duplicate delivery
-    assert reg.requeue(job["id"], held["fence"], "worker stopped", interrupted=True)
-    again = reg.claim(job["id"], "w2")
-    assert again["fence"] == held["fence"] + 2  # the requeue voided fence 1, the claim took 3
+    held = reg.claim(job.id, "w1")
+    assert reg.claim(job.id, "w2") is None  # a duplicate delivery
+    assert reg.requeue(job.id, held.fence, "worker stopped", interrupted=True)
+    again = reg.claim(job.id, "w2")
+    assert again.fence == held.fence + 2  # the requeue voided fence 1, the claim took 3
     with pytest.raises(LeaseLost):
-        reg.check_fence(job["id"], held["fence"])
-    assert reg.finish(job["id"], "succeeded", held["fence"]) is None  # the old holder cannot
-    assert reg.get(job["id"])["state"] == "running"
-    assert reg.finish(job["id"], "succeeded", again["fence"])["state"] == "succeeded"
-    assert reg.finish(job["id"], "failed") is None  # final stays final
+        reg.check_fence(job.id, held.fence)
+    assert reg.finish(job.id, "succeeded", held.fence) is None  # the old holder cannot
+    assert reg.get(job.id).state == "running"
+    assert reg.finish(job.id, "succeeded", again.fence).state == "succeeded"
+    assert reg.finish(job.id, "failed") is None  # final stays final
 
 
 def test_interruptions_do_not_use_up_attempts_but_crashes_do(reg):
     job = reg.create("train", {}, "run:a")
     for _ in range(3):
-        held = reg.claim(job["id"], "w")
-        reg.requeue(job["id"], held["fence"], "stopped", interrupted=True)
-    held = reg.claim(job["id"], "w")
-    assert (held["attempts"], held["interruptions"]) == (1, 3)
-    reg.requeue(job["id"], held["fence"], "crashed", interrupted=False)
-    held = reg.claim(job["id"], "w")
-    assert (held["attempts"], held["interruptions"]) == (2, 3)
-    assert "re-queued: crashed" in reg.logs(job["id"])[0][-1]
+        held = reg.claim(job.id, "w")
+        reg.requeue(job.id, held.fence, "stopped", interrupted=True)
+    held = reg.claim(job.id, "w")
+    assert (held.attempts, held.interruptions) == (1, 3)
+    reg.requeue(job.id, held.fence, "crashed", interrupted=False)
+    held = reg.claim(job.id, "w")
+    assert (held.attempts, held.interruptions) == (2, 3)
+    assert "re-queued: crashed" in reg.logs(job.id)[0][-1]
 
 
 def test_cancelling_a_running_job_asks_it_and_an_interrupted_one_ends_at_claim(reg):
     job = reg.create("train", {}, "run:a")
-    held = reg.claim(job["id"], "w")
-    assert reg.cancel(job["id"]) is False and reg.get(job["id"])["cancel"] == "stop"
-    reg.requeue(job["id"], held["fence"], "worker stopped", interrupted=True)  # before it saw it
-    assert reg.claim(job["id"], "w") is None
-    assert reg.get(job["id"])["state"] == "cancelled"
+    held = reg.claim(job.id, "w")
+    assert reg.cancel(job.id) is False and reg.get(job.id).cancel == "stop"
+    reg.requeue(job.id, held.fence, "worker stopped", interrupted=True)  # before it saw it
+    assert reg.claim(job.id, "w") is None
+    assert reg.get(job.id).state == "cancelled"
 
 
 def test_logs_are_capped_and_read_after_a_cursor(reg):
     job = reg.create("train", {}, "run:a")
     for i in range(MAX_LOG_LINES + 10):
-        reg.log(job["id"], f"line {i}")
-    lines, cursor = reg.logs(job["id"])
+        reg.log(job.id, f"line {i}")
+    lines, cursor = reg.logs(job.id)
     assert len(lines) == MAX_LOG_LINES and lines[0].endswith("line 10")
-    assert reg.logs(job["id"], cursor) == ([], cursor)
-    reg.log(job["id"], "more")
-    lines, _ = reg.logs(job["id"], cursor)
+    assert reg.logs(job.id, cursor) == ([], cursor)
+    reg.log(job.id, "more")
+    lines, _ = reg.logs(job.id, cursor)
     assert len(lines) == 1 and lines[0].endswith("more")
 
 
@@ -134,44 +134,44 @@ def test_listing_reads_live_jobs_and_the_latest_finished(reg):
     done = []
     for i in range(30):
         job = reg.create("eval", {}, f"run:r{i % 3}")
-        held = reg.claim(job["id"], "w")
-        reg.finish(job["id"], "succeeded" if i % 2 else "failed", held["fence"])
-        done.append(job["id"])
+        held = reg.claim(job.id, "w")
+        reg.finish(job.id, "succeeded" if i % 2 else "failed", held.fence)
+        done.append(job.id)
     live = reg.create("train", {}, "run:r0")
-    listed = [j["id"] for j in reg.jobs(5)]
-    assert listed == done[-5:] + [live["id"]]  # oldest first
-    assert [j["id"] for j in reg.jobs(0)] == [live["id"]]
+    listed = [j.id for j in reg.jobs(5)]
+    assert listed == done[-5:] + [live.id]  # oldest first
+    assert [j.id for j in reg.jobs(0)] == [live.id]
     assert len(reg.jobs(None)) == 31
-    assert {j["state"] for j in reg.jobs(100, state="failed")} == {"failed"}
+    assert {j.state for j in reg.jobs(100, state="failed")} == {"failed"}
     assert len(reg.jobs(100, state="failed")) == 15
-    assert [j["id"] for j in reg.jobs(2, run="run:r0")] == [done[24], done[27], live["id"]]
-    assert [j["id"] for j in reg.jobs(0, run="run:r0") if j["kind"] == "train"] == [live["id"]]
-    assert [j for j in reg.jobs(0, run="run:r1") if j["kind"] == "train"] == []
+    assert [j.id for j in reg.jobs(2, run="run:r0")] == [done[24], done[27], live.id]
+    assert [j.id for j in reg.jobs(0, run="run:r0") if j.kind == "train"] == [live.id]
+    assert [j for j in reg.jobs(0, run="run:r1") if j.kind == "train"] == []
 
 
 def test_prune_deletes_old_finished_jobs_and_their_logs_only(reg, url):
     old = reg.create("eval", {}, "run:a")
-    reg.finish(old["id"], "succeeded", reg.claim(old["id"], "w")["fence"])
-    reg.log(old["id"], "old line")
+    reg.finish(old.id, "succeeded", reg.claim(old.id, "w").fence)
+    reg.log(old.id, "old line")
     live = reg.create("train", {}, "run:a")
     time.sleep(0.05)
     assert reg.prune(older_than_days=0) == 1
     with pytest.raises(JobNotFound):
-        reg.get(old["id"])
-    assert reg.logs(old["id"])[0] == []
-    assert reg.get(live["id"])["state"] == "queued" and reg.jobs(None) == [reg.get(live["id"])]
-    assert [j["id"] for j in reg.jobs(None, run="run:a")] == [live["id"]]
+        reg.get(old.id)
+    assert reg.logs(old.id)[0] == []
+    assert reg.get(live.id).state == "queued" and reg.jobs(None) == [reg.get(live.id)]
+    assert [j.id for j in reg.jobs(None, run="run:a")] == [live.id]
     if url.startswith("redis"):  # finished records also expire on their own
         young = reg.create("eval", {}, "run:b")
-        reg.finish(young["id"], "failed")
-        ttl = redis.Redis.from_url(url).ttl(f"tlm:job:{young['id']}")
+        reg.finish(young.id, "failed")
+        ttl = redis.Redis.from_url(url).ttl(f"tlm:job:{young.id}")
         assert 30 * 86400 < ttl <= 31 * 86400
 
 
 def test_tlm_prune_command(url):
     reg = Registry(Queue(url))
     job = reg.create("eval", {}, "run:a")
-    reg.finish(job["id"], "failed")
+    reg.finish(job.id, "failed")
     proc = tlm("prune", "--older_than", "0", "--queue", url)
     assert proc.returncode == 0 and "deleted 1 finished job(s)" in proc.stderr
     assert reg.jobs(None) == []
@@ -192,12 +192,12 @@ def test_records_of_the_previous_release_are_migrated_once(url):
     storage.put_data(f"fence:{old['id']}", b"1")
     reg = Registry(Queue(url))
     assert storage.result_store_size() == 0
-    assert reg.get(old["id"])["checkpoint"] == "c" * 40
+    assert reg.get(old["id"]).checkpoint == "c" * 40
     assert reg.logs(old["id"])[0] == ["10:00:00 iter 5/5"]
-    assert reg.get(queued["id"])["interruptions"] == 0
+    assert reg.get(queued["id"]).interruptions == 0
     with pytest.raises(RunBusy):  # the migrated queued trainer still holds its run
         reg.create("train", {}, "run:new")
-    assert reg.claim(queued["id"], "w")["state"] == "running"
+    assert reg.claim(queued["id"], "w").state == "running"
     proc = tlm("status", "--queue", url)
     assert proc.returncode == 0 and old["id"] in proc.stdout
 
@@ -212,19 +212,19 @@ def test_workers_are_listed_until_they_sign_off(reg):
 def test_metric_points_travel_with_the_job_and_go_with_it(reg):
     job = reg.create("train", {}, "run:a")
     for step in (10, 20):
-        reg.add_point(job["id"], {"kind": "train", "step": step, "loss": 5.0 - step / 10})
-    points, cursor = reg.points(job["id"])
-    assert [p["step"] for p in points] == [10, 20] and reg.points(job["id"], cursor)[0] == []
-    reg.finish(job["id"], "cancelled")
+        reg.add_point(job.id, {"kind": "train", "step": step, "loss": 5.0 - step / 10})
+    points, cursor = reg.points(job.id)
+    assert [p["step"] for p in points] == [10, 20] and reg.points(job.id, cursor)[0] == []
+    reg.finish(job.id, "cancelled")
     reg.prune(0)
-    assert reg.points(job["id"])[0] == []
+    assert reg.points(job.id)[0] == []
 
 
 def test_a_follower_wakes_when_another_process_changes_a_job(url):
     reg, other = Registry(Queue(url)), Registry(Queue(url))
     job = reg.create("train", {}, "run:a")
     with reg.changes() as wait:
-        threading.Timer(0.3, lambda: other.log(job["id"], "hello")).start()
+        threading.Timer(0.3, lambda: other.log(job.id, "hello")).start()
         tic = time.monotonic()
         wait(10)
         assert time.monotonic() - tic < 5
@@ -233,34 +233,34 @@ def test_a_follower_wakes_when_another_process_changes_a_job(url):
 def test_a_gang_is_gathered_not_claimed_and_starts_when_its_last_place_is_taken(reg):
     gang = reg.create("train", {"nodes": 3}, "run:g")
     assert reg.queue.pending("train") == set()  # gathered through the registry, not popped
-    assert reg.claim(gang["id"], "w1") is None
+    assert reg.claim(gang.id, "w1") is None
     place = lambda port: {"address": "10.0.0.1", "port": port}  # noqa: E731
     now = time.time()
-    assert reg.reserve(gang["id"], "w1", place(1), now + 60)["members"][0]["worker"] == "w1"
-    reg.reserve(gang["id"], "gone", place(2), now - 1)  # a place that has expired
-    job = reg.reserve(gang["id"], "w2", place(3), now + 60)
-    assert job["state"] == "queued" and [m["worker"] for m in job["members"]] == ["w1", "w2"]
-    reg.withdraw(gang["id"], "w2")
-    reg.reserve(gang["id"], "w1", place(1), now + 60)  # a refresh keeps w1's rank
-    assert reg.reserve(gang["id"], "w3", place(1), now + 60) is None  # w1's address and port
-    reg.reserve(gang["id"], "w3", place(4), now + 60)
-    job = reg.reserve(gang["id"], "w2", place(3), now + 60)
-    assert job["state"] == "running" and job["fence"] == 1 and job["worker"] == "w1"
-    assert [(m["worker"], m["port"]) for m in job["members"]] == [("w1", 1), ("w3", 4), ("w2", 3)]
-    assert reg.reserve(gang["id"], "w4", place(5), now + 60) is None  # it no longer waits
+    assert reg.reserve(gang.id, "w1", place(1), now + 60).members[0]["worker"] == "w1"
+    reg.reserve(gang.id, "gone", place(2), now - 1)  # a place that has expired
+    job = reg.reserve(gang.id, "w2", place(3), now + 60)
+    assert job.state == "queued" and [m["worker"] for m in job.members] == ["w1", "w2"]
+    reg.withdraw(gang.id, "w2")
+    reg.reserve(gang.id, "w1", place(1), now + 60)  # a refresh keeps w1's rank
+    assert reg.reserve(gang.id, "w3", place(1), now + 60) is None  # w1's address and port
+    reg.reserve(gang.id, "w3", place(4), now + 60)
+    job = reg.reserve(gang.id, "w2", place(3), now + 60)
+    assert job.state == "running" and job.fence == 1 and job.worker == "w1"
+    assert [(m["worker"], m["port"]) for m in job.members] == [("w1", 1), ("w3", 4), ("w2", 3)]
+    assert reg.reserve(gang.id, "w4", place(5), now + 60) is None  # it no longer waits
 
 
 def test_a_gang_member_sees_when_its_gang_is_over_elsewhere(reg):
     gang = reg.create("train", {"nodes": 2}, "run:g")
     for port, w in enumerate(("w1", "w2")):
-        job = reg.reserve(gang["id"], w, {"address": "127.0.0.1", "port": port}, time.time() + 60)
+        job = reg.reserve(gang.id, w, {"address": "127.0.0.1", "port": port}, time.time() + 60)
     time.sleep(0.01)
-    beat = reg.heartbeat_member(gang["id"], "w2", job["fence"])
-    assert beat["heartbeat"] == job["members"][0]["heartbeat"] < beat["members"][1]["heartbeat"]
-    reg.requeue(gang["id"], job["fence"], "rank 1 died", interrupted=False)
-    assert reg.heartbeat_member(gang["id"], "w1", job["fence"]) is None
-    again = reg.get(gang["id"])
-    assert again["state"] == "interrupted" and again["members"] == [] and again["attempts"] == 1
+    beat = reg.heartbeat_member(gang.id, "w2", job.fence)
+    assert beat.heartbeat == job.members[0]["heartbeat"] < beat.members[1]["heartbeat"]
+    reg.requeue(gang.id, job.fence, "rank 1 died", interrupted=False)
+    assert reg.heartbeat_member(gang.id, "w1", job.fence) is None
+    again = reg.get(gang.id)
+    assert again.state == "interrupted" and again.members == [] and again.attempts == 1
     assert reg.queue.pending("train") == set()
 
 
@@ -268,7 +268,7 @@ def test_waiting_gangs_are_offered_oldest_first_and_a_cancel_ends_one(reg):
     first = reg.create("train", {"nodes": 2}, "run:a")
     reg.create("train", {}, "run:b")
     second = reg.create("train", {"nodes": 4}, "run:c")
-    assert [g["id"] for g in reg.waiting_gangs()] == [first["id"], second["id"]]
-    reg.update(first["id"], cancel="stop")  # asked while it ran; it was re-queued since
-    assert reg.reserve(first["id"], "w1", {"address": "127.0.0.1", "port": 1}, time.time() + 60)["state"] == "cancelled"
-    assert [g["id"] for g in reg.waiting_gangs()] == [second["id"]]
+    assert [g.id for g in reg.waiting_gangs()] == [first.id, second.id]
+    reg.update(first.id, cancel="stop")  # asked while it ran; it was re-queued since
+    assert reg.reserve(first.id, "w1", {"address": "127.0.0.1", "port": 1}, time.time() + 60).state == "cancelled"
+    assert [g.id for g in reg.waiting_gangs()] == [second.id]

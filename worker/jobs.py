@@ -1,4 +1,5 @@
-"""What runs one job: the entry point of the process tlm-worker spawns per job.
+"""What runs one job: the entry point of the process tlm-worker spawns per job, and
+the ``run`` function of each job kind (``tlm_worker.kinds.KINDS`` names them).
 
 Runs in a child started with multiprocessing's ``spawn`` method (MLX hangs in
 forked children), in its own process group so a terminal's Ctrl+C reaches
@@ -16,28 +17,39 @@ so their worker re-queues the gang.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from tlm_worker.queue import Queue
-from tlm_worker.registry import CANCELLED, FAILED, SUCCEEDED, LeaseLost, Registry
+from tlm_worker.registry import CANCELLED, FAILED, SUCCEEDED, Job, LeaseLost, Registry
+from tlm_worker.targets import resolve_save_dir
 
 EXIT_INTERRUPTED = 75  # stopped by a signal to the worker: re-queue the job
 CANCEL_POLL_SECONDS = 1.0
 
 
-def resolve_save_dir(params: dict[str, Any], save_root: Optional[str]) -> str:
-    """A run name is relative to this worker's save root (shares mount at different paths)."""
-    if params.get("run"):
-        from tlm.config import default_save_dir
-        root = Path(save_root) if save_root else Path(default_save_dir()).parent / "runs"
-        return str(root / params["run"])
-    return params["save_dir"]
+@dataclass
+class Context:
+    """What a kind's ``run`` function gets: the claimed job and this process's wiring."""
+    registry: Registry
+    job: Job
+    fence: int
+    save_dir: str  # the run's directory on this machine
+    params: dict[str, Any]  # the job's params without those that locate the run
+    gpu: bool
+    rank: Optional[int]
+    log: Callable[[str], None]
+    orphaned: Callable[[], bool]  # the worker that started this process is gone
+
+    def finish(self, **fields: Any) -> None:
+        self.registry.finish(self.job.id, SUCCEEDED, self.fence, **fields)
 
 
 def check_carried_dataset(params: dict[str, Any], save_dir: str) -> None:
@@ -72,46 +84,16 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
 
     try:
         import tlm  # noqa: F401  (optimized BLAS before MLX)
-        from tlm import blas
-        from tlm.interrupts import StopOnSignal
-
-        if job["kind"] == "train":
-            log(blas.describe())
-
-        stop = StopOnSignal()  # no I/O in the handler: should_stop logs it
-        orphaned = lambda: os.getppid() != parent  # noqa: E731
         from tlm.train import select_device
 
         select_device(gpu)
-        params = {k: v for k, v in job["params"].items()
-                  if k not in ("run", "save_dir", "dataset_sha1")}
-        save_dir = resolve_save_dir(job["params"], save_root)
-        check_carried_dataset(job["params"], save_dir)
-        if job["kind"] == "train":
-            if job["checkpoint"]:  # started before and saved: resume that, not afresh again
-                params.pop("new_model", None)
-            if rank is not None:
-                from tlm.config import TrainConfig
-                from tlm.ranks import rank_env
-                os.environ.update(rank_env(params.get("backend", TrainConfig.backend), job["members"],
-                                           rank, Path(tempfile.mkdtemp(prefix=f"tlm-{job_id}-"))))
-            _train(registry, job, fence, {**params, "save_dir": save_dir, "gpu": gpu}, stop,
-                   orphaned, log, rank or 0)
-        elif job["kind"] == "eval":
-            from tlm.train import evaluate_checkpoint
-            result = evaluate_checkpoint(save_dir, params.get("identifier"),
-                                         params.get("split", "valid"), params.get("data_mirror"),
-                                         params.get("tokens", 0), params.get("stride"), log)
-            log(f"{result['split']} loss {result['loss']:.4f}")
-            registry.finish(job_id, SUCCEEDED, fence, result=result)
-        elif job["kind"] == "sample":
-            from tlm.generate import SampleConfig, sample_checkpoint
-            result = sample_checkpoint(save_dir, params.get("identifier"), params["prompt"],
-                                       SampleConfig(**params["sampling"]),
-                                       params.get("num_samples", 1), warn=log)
-            registry.finish(job_id, SUCCEEDED, fence, result=result)
-        else:
-            raise ValueError(f"unknown job kind {job['kind']!r}")
+        params = {k: v for k, v in job.params.items() if k not in ("run", "save_dir", "dataset_sha1")}
+        save_dir = resolve_save_dir(job.params, save_root)
+        check_carried_dataset(job.params, save_dir)
+        module, _, name = job.spec.run.partition(":")
+        run = getattr(importlib.import_module(module), name)
+        run(Context(registry, job, fence, save_dir, params, gpu, rank, log,
+                    lambda: os.getppid() != parent))
     except SystemExit:
         raise
     except LeaseLost as e:  # another worker owns the job now: leave its record alone
@@ -135,11 +117,64 @@ def _ordinary(e: BaseException) -> bool:
     return isinstance(e, (ConfigError, DataError, CheckpointError, Diverged))
 
 
-def _train(registry: Registry, job: dict[str, Any], fence: int, given: dict[str, Any], stop, orphaned,
+def run_eval(c: Context) -> None:
+    from tlm.train import evaluate_checkpoint
+    p = c.params
+    result = evaluate_checkpoint(c.save_dir, p.get("identifier"), p.get("split", "valid"),
+                                 p.get("data_mirror"), p.get("tokens", 0), p.get("stride"), c.log)
+    c.log(f"{result['split']} loss {result['loss']:.4f}")
+    c.finish(result=result)
+
+
+def run_sample(c: Context) -> None:
+    from tlm.generate import SampleConfig, sample_checkpoint
+    p = c.params
+    result = sample_checkpoint(c.save_dir, p.get("identifier"), p["prompt"], SampleConfig(**p["sampling"]),
+                               p.get("num_samples", 1), warn=c.log)
+    c.finish(result=result)
+
+
+def run_export(c: Context) -> None:
+    """Write the checkpoint as an mlx-lm directory (``--then export:DIR``, ``tlm submit export``)."""
+    from tlm import checkpoint
+    from tlm.export import export
+
+    ckpt = checkpoint.find(c.save_dir, c.params.get("identifier"), warn=c.log)
+    if ckpt is None:
+        raise checkpoint.CheckpointError(f"no checkpoint in {c.save_dir} to export")
+    out = Path(c.params["out"]).expanduser()
+    try:
+        export(ckpt, out)
+    except OSError as e:
+        raise checkpoint.CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
+    c.log(f"exported {ckpt.identifier[:12]} (iteration {ckpt.step}) to {out}")
+    c.finish(result={"out": str(out), "checkpoint": ckpt.identifier, "step": ckpt.step})
+
+
+def run_train(c: Context) -> None:
+    """Train (or, for a gang job, train this rank), wired to the registry."""
+    from tlm import blas
+    from tlm.interrupts import StopOnSignal
+
+    c.log(blas.describe())
+    params = dict(c.params)
+    if c.job.checkpoint:  # started before and saved: resume that, not afresh again
+        params.pop("new_model", None)
+    if c.rank is not None:
+        from tlm.config import TrainConfig
+        from tlm.ranks import rank_env
+        os.environ.update(rank_env(params.get("backend", TrainConfig.backend), c.job.members, c.rank,
+                                   Path(tempfile.mkdtemp(prefix=f"tlm-{c.job.id}-"))))
+    stop = StopOnSignal()  # no I/O in the handler: should_stop logs it
+    _train(c.registry, c.job, c.fence, {**params, "save_dir": c.save_dir, "gpu": c.gpu}, stop,
+           c.orphaned, c.log, c.rank or 0)
+
+
+def _train(registry: Registry, job: Job, fence: int, given: dict[str, Any], stop, orphaned,
            log, rank: int) -> None:
     from tlm.train import Progress, train
 
-    job_id = job["id"]
+    job_id = job.id
     cancelled = stopping = False
     last_poll = 0.0
 
@@ -155,7 +190,7 @@ def _train(registry: Registry, job: dict[str, Any], fence: int, given: dict[str,
             if orphaned():  # the worker died: its lease will expire and another worker resume
                 os._exit(EXIT_INTERRUPTED)
             # "force" is the worker's to act on: it kills this process.
-            if not cancelled and registry.get(job_id)["cancel"] == "stop":
+            if not cancelled and registry.get(job_id).cancel == "stop":
                 cancelled = True
                 if not rank:
                     registry.mark_cancelling(job_id, fence)
@@ -163,7 +198,7 @@ def _train(registry: Registry, job: dict[str, Any], fence: int, given: dict[str,
         return cancelled
 
     started = time.time()
-    progress = job["progress"]  # this process is its only writer while it holds the job
+    progress = job.progress  # this process is its only writer while it holds the job
 
     def on_progress(p: Progress) -> None:
         line = p.describe()
@@ -188,10 +223,10 @@ def _train(registry: Registry, job: dict[str, Any], fence: int, given: dict[str,
 
     result = train(given, on_progress, should_stop, log,
                    before_publish=lambda: registry.check_fence(job_id, fence),
-                   labels={"job": job_id, "worker": job["worker"]},
+                   labels={"job": job_id, "worker": job.worker},
                    on_record=lambda rec: registry.add_point(job_id, rec))
     if result.stopped and not cancelled:  # a gang stops together: a peer may have seen the cancel
-        cancelled = registry.get(job_id)["cancel"] == "stop"
+        cancelled = registry.get(job_id).cancel == "stop"
     if result.stopped and not cancelled:
         sys.exit(EXIT_INTERRUPTED)
     if rank:

@@ -6,6 +6,8 @@ import click
 
 from tlm.ranks import free_ports
 from tlm_cli.options import FiniteRange
+from tlm_worker.placement import parse_labels
+from tlm_worker.power import Policy
 from tlm_worker.process import Worker
 from tlm_worker.queue import QueueError, queue_url, redact
 
@@ -50,13 +52,30 @@ class PortRange(click.ParamType):
 @click.option("--rdma", multiple=True, metavar="PEER=DEVICE",
               help="for --backend jaccl: the RDMA device linking this Mac to the worker at PEER "
                    "(an --address), e.g. 10.0.1.2=rdma_en3; repeat per peer")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="a label jobs can ask for with `tlm submit --on KEY=VALUE` (repeatable)")
+@click.option("--when_idle", "--when-idle", default=None, type=FiniteRange(0), metavar="MINUTES",
+              help="macOS: take training jobs only after the user has been idle this long, and "
+                   "save and re-queue them when the user comes back")
+@click.option("--on_battery", "--on-battery", type=click.Choice(["run", "pause"]), default="run",
+              show_default=True, help="macOS: pause: save and re-queue training jobs on battery power")
 @click.option("--burst", is_flag=True, help="exit once the queue is empty and no job runs")
 def main(queue, concurrency, gpu, save_root, lease, max_attempts, keep_days, address, ports, rdma,
-         burst) -> None:
-    """Run queued tlm jobs. Ctrl+C once: jobs save and are re-queued; twice: exit now."""
+         labels, when_idle, on_battery, burst) -> None:
+    """Run queued tlm jobs. Ctrl+C once: jobs save and are re-queued; twice: exit now.
+
+    A worker takes only jobs whose needs it meets (--gpu, memory, --label, host), the
+    highest priority first. On macOS it keeps the Mac from idle sleep while a job runs
+    (caffeinate); --when_idle and --on_battery read ioreg and pmset, which Linux does
+    not have: there they never pause, and nothing keeps the machine awake.
+    """
     url = queue_url(queue)
     if address is not None and not free_ports(1, address, [0]):  # any port: is it ours?
         raise click.BadParameter(f"{address} is not an address of this machine", param_hint="--address")
+    try:
+        labels = parse_labels(labels)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--label") from None
     if any("=" not in r for r in rdma):
         raise click.BadParameter("give PEER=DEVICE, e.g. 10.0.1.2=rdma_en3", param_hint="--rdma")
     if gpu:
@@ -70,7 +89,8 @@ def main(queue, concurrency, gpu, save_root, lease, max_attempts, keep_days, add
     try:
         worker = Worker(url, concurrency=concurrency, gpu=gpu, save_root=save_root, lease=lease,
                         max_attempts=max_attempts, keep_days=keep_days, burst=burst, address=address,
-                        ports=ports, rdma=dict(r.split("=", 1) for r in rdma))
+                        ports=ports, rdma=dict(r.split("=", 1) for r in rdma), labels=labels,
+                        policy=Policy(when_idle, on_battery))
         worker.run()
     except QueueError as e:
         raise click.ClickException(str(e)) from None

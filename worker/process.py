@@ -43,9 +43,11 @@ from typing import Optional
 
 from tlm.ranks import COLLECTIVE_TIMEOUT, STALLED, free_ports
 from tlm_worker.jobs import EXIT_INTERRUPTED, run_job
-from tlm_worker.queue import LANES, QUEUE_ERRORS, PayloadError, Queue, lane_of
+from tlm_worker import power
+from tlm_worker.placement import capabilities, unmet
+from tlm_worker.queue import LANES, QUEUE_ERRORS, PayloadError, Queue
 from tlm_worker.registry import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILED, FINAL, RUNNING,
-                                 Registry, gang_size)
+                                 Job, Registry)
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -86,6 +88,7 @@ class Running:
     forced: bool = False  # killed by `tlm cancel --force`
     interrupted: bool = False  # sent SIGINT by a stopping worker
     rank: Optional[int] = None  # this worker's rank in a gang job
+    awake: Optional[object] = None  # macOS: the assertion against idle sleep while it runs
 
 
 @dataclass
@@ -122,6 +125,8 @@ class Worker:
     address: Optional[str] = None  # where this worker's gang ranks are reached (default: see local_address)
     ports: range = range(47100, 47200)  # ports its gang ranks listen on
     rdma: dict[str, str] = field(default_factory=dict)  # JACCL: peer address -> RDMA device
+    labels: dict[str, str] = field(default_factory=dict)  # --label key=value: jobs ask with --on
+    policy: power.Policy = field(default_factory=power.Policy)  # --when_idle, --on_battery
     failed: int = 0  # jobs this worker ran that ended failed (--burst exits 1 if any)
     id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}")
     running: dict[str, Running] = field(default_factory=dict)
@@ -131,6 +136,7 @@ class Worker:
     notices: list[str] = field(default_factory=list)  # from signal handlers, printed by the loop
     reservation: Optional[Reservation] = None
     shunned: dict[str, float] = field(default_factory=dict)  # gang job -> when it may be joined again
+    idle_until: dict[str, float] = field(default_factory=dict)  # lane -> no pops before (nothing fit)
 
     def __post_init__(self) -> None:
         self.queue = Queue(self.url)
@@ -141,6 +147,10 @@ class Worker:
         self._last_prune = 0.0
         self._next_gang_look = 0.0
         self.address = self.address or local_address(self.queue)
+        self.caps = capabilities(self.gpu, self.labels)
+        self.probe = power.probe()
+        self.paused: Optional[str] = None  # why training is paused (--when_idle, --on_battery)
+        self._next_power_look = 0.0
 
     def say(self, message: str) -> None:
         print(f"tlm-worker {self.id}: {message}", file=sys.stderr, flush=True)
@@ -193,10 +203,11 @@ class Worker:
     def _heartbeat(self) -> None:
         with self.lock:
             running = list(self.running.values())
+        self.caps = capabilities(self.gpu, self.labels)  # memory available changes
         self.registry.heartbeat_worker(self.id, {
             "host": socket.gethostname(), "pid": os.getpid(), "device": "gpu" if self.gpu else "cpu",
-            "slots": {"train": self.concurrency, "interactive": 1},
-            "jobs": [r.job_id for r in running], "stopping": self.stopping})
+            "slots": {"train": self.concurrency, "interactive": 1}, "capabilities": self.caps,
+            "jobs": [r.job_id for r in running], "stopping": self.stopping, "paused": self.paused})
         for r in running:
             if r.rank is None:
                 self.registry.heartbeat_job(r.job_id)
@@ -206,7 +217,7 @@ class Worker:
                 if job is None:  # the gang is over elsewhere: this rank's peers are gone
                     _signal(r.process, signal.SIGKILL)
                     continue
-            if not r.forced and job["cancel"] == "force":
+            if not r.forced and job.cancel == "force":
                 r.forced = True
                 _signal(r.process, signal.SIGKILL)
 
@@ -228,10 +239,11 @@ class Worker:
                     self._abandon_jobs()
                     break
                 self._interrupt_jobs()
+                self._power()
                 busy = self._try(self._reap) or False
-                took = not self.stopping and bool(self._try(self._gang))
+                took = not self.stopping and not self.paused and bool(self._try(self._gang))
                 for lane in LANES:
-                    if not self.stopping and self._free(lane):
+                    if not self.stopping and self._free(lane) and not (self.paused and lane == "train"):
                         took = self._try(self._take, lane) or took
                 if self.burst and not (took or self.running or self.reservation or self._try(self._waiting)):
                     self.say("queue empty: exiting (--burst)")
@@ -276,7 +288,11 @@ class Worker:
         return bool(self.registry.in_states(CLAIMABLE))
 
     def _take(self, lane: str) -> bool:
-        """Pop one entry of a lane and run its job if the claim succeeds."""
+        """Pop one wake-up entry of a lane and claim the best job this worker can run there
+        (not always the entry's: priorities and needs decide). An entry whose job still waits
+        goes back for other workers; when nothing here fits, this lane rests a second."""
+        if time.monotonic() < self.idle_until.get(lane, 0):
+            return False
         try:
             job_id = self.queue.pop(lane)
         except PayloadError as e:
@@ -284,14 +300,20 @@ class Worker:
             return True
         if job_id is None:
             return False
-        job = self.registry.claim(job_id, self.id)
-        if job is not None:  # else unknown, cancelled, or a duplicate entry
+        job = self.registry.claim_next(lane, self.id, self.caps)
+        if job is not None:
             self._start(job, lane)
-        return True
+        if job is None or job.id != job_id:
+            entry = next(iter(self.registry.find([job_id])), None)
+            if entry is not None and entry.state in CLAIMABLE:
+                self.queue.push(job_id, lane, entry.priority)
+                if job is None:
+                    self.idle_until[lane] = time.monotonic() + 1.0
+        return job is not None
 
-    def _start(self, job: dict, lane: str, rank: Optional[int] = None) -> None:
+    def _start(self, job: Job, lane: str, rank: Optional[int] = None) -> None:
         """Run a job this worker holds (or its rank of a gang job) in a process of its own."""
-        args = (self.url, job["id"], job["fence"], self.save_root, self.gpu, rank)
+        args = (self.url, job.id, job.fence, self.save_root, self.gpu, rank)
         if lane == "interactive":
             if self.sampler is None:
                 self.sampler = SPAWN.Pool(1)
@@ -300,10 +322,11 @@ class Worker:
             process = SPAWN.Process(target=run_job, args=args, name=f"tlm-job-{job['id']}")
             process.start()
         with self.lock:
-            self.running[job["id"]] = Running(job["id"], job["fence"], lane, process, rank=rank)
+            self.running[job.id] = Running(job.id, job.fence, lane, process, rank=rank,
+                                           awake=power.keep_awake(process.pid))
         self.say(f"started {job['kind']} job {job['id']} (attempt {job['attempts']}"
-                 + (f", {job['interruptions']} interruption(s)" if job["interruptions"] else "")
-                 + (f", rank {rank} of {gang_size(job)}" if rank is not None else "")
+                 + (f", {job['interruptions']} interruption(s)" if job.interruptions else "")
+                 + (f", rank {rank} of {job.nodes}" if rank is not None else "")
                  + f", pid {process.pid})")
 
     def _gang(self) -> bool:
@@ -317,23 +340,23 @@ class Worker:
             gang = self._joinable_gang()
             if gang is None:
                 return False
-            taken = {m["port"] for m in gang["members"] if m["address"] == self.address}
+            taken = {m["port"] for m in gang.members if m["address"] == self.address}
             ports = free_ports(1, self.address, [p for p in self.ports if p not in taken])
             if not ports:
                 self.say(f"no free port in --ports {self.ports.start}-{self.ports.stop - 1} "
                          f"on {self.address}: not joining gang job {gang['id']}")
                 return False
-            r = self.reservation = Reservation(gang["id"], ports[0])
+            r = self.reservation = Reservation(gang.id, ports[0])
             job = self._reserve(r)
         elif now - r.refreshed > self.lease / 4:
             job = self._reserve(r)
         else:
             job = self.registry.get(r.job_id)
-        rank = next((i for i, m in enumerate(job["members"]) if m["worker"] == self.id), None)
-        if rank is None or job["state"] not in (RUNNING, *CLAIMABLE):
+        rank = next((i for i, m in enumerate(job.members) if m["worker"] == self.id), None)
+        if rank is None or job.state not in (RUNNING, *CLAIMABLE):
             self.reservation = None  # it started without this worker, or ended
             return False
-        if job["state"] == RUNNING:
+        if job.state == RUNNING:
             self.reservation = None
             self._start(job, "train", rank)
             return True
@@ -341,7 +364,7 @@ class Worker:
             self.registry.withdraw(r.job_id, self.id)
             self.reservation = None
             self.shunned[r.job_id] = now + 2 * self.lease
-            self.say(f"gang job {r.job_id}: {len(job['members'])} of {gang_size(job)} workers after "
+            self.say(f"gang job {r.job_id}: {len(job['members'])} of {job.nodes} workers after "
                      f"{2 * self.lease:.0f}s: gave up its place for {2 * self.lease:.0f}s")
         return False
 
@@ -349,7 +372,7 @@ class Worker:
         """Hold or refresh the place; the job as it is now (perhaps started, or ended)."""
         r.refreshed = time.monotonic()
         place = {"address": self.address, "port": r.port, "rdma": self.rdma}
-        return self.registry.reserve(r.job_id, self.id, place, time.time() + self.lease) \
+        return self.registry.reserve(r.job_id, self.id, place, time.time() + self.lease, self.caps) \
             or self.registry.get(r.job_id)
 
     def _live_workers(self) -> int:
@@ -359,10 +382,10 @@ class Worker:
     def _joinable_gang(self) -> Optional[dict]:
         """The oldest waiting gang the live workers could fill, unless this worker gave it up
         lately; every worker picks the same one, so gangs never split the workers."""
-        gangs = self.registry.waiting_gangs()
+        gangs = [g for g in self.registry.waiting_gangs() if not unmet(g.needs, self.caps)]
         live = self._live_workers() if gangs else 0
-        gang = next((g for g in gangs if gang_size(g) <= live), None)
-        if gang is None or self.shunned.get(gang["id"], 0) > time.monotonic():
+        gang = next((g for g in gangs if g.nodes <= live), None)
+        if gang is None or self.shunned.get(gang.id, 0) > time.monotonic():
             return None
         return gang
 
@@ -374,19 +397,20 @@ class Worker:
             if isinstance(r.process, PooledJob) and r.process.exitcode < 0:
                 self.sampler.terminate()  # its process was killed: start afresh next time
                 self.sampler = None
+            power.release(r.awake)
             with self.lock:
                 del self.running[r.job_id]
         return bool(finished)
 
     def _finish(self, r: Running, code: int) -> None:
         self._end(r, code)
-        self.failed += self.registry.get(r.job_id)["state"] == FAILED
+        self.failed += self.registry.get(r.job_id).state == FAILED
 
     def _end(self, r: Running, code: int) -> None:
         """Settle a job whose process ended without settling it (killed, crashed, stopped)."""
         job = self.registry.get(r.job_id)
-        if job["state"] in FINAL or job["fence"] != r.fence:
-            self.say(f"job {r.job_id} ended: {job['state']}" + (f": {job['error']}" if job["error"] else ""))
+        if job.state in FINAL or job.fence != r.fence:
+            self.say(f"job {r.job_id} ended: {job['state']}" + (f": {job['error']}" if job.error else ""))
             return
         if r.forced:
             self.registry.finish(r.job_id, CANCELLED, r.fence, error="cancelled with --force")
@@ -395,7 +419,8 @@ class Worker:
         elif code == 0 and r.rank:  # rank 0's process settles a gang job's end
             self.say(f"job {r.job_id}: rank {r.rank} done")
         elif code == EXIT_INTERRUPTED or self.stopping:
-            self.registry.requeue(r.job_id, r.fence, f"worker {self.id} was stopped", interrupted=True)
+            why = f"paused ({self.paused})" if self.paused and not self.stopping else "was stopped"
+            self.registry.requeue(r.job_id, r.fence, f"worker {self.id} {why}", interrupted=True)
             self.say(f"job {r.job_id} interrupted: back in the queue")
         elif r.rank is not None:
             why = f"no progress for {COLLECTIVE_TIMEOUT:.0f}s" if code == STALLED else f"exit code {code}"
@@ -405,37 +430,62 @@ class Worker:
 
     def _crashed(self, job: dict, reason: str) -> None:
         """A crash counts as an attempt: re-queue the job, or fail it after max_attempts."""
-        if job["attempts"] < self.max_attempts:
-            self.registry.requeue(job["id"], job["fence"], reason, interrupted=False)
+        if job.attempts < self.max_attempts:
+            self.registry.requeue(job.id, job.fence, reason, interrupted=False)
         else:
-            self.registry.finish(job["id"], FAILED, job["fence"],
+            self.registry.finish(job.id, FAILED, job.fence,
                                  error=f"{reason} (attempt {job['attempts']} of {self.max_attempts})")
         self.say(f"job {job['id']}: {reason}")
 
+    def _power(self) -> None:
+        """--when_idle / --on_battery: pause training while the Mac's owner is back or it runs
+        on battery; running training jobs save and go back to the queue (an interruption,
+        not an attempt). Looked at every few seconds; a no-op without a policy."""
+        if not self.policy.active or time.monotonic() < self._next_power_look:
+            return
+        self._next_power_look = time.monotonic() + power.LOOK_SECONDS
+        why = power.pause_reason(self.policy, self.probe.idle_seconds(), self.probe.on_battery())
+        if why != self.paused:
+            self.say(f"pausing training: {why}" if why else "resuming training")
+            self.paused = why
+        if why:
+            for r in list(self.running.values()):
+                if r.lane == "train" and not r.interrupted:
+                    r.interrupted = True
+                    _signal(r.process, signal.SIGINT)
+
     def _sweep(self) -> None:
-        """Recover jobs of dead workers, re-push stranded claimable jobs, prune old ones."""
+        """Recover jobs of dead workers, re-push stranded claimable jobs, settle chains whose
+        parent ended, fail records that do not decode, prune old ones."""
         now = time.time()
+        self.registry.skipped.clear()
         for job in self.registry.in_states(ACTIVE):
-            beat = job["heartbeat"] or job["started"] or job["created"]
+            beat = job.heartbeat or job.started or job.created
             members = job.get("members") or []  # a gang's heartbeat is its stalest member's
-            if (job["id"] in self.running and not members) or now - beat <= self.lease:
+            if (job.id in self.running and not members) or now - beat <= self.lease:
                 continue
-            who = min(members, key=lambda m: m["heartbeat"])["worker"] if members else job["worker"]
+            who = min(members, key=lambda m: m["heartbeat"])["worker"] if members else job.worker
             reason = f"worker {who} stopped heartbeating ({now - beat:.0f}s > lease {self.lease:.0f}s)"
-            if job["state"] == CANCELLING:
-                self.registry.finish(job["id"], CANCELLED, job["fence"], error=reason)
+            if job.state == CANCELLING:
+                self.registry.finish(job.id, CANCELLED, job.fence, error=reason)
             else:
                 self._crashed(job, reason)
         stranded = [j for j in self.registry.in_states(CLAIMABLE)
-                    if now - j["enqueued"] > self.lease and gang_size(j) == 1]
+                    if now - j.enqueued > self.lease and j.nodes == 1]
         if stranded:
             pending = {lane: self.queue.pending(lane) for lane in LANES}
             for job in stranded:
-                if job["id"] not in pending[lane_of(job["kind"])]:
-                    self.registry.update(job["id"], enqueued=now)
-                    self.queue.push(job["id"], lane_of(job["kind"]))
+                if job.id not in pending[job.spec.lane]:
+                    self.registry.update(job.id, enqueued=now)
+                    self.queue.push(job.id, job.spec.lane, job.priority)
                     self.say(f"job {job['id']} was in no queue (its entry was taken by a worker "
                              "that died before claiming it): queued again")
+        self.registry.waiting_for_parents()
+        for bad in list(self.registry.skipped.values()):
+            if bad.newer:
+                continue  # a newer tlm's worker can run it
+            if self.registry.fail_broken(bad.job_id, bad.reason):
+                self.say(f"failed {bad}: it is not a job this tlm can read")
         if now - self._last_prune > 600:
             self._last_prune = now
             pruned = self.registry.prune()

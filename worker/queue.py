@@ -4,7 +4,11 @@ The queue only wakes workers: the job registry is the source of truth, and a
 job runs only after a worker claims its record. An entry lost between a
 worker's dequeue and its claim is pushed again by a sweep; a duplicate entry
 is dropped at the claim. Two lanes, so a sample never waits behind training:
-``train`` for training jobs and ``interactive`` for sample and eval jobs.
+``train`` for training jobs and ``interactive`` for sample, eval and export
+jobs (each kind's lane is in ``tlm_worker.kinds.KINDS``). Entries carry their
+job's priority, in huey's priority storage (``PriorityRedisStorage``, and
+``SqliteStorage``, which orders by priority), so the most urgent wake-up comes
+first; the claim itself picks the best job a worker can run.
 
 tlm-worker is its own consumer over huey's storage layer: huey's consumer
 waits for running tasks on SIGINT, kills them on SIGTERM and never
@@ -25,7 +29,7 @@ from typing import Any, Optional
 
 import platformdirs
 import redis
-from huey import RedisHuey, SqliteHuey
+from huey import PriorityRedisHuey, SqliteHuey
 from huey.serializer import Serializer
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -43,10 +47,6 @@ class QueueError(RuntimeError):
 
 class PayloadError(ValueError):
     """A queue entry that is not one of our JSON messages."""
-
-
-def lane_of(kind: str) -> str:
-    return "train" if kind == "train" else "interactive"
 
 
 class JSONSerializer(Serializer):
@@ -103,8 +103,9 @@ class Queue:
             except ValueError as e:
                 raise QueueError(f"queue URL {redact(self.url)}: {e}") from None
             self.redis = redis.Redis(connection_pool=pool)
-            self.lanes = {lane: RedisHuey(name, connection_pool=pool, serializer=self.serializer,
-                                          blocking=False).storage for lane, name in LANES.items()}
+            self.lanes = {lane: PriorityRedisHuey(name, connection_pool=pool, serializer=self.serializer,
+                                                  blocking=False).storage for lane, name in LANES.items()}
+            self._upgrade_lanes()
         elif self.url.startswith("sqlite://"):
             self.sqlite_path = Path(self.url[len("sqlite://"):]).expanduser()
             if self.sqlite_path == default_queue_path():
@@ -120,8 +121,21 @@ class Queue:
                              "redis://[:password@]host:port/db, rediss://..., or sqlite:///path")
         self.storage = self.lanes["train"]  # huey's result store held the registry before 0.2
 
-    def push(self, job_id: str, lane: str) -> None:
-        self.lanes[lane].enqueue(self.serializer.serialize({"job": job_id}))
+    def _upgrade_lanes(self) -> None:
+        """Entries that tlm before priorities left in a Redis list move into the sorted set
+        huey's priority storage keeps under the same key (at normal priority)."""
+        try:
+            for storage in self.lanes.values():
+                if self.redis.type(storage.queue_key) == b"list":
+                    entries = self.redis.lrange(storage.queue_key, 0, -1)
+                    self.redis.delete(storage.queue_key)
+                    for raw in reversed(entries):  # huey's list: newest on the left
+                        storage.enqueue(raw, 0)
+        except QUEUE_ERRORS:
+            pass  # unreachable now: ping() says so, and the next start upgrades
+
+    def push(self, job_id: str, lane: str, priority: int = 0) -> None:
+        self.lanes[lane].enqueue(self.serializer.serialize({"job": job_id}), priority)
 
     def pop(self, lane: str) -> Optional[str]:
         """The lane's next job id, or None. Raises PayloadError for an entry that is not ours."""

@@ -42,40 +42,37 @@ from typing import Any, Callable, Iterator, Optional
 
 import redis
 
-from tlm_worker.queue import Queue, lane_of
+from tlm_worker.kinds import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILED, FINAL, INTERRUPTED,
+                              KINDS, LIVE, QUEUED, RUNNING, SKIPPED, STATES, SUCCEEDED, VERSION,
+                              WAITING, BadRecord, Job)
+from tlm_worker.placement import unmet
+from tlm_worker.queue import Queue
 
-QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
-CANCELLED, SUCCEEDED, FAILED, INTERRUPTED = "cancelled", "succeeded", "failed", "interrupted"
-CLAIMABLE = (QUEUED, INTERRUPTED)  # interrupted jobs are back in the queue
-ACTIVE = (RUNNING, CANCELLING)  # held by a worker
-LIVE = CLAIMABLE + ACTIVE
-FINAL = (CANCELLED, SUCCEEDED, FAILED)
+__all__ = ["ACTIVE", "CANCELLED", "CANCELLING", "CLAIMABLE", "FAILED", "FINAL", "INTERRUPTED",
+           "LIVE", "QUEUED", "RUNNING", "SKIPPED", "STATES", "SUCCEEDED", "WAITING", "Job",
+           "JobNotFound", "LeaseLost", "Registry", "RunBusy", "holder"]
+
 MAX_LOG_LINES = 2000
 MAX_POINTS = 20000  # metric records per job (a report every 10 steps: 200,000 steps)
 STREAMS = {"log": MAX_LOG_LINES, "points": MAX_POINTS}  # per-job append-only lists, capped
 KEEP_DAYS = float(os.environ.get("TLM_KEEP_DAYS", "30"))
 WORKER_TTL = 120.0  # a worker record outlives its last heartbeat by this much
 
-Change = Callable[[dict[str, Any]], Optional[dict[str, Any]]]
+Change = Callable[[Job], Optional[dict[str, Any]]]
+RawChange = Callable[[dict[str, Any]], Optional[dict[str, Any]]]
 
 
-def gang_size(job: dict[str, Any]) -> int:
-    """The workers a job needs at once: a training job's --nodes, else one."""
-    return job["params"].get("nodes", 1) if job["kind"] == "train" else 1
-
-
-def holder(job: dict[str, Any]) -> str:
+def holder(job: Job) -> str:
     """Who runs a job: its worker, a gang's members (rank 0 first), or how far a gang has gathered."""
-    members = job.get("members") or []
-    if gang_size(job) > 1 and job["state"] in CLAIMABLE:
-        return f"gathering {len(members)}/{gang_size(job)}"
-    return ", ".join(m["worker"] for m in members) if members else job["worker"] or "-"
+    if job.nodes > 1 and job.state in CLAIMABLE:
+        return f"gathering {len(job.members)}/{job.nodes}"
+    return ", ".join(m["worker"] for m in job.members) if job.members else job.worker or "-"
 
 
-def _wake(queue: Queue, job: dict[str, Any]) -> None:
-    """Push a claimable job's entry into its lane (gangs are gathered, not popped)."""
-    if gang_size(job) == 1:
-        queue.push(job["id"], lane_of(job["kind"]))
+def _wake(queue: Queue, job: Job) -> None:
+    """Push a claimable job's entry into its lane, at its priority (gangs are gathered, not popped)."""
+    if job.nodes == 1 and job.state in CLAIMABLE:
+        queue.push(job.id, job.spec.lane, job.priority)
 
 
 class JobNotFound(KeyError):
@@ -92,9 +89,8 @@ class JobNotFound(KeyError):
 class RunBusy(RuntimeError):
     """The run already has a live training job (one trainer per run)."""
 
-    def __init__(self, job: dict[str, Any]):
-        super().__init__(f"{job['run'].split(':', 1)[1]} already has a {job['state']} job "
-                         f"{job['id']} (one trainer per run)")
+    def __init__(self, job: Job):
+        super().__init__(f"{job.run_name} already has a {job.state} job {job.id} (one trainer per run)")
         self.job = job
 
 
@@ -109,61 +105,88 @@ class Registry:
         self.queue = queue
         self.keep_days = keep_days
         self.store = RedisStore(queue.redis) if queue.redis is not None else SqliteStore(queue.sqlite_path)
+        self.skipped: dict[str, BadRecord] = {}  # records that did not decode, by id (latest read)
         if queue.storage.result_store_size():
             self._migrate()
 
+    # -- reading: records in, Jobs out; a record that does not decode is skipped ----------
+
+    def _decode(self, records: list[dict[str, Any]]) -> list[Job]:
+        jobs = []
+        for record in records:
+            try:
+                jobs.append(Job.decode(record))
+            except BadRecord as e:
+                self.skipped[e.job_id] = e
+        return jobs
+
+    def _read(self, ids: list[str]) -> list[Job]:
+        return self._decode(self.store.read(ids))
+
     # -- jobs ------------------------------------------------------------------
 
-    def create(self, kind: str, params: dict[str, Any], run_key: str) -> dict[str, Any]:
-        """Record a queued job and wake a worker; a second live trainer of a run raises RunBusy."""
+    def create(self, kind: str, params: dict[str, Any], run_key: str, priority: int = 0,
+               needs: Optional[dict[str, Any]] = None, after: Optional[str] = None) -> Job:
+        """Record a job and wake a worker; a second live trainer of a run raises RunBusy.
+
+        ``after``: a job id; this one waits until that one succeeded (ends skipped otherwise).
+        """
         now = time.time()
-        job = {"id": uuid.uuid4().hex[:12], "kind": kind, "params": params, "run": run_key,
-               "state": QUEUED, "worker": None, "attempts": 0, "interruptions": 0, "fence": 0,
-               "created": now, "enqueued": now, "started": None, "finished": None,
-               "heartbeat": None, "cancel": None, "progress": {}, "checkpoint": None,
-               "error": None, "result": None, "members": []}
-        busy = self.store.insert(job, exclusive=kind == "train")
+        parent = self.get(after) if after else None
+        job = Job(id=uuid.uuid4().hex[:12], kind=kind, params=params, run=run_key,
+                  state=WAITING if parent else QUEUED, created=now, enqueued=now,
+                  priority=priority, needs=needs or {}, after=parent and parent.id)
+        Job.decode(job.to_record())  # what we write must read back (BadRecord if not)
+        busy = self.store.insert(job.to_record(), exclusive=job.spec.trainer)
         if busy is not None:
             raise RunBusy(self.get(busy))
-        _wake(self.queue, job)
-        return job
+        if parent is None:
+            _wake(self.queue, job)
+            return job
+        added = self._change(parent.id, lambda p: {"followers": p.followers + [job.id]}
+                             if p.state not in FINAL else None)
+        return self._follow(job, added or self.get(parent.id))
 
-    def get(self, job_id: str) -> dict[str, Any]:
-        """A job by id or unique id prefix."""
-        found = self.store.read([job_id])
+    def get(self, job_id: str) -> Job:
+        """A job by id or unique id prefix (JobNotFound for none, or a record that does not decode)."""
+        found = self._read([job_id])
         if found:
             return found[0]
         matches = self.store.match_prefix(job_id, 2) if job_id else []
-        found = self.store.read(matches[:1]) if len(matches) == 1 else []
+        found = self._read(matches[:1]) if len(matches) == 1 else []
         if not found:
             raise JobNotFound(job_id, len(matches))
         return found[0]
+
+    def find(self, ids: list[str]) -> list[Job]:
+        """The jobs with these exact ids that exist and decode."""
+        return self._read(ids)
 
     def update(self, job_id: str, **fields: Any) -> None:
         """Set fields other than the state (progress, checkpoint, result) of an existing job."""
         self.store.set_fields(job_id, fields)
 
     def jobs(self, limit: Optional[int] = 50, state: Optional[str] = None,
-             run: Optional[str] = None) -> list[dict[str, Any]]:
+             run: Optional[str] = None) -> list[Job]:
         """Live jobs and the latest ``limit`` finished ones (None: all), oldest first."""
         if run is not None:
-            jobs = self.store.read(self.store.run_ids(run))
-            live = [j for j in jobs if j["state"] in LIVE]
-            done = [j for j in jobs if j["state"] in FINAL]
+            jobs = self._read(self.store.run_ids(run))
+            live = [j for j in jobs if j.state in LIVE]
+            done = [j for j in jobs if j.state in FINAL]
             done = done[:limit] if limit is not None else done  # run_ids is newest first
-            jobs = [j for j in live + done if state in (None, j["state"])]
+            jobs = [j for j in live + done if state in (None, j.state)]
         elif state in LIVE:
             jobs = self.in_states([state])
         else:
             jobs = self.in_states(LIVE) if state is None else []
             jobs += self._finished(limit, state)
-        return sorted(jobs, key=lambda j: j["created"])
+        return sorted(jobs, key=lambda j: j.created)
 
-    def in_states(self, states) -> list[dict[str, Any]]:
+    def in_states(self, states) -> list[Job]:
         """The jobs in these live states (through the state indexes: live work only)."""
-        return self.store.read(self.store.ids_in(states))
+        return self._read(self.store.ids_in(states))
 
-    def _finished(self, limit: Optional[int], state: Optional[str]) -> list[dict[str, Any]]:
+    def _finished(self, limit: Optional[int], state: Optional[str]) -> list[Job]:
         """The newest finished jobs, optionally of one state, reading a page at a time."""
         out, offset = [], 0
         page = 1000 if limit is None else max(limit, 1) if state is None else max(limit, 100)
@@ -171,7 +194,7 @@ class Registry:
             ids = self.store.finished_ids(offset, page)
             if not ids:
                 break
-            out += [j for j in self.store.read(ids) if state in (None, j["state"])]
+            out += [j for j in self._read(ids) if state in (None, j.state)]
             offset += len(ids)
         return out if limit is None else out[:limit]
 
@@ -182,102 +205,189 @@ class Registry:
         """Seconds a finished job is kept."""
         return self.keep_days * 86400
 
-    def claim(self, job_id: str, worker_id: str) -> Optional[dict[str, Any]]:
-        """Take a claimable job for this worker with a new fencing token; None if not ours.
+    def _change(self, job_id: str, fn: Change, expire: Optional[float] = None) -> Optional[Job]:
+        """Apply ``fn(job) -> changes`` atomically; a record that does not decode is left alone."""
+        def raw(record: dict[str, Any]) -> Optional[dict[str, Any]]:
+            try:
+                return fn(Job.decode(record))
+            except BadRecord:
+                return None
+        new = self.store.change(job_id, raw, expire)
+        return Job.decode(new) if new is not None else None
+
+    def claim(self, job_id: str, worker_id: str,
+              caps: Optional[dict[str, Any]] = None) -> Optional[Job]:
+        """Take a claimable job for this worker with a new fencing token; None if not ours
+        (taken, a gang, or a need these capabilities do not meet).
 
         A claimable job whose cancel was asked for while it ran ends cancelled here.
         """
         now = time.time()
 
-        def take(job):
-            if job["state"] not in CLAIMABLE or gang_size(job) > 1:
+        def take(job: Job):
+            if job.state not in CLAIMABLE or job.nodes > 1:
                 return None
-            if job["cancel"]:
+            if job.cancel:
                 return {"state": CANCELLED, "finished": now}
-            return {"state": RUNNING, "worker": worker_id, "attempts": job["attempts"] + 1,
-                    "fence": job["fence"] + 1, "started": now, "heartbeat": now, "error": None}
-        job = self.store.change(job_id, take, expire=self._ttl)
-        return job if job is not None and job["state"] == RUNNING else None
+            if caps is not None and unmet(job.needs, caps):
+                return None
+            return {"state": RUNNING, "worker": worker_id, "attempts": job.attempts + 1,
+                    "fence": job.fence + 1, "started": now, "heartbeat": now, "error": None}
+        job = self._change(job_id, take, expire=self._ttl)
+        if job is not None and job.state == CANCELLED:
+            self._settle_followers(job)
+        return job if job is not None and job.state == RUNNING else None
 
-    def finish(self, job_id: str, state: str, fence: Optional[int] = None,
-               **fields: Any) -> Optional[dict[str, Any]]:
+    def claim_next(self, lane: str, worker_id: str, caps: dict[str, Any]) -> Optional[Job]:
+        """The best job of a lane this worker can run, claimed: highest priority first, then
+        the longest waiting, among claimable jobs whose needs it meets. Each try is the one
+        atomic claim above, so two workers never take one job; one that lost a race tries
+        the next."""
+        jobs = [j for j in self.in_states(CLAIMABLE)
+                if j.spec.lane == lane and j.nodes == 1 and not unmet(j.needs, caps)]
+        for job in sorted(jobs, key=lambda j: (-j.priority, j.enqueued)):
+            claimed = self.claim(job.id, worker_id, caps)
+            if claimed is not None:
+                return claimed
+        return None
+
+    def finish(self, job_id: str, state: str, fence: Optional[int] = None, **fields: Any) -> Optional[Job]:
         """End a live job (held under ``fence``, if given); None if it was not."""
         assert state in FINAL
         now = time.time()
 
-        def end(job):
-            if job["state"] not in LIVE or (fence is not None and job["fence"] != fence):
+        def end(job: Job):
+            if job.state not in LIVE or (fence is not None and job.fence != fence):
                 return None
             return {"state": state, "finished": now, **fields}
-        return self.store.change(job_id, end, expire=self._ttl)
+        job = self._change(job_id, end, expire=self._ttl)
+        if job is not None:
+            self._settle_followers(job)
+        return job
 
-    def requeue(self, job_id: str, fence: int, reason: str, interrupted: bool) -> Optional[dict]:
+    def requeue(self, job_id: str, fence: int, reason: str, interrupted: bool) -> Optional[Job]:
         """Give a held job back to the queue with a new fence (voiding the old holder).
 
         ``interrupted``: stopped on purpose (a worker's signal), so the attempt
         does not count against ``--max_attempts``.
         """
-        def back(job):
-            if job["state"] not in ACTIVE or job["fence"] != fence:
+        def back(job: Job):
+            if job.state not in ACTIVE or job.fence != fence:
                 return None
             changes = {"state": INTERRUPTED, "worker": None, "fence": fence + 1, "error": reason,
                        "enqueued": time.time(), "members": []}
             if interrupted:
-                changes.update(attempts=job["attempts"] - 1, interruptions=job["interruptions"] + 1)
+                changes.update(attempts=job.attempts - 1, interruptions=job.interruptions + 1)
             return changes
-        job = self.store.change(job_id, back)
+        job = self._change(job_id, back)
         if job is not None:
             self.log(job_id, f"re-queued: {reason}")
             _wake(self.queue, job)
         return job
 
     def cancel(self, job_id: str, force: bool = False) -> bool:
-        """Cancel: a claimable job ends at once (True); a held one is asked to stop (False)."""
+        """Cancel: a claimable or waiting job ends at once (True); a held one is asked to stop
+        (False). What waits on it is cancelled with it."""
         now = time.time()
 
-        def drop(job):
-            if job["state"] not in CLAIMABLE:
+        def drop(job: Job):
+            if job.state not in CLAIMABLE + (WAITING,):
                 return None
             return {"state": CANCELLED, "finished": now, "cancel": "stop"}
-        if self.store.change(job_id, drop, expire=self._ttl):
-            return True
-        self.update(job_id, cancel="force" if force else "stop")
-        return False
+        job = self._change(job_id, drop, expire=self._ttl)
+        if job is None:
+            self.update(job_id, cancel="force" if force else "stop")
+        for follower in self._read((job or self.get(job_id)).followers):
+            if follower.state == WAITING:
+                self.cancel(follower.id)
+                self.log(follower.id, f"cancelled with the job it waited for, {job_id}")
+        return job is not None
 
     def mark_cancelling(self, job_id: str, fence: int) -> None:
-        self.store.change(job_id, lambda job: {"state": CANCELLING}
-                          if job["state"] == RUNNING and job["fence"] == fence else None)
+        self._change(job_id, lambda job: {"state": CANCELLING}
+                     if job.state == RUNNING and job.fence == fence else None)
 
     def check_fence(self, job_id: str, fence: int) -> None:
         """Raise LeaseLost unless ``fence`` is still the job's current token."""
         job = self.get(job_id)
-        if job["fence"] != fence or job["state"] not in ACTIVE:
-            raise LeaseLost(f"job {job_id} was taken over (fence {fence} -> {job['fence']}, "
-                            f"state {job['state']}): not saving")
+        if job.fence != fence or job.state not in ACTIVE:
+            raise LeaseLost(f"job {job_id} was taken over (fence {fence} -> {job.fence}, "
+                            f"state {job.state}): not saving")
+
+    def fail_broken(self, job_id: str, reason: str) -> bool:
+        """Fail a live record that does not decode (foreign or damaged), so it strands no
+        worker and no run; True if it was failed here."""
+        now = time.time()
+        return self.store.change(job_id, lambda rec: {
+            "state": FAILED, "finished": now, "error": f"unreadable job record: {reason}"}
+            if rec.get("state") not in FINAL else None, expire=self._ttl) is not None
+
+    # -- chains: --after JOB, --then ... -------------------------------------------------
+
+    def _follow(self, follower: Job, parent: Optional[Job]) -> Job:
+        """Start a waiting follower whose parent succeeded (pinned to the parent's final
+        checkpoint), or end it skipped when the parent did not (or is gone); unchanged while
+        the parent is live."""
+        if parent is not None and parent.state not in FINAL:
+            return follower
+        now = time.time()
+
+        def settle(job: Job):
+            if job.state != WAITING:
+                return None
+            if parent is None or parent.state != SUCCEEDED:
+                why = f"{parent.kind} job {parent.id} {parent.state}" if parent else \
+                    f"job {job.after} is gone"
+                return {"state": SKIPPED, "finished": now, "error": f"skipped: {why}"}
+            params = job.params
+            if job.spec.checkpoint_input and parent.checkpoint and not params.get("identifier"):
+                params = {**params, "identifier": parent.checkpoint}
+            return {"state": QUEUED, "enqueued": now, "params": params}
+        job = self._change(follower.id, settle, expire=self._ttl)
+        if job is None:
+            return self.get(follower.id)
+        if job.state == QUEUED:
+            _wake(self.queue, job)
+        else:
+            self._settle_followers(job)  # a skipped job's own followers are skipped too
+        return job
+
+    def _settle_followers(self, parent: Job) -> None:
+        for follower in self._read(parent.followers):
+            self._follow(follower, parent)
+
+    def waiting_for_parents(self) -> None:
+        """Settle waiting jobs whose parent ended (a process that ended the parent died before
+        settling them) or vanished: the worker's sweep runs this."""
+        for job in self.in_states([WAITING]):
+            self._follow(job, next(iter(self._read([job.after] if job.after else [])), None))
 
     # -- gangs: N workers at once, all or nothing --------------------------------------
 
-    def waiting_gangs(self) -> list[dict[str, Any]]:
-        """Gang jobs waiting for members, oldest first (every worker joins the oldest it can,
-        so two gangs never split the workers between them)."""
-        return sorted((j for j in self.in_states(CLAIMABLE) if gang_size(j) > 1),
-                      key=lambda j: j["created"])
+    def waiting_gangs(self) -> list[Job]:
+        """Gang jobs waiting for members, highest priority then oldest first (every worker joins
+        the first it can, so two gangs never split the workers between them)."""
+        return sorted((j for j in self.in_states(CLAIMABLE) if j.nodes > 1),
+                      key=lambda j: (-j.priority, j.created))
 
     def reserve(self, job_id: str, worker_id: str, place: dict[str, Any],
-                expires: float) -> Optional[dict[str, Any]]:
+                expires: float, caps: Optional[dict[str, Any]] = None) -> Optional[Job]:
         """Hold (or refresh) this worker's place in a waiting gang until ``expires``; places of
         others that expired are dropped. The place that completes the gang starts it: the job
         runs under a new fence, its members (in rank order) fixed. The job, or None if it no
-        longer waits or another member holds the same address and port (two workers on one
-        machine that chose a port at once: one tries another)."""
+        longer waits, this worker does not meet its needs, or another member holds the same
+        address and port (two workers on one machine that chose a port at once: one tries
+        another)."""
         now = time.time()
 
-        def join(job):
-            if job["state"] not in CLAIMABLE:
+        def join(job: Job):
+            if job.state not in CLAIMABLE:
                 return None
-            if job["cancel"]:
+            if job.cancel:
                 return {"state": CANCELLED, "finished": now, "members": []}
-            places = [m for m in job["members"] if m["expires"] > now or m["worker"] == worker_id]
+            if caps is not None and unmet(job.needs, caps):
+                return None
+            places = [m for m in job.members if m["expires"] > now or m["worker"] == worker_id]
             if any(m["worker"] != worker_id and (m["address"], m["port"]) ==
                    (place["address"], place["port"]) for m in places):
                 return None
@@ -285,32 +395,35 @@ class Registry:
             if mine is None:
                 places.append(mine := {"worker": worker_id})
             mine.update(place, expires=expires)
-            if len(places) < gang_size(job):
+            if len(places) < job.nodes:
                 return {"members": places}
             return {"members": [{**m, "heartbeat": now} for m in places], "state": RUNNING,
-                    "worker": places[0]["worker"], "attempts": job["attempts"] + 1,
-                    "fence": job["fence"] + 1, "started": now, "heartbeat": now, "error": None}
-        return self.store.change(job_id, join, expire=self._ttl)
+                    "worker": places[0]["worker"], "attempts": job.attempts + 1,
+                    "fence": job.fence + 1, "started": now, "heartbeat": now, "error": None}
+        job = self._change(job_id, join, expire=self._ttl)
+        if job is not None and job.state == CANCELLED:
+            self._settle_followers(job)
+        return job
 
     def withdraw(self, job_id: str, worker_id: str) -> None:
         """Give up this worker's place in a gang that still waits."""
-        self.store.change(job_id, lambda job: {"members": [m for m in job["members"]
-                                                           if m["worker"] != worker_id]}
-                          if job["state"] in CLAIMABLE else None)
+        self._change(job_id, lambda job: {"members": [m for m in job.members
+                                                      if m["worker"] != worker_id]}
+                     if job.state in CLAIMABLE else None)
 
-    def heartbeat_member(self, job_id: str, worker_id: str, fence: int) -> Optional[dict[str, Any]]:
+    def heartbeat_member(self, job_id: str, worker_id: str, fence: int) -> Optional[Job]:
         """A gang member's heartbeat: the job's own heartbeat is its stalest member's, so a
         sweep re-queues the gang when any member's worker dies. None: the gang this member
         ran in is over (re-queued or ended elsewhere)."""
         now = time.time()
 
-        def beat(job):
-            if job["state"] not in ACTIVE or job["fence"] != fence:
+        def beat(job: Job):
+            if job.state not in ACTIVE or job.fence != fence:
                 return None
             members = [{**m, "heartbeat": now} if m["worker"] == worker_id else m
-                       for m in job["members"]]
+                       for m in job.members]
             return {"members": members, "heartbeat": min(m["heartbeat"] for m in members)}
-        return self.store.change(job_id, beat)
+        return self._change(job_id, beat)
 
     # -- heartbeats, logs, followers ------------------------------------------------
 
@@ -347,7 +460,9 @@ class Registry:
         self.store.drop_worker(worker_id)
 
     def workers(self) -> list[dict[str, Any]]:
-        return self.store.workers()
+        """Live workers' records; one that is not a JSON object with an id is skipped."""
+        return [w for w in self.store.workers()
+                if isinstance(w, dict) and isinstance(w.get("id"), str)]
 
     # -- retention and upgrades ----------------------------------------------------------
 
@@ -369,7 +484,7 @@ class Registry:
                    "cancel": value(f"cancel:{old['id']}"), **old}
             if job["state"] in FINAL:
                 job["finished"] = job["finished"] or job["created"]
-            exclusive = job["kind"] == "train" and job["state"] in LIVE
+            exclusive = job["kind"] in KINDS and KINDS[job["kind"]].trainer and job["state"] in LIVE
             if self.store.insert(job, exclusive, migrating=True) is None:
                 self.store.append(old["id"], "log", value(f"log:{old['id']}") or [])
         self.queue.storage.flush_results()
@@ -377,6 +492,14 @@ class Registry:
 
 def _json(fields: dict[str, Any]) -> dict[str, str]:
     return {k: json.dumps(v) for k, v in fields.items()}
+
+
+def _loads(text: Any) -> Any:
+    """JSON, or None for text that is not (a record someone else wrote)."""
+    try:
+        return json.loads(text)
+    except (TypeError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 class RedisStore:
@@ -396,8 +519,17 @@ class RedisStore:
     def _trainer(self, run: str) -> str:
         return f"{self.P}trainer:{run}"
 
-    def _decode(self, raw: dict) -> Optional[dict[str, Any]]:
-        job = {k.decode(): json.loads(v) for k, v in raw.items()}
+    def _decode(self, raw: dict, job_id: str) -> Optional[dict[str, Any]]:
+        """A record's fields; one that is not JSON is kept as text and the record marked bad
+        (readers skip it). A record without a state is a fragment (expired): None."""
+        job: dict[str, Any] = {"id": job_id}
+        for k, v in raw.items():
+            key = k.decode(errors="replace")
+            try:
+                job[key] = json.loads(v)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                job[key] = v.decode(errors="replace")
+                job.setdefault("_bad", f"has a field {key!r} that is not JSON")
         return job if "state" in job else None
 
     def insert(self, job: dict[str, Any], exclusive: bool, migrating: bool = False) -> Optional[str]:
@@ -448,13 +580,13 @@ class RedisStore:
             while True:
                 try:
                     pipe.watch(key)
-                    job = self._decode(pipe.hgetall(key))
+                    job = self._decode(pipe.hgetall(key), job_id)
                     changes = fn(job) if job is not None else None
                     if changes is None:
                         pipe.unwatch()
                         return None
                     new = {**job, **changes}
-                    trainer = self._trainer(job["run"])
+                    trainer = self._trainer(job.get("run"))
                     release = False  # an ending trainer frees its run
                     if new["state"] in FINAL:
                         pipe.watch(trainer)
@@ -462,7 +594,7 @@ class RedisStore:
                     pipe.multi()
                     pipe.hset(key, mapping=_json(changes))
                     if new["state"] != job["state"]:
-                        self._index(pipe, new, job["state"], expire)
+                        self._index(pipe, new, str(job["state"]), expire)
                     else:
                         pipe.publish(f"{self.P}events", job_id)
                     if release:
@@ -488,7 +620,7 @@ class RedisStore:
         with self.r.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hgetall(self._job(job_id))
-            return [j for j in map(self._decode, pipe.execute()) if j is not None]
+            return [j for j in map(self._decode, pipe.execute(), ids) if j is not None]
 
     def ids_in(self, states) -> list[str]:
         return [i.decode() for i in self.r.sunion([f"{self.P}state:{s}" for s in states])]
@@ -552,7 +684,7 @@ class RedisStore:
         gone = [i for i, v in zip(ids, values) if v is None]
         if gone:
             self.r.srem(f"{self.P}workers", *gone)
-        return [json.loads(v) for v in values if v is not None]
+        return [_loads(v) for v in values if v is not None]
 
     def prune(self, before: float) -> int:
         ids = [i.decode() for i in self.r.zrangebyscore(f"{self.P}finished", "-inf", before)]
@@ -563,7 +695,8 @@ class RedisStore:
                 pipe.zrem(f"{self.P}finished", job_id)
                 pipe.zrem(f"{self.P}ids", job_id)
                 if run is not None:
-                    pipe.zrem(f"{self.P}run:{json.loads(run)}", job_id)
+                    with contextlib.suppress(ValueError):
+                        pipe.zrem(f"{self.P}run:{json.loads(run)}", job_id)
                 pipe.execute()
         return len(ids)
 
@@ -574,12 +707,10 @@ class SqliteStore:
     SCHEMA = """
     CREATE TABLE IF NOT EXISTS tlm_job (
         id TEXT PRIMARY KEY, kind TEXT NOT NULL, run TEXT NOT NULL, state TEXT NOT NULL,
-        created REAL NOT NULL, finished REAL, record TEXT NOT NULL);
+        created REAL NOT NULL, finished REAL, record TEXT NOT NULL, trainer INTEGER NOT NULL DEFAULT 0);
     CREATE INDEX IF NOT EXISTS tlm_job_state ON tlm_job (state);
     CREATE INDEX IF NOT EXISTS tlm_job_run ON tlm_job (run, created);
     CREATE INDEX IF NOT EXISTS tlm_job_finished ON tlm_job (finished);
-    CREATE UNIQUE INDEX IF NOT EXISTS tlm_one_trainer_per_run ON tlm_job (run)
-        WHERE kind = 'train' AND state IN ('queued', 'interrupted', 'running', 'cancelling');
     CREATE TABLE IF NOT EXISTS tlm_line (
         job TEXT NOT NULL, stream TEXT NOT NULL, n INTEGER NOT NULL, line TEXT NOT NULL,
         PRIMARY KEY (job, stream, n));
@@ -592,6 +723,18 @@ class SqliteStore:
         self._local = threading.local()
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(self.SCHEMA)
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Files made before the kinds table named 'train' in their index: a trainer column."""
+        columns = [r[1] for r in self.db.execute("PRAGMA table_info(tlm_job)")]
+        with self._tx() as db:
+            if "trainer" not in columns:
+                db.execute("ALTER TABLE tlm_job ADD COLUMN trainer INTEGER NOT NULL DEFAULT 0")
+                db.execute("UPDATE tlm_job SET trainer = 1 WHERE kind = 'train'")
+            db.execute("DROP INDEX IF EXISTS tlm_one_trainer_per_run")
+            db.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS tlm_one_live_trainer_per_run ON tlm_job (run) "
+                       f"WHERE trainer = 1 AND state IN ({', '.join(repr(s) for s in LIVE)})")
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -615,30 +758,38 @@ class SqliteStore:
     def insert(self, job: dict[str, Any], exclusive: bool, migrating: bool = False) -> Optional[str]:
         with self._tx() as db:
             try:
-                db.execute("INSERT INTO tlm_job VALUES (?, ?, ?, ?, ?, ?, ?)",
+                db.execute("INSERT INTO tlm_job VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                            (job["id"], job["kind"], job["run"], job["state"], job["created"],
-                            job["finished"], json.dumps(job)))
+                            job["finished"], json.dumps(job), int(exclusive)))
                 return None
             except sqlite3.IntegrityError:
                 if migrating:
                     return job["id"]
-                row = db.execute("SELECT id FROM tlm_job WHERE run = ? AND kind = 'train' AND "
-                                 "state IN (?, ?, ?, ?)", (job["run"], *LIVE)).fetchone()
+                row = db.execute(f"SELECT id FROM tlm_job WHERE run = ? AND trainer = 1 AND "
+                                 f"state IN ({','.join('?' * len(LIVE))})", (job["run"], *LIVE)).fetchone()
                 if row is None:
                     raise
                 return row[0]
 
     def change(self, job_id: str, fn: Change, expire: Optional[float] = None) -> Optional[dict]:
         with self._tx() as db:
-            row = db.execute("SELECT record FROM tlm_job WHERE id = ?", (job_id,)).fetchone()
-            job = json.loads(row[0]) if row else None
+            row = db.execute("SELECT id, state, record FROM tlm_job WHERE id = ?", (job_id,)).fetchone()
+            job = self._decode(*row) if row else None
             changes = fn(job) if job is not None else None
             if changes is None:
                 return None
             job.update(changes)
             db.execute("UPDATE tlm_job SET state = ?, finished = ?, record = ? WHERE id = ?",
-                       (job["state"], job["finished"], json.dumps(job), job_id))
+                       (job["state"], job.get("finished"), json.dumps(job), job_id))
             return job
+
+    @staticmethod
+    def _decode(job_id: str, state: str, record: str) -> dict[str, Any]:
+        """A row's record; one that is not a JSON object is marked bad (readers skip it)."""
+        job = _loads(record)
+        if not isinstance(job, dict):
+            return {"id": job_id, "state": state, "_bad": "is not a JSON object"}
+        return job
 
     def set_fields(self, job_id: str, fields: dict[str, Any]) -> None:
         self.change(job_id, lambda job: fields)
@@ -647,10 +798,10 @@ class SqliteStore:
         out = []
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
-            rows = self.db.execute(f"SELECT id, record FROM tlm_job WHERE id IN "
+            rows = self.db.execute(f"SELECT id, state, record FROM tlm_job WHERE id IN "
                                    f"({','.join('?' * len(chunk))})", chunk).fetchall()
-            by_id = dict(rows)
-            out += [json.loads(by_id[j]) for j in chunk if j in by_id]
+            by_id = {row[0]: row for row in rows}
+            out += [self._decode(*by_id[j]) for j in chunk if j in by_id]
         return out
 
     def ids_in(self, states) -> list[str]:
@@ -723,7 +874,7 @@ class SqliteStore:
     def workers(self) -> list[dict[str, Any]]:
         with self._tx() as db:
             db.execute("DELETE FROM tlm_worker WHERE heartbeat < ?", (time.time() - WORKER_TTL,))
-        return [json.loads(r[0]) for r in self.db.execute("SELECT record FROM tlm_worker")]
+        return [_loads(r[0]) for r in self.db.execute("SELECT record FROM tlm_worker")]
 
     def prune(self, before: float) -> int:
         with self._tx() as db:

@@ -85,7 +85,7 @@ function jobActions(job) {
     if (job.state !== "queued") out.push(" ", el("button", { class: "force", onclick: () => act(
       post(`/api/jobs/${job.id}/cancel`, { force: true }), () => `job ${job.id}: stopping now`) },
       "force"));
-  } else if (job.kind === "train" && ["cancelled", "failed"].includes(job.state)) {
+  } else if (job.trainer && ["cancelled", "failed"].includes(job.state)) {
     out.push(el("button", { class: "resume", onclick: () => act(
       post("/api/resume", { key: job.run }), r => `queued job ${r.job} to resume ${runName(job.run)}`) },
       "resume"));
@@ -101,7 +101,7 @@ function jobRow(job, selectable) {
     selectable ? el("td", {}, el("input", { type: "checkbox", class: "pick", value: job.run })) : null,
     el("td", {}, el("code", {}, job.id)), el("td", {}, job.kind), el("td", {}, runLink(job.run)),
     el("td", { class: `state state-${job.state}` }, job.state), el("td", {}, job.holder || job.worker || "-"),
-    el("td", { class: "num step" }, p.step ? `${p.step}/${p.total}` : ""),
+    el("td", { class: "num step" }, job.waiting || (p.step ? `${p.step}/${p.total}` : "")),
     el("td", { class: "num" }, fmt(p.train_loss)), el("td", { class: "num" }, val),
     el("td", { class: "num" }, p.tokens_per_sec ? Math.round(p.tokens_per_sec).toLocaleString() : ""),
     el("td", { class: "num" }, eta),
@@ -114,11 +114,15 @@ const JOB_HEADERS = ["id", "kind", "run", "state", "worker", "step", "train loss
   "ETA", "tries", "age", "error", ""];
 
 function workerTable(workers) {
-  return table(["worker", "host", "device", "slots", "heartbeat", "jobs"], workers.map(w => {
+  return table(["worker", "host", "device", "memory free", "labels", "slots", "heartbeat", "jobs"], workers.map(w => {
     const stale = Date.now() / 1000 - w.heartbeat > STALE_SECONDS;
     const slots = w.slots ? `train ${w.slots.train} · interactive ${w.slots.interactive}` : "";
+    const caps = w.capabilities || {};
+    const labels = Object.entries(caps.labels || {}).map(([k, v]) => `${k}=${v}`).join(", ");
     return el("tr", { dataset: { worker: w.id } }, el("td", {}, w.id), el("td", {}, w.host),
-      el("td", {}, w.device), el("td", {}, slots),
+      el("td", {}, w.device + (caps.chip ? ` (${caps.chip})` : "")),
+      el("td", { class: "num" }, caps.memory_available ? `${(caps.memory_available / 2 ** 30).toFixed(1)} GiB` : ""),
+      el("td", {}, labels + (w.paused ? ` paused: ${w.paused}` : "")), el("td", {}, slots),
       el("td", { class: stale ? "stale" : "" }, age(w.heartbeat) + (stale ? " (stale)" : "")),
       el("td", {}, (w.jobs || []).join(", ") || "-"));
   }));
@@ -154,9 +158,11 @@ function submitForm() {
   api("/api/presets").then(d => Object.keys(d.presets).forEach(
     name => preset.append(el("option", { value: name }, name))));
   const run = el("input", { id: "submit-run", placeholder: "run name", required: true });
+  const priority = el("select", { id: "submit-priority" },
+    ["normal", "high", "low"].map(p => el("option", { value: p }, `${p} priority`)));
   const overrides = el("textarea", { id: "submit-overrides", rows: 3,
     placeholder: "one flag per line, e.g.\nnum_iters=2000\nlearning_rate=3e-3" });
-  const form = el("form", {}, el("div", { class: "row" }, preset, run,
+  const form = el("form", {}, el("div", { class: "row" }, preset, run, priority,
     el("button", { class: "primary", type: "submit" }, "submit training job")), overrides);
   form.addEventListener("submit", e => {
     e.preventDefault();
@@ -165,7 +171,8 @@ function submitForm() {
       const [k, ...v] = line.split("=");
       flags[k.trim()] = v.join("=").trim();
     }
-    act(post("/api/submit", { preset: preset.value, run: run.value, overrides: flags }),
+    act(post("/api/submit", { preset: preset.value, run: run.value, overrides: flags,
+      priority: priority.value }),
       r => `queued training job ${r.job}`);
   });
   return el("div", {}, el("h2", {}, "Submit"), form);
@@ -246,7 +253,7 @@ function runView(root, key) {
         el("td", {}, c.on_disk === null ? "not mounted here" : c.on_disk ? "yes" : "deleted"))))
       : el("p", { class: "muted" }, "no checkpoint yet"),
     older > 0 ? el("p", { class: "muted" }, `and ${older} older`) : null].filter(Boolean));
-    const trains = run.jobs.filter(j => j.kind === "train"), shown = trains.length ? trains : run.jobs;
+    const trains = run.jobs.filter(j => j.trainer), shown = trains.length ? trains : run.jobs;
     const latest = shown.length ? shown[shown.length - 1].id : null; // whose log streams below
     if (latest !== logJob) { logJob = latest; logCursor = null; log.textContent = ""; }
     if (logJob) {

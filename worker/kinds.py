@@ -1,0 +1,165 @@
+"""What a job is: its states, the table of job kinds, and the typed ``Job`` record.
+
+Everything tlm knows about a kind of job lives in one ``JobKind`` entry of
+``KINDS``: its queue lane, whether it holds its run's one trainer, how many
+workers it needs at once, what its record must hold, and the function its job
+process runs. A new kind of job is one entry here (and its ``run`` function).
+
+A ``Job`` is what the registry returns and every front end reads. Records
+come from a shared store that other tlm versions (or people) write too, so
+``Job.decode`` checks every field: a record that does not decode raises
+``BadRecord`` with a one-line reason, and readers skip it (or fail it) instead
+of crashing. ``version`` tells a newer tlm's records from broken ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+VERSION = 2  # of the record layout; records before it carry none and read as 1
+
+QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
+CANCELLED, SUCCEEDED, FAILED, INTERRUPTED = "cancelled", "succeeded", "failed", "interrupted"
+WAITING, SKIPPED = "waiting", "skipped"  # chains: waiting for its parent; the parent did not succeed
+CLAIMABLE = (QUEUED, INTERRUPTED)  # interrupted jobs are back in the queue
+ACTIVE = (RUNNING, CANCELLING)  # held by a worker
+LIVE = (WAITING,) + CLAIMABLE + ACTIVE
+FINAL = (CANCELLED, SUCCEEDED, FAILED, SKIPPED)
+STATES = LIVE + FINAL
+
+PRIORITIES = {"high": 10, "normal": 0, "low": -10}  # --priority: higher is taken first
+
+
+class BadRecord(ValueError):
+    """A job record that does not decode (foreign, damaged, or from a newer tlm)."""
+
+    def __init__(self, job_id: str, reason: str, newer: bool = False):
+        super().__init__(f"job record {job_id!r} {reason}")
+        self.job_id, self.reason, self.newer = job_id, reason, newer
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """One kind of job. ``run`` is ``module:function`` of the job process (imported
+    there only, so the queue never imports MLX)."""
+    name: str
+    lane: str  # "train" (training slots) or "interactive" (beside them)
+    run: str
+    trainer: bool = False  # holds its run's one trainer (one live at a time)
+    required: tuple[str, ...] = ()  # params its record must hold
+    nodes: Callable[[dict[str, Any]], int] = lambda params: 1  # workers it needs at once
+    checkpoint_input: bool = False  # reads a checkpoint: a chain pins its parent's
+
+
+KINDS: dict[str, JobKind] = {k.name: k for k in (
+    JobKind("train", "train", "tlm_worker.jobs:run_train", trainer=True,
+            nodes=lambda params: int(params.get("nodes", 1))),
+    JobKind("eval", "interactive", "tlm_worker.jobs:run_eval", checkpoint_input=True),
+    JobKind("sample", "interactive", "tlm_worker.jobs:run_sample", required=("prompt", "sampling"),
+            checkpoint_input=True),
+    JobKind("export", "interactive", "tlm_worker.jobs:run_export", required=("out",),
+            checkpoint_input=True),
+)}
+
+# A field's type, for decoding records that other writers made: (types, may be None).
+_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
+    "id": ((str,), False), "kind": ((str,), False), "params": ((dict,), False),
+    "run": ((str,), False), "state": ((str,), False), "worker": ((str,), True),
+    "attempts": ((int,), False), "interruptions": ((int,), False), "fence": ((int,), False),
+    "created": ((int, float), False), "enqueued": ((int, float), False),
+    "started": ((int, float), True), "finished": ((int, float), True),
+    "heartbeat": ((int, float), True), "cancel": ((str,), True), "progress": ((dict,), False),
+    "checkpoint": ((str,), True), "error": ((str,), True), "result": ((dict,), True),
+    "members": ((list,), False), "priority": ((int,), False), "needs": ((dict,), False),
+    "after": ((str,), True), "followers": ((list,), False), "version": ((int,), False),
+}
+
+
+@dataclass
+class Job:
+    """One job's record. Fields are written through the registry's atomic changes only."""
+    id: str
+    kind: str
+    params: dict[str, Any]
+    run: str  # the run's key: run:NAME or dir:PATH
+    state: str = QUEUED
+    worker: Optional[str] = None
+    attempts: int = 0  # crashes count here; interruptions do not
+    interruptions: int = 0
+    fence: int = 0  # the holder's token: bumped at every claim and re-queue
+    created: float = 0.0
+    enqueued: float = 0.0
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    heartbeat: Optional[float] = None
+    cancel: Optional[str] = None  # "stop" or "force", asked by tlm cancel
+    progress: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Optional[str] = None
+    error: Optional[str] = None
+    result: Optional[dict[str, Any]] = None
+    members: list[dict[str, Any]] = field(default_factory=list)  # a gang's workers, rank order
+    priority: int = 0
+    needs: dict[str, Any] = field(default_factory=dict)  # placement: see tlm_worker.placement
+    after: Optional[str] = None  # the job this one waits for (a chain)
+    followers: list[str] = field(default_factory=list)  # the jobs that wait for this one
+    version: int = VERSION
+
+    @property
+    def spec(self) -> JobKind:
+        return KINDS[self.kind]
+
+    @property
+    def nodes(self) -> int:
+        """The workers it needs at once: a training job's --nodes, else one."""
+        return self.spec.nodes(self.params)
+
+    @property
+    def run_name(self) -> str:
+        return self.run.split(":", 1)[1]
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def decode(cls, record: dict[str, Any]) -> "Job":
+        """A Job from a stored record, or BadRecord saying what is wrong with it."""
+        job_id = record.get("id") if isinstance(record.get("id"), str) else "?"
+        if "_bad" in record:
+            raise BadRecord(job_id, record["_bad"])
+        version = record.get("version", 1)
+        if isinstance(version, int) and version > VERSION:
+            raise BadRecord(job_id, f"was written by a newer tlm (record version {version}; "
+                                    f"this one reads {VERSION})", newer=True)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in ("id", "kind", "params", "run", "state"):
+            if name not in record:
+                raise BadRecord(job_id, f"has no {name!r}")
+        values = {}
+        for name, value in record.items():
+            if name not in fields:
+                continue  # a field this version does not know, from the same layout version
+            types, optional = _TYPES[name]
+            if value is None and optional:
+                values[name] = None
+            elif isinstance(value, bool) or not isinstance(value, types):
+                raise BadRecord(job_id, f"field {name!r} is {type(value).__name__}, "
+                                        f"not {' or '.join(t.__name__ for t in types)}")
+            else:
+                values[name] = value
+        if values["kind"] not in KINDS:
+            raise BadRecord(job_id, f"has an unknown kind {values['kind']!r}")
+        if values["state"] not in STATES:
+            raise BadRecord(job_id, f"has an unknown state {values['state']!r}")
+        missing = [k for k in KINDS[values["kind"]].required if k not in values["params"]]
+        if missing:
+            raise BadRecord(job_id, f"({values['kind']}) has no {', '.join(missing)} in its params")
+        try:
+            nodes = KINDS[values["kind"]].nodes(values["params"])
+        except (TypeError, ValueError):
+            nodes = 0
+        if nodes < 1:
+            raise BadRecord(job_id, f"asks for {values['params'].get('nodes')!r} nodes")
+        values["version"] = VERSION
+        return cls(**values)

@@ -1,0 +1,50 @@
+"""Where a job's run lives: one module for the CLI, the dashboard and the worker.
+
+A run is named two ways: ``--run NAME`` (resolved under each worker's
+``--save_root``, since Macs mount the shared folder at different paths) or
+``--save_dir PATH`` (one absolute path). Its registry key (``run:NAME`` or
+``dir:PATH``) identifies it across machines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+
+class TargetError(ValueError):
+    """A run name or directory that cannot be used; the message is one line."""
+
+
+def run_target(run: Optional[str], save_dir: Optional[str]) -> tuple[dict[str, str], str]:
+    """Job params that locate the run, and the key that identifies it across machines."""
+    if run is not None and save_dir is not None:
+        raise TargetError("give --run or --save_dir, not both")
+    if "" in (run, save_dir) or (run is not None and not run.strip()):
+        raise TargetError(f"--{'run' if run is not None else 'save_dir'} is empty")
+    if run:
+        if "/" in run or run.startswith("."):
+            raise TargetError(f"--run {run!r}: a plain name, resolved under each worker's --save_root")
+        return {"run": run}, f"run:{run}"
+    from tlm.config import default_save_dir
+    path = str(Path(save_dir or default_save_dir()).expanduser().resolve())
+    return {"save_dir": path}, f"dir:{path}"
+
+
+def target_of(key: str) -> dict[str, str]:
+    """Job params that locate a run, from its registry key."""
+    kind, _, name = key.partition(":")
+    if kind == "run" and name:
+        return {"run": name}
+    if kind == "dir" and name:
+        return {"save_dir": name}
+    raise TargetError(f"not a run key: {key!r}")
+
+
+def resolve_save_dir(params: dict[str, Any], save_root: Optional[str]) -> str:
+    """The run's directory on this machine: a run name under this machine's save root."""
+    if params.get("run"):
+        from tlm.config import default_save_dir
+        root = Path(save_root) if save_root else Path(default_save_dir()).parent / "runs"
+        return str(root / params["run"])
+    return params["save_dir"]
