@@ -100,7 +100,7 @@ _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text.upper())
     if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"memory={text!r}: give a size such as 24G or 512M")
+        raise ValueError(f"--needs memory={text!r}: give a size such as 24G or 512M")
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 

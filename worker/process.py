@@ -319,13 +319,13 @@ class Worker:
                 self.sampler = SPAWN.Pool(1)
             process = PooledJob(self.sampler, args)
         else:
-            process = SPAWN.Process(target=run_job, args=args, name=f"tlm-job-{job['id']}")
+            process = SPAWN.Process(target=run_job, args=args, name=f"tlm-job-{job.id}")
             process.start()
         with self.lock:
             self.running[job.id] = Running(job.id, job.fence, lane, process, rank=rank,
                                            awake=power.keep_awake(process.pid))
-        self.say(f"started {job['kind']} job {job['id']} (attempt {job['attempts']}"
-                 + (f", {job['interruptions']} interruption(s)" if job.interruptions else "")
+        self.say(f"started {job.kind} job {job.id} (attempt {job.attempts}"
+                 + (f", {job.interruptions} interruption(s)" if job.interruptions else "")
                  + (f", rank {rank} of {job.nodes}" if rank is not None else "")
                  + f", pid {process.pid})")
 
@@ -344,7 +344,7 @@ class Worker:
             ports = free_ports(1, self.address, [p for p in self.ports if p not in taken])
             if not ports:
                 self.say(f"no free port in --ports {self.ports.start}-{self.ports.stop - 1} "
-                         f"on {self.address}: not joining gang job {gang['id']}")
+                         f"on {self.address}: not joining gang job {gang.id}")
                 return False
             r = self.reservation = Reservation(gang.id, ports[0])
             job = self._reserve(r)
@@ -364,7 +364,7 @@ class Worker:
             self.registry.withdraw(r.job_id, self.id)
             self.reservation = None
             self.shunned[r.job_id] = now + 2 * self.lease
-            self.say(f"gang job {r.job_id}: {len(job['members'])} of {job.nodes} workers after "
+            self.say(f"gang job {r.job_id}: {len(job.members)} of {job.nodes} workers after "
                      f"{2 * self.lease:.0f}s: gave up its place for {2 * self.lease:.0f}s")
         return False
 
@@ -410,7 +410,7 @@ class Worker:
         """Settle a job whose process ended without settling it (killed, crashed, stopped)."""
         job = self.registry.get(r.job_id)
         if job.state in FINAL or job.fence != r.fence:
-            self.say(f"job {r.job_id} ended: {job['state']}" + (f": {job['error']}" if job.error else ""))
+            self.say(f"job {r.job_id} ended: {job.state}" + (f": {job.error}" if job.error else ""))
             return
         if r.forced:
             self.registry.finish(r.job_id, CANCELLED, r.fence, error="cancelled with --force")
@@ -434,8 +434,8 @@ class Worker:
             self.registry.requeue(job.id, job.fence, reason, interrupted=False)
         else:
             self.registry.finish(job.id, FAILED, job.fence,
-                                 error=f"{reason} (attempt {job['attempts']} of {self.max_attempts})")
-        self.say(f"job {job['id']}: {reason}")
+                                 error=f"{reason} (attempt {job.attempts} of {self.max_attempts})")
+        self.say(f"job {job.id}: {reason}")
 
     def _power(self) -> None:
         """--when_idle / --on_battery: pause training while the Mac's owner is back or it runs
@@ -461,7 +461,7 @@ class Worker:
         self.registry.skipped.clear()
         for job in self.registry.in_states(ACTIVE):
             beat = job.heartbeat or job.started or job.created
-            members = job.get("members") or []  # a gang's heartbeat is its stalest member's
+            members = job.members  # a gang's heartbeat is its stalest member's
             if (job.id in self.running and not members) or now - beat <= self.lease:
                 continue
             who = min(members, key=lambda m: m["heartbeat"])["worker"] if members else job.worker
@@ -478,7 +478,7 @@ class Worker:
                 if job.id not in pending[job.spec.lane]:
                     self.registry.update(job.id, enqueued=now)
                     self.queue.push(job.id, job.spec.lane, job.priority)
-                    self.say(f"job {job['id']} was in no queue (its entry was taken by a worker "
+                    self.say(f"job {job.id} was in no queue (its entry was taken by a worker "
                              "that died before claiming it): queued again")
         self.registry.waiting_for_parents()
         for bad in list(self.registry.skipped.values()):

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Optional
 import redis
 
 from tlm_worker.kinds import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILED, FINAL, INTERRUPTED,
-                              KINDS, LIVE, QUEUED, RUNNING, SKIPPED, STATES, SUCCEEDED, VERSION,
+                              KINDS, LIVE, QUEUED, RUNNING, SKIPPED, STATES, SUCCEEDED,
                               WAITING, BadRecord, Job)
 from tlm_worker.placement import unmet
 from tlm_worker.queue import Queue
