@@ -6,6 +6,10 @@
 For each backend (an embedded SQLite file, and Redis when given: its database
 is flushed), with real tlm-worker processes:
 
+* the claim (the best job a worker can run, by priority and needs) with 1, 100
+  and 1,000 claimable jobs of mixed needs seen by 10 workers of different
+  capabilities, beside 10 and then --history finished jobs (it follows the
+  live work: the 1,000-job figure is what it costs, whatever the history);
 * `tlm status`, `tlm submit`, a job-id prefix lookup and one worker sweep with
   10 finished jobs, then with --history finished jobs (--logged of them with
   2,000 log lines each), as a ratio (goal: at most x1.2, cost independent of
@@ -89,6 +93,37 @@ def add_finished(reg: Registry, n: int, logged: int) -> None:
         reg.finish(job.id, "succeeded", held.fence, result={"loss": 4.5})
 
 
+NEEDS = [{}, {"gpu": True}, {"memory": 8 * 2**30}, {"labels": {"room": "office"}}, {"host": "studio"}]
+WORKER_CAPS = [{"device": "gpu" if i % 3 == 0 else "cpu", "memory_available": (4 + 4 * i) * 2**30,
+                "host": "studio" if i == 9 else f"mac{i}", "labels": {"room": "office"} if i % 2 else {}}
+               for i in range(10)]
+
+
+def claim_costs(reg: Registry, label: str) -> None:
+    """ms per claim with N claimable jobs of mixed needs and priorities; 10 workers claim in turn,
+    and each claimed job is replaced, so N stays what it says."""
+    print(f"  claim with {label}:")
+    for n in (1, 100, 1000):
+        def add(i: int) -> None:
+            reg.create("eval", {}, "dir:/claims", priority=(i % 3 - 1) * 10, needs=NEEDS[i % len(NEEDS)])
+        for i in range(n):
+            add(i)
+        times = []
+        for i in range(30):
+            tic = time.perf_counter()
+            job = reg.claim_next("interactive", f"w{i % 10}", WORKER_CAPS[i % 10])
+            times.append(time.perf_counter() - tic)
+            if job is not None:
+                reg.finish(job.id, "succeeded", job.fence)
+                add(i)
+        print(f"    {n:5,d} claimable: {statistics.median(times) * 1000:8.2f} ms per claim (median of 30)")
+        for job_id in reg.store.ids_in(("queued",)):
+            reg.cancel(job_id)
+    for q in reg.queue.lanes.values():
+        while q.dequeue() is not None:
+            pass
+
+
 def history_costs(url: str, reg: Registry, run: Path, label: str) -> dict[str, float]:
     live = reg.create("train", {"save_dir": "/runs/live"}, "dir:/runs/live")
     worker = Worker(url)
@@ -126,6 +161,9 @@ def bench(url: str, data: Path, history: int, logged: int) -> None:
     # What history costs.
     add_finished(reg, 10, 0)
     small = history_costs(url, reg, run, "10 finished jobs")
+    claim_costs(reg, "no history beside")
+    reg.prune(0)  # what the claims left
+    add_finished(reg, 10, 0)
     memory = redis.Redis.from_url(url).info("memory")["used_memory"] if queue.redis else 0
     tic = time.time()
     add_finished(reg, logged, logged)
@@ -133,6 +171,7 @@ def bench(url: str, data: Path, history: int, logged: int) -> None:
     add_finished(reg, history - 10 - logged, 0)
     print(f"  (added {history - 10:,} finished jobs, {logged:,} with {MAX_LOG_LINES:,} log lines, "
           f"in {time.time() - tic:.0f} s)")
+    claim_costs(reg, f"{history:,} finished jobs beside")
     large = history_costs(url, reg, run, f"{history:,} finished jobs")
     print("    ratios (large/small): " + ", ".join(
         f"{name.split(' (')[0] if '(' in name else name} {large[name] / small[name]:.2f}"

@@ -28,6 +28,12 @@ then
         .venv/bin/python -m pip install -q --disable-pip-version-check mkl
     fi
 fi
+# A Linux machine with an NVIDIA GPU: MLX's CUDA build, so `tlm-worker --gpu` trains on it.
+if [ "$(uname -s)" = Linux ] && command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check 'mlx[cuda12]' \
+        && echo "setup: installed MLX's CUDA build (nvidia-smi found a GPU)" >&2 \
+        || echo "setup: could not install mlx[cuda12]: tlm-worker --gpu will not find the GPU" >&2
+fi
 # The dashboard's tests drive a real browser: Debian's Chromium and ChromeDriver
 # (a browser download, as Playwright's installer does, fails on machines without internet).
 if [ "$(uname -s)" = Linux ] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then

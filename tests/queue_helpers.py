@@ -90,3 +90,36 @@ def backend_url(kind: str, tmp_path: Path, redis_db: int) -> str:
     except redis.exceptions.ConnectionError:
         pytest.skip("no Redis on 127.0.0.1:6379")
     return url
+
+
+def plant(url: str, reg: Registry) -> list[str]:
+    """Four live records no tlm wrote: a missing field, a non-JSON field, params that are a
+    list, an unknown kind; each with a wake-up entry in the training lane."""
+    good = reg.create("eval", {}, "run:planted").to_record()
+    reg.cancel(good["id"])
+    bad = [{**good, "id": "bad000000001", "state": "queued", "params": ["x"]},
+           {**good, "id": "bad000000002", "state": "queued", "kind": "deploy"},
+           {k: v for k, v in {**good, "id": "bad000000003", "state": "queued"}.items() if k != "run"},
+           {**good, "id": "bad000000004", "state": "queued"}]
+    if url.startswith("redis"):
+        r = redis.Redis.from_url(url)
+        for rec in bad:
+            fields = {k: json.dumps(v) for k, v in rec.items()}
+            if rec["id"].endswith("4"):
+                fields["progress"] = "{not json"
+            r.hset(f"tlm:job:{rec['id']}", mapping=fields)
+            r.sadd("tlm:state:queued", rec["id"])
+            r.zadd("tlm:ids", {rec["id"]: 0})
+    else:
+        import sqlite3
+        db = sqlite3.connect(url[len("sqlite://"):])
+        for rec in bad:
+            text = json.dumps(rec) if not rec["id"].endswith("4") else "{not json"
+            db.execute("INSERT INTO tlm_job (id, kind, run, state, created, finished, record) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (rec["id"], str(rec.get("kind")), "run:planted",
+                                                          "queued", 0.0, None, text))
+        db.commit()
+        db.close()
+    for rec in bad:
+        reg.queue.push(rec["id"], "train")
+    return [rec["id"] for rec in bad]

@@ -244,3 +244,25 @@ def test_submit_resume_and_compare_through_the_api(url, dashboard):
     assert gang.status_code == 200 and "--nodes 2" in gang.json()["command"]
     listed = httpx.get(dashboard.base + "/api/overview").json()["jobs"]
     assert next(j for j in listed if j["id"] == gang.json()["job"])["holder"] == "gathering 0/2"
+    urgent = post("/api/submit", {"run": "u", "overrides": {"num_iters": "3"}, "priority": "high"})
+    assert urgent.status_code == 200 and "--priority high" in urgent.json()["command"]
+    assert reg.get(urgent.json()["job"]).priority == 10 and reg.get(urgent.json()["job"]).needs["memory"] > 0
+    assert post("/api/submit", {"run": "v", "overrides": {}, "priority": "asap"}).status_code == 400
+
+
+def test_the_page_lists_everything_else_beside_records_a_stranger_wrote(url, dashboard):
+    from queue_helpers import plant
+
+    reg = registry(url)
+    planted = plant(url, reg)
+    ok = reg.create("eval", {"save_dir": "/x"}, "dir:/x")
+    gpu = reg.create("eval", {"save_dir": "/y"}, "dir:/y", priority=10, needs={"gpu": True})
+    reg.heartbeat_worker("w1", {"host": "h", "pid": 1, "device": "cpu", "jobs": [],
+                                "capabilities": {"device": "cpu", "memory_available": 2**33}})
+    r = httpx.get(dashboard.base + "/api/overview")
+    assert r.status_code == 200, r.text
+    jobs = {j["id"]: j for j in r.json()["jobs"]}
+    assert ok.id in jobs and not set(planted) & set(jobs)
+    assert jobs[gpu.id]["waiting"] == "waiting: needs gpu; no live worker has it"
+    assert jobs[gpu.id]["priority"] == 10 and jobs[ok.id]["trainer"] is False
+    assert httpx.get(dashboard.base + "/api/jobs/bad000000001").status_code == 404

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import redis
@@ -17,7 +16,7 @@ from tlm_worker.placement import RULES, parse_needs, unmet, waiting_reason
 from tlm_worker.queue import Queue
 from tlm_worker.registry import Registry
 
-from queue_helpers import TINY, registry, submit, tlm, wait_for
+from queue_helpers import TINY, plant, registry, submit, tlm, wait_for
 
 REDIS_DB = 10
 FAST = [*TINY, "--num_iters", "10", "--steps_per_eval", "10"]
@@ -247,42 +246,9 @@ def test_train_then_eval_export_and_sample_in_one_command(url, workers, save_dir
 
 # -- records a stranger wrote ---------------------------------------------------------------
 
-def plant(url: str, reg: Registry, tmp_path: Path) -> list[str]:
-    """Four live records no tlm wrote: a missing field, a non-JSON field, params that are a
-    list, an unknown kind; each with a wake-up entry in the training lane."""
-    good = reg.create("eval", {}, "run:planted").to_record()
-    reg.cancel(good["id"])
-    bad = [{**good, "id": "bad000000001", "state": "queued", "params": ["x"]},
-           {**good, "id": "bad000000002", "state": "queued", "kind": "deploy"},
-           {k: v for k, v in {**good, "id": "bad000000003", "state": "queued"}.items() if k != "run"},
-           {**good, "id": "bad000000004", "state": "queued"}]
-    if url.startswith("redis"):
-        r = redis.Redis.from_url(url)
-        for rec in bad:
-            fields = {k: json.dumps(v) for k, v in rec.items()}
-            if rec["id"].endswith("4"):
-                fields["progress"] = "{not json"
-            r.hset(f"tlm:job:{rec['id']}", mapping=fields)
-            r.sadd("tlm:state:queued", rec["id"])
-            r.zadd("tlm:ids", {rec["id"]: 0})
-    else:
-        import sqlite3
-        db = sqlite3.connect(url[len("sqlite://"):])
-        for rec in bad:
-            text = json.dumps(rec) if not rec["id"].endswith("4") else "{not json"
-            db.execute("INSERT INTO tlm_job (id, kind, run, state, created, finished, record) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (rec["id"], str(rec.get("kind")), "run:planted",
-                                                          "queued", 0.0, None, text))
-        db.commit()
-        db.close()
-    for rec in bad:
-        reg.queue.push(rec["id"], "train")
-    return [rec["id"] for rec in bad]
-
-
 def test_records_a_stranger_wrote_never_stop_a_worker_or_status(url, workers, save_dir, tmp_path):
     reg = registry(url)
-    planted = plant(url, reg, tmp_path)
+    planted = plant(url, reg)
     workers.start()
     job_id = submit(url, "train", "--save_dir", str(save_dir), *FAST)
     wait_for(url, job_id, ["succeeded"])
@@ -340,3 +306,19 @@ def test_a_returning_user_interrupts_training_without_using_an_attempt(url, work
     tlm("cancel", job_id, "--queue", url)
     job = wait_for(url, job_id, ["cancelled"], timeout=60)
     assert job.attempts == 1 and job.interruptions == 1
+
+
+def test_entries_left_in_a_redis_list_by_an_older_tlm_move_into_the_priority_lane(tmp_path):
+    from queue_helpers import backend_url
+
+    url = backend_url("redis", tmp_path, REDIS_DB)
+    key = Queue(url).lanes["train"].queue_key
+    client = redis.Redis.from_url(url)
+    client.delete(key)
+    for job_id in ("old1", "old2"):  # huey's RedisStorage: LPUSH, oldest on the right
+        client.lpush(key, json.dumps({"job": job_id}))
+    queue = Queue(url)
+    queue.ping()
+    assert client.type(key) == b"zset"
+    queue.push("new", "train", priority=10)
+    assert [queue.pop("train") for _ in range(4)] == ["new", "old1", "old2", None]

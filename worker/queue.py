@@ -105,7 +105,6 @@ class Queue:
             self.redis = redis.Redis(connection_pool=pool)
             self.lanes = {lane: PriorityRedisHuey(name, connection_pool=pool, serializer=self.serializer,
                                                   blocking=False).storage for lane, name in LANES.items()}
-            self._upgrade_lanes()
         elif self.url.startswith("sqlite://"):
             self.sqlite_path = Path(self.url[len("sqlite://"):]).expanduser()
             if self.sqlite_path == default_queue_path():
@@ -124,15 +123,12 @@ class Queue:
     def _upgrade_lanes(self) -> None:
         """Entries that tlm before priorities left in a Redis list move into the sorted set
         huey's priority storage keeps under the same key (at normal priority)."""
-        try:
-            for storage in self.lanes.values():
-                if self.redis.type(storage.queue_key) == b"list":
-                    entries = self.redis.lrange(storage.queue_key, 0, -1)
-                    self.redis.delete(storage.queue_key)
-                    for raw in reversed(entries):  # huey's list: newest on the left
-                        storage.enqueue(raw, 0)
-        except QUEUE_ERRORS:
-            pass  # unreachable now: ping() says so, and the next start upgrades
+        for storage in self.lanes.values():
+            if self.redis.type(storage.queue_key) == b"list":
+                entries = self.redis.lrange(storage.queue_key, 0, -1)
+                self.redis.delete(storage.queue_key)
+                for raw in reversed(entries):  # huey's list: newest on the left
+                    storage.enqueue(raw, 0)
 
     def push(self, job_id: str, lane: str, priority: int = 0) -> None:
         self.lanes[lane].enqueue(self.serializer.serialize({"job": job_id}), priority)
@@ -175,6 +171,7 @@ class Queue:
                     once.ping()
                 finally:
                     once.close()
+                self._upgrade_lanes()  # it answers: the lanes can be read
         except (*QUEUE_ERRORS, redis.exceptions.RedisError) as e:
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             if "WRONGPASS" in why or "invalid username-password" in why:
