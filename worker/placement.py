@@ -10,6 +10,7 @@ rule is one entry. A worker claims only jobs with no unmet need
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -132,7 +133,12 @@ def _memory() -> tuple[int, int]:
 
 def _chip() -> Optional[str]:
     if sys.platform != "darwin":
-        return platform.processor() or None
+        try:
+            with open("/proc/cpuinfo") as f:
+                return next((line.split(":", 1)[1].strip() for line in f
+                             if line.startswith("model name")), None)
+        except OSError:
+            return platform.processor() or None
     try:
         return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
                               text=True, timeout=5).stdout.strip() or None
@@ -147,13 +153,18 @@ def _version(package: str) -> Optional[str]:
         return None
 
 
+@functools.lru_cache(maxsize=1)
+def _machine() -> dict[str, Any]:
+    """What does not change while a worker runs (asked once)."""
+    return {"chip": _chip(), "cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}",
+            "mlx": _version("mlx"), "tlm": _version("tlm"), "host": socket.gethostname()}
+
+
 def capabilities(gpu: bool, labels: dict[str, str]) -> dict[str, Any]:
-    """This worker's capabilities, as its heartbeat carries them."""
+    """This worker's capabilities, as its heartbeat carries them (memory read afresh)."""
     total, available = _memory()
-    caps = {"device": "gpu" if gpu else "cpu", "chip": _chip(), "memory_total": total,
-            "memory_available": available, "cores": os.cpu_count(),
-            "os": f"{platform.system()} {platform.release()}", "mlx": _version("mlx"),
-            "tlm": _version("tlm"), "host": socket.gethostname(), "labels": labels}
+    caps = {"device": "gpu" if gpu else "cpu", **_machine(), "memory_total": total,
+            "memory_available": available, "labels": labels}
     fake = os.environ.get(FAKE_CAPABILITIES)
     if fake:
         caps.update(json.loads(fake))
