@@ -40,6 +40,7 @@ import redis
 import tlm  # noqa: F401
 from tlm.config import TrainConfig
 from tlm.data import load_dataset
+from tlm.hooks import TrainingHooks
 from tlm.train import Trainer
 from tlm_worker.process import Worker
 from tlm_worker.queue import Queue
@@ -232,10 +233,17 @@ def bench(url: str, data: Path, history: int, logged: int) -> None:
 
     # Worker overhead: the same training, directly and as a queued job.
     cfg = dict(STEP, num_iters=150, steps_per_eval=1000)
-    seen = []
-    Trainer(TrainConfig(save_dir=str(root / "direct"), **cfg), load_dataset("ptb", data)
-            ).run(on_progress=lambda p: seen.append(p.tokens_per_sec) if p.kind == "report" else None)
-    direct = statistics.median(seen[2:])
+    class Rates(TrainingHooks):
+        def __init__(self):
+            self.seen = []
+
+        def on_progress(self, p) -> None:
+            if p.kind == "report":
+                self.seen.append(p.tokens_per_sec)
+    rates_direct = Rates()
+    Trainer(TrainConfig(save_dir=str(root / "direct"), **cfg), load_dataset("ptb", data),
+            hooks=rates_direct).run()
+    direct = statistics.median(rates_direct.seen[2:])
     queued_dir = root / "queued"
     queued_dir.mkdir()
     (queued_dir / "datasets").symlink_to(data)

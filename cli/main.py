@@ -12,7 +12,7 @@ import tlm
 from tlm import blas, ranks
 from tlm.config import ConfigError, check_save_dir
 from tlm_cli.options import find_checkpoint, given_options, train_options
-from tlm_cli.render import ProgressDisplay
+from tlm_cli.render import ConsoleHooks, ProgressDisplay
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,7 +51,8 @@ def train(**options) -> None:
         echo(f"save_dir: {config.save_dir}  device: {device}")
         echo(f"configuration: {config.describe()}")
         dataset, init = prepare(config, ckpt, echo)
-        trainer = Trainer(config, dataset, ckpt, log=echo, init=init, group=group)
+        hooks = ConsoleHooks(ProgressDisplay(config.num_iters, click.get_text_stream("stderr")))
+        trainer = Trainer(config, dataset, ckpt, hooks=hooks, init=init, group=group)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     except (DataError, CheckpointError) as e:
@@ -60,8 +61,9 @@ def train(**options) -> None:
     stop = StopOnSignal(on_first=lambda s: echo(
         "\nstopping: finishing this step and saving (press Ctrl+C again to exit now)"))
     try:
-        with ProgressDisplay(config.num_iters, click.get_text_stream("stderr")) as printer:
-            result = trainer.run(on_progress=printer, should_stop=stop)
+        hooks.stop = stop
+        with hooks.display:
+            result = trainer.run()
     except (CheckpointError, Diverged) as e:
         raise click.ClickException(str(e)) from None
     finally:

@@ -7,6 +7,8 @@ from typing import IO, TYPE_CHECKING, Optional
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
+from tlm.hooks import TrainingHooks
+
 if TYPE_CHECKING:
     from tlm.train import Progress
 
@@ -49,3 +51,21 @@ class ProgressDisplay:
         line = p.describe()
         if line:
             self.line(line)
+
+
+class ConsoleHooks(TrainingHooks):
+    """``tlm train``'s hooks: lines and a progress bar on the terminal; ``stop()`` (Ctrl+C)
+    ends the run after a save."""
+
+    def __init__(self, display: ProgressDisplay):
+        self.display = display
+        self.stop = lambda: False  # the Ctrl+C handler, once installed
+
+    def log(self, line: str) -> None:
+        self.display.line(line)
+
+    def on_progress(self, progress: "Progress") -> None:
+        self.display(progress)
+
+    def should_stop(self) -> bool:
+        return self.stop()

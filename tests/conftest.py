@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tlm.hooks import TrainingHooks
+
 ROOT = Path(__file__).resolve().parent.parent
 MIRROR = Path(os.environ.get("TLM_DATA_MIRROR") or ROOT.parent / "shared" / "data")
 if MIRROR.is_dir():
@@ -60,3 +62,16 @@ def workers(url, tmp_path):
 def tlm_cmd(*args: str) -> list[str]:
     """The installed ``tlm`` entry point, run with this interpreter."""
     return [sys.executable, "-m", "tlm_cli.main", *args]
+
+
+class Collect(TrainingHooks):
+    """Trainer hooks for tests: every event kept in ``events``; ``stop()`` asked after each step."""
+
+    def __init__(self, stop=lambda: False):
+        self.events, self.stop = [], stop
+
+    def on_progress(self, progress) -> None:
+        self.events.append(progress)
+
+    def should_stop(self) -> bool:
+        return self.stop()

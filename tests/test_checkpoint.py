@@ -18,7 +18,7 @@ from tlm import checkpoint
 from tlm.data import load_dataset
 from tlm.train import Trainer, open_run
 
-from conftest import tlm_cmd
+from conftest import Collect, tlm_cmd
 
 TINY = dict(dim=32, num_heads=2, num_blocks=1, context_size=16, batch_size=8,
             eval_tokens=500, steps_per_report=1, lr_warmup=2)
@@ -34,9 +34,11 @@ def tiny_flags(**kw) -> list[str]:
 def run_trainer(save_dir: Path, stop_after: int | None = None, **kw):
     given = {"save_dir": str(save_dir), **TINY, **kw}
     config, ckpt = open_run(given)
-    trainer = Trainer(config, load_dataset("ptb", save_dir / "datasets"), ckpt)
-    stop = (lambda: trainer.step >= stop_after) if stop_after else (lambda: False)
-    return trainer.run(should_stop=stop)
+    hooks = Collect()
+    trainer = Trainer(config, load_dataset("ptb", save_dir / "datasets"), ckpt, hooks=hooks)
+    if stop_after:
+        hooks.stop = lambda: trainer.step >= stop_after
+    return trainer.run()
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])

@@ -8,6 +8,8 @@ from tlm.config import TrainConfig
 from tlm.data import Dataset, load_dataset
 from tlm.train import Trainer, evaluate
 
+from conftest import Collect
+
 def ptb_subset(save_dir) -> Dataset:
     """Real PTB with the validation split cut to 5,000 tokens, so evaluation is quick."""
     d = load_dataset("ptb", save_dir / "datasets")
@@ -20,10 +22,9 @@ SMALL = dict(dim=64, num_heads=4, num_blocks=2, context_size=32, batch_size=16,
 
 def losses(save_dir, **kw):
     config = TrainConfig(save_dir=str(save_dir), **{**SMALL, **kw})
-    trainer = Trainer(config, ptb_subset(save_dir))
-    seen = []
-    result = trainer.run(on_progress=lambda p: seen.append(p))
-    return result, [p.train_loss for p in seen if p.kind == "report"]
+    hooks = Collect()
+    result = Trainer(config, ptb_subset(save_dir), hooks=hooks).run()
+    return result, [p.train_loss for p in hooks.events if p.kind == "report"]
 
 
 def test_loss_falls_on_real_ptb(save_dir):
@@ -46,9 +47,9 @@ def test_a_time_budget_ends_the_run_on_time_with_the_rate_decayed_by_the_clock(s
     """--time_budget: steps are not what ends the run or shapes the decay, the minutes are."""
     config = TrainConfig(save_dir=str(save_dir), **{**SMALL, "num_iters": 100_000, "time_budget": 0.25,
                                                     "steps_per_eval": 100_000})
-    seen = []
-    result = Trainer(config, ptb_subset(save_dir)).run(on_progress=seen.append)
-    reports = [p for p in seen if p.kind == "report"]
+    hooks = Collect()
+    result = Trainer(config, ptb_subset(save_dir), hooks=hooks).run()
+    reports = [p for p in hooks.events if p.kind == "report"]
     rates = [p.learning_rate for p in reports]
     assert 10 < result.step < 100_000
     assert reports[-1].elapsed >= 15 and reports[-1].total == result.step

@@ -1,9 +1,10 @@
 """The training loop: a compiled AdamW step, warmup + cosine schedule, whole-split
 evaluation, and checkpoints that resume bit for bit.
 
-``Trainer.run()`` knows nothing of terminals or queues: callers pass a
-``should_stop`` callback (checked after every step; a stop saves first) and an
-``on_progress`` callback that receives :class:`Progress` events.
+``Trainer.run()`` knows nothing of terminals or queues: it reports to, and
+asks, one :class:`TrainingHooks` object (as mlx-lm's ``TrainingCallback``):
+``tlm train``'s console, the worker's registry reporting and a sweep trial's
+report-and-prune are three implementations of it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tlm.checkpoint import Checkpoint, CheckpointError
 from tlm.config import ConfigError, TrainConfig
 from tlm.data import Batches, Dataset, eval_windows, load_dataset
 from tlm.generate import SampleConfig, generate_text
+from tlm.hooks import TrainingHooks
 from tlm.model import Model, ModelArgs
 
 # Flags that fix a run's architecture, data or optimizer state: a resumed run takes
@@ -269,19 +271,16 @@ class Trainer:
     """A run's model, optimizer and data position; ``run()`` trains and checkpoints it."""
 
     def __init__(self, config: TrainConfig, dataset: Dataset, resume: Optional[Checkpoint] = None,
-                 log: Callable[[str], None] = lambda m: None,
-                 before_publish: Callable[[], None] = lambda: None,
-                 labels: Optional[dict[str, Any]] = None,
+                 hooks: Optional[TrainingHooks] = None, labels: Optional[dict[str, Any]] = None,
                  init: Optional[tuple[ModelArgs, dict[str, mx.array]]] = None,
-                 on_record: Callable[[dict[str, Any]], None] = lambda rec: None,
                  group: Optional[mx.distributed.Group] = None):
         config.validate()
         parallel.streams()  # a bad TLM_CPU_STREAMS fails here, before any training
         Path(config.save_dir).mkdir(parents=True, exist_ok=True)
-        self.config, self.dataset, self.log = config, dataset, log
-        self.before_publish = before_publish
+        self.config, self.dataset = config, dataset
+        self.hooks = hooks or TrainingHooks()
+        self.log = self.hooks.log
         self.labels = labels or {}  # added to each metrics record (e.g. the worker)
-        self.on_record = on_record  # each metrics.jsonl record, also for whoever carries them elsewhere
         # Data-parallel ranks: each takes its share of every batch, gradients are averaged,
         # and rank 0 alone writes (checkpoints, metrics) and reports.
         self.group = group
@@ -299,7 +298,7 @@ class Trainer:
         if resume is None and config.new_model and self.rank == 0:
             aside = checkpoint.set_aside(config.save_dir)
             if aside is not None:
-                log(f"--new_model: the earlier run's checkpoints and metrics moved to {aside}")
+                self.log(f"--new_model: the earlier run's checkpoints and metrics moved to {aside}")
         self.model = Model(self.args)
         if init is not None and resume is None:
             self.model.load_weights(list(init[1].items()), strict=True)
@@ -372,7 +371,7 @@ class Trainer:
         for attempt in itertools.count():
             try:
                 ckpt = checkpoint.save(self.config.save_dir, *snapshot,
-                                       before_publish=self.before_publish)
+                                       before_publish=self.hooks.before_publish)
                 break
             except OSError as e:
                 if attempt >= self.config.save_retries:
@@ -407,54 +406,68 @@ class Trainer:
         return evaluate(self.model, tokens, self.config.context_size, self.config.eval_stride or None,
                         self.group, self.watchdog.beat if self.watchdog else lambda: None)
 
-    def run(self, on_progress: Callable[[Progress], None] = lambda p: None,
-            should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
+    # -- the run's clock and events ---------------------------------------------
+
+    def _clock(self) -> float:
+        """Seconds of training of this run, across resumes (what --time_budget counts)."""
+        self.elapsed = self._before + time.perf_counter() - self._started
+        return self.elapsed
+
+    def _total(self) -> int:
+        """The steps this run will end at: on a time budget, an estimate from the pace so far."""
+        budget = self.config.time_budget * 60
+        if not budget or self.step == self._first_step:
+            return self.config.num_iters
+        pace = (self.step - self._first_step) / (self.elapsed - self._before)
+        return min(self.config.num_iters, self.step + round(max(budget - self.elapsed, 0) * pace))
+
+    def _finished(self) -> bool:
+        budget = self.config.time_budget * 60
+        return self.step >= self.config.num_iters or bool(budget) and self._clock() >= budget
+
+    def _event(self, kind: str, **fields) -> None:
+        """Tell the hooks of an event, and append its record to metrics.jsonl (rank 0)."""
+        self._clock()
+        p = Progress(kind, self.step, self._total(), bits_per_char=self.dataset.bits_per_char,
+                     elapsed=self.elapsed, **fields)
+        rec = metrics.record(p, self.config.batch_size * self.config.context_size, self.labels)
+        if rec and self.rank == 0:
+            metrics.append(self.config.save_dir, rec)
+            self.hooks.on_record(rec)
+        self.hooks.on_progress(p)
+
+    def _checkpoint(self, result: TrainResult, val_loss: Optional[float]) -> None:
+        """Publish a checkpoint (rank 0), unless the weights diverged."""
+        finite = mx.all(mx.stack([mx.isfinite(p).all() for _, p in tree_flatten(self.model.parameters())]))
+        if not finite.item():
+            raise Diverged(f"training diverged at step {self.step}: non-finite weights, not "
+                           "saved; the last good checkpoint stays the latest")
+        if self.rank:
+            return  # rank 0 publishes
+        ckpt = self.save(val_loss)
+        result.checkpoint = ckpt.identifier
+        self._event("save", val_loss=val_loss, checkpoint=ckpt.identifier,
+                    message=f"saved {ckpt.weights_path}\n  sample: "
+                            + self.sample().replace("\n", "\n          "))
+
+    def _validate(self, result: TrainResult) -> None:
+        result.val_loss = self.evaluate("valid")
+        self.best_val = result.val_loss if self.best_val is None else min(self.best_val, result.val_loss)
+        self._event("eval", val_loss=result.val_loss)
+        self._checkpoint(result, result.val_loss)
+
+    # -- the loop ---------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train to --num_iters or --time_budget, or until the hooks ask to stop (after a save)."""
         cfg = self.config
         tokens_per_step = cfg.batch_size * cfg.context_size
-        start, before, first_step = time.perf_counter(), self.elapsed, self.step
+        self._started, self._before, self._first_step = time.perf_counter(), self.elapsed, self.step
         budget = cfg.time_budget * 60
-
-        def clock() -> float:
-            self.elapsed = before + time.perf_counter() - start
-            return self.elapsed
-
-        def total() -> int:
-            """The steps this run will end at: on a time budget, an estimate from the pace so far."""
-            if not budget or self.step == first_step:
-                return cfg.num_iters
-            pace = (self.step - first_step) / (self.elapsed - before)
-            return min(cfg.num_iters, self.step + round(max(budget - self.elapsed, 0) * pace))
-
-        def event(kind: str, step: int, **fields) -> Progress:
-            clock()
-            p = Progress(kind, step, total(), bits_per_char=self.dataset.bits_per_char,
-                         elapsed=self.elapsed, **fields)
-            rec = metrics.record(p, tokens_per_step, self.labels)
-            if rec and self.rank == 0:
-                metrics.append(cfg.save_dir, rec)
-                self.on_record(rec)
-            return p
-
         result = TrainResult(step=self.step)
         where = f"resuming {self.last_checkpoint[:12]} at iteration {self.step}" \
             if self.last_checkpoint else "new model"
-        on_progress(event("start", self.step, message=f"{where}, {self.num_params():,} parameters"))
-
-        def checkpoint_now(val_loss: Optional[float]) -> None:
-            finite = mx.all(mx.stack([mx.isfinite(p).all() for _, p in tree_flatten(self.model.parameters())]))
-            if not finite.item():
-                raise Diverged(f"training diverged at step {self.step}: non-finite weights, not "
-                               "saved; the last good checkpoint stays the latest")
-            if self.rank:
-                return  # rank 0 publishes
-            ckpt = self.save(val_loss)
-            result.checkpoint = ckpt.identifier
-            on_progress(event("save", self.step, val_loss=val_loss, checkpoint=ckpt.identifier,
-                              message=f"saved {ckpt.weights_path}\n  sample: "
-                                      + self.sample().replace("\n", "\n          ")))
-
-        def finished() -> bool:
-            return self.step >= cfg.num_iters or bool(budget) and clock() >= budget
+        self._event("start", message=f"{where}, {self.num_params():,} parameters")
 
         # A rank whose peers stop answering ends itself (an exception ends the process too),
         # once all are here: preparing the data may take one Mac longer than another.
@@ -463,10 +476,10 @@ class Trainer:
             self.watchdog = ranks.Watchdog()
         losses: list[mx.array] = []
         tic = time.perf_counter()
-        done = finished()
+        done = self._finished()
         while not done and not result.stopped:
             if budget:
-                follow_budget(self.optimizer, cfg, self.step, clock() / budget)
+                follow_budget(self.optimizer, cfg, self.step, self._clock() / budget)
             # The step's randomness (dropout) is a function of (seed, step, rank),
             # so a resumed run draws what an uninterrupted one would.
             mx.random.seed((cfg.seed * 1_000_003 + self.step) * self.ranks + self.rank)
@@ -479,40 +492,38 @@ class Trainer:
                                "a lower --learning_rate); the last good checkpoint stays the latest")
             losses.append(loss)
             self.step += 1
-            done = finished()
-            result.stopped = should_stop()
+            done = self._finished()
+            result.stopped = self.hooks.should_stop()
             if self.ranks > 1:  # every rank stops at the same step (clocks and signals differ)
                 flags = mx.distributed.all_sum(mx.array([done, result.stopped]), group=self.group)
                 done, result.stopped = (bool(f) for f in flags.tolist())
             if self.step % cfg.steps_per_report == 0 or done or result.stopped:
                 elapsed = time.perf_counter() - tic
                 result.train_loss = mx.stack(losses).mean().item()
-                on_progress(event("report", self.step, train_loss=result.train_loss,
-                                  learning_rate=self.optimizer.learning_rate.item(),
-                                  it_per_sec=len(losses) / elapsed,
-                                  tokens_per_sec=len(losses) * tokens_per_step / elapsed,
-                                  peak_memory_gb=mx.get_peak_memory() / 1e9))
+                self._event("report", train_loss=result.train_loss,
+                            learning_rate=self.optimizer.learning_rate.item(),
+                            it_per_sec=len(losses) / elapsed,
+                            tokens_per_sec=len(losses) * tokens_per_step / elapsed,
+                            peak_memory_gb=mx.get_peak_memory() / 1e9)
                 losses = []
             if self.step % cfg.steps_per_eval == 0 or done:
-                result.val_loss = self.evaluate("valid")
-                self.best_val = result.val_loss if self.best_val is None else min(self.best_val,
-                                                                                  result.val_loss)
-                on_progress(event("eval", self.step, val_loss=result.val_loss))
-                checkpoint_now(result.val_loss)
+                self._validate(result)
+                if self.ranks == 1:  # a stop asked on the evaluation (a pruned trial): saved already
+                    result.stopped = result.stopped or self.hooks.should_stop()
             elif result.stopped:
-                checkpoint_now(None)
+                self._checkpoint(result, None)
             tic = time.perf_counter() if not losses else tic
             if self.watchdog:
                 self.watchdog.beat()
         if cfg.eval_test and not result.stopped:
             result.test_loss = self.evaluate("test")
-            on_progress(event("eval", self.step, val_loss=result.test_loss, message="test"))
+            self._event("eval", val_loss=result.test_loss, message="test")
         if self.watchdog:  # no rank leaves (and has its job settled) before rank 0 has saved
             ranks.barrier(self.group)
             self.watchdog.stop()
         result.step = self.step
-        on_progress(event("done", self.step, train_loss=result.train_loss,
-                          val_loss=result.val_loss, message=result.checkpoint or ""))
+        self._event("done", train_loss=result.train_loss, val_loss=result.val_loss,
+                    message=result.checkpoint or "")
         return result
 
 
@@ -536,20 +547,15 @@ def prepare(config: TrainConfig, ckpt: Optional[Checkpoint], log: Callable[[str]
     return load_dataset(config.dataset_source(), data_dir, config.data_mirror, log, tokenizer), init
 
 
-def train(given: dict[str, Any], on_progress: Callable[[Progress], None] = lambda p: None,
-          should_stop: Callable[[], bool] = lambda: False,
-          log: Callable[[str], None] = lambda m: None,
-          before_publish: Callable[[], None] = lambda: None,
-          labels: Optional[dict[str, Any]] = None,
-          on_record: Callable[[dict[str, Any]], None] = lambda rec: None) -> TrainResult:
+def train(given: dict[str, Any], hooks: Optional[TrainingHooks] = None,
+          labels: Optional[dict[str, Any]] = None) -> TrainResult:
     """Resolve the flags against the save directory, prepare the data, and train."""
-    config, ckpt = open_run(given, warn=log)
+    hooks = hooks or TrainingHooks()
+    config, ckpt = open_run(given, warn=hooks.log)
     group = join_ranks(config)
     select_device(config.gpu)
-    dataset, init = prepare(config, ckpt, log)
-    trainer = Trainer(config, dataset, ckpt, log=log, before_publish=before_publish, labels=labels,
-                      init=init, on_record=on_record, group=group)
-    return trainer.run(on_progress, should_stop)
+    dataset, init = prepare(config, ckpt, hooks.log)
+    return Trainer(config, dataset, ckpt, hooks=hooks, labels=labels, init=init, group=group).run()
 
 
 def join_ranks(config: TrainConfig) -> Optional[mx.distributed.Group]:

@@ -3,10 +3,10 @@ the ``run`` function of each job kind (``tlm_worker.kinds.KINDS`` names them).
 
 Runs in a child started with multiprocessing's ``spawn`` method (MLX hangs in
 forked children), in its own process group so a terminal's Ctrl+C reaches
-only the worker, which forwards exactly one signal. The trainer's callbacks
-are wired to the registry: ``should_stop`` to the job's cancel flag and this
-process's signals, ``on_progress`` to progress and log lines,
-``before_publish`` to the fencing token.
+only the worker, which forwards exactly one signal. The trainer's hooks
+(``RegistryHooks``) are wired to the registry: ``should_stop`` to the job's
+cancel flag and this process's signals, ``on_progress`` to progress and log
+lines, ``before_publish`` to the fencing token.
 
 A gang job runs one such process per member, each a rank of MLX's
 distributed engine, rendezvousing at the members' advertised addresses. Rank
@@ -25,11 +25,15 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from tlm.hooks import TrainingHooks
 from tlm_worker.queue import Queue
 from tlm_worker.registry import CANCELLED, FAILED, SUCCEEDED, Job, LeaseLost, Registry
 from tlm_worker.targets import resolve_save_dir
+
+if TYPE_CHECKING:
+    from tlm.train import Progress, TrainResult
 
 EXIT_INTERRUPTED = 75  # stopped by a signal to the worker: re-queue the job
 CANCEL_POLL_SECONDS = 1.0
@@ -165,74 +169,92 @@ def run_train(c: Context) -> None:
         from tlm.ranks import rank_env
         os.environ.update(rank_env(params.get("backend", TrainConfig.backend), c.job.members, c.rank,
                                    Path(tempfile.mkdtemp(prefix=f"tlm-{c.job.id}-"))))
-    stop = StopOnSignal()  # no I/O in the handler: should_stop logs it
-    _train(c.registry, c.job, c.fence, {**params, "save_dir": c.save_dir, "gpu": c.gpu}, stop,
-           c.orphaned, c.log, c.rank or 0)
+    given = {**params, "save_dir": c.save_dir, "gpu": c.gpu}
+    train_job(c, given, RegistryHooks(c, StopOnSignal()))  # no I/O in the signal handler
 
 
-def _train(registry: Registry, job: Job, fence: int, given: dict[str, Any], stop, orphaned,
-           log, rank: int) -> None:
-    from tlm.train import Progress, train
+class RegistryHooks(TrainingHooks):
+    """The worker's hooks: progress, log lines and metric points go to the registry; the
+    job's cancel flag and the worker's signals stop the run after a save; each checkpoint is
+    published only while this process still holds the job's fencing token."""
 
-    job_id = job.id
-    cancelled = stopping = False
-    last_poll = 0.0
+    def __init__(self, c: Context, stop: Callable[[], bool]):
+        self.c, self.stop = c, stop
+        self.cancelled = self.stopping = False
+        self.last_poll = 0.0
+        self.started = time.time()
+        self.progress = c.job.progress  # this process is its only writer while it holds the job
 
-    def should_stop() -> bool:
-        nonlocal cancelled, stopping, last_poll
-        if stop():
-            if not stopping:
-                stopping = True
-                log("worker is stopping: finishing the step and saving")
+    def log(self, line: str) -> None:
+        self.c.log(line)
+
+    def should_stop(self) -> bool:
+        c = self.c
+        if self.stop():
+            if not self.stopping:
+                self.stopping = True
+                self.log("worker is stopping: finishing the step and saving")
             return True
-        if time.monotonic() - last_poll >= CANCEL_POLL_SECONDS:
-            last_poll = time.monotonic()
-            if orphaned():  # the worker died: its lease will expire and another worker resume
+        if time.monotonic() - self.last_poll >= CANCEL_POLL_SECONDS:
+            self.last_poll = time.monotonic()
+            if c.orphaned():  # the worker died: its lease will expire and another worker resume
                 os._exit(EXIT_INTERRUPTED)
             # "force" is the worker's to act on: it kills this process.
-            if not cancelled and registry.get(job_id).cancel == "stop":
-                cancelled = True
-                if not rank:
-                    registry.mark_cancelling(job_id, fence)
-                log("cancel requested: finishing the step and saving")
-        return cancelled
+            if not self.cancelled and c.registry.get(c.job.id).cancel == "stop":
+                self.cancelled = True
+                if not c.rank:
+                    c.registry.mark_cancelling(c.job.id, c.fence)
+                self.log("cancel requested: finishing the step and saving")
+        return self.cancelled
 
-    started = time.time()
-    progress = job.progress  # this process is its only writer while it holds the job
-
-    def on_progress(p: Progress) -> None:
+    def on_progress(self, p: Progress) -> None:
         line = p.describe()
         if line:
-            log(line)
-        if p.kind in ("report", "eval", "save") and not rank:
-            progress.update({k: v for k, v in p.to_dict().items()
-                             if v is not None and k not in ("kind", "message", "bits_per_char",
-                                                            "checkpoint")})
-            if p.kind == "eval" and p.val_loss is not None and p.message != "test":
-                progress["val_metric"] = p.val_metric
-                progress["val_metric_name"] = "bpc" if p.bits_per_char else "ppl"
-            done = p.step - progress.setdefault("first_step", p.step)
-            if done > 0:
-                progress["eta_seconds"] = (time.time() - started) / done * (p.total - p.step)
-            fields = {"progress": progress}
-            if p.checkpoint:
-                fields["checkpoint"] = p.checkpoint
-                registry.add_point(job_id, {"time": time.time(), "kind": "checkpoint", "step": p.step,
-                                            "identifier": p.checkpoint, "loss": p.val_loss})
-            registry.update(job_id, **fields)
+            self.log(line)
+        if p.kind not in ("report", "eval", "save") or self.c.rank:
+            return
+        progress = self.progress
+        progress.update({k: v for k, v in p.to_dict().items()
+                         if v is not None and k not in ("kind", "message", "bits_per_char", "checkpoint")})
+        if p.kind == "eval" and p.val_loss is not None and p.message != "test":
+            progress["val_metric"] = p.val_metric
+            progress["val_metric_name"] = "bpc" if p.bits_per_char else "ppl"
+        done = p.step - progress.setdefault("first_step", p.step)
+        if done > 0:
+            progress["eta_seconds"] = (time.time() - self.started) / done * (p.total - p.step)
+        fields: dict[str, Any] = {"progress": progress}
+        if p.checkpoint:
+            fields["checkpoint"] = p.checkpoint
+            self.on_record({"time": time.time(), "kind": "checkpoint", "step": p.step,
+                            "identifier": p.checkpoint, "loss": p.val_loss})
+        self.c.registry.update(self.c.job.id, **fields)
 
-    result = train(given, on_progress, should_stop, log,
-                   before_publish=lambda: registry.check_fence(job_id, fence),
-                   labels={"job": job_id, "worker": job.worker},
-                   on_record=lambda rec: registry.add_point(job_id, rec))
-    if result.stopped and not cancelled:  # a gang stops together: a peer may have seen the cancel
-        cancelled = registry.get(job_id).cancel == "stop"
-    if result.stopped and not cancelled:
+    def on_record(self, record: dict[str, Any]) -> None:
+        self.c.registry.add_point(self.c.job.id, record)
+
+    def before_publish(self) -> None:
+        self.c.registry.check_fence(self.c.job.id, self.c.fence)
+
+    def end_state(self, result: TrainResult) -> Optional[str]:
+        """How the job ends after ``result``; None: it was interrupted (back to the queue)."""
+        if result.stopped and not self.cancelled:  # a gang stops together: a peer saw the cancel?
+            self.cancelled = self.c.registry.get(self.c.job.id).cancel == "stop"
+        if result.stopped and not self.cancelled:
+            return None
+        return CANCELLED if result.stopped else SUCCEEDED
+
+
+def train_job(c: Context, given: dict[str, Any], hooks: RegistryHooks) -> None:
+    """Train with these hooks, then settle the job (rank 0) or exit EXIT_INTERRUPTED."""
+    from tlm.train import train
+
+    result = train(given, hooks, labels={"job": c.job.id, "worker": c.job.worker})
+    state = hooks.end_state(result)
+    if state is None:
         sys.exit(EXIT_INTERRUPTED)
-    if rank:
+    if c.rank:
         return  # rank 0 settles the job
-    state = CANCELLED if result.stopped else SUCCEEDED
-    registry.finish(job_id, state, fence, checkpoint=result.checkpoint,
-                    result={"step": result.step, "val_loss": result.val_loss,
-                            "test_loss": result.test_loss})
-    log(f"{state} at iteration {result.step}, checkpoint {result.checkpoint}")
+    c.registry.finish(c.job.id, state, c.fence, checkpoint=result.checkpoint,
+                      result={"step": result.step, "val_loss": result.val_loss,
+                              "test_loss": result.test_loss})
+    c.log(f"{state} at iteration {result.step}, checkpoint {result.checkpoint}")

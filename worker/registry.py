@@ -58,8 +58,8 @@ STREAMS = {"log": MAX_LOG_LINES, "points": MAX_POINTS}  # per-job append-only li
 KEEP_DAYS = float(os.environ.get("TLM_KEEP_DAYS", "30"))
 WORKER_TTL = 120.0  # a worker record outlives its last heartbeat by this much
 
+CLAIM_FIELDS = ("id", "kind", "params", "run", "state", "priority", "needs", "enqueued", "version")
 Change = Callable[[Job], Optional[dict[str, Any]]]
-RawChange = Callable[[dict[str, Any]], Optional[dict[str, Any]]]
 
 
 def holder(job: Job) -> str:
@@ -243,8 +243,8 @@ class Registry:
         the longest waiting, among claimable jobs whose needs it meets. Each try is the one
         atomic claim above, so two workers never take one job; one that lost a race tries
         the next."""
-        jobs = [j for j in self.in_states(CLAIMABLE)
-                if j.spec.lane == lane and j.nodes == 1 and not unmet(j.needs, caps)]
+        candidates = self._decode(self.store.read(self.store.ids_in(CLAIMABLE), CLAIM_FIELDS))
+        jobs = [j for j in candidates if j.spec.lane == lane and j.nodes == 1 and not unmet(j.needs, caps)]
         for job in sorted(jobs, key=lambda j: (-j.priority, j.enqueued)):
             claimed = self.claim(job.id, worker_id, caps)
             if claimed is not None:
@@ -616,11 +616,18 @@ class RedisStore:
         args = [x for kv in _json(fields).items() for x in kv]
         self.r.eval(self._SET_IF_EXISTS, 3, self._job(job_id), f"{self.P}events", job_id, *args)
 
-    def read(self, ids: list[str]) -> list[dict[str, Any]]:
+    def read(self, ids: list[str], fields: Optional[tuple[str, ...]] = None) -> list[dict[str, Any]]:
+        """The records (or only ``fields`` of them: what a claim sorts and filters by)."""
         with self.r.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.hgetall(self._job(job_id))
-            return [j for j in map(self._decode, pipe.execute(), ids) if j is not None]
+                if fields:
+                    pipe.hmget(self._job(job_id), fields)
+                else:
+                    pipe.hgetall(self._job(job_id))
+            raws = pipe.execute()
+        if fields:
+            raws = [{k.encode(): v for k, v in zip(fields, raw) if v is not None} for raw in raws]
+        return [j for j in map(self._decode, raws, ids) if j is not None]
 
     def ids_in(self, states) -> list[str]:
         return [i.decode() for i in self.r.sunion([f"{self.P}state:{s}" for s in states])]
@@ -794,8 +801,8 @@ class SqliteStore:
     def set_fields(self, job_id: str, fields: dict[str, Any]) -> None:
         self.change(job_id, lambda job: fields)
 
-    def read(self, ids: list[str]) -> list[dict[str, Any]]:
-        out = []
+    def read(self, ids: list[str], fields: Optional[tuple[str, ...]] = None) -> list[dict[str, Any]]:
+        out = []  # whole records: a row is one column, so ``fields`` saves nothing here
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
             rows = self.db.execute(f"SELECT id, state, record FROM tlm_job WHERE id IN "
