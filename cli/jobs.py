@@ -346,6 +346,11 @@ def _progress(job: Job, waiting: Optional[str] = None) -> str:
     p = job.progress
     if waiting:
         return waiting
+    if job.kind == "sweep":
+        counts = ", ".join(f"{n} {s}" for s, n in sorted((p.get("counts") or {}).items()))
+        best = p.get("best")
+        return (f"trials of {p.get('trials', '?')}: {counts or 'none yet'}"
+                + (f"; best {best['loss']:.4f} (trial {best['trial']})" if best else ""))
     if job.after and job.state == "waiting":
         return f"after {job.after}"
     if not p.get("step"):

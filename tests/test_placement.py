@@ -51,6 +51,8 @@ def test_each_rule_says_what_is_missing():
     assert {r.need for r in RULES} == {"gpu", "memory", "host", "labels"}
     workers = [{"capabilities": caps}, {"capabilities": {**caps, "device": "gpu"}, "stopping": True}]
     assert waiting_reason({"gpu": True}, workers) == "waiting: needs gpu; no live worker has it"
+    assert waiting_reason({}, []) == "waiting: no live worker (start one: tlm-worker)"
+    assert waiting_reason({}, workers) is None
     assert waiting_reason({"gpu": True}, workers[:1] + [{"capabilities": {**caps, "device": "gpu"}}]) is None
     assert parse_needs(("memory=24G",), ("room=office", "host=studio"), gpu=True) == {
         "gpu": True, "memory": 24 * 2**30, "labels": {"room": "office"}, "host": "studio"}

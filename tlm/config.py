@@ -78,13 +78,31 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def apply_preset(given: dict[str, Any]) -> dict[str, Any]:
-    """The flags a user gave, over the values of ``given["preset"]`` if any."""
+    """The flags a user gave, over the values of ``given["preset"]``: a name, or a JSON file of
+    flags (as ``tlm sweep best --preset-out`` writes)."""
     name = given.get("preset")
     if name is None:
         return given
+    if name.endswith(".json") and name not in PRESETS:
+        return {**read_preset(name), **given}
     if name not in PRESETS:
-        raise ConfigError(f"unknown --preset {name!r} (choose from {', '.join(PRESETS)})")
+        raise ConfigError(f"unknown --preset {name!r} (choose from {', '.join(PRESETS)}, or a .json file)")
     return {**PRESETS[name], **given}
+
+
+def read_preset(path: str) -> dict[str, Any]:
+    """A preset file: a JSON object of TrainConfig flags."""
+    import json
+
+    try:
+        flags = json.loads(Path(path).expanduser().read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"--preset {path}: {getattr(e, 'strerror', None) or e}") from None
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset", "save_dir"}
+    if not isinstance(flags, dict) or set(flags) - known:
+        bad = sorted(set(flags) - known) if isinstance(flags, dict) else ["not an object"]
+        raise ConfigError(f"--preset {path}: not a preset of training flags ({', '.join(bad)})")
+    return flags
 
 
 def default_save_dir() -> str:

@@ -170,7 +170,12 @@ def run_train(c: Context) -> None:
         os.environ.update(rank_env(params.get("backend", TrainConfig.backend), c.job.members, c.rank,
                                    Path(tempfile.mkdtemp(prefix=f"tlm-{c.job.id}-"))))
     given = {**params, "save_dir": c.save_dir, "gpu": c.gpu}
-    train_job(c, given, RegistryHooks(c, StopOnSignal()))  # no I/O in the signal handler
+    stop = StopOnSignal()  # no I/O in the signal handler
+    if c.job.sweep:
+        from tlm_worker.sweeps import trial_hooks
+        train_job(c, given, trial_hooks(c, stop))
+    else:
+        train_job(c, given, RegistryHooks(c, stop))
 
 
 class RegistryHooks(TrainingHooks):
@@ -219,6 +224,9 @@ class RegistryHooks(TrainingHooks):
         if p.kind == "eval" and p.val_loss is not None and p.message != "test":
             progress["val_metric"] = p.val_metric
             progress["val_metric_name"] = "bpc" if p.bits_per_char else "ppl"
+            best = progress.get("best_valid")  # [loss, step, seconds of training]
+            if best is None or p.val_loss < best[0]:
+                progress["best_valid"] = [p.val_loss, p.step, p.elapsed]
         done = p.step - progress.setdefault("first_step", p.step)
         if done > 0:
             progress["eta_seconds"] = (time.time() - self.started) / done * (p.total - p.step)

@@ -23,10 +23,11 @@ VERSION = 2  # of the record layout; records before it carry none and read as 1
 QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
 CANCELLED, SUCCEEDED, FAILED, INTERRUPTED = "cancelled", "succeeded", "failed", "interrupted"
 WAITING, SKIPPED = "waiting", "skipped"  # chains: waiting for its parent; the parent did not succeed
+PRUNED = "pruned"  # a sweep trial Optuna stopped early (it saved first)
 CLAIMABLE = (QUEUED, INTERRUPTED)  # interrupted jobs are back in the queue
 ACTIVE = (RUNNING, CANCELLING)  # held by a worker
 LIVE = (WAITING,) + CLAIMABLE + ACTIVE
-FINAL = (CANCELLED, SUCCEEDED, FAILED, SKIPPED)
+FINAL = (CANCELLED, SUCCEEDED, FAILED, SKIPPED, PRUNED)
 STATES = LIVE + FINAL
 
 PRIORITIES = {"high": 10, "normal": 0, "low": -10}  # --priority: higher is taken first
@@ -51,6 +52,7 @@ class JobKind:
     required: tuple[str, ...] = ()  # params its record must hold
     nodes: Callable[[dict[str, Any]], int] = lambda params: 1  # workers it needs at once
     checkpoint_input: bool = False  # reads a checkpoint: a chain pins its parent's
+    driven: bool = False  # held by no worker: every worker drives it in its sweep (a tlm sweep)
 
 
 KINDS: dict[str, JobKind] = {k.name: k for k in (
@@ -61,6 +63,7 @@ KINDS: dict[str, JobKind] = {k.name: k for k in (
             checkpoint_input=True),
     JobKind("export", "interactive", "tlm_worker.jobs:run_export", required=("out",),
             checkpoint_input=True),
+    JobKind("sweep", "", "", trainer=True, required=("search", "name"), driven=True),  # one per name
 )}
 
 # A field's type, for decoding records that other writers made: (types, may be None).
@@ -74,6 +77,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
     "checkpoint": ((str,), True), "error": ((str,), True), "result": ((dict,), True),
     "members": ((list,), False), "priority": ((int,), False), "needs": ((dict,), False),
     "after": ((str,), True), "followers": ((list,), False), "version": ((int,), False),
+    "sweep": ((dict,), True),
 }
 
 
@@ -104,6 +108,7 @@ class Job:
     needs: dict[str, Any] = field(default_factory=dict)  # placement: see tlm_worker.placement
     after: Optional[str] = None  # the job this one waits for (a chain)
     followers: list[str] = field(default_factory=list)  # the jobs that wait for this one
+    sweep: Optional[dict[str, Any]] = None  # a sweep trial's family: sweep id, name, trial, params
     version: int = VERSION
 
     @property

@@ -51,13 +51,14 @@ def unmet(needs: dict[str, Any], caps: dict[str, Any]) -> Optional[str]:
 
 
 def waiting_reason(needs: dict[str, Any], workers: list[dict[str, Any]]) -> Optional[str]:
-    """Why a claimable job waits although workers live: no live worker meets its needs."""
-    if not needs:
+    """Why a claimable job waits: no worker is alive, or none that lives meets its needs."""
+    live = [w for w in workers if not w.get("stopping")]
+    if not live:
+        return "waiting: no live worker (start one: tlm-worker)"
+    reasons = [unmet(needs, w.get("capabilities") or {}) for w in live]
+    if not needs or any(r is None for r in reasons):
         return None
-    reasons = [unmet(needs, w.get("capabilities") or {}) for w in workers if not w.get("stopping")]
-    if any(r is None for r in reasons):
-        return None
-    return f"waiting: {reasons[0] if reasons else unmet(needs, {})}; no live worker has it"
+    return f"waiting: {reasons[0]}; no live worker has it"
 
 
 def parse_needs(needs: tuple[str, ...], on: tuple[str, ...], gpu: bool = False) -> dict[str, Any]:

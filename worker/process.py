@@ -404,7 +404,20 @@ class Worker:
 
     def _finish(self, r: Running, code: int) -> None:
         self._end(r, code)
-        self.failed += self.registry.get(r.job_id).state == FAILED
+        job = self.registry.get(r.job_id)
+        self.failed += job.state == FAILED
+        if job.sweep:  # a trial ended: its sweep takes the next one now, not at the next sweep
+            self._drive(job.sweep["id"])
+
+    def _drive(self, sweep_id: str) -> None:
+        """One round of a sweep (tlm_worker.sweeps.reconcile); a failure of it is said, not fatal."""
+        from tlm_worker import sweeps
+        try:
+            sweeps.reconcile(self.registry, sweep_id, self.lease)
+        except QUEUE_ERRORS:
+            raise
+        except Exception as e:
+            self.say(f"sweep {sweep_id}: {type(e).__name__}: {e}".splitlines()[0])
 
     def _end(self, r: Running, code: int) -> None:
         """Settle a job whose process ended without settling it (killed, crashed, stopped)."""
@@ -460,6 +473,9 @@ class Worker:
         now = time.time()
         self.registry.skipped.clear()
         for job in self.registry.in_states(ACTIVE):
+            if job.spec.driven:  # a sweep: no worker holds it, every worker drives it
+                self._drive(job.id)
+                continue
             beat = job.heartbeat or job.started or job.created
             members = job.members  # a gang's heartbeat is its stalest member's
             if (job.id in self.running and not members) or now - beat <= self.lease:

@@ -60,6 +60,7 @@ WORKER_TTL = 120.0  # a worker record outlives its last heartbeat by this much
 
 CLAIM_FIELDS = ("id", "kind", "params", "run", "state", "priority", "needs", "enqueued", "version")
 Change = Callable[[Job], Optional[dict[str, Any]]]
+RawChange = Callable[[dict[str, Any]], Optional[dict[str, Any]]]  # what a store applies
 
 
 def holder(job: Job) -> str:
@@ -126,16 +127,19 @@ class Registry:
     # -- jobs ------------------------------------------------------------------
 
     def create(self, kind: str, params: dict[str, Any], run_key: str, priority: int = 0,
-               needs: Optional[dict[str, Any]] = None, after: Optional[str] = None) -> Job:
+               needs: Optional[dict[str, Any]] = None, after: Optional[str] = None,
+               job_id: Optional[str] = None, sweep: Optional[dict[str, Any]] = None) -> Job:
         """Record a job and wake a worker; a second live trainer of a run raises RunBusy.
 
         ``after``: a job id; this one waits until that one succeeded (ends skipped otherwise).
+        ``job_id``: a fixed id (a sweep's trial). A driven kind (a sweep) starts running.
         """
         now = time.time()
         parent = self.get(after) if after else None
-        job = Job(id=uuid.uuid4().hex[:12], kind=kind, params=params, run=run_key,
-                  state=WAITING if parent else QUEUED, created=now, enqueued=now,
-                  priority=priority, needs=needs or {}, after=parent and parent.id)
+        state = RUNNING if KINDS[kind].driven else WAITING if parent else QUEUED
+        job = Job(id=job_id or uuid.uuid4().hex[:12], kind=kind, params=params, run=run_key,
+                  state=state, created=now, enqueued=now, started=now if state == RUNNING else None,
+                  priority=priority, needs=needs or {}, after=parent and parent.id, sweep=sweep)
         Job.decode(job.to_record())  # what we write must read back (BadRecord if not)
         busy = self.store.insert(job.to_record(), exclusive=job.spec.trainer)
         if busy is not None:
@@ -143,7 +147,7 @@ class Registry:
         if parent is None:
             _wake(self.queue, job)
             return job
-        added = self._change(parent.id, lambda p: {"followers": p.followers + [job.id]}
+        added = self.change(parent.id, lambda p: {"followers": p.followers + [job.id]}
                              if p.state not in FINAL else None)
         return self._follow(job, added or self.get(parent.id))
 
@@ -205,7 +209,7 @@ class Registry:
         """Seconds a finished job is kept."""
         return self.keep_days * 86400
 
-    def _change(self, job_id: str, fn: Change, expire: Optional[float] = None) -> Optional[Job]:
+    def change(self, job_id: str, fn: Change, expire: Optional[float] = None) -> Optional[Job]:
         """Apply ``fn(job) -> changes`` atomically; a record that does not decode is left alone."""
         def raw(record: dict[str, Any]) -> Optional[dict[str, Any]]:
             try:
@@ -233,7 +237,7 @@ class Registry:
                 return None
             return {"state": RUNNING, "worker": worker_id, "attempts": job.attempts + 1,
                     "fence": job.fence + 1, "started": now, "heartbeat": now, "error": None}
-        job = self._change(job_id, take, expire=self._ttl)
+        job = self.change(job_id, take, expire=self._ttl)
         if job is not None and job.state == CANCELLED:
             self._settle_followers(job)
         return job if job is not None and job.state == RUNNING else None
@@ -260,7 +264,7 @@ class Registry:
             if job.state not in LIVE or (fence is not None and job.fence != fence):
                 return None
             return {"state": state, "finished": now, **fields}
-        job = self._change(job_id, end, expire=self._ttl)
+        job = self.change(job_id, end, expire=self._ttl)
         if job is not None:
             self._settle_followers(job)
         return job
@@ -279,7 +283,7 @@ class Registry:
             if interrupted:
                 changes.update(attempts=job.attempts - 1, interruptions=job.interruptions + 1)
             return changes
-        job = self._change(job_id, back)
+        job = self.change(job_id, back)
         if job is not None:
             self.log(job_id, f"re-queued: {reason}")
             _wake(self.queue, job)
@@ -294,7 +298,7 @@ class Registry:
             if job.state not in CLAIMABLE + (WAITING,):
                 return None
             return {"state": CANCELLED, "finished": now, "cancel": "stop"}
-        job = self._change(job_id, drop, expire=self._ttl)
+        job = self.change(job_id, drop, expire=self._ttl)
         if job is None:
             self.update(job_id, cancel="force" if force else "stop")
         for follower in self._read((job or self.get(job_id)).followers):
@@ -304,7 +308,7 @@ class Registry:
         return job is not None
 
     def mark_cancelling(self, job_id: str, fence: int) -> None:
-        self._change(job_id, lambda job: {"state": CANCELLING}
+        self.change(job_id, lambda job: {"state": CANCELLING}
                      if job.state == RUNNING and job.fence == fence else None)
 
     def check_fence(self, job_id: str, fence: int) -> None:
@@ -343,7 +347,7 @@ class Registry:
             if job.spec.checkpoint_input and parent.checkpoint and not params.get("identifier"):
                 params = {**params, "identifier": parent.checkpoint}
             return {"state": QUEUED, "enqueued": now, "params": params}
-        job = self._change(follower.id, settle, expire=self._ttl)
+        job = self.change(follower.id, settle, expire=self._ttl)
         if job is None:
             return self.get(follower.id)
         if job.state == QUEUED:
@@ -400,14 +404,14 @@ class Registry:
             return {"members": [{**m, "heartbeat": now} for m in places], "state": RUNNING,
                     "worker": places[0]["worker"], "attempts": job.attempts + 1,
                     "fence": job.fence + 1, "started": now, "heartbeat": now, "error": None}
-        job = self._change(job_id, join, expire=self._ttl)
+        job = self.change(job_id, join, expire=self._ttl)
         if job is not None and job.state == CANCELLED:
             self._settle_followers(job)
         return job
 
     def withdraw(self, job_id: str, worker_id: str) -> None:
         """Give up this worker's place in a gang that still waits."""
-        self._change(job_id, lambda job: {"members": [m for m in job.members
+        self.change(job_id, lambda job: {"members": [m for m in job.members
                                                       if m["worker"] != worker_id]}
                      if job.state in CLAIMABLE else None)
 
@@ -423,7 +427,7 @@ class Registry:
             members = [{**m, "heartbeat": now} if m["worker"] == worker_id else m
                        for m in job.members]
             return {"members": members, "heartbeat": min(m["heartbeat"] for m in members)}
-        return self._change(job_id, beat)
+        return self.change(job_id, beat)
 
     # -- heartbeats, logs, followers ------------------------------------------------
 
@@ -573,7 +577,7 @@ class RedisStore:
             pipe.sadd(f"{self.P}state:{job['state']}", job["id"])
         pipe.publish(f"{self.P}events", job["id"])
 
-    def change(self, job_id: str, fn: Change, expire: Optional[float] = None) -> Optional[dict]:
+    def change(self, job_id: str, fn: RawChange, expire: Optional[float] = None) -> Optional[dict]:
         """Atomically apply ``fn(job) -> changes`` to a job; the new record, or None."""
         key = self._job(job_id)
         with self.r.pipeline() as pipe:
@@ -778,7 +782,7 @@ class SqliteStore:
                     raise
                 return row[0]
 
-    def change(self, job_id: str, fn: Change, expire: Optional[float] = None) -> Optional[dict]:
+    def change(self, job_id: str, fn: RawChange, expire: Optional[float] = None) -> Optional[dict]:
         with self._tx() as db:
             row = db.execute("SELECT id, state, record FROM tlm_job WHERE id = ?", (job_id,)).fetchone()
             job = self._decode(*row) if row else None

@@ -1,0 +1,263 @@
+"""``tlm sweep``: submit, watch, pick from and cancel a hyperparameter search (worker/sweeps.py)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shlex
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from tlm_cli.jobs import connect, echo, queue_errors, queue_option
+from tlm_cli.options import flag_types, given_options
+from tlm_worker.kinds import FINAL
+from tlm_worker.registry import JobNotFound, Registry
+
+SPEC_KEYS = ("name", "preset", "search", "trials", "parallel", "metric", "budget", "prune", "sampler",
+             "seed", "priority", "flags")
+
+
+@click.group()
+def sweep() -> None:
+    """Search training flags with Optuna over ordinary queued training jobs."""
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """A sweep spec file: the options below as keys (``search`` a table or a list, ``flags`` a table)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise click.UsageError(f"{path}: {e}") from None
+    unknown = set(data) - set(SPEC_KEYS)
+    if unknown:
+        raise click.UsageError(f"{path}: unknown keys {', '.join(sorted(unknown))} "
+                               f"(known: {', '.join(SPEC_KEYS)})")
+    search = data.get("search", [])
+    if isinstance(search, dict):
+        search = [f"{k}={v}" for k, v in search.items()]
+    return {**data, "search": list(search)}
+
+
+@sweep.command("submit")
+@click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--name", default=None, help="the sweep's name: its trials train in NAME/trial-<n>")
+@click.option("--preset", default=None, help="training flags to start from (as tlm train --preset)")
+@click.option("--search", multiple=True, metavar="FLAG=SPEC",
+              help="FLAG=LO:HI (uniform; integers for integer flags), FLAG=log:LO:HI, FLAG=a,b,c")
+@click.option("--flag", "flags", multiple=True, metavar="FLAG=VALUE", help="a fixed training flag")
+@click.option("--trials", type=click.IntRange(1, 10000), default=None, help="trials in all (default 16)")
+@click.option("--parallel", type=click.IntRange(1, 1000), default=None,
+              help="trials queued at once (default 2: one per worker you have)")
+@click.option("--metric", default=None, help="what is minimised: valid_loss")
+@click.option("--budget", default=None, help="each trial's training: minutes (10m) or steps (500)")
+@click.option("--prune", default=None, help="asha (default), hyperband or none")
+@click.option("--sampler", default=None, help="tpe (default), random or grid")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="same seed, same proposals")
+@click.option("--priority", default=None, help="of the trials: low (default), normal or high")
+@queue_option
+@queue_errors
+def submit(spec_file, name, preset, search, flags, trials, parallel, metric, budget, prune, sampler,
+           seed, priority, queue) -> None:
+    """Queue a sweep (options, or a TOML file with the same keys); prints its id."""
+    from tlm_worker import sweeps
+
+    given = read_toml(spec_file) if spec_file else {}
+    options = {"name": name, "preset": preset, "trials": trials, "parallel": parallel, "metric": metric,
+               "budget": budget, "prune": prune, "sampler": sampler, "seed": seed, "priority": priority}
+    given.update({k: v for k, v in options.items() if v is not None})
+    given["search"] = list(given.get("search", [])) + list(search)
+    fixed = {**given.pop("flags", {}), **dict(_pair(f) for f in flags)}
+    try:
+        spec = build_spec(given, fixed)
+    except sweeps.SpecError as e:
+        raise click.UsageError(str(e)) from None
+    registry = connect(queue)
+    try:
+        job = sweeps.submit(registry, spec)
+    except sweeps.SpecError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(job.id)
+    echo(f"queued sweep {spec.name} ({job.id}): {spec.trials} trials, {spec.parallel} at a time, "
+         f"{spec.sampler} sampler, {spec.prune} pruning; `tlm sweep status {spec.name}` to watch")
+
+
+def _pair(item: str) -> tuple[str, str]:
+    key, eq, value = item.partition("=")
+    if not eq:
+        raise click.UsageError(f"--flag {item!r}: give FLAG=VALUE")
+    return key.strip().lstrip("-").replace("-", "_"), value
+
+
+def build_spec(given: dict[str, Any], fixed: dict[str, Any]):
+    """A checked SweepSpec from the options (or a file's keys) and fixed flags."""
+    from tlm_worker import sweeps
+
+    if not given.get("name"):
+        raise sweeps.SpecError("give the sweep a --name")
+    types = flag_types()
+    base: dict[str, Any] = {}
+    for key, value in fixed.items():
+        if key not in types or key in sweeps.LOCATION_FLAGS:
+            raise sweeps.SpecError(f"--flag {key}: not a training flag a sweep can set")
+        typ = types[key]
+        try:
+            base[key] = (str(value).lower() in ("1", "true", "yes")) if typ is bool else typ(value)
+        except ValueError:
+            raise sweeps.SpecError(f"--flag {key}={value}: expected {typ.__name__}") from None
+    if given.get("preset"):
+        try:
+            base = given_options({"preset": given["preset"], **base})
+        except click.UsageError as e:
+            raise sweeps.SpecError(e.message) from None
+        base.pop("preset", None)
+    search = dict(sweeps.parse_search(item, types) for item in given.get("search", []))
+    spec = sweeps.SweepSpec(name=given["name"], search=search, base=base,
+                            **{k: given[k] for k in ("trials", "parallel", "metric", "budget", "prune",
+                                                     "sampler", "seed", "priority") if k in given})
+    spec.budget = str(spec.budget)
+    return sweeps.check(spec)
+
+
+def find_sweep(registry: Registry, name: str):
+    from tlm_worker.sweeps import sweep_key
+
+    found = registry.jobs(None, run=sweep_key(name))
+    if not found:
+        try:
+            job = registry.get(name)
+        except JobNotFound:
+            raise click.ClickException(f"no sweep {name!r}: `tlm status` lists them") from None
+        if job.kind != "sweep":
+            raise click.ClickException(f"{name} is a {job.kind} job, not a sweep")
+        return job
+    return found[-1]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def leaderboard_table(sweep_job, rows: list[dict[str, Any]]) -> Table:
+    names = list(sweep_job.params["search"])
+    progress = sweep_job.progress or {}
+    counts = ", ".join(f"{n} {s}" for s, n in sorted((progress.get("counts") or {}).items()))
+    table = Table(title=f"sweep {sweep_job.params['name']} ({sweep_job.state}; "
+                        f"{len(rows)} of {sweep_job.params['trials']} trials: {counts or 'none yet'})",
+                  title_justify="left")
+    for col in ("rank", "trial", *names, "best valid_loss", "at step", "at min", "steps",
+                "worker s", "state"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["rank"]), str(r["trial"]), *(_fmt(r["params"].get(n)) for n in names),
+                      _fmt(r["best"]), _fmt(r["best_step"]), _fmt(r["best_minute"]), str(r["steps"]),
+                      _fmt(r["worker_time"]), r["state"])
+    return table
+
+
+@sweep.command("status")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="the leaderboard as JSON")
+@click.option("--csv", "as_csv", is_flag=True, help="the leaderboard as CSV")
+@click.option("--watch", is_flag=True, help="redraw as trials report")
+@queue_option
+@queue_errors
+def status(name, as_json, as_csv, watch, queue) -> None:
+    """The leaderboard: rank, trial, searched flags, best metric (step, minute), steps, state."""
+    from tlm_worker.sweeps import leaderboard
+
+    registry = connect(queue)
+    job = find_sweep(registry, name)
+    if as_json:
+        click.echo(json.dumps({"sweep": job.to_record(), "trials": leaderboard(registry, job)}))
+        return
+    if as_csv:
+        out = io.StringIO()
+        names = list(job.params["search"])
+        writer = csv.writer(out)
+        writer.writerow(["rank", "trial", *names, "best", "best_step", "best_minute", "steps",
+                         "worker_time", "state"])
+        for r in leaderboard(registry, job):
+            writer.writerow([r["rank"], r["trial"], *(r["params"].get(n) for n in names), r["best"],
+                             r["best_step"], r["best_minute"], r["steps"], r["worker_time"], r["state"]])
+        click.echo(out.getvalue(), nl=False)
+        return
+    console = Console(width=None if Console().is_terminal else 200)
+    if not watch:
+        console.print(leaderboard_table(job, leaderboard(registry, job)))
+        return
+    with Live(leaderboard_table(job, leaderboard(registry, job)), console=console) as live, \
+            registry.changes() as wait:
+        try:
+            while job.state not in FINAL:
+                wait(2.0)
+                job = registry.get(job.id)
+                live.update(leaderboard_table(job, leaderboard(registry, job)))
+        except KeyboardInterrupt:
+            pass
+
+
+def best_flags(registry: Registry, job) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the best trial's leaderboard row, its full training flags)."""
+    from tlm_worker.sweeps import SweepSpec, leaderboard
+
+    rows = [r for r in leaderboard(registry, job) if r["best"] is not None]
+    if not rows:
+        raise click.ClickException(f"sweep {job.params['name']}: no trial has been evaluated yet")
+    spec = SweepSpec.from_dict(job.params)
+    return rows[0], spec.trial_flags(rows[0]["params"])
+
+
+@sweep.command("best")
+@click.argument("name")
+@click.option("--preset-out", "--preset_out", "preset_out", type=click.Path(dir_okay=False), default=None,
+              help="also write the flags as a preset file that --preset accepts (JSON)")
+@queue_option
+@queue_errors
+def best(name, preset_out, queue) -> None:
+    """Print the winning flags as a ready `tlm submit train` command."""
+    registry = connect(queue)
+    job = find_sweep(registry, name)
+    row, flags = best_flags(registry, job)
+    echo(f"best: trial {row['trial']} ({row['run']}), valid_loss {row['best']:.4f} at step "
+         f"{row['best_step']}")
+    click.echo(submit_command(flags))
+    if preset_out:
+        Path(preset_out).write_text(json.dumps(flags, indent=2, sort_keys=True) + "\n")
+        echo(f"wrote {preset_out}: `tlm submit train --preset {preset_out} --run NAME`")
+
+
+def submit_command(flags: dict[str, Any], run: Optional[str] = None) -> str:
+    parts = ["tlm", "submit", "train"] + (["--run", run] if run else ["--run", "NAME"])
+    for k, v in sorted(flags.items()):
+        parts += [f"--{k}"] if v is True else [] if v is False else [f"--{k}", str(v)]
+    return shlex.join(parts)
+
+
+@sweep.command("cancel")
+@click.argument("name")
+@queue_option
+@queue_errors
+def cancel(name, queue) -> None:
+    """Stop the sweep: every running trial saves and ends cancelled; no new trial starts."""
+    from tlm_worker.sweeps import reconcile
+
+    registry = connect(queue)
+    job = find_sweep(registry, name)
+    if job.state in FINAL:
+        raise click.ClickException(f"sweep {name} already {job.state}")
+    registry.cancel(job.id)
+    reconcile(registry, job.id)
+    echo(f"sweep {name}: no new trials; running ones finish their step, save and end cancelled")

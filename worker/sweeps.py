@@ -1,0 +1,458 @@
+"""``tlm sweep``: a family of ordinary training jobs whose flags Optuna proposes and prunes.
+
+A sweep is a registry record of kind ``sweep`` (its spec in ``params``, its
+counters in ``result``) that no worker holds: every worker *drives* it
+(``reconcile``, from its sweep every lease/2 and whenever a trial of it ends).
+Each trial is a train job in its own run (``<name>/trial-<n>`` under the save
+root) with a fixed id, so the one-trainer-per-run rule makes creating it
+idempotent; it has the same fencing, re-queue, resume and interruption rules as
+any job. Driving is a sequence of idempotent steps, so any worker may do it and
+any may die in the middle:
+
+1. tell Optuna how each ended trial ended (``tell(skip_if_finished=True)``);
+2. a cancelled sweep cancels its live trials, then ends ``cancelled``;
+3. reserve the next trial number in one atomic change of the sweep record
+   (while fewer than ``--parallel`` run and fewer than ``--trials`` exist),
+   ask Optuna for its flags, create its job; a number reserved by a worker
+   that died before creating its job is created by another one a lease later,
+   and the Optuna trial it had asked for is told FAIL;
+4. when every trial has ended, the sweep ends ``succeeded`` with the best.
+
+Optuna's storage is its journal beside the queue: on Redis a
+``JournalRedisBackend`` under ``tlm:optuna:`` (snapshots off: they are
+pickles, and nothing read from the queue is ever unpickled), on the embedded
+queue a ``JournalFileBackend`` file beside the SQLite file (JSON lines, file
+locks). Both are append-only logs that every process replays, so workers on
+every Mac share one study without a server of its own. The sampler and pruner
+are not stored: each process builds them from the spec, the sampler seeded
+with (--seed, trial number), so --seed makes the proposals reproducible.
+
+Trials report their validation loss at each evaluation (step, or seconds of
+training with a time budget) from the trial's own process (``TrialHooks``); a
+trial Optuna prunes saves and ends ``pruned``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from tlm_worker.kinds import ACTIVE, FINAL, LIVE, PRIORITIES, PRUNED, RUNNING, SUCCEEDED, Job
+from tlm_worker.registry import CANCELLED, RunBusy
+
+if TYPE_CHECKING:
+    from tlm_worker.registry import Registry
+
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("asha", "hyperband", "none")
+METRICS = ("valid_loss",)
+LOCATION_FLAGS = ("save_dir", "preset", "identifier", "new_model", "nodes", "backend", "gpu",
+                  "data_mirror", "init_from")
+
+
+class SpecError(ValueError):
+    """A sweep spec that cannot run; the message is one line."""
+
+
+@dataclass
+class SweepSpec:
+    """What a sweep searches, how long each trial trains, and how trials are proposed and pruned."""
+    name: str
+    search: dict[str, dict[str, Any]]  # flag -> {"type": float|int|choice, low, high, log | values}
+    base: dict[str, Any] = field(default_factory=dict)  # the other flags (a --preset applied)
+    trials: int = 16
+    parallel: int = 2
+    metric: str = "valid_loss"
+    budget: str = ""  # "10m" (minutes of training) or "500" (steps); empty: the base flags decide
+    prune: str = "asha"
+    sampler: str = "tpe"
+    seed: int = 0
+    priority: str = "low"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SweepSpec":
+        return cls(**data)
+
+    def trial_flags(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A trial's training flags: the base, the budget, then the proposed values."""
+        flags = dict(self.base)
+        if self.budget.endswith("m"):
+            flags.update(time_budget=float(self.budget[:-1]), num_iters=flags.get("num_iters", 10**6))
+        elif self.budget:
+            flags.update(num_iters=int(self.budget), time_budget=0.0)
+        return {**flags, **params}
+
+    @property
+    def by_time(self) -> bool:
+        return self.budget.endswith("m")
+
+
+def parse_search(item: str, types: dict[str, type]) -> tuple[str, dict[str, Any]]:
+    """``flag=log:LO:HI`` (log-uniform), ``flag=LO:HI`` (uniform; integers for integer flags),
+    ``flag=a,b,c`` (a choice)."""
+    name, eq, text = item.partition("=")
+    name = name.strip().lstrip("-").replace("-", "_")
+    if not eq or not text:
+        raise SpecError(f"--search {item!r}: give FLAG=LO:HI, FLAG=log:LO:HI or FLAG=a,b,c")
+    if name not in types or name in LOCATION_FLAGS:
+        raise SpecError(f"--search {item!r}: {name!r} is not a training flag that can be searched")
+    typ = types[name]
+
+    def value(v: str) -> Any:
+        try:
+            if typ is bool:
+                if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return v.lower() in ("true", "1", "yes")
+            return typ(v)
+        except ValueError:
+            raise SpecError(f"--search {item!r}: {v!r} is not a {typ.__name__} "
+                            f"(--{name} takes {typ.__name__})") from None
+    log = text.startswith("log:")
+    body = text[4:] if log else text
+    if ":" in body and "," not in body:
+        lo, _, hi = body.partition(":")
+        if typ not in (int, float):
+            raise SpecError(f"--search {item!r}: --{name} takes {typ.__name__}, not a range: "
+                            "give a choice a,b,c")
+        low, high = value(lo), value(hi)
+        if not low < high:
+            raise SpecError(f"--search {item!r}: the range is empty ({low} is not below {high})")
+        if log and low <= 0:
+            raise SpecError(f"--search {item!r}: a log range must be above 0")
+        return name, {"type": typ.__name__, "low": low, "high": high, "log": log}
+    values = [value(v.strip()) for v in body.split(",") if v.strip()]
+    if len(values) < 2 or log:
+        raise SpecError(f"--search {item!r}: a choice needs at least two values (a,b)")
+    return name, {"type": "choice", "values": values}
+
+
+def check(spec: SweepSpec) -> SweepSpec:
+    """Refuse, in one line, a spec that cannot run: names, counts, budget, each trial's flags."""
+    from tlm.config import ConfigError, TrainConfig
+
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,63}", spec.name or ""):
+        raise SpecError(f"--name {spec.name!r}: letters, digits, '.', '_' or '-', at most 64")
+    if not spec.search:
+        raise SpecError("nothing to search: give --search FLAG=...")
+    for name, value, choices in (("prune", spec.prune, PRUNERS), ("sampler", spec.sampler, SAMPLERS),
+                                 ("metric", spec.metric, METRICS), ("priority", spec.priority, PRIORITIES)):
+        if value not in choices:
+            raise SpecError(f"--{name} {value!r}: choose from {', '.join(choices)}")
+    if spec.trials < 1 or spec.parallel < 1:
+        raise SpecError("--trials and --parallel must be at least 1")
+    if spec.sampler == "grid" and any(s["type"] != "choice" for s in spec.search.values()):
+        raise SpecError("--sampler grid searches choices only (FLAG=a,b,c)")
+    if spec.budget and not re.fullmatch(r"\d+(\.\d+)?m|\d+", spec.budget):
+        raise SpecError(f"--budget {spec.budget!r}: give minutes (10m) or steps (500)")
+    probe = {n: s["values"][0] if s["type"] == "choice" else s["low"] for n, s in spec.search.items()}
+    flags = spec.trial_flags(probe)
+    try:
+        config = TrainConfig(**{k: v for k, v in flags.items()})
+        config.validate()
+    except (ConfigError, TypeError) as e:
+        raise SpecError(f"a trial's flags would be refused: {e}") from None
+    if spec.budget and not spec.by_time and int(spec.budget) < 1:
+        raise SpecError("--budget: at least one step")
+    if spec.by_time and float(spec.budget[:-1]) * 60 < 1:
+        raise SpecError(f"--budget {spec.budget}: under a second of training")
+    steps = config.num_iters
+    if spec.prune != "none" and not spec.by_time and steps <= config.steps_per_eval:
+        raise SpecError(f"--budget of {steps} steps reaches no evaluation before the end "
+                        f"(--steps_per_eval {config.steps_per_eval}): pruning needs one; lower "
+                        "--steps_per_eval or use --prune none")
+    return spec
+
+
+# -- Optuna ------------------------------------------------------------------------------------
+
+def storage(registry: "Registry"):
+    """The study's journal beside the queue: Redis, or a file beside the SQLite file."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
+
+    class NoSnapshots(JournalRedisBackend):
+        """Optuna's Redis journal without its snapshots, which are pickles."""
+
+        def save_snapshot(self, snapshot: bytes) -> None:
+            pass
+
+        def load_snapshot(self) -> Optional[bytes]:
+            return None
+
+    queue = registry.queue
+    if queue.redis is not None:
+        return JournalStorage(NoSnapshots(queue.url, prefix="tlm:optuna"))
+    return JournalStorage(JournalFileBackend(str(Path(str(queue.sqlite_path) + ".optuna.log"))))
+
+
+def distributions(spec: SweepSpec) -> dict[str, Any]:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for name, s in spec.search.items():
+        if s["type"] == "choice":
+            out[name] = CategoricalDistribution(s["values"])
+        elif s["type"] == "int":
+            out[name] = IntDistribution(s["low"], s["high"], log=s["log"])
+        else:
+            out[name] = FloatDistribution(s["low"], s["high"], log=s["log"])
+    return out
+
+
+def sampler(spec: SweepSpec, trial: int):
+    """The sampler for trial ``trial``: seeded by (--seed, trial), so proposals are reproducible."""
+    import optuna
+
+    seed = (spec.seed * 1_000_003 + trial) % 2**32
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.sampler == "grid":
+        return optuna.samplers.GridSampler({n: s["values"] for n, s in spec.search.items()}, seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def pruner(spec: SweepSpec):
+    import optuna
+
+    if spec.prune == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    if spec.prune == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
+def study(registry: "Registry", sweep: Job, trial: int = 0, create: bool = False):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = SweepSpec.from_dict(sweep.params)
+    make = optuna.create_study if create else optuna.load_study
+    kwargs = {"direction": "minimize"} if create else {}
+    return make(study_name=sweep.id, storage=storage(registry), sampler=sampler(spec, trial),
+                pruner=pruner(spec), **kwargs)
+
+
+# -- the registry side: submit, drive, read ---------------------------------------------------
+
+def sweep_key(name: str) -> str:
+    return f"sweep:{name}"
+
+
+def trial_id(sweep: Job, n: int) -> str:
+    return f"{sweep.id[:7]}t{n:04d}"
+
+
+def trial_run(spec: SweepSpec, n: int) -> str:
+    return f"{spec.name}/trial-{n:03d}"
+
+
+def submit(registry: "Registry", spec: SweepSpec) -> Job:
+    """Record the sweep, create its study, and start its first trials."""
+    check(spec)
+    existing = registry.jobs(None, run=sweep_key(spec.name))
+    if existing:
+        raise SpecError(f"a sweep named {spec.name} exists already ({existing[-1].state}): "
+                        "choose another --name")
+    sweep = registry.create("sweep", spec.to_dict(), sweep_key(spec.name),
+                            priority=PRIORITIES[spec.priority])
+    registry.update(sweep.id, result={"created": 0, "reserved": {}})
+    study(registry, sweep, create=True)
+    reconcile(registry, sweep.id)
+    return registry.get(sweep.id)
+
+
+def trials(registry: "Registry", sweep: Job) -> list[Job]:
+    created = (sweep.result or {}).get("created", 0)
+    return registry.find([trial_id(sweep, n) for n in range(created)])
+
+
+def reconcile(registry: "Registry", sweep_id: str, lease: float = 60.0) -> None:
+    """Drive a sweep one round (see the module docstring); safe in any worker at any time."""
+    sweep = registry.get(sweep_id)
+    if sweep.state != RUNNING:
+        return
+    spec = SweepSpec.from_dict(sweep.params)
+    st = study(registry, sweep)
+    jobs = trials(registry, sweep)
+    _tell(st, jobs, lease)
+    live = [j for j in jobs if j.state in LIVE]
+    if sweep.cancel:
+        for job in live:
+            registry.cancel(job.id)
+        if all(j.state in FINAL for j in trials(registry, sweep)):
+            registry.finish(sweep.id, CANCELLED, error="cancelled: every trial saved and stopped")
+        return
+    have = {j.sweep["trial"] for j in jobs if j.sweep}
+    reserved = (sweep.result or {}).get("reserved", {})
+    for n in range((sweep.result or {}).get("created", 0)):
+        if n not in have and time.time() - reserved.get(str(n), 0) > lease:
+            _create(registry, sweep, spec, n)  # its creator died between reserving and creating
+    while len(live) < spec.parallel:
+        n = _reserve(registry, sweep.id, spec)
+        if n is None:
+            break
+        job = _create(registry, sweep, spec, n)
+        if job is not None:
+            live.append(job)
+    jobs = trials(registry, sweep)
+    registry.update(sweep.id, progress=summary(jobs, spec))
+    if len(jobs) >= spec.trials and all(j.state in FINAL for j in jobs):
+        best = leaderboard(registry, sweep)[:1]
+        registry.finish(sweep.id, SUCCEEDED, result={**(sweep.result or {}), "created": len(jobs),
+                                                     "best": best[0] if best else None})
+
+
+def _reserve(registry: "Registry", sweep_id: str, spec: SweepSpec) -> Optional[int]:
+    """Take the next trial number in one atomic change of the sweep record (None: all taken)."""
+    taken: list[int] = []
+
+    def take(sweep: Job):
+        result = dict(sweep.result or {})
+        n = result.get("created", 0)
+        if sweep.state != RUNNING or sweep.cancel or n >= spec.trials:
+            return None
+        taken.append(n)
+        return {"result": {**result, "created": n + 1,
+                           "reserved": {**result.get("reserved", {}), str(n): time.time()}}}
+    return taken[0] if registry.change(sweep_id, take) is not None else None
+
+
+def _create(registry: "Registry", sweep: Job, spec: SweepSpec, n: int) -> Optional[Job]:
+    """Ask Optuna for trial ``n``'s flags and queue its job (None if it exists already)."""
+    from tlm.memory import estimate
+
+    st = study(registry, sweep, trial=n)
+    trial = st.ask(distributions(spec))
+    flags = spec.trial_flags(trial.params)
+    family = {"id": sweep.id, "name": spec.name, "trial": n, "number": trial.number,
+              "params": trial.params}
+    run = trial_run(spec, n)
+    try:
+        job = registry.create("train", {**flags, "run": run}, f"run:{run}", priority=sweep.priority,
+                              needs={"memory": estimate(flags)}, job_id=trial_id(sweep, n), sweep=family)
+    except RunBusy:
+        st.tell(trial.number, state=_state("FAIL"), skip_if_finished=True)
+        return None
+    registry.log(sweep.id, f"trial {n} ({job.id}): " + " ".join(f"--{k} {v}" for k, v in trial.params.items()))
+    return job
+
+
+def _state(name: str):
+    from optuna.trial import TrialState
+    return TrialState[name]
+
+
+def _tell(st, jobs: list[Job], lease: float) -> None:
+    """Tell Optuna how each ended trial ended; fail Optuna trials no job carries (orphans)."""
+    running = {t.number: t for t in st.get_trials(deepcopy=False, states=(_state("RUNNING"),))}
+    carried = {j.sweep["number"] for j in jobs if j.sweep}
+    for job in jobs:
+        number = job.sweep["number"] if job.sweep else None
+        if number not in running or job.state not in FINAL:
+            continue
+        best = best_metric(job)
+        if job.state == SUCCEEDED and best is not None:
+            st.tell(number, best[0], skip_if_finished=True)
+        else:
+            st.tell(number, state=_state("PRUNED" if job.state == PRUNED else "FAIL"),
+                    skip_if_finished=True)
+    for number, t in running.items():
+        started = t.datetime_start.timestamp() if t.datetime_start else time.time()
+        if number not in carried and time.time() - started > lease:
+            st.tell(number, state=_state("FAIL"), skip_if_finished=True)
+
+
+def best_metric(job: Job) -> Optional[tuple[float, int, float]]:
+    """(best validation loss, its step, its minute) of a trial, from its progress record."""
+    best = (job.progress or {}).get("best_valid")
+    return tuple(best) if best else None
+
+
+def summary(jobs: list[Job], spec: SweepSpec) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for job in jobs:
+        counts[job.state] = counts.get(job.state, 0) + 1
+    scored = [(b, j) for j in jobs if (b := best_metric(j))]
+    best = min(scored, key=lambda x: x[0][0]) if scored else None
+    return {"trials": spec.trials, "counts": counts,
+            "best": {"loss": best[0][0], "trial": best[1].sweep["trial"]} if best else None}
+
+
+def leaderboard(registry: "Registry", sweep: Job) -> list[dict[str, Any]]:
+    """Every trial, best first: rank, trial, parameters, best metric (step, minute), steps,
+    worker time, state. Trials with no evaluation yet come last."""
+    rows = []
+    for job in trials(registry, sweep):
+        best = best_metric(job)
+        worker_time = (job.finished or time.time()) - job.started if job.started else 0.0
+        rows.append({"trial": job.sweep["trial"], "job": job.id, "run": job.run_name,
+                     "params": job.sweep["params"], "best": best[0] if best else None,
+                     "best_step": best[1] if best else None,
+                     "best_minute": round(best[2] / 60, 2) if best else None,
+                     "steps": (job.progress or {}).get("step", 0), "worker_time": round(worker_time, 1),
+                     "state": job.state})
+    rows.sort(key=lambda r: (r["best"] is None, r["best"] if r["best"] is not None else math.inf,
+                             r["trial"]))
+    for i, row in enumerate(rows, 1):
+        row["rank"] = i
+    return rows
+
+
+def live_sweeps(registry: "Registry") -> list[Job]:
+    return [j for j in registry.in_states(ACTIVE) if j.kind == "sweep"]
+
+
+def trial_hooks(c, stop):
+    """The hooks of a sweep trial's job process (``c``: its ``tlm_worker.jobs.Context``)."""
+    from tlm_worker.jobs import RegistryHooks
+
+    class Trial(RegistryHooks):
+        def __init__(self):
+            super().__init__(c, stop)
+            self.pruned = False
+            self.family = c.job.sweep
+            self.sweep = c.registry.get(self.family["id"])
+            self.spec = SweepSpec.from_dict(self.sweep.params)
+            self._trial = None
+
+        def trial(self):
+            import optuna
+
+            if self._trial is None:
+                st = study(c.registry, self.sweep, self.family["trial"])
+                trial_id = st._storage.get_trial_id_from_study_id_trial_number(
+                    st._study_id, self.family["number"])
+                self._trial = optuna.trial.Trial(st, trial_id)
+            return self._trial
+
+        def on_progress(self, p) -> None:
+            super().on_progress(p)
+            if p.kind != "eval" or p.message == "test" or p.val_loss is None or self.pruned or c.rank:
+                return
+            unit = "second" if self.spec.by_time else "step"
+            at = int(p.elapsed) if self.spec.by_time else p.step
+            try:
+                trial = self.trial()
+                trial.report(p.val_loss, at)
+                self.pruned = trial.should_prune()
+            except Exception as e:  # the study unreachable: train on, unpruned
+                self.log(f"could not report to sweep {self.spec.name}'s study ({e}); training on")
+                return
+            if self.pruned:
+                self.log(f"pruned ({self.spec.prune}) at {unit} {at}, valid loss {p.val_loss:.4f}: "
+                         "saved, stopping")
+
+        def should_stop(self) -> bool:
+            return self.pruned or super().should_stop()
+
+        def end_state(self, result):
+            return PRUNED if self.pruned else super().end_state(result)
+    return Trial()
