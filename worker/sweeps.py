@@ -189,7 +189,12 @@ def storage(registry: "Registry"):
 
     queue = registry.queue
     if queue.redis is not None:
-        return JournalStorage(NoSnapshots(queue.url, prefix="tlm:optuna"))
+        import warnings
+
+        from optuna.exceptions import ExperimentalWarning
+        with warnings.catch_warnings():  # "experimental since 3.1": stable in use, and ours is pinned
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return JournalStorage(NoSnapshots(queue.url, prefix="tlm:optuna"))
     return JournalStorage(JournalFileBackend(str(Path(str(queue.sqlite_path) + ".optuna.log"))))
 
 
@@ -302,6 +307,7 @@ def reconcile(registry: "Registry", sweep_id: str, lease: float = 60.0) -> None:
         job = _create(registry, sweep, spec, n)
         if job is not None:
             live.append(job)
+    sweep = registry.get(sweep.id)  # with the trials this round created
     jobs = trials(registry, sweep)
     registry.update(sweep.id, progress=summary(jobs, spec))
     if len(jobs) >= spec.trials and all(j.state in FINAL for j in jobs):

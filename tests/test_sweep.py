@@ -1,0 +1,175 @@
+"""tlm sweep: Optuna over real queued training jobs, real workers, both backends, tiny models."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tlm import checkpoint, metrics
+
+from queue_helpers import registry, tlm, wait_for
+
+REDIS_DB = 9
+TRIAL = ["--flag", "dataset=shakespeare", "--flag", "dim=32", "--flag", "num_heads=2",
+         "--flag", "num_blocks=1", "--flag", "context_size=16", "--flag", "batch_size=8",
+         "--flag", "eval_tokens=400", "--flag", "steps_per_eval=5", "--flag", "steps_per_report=5"]
+
+
+def sweep(url: str, name: str, *args: str) -> str:
+    proc = tlm("sweep", "submit", "--name", name, *TRIAL, "--queue", url, *args)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def board(url: str, name: str) -> dict:
+    proc = tlm("sweep", "status", name, "--json", "--queue", url)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def finished(url: str, sweep_id: str, timeout: float = 300) -> None:
+    wait_for(url, sweep_id, ["succeeded", "cancelled", "failed"], timeout=timeout)
+
+
+def test_an_asha_sweep_prunes_some_trials_and_its_best_command_reproduces_the_winner(url, workers, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    for _ in range(2):
+        workers.start("--save_root", str(root))
+    sweep_id = sweep(url, "asha", "--search", "learning_rate=log:1e-4:3e-1", "--search", "dim=16,32",
+                     "--trials", "8", "--parallel", "2", "--budget", "30", "--prune", "asha",
+                     "--sampler", "random", "--seed", "3")
+    finished(url, sweep_id)
+    data = board(url, "asha")
+    rows = data["trials"]
+    assert data["sweep"]["state"] == "succeeded" and len(rows) == 8
+    states = [r["state"] for r in rows]
+    assert "pruned" in states and "succeeded" in states and set(states) <= {"pruned", "succeeded"}
+    # The leaderboard's best is the best validation loss in the trials' own metrics files.
+    best_in_files = min(r["loss"] for row in rows for r in metrics.read(root / row["run"])
+                        if r["kind"] == "valid")
+    assert rows[0]["best"] == pytest.approx(best_in_files, rel=1e-9)
+    pruned = next(r for r in rows if r["state"] == "pruned")
+    assert checkpoint.find(root / pruned["run"]) is not None and pruned["steps"] < 30  # kept, stopped early
+    # `tlm sweep best` prints a command that trains the winner's configuration.
+    proc = tlm("sweep", "best", "asha", "--preset-out", str(tmp_path / "best.json"), "--queue", url)
+    assert proc.returncode == 0, proc.stderr
+    command = proc.stdout.strip().split()
+    assert command[:3] == ["tlm", "submit", "train"]
+    winner = checkpoint.find(root / rows[0]["run"]).state["config"]
+    again = [a if a != "NAME" else "rerun" for a in command[3:]]
+    rerun = tlm("submit", "train", *again, "--queue", url)
+    assert rerun.returncode == 0, rerun.stderr
+    wait_for(url, rerun.stdout.strip(), ["succeeded"], timeout=180)
+    trained = checkpoint.find(root / "rerun").state["config"]
+    for flag in ("learning_rate", "dim", "num_iters", "dataset", "steps_per_eval"):
+        assert trained[flag] == winner[flag], flag
+    preset = json.loads((tmp_path / "best.json").read_text())
+    assert preset["learning_rate"] == winner["learning_rate"]
+    listed = tlm("submit", "train", "--preset", str(tmp_path / "best.json"), "--run", "from-preset",
+                 "--queue", url)
+    assert listed.returncode == 0, listed.stderr
+
+
+def test_the_same_spec_and_seed_propose_the_same_parameters_in_the_same_order(url):
+    args = ["--search", "learning_rate=log:1e-4:1e-1", "--search", "dropout=0:0.3",
+            "--search", "num_blocks=1:3", "--trials", "4", "--parallel", "4", "--budget", "20",
+            "--prune", "none", "--seed", "7"]
+    proposals = []
+    for name in ("same-a", "same-b", "other-seed"):
+        extra = ["--seed", "8"] if name == "other-seed" else []
+        sweep(url, name, *args, *extra)
+        proposals.append([r["params"] for r in sorted(board(url, name)["trials"], key=lambda r: r["trial"])])
+    assert proposals[0] == proposals[1] and len(proposals[0]) == 4
+    assert proposals[0] != proposals[2]
+    assert all(isinstance(p["num_blocks"], int) and 1 <= p["num_blocks"] <= 3 for p in proposals[0])
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--search", "nope=1:2"], "'nope' is not a training flag"),
+    (["--search", "learning_rate=0.1:0.01"], "the range is empty"),
+    (["--search", "dim=wide,narrow"], "'wide' is not a int"),
+    (["--search", "learning_rate=log:0:1"], "a log range must be above 0"),
+    (["--search", "optimizer=0:1"], "--optimizer takes str, not a range"),
+    (["--search", "learning_rate=1e-3:1e-2", "--budget", "3"], "reaches no evaluation before the end"),
+    (["--search", "learning_rate=1e-3:1e-2", "--budget", "soon"], "give minutes (10m) or steps"),
+    (["--search", "learning_rate=1e-3:1e-2", "--prune", "median"], "--prune 'median': choose from"),
+    (["--search", "learning_rate=1e-3:1e-2", "--sampler", "grid"], "grid searches choices only"),
+    (["--search", "dim=30,32"], "a trial's flags would be refused"),
+    ([], "nothing to search"),
+])
+def test_a_spec_that_cannot_run_is_refused_in_one_line_and_queues_nothing(url, args, says):
+    proc = tlm("sweep", "submit", "--name", "bad", *TRIAL, "--queue", url, *args)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("Error: ")
+    assert registry(url).jobs(None) == []
+
+
+def test_a_sweep_from_a_toml_file_and_a_name_used_twice(url, tmp_path):
+    spec = tmp_path / "sweep.toml"
+    spec.write_text('name = "from-file"\ntrials = 2\nparallel = 1\nbudget = "20"\nprune = "none"\n'
+                    '[search]\nlearning_rate = "log:1e-4:1e-2"\n'
+                    '[flags]\ndataset = "shakespeare"\ndim = 32\nnum_heads = 2\nnum_blocks = 1\n'
+                    'context_size = 16\nbatch_size = 8\n')
+    proc = tlm("sweep", "submit", str(spec), "--queue", url)
+    assert proc.returncode == 0, proc.stderr
+    rows = board(url, "from-file")["trials"]
+    assert len(rows) == 1 and set(rows[0]["params"]) == {"learning_rate"}
+    again = tlm("sweep", "submit", str(spec), "--queue", url)
+    assert again.returncode == 1 and "a sweep named from-file exists already" in again.stderr
+    status = tlm("status", "--queue", url)
+    assert "trials of 2: 1 queued" in status.stdout
+
+
+def test_cancel_stops_every_trial_after_a_save_and_starts_no_new_one(url, workers, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    workers.start("--save_root", str(root))
+    sweep_id = sweep(url, "stop", "--search", "learning_rate=log:1e-4:1e-2", "--trials", "6",
+                     "--parallel", "2", "--budget", "100000", "--prune", "none")
+    reg = registry(url)
+    running = wait_for(url, f"{sweep_id[:7]}t0000", ["running"], until=lambda j: j.checkpoint)
+    proc = tlm("sweep", "cancel", "stop", "--queue", url)
+    assert proc.returncode == 0, proc.stderr
+    finished(url, sweep_id, timeout=120)
+    rows = board(url, "stop")["trials"]
+    assert len(rows) == 2 and {r["state"] for r in rows} == {"cancelled"}
+    assert reg.get(sweep_id).state == "cancelled"
+    assert checkpoint.find(root / rows[0]["run"]) is not None and running.id in {r["job"] for r in rows}
+    time.sleep(3)
+    assert len(board(url, "stop")["trials"]) == 2  # nothing new started
+
+
+def test_workers_killed_and_stopped_mid_sweep_lose_no_trial_and_run_none_twice(url, workers, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    first = workers.start("--save_root", str(root), lease=3)
+    second = workers.start("--save_root", str(root), lease=3)
+    sweep_id = sweep(url, "faults", "--search", "learning_rate=log:1e-3:1e-2", "--trials", "6",
+                     "--parallel", "2", "--budget", "60", "--prune", "none")
+    wait_for(url, f"{sweep_id[:7]}t0001", ["running"], until=lambda j: j.progress.get("step", 0) >= 5)
+    first.send_signal(signal.SIGKILL)  # a Mac that died
+    first.wait()
+    time.sleep(2)
+    second.send_signal(signal.SIGTERM)  # a worker stopped: its trial saves and goes back to the queue
+    second.wait(60)
+    for _ in range(2):
+        workers.start("--save_root", str(root), lease=3)
+    finished(url, sweep_id, timeout=300)
+    rows = board(url, "faults")["trials"]
+    assert sorted(r["trial"] for r in rows) == list(range(6))  # every trial once, none lost
+    assert {r["state"] for r in rows} == {"succeeded"}
+    reg = registry(url)
+    for row in rows:  # each trial trained to its budget, resumed where a fault stopped it
+        assert checkpoint.find(root / row["run"]).step == 60 and row["steps"] == 60
+    assert sum(reg.get(r["job"]).attempts + reg.get(r["job"]).interruptions for r in rows) > 6
+    from optuna.trial import TrialState
+    from tlm_worker.sweeps import study
+    told = study(reg, reg.get(sweep_id)).get_trials(states=(TrialState.COMPLETE,))
+    assert sorted(t.number for t in told) == sorted(reg.get(r["job"]).sweep["number"] for r in rows)
+    assert len(told) == 6  # each told once: none counted twice
