@@ -205,6 +205,83 @@ class Lab:
         params = {k: v for k, v in trains[-1].params.items() if k not in ("run", "save_dir")}
         return self.submit(key, params)
 
+    # -- sweeps --------------------------------------------------------------------------
+
+    def _sweep(self, sweep_id: str) -> Job:
+        job = self.registry.get(sweep_id)
+        if job.kind != "sweep":
+            raise Refused(404, f"{sweep_id} is a {job.kind} job, not a sweep")
+        return job
+
+    def sweep(self, sweep_id: str) -> dict[str, Any]:
+        """A sweep's leaderboard, every trial's validation curve, and Optuna's importances."""
+        from tlm_worker import sweeps
+
+        job = self._sweep(sweep_id)
+        rows = sweeps.leaderboard(self.registry, job)
+        curves = {}
+        for row in rows:
+            points = self.registry.points(row["job"])[0]
+            curves[row["trial"]] = [{"step": p["step"], "loss": p["loss"], "elapsed": p.get("elapsed")}
+                                    for p in points if p.get("kind") == "valid"]
+        return {"sweep": shown(job), "trials": rows, "curves": curves,
+                "importances": self._importances(job)}
+
+    def _importances(self, job: Job) -> dict[str, float]:
+        """Optuna's parameter importances (fANOVA), once two trials are complete."""
+        import optuna
+
+        from tlm_worker import sweeps
+        try:
+            study = sweeps.study(self.registry, job)
+            done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if len(done) < 2 or len(job.params["search"]) < 1:
+                return {}
+            return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+        except (RuntimeError, ValueError, KeyError):  # too few distinct values, or no study yet
+            return {}
+
+    def sweep_cancel(self, sweep_id: str) -> dict[str, Any]:
+        from tlm_worker import sweeps
+
+        job = self._sweep(sweep_id)
+        if job.state in FINAL:
+            raise Refused(409, f"sweep {job.params['name']} already {job.state}")
+        self.registry.cancel(job.id)
+        sweeps.reconcile(self.registry, job.id)
+        return {"sweep": job.id, "command": f"tlm sweep cancel {job.params['name']}"}
+
+    def sweep_add(self, sweep_id: str, more: int) -> dict[str, Any]:
+        """More trials for a sweep that still runs."""
+        from tlm_worker import sweeps
+
+        job = self._sweep(sweep_id)
+        if not 1 <= more <= 1000:
+            raise Refused(400, "add 1 to 1000 trials")
+        added = self.registry.change(job.id, lambda j: {"params": {**j.params, "trials": j.params["trials"] + more}}
+                                     if j.state == "running" and not j.cancel else None)
+        if added is None:
+            raise Refused(409, f"sweep {job.params['name']} is {job.state}: trials are added while it runs")
+        sweeps.reconcile(self.registry, job.id)
+        return {"sweep": job.id, "trials": added.params["trials"]}
+
+    def sweep_best(self, sweep_id: str, run: str) -> dict[str, Any]:
+        """Queue the best trial's flags as a run of its own."""
+        from tlm_cli.sweep import best_flags
+
+        job = self._sweep(sweep_id)
+        try:
+            _, key = run_target(run.strip() or None, None)
+        except TargetError as e:
+            raise Refused(400, str(e)) from None
+        if not run.strip():
+            raise Refused(400, "give the new run a name")
+        try:
+            _, flags = best_flags(self.registry, job)
+        except click.ClickException as e:
+            raise Refused(409, e.message) from None
+        return self.submit(key, flags)
+
     def sample(self, key: str, prompt: str, max_tokens: int, temperature: float) -> dict[str, Any]:
         from tlm.generate import SampleConfig
         target = located(key)
@@ -234,6 +311,8 @@ def create_app(registry: Registry, token: str, require_token: bool,
                 return PlainTextResponse(str(e), status_code=e.status)
             except JobNotFound as e:
                 return PlainTextResponse(str(e), status_code=404)
+            except (ValueError, TypeError) as e:  # a field of the wrong type (int("many"))
+                return PlainTextResponse(f"bad request: {e}".splitlines()[0], status_code=400)
         return endpoint
 
     def page(request: Request) -> Response:
@@ -261,6 +340,12 @@ def create_app(registry: Registry, token: str, require_token: bool,
         Route("/api/run", api(lambda r, b: lab.run(q(r, "key", "")))),
         Route("/api/compare", api(lambda r, b: lab.compare(r.query_params.getlist("key")))),
         Route("/api/presets", api(lambda r, b: {"presets": PRESETS})),
+        Route("/api/sweep", api(lambda r, b: lab.sweep(q(r, "id", "")))),
+        Route("/api/sweep/cancel", api(lambda r, b: lab.sweep_cancel(str(b.get("id", "")))), methods=["POST"]),
+        Route("/api/sweep/add", api(lambda r, b: lab.sweep_add(str(b.get("id", "")), int(b.get("trials", 1)))),
+              methods=["POST"]),
+        Route("/api/sweep/best", api(lambda r, b: lab.sweep_best(str(b.get("id", "")), str(b.get("run", "")))),
+              methods=["POST"]),
         Route("/api/events", events),
         Route("/api/jobs/{id}/cancel", api(lambda r, b: lab.cancel(
             r.path_params["id"], bool(b.get("force")))), methods=["POST"]),

@@ -266,3 +266,42 @@ def test_the_page_lists_everything_else_beside_records_a_stranger_wrote(url, das
     assert jobs[gpu.id]["waiting"] == "waiting: needs gpu; no live worker has it"
     assert jobs[gpu.id]["priority"] == 10 and jobs[ok.id]["trainer"] is False
     assert httpx.get(dashboard.base + "/api/jobs/bad000000001").status_code == 404
+
+
+def test_a_sweep_page_shows_its_leaderboard_curves_and_controls(tmp_path, browser):
+    url = f"sqlite://{tmp_path / 'queue.db'}"
+    root = tmp_path / "root"
+    root.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "tlm_cli.main", "sweep", "submit", "--name", "page",
+                           "--flag", "dataset=shakespeare", "--flag", "dim=32", "--flag", "num_heads=2",
+                           "--flag", "num_blocks=1", "--flag", "context_size=16", "--flag", "batch_size=8",
+                           "--flag", "eval_tokens=400", "--flag", "steps_per_eval=5",
+                           "--search", "learning_rate=log:1e-4:1e-1", "--trials", "3", "--parallel", "2",
+                           "--budget", "15", "--prune", "none", "--queue", url],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    sweep_id = proc.stdout.strip()
+    workers, d = Workers(url, tmp_path), Dashboard(url, tmp_path)
+    workers.start("--save_root", str(root))
+    try:
+        wait_for(url, sweep_id, ["succeeded"], timeout=180)
+        browser.get(d.base + "/")
+        click(browser, f'tr[data-job="{sweep_id}"] a.sweep')
+        until(lambda: "sweep page" in text(browser, "h1"), what="the sweep page")
+        until(lambda: len(browser.find_elements("css selector", "#sweep-board tbody tr")) == 3,
+              what="one leaderboard row per trial")
+        chart = browser.find_element("css selector", "#sweep-chart-step")
+        until(lambda: int(chart.get_attribute("data-points") or 0) == 9, what="3 points on each of 3 curves")
+        series = browser.find_elements("css selector", "#sweep-chart-step .u-legend tr.u-series")
+        assert len(series) == 4  # x, and one per trial
+        first = text(browser, "#sweep-board tbody tr:first-child td:nth-child(1)")
+        click(browser, '#sweep-board th[data-key="rank"]')  # sort descending
+        until(lambda: text(browser, "#sweep-board tbody tr:first-child td:nth-child(1)") != first,
+              what="sorted the other way")
+        browser.find_element("css selector", "#sweep-best-run").send_keys("winner")
+        click(browser, "#sweep-best")
+        until(lambda: "with the best flags" in text(browser, "#notice"), what="the best queued")
+        assert registry(url).jobs(None, run="run:winner")[-1].kind == "train"
+    finally:
+        workers.stop_all()
+        d.stop()

@@ -3,7 +3,8 @@
 "use strict";
 
 const TOKEN = document.querySelector('meta[name="tlm-token"]').content;
-const STATES = ["queued", "running", "cancelling", "interrupted", "succeeded", "failed", "cancelled"];
+const STATES = ["waiting", "queued", "running", "cancelling", "interrupted", "succeeded", "failed", "cancelled",
+  "skipped", "pruned"];
 const STALE_SECONDS = 30; // a worker heartbeats every lease/4 (at most 5 s)
 
 // -- small helpers -------------------------------------------------------------------
@@ -59,6 +60,10 @@ async function act(promise, what) {
 
 const runName = key => key.slice(key.indexOf(":") + 1);
 const runLink = key => el("a", { href: "#/run/" + encodeURIComponent(key) }, runName(key));
+const sweepLink = (id, text) => el("a", { href: "#/sweep/" + encodeURIComponent(id), class: "sweep" }, text);
+const jobRunCell = job => (job.kind === "sweep" ? sweepLink(job.id, `sweep ${runName(job.run)}`)
+  : job.sweep ? el("span", {}, runLink(job.run), " ", sweepLink(job.sweep.id, `(trial ${job.sweep.trial})`))
+    : runLink(job.run));
 const fmt = (x, digits = 3) => (x === null || x === undefined ? "" : Number(x).toFixed(digits));
 
 function age(t) {
@@ -99,7 +104,7 @@ function jobRow(job, selectable) {
   const eta = p.eta_seconds && job.state === "running" ? `${(p.eta_seconds / 60).toFixed(0)}m` : "";
   return el("tr", { dataset: { job: job.id } },
     selectable ? el("td", {}, el("input", { type: "checkbox", class: "pick", value: job.run })) : null,
-    el("td", {}, el("code", {}, job.id)), el("td", {}, job.kind), el("td", {}, runLink(job.run)),
+    el("td", {}, el("code", {}, job.id)), el("td", {}, job.kind), el("td", {}, jobRunCell(job)),
     el("td", { class: `state state-${job.state}` }, job.state), el("td", {}, job.holder || job.worker || "-"),
     el("td", { class: "num step" }, job.waiting || (p.step ? `${p.step}/${p.total}` : "")),
     el("td", { class: "num" }, fmt(p.train_loss)), el("td", { class: "num" }, val),
@@ -298,6 +303,89 @@ function compareView(root, keys) {
   };
 }
 
+// -- a sweep's page -----------------------------------------------------------------------------
+
+function scatter(box, title, xLabel, points) {
+  box.replaceChildren();
+  if (!points.length) { box.append(el("p", { class: "muted" }, `${title}: no trial evaluated yet`)); return; }
+  const sorted = [...points].sort((a, b) => a[0] - b[0]);
+  new uPlot({
+    title, width: 300, height: 200, scales: { x: { time: false } },
+    axes: [{ label: xLabel }, { label: "best loss" }],
+    series: [{}, { label: "trials", stroke: COLORS[0], paths: () => null, points: { show: true, size: 6 } }],
+  }, [sorted.map(p => p[0]), sorted.map(p => p[1])], box);
+}
+
+function sweepView(root, id) {
+  const head = el("div"), controls = el("div", { class: "row" });
+  const byStep = el("div", { class: "chart", id: "sweep-chart-step" });
+  const byTime = el("div", { class: "chart", id: "sweep-chart-time" });
+  const board = el("div", { id: "sweep-board" }), params = el("div", { class: "charts", id: "sweep-params" });
+  const importance = el("div", { id: "sweep-importances" });
+  let sortKey = "rank", ascending = true;
+  const more = el("input", { id: "sweep-more", type: "number", value: 4, min: 1, max: 1000 });
+  const bestRun = el("input", { id: "sweep-best-run", placeholder: "new run name" });
+  controls.append(
+    el("button", { class: "cancel", id: "sweep-stop", onclick: () => act(post("/api/sweep/cancel", { id }),
+      () => "stopping the sweep: trials save and end cancelled") }, "stop the sweep"),
+    more, el("button", { id: "sweep-add", onclick: () => act(post("/api/sweep/add", { id, trials: Number(more.value) }),
+      r => `the sweep now has ${r.trials} trials`) }, "add trials"),
+    bestRun, el("button", { class: "primary", id: "sweep-best", onclick: () => act(
+      post("/api/sweep/best", { id, run: bestRun.value }), r => `queued job ${r.job} with the best flags`) },
+    "submit the best as a run"));
+  root.append(head, controls, el("div", { class: "charts" }, byStep, byTime), el("h2", {}, "Leaderboard"), board,
+    el("h2", {}, "Each searched flag against the best loss"), params,
+    el("h2", {}, "Parameter importances (Optuna)"), importance);
+
+  return async () => {
+    const data = await api("/api/sweep?id=" + encodeURIComponent(id));
+    const sweep = data.sweep, names = Object.keys(sweep.params.search);
+    head.replaceChildren(el("h1", {}, `sweep ${sweep.params.name}`), el("p", { class: "muted" },
+      `${sweep.state} · ${data.trials.length} of ${sweep.params.trials} trials · ${sweep.params.sampler} sampler · `
+      + `${sweep.params.prune} pruning · metric ${sweep.params.metric}`));
+    const trials = [...data.trials].sort((a, b) => a.trial - b.trial);
+    const labels = trials.map(t => `trial ${t.trial}${t.state === "pruned" ? " (pruned)" : ""}`);
+    const dim = t => (t.state === "pruned" ? 0.35 : 1);
+    chart(byStep, "validation loss against step", "step", labels,
+      trials.map(t => (data.curves[t.trial] || []).map(p => [p.step, p.loss])));
+    chart(byTime, "validation loss against training time", "minutes", labels,
+      trials.map(t => (data.curves[t.trial] || []).map(p => [(p.elapsed || 0) / 60, p.loss])));
+    for (const box of [byStep, byTime]) {
+      box.querySelectorAll(".u-legend tr.u-series").forEach((row, i) => {
+        if (i > 0 && trials[i - 1]) row.style.opacity = dim(trials[i - 1]);
+      });
+    }
+    const value = (r, k) => (k in r ? r[k] : r.params[k]);
+    const rows = [...data.trials].sort((a, b) => {
+      const x = value(a, sortKey), y = value(b, sortKey);
+      const c = x === null || x === undefined ? 1 : y === null || y === undefined ? -1 : x < y ? -1 : x > y ? 1 : 0;
+      return ascending ? c : -c;
+    });
+    const columns = ["rank", "trial", ...names, "best", "best_step", "best_minute", "steps", "worker_time", "state"];
+    const headers = columns.map(k => el("th", { class: "sortable", dataset: { key: k }, onclick: () => {
+      ascending = sortKey === k ? !ascending : true; sortKey = k; update();
+    } }, k.replace("_", " ") + (sortKey === k ? (ascending ? " ▲" : " ▼") : "")));
+    board.replaceChildren(el("table", {}, el("thead", {}, el("tr", {}, headers, el("th", {}, ""))),
+      el("tbody", {}, rows.map(r => el("tr", { dataset: { trial: r.trial }, class: r.state === "pruned" ? "dim" : "" },
+        columns.map(k => el("td", { class: "num" }, typeof value(r, k) === "number" && !Number.isInteger(value(r, k))
+          ? Number(value(r, k)).toPrecision(4) : value(r, k) ?? "")),
+        el("td", {}, ["queued", "running", "interrupted"].includes(r.state) ? el("button", { class: "cancel",
+          onclick: () => act(post(`/api/jobs/${r.job}/cancel`, {}), () => `stopping trial ${r.trial}`) }, "stop")
+          : runLink("run:" + r.run)))))));
+    params.replaceChildren(...names.map(n => {
+      const box = el("div", { class: "chart" });
+      const pts = data.trials.filter(r => r.best !== null && typeof r.params[n] !== "string")
+        .map(r => [Number(r.params[n]), r.best]);
+      setTimeout(() => scatter(box, n, n, pts));
+      return box;
+    }));
+    const imp = Object.entries(data.importances);
+    importance.replaceChildren(imp.length ? table(["flag", "importance"], imp.map(([k, v]) =>
+      el("tr", {}, el("td", {}, k), el("td", { class: "num" }, v.toFixed(3)))))
+      : el("p", { class: "muted" }, "after two complete trials"));
+  };
+}
+
 // -- routing and live updates -----------------------------------------------------------------------
 
 let refresh = async () => {};
@@ -308,6 +396,7 @@ function route() {
   root.replaceChildren();
   const hash = location.hash.slice(1) || "/";
   if (hash.startsWith("/run/")) refresh = runView(root, decodeURIComponent(hash.slice(5)));
+  else if (hash.startsWith("/sweep/")) refresh = sweepView(root, decodeURIComponent(hash.slice(7)));
   else if (hash.startsWith("/compare")) refresh = compareView(root,
     hash.slice(9).split(",").filter(Boolean).map(decodeURIComponent));
   else refresh = jobsView(root);
