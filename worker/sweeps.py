@@ -404,7 +404,7 @@ def leaderboard(registry: "Registry", sweep: Job) -> list[dict[str, Any]]:
                      "best_step": best[1] if best else None,
                      "best_minute": round(best[2] / 60, 2) if best else None,
                      "steps": (job.progress or {}).get("step", 0), "worker_time": round(worker_time, 1),
-                     "state": job.state})
+                     "state": job.state, "finished": job.finished})
     rows.sort(key=lambda r: (r["best"] is None, r["best"] if r["best"] is not None else math.inf,
                              r["trial"]))
     for i, row in enumerate(rows, 1):
