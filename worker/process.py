@@ -283,9 +283,11 @@ class Worker:
         return held < 1
 
     def _waiting(self) -> bool:
-        """Whether any job waits to be claimed (for --burst: entries can lag records, and a
-        gang waits for workers that may not have started yet)."""
-        return bool(self.registry.in_states(CLAIMABLE))
+        """Whether any job waits to be claimed, or a sweep runs that will queue more (for
+        --burst: entries can lag records, and a gang waits for workers that may not have
+        started yet)."""
+        return bool(self.registry.in_states(CLAIMABLE)) or any(
+            j.spec.driven for j in self.registry.in_states(ACTIVE))
 
     def _take(self, lane: str) -> bool:
         """Pop one wake-up entry of a lane and claim the best job this worker can run there

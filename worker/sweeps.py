@@ -216,21 +216,28 @@ def sampler(spec: SweepSpec, trial: int):
     """The sampler for trial ``trial``: seeded by (--seed, trial), so proposals are reproducible."""
     import optuna
 
+    if spec.sampler == "grid":  # its seed orders the grid: the same in every process
+        return optuna.samplers.GridSampler({n: s["values"] for n, s in spec.search.items()},
+                                           seed=spec.seed)
     seed = (spec.seed * 1_000_003 + trial) % 2**32
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    if spec.sampler == "grid":
-        return optuna.samplers.GridSampler({n: s["values"] for n, s in spec.search.items()}, seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
 
 
 def pruner(spec: SweepSpec):
+    """ASHA's or Hyperband's first rung at a trial's first evaluation (with a step budget), so
+    no trial is judged on less than one evaluation's worth of training; a third goes on at each."""
     import optuna
 
+    first: Any = "auto"
+    if not spec.by_time:
+        first = int(spec.trial_flags({}).get("steps_per_eval", 1000))
     if spec.prune == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner()
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
     if spec.prune == "hyperband":
-        return optuna.pruners.HyperbandPruner()
+        return optuna.pruners.HyperbandPruner(min_resource=1 if first == "auto" else first,
+                                              reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
@@ -345,7 +352,7 @@ def _create(registry: "Registry", sweep: Job, spec: SweepSpec, n: int) -> Option
         job = registry.create("train", {**flags, "run": run}, f"run:{run}", priority=sweep.priority,
                               needs={"memory": estimate(flags)}, job_id=trial_id(sweep, n), sweep=family)
     except RunBusy:
-        st.tell(trial.number, state=_state("FAIL"), skip_if_finished=True)
+        _tell_once(st, trial.number, state=_state("FAIL"))
         return None
     registry.log(sweep.id, f"trial {n} ({job.id}): " + " ".join(f"--{k} {v}" for k, v in trial.params.items()))
     return job
@@ -366,14 +373,28 @@ def _tell(st, jobs: list[Job], lease: float) -> None:
             continue
         best = best_metric(job)
         if job.state == SUCCEEDED and best is not None:
-            st.tell(number, best[0], skip_if_finished=True)
+            _tell_once(st, number, value=best[0])
         else:
-            st.tell(number, state=_state("PRUNED" if job.state == PRUNED else "FAIL"),
-                    skip_if_finished=True)
+            _tell_once(st, number, state=_state("PRUNED" if job.state == PRUNED else "FAIL"))
     for number, t in running.items():
         started = t.datetime_start.timestamp() if t.datetime_start else time.time()
         if number not in carried and time.time() - started > lease:
-            st.tell(number, state=_state("FAIL"), skip_if_finished=True)
+            _tell_once(st, number, state=_state("FAIL"))
+
+
+def _tell_once(st, number: int, value: Optional[float] = None, state=None) -> None:
+    """Tell a trial's end, unless another worker told it first (the two raced). The grid
+    sampler asks the study to stop once every point is told, which outside Optuna's own loop
+    raises after the trial's end is stored: nothing to stop here."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    try:
+        st.tell(number, value, state=state, skip_if_finished=True)
+    except UpdateFinishedTrialError:
+        pass
+    except RuntimeError as e:
+        if "Study.stop" not in str(e):
+            raise
 
 
 def best_metric(job: Job) -> Optional[tuple[float, int, float]]:

@@ -193,7 +193,7 @@ function align(series) {
 
 const COLORS = ["#3157d5", "#e67e22", "#1e8449", "#8e44ad", "#c0392b", "#16a085", "#7f8c8d"];
 
-function chart(box, title, xLabel, labels, series) {
+function chart(box, title, xLabel, labels, series, dimmed = []) {
   box.replaceChildren();
   const data = align(series);
   box.dataset.points = String(series.reduce((n, s) => n + s.length, 0));
@@ -205,7 +205,8 @@ function chart(box, title, xLabel, labels, series) {
     title, width: Math.min(640, Math.max(320, box.parentElement.clientWidth / 2 - 30)), height: 260,
     scales: { x: { time: false } },
     axes: [{ label: xLabel }, { label: "loss" }],
-    series: [{}, ...labels.map((label, i) => ({ label, stroke: COLORS[i % COLORS.length], spanGaps: true,
+    series: [{}, ...labels.map((label, i) => ({ label, spanGaps: true,
+      stroke: COLORS[i % COLORS.length] + (dimmed[i] ? "55" : ""), width: dimmed[i] ? 1 : 2,
       points: { show: series[i].length < 60 } }))],
   }, data, box);
 }
@@ -345,16 +346,11 @@ function sweepView(root, id) {
       + `${sweep.params.prune} pruning · metric ${sweep.params.metric}`));
     const trials = [...data.trials].sort((a, b) => a.trial - b.trial);
     const labels = trials.map(t => `trial ${t.trial}${t.state === "pruned" ? " (pruned)" : ""}`);
-    const dim = t => (t.state === "pruned" ? 0.35 : 1);
+    const pruned = trials.map(t => t.state === "pruned");
     chart(byStep, "validation loss against step", "step", labels,
-      trials.map(t => (data.curves[t.trial] || []).map(p => [p.step, p.loss])));
+      trials.map(t => (data.curves[t.trial] || []).map(p => [p.step, p.loss])), pruned);
     chart(byTime, "validation loss against training time", "minutes", labels,
-      trials.map(t => (data.curves[t.trial] || []).map(p => [(p.elapsed || 0) / 60, p.loss])));
-    for (const box of [byStep, byTime]) {
-      box.querySelectorAll(".u-legend tr.u-series").forEach((row, i) => {
-        if (i > 0 && trials[i - 1]) row.style.opacity = dim(trials[i - 1]);
-      });
-    }
+      trials.map(t => (data.curves[t.trial] || []).map(p => [(p.elapsed || 0) / 60, p.loss])), pruned);
     const value = (r, k) => (k in r ? r[k] : r.params[k]);
     const rows = [...data.trials].sort((a, b) => {
       const x = value(a, sortKey), y = value(b, sortKey);
