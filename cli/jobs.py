@@ -184,8 +184,11 @@ def submit_train(run, save_root, wait, queue, priority, after, needs, on, then, 
     try:
         config, params = training_job(given, where)
         if "save_dir" in where and Path(where["save_dir"]).is_dir():
-            from tlm.train import open_run  # catches flags that contradict its checkpoint now
-            config = open_run({**given, **where})[0]
+            from tlm.train import nothing_to_train, open_run  # flags that contradict its checkpoint
+            config, ckpt = open_run({**given, **where})
+            nothing = ckpt is not None and nothing_to_train(config, ckpt)
+            if nothing:
+                raise ConfigError(nothing)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     from tlm.memory import estimate

@@ -10,7 +10,7 @@ import click
 
 import tlm
 from tlm import blas, ranks
-from tlm.config import ConfigError, check_save_dir
+from tlm.config import ConfigError, TrainConfig, check_save_dir
 from tlm_cli.options import find_checkpoint, given_options, train_options
 from tlm_cli.render import ConsoleHooks, ProgressDisplay
 
@@ -27,20 +27,30 @@ def echo(message: str) -> None:
 
 @cli.command()
 @train_options
-def train(**options) -> None:
+@click.option("--inference", is_flag=True,
+              help="the seed's interactive generation mode: a prompt loop on the latest (or "
+                   "--identifier) checkpoint in --save_dir, with --top_k, --temperature and --gpu "
+                   "(as `tlm sample --interactive`)")
+def train(inference, **options) -> None:
     """Train in the foreground, resuming the latest checkpoint in --save_dir.
 
     Ctrl+C (or SIGTERM) once: finish the step, save, exit 0. Twice: exit now.
     """
+    if inference:
+        _inference(options)
+        return
     from tlm.checkpoint import CheckpointError
     from tlm.data import DataError
     from tlm.interrupts import StopOnSignal
-    from tlm.train import Diverged, Trainer, join_ranks, open_run, prepare, select_device
+    from tlm.train import Diverged, Trainer, join_ranks, nothing_to_train, open_run, prepare, select_device
 
     given = given_options(options)
     try:
         check_save_dir(given.get("save_dir") or tlm.config.default_save_dir())
         config, ckpt = open_run(given, warn=echo)
+        nothing = ckpt is not None and nothing_to_train(config, ckpt)
+        if nothing:
+            raise ConfigError(nothing)
         if config.nodes > 1 and not ranks.joined():  # this process starts the ranks
             echo(f"starting {config.nodes} ranks on this machine ({config.backend} backend, 127.0.0.1)")
             raise SystemExit(ranks.launch_local([sys.executable, "-m", "tlm_cli.main", *sys.argv[1:]],
@@ -70,6 +80,28 @@ def train(**options) -> None:
         stop.restore()
     if result.stopped:
         echo(f"stopped at iteration {result.step}; run the same command to resume")
+
+
+def _inference(options: dict) -> None:
+    """``tlm train --inference``: the seed's REPL, through ``tlm sample --interactive``'s."""
+    from tlm.generate import SampleConfig
+    from tlm.train import select_device
+    from tlm_cli.sample import repl
+
+    used = {"save_dir", "identifier", "top_k", "temperature", "gpu"}
+    ignored = sorted(k for k, v in options.items() if v is not None and k not in used)
+    if ignored:
+        echo(f"--inference samples a checkpoint: ignoring --{', --'.join(ignored)}")
+    try:
+        select_device(bool(options.get("gpu")))
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    ckpt = find_checkpoint(options.get("save_dir"), options.get("identifier"))
+    defaults = TrainConfig()
+    cfg = SampleConfig(top_k=defaults.top_k if options.get("top_k") is None else options["top_k"],
+                       temperature=(defaults.temperature if options.get("temperature") is None
+                                    else options["temperature"]))
+    repl(ckpt, ckpt.load_model(), ckpt.tokenizer, cfg, ckpt.state["config"]["context_size"])
 
 
 @cli.command()

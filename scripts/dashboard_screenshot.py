@@ -34,7 +34,7 @@ def main() -> None:
     driver = browser()
     try:
         job = subprocess.run([*tlm, "submit", "train", "--queue", url, "--run", "shakespeare-a",
-                              "--preset", "shakespeare-cpu", "--num_iters", "900", "--steps_per_eval", "100"],
+                              "--preset", "shakespeare-cpu", "--num_iters", "900", "--time_budget", "0", "--steps_per_eval", "100"],
                              capture_output=True, text=True, check=True).stdout.strip()
         reg = Registry(Queue(url))
         while reg.get(job).progress.get("step", 0) < 500:

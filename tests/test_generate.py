@@ -210,3 +210,39 @@ def test_greedy_decoding_matches_mlx_lm_on_the_export(trained, tmp_path):
     ours = list(generate(ckpt.load_model(), prompt, SampleConfig(max_tokens=40, temperature=0,
                                                                   allow_unk=True), 1000))
     assert ours == expected
+
+
+def test_the_seeds_inference_flag_runs_the_repl_in_a_terminal(trained):
+    """`python main.py --inference` as the seed spells it, driven through a pseudo-terminal."""
+    import os
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the seed's command on a terminal
+        os.execvp(tlm_cmd()[0], tlm_cmd("train", "--inference", "--save_dir", str(trained),
+                                        "--top_k", "5", "--temperature", "0.1"))
+    out = b""
+
+    def read_until(prompts: int, timeout: float = 120) -> None:
+        """Read the terminal until it has shown ``prompts`` prompts."""
+        nonlocal out
+        deadline = time.time() + timeout
+        while out.count(b"> ") < prompts and time.time() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    break
+        assert out.count(b"> ") >= prompts, out.decode(errors="replace")
+    read_until(1)
+    os.write(fd, b"the company\n")
+    read_until(2, 60)
+    os.write(fd, b"quit\n")
+    _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert os.WEXITSTATUS(status) == 0, text
+    found = checkpoint.find(trained)
+    assert f"loaded {found.identifier[:12]}" in text and "Traceback" not in text
+    after = text.split("the company", 1)[1]
+    assert after.split("> ")[0].strip()  # a continuation was printed before the next prompt

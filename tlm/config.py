@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +19,7 @@ import platformdirs
 
 RAMDISK = Path("/Volumes/RAMDisk")
 DATASETS = ("ptb", "shakespeare", "wikitext2", "wikitext103", "enwik8")
+MORE = re.compile(r"[1-9]\d*|\d+(\.\d+)?m")  # --more: steps, or minutes
 RUN_INPUTS = "inputs"  # where `tlm submit` copies a run's own text, inside its directory
 TOKENIZERS = ("word", "char", "byte", "bpe")
 OPTIMIZERS = ("adamw", "muon")
@@ -30,14 +32,16 @@ class ConfigError(ValueError):
 
 # Tuned starting points; explicit flags override them. See the README for why.
 PRESETS: dict[str, dict[str, Any]] = {
-    # Tiny Shakespeare on a 2-core CPU: nanoGPT's CPU shape (4 layers, 128 wide, context 64,
-    # batch 12) trained with Muon for 300 steps: whole-split validation loss 1.85-1.87
-    # (seeds 1, 2, 42) where nanoGPT's AdamW recipe needs 2,000 steps for 1.88. One whole-split
-    # evaluation, at the end: each costs 4-5 s of a run that must fit in 48.
-    "shakespeare-cpu": dict(dataset="shakespeare", dim=128, num_blocks=4, num_heads=4, context_size=64,
-                            batch_size=12, num_iters=300, optimizer="muon", learning_rate=4e-3,
-                            muon_learning_rate=0.015, lr_warmup=10, steps_per_eval=300,
-                            temperature=0.8),
+    # Tiny Shakespeare on a 2-core CPU, found by `tlm sweep` (benchmarks/sweep.py: 48 trials of
+    # 7-9 s over width, depth, batch, context, both learning rates and warmup): 2 blocks of 64
+    # on context 32, batch 32, Muon, 9 s of training (the decay follows the clock), one
+    # whole-split evaluation at the end: validation loss 1.83 after 9.8 s of wall time from
+    # process start (517 steps). The shape it replaced (nanoGPT's 4 blocks of 128, context 64,
+    # batch 12, 300 steps) reached 1.854 in 21-31 s.
+    "shakespeare-cpu": dict(dataset="shakespeare", dim=64, num_blocks=2, num_heads=4, context_size=32,
+                            batch_size=32, num_iters=100000, time_budget=0.15, optimizer="muon",
+                            learning_rate=5.3e-3, muon_learning_rate=0.031, lr_warmup=9,
+                            steps_per_eval=100000, temperature=0.8),
     # PTB on a 2-core CPU: 4 blocks of 256, tied embeddings, Muon, ten minutes of training or
     # 950 steps (about two epochs), whichever ends first. All 950 steps: test perplexity 99.0
     # (12m54s on a fast machine, 20m40s on one half as fast); ten minutes on the slower one:
@@ -152,9 +156,13 @@ class TrainConfig:
     temperature: float = _opt(0.5, "temperature for the sample printed after each save")
     steps_per_report: int = _opt(10, "report training loss every N steps")
     steps_per_eval: int = _opt(1000, "evaluate on the validation split and save every N steps")
-    eval_tokens: int = _opt(0, "evaluate on the first N validation tokens only (0: the whole split)")
+    eval_tokens: int = _opt(0, "evaluate on the first N validation tokens only (0: the whole split; "
+                               "a run that trains on fewer tokens scores as many as it trains on, "
+                               "at least 8,192)")
     eval_stride: int = _opt(0, "start evaluation windows every N tokens, scoring only new targets "
                                "(0: the context, non-overlapping; less: every target sees more context)")
+    more: str = _opt("", "resume and train this much beyond the checkpoint: minutes (2m) or steps "
+                         "(500); sets --time_budget or --num_iters from where the run stands")
     identifier: Optional[str] = _opt(None, "checkpoint identifier (SHA1 or unique prefix) to load")
     new_model: bool = _opt(False, "start from scratch, ignoring existing checkpoints")
     gpu: bool = _opt(False, "use MLX's GPU (Metal on macOS, CUDA on Linux)")
@@ -201,6 +209,8 @@ class TrainConfig:
         if self.new_model and self.identifier:
             raise ConfigError("--identifier picks a checkpoint to resume and --new_model starts "
                               "afresh: give one of them")
+        if self.more and not MORE.fullmatch(self.more):
+            raise ConfigError(f"--more {self.more!r}: give minutes (2m) or steps (500)")
         if 0 < self.time_budget < 1 / 60:
             raise ConfigError(f"--time_budget is in minutes: {self.time_budget} is under a second, "
                               "too short for one step")

@@ -38,9 +38,10 @@ from tlm.model import Model, ModelArgs
 ARCHITECTURE = ("dataset", "tokenizer", "dim", "num_blocks", "num_heads", "context_size",
                 "tie_embeddings", "optimizer")
 # Flags that describe this machine or this invocation, never taken from a checkpoint.
-LOCAL = ("save_dir", "data_mirror", "identifier", "new_model", "gpu", "nodes", "backend")
+LOCAL = ("save_dir", "data_mirror", "identifier", "new_model", "gpu", "nodes", "backend", "more")
 EVAL_TOKENS = 8192  # tokens per evaluation batch: big enough to keep matmuls efficient
 FINAL_RATE = 0.1  # the cosine decay ends at this fraction of the peak learning rate
+EVAL_PROGRESS_SECONDS = 3.0  # an evaluation longer than this says how far it is
 
 
 @dataclass
@@ -261,10 +262,37 @@ def open_run(given: dict[str, Any], warn: Callable[[str], None] = lambda m: None
         raise ConfigError(f"{config.save_dir} already has checkpoints (a run to resume): add "
                           "--new_model to start afresh from --init_from (they are set aside)")
     if ckpt is None:
+        if config.more:  # nothing to go beyond: --more is the budget itself
+            config = TrainConfig(**{**given, **more_budget(config.more, 0, 0.0)})
         return config, None
     config = resume_config(given, ckpt)
+    if config.more:
+        config = dataclasses.replace(config, **more_budget(config.more, ckpt.step,
+                                                           ckpt.state.get("elapsed", 0.0)))
     config.validate()
     return config, ckpt
+
+
+def more_budget(more: str, step: int, elapsed: float) -> dict[str, Any]:
+    """``--more 2m`` / ``--more 500`` as the budget flags of a run at ``step`` after ``elapsed``
+    seconds of training: --time_budget and --num_iters count from the run's start."""
+    if more.endswith("m"):
+        return {"time_budget": elapsed / 60 + float(more[:-1]), "num_iters": max(step + 1, 10**9)}
+    return {"num_iters": step + int(more), "time_budget": 0.0}
+
+
+def nothing_to_train(config: TrainConfig, ckpt: Checkpoint) -> Optional[str]:
+    """Why resuming would train no step (its budget is spent), in one line; None if it would."""
+    elapsed = ckpt.state.get("elapsed", 0.0)
+    if ckpt.step >= config.num_iters:
+        why = f"is at iteration {ckpt.step} of --num_iters {config.num_iters}"
+    elif config.time_budget and elapsed >= config.time_budget * 60:
+        why = (f"has trained {elapsed / 60:.2f} of its --time_budget {config.time_budget:g} minutes "
+               "(the budget counts from the run's start)")
+    else:
+        return None
+    return (f"{config.save_dir} {why}: nothing to train. Give --more 2m or --more 500 to train "
+            "that much more, or a larger budget")
 
 
 class Trainer:
@@ -399,12 +427,36 @@ class Trainer:
     def num_params(self) -> int:
         return sum(p.size for _, p in tree_flatten(self.model.parameters()))
 
+    def validation_tokens(self) -> int:
+        """How many validation tokens an evaluation scores: --eval_tokens; by default the whole
+        split, but a run that trains on fewer tokens than that (a smoke test) scores as many
+        as it trains on, at least one evaluation batch."""
+        cfg, whole = self.config, len(self.dataset.valid) - 1
+        if cfg.eval_tokens:
+            return min(cfg.eval_tokens, whole)
+        trained = cfg.num_iters * cfg.batch_size * cfg.context_size
+        return whole if cfg.time_budget or trained >= whole else min(whole, max(trained, EVAL_TOKENS))
+
     def evaluate(self, split: str = "valid") -> float:
+        """Mean loss on a split, telling the hooks how far it is once it takes a few seconds."""
         tokens = self.dataset.split(split)
-        if split == "valid" and self.config.eval_tokens:
-            tokens = tokens[: self.config.eval_tokens + 1]
+        if split == "valid":
+            tokens = tokens[: self.validation_tokens() + 1]
+        batches = -(-(len(tokens) - 1) // max(1, EVAL_TOKENS // self.config.context_size
+                                              * self.config.context_size))
+        started, shown, done = time.perf_counter(), [time.perf_counter()], [0]
+
+        def tick() -> None:
+            done[0] += self.ranks
+            if self.watchdog:
+                self.watchdog.beat()
+            now = time.perf_counter()
+            if now - shown[0] >= EVAL_PROGRESS_SECONDS and done[0] < batches:
+                shown[0] = now
+                self._event("message", message=f"evaluating {split}: batch {min(done[0], batches)} "
+                                                f"of ~{batches}, {now - started:.0f}s")
         return evaluate(self.model, tokens, self.config.context_size, self.config.eval_stride or None,
-                        self.group, self.watchdog.beat if self.watchdog else lambda: None)
+                        self.group, tick)
 
     # -- the run's clock and events ---------------------------------------------
 
@@ -548,10 +600,15 @@ def prepare(config: TrainConfig, ckpt: Optional[Checkpoint], log: Callable[[str]
 
 
 def train(given: dict[str, Any], hooks: Optional[TrainingHooks] = None,
-          labels: Optional[dict[str, Any]] = None) -> TrainResult:
-    """Resolve the flags against the save directory, prepare the data, and train."""
+          labels: Optional[dict[str, Any]] = None, spent_ok: bool = False) -> TrainResult:
+    """Resolve the flags against the save directory, prepare the data, and train. A run whose
+    budget is spent is refused (ConfigError), unless ``spent_ok``: a job resumed after an
+    interruption in its final evaluation finishes it."""
     hooks = hooks or TrainingHooks()
     config, ckpt = open_run(given, warn=hooks.log)
+    nothing = ckpt is not None and not spent_ok and nothing_to_train(config, ckpt)
+    if nothing:
+        raise ConfigError(nothing)
     group = join_ranks(config)
     select_device(config.gpu)
     dataset, init = prepare(config, ckpt, hooks.log)

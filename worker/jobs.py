@@ -170,6 +170,8 @@ def run_train(c: Context) -> None:
         os.environ.update(rank_env(params.get("backend", TrainConfig.backend), c.job.members, c.rank,
                                    Path(tempfile.mkdtemp(prefix=f"tlm-{c.job.id}-"))))
     given = {**params, "save_dir": c.save_dir, "gpu": c.gpu}
+    if given.get("more"):  # resolved once, where the run stands now: a resumed job keeps it
+        given = pin_more(c, given)
     stop = StopOnSignal()  # no I/O in the signal handler
     if c.job.sweep:
         from tlm_worker.sweeps import trial_hooks
@@ -252,17 +254,32 @@ class RegistryHooks(TrainingHooks):
         return CANCELLED if result.stopped else SUCCEEDED
 
 
+def pin_more(c: Context, given: dict[str, Any]) -> dict[str, Any]:
+    """``--more``: the budget it means against the run's latest checkpoint, written into the
+    job's params, so a resume after an interruption does not extend it again."""
+    from tlm.train import open_run
+
+    config, _ = open_run(given, warn=c.log)
+    budget = {"time_budget": config.time_budget, "num_iters": config.num_iters}
+    c.log(f"--more {given['more']}: to --num_iters {config.num_iters}"
+          + (f", --time_budget {config.time_budget:.2f}" if config.time_budget else ""))
+    c.registry.update(c.job.id, params={**{k: v for k, v in c.job.params.items() if k != "more"}, **budget})
+    return {**{k: v for k, v in given.items() if k != "more"}, **budget}
+
+
 def train_job(c: Context, given: dict[str, Any], hooks: RegistryHooks) -> None:
     """Train with these hooks, then settle the job (rank 0) or exit EXIT_INTERRUPTED."""
     from tlm.train import train
 
-    result = train(given, hooks, labels={"job": c.job.id, "worker": c.job.worker})
+    result = train(given, hooks, labels={"job": c.job.id, "worker": c.job.worker},
+                   spent_ok=bool(c.job.checkpoint))  # it saved before: finish what it was doing
     state = hooks.end_state(result)
     if state is None:
         sys.exit(EXIT_INTERRUPTED)
     if c.rank:
         return  # rank 0 settles the job
+    # The last line first: whoever follows the log stops once the state is final.
+    c.log(f"{state} at iteration {result.step}, checkpoint {result.checkpoint}")
     c.registry.finish(c.job.id, state, c.fence, checkpoint=result.checkpoint,
                       result={"step": result.step, "val_loss": result.val_loss,
                               "test_loss": result.test_loss})
-    c.log(f"{state} at iteration {result.step}, checkpoint {result.checkpoint}")

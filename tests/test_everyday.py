@@ -1,0 +1,71 @@
+"""The seed's own commands as it spells them, and budgets that mean what users mean."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from tlm import checkpoint, metrics
+
+from conftest import tlm_cmd
+from queue_helpers import TINY, registry, submit, tlm, wait_for
+
+REDIS_DB = 8
+
+
+def test_the_seeds_quick_smoke_test_says_what_it_does_and_scores_a_bounded_sample(save_dir):
+    """`tlm train --dataset ptb --batch_size 2 --num_iters 10 --context_size 48 --new_model
+    --save_dir ./tmp`, the seed's "fast, for checks" command, on the default 71M model."""
+    proc = subprocess.run(tlm_cmd("train", "--dataset", "ptb", "--batch_size", "2", "--num_iters", "10",
+                                  "--context_size", "48", "--new_model", "--save_dir", str(save_dir)),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stderr
+    assert "iter 10/10" in out and "valid loss" in out and "saved " in out
+    records = metrics.read(save_dir)
+    assert [r["step"] for r in records if r["kind"] == "valid"] == [10]
+    ckpt = checkpoint.find(save_dir)
+    assert ckpt.step == 10 and ckpt.state["config"]["dim"] == 1024  # the seed's default model
+
+
+def test_a_spent_budget_is_refused_at_once_and_more_trains_on(url, workers, save_dir):
+    workers.start()
+    args = ["train", "--save_dir", str(save_dir), *TINY, "--num_iters", "10", "--steps_per_eval", "10"]
+    wait_for(url, submit(url, *args), ["succeeded"])
+    again = tlm("submit", *args, "--queue", url)  # the same budget: nothing left to train
+    assert again.returncode == 2 and "is at iteration 10 of --num_iters 10: nothing to train" in again.stderr
+    assert "--more" in again.stderr and len(registry(url).jobs(None)) == 1  # nothing queued
+    local = tlm("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "10")
+    assert local.returncode == 2 and "nothing to train" in local.stderr and "valid loss" not in local.stderr
+    more = submit(url, *args[:-4], "--more", "5")
+    job = wait_for(url, more, ["succeeded"])
+    assert job.result["step"] == 15 and checkpoint.find(save_dir).step == 15
+    assert registry(url).get(more).params["num_iters"] == 15 and "more" not in job.params  # pinned
+    bad = tlm("submit", *args[:-4], "--more", "soon", "--queue", url)
+    assert bad.returncode == 2 and "--more 'soon': give minutes (2m) or steps (500)" in bad.stderr
+
+
+def test_more_minutes_count_from_where_the_run_stands(save_dir):
+    base = ["train", "--save_dir", str(save_dir), *TINY, "--num_iters", "100000", "--steps_per_eval", "100000"]
+    first = subprocess.run(tlm_cmd(*base, "--time_budget", "0.05"), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    spent = checkpoint.find(save_dir)
+    second = subprocess.run(tlm_cmd(*base, "--time_budget", "0.05"), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2 and "has trained" in second.stderr and "nothing to train" in second.stderr
+    third = subprocess.run(tlm_cmd(*base, "--more", "0.05m"), capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr
+    after = checkpoint.find(save_dir)
+    assert after.step > spent.step and after.state["elapsed"] >= spent.state["elapsed"] + 2.5
+
+
+def test_following_a_job_always_ends_with_its_final_line(url, workers, save_dir):
+    workers.start()
+    for i in range(3):
+        job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", str(5 * (i + 1)),
+                        "--steps_per_eval", "5")
+        proc = tlm("logs", job_id, "--follow", "--queue", url)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().splitlines()[-1].split(" ", 1)[1].startswith(
+            f"succeeded at iteration {5 * (i + 1)}, checkpoint "), proc.stdout[-500:]
+    listed = json.loads(tlm("status", "--json", "--queue", url).stdout)
+    assert all(j["state"] == "succeeded" for j in listed["jobs"])
