@@ -11,7 +11,7 @@ import click
 import tlm
 from tlm import blas, ranks
 from tlm.config import ConfigError, TrainConfig, check_save_dir
-from tlm_cli.options import find_checkpoint, given_options, train_options
+from tlm_cli.options import find_checkpoint, given_options, run_directory, save_root_option, train_options
 from tlm_cli.render import ConsoleHooks, ProgressDisplay
 
 
@@ -106,21 +106,26 @@ def _inference(options: dict) -> None:
 
 @cli.command()
 @click.option("--save_dir", "--save-dir", "save_dir", default=None, help="run directory")
+@click.option("--run", default=None, help="a run name, under --save_root")
+@save_root_option
 @click.option("--identifier", default=None, help="checkpoint SHA1 or unique prefix (default: latest)")
-def inspect(save_dir: str | None, identifier: str | None) -> None:
+def inspect(save_dir: str | None, run: str | None, save_root: str | None, identifier: str | None) -> None:
     """Print a checkpoint's configuration, iteration, losses and integrity."""
-    import json
-
-    ckpt = find_checkpoint(save_dir, identifier)
+    if run is not None and save_dir is not None:
+        raise click.UsageError("give --run or --save_dir, not both")
+    ckpt = find_checkpoint(run_directory(run, save_root, "--run") if run else save_dir, identifier)
     s = ckpt.state
-    click.echo(f"identifier:  {ckpt.identifier}  (SHA1 verified, metadata verified)")
-    click.echo(f"iteration:   {s['step']} of {s['config']['num_iters']}")
-    click.echo(f"dataset:     {s['dataset']} ({ckpt.tokenizer.kind} tokenizer, "
-               f"{ckpt.tokenizer.vocab_size:,} tokens)")
-    for key in ("val_loss", "best_val_loss"):
-        if s.get(key) is not None:
-            click.echo(f"{key + ':':13}{s[key]:.4f}")
-    click.echo("config:      " + json.dumps(s["config"], sort_keys=True))
+    rows = [("identifier", f"{ckpt.identifier}  (SHA1 verified, metadata verified)"),
+            ("iteration", f"{s['step']} of {s['config']['num_iters']}"
+             + (f", {s['elapsed'] / 60:.1f} minutes of training" if s.get("elapsed") else "")),
+            ("dataset", f"{s['dataset']} ({ckpt.tokenizer.kind} tokenizer, {ckpt.tokenizer.vocab_size:,} tokens)")]
+    rows += [(key, f"{s[key]:.4f}") for key in ("val_loss", "best_val_loss") if s.get(key) is not None]
+    for key, value in rows:
+        click.echo(f"{key + ':':16}{value}")
+    click.echo("configuration:")
+    width = max(map(len, s["config"]))
+    for key, value in sorted(s["config"].items()):
+        click.echo(f"  --{key:{width}}  {value}")
 
 
 from tlm_cli.dashboard import dashboard  # noqa: E402
@@ -140,11 +145,14 @@ for command in (submit, status, logs, cancel, prune, sample, plot, dashboard, sw
 @click.option("--tokens", type=click.IntRange(0), default=0, help="the split's first N tokens only")
 @click.option("--stride", type=click.IntRange(1), default=None,
               help="sliding-window evaluation: windows every N tokens, each scoring its last N")
-@click.option("--local", is_flag=True, required=True,
-              help="evaluate here (for a worker, use `tlm submit eval`)")
+@click.option("--local", is_flag=True, hidden=True,
+              help="evaluate here (the default; kept for scripts that pass it)")
 @click.option("--gpu", is_flag=True, help="use the Metal GPU")
 def eval_(save_dir, identifier, split, tokens, stride, local, gpu) -> None:
-    """Loss and perplexity (or bits per character) of a checkpoint on a split."""
+    """Loss and perplexity (or bits per character) of a checkpoint on a split, here.
+
+    It needs no queue, as `tlm train` does not; `tlm submit eval` asks a worker instead.
+    """
     from tlm.checkpoint import CheckpointError
     from tlm.config import default_save_dir
     from tlm.data import DataError

@@ -79,3 +79,23 @@ def find_checkpoint(save_dir: Optional[str], identifier: Optional[str]):
         raise click.ClickException(f"no checkpoint in {directory}: train one first, e.g. "
                                    f"`tlm train --save_dir {directory}`")
     return ckpt
+
+
+save_root_option = click.option(
+    "--save_root", "--save-root", envvar="TLM_SAVE_ROOT", default=None,
+    help="where this machine keeps --run runs (env TLM_SAVE_ROOT; default: runs/ beside the default save dir)")
+
+
+def run_directory(given: str, save_root: Optional[str], what: str = "RUN") -> str:
+    """A run directory from a path, or from a run name under this machine's save root."""
+    from tlm_worker.targets import resolve_save_dir
+
+    if Path(given).expanduser().is_dir():
+        return str(Path(given).expanduser())
+    if "/" not in given and not given.startswith("."):
+        named = resolve_save_dir({"run": given}, save_root)
+        if Path(named).is_dir():
+            return named
+        raise click.UsageError(f"{what} {given!r}: neither a directory nor a run under {Path(named).parent} "
+                               "(--save_root)")
+    raise click.UsageError(f"{what} {given!r}: no such directory")

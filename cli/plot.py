@@ -6,12 +6,17 @@ from pathlib import Path
 
 import click
 
+from tlm_cli.options import run_directory, save_root_option
+
 
 @click.command()
-@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("runs", nargs=-1, required=True)
 @click.option("-o", "--output", default="curves.png", show_default=True, help="image file to write")
-def plot(runs: tuple[str, ...], output: str) -> None:
-    """Loss against steps and against wall time, from each RUN's metrics.jsonl."""
+@save_root_option
+def plot(runs: tuple[str, ...], output: str, save_root: str | None) -> None:
+    """Loss against steps and against wall time, from each RUN's metrics.jsonl (a run
+    directory, or a run name as `tlm submit train --run` takes)."""
+    runs = tuple(run_directory(run, save_root) for run in runs)
     formats = ("png", "pdf", "svg", "jpg", "jpeg")
     if Path(output).suffix.lower().lstrip(".") not in formats:
         raise click.UsageError(f"-o {output}: the picture's name must end in one of "

@@ -115,6 +115,9 @@ def _queued(queue, where, run_key, identifier, prompt, cfg, num_samples) -> None
                                      "sampling": dataclasses.asdict(cfg),
                                      "num_samples": num_samples}, run_key)
     echo(f"queued sample job {job.id}; waiting for a worker (Ctrl+C to cancel)")
+    if not any(not w.get("stopping") for w in registry.workers()):
+        echo("no worker is alive to answer it: start one (`tlm-worker`), or sample here with "
+             "--local --save_dir DIR")
     try:
         with registry.changes() as wait:
             while (job := registry.get(job.id)).state not in FINAL:
@@ -123,6 +126,12 @@ def _queued(queue, where, run_key, identifier, prompt, cfg, num_samples) -> None
         registry.cancel(job.id)
         raise click.ClickException(f"gave up waiting: sample job {job.id} cancelled") from None
     if job.state != SUCCEEDED:
+        trainer = next((j for j in registry.jobs(None, run=run_key)
+                        if j.spec.trainer and j.state not in FINAL), None)
+        if trainer is not None and "no checkpoint" in (job.error or ""):
+            raise click.ClickException(
+                f"no checkpoint of {run_key.split(':', 1)[1]} yet: its training job {trainer.id} "
+                f"({trainer.state}) saves one every --steps_per_eval steps; sample again then")
         raise click.ClickException(f"sample job {job.id} {job.state}: {job.error}")
     if job.result["unknown"]:
         echo("not in the vocabulary: " + ", ".join(sorted(set(job.result["unknown"]))[:10]))

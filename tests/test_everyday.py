@@ -69,3 +69,37 @@ def test_following_a_job_always_ends_with_its_final_line(url, workers, save_dir)
             f"succeeded at iteration {5 * (i + 1)}, checkpoint "), proc.stdout[-500:]
     listed = json.loads(tlm("status", "--json", "--queue", url).stdout)
     assert all(j["state"] == "succeeded" for j in listed["jobs"])
+
+
+def test_inspect_plot_and_eval_take_a_run_name_and_say_it_readably(save_dir, tmp_path):
+    import os
+    import signal
+
+    root = save_dir.parent
+    trained = subprocess.run(tlm_cmd("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "5"),
+                             capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    env = {**os.environ, "TLM_SAVE_ROOT": str(root)}
+    shown = subprocess.run(tlm_cmd("inspect", "--run", save_dir.name), capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith("identifier:     ") and "configuration:" in lines
+    assert any(line.split() == ["--dim", "32"] for line in lines)  # one flag per line, aligned
+    plotted = subprocess.run(tlm_cmd("plot", save_dir.name, "-o", str(tmp_path / "c.png")),
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert plotted.returncode == 0 and (tmp_path / "c.png").stat().st_size > 0, plotted.stderr
+    missing = subprocess.run(tlm_cmd("plot", "nosuchrun"), capture_output=True, text=True, env=env, timeout=60)
+    assert missing.returncode == 2 and "neither a directory nor a run under" in missing.stderr
+    evaluated = subprocess.run(tlm_cmd("eval", "--save_dir", str(save_dir), "--tokens", "200"),
+                               capture_output=True, text=True, timeout=120)
+    assert evaluated.returncode == 0 and "valid loss" in evaluated.stdout, evaluated.stderr
+    # A queued sample with no worker alive says so at once, and Ctrl+C gives up on it.
+    url = f"sqlite://{tmp_path / 'queue.db'}"
+    proc = subprocess.Popen(tlm_cmd("sample", "--save_dir", str(save_dir), "--prompt", "the", "--queue", url),
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    said = [proc.stderr.readline() for _ in range(2)]
+    assert "no worker is alive to answer it: start one (`tlm-worker`)" in said[1], said
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "gave up waiting" in err

@@ -158,7 +158,7 @@ class TrainConfig:
     steps_per_eval: int = _opt(1000, "evaluate on the validation split and save every N steps")
     eval_tokens: int = _opt(0, "evaluate on the first N validation tokens only (0: the whole split; "
                                "a run that trains on fewer tokens scores as many as it trains on, "
-                               "at least 8,192)")
+                               "at least 4,096)")
     eval_stride: int = _opt(0, "start evaluation windows every N tokens, scoring only new targets "
                                "(0: the context, non-overlapping; less: every target sees more context)")
     more: str = _opt("", "resume and train this much beyond the checkpoint: minutes (2m) or steps "

@@ -42,6 +42,7 @@ LOCAL = ("save_dir", "data_mirror", "identifier", "new_model", "gpu", "nodes", "
 EVAL_TOKENS = 8192  # tokens per evaluation batch: big enough to keep matmuls efficient
 FINAL_RATE = 0.1  # the cosine decay ends at this fraction of the peak learning rate
 EVAL_PROGRESS_SECONDS = 3.0  # an evaluation longer than this says how far it is
+SHORT_RUN_EVAL_TOKENS = 4096  # the least a short run's validation scores (half a batch: one)
 
 
 @dataclass
@@ -430,12 +431,12 @@ class Trainer:
     def validation_tokens(self) -> int:
         """How many validation tokens an evaluation scores: --eval_tokens; by default the whole
         split, but a run that trains on fewer tokens than that (a smoke test) scores as many
-        as it trains on, at least one evaluation batch."""
+        as it trains on, at least SHORT_RUN_EVAL_TOKENS."""
         cfg, whole = self.config, len(self.dataset.valid) - 1
         if cfg.eval_tokens:
             return min(cfg.eval_tokens, whole)
         trained = cfg.num_iters * cfg.batch_size * cfg.context_size
-        return whole if cfg.time_budget or trained >= whole else min(whole, max(trained, EVAL_TOKENS))
+        return whole if cfg.time_budget or trained >= whole else min(whole, max(trained, SHORT_RUN_EVAL_TOKENS))
 
     def evaluate(self, split: str = "valid") -> float:
         """Mean loss on a split, telling the hooks how far it is once it takes a few seconds."""
