@@ -124,13 +124,23 @@ class Lab:
         jobs = self.registry.jobs(None, run=key)
         trains = [j for j in jobs if j.spec.trainer]
         points: dict[tuple[str, int], dict] = {}
+        configs: list[tuple[str, dict]] = []  # each training job's resolved configuration
         for job in trains:  # oldest first: a resumed step's later record wins
             for p in self.registry.points(job.id)[0]:
-                points[(p["kind"], p["step"])] = p
+                if p.get("kind") == "config":
+                    configs += [(job.id, p["config"])] if not configs or configs[-1][0] != job.id else []
+                else:
+                    points[(p["kind"], p["step"])] = p
         ordered = sorted(points.values(), key=lambda p: (p["step"], p["kind"]))
         checkpoints = [{**p, "on_disk": self._on_disk(key, p["identifier"])}
                        for p in reversed(ordered) if p["kind"] == "checkpoint"]
-        return {"key": key, "jobs": [shown(j) for j in jobs], "config": trains[-1].params if trains else {},
+        changes = [{"job": job_id, "changed": {k: [before.get(k), v] for k, v in after.items()
+                                                 if before.get(k) != v}}
+                   for (_, before), (job_id, after) in zip(configs, configs[1:])]
+        return {"key": key, "jobs": [shown(j) for j in jobs],
+                "config": configs[-1][1] if configs else (trains[-1].params if trains else {}),
+                "config_from": "checkpoint" if configs else "job",
+                "changes": [c for c in changes if c["changed"]],
                 "points": [p for p in ordered if p["kind"] != "checkpoint"],
                 "checkpoints": checkpoints}
 

@@ -356,6 +356,8 @@ def _progress(job: Job, waiting: Optional[str] = None) -> str:
                 + (f"; best {best['loss']:.4f} (trial {best['trial']})" if best else ""))
     if job.after and job.state == "waiting":
         return f"after {job.after}"
+    if p.get("phase") and job.state == "running":
+        return p["phase"] + (f" (at {p['step']})" if p.get("step") else "")
     if not p.get("step"):
         return ""
     out = f"{p['step']}/{p['total']}"
@@ -515,11 +517,16 @@ def cancel(job_id, force, queue) -> None:
     if job.state in FINAL:
         raise click.ClickException(f"job {job.id} already {job.state}")
     waiting = [f.id for f in registry.find(job.followers) if f.state == "waiting"]
+    final = job.kind == "train" and job.progress.get("step") and job.progress["step"] >= job.progress.get("total", 0)
     if registry.cancel(job.id, force):
         echo(f"job {job.id} removed from the queue")
+    elif force:
+        echo(f"job {job.id}: stopping now")
+    elif final:  # trained to its end already: what is left is its final evaluation
+        echo(f"job {job.id} has finished training and is in its final evaluation: it ends "
+             "succeeded with its last checkpoint (--force stops it now)")
     else:  # the job's own process marks it cancelling when it sees the flag
-        echo(f"job {job.id}: " + ("stopping now" if force else
-                                  "finishing its step and saving, then cancelled"))
+        echo(f"job {job.id}: finishing its step and saving, then cancelled")
     if waiting:
         echo(f"cancelled what waited on it: {', '.join(waiting)}")
 

@@ -305,3 +305,36 @@ def test_a_sweep_page_shows_its_leaderboard_curves_and_controls(tmp_path, browse
     finally:
         workers.stop_all()
         d.stop()
+
+
+def test_a_resumed_runs_page_shows_its_own_configuration_and_compare_only_real_differences(
+        tmp_path, browser, save_dir):
+    url = f"sqlite://{tmp_path / 'queue.db'}"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "datasets").symlink_to(save_dir / "datasets")
+    workers, d = Workers(url, tmp_path), Dashboard(url, tmp_path)
+    workers.start()
+    try:
+        wait_for(url, submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "10"),
+                 ["succeeded"])
+        resumed = submit(url, "train", "--save_dir", str(save_dir), "--num_iters", "15")  # other flags: the run's
+        wait_for(url, resumed, ["succeeded"])
+        wait_for(url, submit(url, "train", "--save_dir", str(other), *TINY, "--num_iters", "15",
+                             "--learning_rate", "1e-3"), ["succeeded"])
+        key = f"dir:{save_dir}"
+        browser.get(d.base + "/#/run/" + urllib.parse.quote(key, safe=""))
+        until(lambda: text(browser, '[data-flag="dim"] td:last-child') == "32", what="the run's own dim")
+        assert text(browser, '[data-flag="num_iters"] td:last-child') == "15"
+        assert "as its training resolved it" in text(browser, "#config-from")
+        until(lambda: f"job {resumed} changed num_iters 10 → 15" in text(browser, ".change"),
+              what="which job changed what")
+        data = httpx.get(d.base + f"/api/compare?key={urllib.parse.quote(key)}&key=dir:{other}").json()
+        assert data["differs"] == ["learning_rate"]
+        browser.get(d.base + "/#/compare/" + ",".join(urllib.parse.quote(k, safe="")
+                                                      for k in (key, f"dir:{other}")))
+        until(lambda: "learning_rate" in text(browser, "main table thead"), what="the differing flag")
+        assert "dim" not in text(browser, "main table thead")
+    finally:
+        workers.stop_all()
+        d.stop()

@@ -15,6 +15,9 @@ class TrainingHooks:
     def log(self, line: str) -> None:
         """A line for the user (data preparation, resume, save retries)."""
 
+    def on_start(self, config: dict[str, Any]) -> None:
+        """The run's resolved configuration (its checkpoint's, over the flags given), once."""
+
     def on_progress(self, progress: "Progress") -> None:
         """An event: start, report, eval, save, done."""
 

@@ -520,6 +520,7 @@ class Trainer:
         result = TrainResult(step=self.step)
         where = f"resuming {self.last_checkpoint[:12]} at iteration {self.step}" \
             if self.last_checkpoint else "new model"
+        self.hooks.on_start(cfg.to_dict())
         self._event("start", message=f"{where}, {self.num_params():,} parameters")
 
         # A rank whose peers stop answering ends itself (an exception ends the process too),

@@ -35,6 +35,7 @@ from tlm_worker.targets import resolve_save_dir
 if TYPE_CHECKING:
     from tlm.train import Progress, TrainResult
 
+INVOCATION = ("save_dir", "data_mirror", "identifier", "new_model", "more")  # not the run's own settings
 EXIT_INTERRUPTED = 75  # stopped by a signal to the worker: re-queue the job
 CANCEL_POLL_SECONDS = 1.0
 
@@ -170,6 +171,8 @@ def run_train(c: Context) -> None:
         os.environ.update(rank_env(params.get("backend", TrainConfig.backend), c.job.members, c.rank,
                                    Path(tempfile.mkdtemp(prefix=f"tlm-{c.job.id}-"))))
     given = {**params, "save_dir": c.save_dir, "gpu": c.gpu}
+    if not c.rank:  # until the trainer starts: what the status shows in place of a step
+        c.registry.update(c.job.id, progress={**c.job.progress, "phase": "preparing data and the model"})
     if given.get("more"):  # resolved once, where the run stands now: a resumed job keeps it
         given = pin_more(c, given)
     stop = StopOnSignal()  # no I/O in the signal handler
@@ -214,6 +217,14 @@ class RegistryHooks(TrainingHooks):
                 self.log("cancel requested: finishing the step and saving")
         return self.cancelled
 
+    def on_start(self, config: dict[str, Any]) -> None:
+        """The run's own configuration, for the pages that show and compare runs (rank 0)."""
+        if not self.c.rank:
+            self.on_record({"time": time.time(), "kind": "config", "step": self.progress.get("step", 0),
+                            "config": {k: v for k, v in config.items() if k not in INVOCATION}})
+            self.progress["phase"] = "compiling the first step"
+            self.c.registry.update(self.c.job.id, progress=self.progress)
+
     def on_progress(self, p: Progress) -> None:
         line = p.describe()
         if line:
@@ -221,6 +232,7 @@ class RegistryHooks(TrainingHooks):
         if p.kind not in ("report", "eval", "save") or self.c.rank:
             return
         progress = self.progress
+        progress.pop("phase", None)
         progress.update({k: v for k, v in p.to_dict().items()
                          if v is not None and k not in ("kind", "message", "bits_per_char", "checkpoint")})
         if p.kind == "eval" and p.val_loss is not None and p.message != "test":

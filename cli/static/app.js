@@ -250,8 +250,13 @@ function runView(root, key) {
     chart(byTime, "loss against training time", "minutes", ["train", "valid"],
       curves(run.points, p => (p.elapsed || 0) / 60));
     jobsBox.replaceChildren(table(JOB_HEADERS, [...run.jobs].reverse().map(j => jobRow(j, false))));
-    config.replaceChildren(table(["flag", "value"], Object.entries(run.config).sort().map(
-      ([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, JSON.stringify(v))))));
+    config.replaceChildren(
+      el("p", { class: "muted", id: "config-from" }, run.config_from === "checkpoint"
+        ? "the run's own configuration, as its training resolved it" : "the flags its latest job was given"),
+      table(["flag", "value"], Object.entries(run.config).sort().map(
+        ([k, v]) => el("tr", { dataset: { flag: k } }, el("td", {}, k), el("td", {}, JSON.stringify(v))))),
+      ...run.changes.map(c => el("p", { class: "change" }, `job ${c.job} changed `,
+        Object.entries(c.changed).map(([k, [a, b]]) => `${k} ${JSON.stringify(a)} → ${JSON.stringify(b)}`).join(", "))));
     const older = run.checkpoints.length - 10;
     ckpts.replaceChildren(...[run.checkpoints.length ? table(["step", "validation loss", "identifier", "on disk"],
       run.checkpoints.slice(0, 10).map(c => el("tr", {}, el("td", { class: "num" }, c.step),
