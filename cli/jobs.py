@@ -1,4 +1,4 @@
-"""Queue commands: ``tlm submit``, ``status``, ``logs``, ``cancel``, ``prune``.
+"""Queue commands: ``tlm submit``, ``status``, ``logs``, ``cancel``, ``prune``, ``runs``.
 
 Each is a thin translation into registry and queue calls; the job id goes
 alone to stdout so scripts can capture it, messages go to stderr.
@@ -27,6 +27,7 @@ from tlm_worker.placement import parse_needs, size_text, waiting_reason
 from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError, queue_url, redact
 from tlm_worker.registry import (CANCELLED, FINAL, LIVE, SUCCEEDED, JobNotFound, Registry,
                                  RunBusy, holder)
+from tlm_worker.runs import COLUMNS as RUN_COLUMNS
 from tlm_worker.targets import TargetError, resolve_save_dir, run_target
 
 queue_option = click.option("--queue", envvar="TLM_QUEUE", default=None,
@@ -540,3 +541,51 @@ def prune(older_than, queue) -> None:
     """Delete finished jobs and their logs now (checkpoints and metrics files are untouched)."""
     n = connect(queue).prune(older_than)
     echo(f"deleted {n} finished job(s)")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV, one row per run")
+@click.option("--dataset", default=None, help="only runs of this dataset")
+@click.option("--sort", "sort_by", default="best_valid", show_default=True,
+              type=click.Choice([c for c in RUN_COLUMNS if c != "run"] + ["run"]),
+              help="the column to sort by (best first for losses)")
+@click.option("--save_root", "--save-root", envvar="TLM_SAVE_ROOT", default=None,
+              help="also list the runs under this directory (env TLM_SAVE_ROOT)")
+@queue_option
+@queue_errors
+def runs(as_json, as_csv, dataset, sort_by, save_root, queue) -> None:
+    """Every run the registry knows and every run under the save root: shape, key flags,
+    best validation loss and its step, test loss, steps, minutes, tokens/s, state."""
+    from tlm_worker.runs import runs_table
+
+    rows = [r for r in runs_table(connect(queue), save_root) if dataset in (None, r["dataset"])]
+    numeric = sort_by not in ("run", "dataset", "optimizer", "state")
+    rows.sort(key=lambda r: (r[sort_by] is None, r[sort_by] if r[sort_by] is not None else 0)
+              if numeric else str(r[sort_by]))
+    if sort_by in ("steps", "tokens_per_sec", "minutes", "jobs"):
+        rows.reverse()
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if as_csv:
+        import csv
+        import io
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(RUN_COLUMNS)
+        writer.writerows([[r[c] for c in RUN_COLUMNS] for r in rows])
+        click.echo(out.getvalue(), nl=False)
+        return
+    table = Table(title=f"runs ({len(rows)})", title_justify="left")
+    for col in RUN_COLUMNS:
+        table.add_column(col.replace("_", " "))
+    def cell(column: str, v: Any) -> str:
+        if v is None:
+            return "-"
+        if column == "tokens_per_sec":
+            return f"{v:,.0f}"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    for r in rows:
+        table.add_row(*(cell(c, r[c]) for c in RUN_COLUMNS))
+    Console(width=None if Console().is_terminal else 220).print(table)

@@ -129,12 +129,12 @@ def inspect(save_dir: str | None, run: str | None, save_root: str | None, identi
 
 
 from tlm_cli.dashboard import dashboard  # noqa: E402
-from tlm_cli.jobs import cancel, logs, prune, status, submit  # noqa: E402
+from tlm_cli.jobs import cancel, logs, prune, runs, status, submit  # noqa: E402
 from tlm_cli.plot import plot  # noqa: E402
 from tlm_cli.sample import sample  # noqa: E402
 from tlm_cli.sweep import sweep  # noqa: E402
 
-for command in (submit, status, logs, cancel, prune, sample, plot, dashboard, sweep):
+for command in (submit, status, logs, cancel, prune, runs, sample, plot, dashboard, sweep):
     cli.add_command(command)
 
 

@@ -194,6 +194,16 @@ def newest_name(directory: str | Path) -> Optional[str]:
     return candidates[0][2] if candidates else None
 
 
+def peek_state(directory: str | Path) -> Optional[dict[str, Any]]:
+    """The newest checkpoint's recorded state, read without hashing (for listings of many runs:
+    not verified, so never for loading)."""
+    name = newest_name(directory)
+    try:
+        return json.loads(_header(Path(directory) / f"{name}.metadata")["tlm"]) if name else None
+    except Exception:  # unreadable or partial: the listing shows the run without it
+        return None
+
+
 def find(directory: str | Path, identifier: Optional[str] = None,
          warn: Callable[[str], None] = lambda m: None) -> Optional[Checkpoint]:
     """The named checkpoint, or the latest valid one (None if there is none).

@@ -222,7 +222,8 @@ class RegistryHooks(TrainingHooks):
         if not self.c.rank:
             self.on_record({"time": time.time(), "kind": "config", "step": self.progress.get("step", 0),
                             "config": {k: v for k, v in config.items() if k not in INVOCATION}})
-            self.progress["phase"] = "compiling the first step"
+            self.progress.update(phase="compiling the first step", config={
+                k: v for k, v in config.items() if k not in INVOCATION})
             self.c.registry.update(self.c.job.id, progress=self.progress)
 
     def on_progress(self, p: Progress) -> None:
@@ -235,6 +236,8 @@ class RegistryHooks(TrainingHooks):
         progress.pop("phase", None)
         progress.update({k: v for k, v in p.to_dict().items()
                          if v is not None and k not in ("kind", "message", "bits_per_char", "checkpoint")})
+        if p.kind == "eval" and p.message == "test":
+            progress["test_loss"] = p.val_loss
         if p.kind == "eval" and p.val_loss is not None and p.message != "test":
             progress["val_metric"] = p.val_metric
             progress["val_metric_name"] = "bpc" if p.bits_per_char else "ppl"
