@@ -1,9 +1,9 @@
 """``tlm dashboard``: the whole lab on one web page, a thin front end over the registry.
 
 A Starlette app served by uvicorn: JSON under ``/api``, one server-sent event
-stream (``/api/events``) that says "something changed" whenever the registry
-does (Redis pub/sub, or SQLite's data_version), and static files (the page,
-its script, and uPlot for the curves: shipped in the package, no CDN).
+stream (``/api/events``, sse-starlette) that says "something changed" whenever
+the registry does (Redis pub/sub, or SQLite's data_version), and static files
+(the page, its script, and uPlot for the curves: shipped in the package, no CDN).
 Everything the page shows comes from the registry, so curves draw on a
 machine that does not mount the shared save directory.
 
@@ -30,7 +30,8 @@ import anyio
 import click
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -44,6 +45,7 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 EVENT_WAIT = 10.0  # seconds between keep-alive pings of the event stream
+SEND_TIMEOUT = 5.0  # an event stream client that takes longer to read one is dropped
 
 
 class Refused(Exception):
@@ -107,12 +109,14 @@ class Lab:
         directory = Path(resolve_save_dir(located(key), self.save_root))
         return (directory / f"{identifier}.safetensors").exists() if directory.is_dir() else None
 
-    def overview(self, state: Optional[str], run: Optional[str], limit: int) -> dict[str, Any]:
+    def overview(self, state: Optional[str], run: Optional[str], limit: int, skip: int = 0) -> dict[str, Any]:
         if state not in (None, "", *LIVE, *FINAL):
             raise Refused(400, f"unknown state {state!r}")
+        if not 0 < limit <= 1000 or not 0 <= skip <= 10**7:
+            raise Refused(400, "limit must be 1-1000 and skip 0 or more")
         from tlm_cli.jobs import waiting_reasons
 
-        jobs = self.registry.jobs(limit, state=state or None, run=run or None)
+        jobs = self.registry.jobs(limit, state=state or None, run=run or None, skip=skip)
         workers = self.registry.workers()
         waiting = waiting_reasons(jobs, workers)
         return {"jobs": [{k: v for k, v in shown(j, waiting.get(j.id)).items() if k != "params"}
@@ -158,6 +162,23 @@ class Lab:
                                             "ppl": p.get("ppl"), "bpc": p.get("bpc")}
                                   for k, p in last.items()}})
         return {"runs": out, "differs": differs}
+
+    def runs(self) -> dict[str, Any]:
+        """The runs table (worker/runs.py) and each dataset's best runs."""
+        from tlm_worker.runs import leaderboard, runs_table
+
+        rows = runs_table(self.registry, self.save_root, disk=self.save_root is not None)
+        return {"runs": rows, "leaderboard": leaderboard(rows)}
+
+    def retry(self, job_id: str) -> dict[str, Any]:
+        """Queue again what an ended job did (any kind)."""
+        try:
+            job = self.registry.retry(job_id)
+        except ValueError as e:
+            raise Refused(409, str(e)) from None
+        except RunBusy as e:
+            raise Refused(409, str(e)) from None
+        return {"job": job.id, "command": f"(queued again: {job.kind} of {job.run_name})"}
 
     def cancel(self, job_id: str, force: bool) -> dict[str, Any]:
         job = self.registry.get(job_id)
@@ -330,20 +351,23 @@ def create_app(registry: Registry, token: str, require_token: bool,
         return Response(html, media_type="text/html")
 
     async def events(request: Request) -> Response:
+        """"Something changed", whenever the registry does (sse-starlette sends the stream,
+        pings it, and drops a client that stops reading after SEND_TIMEOUT seconds)."""
         async def stream():
             with registry.changes() as wait:
-                yield "retry: 1000\n\n"
-                while not await request.is_disconnected():
-                    changed = await anyio.to_thread.run_sync(wait, EVENT_WAIT)
-                    yield "event: change\ndata: {}\n\n" if changed else ": ping\n\n"
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+                while True:
+                    if await anyio.to_thread.run_sync(wait, EVENT_WAIT):
+                        yield ServerSentEvent(event="change", data="{}", retry=1000)
+        return EventSourceResponse(stream(), ping=EVENT_WAIT, send_timeout=SEND_TIMEOUT,
+                                   headers={"Cache-Control": "no-cache"})
 
     q = lambda request, name, default=None: request.query_params.get(name, default)  # noqa: E731
     routes = [
         Route("/", page),
         Route("/api/overview", api(lambda r, b: lab.overview(
-            q(r, "state"), q(r, "run"), int(q(r, "limit", "50"))))),
+            q(r, "state"), q(r, "run"), int(q(r, "limit", "50")), int(q(r, "skip", "0"))))),
+        Route("/api/runs", api(lambda r, b: lab.runs())),
+        Route("/api/jobs/{id}/retry", api(lambda r, b: lab.retry(r.path_params["id"])), methods=["POST"]),
         Route("/api/jobs/{id}", api(lambda r, b: {"job": shown(registry.get(r.path_params["id"]))})),
         Route("/api/jobs/{id}/log", api(lambda r, b: dict(zip(("lines", "cursor"), registry.logs(
             r.path_params["id"], q(r, "after")))))),

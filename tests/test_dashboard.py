@@ -338,3 +338,54 @@ def test_a_resumed_runs_page_shows_its_own_configuration_and_compare_only_real_d
     finally:
         workers.stop_all()
         d.stop()
+
+
+def test_runs_table_curve_controls_and_retry_on_the_page(url, dashboard, browser, save_dir, tmp_path):
+    workers = Workers(url, tmp_path)
+    workers.start()
+    other, text_run = tmp_path / "other", tmp_path / "chars"
+    other.mkdir()
+    (other / "datasets").symlink_to(save_dir / "datasets")
+    try:
+        ids = [submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "20", "--steps_per_eval", "5"),
+               submit(url, "train", "--save_dir", str(other), *TINY, "--num_iters", "20", "--steps_per_eval", "5",
+                      "--learning_rate", "1e-5"),
+               submit(url, "train", "--save_dir", str(text_run), *TINY, "--num_iters", "10",
+                      "--dataset", "shakespeare")]
+        for job_id in ids:
+            wait_for(url, job_id, ["succeeded"], timeout=180)
+        failed = registry(url).create("eval", {"save_dir": str(tmp_path / "nothing-here")},
+                                      f"dir:{tmp_path / 'nothing-here'}")
+        wait_for(url, failed.id, ["failed"])
+        browser.get(dashboard.base + "/#/runs")
+        rows = lambda: browser.find_elements("css selector", "#runs-table tbody tr")  # noqa: E731
+        until(lambda: len(rows()) == 3, what="three runs")
+        best = [r.text for r in browser.find_elements("css selector", '#runs-table td[data-col="best_valid"]')]
+        assert float(best[0]) <= float(best[1]) <= float(best[2])  # best validation loss first
+        click(browser, '#runs-table th[data-key="best_valid"]')
+        until(lambda: float(browser.find_element("css selector", '#runs-table td[data-col="best_valid"]').text)
+              == max(map(float, best)), what="sorted the other way")
+        from selenium.webdriver.support.ui import Select
+        Select(browser.find_element("css selector", "#runs-dataset")).select_by_value("shakespeare")
+        until(lambda: len(rows()) == 1 and "chars" in rows()[0].text, what="filtered by dataset")
+        assert "shakespeare" in text(browser, "#leaderboards") and "ptb" in text(browser, "#leaderboards")
+        # Smoothing and log scale change what is drawn.
+        browser.get(dashboard.base + "/#/run/" + urllib.parse.quote(f"dir:{save_dir}", safe=""))
+        drawn = "return document.querySelector('#chart-step').__plot.data[1].filter(v => v !== null)"
+        raw = until(lambda: browser.execute_script(drawn), what="a drawn curve")
+        browser.execute_script("const s = document.querySelector('#smooth'); s.value = 0.9;"
+                               "s.dispatchEvent(new Event('input'))")
+        until(lambda: browser.execute_script(drawn) != raw, what="smoothed")
+        smoothed = browser.execute_script(drawn)
+        assert smoothed[0] == pytest.approx(raw[0]) and smoothed[-1] > raw[-1]  # a falling curve lags
+        click(browser, "#log-scale")
+        until(lambda: browser.execute_script("return document.querySelector('#chart-step').__plot.scales.y.distr")
+              == 3, what="log scale")
+        # Retry a failed eval job from the jobs page: a new job.
+        browser.get(dashboard.base + "/")
+        click(browser, f'tr[data-job="{failed.id}"] button.retry')
+        until(lambda: "eval again" in text(browser, "#notice"), what="retried")
+        assert len([j for j in registry(url).jobs(None) if j.kind == "eval"]) == 2
+        until(lambda: "/" in text(browser, "#workers td.load"), what="the worker's load")
+    finally:
+        workers.stop_all()

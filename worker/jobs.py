@@ -241,6 +241,7 @@ class RegistryHooks(TrainingHooks):
         if p.kind == "eval" and p.val_loss is not None and p.message != "test":
             progress["val_metric"] = p.val_metric
             progress["val_metric_name"] = "bpc" if p.bits_per_char else "ppl"
+            progress["val_step"] = p.step
             best = progress.get("best_valid")  # [loss, step, seconds of training]
             if best is None or p.val_loss < best[0]:
                 progress["best_valid"] = [p.val_loss, p.step, p.elapsed]

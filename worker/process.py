@@ -128,6 +128,7 @@ class Worker:
     labels: dict[str, str] = field(default_factory=dict)  # --label key=value: jobs ask with --on
     policy: power.Policy = field(default_factory=power.Policy)  # --when_idle, --on_battery
     failed: int = 0  # jobs this worker ran that ended failed (--burst exits 1 if any)
+    done: int = 0  # jobs this worker ran to an end (its heartbeat says, for the pages)
     id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}")
     running: dict[str, Running] = field(default_factory=dict)
     stopping: bool = False  # one SIGINT/SIGTERM: jobs save and are re-queued
@@ -207,7 +208,8 @@ class Worker:
         self.registry.heartbeat_worker(self.id, {
             "host": socket.gethostname(), "pid": os.getpid(), "device": "gpu" if self.gpu else "cpu",
             "slots": {"train": self.concurrency, "interactive": 1}, "capabilities": self.caps,
-            "jobs": [r.job_id for r in running], "stopping": self.stopping, "paused": self.paused})
+            "jobs": [r.job_id for r in running], "stopping": self.stopping, "paused": self.paused,
+            "done": self.done})
         for r in running:
             if r.rank is None:
                 self.registry.heartbeat_job(r.job_id)
@@ -408,6 +410,7 @@ class Worker:
         self._end(r, code)
         job = self.registry.get(r.job_id)
         self.failed += job.state == FAILED
+        self.done += job.state in FINAL
         if job.sweep:  # a trial ended: its sweep takes the next one now, not at the next sweep
             self._drive(job.sweep["id"])
 

@@ -171,8 +171,9 @@ class Registry:
         self.store.set_fields(job_id, fields)
 
     def jobs(self, limit: Optional[int] = 50, state: Optional[str] = None,
-             run: Optional[str] = None) -> list[Job]:
-        """Live jobs and the latest ``limit`` finished ones (None: all), oldest first."""
+             run: Optional[str] = None, skip: int = 0) -> list[Job]:
+        """Live jobs and the latest ``limit`` finished ones (None: all) after the newest ``skip``
+        (a page further back: then without the live ones), oldest first."""
         if run is not None:
             jobs = self._read(self.store.run_ids(run))
             live = [j for j in jobs if j.state in LIVE]
@@ -182,16 +183,17 @@ class Registry:
         elif state in LIVE:
             jobs = self.in_states([state])
         else:
-            jobs = self.in_states(LIVE) if state is None else []
-            jobs += self._finished(limit, state)
+            jobs = self.in_states(LIVE) if state is None and not skip else []
+            jobs += self._finished(limit, state, skip)
         return sorted(jobs, key=lambda j: j.created)
 
     def in_states(self, states) -> list[Job]:
         """The jobs in these live states (through the state indexes: live work only)."""
         return self._read(self.store.ids_in(states))
 
-    def _finished(self, limit: Optional[int], state: Optional[str]) -> list[Job]:
-        """The newest finished jobs, optionally of one state, reading a page at a time."""
+    def _finished(self, limit: Optional[int], state: Optional[str], skip: int = 0) -> list[Job]:
+        """The newest finished jobs after the newest ``skip``, optionally of one state, reading
+        a page at a time."""
         out, offset = [], 0
         page = 1000 if limit is None else max(limit, 1) if state is None else max(limit, 100)
         while limit is None or len(out) < limit:
@@ -200,6 +202,10 @@ class Registry:
                 break
             out += [j for j in self._read(ids) if state in (None, j.state)]
             offset += len(ids)
+            if skip and len(out) > skip:
+                out, skip = out[skip:], 0
+            elif skip:
+                skip, out = skip - len(out), []
         return out if limit is None else out[:limit]
 
     # -- state changes: each one atomic step of one record -----------------------
@@ -306,6 +312,14 @@ class Registry:
                 self.cancel(follower.id)
                 self.log(follower.id, f"cancelled with the job it waited for, {job_id}")
         return job is not None
+
+    def retry(self, job_id: str) -> Job:
+        """A new job doing what an ended one did (same kind, params, run, priority, needs)."""
+        old = self.get(job_id)
+        if old.state not in FINAL or old.spec.driven:
+            raise ValueError(f"job {old.id} is {old.state}" if old.state not in FINAL
+                             else "a sweep is not retried: submit it again")
+        return self.create(old.kind, old.params, old.run, priority=old.priority, needs=old.needs)
 
     def mark_cancelling(self, job_id: str, fence: int) -> None:
         self.change(job_id, lambda job: {"state": CANCELLING}

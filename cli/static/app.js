@@ -90,23 +90,29 @@ function jobActions(job) {
     if (job.state !== "queued") out.push(" ", el("button", { class: "force", onclick: () => act(
       post(`/api/jobs/${job.id}/cancel`, { force: true }), () => `job ${job.id}: stopping now`) },
       "force"));
-  } else if (job.trainer && ["cancelled", "failed"].includes(job.state)) {
+  } else if (job.trainer && ["cancelled", "failed"].includes(job.state) && job.kind !== "sweep") {
     out.push(el("button", { class: "resume", onclick: () => act(
       post("/api/resume", { key: job.run }), r => `queued job ${r.job} to resume ${runName(job.run)}`) },
       "resume"));
+  }
+  if (["failed", "cancelled", "skipped"].includes(job.state) && job.kind !== "sweep") {
+    out.push(" ", el("button", { class: "retry", onclick: () => act(
+      post(`/api/jobs/${job.id}/retry`, {}), r => `queued job ${r.job}: ${job.kind} again`) }, "retry"));
   }
   return out;
 }
 
 function jobRow(job, selectable) {
   const p = job.progress || {};
-  const val = p.val_metric !== undefined ? `${p.val_metric_name} ${fmt(p.val_metric, 2)}` : "";
+  const val = p.val_metric !== undefined
+    ? `${p.val_metric_name} ${fmt(p.val_metric, 2)}${p.val_step !== undefined ? ` @${p.val_step}` : ""}` : "";
   const eta = p.eta_seconds && job.state === "running" ? `${(p.eta_seconds / 60).toFixed(0)}m` : "";
   return el("tr", { dataset: { job: job.id } },
     selectable ? el("td", {}, el("input", { type: "checkbox", class: "pick", value: job.run })) : null,
     el("td", {}, el("code", {}, job.id)), el("td", {}, job.kind), el("td", {}, jobRunCell(job)),
     el("td", { class: `state state-${job.state}` }, job.state), el("td", {}, job.holder || job.worker || "-"),
-    el("td", { class: "num step" }, job.waiting || (p.step ? `${p.step}/${p.total}` : "")),
+    el("td", { class: "num step" }, job.waiting || (p.phase && job.state === "running" ? p.phase
+      : p.step ? `${p.step}/${p.total}` : "")),
     el("td", { class: "num" }, fmt(p.train_loss)), el("td", { class: "num" }, val),
     el("td", { class: "num" }, p.tokens_per_sec ? Math.round(p.tokens_per_sec).toLocaleString() : ""),
     el("td", { class: "num" }, eta),
@@ -119,41 +125,65 @@ const JOB_HEADERS = ["id", "kind", "run", "state", "worker", "step", "train loss
   "ETA", "tries", "age", "error", ""];
 
 function workerTable(workers) {
-  return table(["worker", "host", "device", "memory free", "labels", "slots", "heartbeat", "jobs"], workers.map(w => {
+  const gib = n => `${(n / 2 ** 30).toFixed(1)}`;
+  return table(["worker", "host", "device", "memory in use", "labels", "slots", "load", "done", "heartbeat", "jobs"],
+    workers.map(w => {
     const stale = Date.now() / 1000 - w.heartbeat > STALE_SECONDS;
     const slots = w.slots ? `train ${w.slots.train} · interactive ${w.slots.interactive}` : "";
     const caps = w.capabilities || {};
     const labels = Object.entries(caps.labels || {}).map(([k, v]) => `${k}=${v}`).join(", ");
+    const total = w.slots ? w.slots.train + w.slots.interactive : 0;
     return el("tr", { dataset: { worker: w.id } }, el("td", {}, w.id), el("td", {}, w.host),
       el("td", {}, w.device + (caps.chip ? ` (${caps.chip})` : "")),
-      el("td", { class: "num" }, caps.memory_available ? `${(caps.memory_available / 2 ** 30).toFixed(1)} GiB` : ""),
+      el("td", { class: "num memory" }, caps.memory_total
+        ? `${gib(caps.memory_total - caps.memory_available)} of ${gib(caps.memory_total)} GiB` : ""),
       el("td", {}, labels + (w.paused ? ` paused: ${w.paused}` : "")), el("td", {}, slots),
+      el("td", { class: "num load" }, total ? `${(w.jobs || []).length}/${total}` : ""),
+      el("td", { class: "num done" }, w.done ?? ""),
       el("td", { class: stale ? "stale" : "" }, age(w.heartbeat) + (stale ? " (stale)" : "")),
       el("td", {}, (w.jobs || []).join(", ") || "-"));
   }));
 }
 
+const PAGE = 100; // finished jobs per page of the jobs table
+
 function jobsView(root) {
   const state = el("select", { id: "filter-state" }, el("option", { value: "" }, "all states"),
     STATES.map(s => el("option", { value: s }, s)));
+  const kind = el("select", { id: "filter-kind" }, el("option", { value: "" }, "all kinds"),
+    ["train", "eval", "sample", "export", "sweep"].map(k => el("option", { value: k }, k)));
+  const worker = el("select", { id: "filter-worker" }, el("option", { value: "" }, "all workers"));
   const run = el("input", { id: "filter-run", placeholder: "run contains…" });
+  let skip = 0;
+  const pageInfo = el("span", { id: "page-info", class: "muted" });
+  const newer = el("button", { id: "page-newer", onclick: () => { skip = Math.max(0, skip - PAGE); refresh(); } }, "newer");
+  const older = el("button", { id: "page-older", onclick: () => { skip += PAGE; refresh(); } }, "older");
   const jobsBox = el("div", { id: "jobs" }), workersBox = el("div", { id: "workers" });
   const compare = el("button", { onclick: () => {
     const keys = [...new Set([...document.querySelectorAll("input.pick:checked")].map(c => c.value))];
     location.hash = "#/compare/" + keys.map(encodeURIComponent).join(",");
   } }, "compare selected runs");
-  root.append(el("h2", {}, "Jobs"), el("div", { class: "filters" }, state, run, compare), jobsBox,
-    el("h2", {}, "Workers"), workersBox, submitForm());
+  root.append(el("h2", {}, "Jobs"), el("div", { class: "filters" }, state, kind, worker, run, compare,
+    newer, older, pageInfo), jobsBox, el("h2", {}, "Workers"), workersBox, submitForm());
   async function refresh() {
-    const query = state.value ? `?state=${state.value}` : "";
-    const data = await api("/api/overview" + query);
+    const params = new URLSearchParams({ limit: PAGE, skip });
+    if (state.value) params.set("state", state.value);
+    const data = await api("/api/overview?" + params);
     const needle = run.value.trim();
-    const jobs = data.jobs.filter(j => !needle || j.run.includes(needle)).reverse();
+    const names = new Set([...data.workers.map(w => w.id), ...data.jobs.map(j => j.worker).filter(Boolean)]);
+    const chosen = worker.value;
+    worker.replaceChildren(el("option", { value: "" }, "all workers"),
+      ...[...names].sort().map(n => el("option", { value: n, selected: n === chosen }, n)));
+    const jobs = data.jobs.filter(j => (!needle || j.run.includes(needle)) && (!kind.value || j.kind === kind.value)
+      && (!chosen || j.worker === chosen || (j.members || []).some(m => m.worker === chosen))).reverse();
     jobsBox.replaceChildren(table(["", ...JOB_HEADERS], jobs.map(j => jobRow(j, true))));
+    pageInfo.textContent = skip ? `finished jobs ${skip + 1}-${skip + PAGE} back` : "live and newest finished";
+    newer.disabled = skip === 0;
+    older.disabled = data.jobs.filter(j => ["succeeded", "failed", "cancelled", "skipped", "pruned"].includes(j.state)).length < PAGE;
     workersBox.replaceChildren(data.workers.length ? workerTable(data.workers)
       : el("p", { class: "muted" }, "no worker is running: start one with `tlm-worker`"));
   }
-  state.addEventListener("change", refresh);
+  for (const f of [state, kind, worker]) f.addEventListener("change", () => { skip = 0; refresh(); });
   run.addEventListener("input", refresh);
   return refresh;
 }
@@ -193,22 +223,49 @@ function align(series) {
 
 const COLORS = ["#3157d5", "#e67e22", "#1e8449", "#8e44ad", "#c0392b", "#16a085", "#7f8c8d"];
 
+// What every curve shows: TensorBoard's smoothing (a debiased EMA) and a log-scale option.
+const VIEW = { smooth: 0, log: false };
+
+function ema(points, weight) {
+  if (!weight) return points;
+  let last = 0, n = 0;
+  return points.map(([x, y]) => { last = last * weight + (1 - weight) * y; n += 1;
+    return [x, last / (1 - weight ** n)]; });
+}
+
+function chartControls() {
+  const smooth = el("input", { id: "smooth", type: "range", min: 0, max: 0.99, step: 0.01, value: VIEW.smooth });
+  const label = el("span", { id: "smooth-value" }, VIEW.smooth.toFixed(2));
+  const log = el("input", { id: "log-scale", type: "checkbox", checked: VIEW.log });
+  smooth.addEventListener("input", () => { VIEW.smooth = Number(smooth.value); label.textContent = VIEW.smooth.toFixed(2); update(); });
+  log.addEventListener("change", () => { VIEW.log = log.checked; update(); });
+  return el("div", { class: "row chart-controls" }, el("label", {}, "smoothing ", smooth, " ", label),
+    el("label", {}, log, " log scale"), el("span", { class: "muted" }, "drag to zoom, double-click to reset"));
+}
+
+const resizing = new ResizeObserver(entries => entries.forEach(e => {
+  const plot = e.target.__plot;
+  if (plot && Math.abs(plot.width - e.target.clientWidth) > 8) plot.setSize({ width: e.target.clientWidth, height: 260 });
+}));
+
 function chart(box, title, xLabel, labels, series, dimmed = []) {
   box.replaceChildren();
+  series = series.map(s => ema(s, VIEW.smooth));
   const data = align(series);
   box.dataset.points = String(series.reduce((n, s) => n + s.length, 0));
   if (!data[0].length) {
     box.append(el("p", { class: "muted" }, `${title}: no points yet`));
     return;
   }
-  new uPlot({
-    title, width: Math.min(640, Math.max(320, box.parentElement.clientWidth / 2 - 30)), height: 260,
-    scales: { x: { time: false } },
-    axes: [{ label: xLabel }, { label: "loss" }],
+  box.__plot = new uPlot({
+    title, width: Math.max(320, box.clientWidth || box.parentElement.clientWidth / 2 - 30), height: 260,
+    scales: { x: { time: false }, y: VIEW.log ? { distr: 3 } : {} },
+    axes: [{ label: xLabel }, { label: VIEW.log ? "loss (log)" : "loss" }],
     series: [{}, ...labels.map((label, i) => ({ label, spanGaps: true,
       stroke: COLORS[i % COLORS.length] + (dimmed[i] ? "55" : ""), width: dimmed[i] ? 1 : 2,
       points: { show: series[i].length < 60 } }))],
   }, data, box);
+  resizing.observe(box);
 }
 
 function curves(points, x) {
@@ -239,7 +296,7 @@ function runView(root, key) {
     sampleJob = r ? r.job : null;
     refresh();
   });
-  root.append(head, charts, el("div", { class: "grid2" },
+  root.append(head, chartControls(), charts, el("div", { class: "grid2" },
     el("div", {}, el("h2", {}, "Checkpoints"), ckpts), el("div", {}, el("h2", {}, "Configuration"), config)),
   el("h2", {}, "Sample"), sampleForm, output, el("h2", {}, "Jobs"), jobsBox, el("h2", {}, "Log"), log);
 
@@ -292,20 +349,75 @@ function compareView(root, keys) {
     return async () => {};
   }
   const box = el("div", { class: "chart", id: "chart-compare" }), summary = el("div");
-  root.append(el("h1", {}, "Compare runs"), box, el("h2", {}, "Final metrics and the flags that differ"), summary);
+  root.append(el("h1", {}, "Compare runs"), chartControls(), box,
+    el("h2", {}, "Final metrics and the flags that differ"), summary);
   return async () => {
     const data = await api("/api/compare?" + keys.map(k => "key=" + encodeURIComponent(k)).join("&"));
-    const series = data.runs.map(r => {
-      const valid = r.points.filter(p => p.kind === "valid");
-      return (valid.length ? valid : r.points.filter(p => p.kind === "train")).map(p => [p.step, p.loss]);
-    });
-    chart(box, "validation loss against step (train loss where none)", "step",
-      data.runs.map(r => runName(r.key)), series);
+    const labels = [], series = [];
+    for (const r of data.runs) {
+      for (const kind of ["train", "valid", "test"]) {
+        const pts = r.points.filter(p => p.kind === kind).map(p => [p.step, p.loss]);
+        if (pts.length) { labels.push(`${runName(r.key)} ${kind}`); series.push(pts); }
+      }
+    }
+    chart(box, "train, validation and test loss against step", "step", labels, series);
     const metric = f => (f ? `${fmt(f.loss)}${f.ppl ? ` (ppl ${fmt(f.ppl, 1)})` : f.bpc ? ` (${fmt(f.bpc)} bpc)` : ""} @${f.step}` : "");
     summary.replaceChildren(table(["run", "train", "valid", "test", ...data.differs],
       data.runs.map(r => el("tr", {}, el("td", {}, runLink(r.key)), el("td", {}, metric(r.final.train)),
         el("td", {}, metric(r.final.valid)), el("td", {}, metric(r.final.test)),
         data.differs.map(k => el("td", {}, r.config[k] === undefined ? "-" : JSON.stringify(r.config[k])))))));
+  };
+}
+
+// -- the runs table (TensorBoard's HParams, Aim's runs) --------------------------------------------
+
+const RUN_COLUMNS = ["run", "dataset", "dim", "num_blocks", "num_heads", "context_size", "batch_size", "optimizer",
+  "learning_rate", "dropout", "best_valid", "best_step", "test", "steps", "minutes", "tokens_per_sec", "state"];
+
+function runsView(root) {
+  const dataset = el("select", { id: "runs-dataset" }, el("option", { value: "" }, "all datasets"));
+  const needle = el("input", { id: "runs-filter", placeholder: "run contains…" });
+  const box = el("div", { id: "runs-table" }), boards = el("div", { id: "leaderboards" });
+  let sortKey = "best_valid", ascending = true, rows = [];
+  const compare = el("button", { id: "runs-compare", onclick: () => {
+    const keys = [...document.querySelectorAll("#runs-table input.pick:checked")].map(c => c.value);
+    location.hash = "#/compare/" + keys.map(encodeURIComponent).join(",");
+  } }, "compare selected runs");
+  root.append(el("h1", {}, "Runs"), el("div", { class: "filters" }, dataset, needle, compare), box,
+    el("h2", {}, "Leaderboard per dataset (best validation loss)"), boards);
+  const cell = (k, v) => (v === null || v === undefined ? "" : typeof v === "number" && !Number.isInteger(v)
+    ? (k === "tokens_per_sec" ? Math.round(v).toLocaleString() : v.toPrecision(4)) : String(v));
+  function draw() {
+    const shown = rows.filter(r => (!dataset.value || String(r.dataset) === dataset.value)
+      && (!needle.value.trim() || r.run.includes(needle.value.trim())));
+    shown.sort((a, b) => {
+      const x = a[sortKey], y = b[sortKey];
+      const c = x === null || x === undefined ? 1 : y === null || y === undefined ? -1 : x < y ? -1 : x > y ? 1 : 0;
+      return ascending ? c : -c;
+    });
+    const headers = RUN_COLUMNS.map(k => el("th", { class: "sortable", dataset: { key: k }, onclick: () => {
+      ascending = sortKey === k ? !ascending : true; sortKey = k; draw();
+    } }, k.replaceAll("_", " ") + (sortKey === k ? (ascending ? " ▲" : " ▼") : "")));
+    box.replaceChildren(el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, ""), headers)),
+      el("tbody", {}, shown.map(r => el("tr", { dataset: { run: r.key } },
+        el("td", {}, el("input", { type: "checkbox", class: "pick", value: r.key })),
+        RUN_COLUMNS.map(k => el("td", { class: k === "run" ? "" : "num", dataset: { col: k } },
+          k === "run" ? runLink(r.key) : cell(k, r[k]))))))));
+  }
+  dataset.addEventListener("change", draw);
+  needle.addEventListener("input", draw);
+  return async () => {
+    const data = await api("/api/runs");
+    rows = data.runs;
+    const chosen = dataset.value;
+    dataset.replaceChildren(el("option", { value: "" }, "all datasets"), ...[...new Set(rows.map(r => r.dataset)
+      .filter(Boolean).map(String))].sort().map(d => el("option", { value: d, selected: d === chosen }, d)));
+    draw();
+    boards.replaceChildren(...Object.entries(data.leaderboard).map(([name, best]) => el("div", { class: "board" },
+      el("h3", {}, name), table(["#", "run", "best valid", "at step", "test", "minutes"], best.map((r, i) =>
+        el("tr", {}, el("td", {}, i + 1), el("td", {}, runLink(r.key)), el("td", { class: "num" }, cell("", r.best_valid)),
+          el("td", { class: "num" }, r.best_step ?? ""), el("td", { class: "num" }, cell("", r.test)),
+          el("td", { class: "num" }, r.minutes ?? "")))))));
   };
 }
 
@@ -398,6 +510,7 @@ function route() {
   const hash = location.hash.slice(1) || "/";
   if (hash.startsWith("/run/")) refresh = runView(root, decodeURIComponent(hash.slice(5)));
   else if (hash.startsWith("/sweep/")) refresh = sweepView(root, decodeURIComponent(hash.slice(7)));
+  else if (hash.startsWith("/runs")) refresh = runsView(root);
   else if (hash.startsWith("/compare")) refresh = compareView(root,
     hash.slice(9).split(",").filter(Boolean).map(decodeURIComponent));
   else refresh = jobsView(root);
