@@ -308,12 +308,11 @@ def test_a_sweep_page_shows_its_leaderboard_curves_and_controls(tmp_path, browse
 
 
 def test_a_resumed_runs_page_shows_its_own_configuration_and_compare_only_real_differences(
-        tmp_path, browser, save_dir):
-    url = f"sqlite://{tmp_path / 'queue.db'}"
+        url, dashboard, tmp_path, browser, save_dir):
     other = tmp_path / "other"
     other.mkdir()
     (other / "datasets").symlink_to(save_dir / "datasets")
-    workers, d = Workers(url, tmp_path), Dashboard(url, tmp_path)
+    workers, d = Workers(url, tmp_path), dashboard
     workers.start()
     try:
         wait_for(url, submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "10"),
@@ -337,7 +336,6 @@ def test_a_resumed_runs_page_shows_its_own_configuration_and_compare_only_real_d
         assert "dim" not in text(browser, "main table thead")
     finally:
         workers.stop_all()
-        d.stop()
 
 
 def test_runs_table_curve_controls_and_retry_on_the_page(url, dashboard, browser, save_dir, tmp_path):

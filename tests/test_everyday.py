@@ -103,3 +103,22 @@ def test_inspect_plot_and_eval_take_a_run_name_and_say_it_readably(save_dir, tmp
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1 and "gave up waiting" in err
+
+
+def test_tlm_runs_lists_every_run_with_its_best_metric(url, workers, save_dir, tmp_path):
+    workers.start()
+    chars = tmp_path / "chars"
+    for args in (["--save_dir", str(save_dir), "--num_iters", "10"],
+                 ["--save_dir", str(chars), "--dataset", "shakespeare", "--num_iters", "10"]):
+        wait_for(url, submit(url, "train", *args, *TINY, "--steps_per_eval", "5"), ["succeeded"])
+    listed = json.loads(tlm("runs", "--json", "--queue", url).stdout)
+    assert {r["run"] for r in listed} == {str(save_dir), str(chars)}
+    row = next(r for r in listed if r["run"] == str(save_dir))
+    best = min(r["loss"] for r in metrics.read(save_dir) if r["kind"] == "valid")
+    assert row["best_valid"] == best and row["dataset"] == "ptb" and row["dim"] == 32 and row["steps"] == 10
+    only = json.loads(tlm("runs", "--json", "--dataset", "shakespeare", "--queue", url).stdout)
+    assert [r["run"] for r in only] == [str(chars)]
+    csv_text = tlm("runs", "--csv", "--queue", url).stdout.splitlines()
+    assert csv_text[0].startswith("run,dataset,dim") and len(csv_text) == 3
+    table = tlm("runs", "--queue", url)
+    assert table.returncode == 0 and "best valid" in table.stdout

@@ -141,10 +141,12 @@ class TrainConfig:
                                      "embeddings with this probability")
     tie_embeddings: bool = _opt(False, "share the input embedding and output projection")
     batch_size: int = _opt(32, "minibatch size")
-    num_iters: int = _opt(100000, "training iterations")
+    num_iters: int = _opt(100000, "training iterations: the step a run ends at, counted from its start "
+                                  "(a resume trains on to it; --more N trains N more)")
     time_budget: float = _opt(0.0, "train for N minutes (mid-run evaluations included), the learning "
-                                   "rate decaying over that time, then evaluate; 0: --num_iters "
-                                   "decides (it still caps the steps)")
+                                   "rate decaying over that time, then evaluate; counted from the "
+                                   "run's start, so a resume trains what is left (--more 2m: two "
+                                   "more minutes); 0: --num_iters decides (it still caps the steps)")
     learning_rate: float = _opt(3e-4, "AdamW peak learning rate")
     optimizer: str = _opt("adamw", "adamw, or muon: Muon for the blocks' weight matrices, "
                                    "AdamW for embeddings, output layer and norms")
