@@ -115,10 +115,10 @@ def _queued(queue, where, run_key, identifier, prompt, cfg, num_samples) -> None
                                      "sampling": dataclasses.asdict(cfg),
                                      "num_samples": num_samples}, run_key)
     echo(f"queued sample job {job.id}; waiting for a worker (Ctrl+C to cancel)")
-    if not any(not w.get("stopping") for w in registry.workers()):
-        echo("no worker is alive to answer it: start one (`tlm-worker`), or sample here with "
-             "--local --save_dir DIR")
     try:
+        if not any(not w.get("stopping") for w in registry.workers()):
+            echo("no worker is alive to answer it: start one (`tlm-worker`), or sample here with "
+                 "--local --save_dir DIR")
         with registry.changes() as wait:
             while (job := registry.get(job.id)).state not in FINAL:
                 wait(0.5)

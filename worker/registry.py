@@ -187,6 +187,10 @@ class Registry:
             jobs += self._finished(limit, state, skip)
         return sorted(jobs, key=lambda j: j.created)
 
+    def trainers(self) -> list[Job]:
+        """Every kept job that held its run's trainer (training jobs, sweeps), oldest first."""
+        return sorted(self._read(self.store.trainer_ids()), key=lambda j: j.created)
+
     def in_states(self, states) -> list[Job]:
         """The jobs in these live states (through the state indexes: live work only)."""
         return self._read(self.store.ids_in(states))
@@ -571,6 +575,8 @@ class RedisStore:
                         pipe.set(trainer, job["id"])
                     pipe.zadd(f"{self.P}run:{job['run']}", {job["id"]: job["created"]})
                     pipe.zadd(f"{self.P}ids", {job["id"]: 0})
+                    if exclusive:  # a run's trainer: what the runs table reads
+                        pipe.zadd(f"{self.P}trainers", {job["id"]: job["created"]})
                     pipe.execute()
                     return None
                 except redis.WatchError:
@@ -653,6 +659,9 @@ class RedisStore:
     def finished_ids(self, offset: int, count: int) -> list[str]:
         return [i.decode() for i in self.r.zrevrange(f"{self.P}finished", offset, offset + count - 1)]
 
+    def trainer_ids(self) -> list[str]:
+        return [i.decode() for i in self.r.zrange(f"{self.P}trainers", 0, -1)]
+
     def run_ids(self, run: str) -> list[str]:
         return [i.decode() for i in self.r.zrevrange(f"{self.P}run:{run}", 0, -1)]
 
@@ -719,6 +728,7 @@ class RedisStore:
                 pipe.delete(self._job(job_id), *(self._stream(job_id, s) for s in STREAMS))
                 pipe.zrem(f"{self.P}finished", job_id)
                 pipe.zrem(f"{self.P}ids", job_id)
+                pipe.zrem(f"{self.P}trainers", job_id)
                 if run is not None:
                     with contextlib.suppress(ValueError):
                         pipe.zrem(f"{self.P}run:{json.loads(run)}", job_id)
@@ -838,6 +848,9 @@ class SqliteStore:
         return [r[0] for r in self.db.execute(  # only final states set `finished`
             "SELECT id FROM tlm_job WHERE finished IS NOT NULL "
             "ORDER BY finished DESC LIMIT ? OFFSET ?", (count, offset))]
+
+    def trainer_ids(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT id FROM tlm_job WHERE trainer = 1 ORDER BY created")]
 
     def run_ids(self, run: str) -> list[str]:
         return [r[0] for r in self.db.execute(

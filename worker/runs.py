@@ -5,8 +5,8 @@ A run's row comes from its training jobs' records (their progress carries the re
 configuration, the best validation loss with its step, the test loss, steps, training time
 and speed), newest job last; a run only on disk (trained with `tlm train`, or whose jobs
 were pruned) from its metrics.jsonl and its newest checkpoint's recorded state, read
-without hashing. Nothing here reads a metrics stream per job, so the table costs one read
-of the registry's records.
+without hashing. Nothing here reads a metrics stream per job: the table costs one read of
+the training jobs' records (an index of them: SQLite's trainer column, a Redis sorted set).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _from_disk(row: dict[str, Any], directory: Path) -> None:
 def runs_table(registry, save_root: Optional[str] = None, disk: bool = True) -> list[dict[str, Any]]:
     """One row per run, best validation loss first (runs not evaluated yet last)."""
     rows: dict[str, dict[str, Any]] = {}
-    for job in registry.jobs(None):  # oldest first: the newest job's state wins
+    for job in registry.trainers():  # oldest first: the newest job's state wins
         if job.spec.trainer and not job.spec.driven:
             _from_job(rows.setdefault(job.run, _row(job.run)), job)
     if disk:

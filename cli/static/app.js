@@ -371,6 +371,7 @@ function compareView(root, keys) {
 
 // -- the runs table (TensorBoard's HParams, Aim's runs) --------------------------------------------
 
+const RUNS_SHOWN = 100; // rows drawn before "show the other N runs"
 const RUN_COLUMNS = ["run", "dataset", "dim", "num_blocks", "num_heads", "context_size", "batch_size", "optimizer",
   "learning_rate", "dropout", "best_valid", "best_step", "test", "steps", "minutes", "tokens_per_sec", "state"];
 
@@ -378,7 +379,7 @@ function runsView(root) {
   const dataset = el("select", { id: "runs-dataset" }, el("option", { value: "" }, "all datasets"));
   const needle = el("input", { id: "runs-filter", placeholder: "run contains…" });
   const box = el("div", { id: "runs-table" }), boards = el("div", { id: "leaderboards" });
-  let sortKey = "best_valid", ascending = true, rows = [];
+  let sortKey = "best_valid", ascending = true, rows = [], showAll = false;
   const compare = el("button", { id: "runs-compare", onclick: () => {
     const keys = [...document.querySelectorAll("#runs-table input.pick:checked")].map(c => c.value);
     location.hash = "#/compare/" + keys.map(encodeURIComponent).join(",");
@@ -398,11 +399,16 @@ function runsView(root) {
     const headers = RUN_COLUMNS.map(k => el("th", { class: "sortable", dataset: { key: k }, onclick: () => {
       ascending = sortKey === k ? !ascending : true; sortKey = k; draw();
     } }, k.replaceAll("_", " ") + (sortKey === k ? (ascending ? " ▲" : " ▼") : "")));
+    const page = showAll ? shown : shown.slice(0, RUNS_SHOWN);
+    const rest = shown.length - page.length;
+    box.dataset.count = String(shown.length);
     box.replaceChildren(el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, ""), headers)),
-      el("tbody", {}, shown.map(r => el("tr", { dataset: { run: r.key } },
+      el("tbody", {}, page.map(r => el("tr", { dataset: { run: r.key } },
         el("td", {}, el("input", { type: "checkbox", class: "pick", value: r.key })),
         RUN_COLUMNS.map(k => el("td", { class: k === "run" ? "" : "num", dataset: { col: k } },
-          k === "run" ? runLink(r.key) : cell(k, r[k]))))))));
+          k === "run" ? runLink(r.key) : cell(k, r[k]))))))),
+    rest > 0 ? el("button", { id: "runs-all", onclick: () => { showAll = true; draw(); } },
+      `show the other ${rest} runs`) : "");
   }
   dataset.addEventListener("change", draw);
   needle.addEventListener("input", draw);
