@@ -126,8 +126,8 @@ def bench(url: str, n_jobs: int, n_runs: int, driver: webdriver.Chrome) -> None:
             driver.get("about:blank")
             tic = time.perf_counter()
             driver.get(base + "#/runs")
-            while driver.execute_script("return document.querySelector('#runs-table')?.dataset.count") \
-                    != str(n_runs):
+            while int(driver.execute_script("return document.querySelector('#runs-table')?.dataset.count")
+                      or 0) < n_runs:  # and the live job's run
                 time.sleep(0.005)
             runs_loads.append(time.perf_counter() - tic)
         print(f"  /api/runs ({n_runs:,} runs from {n_jobs:,} jobs) {statistics.median(runs_api) * 1000:.0f} ms; "

@@ -65,7 +65,7 @@ def test_inspect_prints_the_checkpoint(save_dir):
         "--num_blocks", "1", "--num_iters", "2", "--eval_tokens", "200")
     proc = tlm("inspect", "--save_dir", str(save_dir))
     assert proc.returncode == 0
-    assert "iteration:   2 of 2" in proc.stdout and "SHA1 verified" in proc.stdout
+    assert "iteration:      2 of 2" in proc.stdout and "SHA1 verified" in proc.stdout
     assert tlm("inspect", "--save_dir", str(save_dir / "nothing")).returncode == 1
 
 

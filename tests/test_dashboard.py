@@ -220,7 +220,7 @@ def test_submit_resume_and_compare_through_the_api(url, dashboard):
     bad = post("/api/submit", {"run": "b", "overrides": {"dim": "many"}})
     assert bad.status_code == 400 and bad.text == "--dim 'many': expected int"
     assert post("/api/submit", {"run": "b", "overrides": {"nope": "1"}}).text == "unknown flag --nope"
-    r = post("/api/submit", {"run": "b", "overrides": {"dim": "64", "num_heads": "4"}})
+    r = post("/api/submit", {"run": "b", "overrides": {"dim": "96", "num_heads": "4"}})
     reg = registry(url)
     for job_id, loss in ((job.id, 4.0), (r.json()["job"], 3.0)):
         held = reg.claim(job_id, "w")

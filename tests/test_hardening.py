@@ -60,7 +60,7 @@ BAD = [
     (["prune", "--older_than", "-1"], "--older_than"),
     (["dashboard", "--port", "70000"], "--port"),
     (["export", "--out", "/dev/null/x"], "no checkpoint"),
-    (["plot", "/nonexistent"], "does not exist"),
+    (["plot", "/nonexistent"], "no such directory"),
     (["status", "--queue", "ftp://x"], "unsupported queue URL 'ftp://x'"),
 ]
 
