@@ -58,6 +58,8 @@ def test_seed_smoke_test_as_written(save_dir):
     found = checkpoint.find(save_dir.parent / "tmp")
     assert found.step == 10 and found.state["config"]["dim"] == 1024
     assert "sample:" in proc.stderr
+    from tlm import metrics
+    assert [r["step"] for r in metrics.read(save_dir.parent / "tmp") if r["kind"] == "valid"] == [10]
 
 
 def test_inspect_prints_the_checkpoint(save_dir):

@@ -13,21 +13,6 @@ from queue_helpers import TINY, registry, submit, tlm, wait_for
 REDIS_DB = 8
 
 
-def test_the_seeds_quick_smoke_test_says_what_it_does_and_scores_a_bounded_sample(save_dir):
-    """`tlm train --dataset ptb --batch_size 2 --num_iters 10 --context_size 48 --new_model
-    --save_dir ./tmp`, the seed's "fast, for checks" command, on the default 71M model."""
-    proc = subprocess.run(tlm_cmd("train", "--dataset", "ptb", "--batch_size", "2", "--num_iters", "10",
-                                  "--context_size", "48", "--new_model", "--save_dir", str(save_dir)),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stderr
-    assert "iter 10/10" in out and "valid loss" in out and "saved " in out
-    records = metrics.read(save_dir)
-    assert [r["step"] for r in records if r["kind"] == "valid"] == [10]
-    ckpt = checkpoint.find(save_dir)
-    assert ckpt.step == 10 and ckpt.state["config"]["dim"] == 1024  # the seed's default model
-
-
 def test_a_spent_budget_is_refused_at_once_and_more_trains_on(url, workers, save_dir):
     workers.start()
     args = ["train", "--save_dir", str(save_dir), *TINY, "--num_iters", "10", "--steps_per_eval", "10"]

@@ -110,3 +110,19 @@ def test_eval_stride_scores_the_split_with_a_sliding_window(save_dir):
     sliding = trainer.evaluate()
     assert sliding == pytest.approx(evaluate(trainer.model, data.valid, 32, stride=8), rel=1e-6)
     assert sliding != evaluate(trainer.model, data.valid, 32)  # not the non-overlapping windows
+
+
+def test_a_short_run_scores_a_bounded_validation_sample_and_a_long_one_the_whole_split(save_dir):
+    """The seed's smoke test trains 960 tokens: scoring all 73,760 validation tokens of the
+    default model would take a minute after six seconds of training."""
+    data = load_dataset("ptb", save_dir / "datasets")
+    whole = len(data.valid) - 1
+
+    def scored(**kw) -> int:
+        config = TrainConfig(save_dir=str(save_dir), dim=32, num_heads=2, num_blocks=1, **kw)
+        return Trainer(config, data).validation_tokens()
+    assert scored(num_iters=10, batch_size=2, context_size=48) == 4096
+    assert scored(num_iters=50, batch_size=16, context_size=48) == 50 * 16 * 48  # as many as it trained on
+    assert scored(num_iters=950, batch_size=32, context_size=64) == whole  # ptb-cpu: all of it
+    assert scored(num_iters=10, batch_size=2, time_budget=1.0) == whole  # a time budget: all of it
+    assert scored(num_iters=10, batch_size=2, eval_tokens=500) == 500  # --eval_tokens decides
