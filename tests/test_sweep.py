@@ -149,13 +149,23 @@ def test_workers_killed_and_stopped_mid_sweep_lose_no_trial_and_run_none_twice(u
     first = workers.start("--save_root", str(root), lease=3)
     second = workers.start("--save_root", str(root), lease=3)
     sweep_id = sweep(url, "faults", "--search", "learning_rate=log:1e-3:1e-2", "--trials", "6",
-                     "--parallel", "2", "--budget", "60", "--prune", "none")
-    wait_for(url, f"{sweep_id[:7]}t0001", ["running"], until=lambda j: j.progress.get("step", 0) >= 5)
-    first.send_signal(signal.SIGKILL)  # a Mac that died
-    first.wait()
-    time.sleep(2)
-    second.send_signal(signal.SIGTERM)  # a worker stopped: its trial saves and goes back to the queue
-    second.wait(60)
+                     "--parallel", "2", "--budget", "200", "--prune", "none")
+    reg = registry(url)
+
+    def training() -> list:
+        return [j for j in reg.jobs(None) if j.sweep and j.state == "running" and j.progress.get("step", 0) >= 5]
+    deadline = time.time() + 120
+    while len(training()) < 2 and time.time() < deadline:  # both workers mid-trial
+        time.sleep(0.1)
+    held = training()
+    assert len(held) == 2
+    pids = {w["id"]: w["pid"] for w in reg.workers()}
+    victim = next(p for p in (first, second) if p.pid == pids[held[0].worker])
+    stopped = second if victim is first else first
+    victim.send_signal(signal.SIGKILL)  # a Mac that died mid-trial
+    victim.wait()
+    stopped.send_signal(signal.SIGTERM)  # a worker stopped: its trial saves and goes back to the queue
+    stopped.wait(60)
     for _ in range(2):
         workers.start("--save_root", str(root), lease=3)
     finished(url, sweep_id, timeout=300)
@@ -164,7 +174,7 @@ def test_workers_killed_and_stopped_mid_sweep_lose_no_trial_and_run_none_twice(u
     assert {r["state"] for r in rows} == {"succeeded"}
     reg = registry(url)
     for row in rows:  # each trial trained to its budget, resumed where a fault stopped it
-        assert checkpoint.find(root / row["run"]).step == 60 and row["steps"] == 60
+        assert checkpoint.find(root / row["run"]).step == 200 and row["steps"] == 200
     assert sum(reg.get(r["job"]).attempts + reg.get(r["job"]).interruptions for r in rows) > 6
     from optuna.trial import TrialState
     from tlm_worker.sweeps import study
