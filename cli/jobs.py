@@ -340,9 +340,9 @@ def follow(registry: Registry, job_id: str) -> int:
 
 
 def _age(t: Optional[float]) -> str:
-    if not t:
+    if not isinstance(t, (int, float)) or not t:
         return "-"
-    s = time.time() - t
+    s = max(0.0, time.time() - t)  # a clock a little ahead: now, not "-3s"
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
 
 

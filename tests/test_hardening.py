@@ -32,6 +32,8 @@ BAD = [
     (["train", "--dim", "1000000"], "training needs about"),
     (["sample", "--local", "--stop", ""], "--stop is empty"),
     (["submit", "train", "--run", ""], "--run is empty"),
+    (["submit", "train", "--run", "r" * 300], "a run name is a directory on every worker: at most 200 bytes"),
+    (["sample", "--run", "r" * 300], "at most 200 bytes"),
     (["submit", "eval", "--save_dir", "/nonexistent"], "no run directory /nonexistent: train one first"),
     # Every command's flags: negative, zero, huge, nan, inf, empty, wrong type.
     (["train", "--dim", "0"], "--dim must be positive, got 0"),

@@ -272,3 +272,19 @@ def test_waiting_gangs_are_offered_oldest_first_and_a_cancel_ends_one(reg):
     reg.update(first.id, cancel="stop")  # asked while it ran; it was re-queued since
     assert reg.reserve(first.id, "w1", {"address": "127.0.0.1", "port": 1}, time.time() + 60).state == "cancelled"
     assert [g.id for g in reg.waiting_gangs()] == [second.id]
+
+
+def test_a_worker_record_from_the_future_and_a_log_line_that_is_not_utf8(reg, url):
+    now = time.time()
+    reg.heartbeat_worker("ok", {"host": "h", "pid": 1, "device": "cpu", "jobs": []})
+    reg.store.put_worker("ahead", {"id": "ahead", "heartbeat": now + 10**7, "host": "h", "jobs": []})
+    assert [w["id"] for w in reg.workers()] == ["ok"]  # not counted as live
+    proc = tlm("status", "--queue", url)
+    assert proc.returncode == 0 and "-9999" not in proc.stdout
+    job = reg.create("eval", {}, "run:a")
+    reg.log(job.id, "a line")
+    if url.startswith("redis"):
+        redis.Redis.from_url(url).xadd(f"tlm:log:{job.id}", {"l": b"\xff\xfe not utf-8"})
+        reg.log(job.id, "after it")
+        lines = tlm("logs", job.id, "--queue", url)
+        assert lines.returncode == 0 and "a line" in lines.stdout and "after it" in lines.stdout

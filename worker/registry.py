@@ -482,9 +482,13 @@ class Registry:
         self.store.drop_worker(worker_id)
 
     def workers(self) -> list[dict[str, Any]]:
-        """Live workers' records; one that is not a JSON object with an id is skipped."""
+        """Live workers' records; one that is not a JSON object with an id, or whose heartbeat
+        is not a time or lies further ahead than a worker record lives (a clock far off, or a
+        planted record), is skipped."""
+        ahead = time.time() + WORKER_TTL
         return [w for w in self.store.workers()
-                if isinstance(w, dict) and isinstance(w.get("id"), str)]
+                if isinstance(w, dict) and isinstance(w.get("id"), str)
+                and isinstance(w.get("heartbeat"), (int, float)) and w["heartbeat"] <= ahead]
 
     # -- retention and upgrades ----------------------------------------------------------
 
@@ -682,7 +686,8 @@ class RedisStore:
         entries = self.r.xrange(self._stream(job_id, stream), min=f"({after}" if after else "-")
         if not entries:
             return [], after
-        return [fields[b"l"].decode() for _, fields in entries], entries[-1][0].decode()
+        return ([fields.get(b"l", b"").decode(errors="replace") for _, fields in entries],
+                entries[-1][0].decode())
 
     @contextlib.contextmanager
     def waiter(self) -> Iterator[Callable[[float], bool]]:

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+MAX_NAME = 200  # bytes of a run name: a directory name (255 on most filesystems), with room for trials
+
+
 class TargetError(ValueError):
     """A run name or directory that cannot be used; the message is one line."""
 
@@ -25,6 +28,9 @@ def run_target(run: Optional[str], save_dir: Optional[str]) -> tuple[dict[str, s
     if run:
         if "/" in run or run.startswith("."):
             raise TargetError(f"--run {run!r}: a plain name, resolved under each worker's --save_root")
+        if len(run.encode("utf-8", "surrogateescape")) > MAX_NAME or "\x00" in run:
+            raise TargetError(f"--run {run[:40]!r}...: a run name is a directory on every worker: at most "
+                              f"{MAX_NAME} bytes, no NUL")
         return {"run": run}, f"run:{run}"
     from tlm.config import default_save_dir
     path = str(Path(save_dir or default_save_dir()).expanduser().resolve())
