@@ -185,11 +185,8 @@ def submit_train(run, save_root, wait, queue, priority, after, needs, on, then, 
     try:
         config, params = training_job(given, where)
         if "save_dir" in where and Path(where["save_dir"]).is_dir():
-            from tlm.train import nothing_to_train, open_run  # flags that contradict its checkpoint
-            config, ckpt = open_run({**given, **where})
-            nothing = ckpt is not None and nothing_to_train(config, ckpt)
-            if nothing:
-                raise ConfigError(nothing)
+            from tlm.train import open_run  # flags that contradict its checkpoint, a spent budget
+            config = open_run({**given, **where}, refuse_spent=True)[0]
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     from tlm.memory import estimate

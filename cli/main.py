@@ -42,15 +42,12 @@ def train(inference, **options) -> None:
     from tlm.checkpoint import CheckpointError
     from tlm.data import DataError
     from tlm.interrupts import StopOnSignal
-    from tlm.train import Diverged, Trainer, join_ranks, nothing_to_train, open_run, prepare, select_device
+    from tlm.train import Diverged, Trainer, join_ranks, open_run, prepare, select_device
 
     given = given_options(options)
     try:
         check_save_dir(given.get("save_dir") or tlm.config.default_save_dir())
-        config, ckpt = open_run(given, warn=echo)
-        nothing = ckpt is not None and nothing_to_train(config, ckpt)
-        if nothing:
-            raise ConfigError(nothing)
+        config, ckpt = open_run(given, warn=echo, refuse_spent=True)
         if config.nodes > 1 and not ranks.joined():  # this process starts the ranks
             echo(f"starting {config.nodes} ranks on this machine ({config.backend} backend, 127.0.0.1)")
             raise SystemExit(ranks.launch_local([sys.executable, "-m", "tlm_cli.main", *sys.argv[1:]],

@@ -245,9 +245,11 @@ def resume_config(given: dict[str, Any], ckpt: Checkpoint) -> TrainConfig:
     return TrainConfig.from_dict(merged)
 
 
-def open_run(given: dict[str, Any], warn: Callable[[str], None] = lambda m: None
-             ) -> tuple[TrainConfig, Optional[Checkpoint]]:
-    """Validate the flags and find the checkpoint to resume (None for a new model)."""
+def open_run(given: dict[str, Any], warn: Callable[[str], None] = lambda m: None,
+             refuse_spent: bool = False) -> tuple[TrainConfig, Optional[Checkpoint]]:
+    """Validate the flags and find the checkpoint to resume (None for a new model).
+    ``refuse_spent``: a run whose budget is spent is a ConfigError saying so (what a user
+    who asks to train means; a job resumed in its final evaluation finishes instead)."""
     config = TrainConfig(**given)
     config.validate()
     shape = [n for n in ("dim", "num_blocks", "num_heads", "tie_embeddings") if n in given]
@@ -271,6 +273,9 @@ def open_run(given: dict[str, Any], warn: Callable[[str], None] = lambda m: None
         config = dataclasses.replace(config, **more_budget(config.more, ckpt.step,
                                                            ckpt.state.get("elapsed", 0.0)))
     config.validate()
+    nothing = refuse_spent and nothing_to_train(config, ckpt)
+    if nothing:
+        raise ConfigError(nothing)
     return config, ckpt
 
 
@@ -445,17 +450,19 @@ class Trainer:
             tokens = tokens[: self.validation_tokens() + 1]
         batches = -(-(len(tokens) - 1) // max(1, EVAL_TOKENS // self.config.context_size
                                               * self.config.context_size))
-        started, shown, done = time.perf_counter(), [time.perf_counter()], [0]
+        started = shown = time.perf_counter()
+        done = 0
 
         def tick() -> None:
-            done[0] += self.ranks
+            nonlocal shown, done
+            done += self.ranks
             if self.watchdog:
                 self.watchdog.beat()
             now = time.perf_counter()
-            if now - shown[0] >= EVAL_PROGRESS_SECONDS and done[0] < batches:
-                shown[0] = now
-                self._event("message", message=f"evaluating {split}: batch {min(done[0], batches)} "
-                                                f"of ~{batches}, {now - started:.0f}s")
+            if now - shown >= EVAL_PROGRESS_SECONDS and done < batches:
+                shown = now
+                self._event("message", message=f"evaluating {split}: batch {done} of ~{batches}, "
+                                                f"{now - started:.0f}s")
         return evaluate(self.model, tokens, self.config.context_size, self.config.eval_stride or None,
                         self.group, tick)
 
@@ -607,10 +614,7 @@ def train(given: dict[str, Any], hooks: Optional[TrainingHooks] = None,
     budget is spent is refused (ConfigError), unless ``spent_ok``: a job resumed after an
     interruption in its final evaluation finishes it."""
     hooks = hooks or TrainingHooks()
-    config, ckpt = open_run(given, warn=hooks.log)
-    nothing = ckpt is not None and not spent_ok and nothing_to_train(config, ckpt)
-    if nothing:
-        raise ConfigError(nothing)
+    config, ckpt = open_run(given, warn=hooks.log, refuse_spent=not spent_ok)
     group = join_ranks(config)
     select_device(config.gpu)
     dataset, init = prepare(config, ckpt, hooks.log)

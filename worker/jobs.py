@@ -220,10 +220,10 @@ class RegistryHooks(TrainingHooks):
     def on_start(self, config: dict[str, Any]) -> None:
         """The run's own configuration, for the pages that show and compare runs (rank 0)."""
         if not self.c.rank:
+            own = {k: v for k, v in config.items() if k not in INVOCATION}
             self.on_record({"time": time.time(), "kind": "config", "step": self.progress.get("step", 0),
-                            "config": {k: v for k, v in config.items() if k not in INVOCATION}})
-            self.progress.update(phase="compiling the first step", config={
-                k: v for k, v in config.items() if k not in INVOCATION})
+                            "config": own})
+            self.progress.update(phase="compiling the first step", config=own)
             self.c.registry.update(self.c.job.id, progress=self.progress)
 
     def on_progress(self, p: Progress) -> None:

@@ -15,6 +15,8 @@ of crashing. ``version`` tells a newer tlm's records from broken ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -66,19 +68,6 @@ KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("sweep", "", "", trainer=True, required=("search", "name"), driven=True),  # one per name
 )}
 
-# A field's type, for decoding records that other writers made: (types, may be None).
-_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
-    "id": ((str,), False), "kind": ((str,), False), "params": ((dict,), False),
-    "run": ((str,), False), "state": ((str,), False), "worker": ((str,), True),
-    "attempts": ((int,), False), "interruptions": ((int,), False), "fence": ((int,), False),
-    "created": ((int, float), False), "enqueued": ((int, float), False),
-    "started": ((int, float), True), "finished": ((int, float), True),
-    "heartbeat": ((int, float), True), "cancel": ((str,), True), "progress": ((dict,), False),
-    "checkpoint": ((str,), True), "error": ((str,), True), "result": ((dict,), True),
-    "members": ((list,), False), "priority": ((int,), False), "needs": ((dict,), False),
-    "after": ((str,), True), "followers": ((list,), False), "version": ((int,), False),
-    "sweep": ((dict,), True),
-}
 
 
 @dataclass
@@ -137,7 +126,7 @@ class Job:
         if isinstance(version, int) and version > VERSION:
             raise BadRecord(job_id, f"was written by a newer tlm (record version {version}; "
                                     f"this one reads {VERSION})", newer=True)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        fields = _field_types()
         for name in ("id", "kind", "params", "run", "state"):
             if name not in record:
                 raise BadRecord(job_id, f"has no {name!r}")
@@ -145,7 +134,7 @@ class Job:
         for name, value in record.items():
             if name not in fields:
                 continue  # a field this version does not know, from the same layout version
-            types, optional = _TYPES[name]
+            types, optional = fields[name]
             if value is None and optional:
                 values[name] = None
             elif isinstance(value, bool) or not isinstance(value, types):
@@ -168,3 +157,17 @@ class Job:
             raise BadRecord(job_id, f"asks for {values['params'].get('nodes')!r} nodes")
         values["version"] = VERSION
         return cls(**values)
+
+
+@functools.lru_cache(maxsize=1)
+def _field_types() -> dict[str, tuple[tuple[type, ...], bool]]:
+    """Each Job field's accepted types and whether it may be None, from its annotation: what a
+    record that other writers made is checked against (an int passes for a float)."""
+    out = {}
+    for name, hint in typing.get_type_hints(Job).items():
+        args = typing.get_args(hint)
+        optional = typing.get_origin(hint) is typing.Union and type(None) in args
+        base = next(a for a in args if a is not type(None)) if optional else hint
+        base = typing.get_origin(base) or base  # dict[str, Any] -> dict
+        out[name] = ((int, float) if base is float else (base,), optional)
+    return out

@@ -177,12 +177,13 @@ class Worker:
         while self.notices:
             self.say(self.notices.pop(0))
 
-    def _interrupt_jobs(self) -> None:
-        """While stopping, SIGINT each running job once (also one started as a signal came)."""
-        if not self.stopping:
+    def _interrupt_jobs(self, lane: Optional[str] = None) -> None:
+        """While stopping (or paused: only ``lane``'s), SIGINT each running job once (also one
+        started as a signal came): it saves and goes back to the queue."""
+        if not (self.stopping or lane):
             return
         for r in list(self.running.values()):
-            if not r.interrupted:
+            if not r.interrupted and lane in (None, r.lane):
                 r.interrupted = True
                 _signal(r.process, signal.SIGINT)
 
@@ -383,7 +384,7 @@ class Worker:
         """Workers heartbeating and not stopping (this one included): who could join a gang."""
         return sum(not w.get("stopping") for w in self.registry.workers())
 
-    def _joinable_gang(self) -> Optional[dict]:
+    def _joinable_gang(self) -> Optional[Job]:
         """The oldest waiting gang the live workers could fill, unless this worker gave it up
         lately; every worker picks the same one, so gangs never split the workers."""
         gangs = [g for g in self.registry.waiting_gangs() if not unmet(g.needs, self.caps)]
@@ -446,7 +447,7 @@ class Worker:
         else:
             self._crashed(job, f"job process died with exit code {code}")
 
-    def _crashed(self, job: dict, reason: str) -> None:
+    def _crashed(self, job: Job, reason: str) -> None:
         """A crash counts as an attempt: re-queue the job, or fail it after max_attempts."""
         if job.attempts < self.max_attempts:
             self.registry.requeue(job.id, job.fence, reason, interrupted=False)
@@ -467,10 +468,7 @@ class Worker:
             self.say(f"pausing training: {why}" if why else "resuming training")
             self.paused = why
         if why:
-            for r in list(self.running.values()):
-                if r.lane == "train" and not r.interrupted:
-                    r.interrupted = True
-                    _signal(r.process, signal.SIGINT)
+            self._interrupt_jobs("train")
 
     def _sweep(self) -> None:
         """Recover jobs of dead workers, re-push stranded claimable jobs, settle chains whose

@@ -121,9 +121,6 @@ class Registry:
                 self.skipped[e.job_id] = e
         return jobs
 
-    def _read(self, ids: list[str]) -> list[Job]:
-        return self._decode(self.store.read(ids))
-
     # -- jobs ------------------------------------------------------------------
 
     def create(self, kind: str, params: dict[str, Any], run_key: str, priority: int = 0,
@@ -153,18 +150,18 @@ class Registry:
 
     def get(self, job_id: str) -> Job:
         """A job by id or unique id prefix (JobNotFound for none, or a record that does not decode)."""
-        found = self._read([job_id])
+        found = self.find([job_id])
         if found:
             return found[0]
         matches = self.store.match_prefix(job_id, 2) if job_id else []
-        found = self._read(matches[:1]) if len(matches) == 1 else []
+        found = self.find(matches[:1]) if len(matches) == 1 else []
         if not found:
             raise JobNotFound(job_id, len(matches))
         return found[0]
 
     def find(self, ids: list[str]) -> list[Job]:
         """The jobs with these exact ids that exist and decode."""
-        return self._read(ids)
+        return self._decode(self.store.read(ids))
 
     def update(self, job_id: str, **fields: Any) -> None:
         """Set fields other than the state (progress, checkpoint, result) of an existing job."""
@@ -175,7 +172,7 @@ class Registry:
         """Live jobs and the latest ``limit`` finished ones (None: all) after the newest ``skip``
         (a page further back: then without the live ones), oldest first."""
         if run is not None:
-            jobs = self._read(self.store.run_ids(run))
+            jobs = self.find(self.store.run_ids(run))
             live = [j for j in jobs if j.state in LIVE]
             done = [j for j in jobs if j.state in FINAL]
             done = done[:limit] if limit is not None else done  # run_ids is newest first
@@ -189,11 +186,11 @@ class Registry:
 
     def trainers(self) -> list[Job]:
         """Every kept job that held its run's trainer (training jobs, sweeps), oldest first."""
-        return sorted(self._read(self.store.trainer_ids()), key=lambda j: j.created)
+        return sorted(self.find(self.store.trainer_ids()), key=lambda j: j.created)
 
     def in_states(self, states) -> list[Job]:
         """The jobs in these live states (through the state indexes: live work only)."""
-        return self._read(self.store.ids_in(states))
+        return self.find(self.store.ids_in(states))
 
     def _finished(self, limit: Optional[int], state: Optional[str], skip: int = 0) -> list[Job]:
         """The newest finished jobs after the newest ``skip``, optionally of one state, reading
@@ -204,7 +201,7 @@ class Registry:
             ids = self.store.finished_ids(offset, page)
             if not ids:
                 break
-            out += [j for j in self._read(ids) if state in (None, j.state)]
+            out += [j for j in self.find(ids) if state in (None, j.state)]
             offset += len(ids)
             if skip and len(out) > skip:
                 out, skip = out[skip:], 0
@@ -220,14 +217,25 @@ class Registry:
         return self.keep_days * 86400
 
     def change(self, job_id: str, fn: Change, expire: Optional[float] = None) -> Optional[Job]:
-        """Apply ``fn(job) -> changes`` atomically; a record that does not decode is left alone."""
+        """Apply ``fn(job) -> changes`` atomically; a record that does not decode is left alone.
+        A change that ends a job then starts or skips what waits on it (a chain)."""
+        before: list[str] = []
+
         def raw(record: dict[str, Any]) -> Optional[dict[str, Any]]:
             try:
-                return fn(Job.decode(record))
+                job = Job.decode(record)
             except BadRecord:
                 return None
+            before[:] = [job.state]
+            return fn(job)
         new = self.store.change(job_id, raw, expire)
-        return Job.decode(new) if new is not None else None
+        if new is None:
+            return None
+        job = Job.decode(new)
+        if job.state in FINAL and before[0] not in FINAL and job.followers:
+            for follower in self.find(job.followers):
+                self._follow(follower, job)
+        return job
 
     def claim(self, job_id: str, worker_id: str,
               caps: Optional[dict[str, Any]] = None) -> Optional[Job]:
@@ -248,8 +256,6 @@ class Registry:
             return {"state": RUNNING, "worker": worker_id, "attempts": job.attempts + 1,
                     "fence": job.fence + 1, "started": now, "heartbeat": now, "error": None}
         job = self.change(job_id, take, expire=self._ttl)
-        if job is not None and job.state == CANCELLED:
-            self._settle_followers(job)
         return job if job is not None and job.state == RUNNING else None
 
     def claim_next(self, lane: str, worker_id: str, caps: dict[str, Any]) -> Optional[Job]:
@@ -274,10 +280,7 @@ class Registry:
             if job.state not in LIVE or (fence is not None and job.fence != fence):
                 return None
             return {"state": state, "finished": now, **fields}
-        job = self.change(job_id, end, expire=self._ttl)
-        if job is not None:
-            self._settle_followers(job)
-        return job
+        return self.change(job_id, end, expire=self._ttl)
 
     def requeue(self, job_id: str, fence: int, reason: str, interrupted: bool) -> Optional[Job]:
         """Give a held job back to the queue with a new fence (voiding the old holder).
@@ -308,13 +311,13 @@ class Registry:
             if job.state not in CLAIMABLE + (WAITING,):
                 return None
             return {"state": CANCELLED, "finished": now, "cancel": "stop"}
-        job = self.change(job_id, drop, expire=self._ttl)
-        if job is None:
-            self.update(job_id, cancel="force" if force else "stop")
-        for follower in self._read((job or self.get(job_id)).followers):
+        for follower in self.find(self.get(job_id).followers):  # first: they end cancelled, not skipped
             if follower.state == WAITING:
                 self.cancel(follower.id)
                 self.log(follower.id, f"cancelled with the job it waited for, {job_id}")
+        job = self.change(job_id, drop, expire=self._ttl)
+        if job is None:
+            self.update(job_id, cancel="force" if force else "stop")
         return job is not None
 
     def retry(self, job_id: str) -> Job:
@@ -365,24 +368,18 @@ class Registry:
             if job.spec.checkpoint_input and parent.checkpoint and not params.get("identifier"):
                 params = {**params, "identifier": parent.checkpoint}
             return {"state": QUEUED, "enqueued": now, "params": params}
-        job = self.change(follower.id, settle, expire=self._ttl)
+        job = self.change(follower.id, settle, expire=self._ttl)  # skipped: its own followers too
         if job is None:
             return self.get(follower.id)
         if job.state == QUEUED:
             _wake(self.queue, job)
-        else:
-            self._settle_followers(job)  # a skipped job's own followers are skipped too
         return job
-
-    def _settle_followers(self, parent: Job) -> None:
-        for follower in self._read(parent.followers):
-            self._follow(follower, parent)
 
     def waiting_for_parents(self) -> None:
         """Settle waiting jobs whose parent ended (a process that ended the parent died before
         settling them) or vanished: the worker's sweep runs this."""
         for job in self.in_states([WAITING]):
-            self._follow(job, next(iter(self._read([job.after] if job.after else [])), None))
+            self._follow(job, next(iter(self.find([job.after] if job.after else [])), None))
 
     # -- gangs: N workers at once, all or nothing --------------------------------------
 
@@ -422,10 +419,7 @@ class Registry:
             return {"members": [{**m, "heartbeat": now} for m in places], "state": RUNNING,
                     "worker": places[0]["worker"], "attempts": job.attempts + 1,
                     "fence": job.fence + 1, "started": now, "heartbeat": now, "error": None}
-        job = self.change(job_id, join, expire=self._ttl)
-        if job is not None and job.state == CANCELLED:
-            self._settle_followers(job)
-        return job
+        return self.change(job_id, join, expire=self._ttl)
 
     def withdraw(self, job_id: str, worker_id: str) -> None:
         """Give up this worker's place in a gang that still waits."""

@@ -274,8 +274,7 @@ def submit(registry: "Registry", spec: SweepSpec) -> Job:
         raise SpecError(f"a sweep named {spec.name} exists already ({existing[-1].state}): "
                         "choose another --name")
     sweep = registry.create("sweep", spec.to_dict(), sweep_key(spec.name),
-                            priority=PRIORITIES[spec.priority])
-    registry.update(sweep.id, result={"created": 0, "reserved": {}})
+                            priority=PRIORITIES[spec.priority])  # no result yet: 0 trials created
     study(registry, sweep, create=True)
     reconcile(registry, sweep.id)
     return registry.get(sweep.id)
