@@ -73,6 +73,8 @@ def train(inference, **options) -> None:
             result = trainer.run()
     except (CheckpointError, Diverged) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # the run directory went away, read-only or full (after retries)
+        raise click.ClickException(f"{e.filename or config.save_dir}: {e.strerror or e}") from None
     finally:
         stop.restore()
     if result.stopped:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -123,3 +126,78 @@ def plant(url: str, reg: Registry) -> list[str]:
     for rec in bad:
         reg.queue.push(rec["id"], "train")
     return [rec["id"] for rec in bad]
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free port, to kill, stop, flush and restart;
+    ``durable``: every write in an append-only file, so a restart keeps the data."""
+
+    def __init__(self, tmp: Path, durable: bool = True):
+        self.port, self.dir = free_port(), tmp / f"redis-{free_port()}"
+        self.dir.mkdir()
+        self.durable, self.proc = durable, None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self, keep_data: bool = True) -> None:
+        if not keep_data:
+            for f in self.dir.rglob("*"):
+                if f.is_file():
+                    f.unlink()
+        persist = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--dir", str(self.dir), "--save", "", *persist],
+                                     stdout=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                if redis.Redis(port=self.port).ping():
+                    return
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self, keep_data: bool = True, down: float = 0.0) -> None:
+        self.kill()
+        time.sleep(down)
+        self.start(keep_data)
+
+    def pause(self) -> None:  # a hung Redis: connections open, nothing answers
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+
+def job_pid(log: str, job_id: str) -> int:
+    """The pid of the job process a worker's log says it started for ``job_id`` (the latest)."""
+    pids = re.findall(rf"started \w+ job {job_id} \(.*?pid (\d+)\)", log)
+    assert pids, log
+    return int(pids[-1])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def until(predicate, timeout: float = 60, what: str = "condition", step: float = 0.1):
+    """Poll ``predicate`` until it is true (return its value) or fail after ``timeout``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"{what}: not after {timeout}s")

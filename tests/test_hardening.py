@@ -296,3 +296,76 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, ptb_cache):
         assert proc.returncode == 0 and proc.stdout.strip()
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+# -- checkpoints whose hashes are right but whose contents are not ----------------------------
+
+def _drop(key):
+    return lambda state, weights: ({k: v for k, v in state.items() if k != key}, weights)
+
+
+def _set(key, value):
+    return lambda state, weights: ({**state, key: value}, weights)
+
+
+def _arg(key, value):
+    return lambda state, weights: ({**state, "model_args": {**state["model_args"], key: value}}, weights)
+
+
+def _tensor(fn):
+    return lambda state, weights: (state, fn(dict(weights)))
+
+
+EMBED = "model.embed_tokens.weight"
+DAMAGED = [
+    ("no model_args", _drop("model_args"), "its metadata has no 'model_args'"),
+    ("no tokenizer", _drop("tokenizer"), "its metadata has no 'tokenizer'"),
+    ("no config", _drop("config"), "its metadata has no 'config'"),
+    ("config without context_size", _set("config", {}), "context_size is not usable"),
+    ("an unknown model argument", _arg("flux_capacitor", 1), "unknown model argument 'flux_capacitor'"),
+    ("hidden_size a string", _arg("hidden_size", "32"), "model argument 'hidden_size' is not usable"),
+    ("no layers", _arg("num_hidden_layers", 0), "model argument 'num_hidden_layers' is not usable"),
+    ("heads not dividing", _arg("num_attention_heads", 3), "is not a multiple of 'num_attention_heads'"),
+    ("a tensor of the wrong shape", _tensor(lambda w: {**w, EMBED: w[EMBED][:, :16]}), "has shape"),
+    ("a tensor missing", _tensor(lambda w: {k: v for k, v in w.items() if k != EMBED}), "is missing"),
+    ("a tensor too many", _tensor(lambda w: {**w, "extra.weight": w[EMBED]}), "is not in the model"),
+    ("step a string", _set("step", "ten"), "its metadata's 'step' is str"),
+    ("step 10^30", _set("step", 10**30), "out of range"),
+    ("elapsed a list", _set("elapsed", [1]), "its metadata's 'elapsed' is list"),
+    ("a tokenizer of an unknown kind", _set("tokenizer", {"kind": "morse"}), "tokenizer do not load"),
+    ("a vocabulary that is not a list", _set("tokenizer", {"kind": "word", "vocab": 7}), "do not load"),
+]
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory, ptb_cache):
+    run = tmp_path_factory.mktemp("good") / "run"
+    import shutil
+    shutil.copytree(ptb_cache, run / "datasets")
+    proc = tlm("train", "--save_dir", str(run), *TINY, "--num_iters", "5")
+    assert proc.returncode == 0, proc.stderr
+    return run
+
+
+@pytest.mark.parametrize("name,damage,reason", DAMAGED, ids=[d[0] for d in DAMAGED])
+def test_a_checkpoint_that_hashes_right_but_is_not_usable_is_skipped_with_its_reason(
+        name, damage, reason, good_run, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run, symlinks=True)
+    good = checkpoint.find(run)
+    state, weights = damage({**good.state, "step": good.step + 1}, good.load_weights())
+    bad = checkpoint.save(run, weights, good.load_tensors(), state)
+    # Named: an error in one line. Latest: skipped with its reason; the good one is used.
+    named = tlm("inspect", "--save_dir", str(run), "--identifier", bad.identifier)
+    assert named.returncode == 1 and "Traceback" not in named.stderr, named.stderr
+    assert reason in named.stderr.strip().splitlines()[-1], named.stderr
+    latest = tlm("inspect", "--save_dir", str(run))
+    assert latest.returncode == 0, latest.stderr
+    assert f"skipping checkpoint {bad.identifier[:12]}" in latest.stderr and reason in latest.stderr
+    assert good.identifier in latest.stdout
+    if name in ("a tensor of the wrong shape", "step 10^30"):  # the same for sampling and resuming
+        sample = tlm("sample", "--local", "--save_dir", str(run), "--prompt", "the", "--max_tokens", "3")
+        assert sample.returncode == 0 and reason in sample.stderr, sample.stderr
+        resume = tlm("train", "--save_dir", str(run), *TINY, "--num_iters", "7")
+        assert resume.returncode == 0 and f"resuming {good.identifier[:12]}" in resume.stderr, resume.stderr

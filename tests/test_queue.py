@@ -20,7 +20,7 @@ import redis
 from tlm import checkpoint
 from tlm_worker.queue import Queue
 
-from queue_helpers import TINY, Workers, backend_url, free_port, registry, submit, tlm, wait_for
+from queue_helpers import TINY, RedisServer, Workers, backend_url, free_port, registry, submit, tlm, wait_for
 
 REDIS_DB = 15
 
@@ -138,9 +138,11 @@ def test_a_killed_worker_s_job_is_finished_elsewhere_with_identical_weights(url,
     first.wait()
     workers.start()
     job = wait_for(url, job_id, ["succeeded"], timeout=180)
-    assert job.attempts == 2
+    # Its job process outlived it: saved, put the job back itself (an interruption), and ended.
+    assert (job.attempts, job.interruptions) == (1, 1)
     logs = "\n".join(registry(url).logs(job_id)[0])
-    assert "stopped heartbeating" in logs and "resuming" in logs
+    assert "its worker is gone: finishing the step and saving" in logs
+    assert "re-queued: its worker died; saved at iteration" in logs and "resuming" in logs
     final = checkpoint.find(save_dir).load_weights()
     expected = reference_weights(save_dir, tmp_path, flags)
     for name, value in expected.items():
@@ -199,24 +201,8 @@ def test_many_small_jobs_on_two_workers_run_exactly_once(url, workers, save_dir)
 
 
 def test_redis_restart_mid_job_loses_nothing(tmp_path, save_dir):
-    port = free_port()
-    data = tmp_path / "redis"
-    data.mkdir()
-    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-           "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
-
-    def start():
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-        for _ in range(50):
-            try:
-                if redis.Redis(port=port).ping():
-                    return proc
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.1)
-        raise AssertionError("redis-server did not start")
-
-    server = start()
-    url = f"redis://127.0.0.1:{port}/0"
+    server = RedisServer(tmp_path)
+    url = server.url
     workers = Workers(url, tmp_path)
     try:
         workers.start(lease=30)
@@ -225,10 +211,7 @@ def test_redis_restart_mid_job_loses_nothing(tmp_path, save_dir):
         (tmp_path / "elsewhere").mkdir()
         queued = submit(url, "eval", "--save_dir", str(tmp_path / "elsewhere"))
         wait_for(url, job_id, ["running"], until=lambda j: j.progress.get("step", 0) >= 10)
-        server.terminate()
-        server.wait()
-        time.sleep(2)
-        server = start()
+        server.restart(down=2)
         job = wait_for(url, job_id, ["succeeded"], timeout=300)
         assert job.attempts == 1 and job.result["step"] == 1000
         # The job queued before the restart is still there (and fails: no checkpoint there).

@@ -18,6 +18,7 @@ atomic on local disks and on SMB/NFS shares alike.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -161,13 +162,77 @@ def verify(directory: str | Path, identifier: str) -> Checkpoint:
         if _sha1(metadata) != header.get("metadata_sha1"):
             raise CheckpointError("metadata does not match the weights' record of it")
         state = json.loads(_header(metadata)["tlm"])
-        if state.get("format") != FORMAT or state.get("version") != VERSION:
-            raise CheckpointError(f"unsupported metadata version {state.get('version')!r}")
+        if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("version") != VERSION:
+            raise CheckpointError(f"unsupported metadata version "
+                                  f"{state.get('version') if isinstance(state, dict) else None!r}")
+        check_contents(state, _shapes(weights))
     except CheckpointError:
         raise
     except Exception as e:  # unreadable, truncated or not safetensors at all
         raise CheckpointError(f"unreadable ({type(e).__name__}: {e})") from None
     return Checkpoint(identifier, directory, state)
+
+
+# What a checkpoint's recorded state must hold, and of which types (a bool is no number).
+STATE_FIELDS: dict[str, tuple[type, ...]] = {
+    "config": (dict,), "model_args": (dict,), "tokenizer": (dict,), "dataset": (str,),
+    "step": (int,), "elapsed": (int, float)}
+MAX_STEP = 2**53  # far beyond any run; larger is a damaged or hand-made record
+POSITIVE_ARGS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header, without reading the tensors."""
+    with safe_open(str(path), framework="numpy") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def check_contents(state: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+    """The recorded state makes sense and the weights are the ones its model arguments
+    describe (every tensor, each of its shape); CheckpointError naming the first problem.
+    Hashes only prove the files are as written: this proves what was written can be used."""
+    for key, types in STATE_FIELDS.items():
+        value = state.get(key)
+        if value is None:
+            raise CheckpointError(f"its metadata has no {key!r}")
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise CheckpointError(f"its metadata's {key!r} is {type(value).__name__}, "
+                                  f"not {' or '.join(t.__name__ for t in types)}")
+    if not 0 <= state["step"] <= MAX_STEP or not 0 <= state["elapsed"] < float("inf"):
+        raise CheckpointError(f"its metadata's step {state['step']} or elapsed {state['elapsed']} "
+                              "is out of range")
+    context = state["config"].get("context_size")
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise CheckpointError(f"its configuration's context_size is not usable: {context!r}")
+    known = {f.name: f.type for f in dataclasses.fields(ModelArgs)}
+    unknown = sorted(set(state["model_args"]) - set(known))
+    if unknown:
+        raise CheckpointError(f"unknown model argument {unknown[0]!r} (written by a newer tlm?)")
+    try:
+        args = ModelArgs(**state["model_args"])
+        for k, v in dataclasses.asdict(args).items():
+            if isinstance(v, bool) != (known[k] in (bool, "bool")) or not isinstance(v, (int, float)) \
+                    or not 0 <= v < float("inf") or (k in POSITIVE_ARGS and v < 1):
+                raise CheckpointError(f"model argument {k!r} is not usable: {v!r}")
+        if args.hidden_size % args.num_attention_heads:
+            raise CheckpointError(f"model argument 'hidden_size' ({args.hidden_size}) is not a multiple "
+                                  f"of 'num_attention_heads' ({args.num_attention_heads})")
+        expected = {k: tuple(v.shape) for k, v in tree_flatten(Model(args).parameters())}
+        Tokenizer.from_dict(state["tokenizer"])
+    except CheckpointError:
+        raise
+    except Exception as e:  # TypeError, ValueError, KeyError from a damaged record
+        raise CheckpointError(f"its model arguments or tokenizer do not load ({type(e).__name__}: {e})") \
+            from None
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise CheckpointError(f"tensor {name!r} is missing")
+        if shapes[name] != shape:
+            raise CheckpointError(f"tensor {name!r} has shape {list(shapes[name])}, "
+                                  f"its model arguments say {list(shape)}")
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        raise CheckpointError(f"tensor {extra[0]!r} is not in the model its arguments describe")
 
 
 def _candidates(directory: Path) -> list[tuple[int, float, str]]:

@@ -1,9 +1,47 @@
-"""Small file helpers shared by the data and checkpoint modules."""
+"""Small file helpers shared by the data, metrics, export and checkpoint modules."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
+import time
 from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+T = TypeVar("T")
+
+# Errors a write may not meet again in a few seconds, or on another machine: a disk or quota
+# full for a moment, an NFS or SMB hiccup. Others (read-only, permission, no such directory)
+# are the run's setup, and fail at once.
+TRANSIENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.ESTALE,
+                       errno.ETIMEDOUT, errno.EBUSY, errno.EINTR})
+
+
+# Errors of the run's setup: a directory made read-only, deleted, or not writable by us.
+SETUP = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR,
+                   errno.EISDIR, errno.ENAMETOOLONG})
+
+
+def transient(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in TRANSIENT
+
+
+def with_retries(write: Callable[[], T], what: str, log: Optional[Callable[[str], None]] = None,
+                 retries: int = 5, cap: float = 8.0) -> T:
+    """Run ``write``, retrying a transient I/O error with back-off (0.5s, 1s, 2s, ... up to
+    ``cap``), as the checkpoint save does; the last error, or any other, is raised."""
+    for attempt in itertools.count():
+        try:
+            return write()
+        except OSError as e:
+            if not transient(e) or attempt >= retries:
+                raise
+            delay = min(0.5 * 2**attempt, cap)
+            if log:
+                log(f"{what} failed ({e.strerror or e}); retrying in {delay:g}s")
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def file_digest(path: Path, algorithm: str) -> str:

@@ -3,7 +3,8 @@
 Every report (train loss) and evaluation (validation or test loss) appends a
 record; a resumed or re-queued run appends to the same file. Steps trained
 again after a crash (past the last checkpoint) appear twice: readers keep the
-last record for each (kind, step).
+last record for each (kind, step), but never a stale holder's over its
+successor's (records written by a worker job carry its ``job`` and ``fence``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
+
+from tlm import files
 
 FILE = "metrics.jsonl"
 
@@ -36,21 +39,53 @@ def record(p, tokens_per_step: int, labels: dict[str, Any]) -> Optional[dict[str
     return out
 
 
-def append(save_dir: str | Path, rec: dict[str, Any]) -> None:
-    with open(Path(save_dir) / FILE, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+def append(save_dir: str | Path, rec: dict[str, Any], log: Optional[Callable[[str], None]] = None) -> None:
+    """Append one record, retrying a transient write error (a disk full for a moment); a line
+    a failed write cut short is ended first, so it costs only itself."""
+    path = Path(save_dir) / FILE
+    line = (json.dumps(rec) + "\n").encode()
+
+    def write() -> None:
+        with open(path, "ab+") as f:
+            if f.tell():
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write(line)
+    files.with_retries(write, f"writing {path}", log)
+
+
+def latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record for each (kind, step), in step order: the last one written, except that a
+    record of a job's earlier holder (a lower ``fence`` of the same ``job``: a worker that
+    had lost its lease and did not know yet) never replaces its successor's."""
+    kept: dict[tuple[str, int], dict[str, Any]] = {}
+    for rec in records:
+        key = (rec["kind"], rec["step"])
+        old = kept.get(key)
+        if old is not None and old.get("job") == rec.get("job") and \
+                _fence(rec) < _fence(old):
+            continue
+        kept[key] = rec
+    return sorted(kept.values(), key=lambda r: (r["step"], r["kind"]))
+
+
+def _fence(rec: dict[str, Any]) -> int:
+    fence = rec.get("fence", 0)
+    return fence if isinstance(fence, int) else 0
 
 
 def read(save_dir: str | Path) -> list[dict[str, Any]]:
-    """The run's records in step order, the last one kept for each (kind, step)."""
+    """The run's records (see ``latest``); lines that are not ours, or cut short, are skipped."""
     path = Path(save_dir) / FILE
-    latest: dict[tuple[str, int], dict[str, Any]] = {}
+    records = []
     if path.exists():
-        for line in path.read_text().splitlines():
+        for line in path.read_bytes().decode(errors="replace").splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash
-            if isinstance(rec, dict) and {"kind", "step", "loss"} <= rec.keys():
-                latest[(rec["kind"], rec["step"])] = rec  # other lines are not ours: skipped
-    return sorted(latest.values(), key=lambda r: (r["step"], r["kind"]))
+            if isinstance(rec, dict) and {"kind", "step", "loss"} <= rec.keys() \
+                    and isinstance(rec["kind"], str) and isinstance(rec["step"], int):
+                records.append(rec)
+    return latest(records)

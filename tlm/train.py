@@ -25,7 +25,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from tlm import checkpoint, fastmath, metrics, parallel, ranks
+from tlm import checkpoint, fastmath, files, metrics, parallel, ranks
 from tlm.checkpoint import Checkpoint, CheckpointError
 from tlm.config import ConfigError, TrainConfig
 from tlm.data import Batches, Dataset, eval_windows, load_dataset
@@ -408,7 +408,12 @@ class Trainer:
                                        before_publish=self.hooks.before_publish)
                 break
             except OSError as e:
+                if e.errno in files.SETUP:  # read-only, deleted, not ours: no retry helps
+                    raise CheckpointError(f"cannot save a checkpoint in {self.config.save_dir}: "
+                                          f"{e.strerror or e}") from None
                 if attempt >= self.config.save_retries:
+                    if files.transient(e):  # the disk may be fine on another machine, or later
+                        raise
                     raise CheckpointError(f"could not save a checkpoint in {self.config.save_dir} "
                                           f"after {attempt + 1} attempts: {e}") from None
                 delay = min(2**attempt, 30)
@@ -492,7 +497,7 @@ class Trainer:
                      elapsed=self.elapsed, **fields)
         rec = metrics.record(p, self.config.batch_size * self.config.context_size, self.labels)
         if rec and self.rank == 0:
-            metrics.append(self.config.save_dir, rec)
+            metrics.append(self.config.save_dir, rec, self.log)
             self.hooks.on_record(rec)
         self.hooks.on_progress(p)
 

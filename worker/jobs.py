@@ -23,21 +23,26 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from tlm.hooks import TrainingHooks
-from tlm_worker.queue import Queue
-from tlm_worker.registry import CANCELLED, FAILED, SUCCEEDED, Job, LeaseLost, Registry
+from tlm_worker.queue import QUEUE_ERRORS, Queue
+from tlm_worker.registry import ACTIVE, CANCELLED, FAILED, SUCCEEDED, Job, JobNotFound, LeaseLost, Registry
 from tlm_worker.targets import resolve_save_dir
 
 if TYPE_CHECKING:
     from tlm.train import Progress, TrainResult
 
 INVOCATION = ("save_dir", "data_mirror", "identifier", "new_model", "more")  # not the run's own settings
-EXIT_INTERRUPTED = 75  # stopped by a signal to the worker: re-queue the job
-CANCEL_POLL_SECONDS = 1.0
+EXIT_INTERRUPTED = 75  # stopped by a signal to the worker, or by an outage: re-queue the job
+EXIT_LEASE_LOST = 76  # another worker holds the job now: this process stopped at once
+CANCEL_POLL_SECONDS = 1.0  # how often a training job looks at its record (cancel, fence)
+# A job process that cannot confirm its hold on the job (the queue unreachable) for this
+# fraction of the lease saves and stops; it publishes a checkpoint only within PUBLISH_LIMIT
+# of the lease, since a sweep may re-queue the job once a whole lease has passed.
+SELF_FENCE, PUBLISH_LIMIT = 0.25, 0.5
 
 
 @dataclass
@@ -52,9 +57,44 @@ class Context:
     rank: Optional[int]
     log: Callable[[str], None]
     orphaned: Callable[[], bool]  # the worker that started this process is gone
+    lease: float = 60.0  # the worker's --lease
+    confirmed: float = field(default_factory=time.monotonic)  # when the fence was last confirmed
+    unreachable: bool = False  # the last report could not be written
 
     def finish(self, **fields: Any) -> None:
         self.registry.finish(self.job.id, SUCCEEDED, self.fence, **fields)
+
+    def report(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """A write that only informs (a log line, progress, a metric point): while the queue is
+        unreachable it is dropped (metrics.jsonl keeps the points), said once, never fatal."""
+        try:
+            fn(*args, **kwargs)
+        except QUEUE_ERRORS as e:
+            if not self.unreachable:
+                print(f"[{self.job.id}] queue unreachable ({e}): reports are dropped until it is back",
+                      file=sys.stderr, flush=True)
+            self.unreachable = True
+        else:
+            self.unreachable = False
+
+    def look(self) -> Optional[Job]:
+        """The job's record now, which confirms this process still holds it; None while the
+        queue is unreachable or has forgotten the job (its worker puts it back). A job another
+        worker took over ends this process at once: two never train one run."""
+        try:
+            job = self.registry.get(self.job.id)
+        except (*QUEUE_ERRORS, JobNotFound):
+            return None
+        if job.fence != self.fence or job.state not in ACTIVE:
+            print(f"[{self.job.id}] lease lost: the job is {job.state} under fence {job.fence} "
+                  f"(this process held {self.fence}): stopping at once", file=sys.stderr, flush=True)
+            os._exit(EXIT_LEASE_LOST)
+        self.confirmed = time.monotonic()
+        return job
+
+    def unconfirmed(self) -> float:
+        """Seconds since this process last confirmed its hold on the job."""
+        return time.monotonic() - self.confirmed
 
 
 def check_carried_dataset(params: dict[str, Any], save_dir: str) -> None:
@@ -73,20 +113,21 @@ def check_carried_dataset(params: dict[str, Any], save_dir: str) -> None:
 
 
 def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bool,
-            rank: Optional[int] = None) -> None:
+            rank: Optional[int] = None, lease: float = 60.0) -> None:
     """Run one claimed job (or ``rank`` of a gang job) to an end state, or exit
-    EXIT_INTERRUPTED after a signal."""
+    EXIT_INTERRUPTED after a signal, an outage or a transient I/O error."""
     os.setpgid(0, 0)
     parent = os.getppid()
-    registry = Registry(Queue(url))
+    registry = Registry(Queue(url, patient=False))
     job = registry.get(job_id)
     tag = f"[{job_id}]" if not rank else f"[{job_id} rank {rank}]"
 
     def log(line: str) -> None:  # the job's log is rank 0's
         print(f"{tag} {line}", file=sys.stderr, flush=True)
         if not rank:
-            registry.log(job_id, line)
+            c.report(registry.log, job_id, line)
 
+    c = Context(registry, job, fence, "", {}, gpu, rank, log, lambda: os.getppid() != parent, lease)
     try:
         import tlm  # noqa: F401  (optimized BLAS before MLX)
         from tlm.train import select_device
@@ -97,29 +138,49 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
         check_carried_dataset(job.params, save_dir)
         module, _, name = job.spec.run.partition(":")
         run = getattr(importlib.import_module(module), name)
-        run(Context(registry, job, fence, save_dir, params, gpu, rank, log,
-                    lambda: os.getppid() != parent))
+        c.save_dir, c.params = save_dir, params
+        run(c)
     except SystemExit:
         raise
     except LeaseLost as e:  # another worker owns the job now: leave its record alone
-        print(f"[{job_id}] {e}", file=sys.stderr, flush=True)
+        print(f"{tag} {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_LEASE_LOST)
     except BaseException as e:
+        from tlm.files import transient
+        why = _describe(e)
+        if isinstance(e, QUEUE_ERRORS):  # an outage at a write that settles: another try later
+            print(f"{tag} queue unreachable ({why}): stopping; its worker re-queues the job",
+                  file=sys.stderr, flush=True)
+            sys.exit(EXIT_INTERRUPTED)
+        if transient(e):  # still failing after the retries: the disk may be fine elsewhere, or later
+            log(f"{why}: stopping; the job goes back to the queue (an interruption)")
+            sys.exit(EXIT_INTERRUPTED)
         if not _ordinary(e):
             traceback.print_exc()  # a bug, or a lost peer: its traceback goes to the worker's output
             if rank is not None:  # the worker re-queues the gang (a crash: attempts count)
                 sys.exit(1)
-        registry.finish(job_id, FAILED, fence, error=f"{type(e).__name__}: {e}".splitlines()[0])
-        print(f"{tag} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        registry.log(job_id, (f"rank {rank} " if rank else "") + f"failed: {type(e).__name__}: {e}")
+        c.report(registry.finish, job_id, FAILED, fence, error=why)
+        print(f"{tag} failed: {why}", file=sys.stderr, flush=True)
+        c.report(registry.log, job_id, (f"rank {rank} " if rank else "") + f"failed: {why}")
+
+
+def _describe(e: BaseException) -> str:
+    """One line: an OSError as the file and its reason, anything else as its type and text."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return f"{type(e).__name__}: {e}".splitlines()[0]
 
 
 def _ordinary(e: BaseException) -> bool:
-    """A failure the job's own message explains (bad flags, data, checkpoints, divergence)."""
+    """A failure the job's own message explains (bad flags, data, checkpoints, divergence, a
+    run directory made read-only, deleted or unreadable)."""
     from tlm.checkpoint import CheckpointError
     from tlm.config import ConfigError
     from tlm.data import DataError
     from tlm.train import Diverged
-    return isinstance(e, (ConfigError, DataError, CheckpointError, Diverged))
+    from tlm.files import SETUP
+    return isinstance(e, (ConfigError, DataError, CheckpointError, Diverged)) or (
+        isinstance(e, OSError) and e.errno in SETUP)
 
 
 def run_eval(c: Context) -> None:
@@ -143,14 +204,17 @@ def run_export(c: Context) -> None:
     """Write the checkpoint as an mlx-lm directory (``--then export:DIR``, ``tlm submit export``)."""
     from tlm import checkpoint
     from tlm.export import export
+    from tlm.files import transient, with_retries
 
     ckpt = checkpoint.find(c.save_dir, c.params.get("identifier"), warn=c.log)
     if ckpt is None:
         raise checkpoint.CheckpointError(f"no checkpoint in {c.save_dir} to export")
     out = Path(c.params["out"]).expanduser()
     try:
-        export(ckpt, out)
+        with_retries(lambda: export(ckpt, out), f"exporting to {out}", c.log)
     except OSError as e:
+        if transient(e):
+            raise  # still failing after the retries: re-queued (another Mac may have room)
         raise checkpoint.CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
     c.log(f"exported {ckpt.identifier[:12]} (iteration {ckpt.step}) to {out}")
     c.finish(result={"out": str(out), "checkpoint": ckpt.identifier, "step": ckpt.step})
@@ -172,7 +236,7 @@ def run_train(c: Context) -> None:
                                    Path(tempfile.mkdtemp(prefix=f"tlm-{c.job.id}-"))))
     given = {**params, "save_dir": c.save_dir, "gpu": c.gpu}
     if not c.rank:  # until the trainer starts: what the status shows in place of a step
-        c.registry.update(c.job.id, progress={**c.job.progress, "phase": "preparing data and the model"})
+        c.report(c.registry.update, c.job.id, progress={**c.job.progress, "phase": "preparing data and the model"})
     if given.get("more"):  # resolved once, where the run stands now: a resumed job keeps it
         given = pin_more(c, given)
     stop = StopOnSignal()  # no I/O in the signal handler
@@ -191,6 +255,7 @@ class RegistryHooks(TrainingHooks):
     def __init__(self, c: Context, stop: Callable[[], bool]):
         self.c, self.stop = c, stop
         self.cancelled = self.stopping = False
+        self.leaving: Optional[str] = None  # why it stops on its own: "orphaned", "unreachable"
         self.last_poll = 0.0
         self.started = time.time()
         self.progress = c.job.progress  # this process is its only writer while it holds the job
@@ -205,17 +270,26 @@ class RegistryHooks(TrainingHooks):
                 self.stopping = True
                 self.log("worker is stopping: finishing the step and saving")
             return True
-        if time.monotonic() - self.last_poll >= CANCEL_POLL_SECONDS:
+        if time.monotonic() - self.last_poll >= CANCEL_POLL_SECONDS and not self.leaving:
             self.last_poll = time.monotonic()
-            if c.orphaned():  # the worker died: its lease will expire and another worker resume
-                os._exit(EXIT_INTERRUPTED)
+            job = c.look()  # ends this process at once if another worker holds the job now
+            if c.orphaned():  # the worker died: save what this process still holds, and stop
+                self.leave("orphaned", "its worker is gone: finishing the step and saving")
+            elif job is None and c.unconfirmed() > c.lease * SELF_FENCE:
+                self.leave("unreachable", f"queue unreachable for {c.unconfirmed():.0f}s: finishing "
+                           f"the step and saving before the lease ({c.lease:.0f}s) lets another "
+                           "worker take the job")
             # "force" is the worker's to act on: it kills this process.
-            if not self.cancelled and c.registry.get(c.job.id).cancel == "stop":
+            elif job is not None and not self.cancelled and job.cancel == "stop":
                 self.cancelled = True
                 if not c.rank:
-                    c.registry.mark_cancelling(c.job.id, c.fence)
+                    c.report(c.registry.mark_cancelling, c.job.id, c.fence)
                 self.log("cancel requested: finishing the step and saving")
-        return self.cancelled
+        return self.cancelled or bool(self.leaving)
+
+    def leave(self, why: str, line: str) -> None:
+        self.leaving = why
+        self.log(line)
 
     def on_start(self, config: dict[str, Any]) -> None:
         """The run's own configuration, for the pages that show and compare runs (rank 0)."""
@@ -224,7 +298,7 @@ class RegistryHooks(TrainingHooks):
             self.on_record({"time": time.time(), "kind": "config", "step": self.progress.get("step", 0),
                             "config": own})
             self.progress.update(phase="compiling the first step", config=own)
-            self.c.registry.update(self.c.job.id, progress=self.progress)
+            self.c.report(self.c.registry.update, self.c.job.id, progress=self.progress)
 
     def on_progress(self, p: Progress) -> None:
         line = p.describe()
@@ -253,18 +327,28 @@ class RegistryHooks(TrainingHooks):
             fields["checkpoint"] = p.checkpoint
             self.on_record({"time": time.time(), "kind": "checkpoint", "step": p.step,
                             "identifier": p.checkpoint, "loss": p.val_loss})
-        self.c.registry.update(self.c.job.id, **fields)
+        self.c.report(self.c.registry.update, self.c.job.id, **fields)
 
     def on_record(self, record: dict[str, Any]) -> None:
-        self.c.registry.add_point(self.c.job.id, record)
+        self.c.report(self.c.registry.add_point, self.c.job.id, record)
 
     def before_publish(self) -> None:
-        self.c.registry.check_fence(self.c.job.id, self.c.fence)
+        """Publish only while this process holds the job: its fence is current, or, with the
+        queue unreachable, it was confirmed well within the lease (no sweep re-queues it yet)."""
+        c = self.c
+        try:
+            c.registry.check_fence(c.job.id, c.fence)
+            c.confirmed = time.monotonic()
+        except (*QUEUE_ERRORS, JobNotFound):
+            if c.unconfirmed() > c.lease * PUBLISH_LIMIT:
+                raise LeaseLost(f"job {c.job.id}: its hold unconfirmed for {c.unconfirmed():.0f}s "
+                                f"(lease {c.lease:.0f}s): not publishing") from None
 
     def end_state(self, result: TrainResult) -> Optional[str]:
         """How the job ends after ``result``; None: it was interrupted (back to the queue)."""
         if result.stopped and not self.cancelled:  # a gang stops together: a peer saw the cancel?
-            self.cancelled = self.c.registry.get(self.c.job.id).cancel == "stop"
+            job = self.c.look()
+            self.cancelled = job is not None and job.cancel == "stop"
         if result.stopped and not self.cancelled:
             return None
         return CANCELLED if result.stopped else SUCCEEDED
@@ -287,10 +371,13 @@ def train_job(c: Context, given: dict[str, Any], hooks: RegistryHooks) -> None:
     """Train with these hooks, then settle the job (rank 0) or exit EXIT_INTERRUPTED."""
     from tlm.train import train
 
-    result = train(given, hooks, labels={"job": c.job.id, "worker": c.job.worker},
+    result = train(given, hooks, labels={"job": c.job.id, "worker": c.job.worker, "fence": c.fence},
                    spent_ok=bool(c.job.checkpoint))  # it saved before: finish what it was doing
     state = hooks.end_state(result)
     if state is None:
+        if hooks.leaving == "orphaned" and not c.rank:  # no worker will: back to the queue
+            c.report(c.registry.requeue, c.job.id, c.fence, f"its worker died; saved at iteration "
+                     f"{result.step}", interrupted=True)
         sys.exit(EXIT_INTERRUPTED)
     if c.rank:
         return  # rank 0 settles the job

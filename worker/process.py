@@ -24,6 +24,19 @@ older than the lease (its worker died), failing it after ``max_attempts``
 crashes; push again a claimable job that is in no queue (its entry was taken
 by a worker that died before claiming it); prune finished jobs past
 retention.
+
+Outages and leases: a worker whose queue goes away says so once, keeps its
+jobs training, answers signals as ever (no queue call blocks it for more
+than seconds), and says when the queue is back. Its job processes save and
+stop once they cannot confirm their hold for a quarter of the lease, and the
+worker kills any that run on past three quarters, so none is still training
+when a sweep elsewhere may re-queue it; what they leave is re-queued as an
+interruption once the queue answers, and for one lease after an outage a
+worker re-queues no stale job as crashed (its holder may be reconnecting).
+Every heartbeat names the job's fence: a worker that lost a job (it was
+stopped past its lease and another took over) kills its process at the
+next heartbeat, and one whose job the registry forgot (Redis restarted
+without its data) puts the record back and carries on.
 """
 
 from __future__ import annotations
@@ -42,14 +55,15 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from tlm.ranks import COLLECTIVE_TIMEOUT, STALLED, free_ports
-from tlm_worker.jobs import EXIT_INTERRUPTED, run_job
+from tlm_worker.jobs import EXIT_INTERRUPTED, SELF_FENCE, run_job
 from tlm_worker import power
 from tlm_worker.placement import capabilities, unmet
 from tlm_worker.queue import LANES, QUEUE_ERRORS, PayloadError, Queue
 from tlm_worker.registry import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILED, FINAL, RUNNING,
-                                 Job, Registry)
+                                 Job, JobNotFound, Registry)
 
 SPAWN = multiprocessing.get_context("spawn")
+KILL_AFTER = 0.75  # of the lease without a heartbeat: a job process still running is killed
 
 
 class PooledJob:
@@ -81,14 +95,20 @@ class PooledJob:
 
 @dataclass
 class Running:
-    job_id: str
+    job: Job  # as claimed: what is put back if the registry forgets it
     fence: int
     lane: str
     process: multiprocessing.process.BaseProcess
-    forced: bool = False  # killed by `tlm cancel --force`
+    confirmed: float = field(default_factory=time.monotonic)  # its last heartbeat under its fence
+    forced: bool = False  # killed by `tlm cancel --force`, or a cancelled interactive job
     interrupted: bool = False  # sent SIGINT by a stopping worker
     rank: Optional[int] = None  # this worker's rank in a gang job
     awake: Optional[object] = None  # macOS: the assertion against idle sleep while it runs
+    lost: bool = False  # another worker holds the job now: its process was killed
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
 
 
 @dataclass
@@ -140,7 +160,7 @@ class Worker:
     idle_until: dict[str, float] = field(default_factory=dict)  # lane -> no pops before (nothing fit)
 
     def __post_init__(self) -> None:
-        self.queue = Queue(self.url)
+        self.queue = Queue(self.url, patient=False)
         self.queue.ping()  # a misconfigured queue is a one-line error at once
         self.registry = Registry(self.queue, self.keep_days)
         self.lock = threading.Lock()
@@ -152,6 +172,10 @@ class Worker:
         self.probe = power.probe()
         self.paused: Optional[str] = None  # why training is paused (--when_idle, --on_battery)
         self._next_power_look = 0.0
+        self.down_since: Optional[float] = None  # the queue has not answered since (monotonic)
+        self._next_probe = 0.0  # while it is down: the next call that may try it
+        self.back_at = -float("inf")  # when it last came back after an outage (monotonic)
+        self.unsettled: list[tuple[Running, int]] = []  # ended job processes to settle when it answers
 
     def say(self, message: str) -> None:
         print(f"tlm-worker {self.id}: {message}", file=sys.stderr, flush=True)
@@ -193,7 +217,8 @@ class Worker:
         for r in list(self.running.values()):
             _signal(r.process, signal.SIGKILL)
             r.process.join(5)
-            self._try(self._end, r, r.process.exitcode)
+            self.unsettled.append((r, r.process.exitcode))
+        self._settle()
 
     # -- heartbeats and forced cancels (a thread, so long steps never starve them) --
 
@@ -212,17 +237,47 @@ class Worker:
             "jobs": [r.job_id for r in running], "stopping": self.stopping, "paused": self.paused,
             "done": self.done})
         for r in running:
+            if r.lost:
+                continue
             if r.rank is None:
-                self.registry.heartbeat_job(r.job_id)
-                job = self.registry.get(r.job_id)
+                try:
+                    job = self.registry.heartbeat_job(r.job_id, r.fence)
+                except JobNotFound:
+                    job = self._restore(r)
             else:
                 job = self.registry.heartbeat_member(r.job_id, self.id, r.fence)
-                if job is None:  # the gang is over elsewhere: this rank's peers are gone
-                    _signal(r.process, signal.SIGKILL)
-                    continue
-            if not r.forced and job.cancel == "force":
+            if job is None:  # re-queued while this worker was away, perhaps running elsewhere
+                r.lost = True
+                _signal(r.process, signal.SIGKILL)
+                self.notices.append(f"job {r.job_id}: lease lost (another worker may hold it now): "
+                                    "killed its process" + (f" (rank {r.rank})" if r.rank else ""))
+                continue
+            r.confirmed = time.monotonic()
+            # A cancelled sample, eval or export stops at once: it has nothing to save.
+            if not r.forced and (job.cancel == "force" or (job.cancel and r.lane == "interactive")):
                 r.forced = True
                 _signal(r.process, signal.SIGKILL)
+
+    def _restore(self, r: Running) -> Optional[Job]:
+        """The registry forgot a job this worker holds: put its record back (None if its run
+        has another trainer by now)."""
+        job = self.registry.restore(r.job, self.id)
+        self.notices.append(f"job {r.job_id} was missing from the registry (Redis restarted without "
+                            "its data?): " + ("re-registered it; it carries on" if job else
+                                              "its run has another trainer now: stopping it"))
+        return job
+
+    def _backstop(self) -> None:
+        """A job process that has gone on past KILL_AFTER of the lease without a heartbeat of
+        its worker (the queue unreachable; a process that stopped listening) is killed: a sweep
+        may re-queue its job soon, and two processes must not train one run."""
+        for r in list(self.running.values()):
+            silent = time.monotonic() - r.confirmed
+            if not r.lost and silent > self.lease * KILL_AFTER:
+                r.lost = True
+                _signal(r.process, signal.SIGKILL)
+                self.say(f"job {r.job_id}: no heartbeat for {silent:.0f}s (lease {self.lease:.0f}s): "
+                         "killed its process; the job resumes from its last checkpoint")
 
     # -- the main loop -------------------------------------------------------------
 
@@ -243,7 +298,10 @@ class Worker:
                     break
                 self._interrupt_jobs()
                 self._power()
-                busy = self._try(self._reap) or False
+                self._backstop()
+                busy = self._reap()
+                if self.unsettled:
+                    self._try(self._settle)
                 took = not self.stopping and not self.paused and bool(self._try(self._gang))
                 for lane in LANES:
                     if not self.stopping and self._free(lane) and not (self.paused and lane == "train"):
@@ -261,6 +319,8 @@ class Worker:
                     multiprocessing.connection.wait(sentinels, self.poll) if sentinels \
                         else time.sleep(self.poll)
         finally:
+            if self.unsettled:
+                self._try(self._settle)  # one more try: other workers' sweeps recover the rest
             self._say_notices()
             self._done.set()
             if self.reservation is not None:
@@ -271,12 +331,24 @@ class Worker:
         self.say("stopped")
 
     def _try(self, fn, *args):
-        """Run a queue operation; while the backend is down, say so and carry on."""
+        """Run a queue operation; None if the queue is down. While it is, a ping a second
+        tries it and every call returns at once (none while stopping: exiting never waits on
+        a queue that is gone); the outage is said once, and its end."""
         try:
+            if self.down_since is not None:
+                if time.monotonic() < self._next_probe or self.stopping:
+                    return None
+                self._next_probe = time.monotonic() + 1.0
+                self.queue.probe()
+                self.say(f"queue back after {time.monotonic() - self.down_since:.0f}s")
+                self.down_since, self.back_at = None, time.monotonic()
             return fn(*args)
         except QUEUE_ERRORS as e:
-            self.say(f"queue unreachable ({e}); retrying")
-            time.sleep(1)
+            if self.down_since is None:
+                self.down_since, self._next_probe = time.monotonic(), time.monotonic() + 1.0
+                self.say(f"queue unreachable ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                         f"jobs train on; those not confirmed for {self.lease * SELF_FENCE:.0f}s "
+                         "save and stop; trying again every second")
             return None
 
     def _free(self, lane: str) -> bool:
@@ -318,7 +390,7 @@ class Worker:
 
     def _start(self, job: Job, lane: str, rank: Optional[int] = None) -> None:
         """Run a job this worker holds (or its rank of a gang job) in a process of its own."""
-        args = (self.url, job.id, job.fence, self.save_root, self.gpu, rank)
+        args = (self.url, job.id, job.fence, self.save_root, self.gpu, rank, self.lease)
         if lane == "interactive":
             if self.sampler is None:
                 self.sampler = SPAWN.Pool(1)
@@ -327,7 +399,7 @@ class Worker:
             process = SPAWN.Process(target=run_job, args=args, name=f"tlm-job-{job.id}")
             process.start()
         with self.lock:
-            self.running[job.id] = Running(job.id, job.fence, lane, process, rank=rank,
+            self.running[job.id] = Running(job, job.fence, lane, process, rank=rank,
                                            awake=power.keep_awake(process.pid))
         self.say(f"started {job.kind} job {job.id} (attempt {job.attempts}"
                  + (f", {job.interruptions} interruption(s)" if job.interruptions else "")
@@ -395,25 +467,33 @@ class Worker:
         return gang
 
     def _reap(self) -> bool:
+        """Collect ended job processes; their jobs are settled now, or once the queue answers."""
         finished = [r for r in list(self.running.values()) if not r.process.is_alive()]
         for r in finished:
             r.process.join()
-            self._finish(r, r.process.exitcode)
-            if isinstance(r.process, PooledJob) and r.process.exitcode < 0:
+            if isinstance(r.process, PooledJob) and (r.process.exitcode < 0 or r.forced or r.lost):
                 self.sampler.terminate()  # its process was killed: start afresh next time
                 self.sampler = None
             power.release(r.awake)
             with self.lock:
                 del self.running[r.job_id]
+            self.unsettled.append((r, r.process.exitcode))
+        if finished:
+            self._try(self._settle)
         return bool(finished)
 
-    def _finish(self, r: Running, code: int) -> None:
-        self._end(r, code)
-        job = self.registry.get(r.job_id)
-        self.failed += job.state == FAILED
-        self.done += job.state in FINAL
-        if job.sweep:  # a trial ended: its sweep takes the next one now, not at the next sweep
-            self._drive(job.sweep["id"])
+    def _settle(self) -> None:
+        """Settle ended job processes' jobs, oldest first (a queue error keeps the rest)."""
+        while self.unsettled:
+            r, code = self.unsettled[0]
+            job = self._end(r, code)
+            self.unsettled.pop(0)
+            if job is None:
+                continue
+            self.failed += job.state == FAILED
+            self.done += job.state in FINAL
+            if job.sweep:  # a trial ended: its sweep takes the next one now, not at the next sweep
+                self._drive(job.sweep["id"])
 
     def _drive(self, sweep_id: str) -> None:
         """One round of a sweep (tlm_worker.sweeps.reconcile); a failure of it is said, not fatal."""
@@ -425,27 +505,44 @@ class Worker:
         except Exception as e:
             self.say(f"sweep {sweep_id}: {type(e).__name__}: {e}".splitlines()[0])
 
-    def _end(self, r: Running, code: int) -> None:
-        """Settle a job whose process ended without settling it (killed, crashed, stopped)."""
-        job = self.registry.get(r.job_id)
-        if job.state in FINAL or job.fence != r.fence:
+    def _end(self, r: Running, code: int) -> Optional[Job]:
+        """Settle a job whose process ended without settling it (killed, crashed, stopped);
+        the job as it is then (None: its run has another trainer now)."""
+        try:
+            job = self.registry.get(r.job_id)
+        except JobNotFound:
+            job = self._restore(r)
+            self._say_notices()
+            if job is None:
+                return None
+        if job.fence != r.fence:
+            self.say(f"job {r.job_id}: no longer this worker's (now {job.state}, fence {job.fence})")
+            return job
+        if job.state in FINAL:
             self.say(f"job {r.job_id} ended: {job.state}" + (f": {job.error}" if job.error else ""))
-            return
+            return job
         if r.forced:
-            self.registry.finish(r.job_id, CANCELLED, r.fence, error="cancelled with --force")
-            self.registry.log(r.job_id, "cancelled with --force: stopped at once")
-            self.say(f"job {r.job_id} ended: cancelled with --force")
+            how = "with --force" if job.cancel == "force" else "(nothing to save)"
+            self.registry.finish(r.job_id, CANCELLED, r.fence, error=f"cancelled {how}")
+            self.registry.log(r.job_id, f"cancelled {how}: stopped at once")
+            self.say(f"job {r.job_id} ended: cancelled {how}")
         elif code == 0 and r.rank:  # rank 0's process settles a gang job's end
             self.say(f"job {r.job_id}: rank {r.rank} done")
         elif code == EXIT_INTERRUPTED or self.stopping:
-            why = f"paused ({self.paused})" if self.paused and not self.stopping else "was stopped"
-            self.registry.requeue(r.job_id, r.fence, f"worker {self.id} {why}", interrupted=True)
+            why = (f"worker {self.id} was stopped" if self.stopping or r.interrupted and not self.paused
+                   else f"worker {self.id} paused ({self.paused})" if self.paused
+                   else "its process saved and stopped (see its log: an outage, or a disk error)")
+            self.registry.requeue(r.job_id, r.fence, why, interrupted=True)
             self.say(f"job {r.job_id} interrupted: back in the queue")
         elif r.rank is not None:
             why = f"no progress for {COLLECTIVE_TIMEOUT:.0f}s" if code == STALLED else f"exit code {code}"
             self._crashed(job, f"rank {r.rank} on worker {self.id} stopped ({why}): the gang stops")
+        elif r.lost:  # killed here, unheard from past the lease: an outage, not a crash
+            self.registry.requeue(r.job_id, r.fence, f"worker {self.id} lost the queue", interrupted=True)
+            self.say(f"job {r.job_id} interrupted by the outage: back in the queue")
         else:
             self._crashed(job, f"job process died with exit code {code}")
+        return self.registry.get(r.job_id)
 
     def _crashed(self, job: Job, reason: str) -> None:
         """A crash counts as an attempt: re-queue the job, or fail it after max_attempts."""
@@ -475,9 +572,12 @@ class Worker:
         parent ended, fail records that do not decode, prune old ones."""
         now = time.time()
         self.registry.skipped.clear()
+        reconnecting = time.monotonic() - self.back_at < self.lease  # holders may be, too
         for job in self.registry.in_states(ACTIVE):
             if job.spec.driven:  # a sweep: no worker holds it, every worker drives it
                 self._drive(job.id)
+                continue
+            if reconnecting:
                 continue
             beat = job.heartbeat or job.started or job.created
             members = job.members  # a gang's heartbeat is its stalest member's

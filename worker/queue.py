@@ -83,22 +83,28 @@ class Queue:
     to keep its records: the same server or file as the queue.
     """
 
-    def __init__(self, url: Optional[str] = None):
+    def __init__(self, url: Optional[str] = None, patient: bool = True):
+        """``patient``: each Redis command rides out a restart (retries for about a minute),
+        as a command-line user wants; a worker and its job processes are not patient: they
+        must stay responsive to signals and leases, and handle an outage themselves."""
         self.url = queue_url(url)
         self.serializer = JSONSerializer()
         self.redis: Optional[redis.Redis] = None
         self.sqlite_path: Optional[Path] = None
         if self.url.startswith(("redis://", "rediss://", "unix://")):
-            db = urllib.parse.urlsplit(self.url).path.strip("/")
+            parts = urllib.parse.urlsplit(self.url)
+            db = urllib.parse.parse_qs(parts.query).get("db", [""])[0] if parts.scheme == "unix" \
+                else parts.path.strip("/")
             if db and not db.isdigit():
                 raise QueueError(f"queue URL {redact(self.url)}: the database must be a number, "
                                  f"not {db!r}")
             # Ride out restarts with retries (ping() first checks that Redis was there at all).
+            retries = int(os.environ.get("TLM_QUEUE_RETRIES", "12")) if patient else 1
             try:
                 pool = redis.ConnectionPool.from_url(
-                    self.url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30,
-                    retry=Retry(ExponentialBackoff(cap=5, base=0.2), retries=int(os.environ.get(
-                        "TLM_QUEUE_RETRIES", "12"))),
+                    self.url, socket_connect_timeout=5 if patient else 2,
+                    socket_timeout=10 if patient else 3, health_check_interval=30,
+                    retry=Retry(ExponentialBackoff(cap=5 if patient else 0.5, base=0.2), retries=retries),
                     retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
             except ValueError as e:
                 raise QueueError(f"queue URL {redact(self.url)}: {e}") from None
@@ -153,6 +159,10 @@ class Queue:
         if not isinstance(entry, dict) or not isinstance(entry.get("job"), str):
             raise PayloadError("queue entry without a job id")
         return entry["job"]
+
+    def probe(self) -> None:
+        """One round trip on this queue's own connections (QUEUE_ERRORS if it is down)."""
+        self.redis.ping() if self.redis is not None else self.storage.queue_size()
 
     def ping(self) -> None:
         """Raise QueueError (one line, no password) unless the backend answers.

@@ -291,13 +291,18 @@ class Registry:
         def back(job: Job):
             if job.state not in ACTIVE or job.fence != fence:
                 return None
+            if job.cancel:  # asked to stop while it ran: it ends here, not on another worker
+                return {"state": CANCELLED, "finished": time.time(), "fence": fence + 1,
+                        "error": f"cancelled ({reason})"}
             changes = {"state": INTERRUPTED, "worker": None, "fence": fence + 1, "error": reason,
                        "enqueued": time.time(), "members": []}
             if interrupted:
                 changes.update(attempts=job.attempts - 1, interruptions=job.interruptions + 1)
             return changes
-        job = self.change(job_id, back)
-        if job is not None:
+        job = self.change(job_id, back, expire=self._ttl)
+        if job is not None and job.state == CANCELLED:
+            self.log(job_id, f"cancelled: {reason}")
+        elif job is not None:
             self.log(job_id, f"re-queued: {reason}")
             _wake(self.queue, job)
         return job
@@ -443,8 +448,32 @@ class Registry:
 
     # -- heartbeats, logs, followers ------------------------------------------------
 
-    def heartbeat_job(self, job_id: str) -> None:
-        self.store.set_fields(job_id, {"heartbeat": time.time()})
+    def heartbeat_job(self, job_id: str, fence: int) -> Optional[Job]:
+        """A held job's heartbeat, under its fence: the job, or None if this holder lost it
+        (re-queued, and perhaps taken by another worker: its fence moved on). JobNotFound: the
+        registry no longer has it (Redis restarted without its data): see ``restore``."""
+        now = time.time()
+        job = self.change(job_id, lambda j: {"heartbeat": now}
+                          if j.state in ACTIVE and j.fence == fence else None)
+        if job is None:
+            job = self.get(job_id)  # ended by its own process, or lost
+        return job if job.fence == fence else None
+
+    def restore(self, job: Job, worker_id: str) -> Optional[Job]:
+        """Put back the record of a job this worker holds that the registry has forgotten (a
+        Redis restarted without its data), as it was when claimed, so ``tlm status`` shows it
+        and its end is recorded. None if its run has another live trainer by now (the holder
+        then stops)."""
+        now = time.time()
+        record = {**job.to_record(), "state": RUNNING, "worker": worker_id, "heartbeat": now,
+                  "enqueued": now, "followers": []}
+        if self.store.read([job.id], ("state",)):
+            return self.get(job.id)  # restored meanwhile (by its job process's worker, or a peer)
+        if self.store.insert(record, exclusive=job.spec.trainer) is not None:
+            return None
+        self.log(job.id, f"the registry had forgotten this job (Redis restarted without its data?): "
+                         f"re-registered by worker {worker_id}, which holds it")
+        return Job.decode(record)
 
     def log(self, job_id: str, line: str) -> None:
         self.store.append(job_id, "log", [f"{time.strftime('%H:%M:%S')} {line}"])

@@ -1,0 +1,258 @@
+"""Faults a lab meets over months, with the real things: a redis-server of the test's own
+restarted with and without its data, stopped (SIGSTOP) and killed; workers and job processes
+stopped and killed; a tmpfs filled up and made read-only."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tlm import checkpoint, metrics
+
+from queue_helpers import (TINY, RedisServer, Workers, alive, job_pid, registry, submit, tlm, until,
+                           wait_for)
+
+REDIS_DB = 11
+LONG = [*TINY, "--steps_per_eval", "25"]
+
+
+def raw_records(save_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (save_dir / metrics.FILE).read_text().splitlines() if line]
+
+
+def assert_one_record_per_step_and_newest_fence(save_dir: Path) -> None:
+    """metrics.read keeps one record per (kind, step), and never a stale holder's."""
+    kept = metrics.read(save_dir)
+    assert len({(r["kind"], r["step"]) for r in kept}) == len(kept)
+    newest: dict = {}
+    for rec in raw_records(save_dir):
+        if "kind" in rec and "loss" in rec:
+            key = (rec["kind"], rec["step"], rec.get("job"))
+            newest[key] = max(newest.get(key, 0), rec.get("fence", 0))
+    for rec in kept:
+        assert rec.get("fence", 0) == newest[(rec["kind"], rec["step"], rec.get("job"))], rec
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = RedisServer(tmp_path)
+    yield s
+    s.kill()
+
+
+def test_redis_restarted_without_its_data_keeps_every_worker_and_job(server, tmp_path, save_dir):
+    """The registry forgets; the run does not: the worker puts the job it holds back, and it
+    ends as if nothing happened."""
+    workers = Workers(server.url, tmp_path)
+    try:
+        worker = workers.start(lease=4)
+        job_id = submit(server.url, "train", "--save_dir", str(save_dir), *LONG, "--num_iters", "300")
+        wait_for(server.url, job_id, ["running"], until=lambda j: j.checkpoint)
+        server.restart(keep_data=False)  # a fresh container, a wiped volume
+        until(lambda: registry(server.url).find([job_id]), timeout=30, what="the worker puts the job back")
+        job = wait_for(server.url, job_id, ["succeeded"], timeout=240)
+        assert worker.poll() is None, workers.log(worker)
+        assert job.result["step"] == 300 and job.attempts == 1
+        log = workers.log(worker)
+        assert f"job {job_id} was missing from the registry" in log and "Traceback" not in log, log
+        assert any("the registry had forgotten this job" in line for line in registry(server.url).logs(job_id)[0])
+        assert checkpoint.find(save_dir).step == 300
+        status = tlm("status", "--queue", server.url)
+        assert status.returncode == 0 and job_id in status.stdout
+    finally:
+        workers.stop_all()
+
+
+def test_an_outage_past_the_lease_is_an_interruption_and_never_two_trainers(server, tmp_path, save_dir):
+    """Redis gone for three leases under two workers: the holder saves and stops within a
+    quarter lease, both workers say so once and say when it is back, and the job resumes
+    once, counted as an interruption."""
+    workers = Workers(server.url, tmp_path)
+    try:
+        procs = [workers.start(lease=8), workers.start(lease=8)]
+        job_id = submit(server.url, "train", "--save_dir", str(save_dir), *LONG, "--num_iters", "600")
+        wait_for(server.url, job_id, ["running"], until=lambda j: j.checkpoint)
+        holder = next(p for p in procs if "started train job" in workers.log(p))
+        pid = job_pid(workers.log(holder), job_id)
+        server.kill()
+        until(lambda: not alive(pid), timeout=30, what="the holder's job process stops")
+        time.sleep(20)  # past the lease: the old behaviour re-queued it as a crash
+        server.start()
+        job = wait_for(server.url, job_id, ["succeeded"], timeout=300)
+        assert (job.attempts, job.interruptions) == (1, 1), job
+        for p in procs:
+            said = [line for line in workers.log(p).splitlines() if line.startswith("tlm-worker")]
+            assert p.poll() is None, said
+            assert sum("queue unreachable" in line for line in said) == 1, said
+            assert sum("queue back after" in line for line in said) == 1, said
+        assert "re-queued" in "\n".join(registry(server.url).logs(job_id)[0])
+        assert_one_record_per_step_and_newest_fence(save_dir)
+    finally:
+        workers.stop_all()
+
+
+@pytest.mark.parametrize("url", ["sqlite", "redis"], indirect=True)
+def test_a_worker_stopped_past_its_lease_loses_the_job_and_its_process_stops(url, workers, save_dir):
+    """A Mac asleep: the worker and its job process stopped past the lease; another worker
+    takes the job over; once they wake, the old job process stops at its next look and
+    the readers of metrics.jsonl keep the new holder's records."""
+    first = workers.start(lease=4)
+    job_id = submit(url, "train", "--save_dir", str(save_dir), *LONG, "--num_iters", "400")
+    held = wait_for(url, job_id, ["running"], until=lambda j: j.checkpoint)
+    pid = job_pid(workers.log(first), job_id)
+    for p in (first.pid, pid):
+        os.kill(p, signal.SIGSTOP)
+    second = workers.start(lease=4)
+    wait_for(url, job_id, ["running"], until=lambda j: j.fence > held.fence and j.worker != held.worker
+             and j.progress.get("step", 0) > held.progress.get("step", 0))
+    for p in (first.pid, pid):
+        os.kill(p, signal.SIGCONT)
+    until(lambda: not alive(pid), timeout=30, what="the stale job process stops")
+    job = wait_for(url, job_id, ["succeeded"], timeout=240)
+    assert job.result["step"] == 400
+    assert first.poll() is None and "Traceback" not in workers.log(first), workers.log(first)
+    assert f"job {job_id}: no longer this worker's" in workers.log(first) or \
+        f"job {job_id}: lease lost" in workers.log(first), workers.log(first)
+    assert_one_record_per_step_and_newest_fence(save_dir)
+    assert second.poll() is None
+
+
+@pytest.mark.parametrize("outage", ["killed", "hung"])
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]])
+def test_interrupts_end_a_worker_whose_queue_is_gone(server, tmp_path, outage, signals):
+    workers = Workers(server.url, tmp_path)
+    try:
+        worker = workers.start(lease=60)
+        until(lambda: "serving" in workers.log(worker), what="the worker starts")
+        server.pause() if outage == "hung" else server.kill()
+        until(lambda: "queue unreachable" in workers.log(worker), timeout=30, what="the outage is seen")
+        for sig in signals:
+            worker.send_signal(sig)
+            time.sleep(0.3)
+        worker.wait(timeout=30)  # it used to go on "retrying" until SIGKILL
+        assert "stopped" in workers.log(worker).splitlines()[-1]
+    finally:
+        server.resume() if outage == "hung" and server.proc.poll() is None else None
+        workers.stop_all()
+
+
+def test_a_running_job_saves_on_ctrl_c_with_the_queue_gone_and_an_orphan_saves_too(server, tmp_path, save_dir):
+    """Ctrl+C with Redis down: the job saves within the lease and the worker exits. Then a job
+    whose worker is SIGKILLed while Redis is down saves and exits by itself."""
+    workers = Workers(server.url, tmp_path)
+    try:
+        worker = workers.start(lease=60)
+        job_id = submit(server.url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "100000",
+                        "--steps_per_eval", "100000")
+        wait_for(server.url, job_id, ["running"], until=lambda j: j.progress.get("step", 0) >= 10)
+        server.kill()
+        worker.send_signal(signal.SIGINT)
+        worker.wait(timeout=60)
+        saved = checkpoint.find(save_dir)
+        assert saved is not None and saved.step > 0, workers.log(worker)
+
+        server.start()  # the job is still "running" in the registry: its worker could not say
+        other = save_dir.parent / "other"
+        other.mkdir()
+        os.symlink(save_dir / "datasets", other / "datasets")
+        worker = workers.start(lease=60)
+        second = submit(server.url, "train", "--save_dir", str(other), *TINY, "--num_iters", "100000",
+                        "--steps_per_eval", "100000")
+        wait_for(server.url, second, ["running"], until=lambda j: j.progress.get("step", 0) >= 10)
+        pid = job_pid(workers.log(worker), second)
+        server.kill()
+        worker.kill()
+        worker.wait()
+        until(lambda: not alive(pid), timeout=30, what="the orphaned job process exits")
+        assert checkpoint.find(other) is not None  # it saved what it held
+    finally:
+        workers.stop_all()
+
+
+@pytest.mark.parametrize("url", ["sqlite", "redis"], indirect=True)
+def test_a_sample_given_up_with_ctrl_c_stops_at_once_and_never_runs_again(url, workers, save_dir):
+    from conftest import tlm_cmd
+    assert tlm("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "5").returncode == 0
+    worker = workers.start()
+    waiting = subprocess.Popen(tlm_cmd("sample", "--save_dir", str(save_dir), "--prompt", "the",
+                                       "--max_tokens", "100000000", "--queue", url),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reg = registry(url)
+    long = until(lambda: next((j.id for j in reg.jobs(None) if j.kind == "sample" and j.state == "running"),
+                              None), what="the sample runs")
+    waiting.send_signal(signal.SIGINT)
+    assert "gave up waiting" in waiting.communicate(timeout=60)[1]
+    job = wait_for(url, long, ["cancelled"], timeout=60)
+    assert "nothing to save" in job.error
+    short = tlm("sample", "--save_dir", str(save_dir), "--prompt", "the", "--max_tokens", "3", "--queue", url)
+    assert short.returncode == 0 and short.stdout.strip(), short.stderr
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=60)
+    assert reg.get(long).state == "cancelled"
+
+
+# -- a real filesystem that fills up and goes read-only -----------------------------------------
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip() or 'not root'})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def fill(directory: Path) -> Path:
+    """Fill a filesystem up; the file to delete to free it."""
+    ballast = directory / "ballast"
+    with open(ballast, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 16))
+                f.flush()
+        except OSError:
+            pass
+    return ballast
+
+
+@pytest.mark.parametrize("url", ["sqlite", "redis"], indirect=True)
+def test_a_disk_full_for_a_moment_is_ridden_out(url, workers, tmpfs, ptb_cache):
+    """The run's disk full for a few seconds: the metrics and checkpoint writes retry with
+    back-off, and the job ends succeeded, in one attempt."""
+    run = tmpfs / "run"
+    run.mkdir()
+    os.symlink(ptb_cache, run / "datasets")
+    worker = workers.start(lease=30)
+    job_id = submit(url, "train", "--save_dir", str(run), *LONG, "--num_iters", "300")
+    wait_for(url, job_id, ["running"], until=lambda j: j.checkpoint)
+    ballast = fill(tmpfs)
+    until(lambda: "failed (No space left on device); retrying" in "\n".join(registry(url).logs(job_id)[0]),
+          timeout=60, what="a write meets the full disk")
+    ballast.unlink()
+    job = wait_for(url, job_id, ["succeeded"], timeout=240)
+    assert job.attempts == 1 and job.interruptions == 0
+    assert "Traceback" not in workers.log(worker)
+    assert_one_record_per_step_and_newest_fence(run)
+
+
+@pytest.mark.parametrize("url", ["sqlite", "redis"], indirect=True)
+def test_a_run_directory_made_read_only_fails_in_one_line(url, workers, tmpfs, ptb_cache):
+    run = tmpfs / "run"
+    run.mkdir()
+    os.symlink(ptb_cache, run / "datasets")
+    worker = workers.start(lease=30)
+    job_id = submit(url, "train", "--save_dir", str(run), *LONG, "--num_iters", "100000")
+    wait_for(url, job_id, ["running"], until=lambda j: j.checkpoint)
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    job = wait_for(url, job_id, ["failed"], timeout=120)
+    assert "Read-only file system" in job.error and "\n" not in job.error
+    assert "Traceback" not in workers.log(worker), workers.log(worker)
+    assert checkpoint.find(run) is not None  # the last good checkpoint is still there
