@@ -19,10 +19,15 @@ script.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hmac
 import ipaddress
+import json
 import secrets
 import shlex
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,15 +42,18 @@ from starlette.staticfiles import StaticFiles
 
 from tlm.config import PRESETS, ConfigError, apply_preset
 from tlm_worker.kinds import PRIORITIES, Job
+from tlm_worker.queue import QUEUE_ERRORS
 from tlm_worker.registry import FINAL, LIVE, JobNotFound, Registry, RunBusy, holder
 from tlm_worker.targets import TargetError, resolve_save_dir, run_target, target_of
 
 STATIC = Path(__file__).parent / "static"
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 EVENT_WAIT = 10.0  # seconds between keep-alive pings of the event stream
 SEND_TIMEOUT = 5.0  # an event stream client that takes longer to read one is dropped
+MAX_STREAMS = 64  # event streams open at once; more get 503 (each is a coroutine, never a thread)
+MAX_BODY = 64 * 1024  # bytes of a POST body: a form's fields, never a dataset
+MAX_STRING = 10_000  # characters of any one string in a body (a prompt is the longest)
 
 
 class Refused(Exception):
@@ -170,6 +178,11 @@ class Lab:
         rows = runs_table(self.registry, self.save_root, disk=self.save_root is not None)
         return {"runs": rows, "leaderboard": leaderboard(rows)}
 
+    def log(self, job_id: str, after: Optional[str]) -> dict[str, Any]:
+        """A job's log lines after a cursor (404 for no such job)."""
+        lines, cursor = self.registry.logs(self.registry.get(job_id).id, after)
+        return {"lines": lines, "cursor": cursor}
+
     def retry(self, job_id: str) -> dict[str, Any]:
         """Queue again what an ended job did (any kind)."""
         try:
@@ -214,20 +227,20 @@ class Lab:
         return {"job": job.id, "command": command("submit train", {**target, **params, **extra})}
 
     def new_run(self, body: dict[str, Any]) -> dict[str, Any]:
-        run, save_dir = (body.get("run") or "").strip(), (body.get("save_dir") or "").strip()
+        run, save_dir = field(body, "run", str, "").strip(), field(body, "save_dir", str, "").strip()
         if bool(run) == bool(save_dir):
             raise Refused(400, "give a run name or a save directory (one of them)")
         try:
             _, key = run_target(run or None, save_dir or None)
         except TargetError as e:
             raise Refused(400, str(e)) from None
-        preset = body.get("preset") or None
+        preset = field(body, "preset", str, "") or None
         if preset is not None and preset not in PRESETS:
             raise Refused(400, f"unknown preset {preset!r}")
-        overrides = typed_overrides(body.get("overrides") or {})
+        overrides = typed_overrides(field(body, "overrides", dict, {}))
         given = {**({"preset": preset} if preset else {}), **overrides}
         return self.submit(key, apply_preset(given) if preset else given,
-                           str(body.get("priority") or "normal"))
+                           field(body, "priority", str, "normal"))
 
     def resume(self, key: str) -> dict[str, Any]:
         trains = [j for j in self.registry.jobs(None, run=key) if j.spec.trainer]
@@ -326,17 +339,85 @@ class Lab:
             **target, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature})}
 
 
+def field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    """One field of a request body, of the type the endpoint takes (an int passes for a
+    float); Refused(400) naming it otherwise. Absent or null: ``default``."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+        raise Refused(400, f"{name!r} must be {'a number' if kind is float else kind.__name__}, "
+                           f"not {type(value).__name__}")
+    return value
+
+
+async def read_body(request: Request) -> dict[str, Any]:
+    """A POST's JSON object, read no further than MAX_BODY bytes; Refused (400, 413) for a
+    body too large, not UTF-8 JSON, not an object, or holding a string over MAX_STRING."""
+    if request.method != "POST":
+        return {}
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        raise Refused(413, f"request body over {MAX_BODY // 1024} KiB")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise Refused(413, f"request body over {MAX_BODY // 1024} KiB")
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise Refused(400, "the request body is not JSON (send Content-Type: application/json)") from None
+    if not isinstance(body, dict):
+        raise Refused(400, "expected a JSON object")
+
+    def check(value: Any, where: str) -> None:
+        if isinstance(value, str) and len(value) > MAX_STRING:
+            raise Refused(400, f"{where} is over {MAX_STRING} characters")
+        for k, v in value.items() if isinstance(value, dict) else enumerate(value) \
+                if isinstance(value, list) else ():
+            check(v, f"{where}.{k}")
+    check(body, "body")
+    return body
+
+
+class Changes:
+    """One thread follows the registry for every event stream: a client costs a coroutine
+    that looks at a counter, so slow or idle clients never hold the threads requests use."""
+
+    def __init__(self, registry: Registry):
+        self.registry, self.version, self.streams = registry, 0, 0
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._follow, daemon=True, name="tlm-changes")
+            self._thread.start()
+
+    def _follow(self) -> None:
+        while True:
+            try:
+                with self.registry.changes() as wait:
+                    while True:
+                        if wait(EVENT_WAIT):
+                            self.version += 1
+            except QUEUE_ERRORS:
+                time.sleep(1)  # the queue is down: the page shows it; follow again when back
+
+
 def create_app(registry: Registry, token: str, require_token: bool,
                save_root: Optional[str] = None) -> "Guard":
     """The dashboard's ASGI app; ``require_token`` for every request (bound beyond localhost)."""
     lab = Lab(registry, save_root)
+    changes = Changes(registry)
 
     def api(fn):
         async def endpoint(request: Request) -> Response:
-            body = await request.json() if request.method == "POST" else {}
-            if not isinstance(body, dict):
-                return PlainTextResponse("expected a JSON object", status_code=400)
             try:
+                body = await read_body(request)
                 return JSONResponse(await anyio.to_thread.run_sync(fn, request, body))
             except Refused as e:
                 return PlainTextResponse(str(e), status_code=e.status)
@@ -353,11 +434,21 @@ def create_app(registry: Registry, token: str, require_token: bool,
     async def events(request: Request) -> Response:
         """"Something changed", whenever the registry does (sse-starlette sends the stream,
         pings it, and drops a client that stops reading after SEND_TIMEOUT seconds)."""
+        if changes.streams >= MAX_STREAMS:
+            return PlainTextResponse(f"{MAX_STREAMS} event streams are open: close a tab", status_code=503)
+        changes.start()
+
         async def stream():
-            with registry.changes() as wait:
+            changes.streams += 1
+            try:
+                seen = changes.version
                 while True:
-                    if await anyio.to_thread.run_sync(wait, EVENT_WAIT):
+                    await anyio.sleep(0.25)
+                    if changes.version != seen:
+                        seen = changes.version
                         yield ServerSentEvent(event="change", data="{}", retry=1000)
+            finally:
+                changes.streams -= 1
         return EventSourceResponse(stream(), ping=EVENT_WAIT, send_timeout=SEND_TIMEOUT,
                                    headers={"Cache-Control": "no-cache"})
 
@@ -369,25 +460,24 @@ def create_app(registry: Registry, token: str, require_token: bool,
         Route("/api/runs", api(lambda r, b: lab.runs())),
         Route("/api/jobs/{id}/retry", api(lambda r, b: lab.retry(r.path_params["id"])), methods=["POST"]),
         Route("/api/jobs/{id}", api(lambda r, b: {"job": shown(registry.get(r.path_params["id"]))})),
-        Route("/api/jobs/{id}/log", api(lambda r, b: dict(zip(("lines", "cursor"), registry.logs(
-            r.path_params["id"], q(r, "after")))))),
+        Route("/api/jobs/{id}/log", api(lambda r, b: lab.log(r.path_params["id"], q(r, "after")))),
         Route("/api/run", api(lambda r, b: lab.run(q(r, "key", "")))),
         Route("/api/compare", api(lambda r, b: lab.compare(r.query_params.getlist("key")))),
         Route("/api/presets", api(lambda r, b: {"presets": PRESETS})),
         Route("/api/sweep", api(lambda r, b: lab.sweep(q(r, "id", "")))),
-        Route("/api/sweep/cancel", api(lambda r, b: lab.sweep_cancel(str(b.get("id", "")))), methods=["POST"]),
-        Route("/api/sweep/add", api(lambda r, b: lab.sweep_add(str(b.get("id", "")), int(b.get("trials", 1)))),
+        Route("/api/sweep/cancel", api(lambda r, b: lab.sweep_cancel(field(b, "id", str, ""))), methods=["POST"]),
+        Route("/api/sweep/add", api(lambda r, b: lab.sweep_add(field(b, "id", str, ""), field(b, "trials", int, 1))),
               methods=["POST"]),
-        Route("/api/sweep/best", api(lambda r, b: lab.sweep_best(str(b.get("id", "")), str(b.get("run", "")))),
+        Route("/api/sweep/best", api(lambda r, b: lab.sweep_best(field(b, "id", str, ""), field(b, "run", str, ""))),
               methods=["POST"]),
         Route("/api/events", events),
         Route("/api/jobs/{id}/cancel", api(lambda r, b: lab.cancel(
-            r.path_params["id"], bool(b.get("force")))), methods=["POST"]),
-        Route("/api/resume", api(lambda r, b: lab.resume(str(b.get("key", "")))), methods=["POST"]),
+            r.path_params["id"], field(b, "force", bool, False))), methods=["POST"]),
+        Route("/api/resume", api(lambda r, b: lab.resume(field(b, "key", str, ""))), methods=["POST"]),
         Route("/api/submit", api(lambda r, b: lab.new_run(b)), methods=["POST"]),
         Route("/api/sample", api(lambda r, b: lab.sample(
-            str(b.get("key", "")), str(b.get("prompt", "")), int(b.get("max_tokens", 60)),
-            float(b.get("temperature", 0.5)))), methods=["POST"]),
+            field(b, "key", str, ""), field(b, "prompt", str, ""), field(b, "max_tokens", int, 60),
+            field(b, "temperature", float, 0.5))), methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     return Guard(Starlette(routes=routes), token, require_token)
@@ -411,7 +501,7 @@ class Guard:
         header = request.headers.get("x-tlm-token")
         from_query = request.query_params.get("token")
         refusal = None
-        if not self.require_token and hostname not in LOCAL_HOSTS:
+        if not self.require_token and not is_local(hostname.strip("[]")):
             refusal = PlainTextResponse(f"unexpected Host {host!r}", status_code=403)
         elif self.require_token and not (self._valid(header) or self._valid(from_query)
                                          or self._valid(request.cookies.get("tlm_token"))):
@@ -470,9 +560,17 @@ def dashboard(queue, host, port, token, save_root) -> None:
     token = token or secrets.token_urlsafe(18)
     local = is_local(host)
     app = create_app(registry, token, require_token=not local, save_root=save_root)
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    try:  # bound before the address is printed: a busy port is the one line said
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}"
+                                   + (" (another tlm dashboard? try --port)" if e.errno == errno.EADDRINUSE
+                                      else "")) from None
+    port = sock.getsockname()[1]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/" + ("" if local else f"?token={token}")
     click.echo(f"tlm dashboard on {url}" + ("" if local else
                "  (from another Mac: this machine's address in place of the host)"), err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning",
-                timeout_graceful_shutdown=1, access_log=False)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1,
+                                           access_log=False))
+    server.run(sockets=[sock])

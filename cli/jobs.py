@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import click
-from rich.console import Console
+from tlm_cli.render import table_console
 from rich.live import Live
 from rich.table import Table
 
@@ -113,21 +113,36 @@ def carry_dataset(dataset: str, run_dir: Path) -> dict[str, str]:
     """Copy the user's own text into the run directory, named by its SHA1, so every worker
     on every Mac trains on the same bytes; the job params that name the copy."""
     from tlm.config import RUN_INPUTS
-    from tlm.files import text_digest
+    from tlm.data import DataError, text_digest, text_files
+    from tlm.files import with_retries
 
-    source = Path(dataset).expanduser().resolve()
-    digest = text_digest(source)
+    source = Path(dataset).expanduser().absolute()
+    try:
+        files = text_files(source)
+        digest = text_digest(source)
+    except DataError as e:
+        raise click.ClickException(str(e)) from None
     name = f"{source.stem}-{digest[:10]}{source.suffix}" if source.is_file() else f"{source.name}-{digest[:10]}"
     dest = run_dir / RUN_INPUTS / name
+    part = dest.with_name(f".{name}.{os.getpid()}.part")
+
+    def copy() -> None:  # only the checked files: no FIFO, no link loop, nothing half-copied kept
+        shutil.rmtree(part, ignore_errors=True) if part.is_dir() else part.unlink(missing_ok=True)
+        if not source.is_dir():
+            shutil.copyfile(source, part)
+        for f in files if source.is_dir() else ():
+            (part / f.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, part / f.relative_to(source))
+        os.replace(part, dest)
     try:
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
-            part = dest.with_name(f".{name}.{os.getpid()}.part")
-            (shutil.copytree if source.is_dir() else shutil.copyfile)(source, part)
-            os.replace(part, dest)
+            with_retries(copy, f"copying --dataset {dataset}", lambda line: click.echo(line, err=True))
     except OSError as e:
         raise click.ClickException(f"cannot copy --dataset {dataset} into {dest.parent} (workers "
                                    f"read it from the run directory): {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(part, ignore_errors=True) if part.is_dir() else part.unlink(missing_ok=True)
     return {"dataset": f"{RUN_INPUTS}/{name}", "dataset_sha1": digest}
 
 
@@ -459,7 +474,7 @@ def status(job_id, as_json, watch, limit, show_all, state, run, save_dir, queue)
                                                               else {})} for j in jobs],
                                "workers": workers}))
         return
-    console = Console(width=None if Console().is_terminal else 200)
+    console = table_console()
     if not watch:
         console.print(status_table(*listing()))
         return
@@ -585,4 +600,4 @@ def runs(as_json, as_csv, dataset, sort_by, save_root, queue) -> None:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
     for r in rows:
         table.add_row(*(cell(c, r[c]) for c in RUN_COLUMNS))
-    Console(width=None if Console().is_terminal else 220).print(table)
+    table_console(220).print(table)

@@ -69,3 +69,13 @@ class ConsoleHooks(TrainingHooks):
 
     def should_stop(self) -> bool:
         return self.stop()
+
+
+MIN_WIDTH = 100  # narrower, rich squeezes a table's cells to nothing: wrap lines instead
+
+
+def table_console(piped_width: int = 200) -> Console:
+    """A console for tables: the terminal's width but never under MIN_WIDTH (``COLUMNS=20``
+    would blank every cell, ids included), or ``piped_width`` into a pipe or file."""
+    probe = Console()
+    return Console(width=max(probe.width, MIN_WIDTH) if probe.is_terminal else piped_width)

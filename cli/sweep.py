@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import click
-from rich.console import Console
+from tlm_cli.render import table_console
 from rich.live import Live
 from rich.table import Table
 
@@ -194,7 +194,7 @@ def status(name, as_json, as_csv, watch, queue) -> None:
                              r["best_step"], r["best_minute"], r["steps"], r["worker_time"], r["state"]])
         click.echo(out.getvalue(), nl=False)
         return
-    console = Console(width=None if Console().is_terminal else 200)
+    console = table_console()
     if not watch:
         console.print(leaderboard_table(job, leaderboard(registry, job)))
         return

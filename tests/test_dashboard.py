@@ -29,7 +29,8 @@ class Dashboard:
         self.proc = subprocess.Popen([sys.executable, "-m", "tlm_cli.main", "dashboard", "--queue", url,
                                       "--port", str(self.port), *args],
                                      stdout=self.log, stderr=self.log)
-        self.base = f"http://127.0.0.1:{self.port}"
+        host = args[args.index("--host") + 1] if "--host" in args else "127.0.0.1"
+        self.base = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.port}"
         for _ in range(150):
             try:
                 httpx.get(self.base + "/static/app.css", timeout=1)
@@ -387,3 +388,60 @@ def test_runs_table_curve_controls_and_retry_on_the_page(url, dashboard, browser
         until(lambda: "/" in text(browser, "#workers td.load"), what="the worker's load")
     finally:
         workers.stop_all()
+
+
+HOSTILE = [  # (method, path, body or None, content type, expected status)
+    ("POST", "/api/sample", b"{not json", "application/json", 400),
+    ("POST", "/api/sample", b"", "application/json", 400),  # empty: no key, refused by the endpoint
+    ("POST", "/api/submit", b"run=a&preset=x", "application/x-www-form-urlencoded", 400),
+    ("POST", "/api/submit", b"\xff\xfe{}", "application/json", 400),
+    ("POST", "/api/submit", b"[1, 2]", "application/json", 400),
+    ("POST", "/api/submit", b'{"run": 7, "preset": ["x"]}', "application/json", 400),
+    ("POST", "/api/sample", b'{"key": "run:a", "max_tokens": "lots"}', "application/json", 400),
+    ("POST", "/api/sample", b'{"key": "run:a", "temperature": {}}', "application/json", 400),
+    ("POST", "/api/sweep/add", b'{"id": "x", "trials": "many"}', "application/json", 400),
+    ("POST", "/api/submit", b'{"run": "' + b"r" * 300 + b'", "preset": "ptb-cpu"}', "application/json", 400),
+    ("POST", "/api/submit", b'{"run": "' + b"r" * 20000 + b'"}', "application/json", 400),
+    ("POST", "/api/submit", b'{"run": "' + b"r" * (10 << 20) + b'"}', "application/json", 413),
+    ("GET", "/api/overview?limit=abc", None, None, 400),
+    ("GET", "/api/overview?limit=99999999999999999999", None, None, 400),
+    ("GET", "/api/overview?skip=-5", None, None, 400),
+    ("GET", "/api/jobs/%00%ff/log", None, None, 404),
+]
+
+
+def test_every_request_is_validated_with_a_one_line_400(url, dashboard):
+    page = httpx.get(dashboard.base + "/").text
+    token = page.split('name="tlm-token" content="')[1].split('"')[0]
+    for method, path, body, kind, status in HOSTILE:
+        headers = {"X-TLM-Token": token, **({"Content-Type": kind} if kind else {})}
+        r = httpx.request(method, dashboard.base + path, content=body, headers=headers, timeout=30)
+        assert r.status_code == status, (path, body[:60] if body else None, r.status_code, r.text[:200])
+        assert "\n" not in r.text.strip() and "Traceback" not in r.text, r.text
+    assert registry(url).jobs(None) == []  # none of them made a job
+    assert "Traceback" not in Path(dashboard.log.name).read_text()
+
+
+def test_slow_event_clients_do_not_slow_the_page_and_any_loopback_host_is_local(tmp_path):
+    url = f"sqlite://{tmp_path / 'queue.db'}"
+    d = Dashboard(url, tmp_path, "--host", "127.0.0.2")
+    try:
+        assert httpx.get(d.base + "/api/overview").status_code == 200  # was 403 "unexpected Host"
+        import socket
+        idle = []
+        for _ in range(80):  # clients that open the stream and never read it
+            s = socket.create_connection(("127.0.0.2", d.port))
+            s.sendall(f"GET /api/events HTTP/1.1\r\nHost: 127.0.0.2:{d.port}\r\n\r\n".encode())
+            idle.append(s)
+        answered = [httpx.get(d.base + "/api/overview", timeout=30).status_code for _ in range(20)]
+        assert answered == [200] * 20
+        for s in idle:
+            s.close()
+        # A second dashboard on the same port says so, and prints no address first.
+        again = subprocess.run([sys.executable, "-m", "tlm_cli.main", "dashboard", "--queue", url,
+                                "--host", "127.0.0.2", "--port", str(d.port)],
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 1 and "tlm dashboard on" not in again.stderr
+        assert "address already in use" in again.stderr.lower().strip().splitlines()[-1], again.stderr
+    finally:
+        d.stop()

@@ -12,6 +12,7 @@ import redis
 
 from tlm import checkpoint
 
+from conftest import tlm_cmd
 from queue_helpers import TINY, Workers, free_port, submit, tlm, wait_for
 
 BAD = [
@@ -369,3 +370,102 @@ def test_a_checkpoint_that_hashes_right_but_is_not_usable_is_skipped_with_its_re
         assert sample.returncode == 0 and reason in sample.stderr, sample.stderr
         resume = tlm("train", "--save_dir", str(run), *TINY, "--num_iters", "7")
         assert resume.returncode == 0 and f"resuming {good.identifier[:12]}" in resume.stderr, resume.stderr
+
+
+# -- own text that is not what it seems ---------------------------------------------------------
+
+def _fifo(d):
+    os.mkfifo(d / "fifo.txt")
+    return d / "fifo.txt"
+
+
+def _folder_named_txt(d):
+    (d / "corpus" / "chapter.txt").mkdir(parents=True)
+    (d / "corpus" / "real.txt").write_text("hello world\n" * 500)
+    return d / "corpus"
+
+
+def _bad_name(d):
+    (d / "corpus").mkdir()
+    (d / "corpus" / os.fsdecode(b"caf\xe9.txt")).write_text("hello world\n" * 500)
+    return d / "corpus"
+
+
+def _self_link(d):
+    (d / "corpus").mkdir()
+    (d / "corpus" / "a.txt").write_text("hello world\n" * 500)
+    os.symlink(d / "corpus", d / "corpus" / "loop")
+    (d / "corpus" / "loop.txt").symlink_to(d / "corpus" / "loop.txt")  # a link to itself
+    return d / "corpus"
+
+
+def _utf16_no_bom(d):
+    (d / "u16.txt").write_bytes(("hello world\n" * 500).encode("utf-16-le"))
+    return d / "u16.txt"
+
+
+def _broken_link(d):
+    (d / "gone.txt").symlink_to(d / "nowhere.txt")
+    return d / "gone.txt"
+
+
+OWN_TEXT = [
+    ("a FIFO", _fifo, "not a regular file or a folder"),
+    ("a folder named *.txt", _folder_named_txt, None),  # its real.txt trains; the folder is skipped
+    ("a name that is not UTF-8", _bad_name, "is not valid UTF-8: rename it"),
+    ("a symlink loop", _self_link, "loop.txt"),
+    ("UTF-16 without a byte-order mark", _utf16_no_bom, "UTF-16 without a byte-order mark"),
+    ("a broken link", _broken_link, "gone.txt"),
+]
+
+
+@pytest.mark.parametrize("name,make,message", OWN_TEXT, ids=[c[0] for c in OWN_TEXT])
+def test_own_text_is_checked_before_it_is_read(name, make, message, tmp_path):
+    dataset = make(tmp_path)
+    flags = ["--dataset", str(dataset), *TINY, "--num_iters", "2", "--tokenizer", "char"]
+    queue = f"sqlite://{tmp_path / 'queue.db'}"
+    for args in (["train", "--save_dir", str(tmp_path / "run"), *flags],
+                 ["submit", "train", "--save_dir", str(tmp_path / "queued"), *flags, "--queue", queue]):
+        proc = subprocess.run(tlm_cmd(*args), capture_output=True, text=True, timeout=120)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        if message is None:
+            assert proc.returncode == 0, proc.stderr
+        else:
+            assert proc.returncode in (1, 2) and message in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not list(tmp_path.rglob("*.part")), "a partial copy was left behind"
+
+
+def test_utf16_with_a_byte_order_mark_is_decoded_not_trained_as_bytes(tmp_path):
+    from tlm.data import load_dataset
+    text = "hello wörld\n" * 2000
+    (tmp_path / "u16.txt").write_bytes(text.encode("utf-16"))  # with its BOM
+    data = load_dataset(str(tmp_path / "u16.txt"), tmp_path / "datasets", tokenizer="char")
+    assert "\0" not in data.tokenizer.decode([int(t) for t in data.train[:200]])
+    assert "ö" in data.tokenizer.decode([int(t) for t in data.train[:200]])
+
+
+def test_a_narrow_terminal_wraps_the_status_table_and_never_blanks_its_cells(tmp_path):
+    queue = f"sqlite://{tmp_path / 'queue.db'}"
+    (tmp_path / "run").mkdir()
+    job_id = submit(queue, "eval", "--save_dir", str(tmp_path / "run"))
+    env = {**os.environ, "COLUMNS": "20", "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "0"}  # rich: a terminal
+    proc = subprocess.run(tlm_cmd("status", "--queue", queue), capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 0 and job_id in proc.stdout, proc.stdout
+
+
+def test_a_unix_socket_queue_url_works(tmp_path):
+    sock = tmp_path / "redis.sock"
+    server = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", str(sock), "--save", "",
+                               "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        ok = tlm("status", "--queue", f"unix://{sock}?db=2")
+        assert ok.returncode == 0, ok.stderr  # was "the database must be a number"
+        bad = tlm("status", "--queue", f"unix://{sock}?db=abc")
+        assert bad.returncode == 1 and "the database must be a number, not 'abc'" in bad.stderr
+    finally:
+        server.kill()

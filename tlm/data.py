@@ -10,10 +10,12 @@ once. Token arrays are cached as ``.npy`` beside ``tokenizer.json`` under
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
 import socket
+import stat
 import threading
 import time
 import urllib.error
@@ -26,7 +28,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from tlm.files import file_digest, text_digest
+from tlm.files import file_digest
 from tlm.vocab import KINDS, BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
 
 SPLITS = ("train", "valid", "test")
@@ -122,7 +124,85 @@ DATASETS: dict[str, Spec] = {
 
 def is_text_path(name: str) -> bool:
     """``--dataset`` may name a .txt file or a directory of them instead of a dataset."""
-    return name not in DATASETS and Path(name).expanduser().exists()
+    return name not in DATASETS and os.path.lexists(Path(name).expanduser())
+
+
+NAME_MAX = 255  # bytes of one file name on the filesystems workers use (APFS, ext4, SMB)
+
+
+def text_files(path: Path) -> list[Path]:
+    """The files own text is read from, checked before any is opened: ``path`` itself if it
+    is a regular file, or the ``*.txt`` regular files under a directory (sorted; symlinked
+    folders are not followed, so a link loop is harmless). DataError for a FIFO, a device,
+    a broken or looping link, a name that is not UTF-8 or too long, or nothing to read."""
+    try:
+        st = path.stat()
+    except (OSError, RuntimeError) as e:  # a broken link, a loop
+        raise DataError(f"--dataset {path}: {getattr(e, 'strerror', None) or e}") from None
+    if stat.S_ISREG(st.st_mode):
+        files = [path]
+    elif stat.S_ISDIR(st.st_mode):
+        files = []
+        for top, dirs, names in os.walk(path):
+            dirs.sort()
+            files += [Path(top) / n for n in sorted(names) if n.endswith(".txt")]
+    else:
+        raise DataError(f"--dataset {path}: not a regular file or a folder (a FIFO, socket or device "
+                        "would be read forever)")
+    for f in files:
+        try:
+            os.fsencode(str(f)).decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"--dataset: the file name {str(f)!r} is not valid UTF-8: rename it") from None
+        if len(f.name.encode()) > NAME_MAX - 12:  # a copy's name gains "-<sha1 prefix>"
+            raise DataError(f"--dataset: the file name {f.name[:40]!r}... is over {NAME_MAX - 12} bytes")
+        try:
+            if f is not path and not stat.S_ISREG(f.stat().st_mode):
+                raise DataError(f"--dataset: {f} is not a regular file")
+            with open(f, "rb") as fh:
+                _check_encoding(f, fh.read(1 << 16))
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"--dataset: {f}: {getattr(e, 'strerror', None) or e}") from None
+    return files
+
+
+def _check_encoding(f: Path, data: bytes) -> None:
+    """Refuse what is not text in an accepted encoding (see ``read_text_bytes``)."""
+    if not any(data.startswith(bom) for bom, _ in BOMS) and data.count(0) > len(data) // 10:
+        raise DataError(f"--dataset: {f} is not text (a NUL in every few bytes: UTF-16 without a "
+                        "byte-order mark, or binary): save it as UTF-8")
+
+
+def text_digest(path: Path) -> str:
+    """SHA1 of own text: a file's bytes, or a directory's .txt files (names and bytes, sorted)."""
+    files = text_files(path)
+    if not path.is_dir():
+        return file_digest(path, "sha1")
+    h = hashlib.sha1()
+    for f in files:
+        h.update(str(f.relative_to(path)).encode() + b"\0" + file_digest(f, "sha1").encode())
+    return h.hexdigest()
+
+
+BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def read_text_bytes(f: Path) -> bytes:
+    """A file of own text as UTF-8 bytes. Accepted: UTF-8 (with or without a byte-order mark)
+    and UTF-16 with one; UTF-16 without a mark, or binary (many NUL bytes), is refused."""
+    try:
+        data = f.read_bytes()
+    except OSError as e:
+        raise DataError(f"--dataset: cannot read {f}: {e.strerror or e}") from None
+    for bom, codec in BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(codec).encode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"--dataset: {f} starts with a {codec} byte-order mark but is not "
+                                f"{codec} ({e.reason} at byte {e.start})") from None
+    _check_encoding(f, data)
+    return data
 
 
 # -- downloads -----------------------------------------------------------------
@@ -277,8 +357,8 @@ def _decode(data: bytes, what: str, log: Log) -> str:
 
 def _read_own_text(path: Path, log: Log) -> dict[str, bytes]:
     """A .txt file or a directory of them (sorted), split 90/5/5 at line ends."""
-    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-    texts = [f.read_bytes() for f in files]
+    files = text_files(path)
+    texts = [read_text_bytes(f) for f in files]
     data = b"".join(t if t.endswith(b"\n") else t + b"\n" for t in texts)
     if not data.strip():
         raise DataError(f"{path}: no text found" + (" (no .txt files)" if not files else " (empty)"))
@@ -437,8 +517,7 @@ def _prepare(name: str, cache: Path, mirror: Optional[str], log: Log, kind: str 
 
 
 def _source_stat(name: str) -> list[int]:
-    path = Path(name).expanduser()
-    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    files = text_files(Path(name).expanduser())
     stats = [f.stat() for f in files]
     return [len(files), sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)]
 

@@ -101,8 +101,7 @@ def check_carried_dataset(params: dict[str, Any], save_dir: str) -> None:
     """The text ``tlm submit`` copied into the run is there, with the bytes it had then."""
     if not params.get("dataset_sha1"):
         return
-    from tlm.data import DataError
-    from tlm.files import text_digest
+    from tlm.data import DataError, text_digest
 
     path = Path(save_dir) / params["dataset"]
     if not path.exists():

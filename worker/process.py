@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.pool
 import os
 import signal
 import socket
@@ -66,31 +65,72 @@ SPAWN = multiprocessing.get_context("spawn")
 KILL_AFTER = 0.75  # of the lease without a heartbeat: a job process still running is killed
 
 
-class PooledJob:
-    """A job run in the worker's long-lived sampler process (a one-process spawn pool),
-    which keeps recently used models loaded between sampling jobs."""
+class Sampler:
+    """The worker's long-lived interactive process: it runs one job at a time, sent over a
+    pipe, and keeps recently used models loaded between them. One that is killed (a cancel,
+    a lost lease) is replaced, never reused; one whose worker is gone exits by itself."""
 
-    def __init__(self, pool, args: tuple):
-        self.pid = pool._pool[0].pid
-        self.result = pool.apply_async(run_job, args)
+    def __init__(self):
+        self.conn, child = SPAWN.Pipe()
+        self.process = SPAWN.Process(target=_serve, args=(child, os.getpid()), name="tlm-sampler",
+                                     daemon=True)
+        self.process.start()
+        child.close()
+
+    def run(self, args: tuple) -> "PooledJob":
+        self.conn.send(args)
+        return PooledJob(self)
+
+    def close(self) -> None:
+        _signal(self.process, signal.SIGKILL)
+        self.process.join(5)
+        self.conn.close()
+
+
+def _serve(conn: multiprocessing.connection.Connection, parent: int) -> None:
+    """The sampler process: run each job it is sent; answer with its exit code."""
+    def orphaned() -> None:  # a SIGKILLed worker cannot stop this process: it stops itself
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+    threading.Thread(target=orphaned, daemon=True).start()
+    while True:
+        args = conn.recv()
+        try:
+            run_job(*args)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            code = 1
+        conn.send(code)
+
+
+class PooledJob:
+    """A job run in the worker's Sampler: looks like a process to the worker's loop."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler, self.pid, self.code = sampler, sampler.process.pid, None
+        self.sentinel = sampler.conn  # readable when the job ends (multiprocessing.connection.wait)
 
     def is_alive(self) -> bool:
-        if self.result.ready():
-            return False
-        try:
-            os.kill(self.pid, 0)
-            return True
-        except ProcessLookupError:  # killed (a forced cancel): the result never comes
-            return False
+        if self.code is None:
+            try:
+                if self.sampler.conn.poll():
+                    self.code = self.sampler.conn.recv()
+            except (EOFError, OSError):  # killed: its end of the pipe closed
+                return False
+        return self.code is None and self.sampler.process.is_alive()
 
     def join(self, timeout: Optional[float] = None) -> None:
-        self.result.wait(timeout)
+        """Until the job ends or its process dies (then at once)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_alive() and (deadline is None or time.monotonic() < deadline):
+            multiprocessing.connection.wait([self.sampler.conn, self.sampler.process.sentinel], 0.5)
 
     @property
     def exitcode(self) -> int:
-        if not self.result.ready():
-            return -signal.SIGKILL
-        return 0 if self.result.successful() else 1
+        return -signal.SIGKILL if self.code is None else self.code  # None: its process was killed
 
 
 @dataclass
@@ -153,7 +193,7 @@ class Worker:
     running: dict[str, Running] = field(default_factory=dict)
     stopping: bool = False  # one SIGINT/SIGTERM: jobs save and are re-queued
     killing: bool = False  # two: jobs are killed and re-queued, and the worker exits at once
-    sampler: Optional[multiprocessing.pool.Pool] = None
+    sampler: Optional[Sampler] = None
     notices: list[str] = field(default_factory=list)  # from signal handlers, printed by the loop
     reservation: Optional[Reservation] = None
     shunned: dict[str, float] = field(default_factory=dict)  # gang job -> when it may be joined again
@@ -314,8 +354,7 @@ class Worker:
                     last_sweep = time.monotonic()
                     self._try(self._sweep)
                 if not busy:  # until a job process ends, or the next poll of the queue
-                    sentinels = [r.process.sentinel for r in self.running.values()
-                                 if not isinstance(r.process, PooledJob)]
+                    sentinels = [r.process.sentinel for r in self.running.values()]
                     multiprocessing.connection.wait(sentinels, self.poll) if sentinels \
                         else time.sleep(self.poll)
         finally:
@@ -326,7 +365,7 @@ class Worker:
             if self.reservation is not None:
                 self._try(self.registry.withdraw, self.reservation.job_id, self.id)
             if self.sampler is not None:
-                self.sampler.terminate()
+                self.sampler.close()
             self._try(self.registry.remove_worker, self.id)
         self.say("stopped")
 
@@ -393,8 +432,8 @@ class Worker:
         args = (self.url, job.id, job.fence, self.save_root, self.gpu, rank, self.lease)
         if lane == "interactive":
             if self.sampler is None:
-                self.sampler = SPAWN.Pool(1)
-            process = PooledJob(self.sampler, args)
+                self.sampler = Sampler()
+            process = self.sampler.run(args)
         else:
             process = SPAWN.Process(target=run_job, args=args, name=f"tlm-job-{job.id}")
             process.start()
@@ -472,7 +511,7 @@ class Worker:
         for r in finished:
             r.process.join()
             if isinstance(r.process, PooledJob) and (r.process.exitcode < 0 or r.forced or r.lost):
-                self.sampler.terminate()  # its process was killed: start afresh next time
+                self.sampler.close()  # its process was killed: start afresh next time
                 self.sampler = None
             power.release(r.awake)
             with self.lock:

@@ -1,0 +1,118 @@
+"""Chaos: faults mixed over a queue of short jobs on two workers, with a redis-server of the
+test's own (restarted with and without its data), workers SIGKILLed and SIGSTOPped past their
+lease, and the runs' disk full for a moment. Every job ends exactly once, every checkpoint
+hashes to its name, metrics.jsonl reads one record per step and kind, and no two job
+processes of one run write at once for longer than one heartbeat."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tlm import checkpoint, metrics
+
+from queue_helpers import TINY, RedisServer, Workers, job_pid, registry, submit, until, wait_for
+from test_faults import assert_one_record_per_step_and_newest_fence
+
+LEASE = 4.0
+HEARTBEAT = max(0.2, min(5.0, LEASE / 4))  # tlm_worker.process.Worker._heartbeat_loop's interval
+JOB = [*TINY, "--num_iters", "80", "--steps_per_eval", "20"]
+
+
+def overlap(save_dir: Path) -> float:
+    """The longest time two holders of one job (two fences) both wrote records: the stale
+    holder's last record after the next holder's first, in seconds."""
+    by_fence: dict[tuple[str, int], list[float]] = {}
+    for line in (save_dir / metrics.FILE).read_text().splitlines():
+        rec = json.loads(line)
+        by_fence.setdefault((rec.get("job"), rec.get("fence", 0)), []).append(rec["time"])
+    worst = 0.0
+    for (job, fence), times in by_fence.items():
+        later = [min(t) for (j, f), t in by_fence.items() if j == job and f > fence]
+        if later:
+            worst = max(worst, max(times) - min(later))
+    return worst
+
+
+def test_chaos_every_job_ends_once_and_no_two_trainers_overlap(tmp_path, ptb_cache):
+    server = RedisServer(tmp_path)
+    url = server.url
+    workers = Workers(url, tmp_path)
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    tmpfs = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(mnt)],
+                           capture_output=True).returncode == 0  # else: the full disk is left out
+    try:
+        procs = [workers.start(lease=LEASE), workers.start(lease=LEASE)]
+        runs, ids = [], []
+
+        def add(n: int) -> None:
+            for _ in range(n):
+                run = mnt / f"run{len(runs)}"
+                run.mkdir()
+                (run / "datasets").symlink_to(ptb_cache)
+                runs.append(run)
+                ids.append(submit(url, "train", "--save_dir", str(run), *JOB))
+
+        # 1. Redis restarted without its data while two jobs run: both re-registered.
+        add(2)
+        for job_id in ids:
+            wait_for(url, job_id, ["running"], until=lambda j: j.checkpoint, timeout=120)
+        server.restart(keep_data=False)
+        until(lambda: len(registry(url).find(ids)) == 2, timeout=30, what="both jobs re-registered")
+        add(18)
+        reg = registry(url)
+
+        def running() -> list:
+            return [j for j in reg.find(ids) if j.state == "running" and j.progress.get("step", 0) > 0]
+
+        # 2. Redis restarted with its data (down for three seconds).
+        until(running, timeout=120, what="a job trains")
+        server.restart(down=3)
+        # 3. A worker SIGKILLed while it trains a job; a new one starts.
+        victim = until(running, timeout=120, what="a job trains")[0]
+        proc = next(p for p in procs if p.poll() is None and f"started train job {victim.id}" in workers.log(p))
+        proc.kill()
+        proc.wait()
+        procs.append(workers.start(lease=LEASE))
+        # 4. A worker and its job process SIGSTOPped past the lease (a Mac asleep), then woken.
+        sleeper = until(running, timeout=120, what="a job trains")[0]
+        proc = next(p for p in procs if p.poll() is None and f"started train job {sleeper.id}" in workers.log(p))
+        stopped = [proc.pid, job_pid(workers.log(proc), sleeper.id)]
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(3 * LEASE)
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        # 5. The runs' disk full for a few seconds.
+        if tmpfs:
+            ballast = mnt / "ballast"
+            subprocess.run(["dd", "if=/dev/zero", f"of={ballast}", "bs=1M"], capture_output=True)
+            time.sleep(4)
+            ballast.unlink()
+
+        ended = {job_id: wait_for(url, job_id, ["succeeded", "failed", "cancelled"], timeout=600)
+                 for job_id in ids}
+        assert all(j.state == "succeeded" and j.result["step"] == 80 for j in ended.values()), \
+            {i: (j.state, j.error) for i, j in ended.items() if j.state != "succeeded"}
+        for job_id in ids:  # ended exactly once: one final line in its log
+            assert sum("succeeded at iteration" in line for line in reg.logs(job_id)[0]) == 1, job_id
+        for run in runs:
+            for path in run.glob("*.safetensors"):
+                checkpoint.verify(run, path.stem)  # raises unless it hashes to its name
+            assert checkpoint.find(run).step == 80
+            assert_one_record_per_step_and_newest_fence(run)
+        worst = max(overlap(run) for run in runs)
+        print(f"\nchaos: {len(ids)} jobs, largest stale-holder overlap {worst:.3f}s "
+              f"(heartbeat {HEARTBEAT:.1f}s)")
+        assert worst <= HEARTBEAT, worst
+        assert sum(p.poll() is None for p in procs) == 2  # the killed one only
+    finally:
+        workers.stop_all()
+        server.kill()
+        if tmpfs:
+            subprocess.run(["umount", "-l", str(mnt)])
