@@ -67,21 +67,25 @@ def test_chaos_every_job_ends_once_and_no_two_trainers_overlap(tmp_path, ptb_cac
         add(18)
         reg = registry(url)
 
-        def running() -> list:
-            return [j for j in reg.find(ids) if j.state == "running" and j.progress.get("step", 0) > 0]
+        def training():
+            """A job training now, and the live worker that holds it."""
+            for j in reg.find(ids):
+                if j.state == "running" and j.progress.get("step", 0) > 0:
+                    for p in procs:
+                        if p.poll() is None and f"tlm-worker {j.worker}:" in workers.log(p):
+                            return j, p
+            return None
 
         # 2. Redis restarted with its data (down for three seconds).
-        until(running, timeout=120, what="a job trains")
+        until(training, timeout=120, what="a job trains")
         server.restart(down=3)
         # 3. A worker SIGKILLed while it trains a job; a new one starts.
-        victim = until(running, timeout=120, what="a job trains")[0]
-        proc = next(p for p in procs if p.poll() is None and f"started train job {victim.id}" in workers.log(p))
+        _, proc = until(training, timeout=120, what="a job trains")
         proc.kill()
         proc.wait()
         procs.append(workers.start(lease=LEASE))
         # 4. A worker and its job process SIGSTOPped past the lease (a Mac asleep), then woken.
-        sleeper = until(running, timeout=120, what="a job trains")[0]
-        proc = next(p for p in procs if p.poll() is None and f"started train job {sleeper.id}" in workers.log(p))
+        sleeper, proc = until(training, timeout=120, what="a job trains")
         stopped = [proc.pid, job_pid(workers.log(proc), sleeper.id)]
         for pid in stopped:
             os.kill(pid, signal.SIGSTOP)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 
 from tlm import checkpoint
 from tlm_worker.queue import Queue
