@@ -1,7 +1,7 @@
 """Queue benchmark: what history costs, a sample beside training, latency, throughput.
 
     python benchmarks/job_queue.py [--redis redis://127.0.0.1:6379/14] [--mirror ../shared/data]
-                                   [--history 10000] [--logged 1000]
+                                   [--history 10000] [--logged 1000] [--stale 3] [--only fencing]
 
 For each backend (an embedded SQLite file, and Redis when given: its database
 is flushed), with real tlm-worker processes:
@@ -18,7 +18,12 @@ is flushed), with real tlm-worker processes:
 * submit-to-first-token of a queued `tlm sample` while a training job runs on
   the same (only) worker (goal: under 2 s);
 * submit-to-start latency, trivial jobs/s with 1 and 2 workers, and the
-  worker's overhead per training step (goal: under 2%).
+  worker's overhead per training step (goal: under 2%);
+* what fencing costs a `ptb-cpu` step (a job process confirms its hold once a
+  second at most, one look per step: goal under 1%; and a metrics record's
+  `job`/`fence` labels), and the longest time a stale holder (its worker and
+  job process SIGSTOPped past the lease, then woken) writes after the next
+  holder's first record, over --stale rounds.
 
 Prints figures; asserts nothing about time.
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,10 +44,12 @@ from typing import Callable
 import redis
 
 import tlm  # noqa: F401
-from tlm.config import TrainConfig
+from tlm import metrics
+from tlm.config import PRESETS, TrainConfig
 from tlm.data import load_dataset
 from tlm.hooks import TrainingHooks
 from tlm.train import Trainer
+from tlm_worker.jobs import CANCEL_POLL_SECONDS, Context
 from tlm_worker.process import Worker
 from tlm_worker.queue import Queue
 from tlm_worker.registry import MAX_LOG_LINES, Registry
@@ -82,6 +90,75 @@ def best(fn: Callable[[], object], n: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - tic)
     return min(times) * 1000
+
+
+class Rates(TrainingHooks):
+    """Tokens/s and steps/s of each report."""
+
+    def __init__(self):
+        self.seen, self.steps = [], []
+
+    def on_progress(self, p) -> None:
+        if p.kind == "report":
+            self.seen.append(p.tokens_per_sec)
+            self.steps.append(p.it_per_sec)
+
+
+def fencing_costs(url: str, data: Path, root: Path, rounds: int) -> None:
+    """What fencing costs a ptb-cpu step, and how long a woken stale holder writes."""
+    reg = Registry(Queue(url, patient=False))
+    job = reg.create("train", {"save_dir": str(root)}, "bench:fence")
+    held = reg.claim(job.id, "bench")
+    c = Context(reg, held, held.fence, str(root), {}, False, None, lambda line: None, lambda: False)
+    look = best(c.look, 50)
+    cfg = {k: v for k, v in PRESETS["ptb-cpu"].items() if k not in ("time_budget", "eval_test")}
+    rates = Rates()
+    Trainer(TrainConfig(save_dir=str(root / "ptb-cpu"), **{**cfg, "num_iters": 30, "steps_per_eval": 1000,
+                                                          "steps_per_report": 10}),
+            load_dataset("ptb", data), hooks=rates).run()
+    step = 1000 / statistics.median(rates.steps[1:])  # ms
+    rec = {"time": 0.0, "kind": "train", "step": 1, "tokens": 2048, "elapsed": 1.0, "loss": 5.0,
+           "lr": 0.003, "tokens_per_sec": 1e4, "peak_memory_gb": 0.4}
+    plain = best(lambda: [metrics.append(root, rec) for _ in range(200)], 3) / 200
+    fenced = best(lambda: [metrics.append(root, {**rec, "job": held.id, "fence": 7}) for _ in range(200)], 3) / 200
+    per_step = look / max(step, CANCEL_POLL_SECONDS * 1000)
+    print(f"  fencing: a look at the job's record {look:.2f} ms, at most one per step and per "
+          f"{CANCEL_POLL_SECONDS:g}s; a ptb-cpu step {step:.0f} ms: {per_step * 100:.3f}% of a step "
+          f"(goal under 1%); a metrics record {plain:.3f} ms, with its fence {fenced:.3f} ms "
+          f"({fenced / plain:.2f}x, one per report)")
+
+    worst = []
+    for i in range(rounds):
+        run = root / f"stale{i}"
+        run.mkdir()
+        (run / "datasets").symlink_to(data)
+        workers = [subprocess.Popen([sys.executable, "-m", "tlm_worker.main", "--queue", url, "--lease", "4"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+        job = reg.create("train", {"save_dir": str(run), **TINY, "num_iters": 400, "steps_per_eval": 25,
+                                   "steps_per_report": 5}, f"bench:stale{i}")
+        while not reg.get(job.id).checkpoint:
+            time.sleep(0.05)
+        first = reg.get(job.id)
+        pids = [workers[0].pid] + [int(p) for p in subprocess.run(
+            ["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True).stdout.split()
+            if Path(f"/proc/{p}/status").exists() and f"PPid:\t{workers[0].pid}\n" in
+            Path(f"/proc/{p}/status").read_text()]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        workers.append(subprocess.Popen([sys.executable, "-m", "tlm_worker.main", "--queue", url, "--lease", "4"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        while reg.get(job.id).fence == first.fence or reg.get(job.id).progress.get("step", 0) <= \
+                first.progress.get("step", 0):
+            time.sleep(0.05)
+        time.sleep(2)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        wait(reg, [job.id], ("succeeded", "failed"))
+        stop(workers)
+        worst.append(metrics.stale_writes(metrics.raw(run)))
+    print(f"  stale holder (stopped past a 4 s lease, then woken; heartbeat 1 s), {rounds} rounds: "
+          f"longest write after the next holder's first {max(worst):.3f} s "
+          f"(each: {', '.join(f'{w:.3f}' for w in worst)})")
 
 
 def add_finished(reg: Registry, n: int, logged: int) -> None:
@@ -148,7 +225,7 @@ def history_costs(url: str, reg: Registry, run: Path, label: str) -> dict[str, f
     return figures
 
 
-def bench(url: str, data: Path, history: int, logged: int) -> None:
+def bench(url: str, data: Path, history: int, logged: int, stale: int) -> None:
     root = Path(tempfile.mkdtemp(dir=data.parent))  # this backend's runs
     if url.startswith("redis"):
         redis.Redis.from_url(url).flushdb()
@@ -233,13 +310,6 @@ def bench(url: str, data: Path, history: int, logged: int) -> None:
 
     # Worker overhead: the same training, directly and as a queued job.
     cfg = dict(STEP, num_iters=150, steps_per_eval=1000)
-    class Rates(TrainingHooks):
-        def __init__(self):
-            self.seen = []
-
-        def on_progress(self, p) -> None:
-            if p.kind == "report":
-                self.seen.append(p.tokens_per_sec)
     rates_direct = Rates()
     Trainer(TrainConfig(save_dir=str(root / "direct"), **cfg), load_dataset("ptb", data),
             hooks=rates_direct).run()
@@ -259,6 +329,7 @@ def bench(url: str, data: Path, history: int, logged: int) -> None:
     queued = statistics.median(r for _, r in rates)
     print(f"  train step (dim 256, 2 blocks, batch 16x64): direct {direct:,.0f} tok/s, "
           f"in a worker {queued:,.0f} tok/s: overhead {(1 - queued / direct) * 100:+.1f}%")
+    fencing_costs(url, data, root, stale)
 
 
 def main() -> None:
@@ -267,6 +338,8 @@ def main() -> None:
     ap.add_argument("--mirror", default=os.environ.get("TLM_DATA_MIRROR"))
     ap.add_argument("--history", type=int, default=10000, help="finished jobs for the large case")
     ap.add_argument("--logged", type=int, default=1000, help="of which with a full log")
+    ap.add_argument("--stale", type=int, default=3, help="rounds of the stale-holder measurement")
+    ap.add_argument("--only", choices=["fencing"], default=None, help="run only this part")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -276,7 +349,11 @@ def main() -> None:
             targets.append(("Redis", args.redis))
         for name, url in targets:
             print(f"{name}:", flush=True)
-            bench(url, root / "datasets", args.history, args.logged)
+            if args.only == "fencing":
+                (root / name[:5]).mkdir()
+                fencing_costs(url, root / "datasets", root / name[:5], args.stale)
+            else:
+                bench(url, root / "datasets", args.history, args.logged, args.stale)
 
 
 if __name__ == "__main__":

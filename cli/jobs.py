@@ -6,6 +6,7 @@ alone to stdout so scripts can capture it, messages go to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -127,7 +128,7 @@ def carry_dataset(dataset: str, run_dir: Path) -> dict[str, str]:
     part = dest.with_name(f".{name}.{os.getpid()}.part")
 
     def copy() -> None:  # only the checked files: no FIFO, no link loop, nothing half-copied kept
-        shutil.rmtree(part, ignore_errors=True) if part.is_dir() else part.unlink(missing_ok=True)
+        shutil.rmtree(part, ignore_errors=True)  # an earlier try's
         if not source.is_dir():
             shutil.copyfile(source, part)
         for f in files if source.is_dir() else ():
@@ -142,7 +143,8 @@ def carry_dataset(dataset: str, run_dir: Path) -> dict[str, str]:
         raise click.ClickException(f"cannot copy --dataset {dataset} into {dest.parent} (workers "
                                    f"read it from the run directory): {e.strerror or e}") from None
     finally:
-        shutil.rmtree(part, ignore_errors=True) if part.is_dir() else part.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(part, ignore_errors=True) if part.is_dir() else part.unlink(missing_ok=True)
     return {"dataset": f"{RUN_INPUTS}/{name}", "dataset_sha1": digest}
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from tlm import checkpoint, metrics
 
-from queue_helpers import TINY, Workers, registry, submit, tlm, wait_for
+from queue_helpers import TINY, Workers, job_pid, registry, submit, tlm, wait_for
 
 REDIS_DB = 11
 FLAGS = [*TINY, "--num_iters", "40", "--steps_per_eval", "20"]
@@ -149,7 +149,9 @@ def test_a_member_killed_with_its_worker_stops_the_gang_and_it_resumes_elsewhere
     job = wait_for(url, job_id, ["running"], until=lambda j: j.checkpoint, timeout=180)
     survivor = worker_of(workers, job.members[0]["worker"])
     victim = worker_of(workers, job.members[1]["worker"])
-    victim.kill()  # the Mac lost power: no save, no goodbye
+    rank = job_pid(workers.log(victim), job_id)
+    victim.kill()  # the Mac lost power: no save, no goodbye, from its worker or its rank
+    os.kill(rank, signal.SIGKILL)
     victim.wait()
     job = wait_for(url, job_id, ["interrupted"], timeout=60)
     assert job.attempts == 1 and "rank" in job.error or "stopped heartbeating" in job.error

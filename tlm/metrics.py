@@ -75,8 +75,9 @@ def _fence(rec: dict[str, Any]) -> int:
     return fence if isinstance(fence, int) else 0
 
 
-def read(save_dir: str | Path) -> list[dict[str, Any]]:
-    """The run's records (see ``latest``); lines that are not ours, or cut short, are skipped."""
+def raw(save_dir: str | Path) -> list[dict[str, Any]]:
+    """Every record of the run as written, in file order (re-trained steps and stale holders'
+    records included); lines that are not ours, or cut short by a crash, are skipped."""
     path = Path(save_dir) / FILE
     records = []
     if path.exists():
@@ -84,8 +85,29 @@ def read(save_dir: str | Path) -> list[dict[str, Any]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut short by a crash
+                continue
             if isinstance(rec, dict) and {"kind", "step", "loss"} <= rec.keys() \
                     and isinstance(rec["kind"], str) and isinstance(rec["step"], int):
                 records.append(rec)
-    return latest(records)
+    return records
+
+
+def read(save_dir: str | Path) -> list[dict[str, Any]]:
+    """The run's records, one per (kind, step) (see ``latest``)."""
+    return latest(raw(save_dir))
+
+
+def stale_writes(records: Iterable[dict[str, Any]]) -> float:
+    """The longest time a job's earlier holder went on writing after the next holder's first
+    record, in seconds (0.0: none did): what the chaos test and benchmarks/job_queue.py
+    measure of two processes training one run."""
+    times: dict[tuple[Any, int], list[float]] = {}
+    for rec in records:
+        if isinstance(rec.get("time"), (int, float)):
+            times.setdefault((rec.get("job"), _fence(rec)), []).append(rec["time"])
+    worst = 0.0
+    for (job, fence), written in times.items():
+        successors = [min(t) for (j, f), t in times.items() if j == job and f > fence]
+        if successors:
+            worst = max(worst, max(written) - min(successors))
+    return worst

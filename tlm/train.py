@@ -529,7 +529,7 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.context_size
         self._started, self._before, self._first_step = time.perf_counter(), self.elapsed, self.step
         budget = cfg.time_budget * 60
-        result = TrainResult(step=self.step)
+        result = TrainResult(step=self.step, checkpoint=self.last_checkpoint)  # a resume with nothing left
         where = f"resuming {self.last_checkpoint[:12]} at iteration {self.step}" \
             if self.last_checkpoint else "new model"
         self.hooks.on_start(cfg.to_dict())
