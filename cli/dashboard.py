@@ -7,8 +7,9 @@ the registry does (Redis pub/sub, or SQLite's data_version), and static files
 Everything the page shows comes from the registry, so curves draw on a
 machine that does not mount the shared save directory.
 
-Safety: it listens on 127.0.0.1 and then checks the Host header (no DNS
-rebinding). Bound to anything else, every request needs the token (printed at
+Safety: it listens on a loopback address (127.0.0.1 by default) and then
+checks the Host header (no DNS rebinding); every request body is bounded and
+validated field by field (``read_body``, ``field``). Bound to anything else, every request needs the token (printed at
 start; ``?token=`` once sets a cookie). State changes are POSTs that must
 carry the token in a header and, when the browser sends an Origin, come from
 this page's own origin, so another site cannot submit or cancel. The page

@@ -4,7 +4,6 @@ stopped and killed; a tmpfs filled up and made read-only."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -221,7 +220,7 @@ def fill(directory: Path) -> Path:
     return ballast
 
 
-@pytest.mark.parametrize("url", ["sqlite", "redis"], indirect=True)
+@pytest.mark.parametrize("url", ["sqlite"], indirect=True)  # the queue plays no part
 def test_a_disk_full_for_a_moment_is_ridden_out(url, workers, tmpfs, ptb_cache):
     """The run's disk full for a few seconds: the metrics and checkpoint writes retry with
     back-off, and the job ends succeeded, in one attempt."""

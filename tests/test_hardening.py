@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -357,15 +358,19 @@ def test_a_checkpoint_that_hashes_right_but_is_not_usable_is_skipped_with_its_re
     good = checkpoint.find(run)
     state, weights = damage({**good.state, "step": good.step + 1}, good.load_weights())
     bad = checkpoint.save(run, weights, good.load_tensors(), state)
-    # Named: an error in one line. Latest: skipped with its reason; the good one is used.
-    named = tlm("inspect", "--save_dir", str(run), "--identifier", bad.identifier)
-    assert named.returncode == 1 and "Traceback" not in named.stderr, named.stderr
-    assert reason in named.stderr.strip().splitlines()[-1], named.stderr
-    latest = tlm("inspect", "--save_dir", str(run))
-    assert latest.returncode == 0, latest.stderr
-    assert f"skipping checkpoint {bad.identifier[:12]}" in latest.stderr and reason in latest.stderr
-    assert good.identifier in latest.stdout
-    if name in ("a tensor of the wrong shape", "step 10^30"):  # the same for sampling and resuming
+    # Named: an error naming the reason. Latest: skipped with its reason; the good one is used.
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(reason)):
+        checkpoint.verify(run, bad.identifier)
+    warnings: list[str] = []
+    assert checkpoint.find(run, warn=warnings.append).identifier == good.identifier
+    assert len(warnings) == 1 and f"skipping checkpoint {bad.identifier[:12]}" in warnings[0], warnings
+    assert reason in warnings[0]
+    if name in ("a tensor of the wrong shape", "step 10^30"):  # and through the commands, in one line
+        named = tlm("inspect", "--save_dir", str(run), "--identifier", bad.identifier)
+        assert named.returncode == 1 and "Traceback" not in named.stderr, named.stderr
+        assert reason in named.stderr.strip().splitlines()[-1], named.stderr
+        latest = tlm("inspect", "--save_dir", str(run))
+        assert latest.returncode == 0 and good.identifier in latest.stdout, latest.stderr
         sample = tlm("sample", "--local", "--save_dir", str(run), "--prompt", "the", "--max_tokens", "3")
         assert sample.returncode == 0 and reason in sample.stderr, sample.stderr
         resume = tlm("train", "--save_dir", str(run), *TINY, "--num_iters", "7")

@@ -282,48 +282,6 @@ def test_a_queued_sample_answers_while_the_only_worker_trains_that_run(url, work
     wait_for(url, train, ["cancelled"])
 
 
-def test_chaos_every_job_succeeds_once_through_random_worker_kills(tmp_path, save_dir):
-    """20 short training jobs, 2 workers, one SIGKILLed every few seconds and replaced."""
-    import random
-
-    url = backend_url("redis", tmp_path, REDIS_DB)
-    workers = Workers(url, tmp_path)
-    runs = []
-    for i in range(20):
-        run = tmp_path / f"chaos-{i}"
-        run.mkdir()
-        (run / "datasets").symlink_to(save_dir / "datasets")
-        runs.append(run)
-    ids = [submit(url, "train", "--save_dir", str(run), *TINY, "--num_iters", "60",
-                  "--steps_per_eval", "10") for run in runs]
-    rng = random.Random(0)
-    alive = [workers.start("--max_attempts", "1000", lease=3) for _ in range(2)]
-    reg = registry(url)
-    kills, deadline = 0, time.time() + 300
-    try:
-        while time.time() < deadline and any(reg.get(j).state != "succeeded" for j in ids):
-            time.sleep(rng.uniform(2, 5))
-            victim = alive.pop(rng.randrange(len(alive)))
-            victim.kill()
-            victim.wait()
-            kills += 1
-            alive.append(workers.start("--max_attempts", "1000", lease=3))
-        for job_id in ids:
-            wait_for(url, job_id, ["succeeded"], timeout=60)
-    finally:
-        workers.stop_all()
-    assert kills >= 5
-    assert sum(reg.get(j).attempts for j in ids) > len(ids)  # kills did land on jobs
-    for job_id, run in zip(ids, runs):
-        job = reg.get(job_id)
-        saved = checkpoint.find(run)  # verifies the SHA1 against the file's name
-        assert saved.identifier == job.checkpoint and saved.step == 60
-        # Never two holders at once: the workers that wrote the run's metrics took turns.
-        holders = [json.loads(line).get("worker") for line in (run / "metrics.jsonl").open()]
-        turns = [w for i, w in enumerate(holders) if i == 0 or w != holders[i - 1]]
-        assert len(turns) == len(set(turns)), turns
-
-
 def test_a_relative_dataset_file_travels_with_the_job(url, workers, tmp_path):
     """Submitted from one directory, trained by a worker started in another."""
     here, root = tmp_path / "submitter", tmp_path / "shared-runs"
