@@ -111,6 +111,7 @@ def fencing_costs(url: str, data: Path, root: Path, rounds: int) -> None:
     held = reg.claim(job.id, "bench")
     c = Context(reg, held, held.fence, str(root), {}, False, None, lambda line: None, lambda: False)
     look = best(c.look, 50)
+    reg.finish(job.id, "cancelled", held.fence)  # not a job for the workers below
     cfg = {k: v for k, v in PRESETS["ptb-cpu"].items() if k not in ("time_budget", "eval_test")}
     rates = Rates()
     Trainer(TrainConfig(save_dir=str(root / "ptb-cpu"), **{**cfg, "num_iters": 30, "steps_per_eval": 1000,
