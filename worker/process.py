@@ -95,7 +95,10 @@ def _serve(conn: multiprocessing.connection.Connection, parent: int) -> None:
         os._exit(0)
     threading.Thread(target=orphaned, daemon=True).start()
     while True:
-        args = conn.recv()
+        try:
+            args = conn.recv()
+        except (EOFError, OSError):  # the worker closed the pipe, or died: nothing more to run
+            return
         try:
             run_job(*args)
             code = 0
@@ -103,7 +106,10 @@ def _serve(conn: multiprocessing.connection.Connection, parent: int) -> None:
             code = e.code if isinstance(e.code, int) else 1
         except BaseException:
             code = 1
-        conn.send(code)
+        try:
+            conn.send(code)
+        except OSError:
+            return
 
 
 class PooledJob:
