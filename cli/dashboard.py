@@ -378,8 +378,8 @@ async def read_body(request: Request) -> dict[str, Any]:
     def check(value: Any, where: str) -> None:
         if isinstance(value, str) and len(value) > MAX_STRING:
             raise Refused(400, f"{where} is over {MAX_STRING} characters")
-        for k, v in value.items() if isinstance(value, dict) else enumerate(value) \
-                if isinstance(value, list) else ():
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for k, v in items:
             check(v, f"{where}.{k}")
     check(body, "body")
     return body

@@ -120,7 +120,7 @@ def carry_dataset(dataset: str, run_dir: Path) -> dict[str, str]:
     source = Path(dataset).expanduser().absolute()
     try:
         files = text_files(source)
-        digest = text_digest(source)
+        digest = text_digest(source, files)
     except DataError as e:
         raise click.ClickException(str(e)) from None
     name = f"{source.stem}-{digest[:10]}{source.suffix}" if source.is_file() else f"{source.name}-{digest[:10]}"

@@ -220,16 +220,22 @@ def fill(directory: Path) -> Path:
     return ballast
 
 
-@pytest.mark.parametrize("url", ["sqlite"], indirect=True)  # the queue plays no part
-def test_a_disk_full_for_a_moment_is_ridden_out(url, workers, tmpfs, ptb_cache):
-    """The run's disk full for a few seconds: the metrics and checkpoint writes retry with
-    back-off, and the job ends succeeded, in one attempt."""
+def training_on(tmpfs: Path, url: str, workers, ptb_cache: Path, iters: str):
+    """A run on the tmpfs, a worker, and its training job once it has saved a checkpoint."""
     run = tmpfs / "run"
     run.mkdir()
     os.symlink(ptb_cache, run / "datasets")
     worker = workers.start(lease=30)
-    job_id = submit(url, "train", "--save_dir", str(run), *LONG, "--num_iters", "300")
+    job_id = submit(url, "train", "--save_dir", str(run), *LONG, "--num_iters", iters)
     wait_for(url, job_id, ["running"], until=lambda j: j.checkpoint)
+    return run, worker, job_id
+
+
+@pytest.mark.parametrize("url", ["sqlite"], indirect=True)  # the queue plays no part
+def test_a_disk_full_for_a_moment_is_ridden_out(url, workers, tmpfs, ptb_cache):
+    """The run's disk full for a few seconds: the metrics and checkpoint writes retry with
+    back-off, and the job ends succeeded, in one attempt."""
+    run, worker, job_id = training_on(tmpfs, url, workers, ptb_cache, "300")
     ballast = fill(tmpfs)
     until(lambda: "(No space left on device)" in "\n".join(registry(url).logs(job_id)[0]),
           timeout=60, what="a write meets the full disk")
@@ -243,12 +249,7 @@ def test_a_disk_full_for_a_moment_is_ridden_out(url, workers, tmpfs, ptb_cache):
 
 @pytest.mark.parametrize("url", ["sqlite", "redis"], indirect=True)
 def test_a_run_directory_made_read_only_fails_in_one_line(url, workers, tmpfs, ptb_cache):
-    run = tmpfs / "run"
-    run.mkdir()
-    os.symlink(ptb_cache, run / "datasets")
-    worker = workers.start(lease=30)
-    job_id = submit(url, "train", "--save_dir", str(run), *LONG, "--num_iters", "100000")
-    wait_for(url, job_id, ["running"], until=lambda j: j.checkpoint)
+    run, worker, job_id = training_on(tmpfs, url, workers, ptb_cache, "100000")
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     job = wait_for(url, job_id, ["failed"], timeout=120)
     assert "Read-only file system" in job.error and "\n" not in job.error

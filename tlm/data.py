@@ -173,9 +173,10 @@ def _check_encoding(f: Path, data: bytes) -> None:
                         "byte-order mark, or binary): save it as UTF-8")
 
 
-def text_digest(path: Path) -> str:
-    """SHA1 of own text: a file's bytes, or a directory's .txt files (names and bytes, sorted)."""
-    files = text_files(path)
+def text_digest(path: Path, files: Optional[list[Path]] = None) -> str:
+    """SHA1 of own text: a file's bytes, or a directory's .txt files (names and bytes, sorted);
+    ``files``: ``text_files(path)``, when the caller has it already."""
+    files = text_files(path) if files is None else files
     if not path.is_dir():
         return file_digest(path, "sha1")
     h = hashlib.sha1()
