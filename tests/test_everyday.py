@@ -30,6 +30,21 @@ def test_a_spent_budget_is_refused_at_once_and_more_trains_on(url, workers, save
     assert bad.returncode == 2 and "--more 'soon': give minutes (2m) or steps (500)" in bad.stderr
 
 
+def test_an_attempt_that_saved_its_last_step_unpublished_is_finished_by_the_next(url, workers, save_dir):
+    """A crash (or an outage) between the final save and its publication: the next attempt
+    finds the budget spent and finishes the job instead of refusing it."""
+    args = ["train", "--save_dir", str(save_dir), *TINY, "--num_iters", "10", "--steps_per_eval", "10"]
+    job_id, reg = submit(url, *args), registry(url)
+    held = reg.claim(job_id, "a-worker-that-died")  # the first attempt: it trains and saves...
+    local = subprocess.run(tlm_cmd(*args), capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr
+    assert reg.requeue(job_id, held.fence, "its worker died", interrupted=False).attempts == 1  # ...and dies
+    workers.start()
+    job = wait_for(url, job_id, ["succeeded", "failed"])
+    assert (job.state, job.attempts, job.result["step"]) == ("succeeded", 2, 10), job.error
+    assert job.checkpoint == checkpoint.find(save_dir).identifier
+
+
 def test_more_minutes_count_from_where_the_run_stands(save_dir):
     base = ["train", "--save_dir", str(save_dir), *TINY, "--num_iters", "100000", "--steps_per_eval", "100000"]
     first = subprocess.run(tlm_cmd(*base, "--time_budget", "0.05"), capture_output=True, text=True, timeout=300)

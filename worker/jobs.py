@@ -371,7 +371,7 @@ def train_job(c: Context, given: dict[str, Any], hooks: RegistryHooks) -> None:
     from tlm.train import train
 
     result = train(given, hooks, labels={"job": c.job.id, "worker": c.job.worker, "fence": c.fence},
-                   spent_ok=bool(c.job.checkpoint))  # it saved before: finish what it was doing
+                   spent_ok=c.job.ran_before)  # finish what an earlier attempt was doing
     state = hooks.end_state(result)
     if state is None:
         if hooks.leaving == "orphaned" and not c.rank:  # no worker will: back to the queue

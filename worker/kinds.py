@@ -110,6 +110,12 @@ class Job:
         return self.spec.nodes(self.params)
 
     @property
+    def ran_before(self) -> bool:
+        """An earlier attempt ran and may have saved (published or not, as a crash or an
+        outage can cut it short): a resume finishes that work rather than refusing it."""
+        return bool(self.checkpoint) or self.attempts > 1 or self.interruptions > 0
+
+    @property
     def run_name(self) -> str:
         return self.run.split(":", 1)[1]
 
