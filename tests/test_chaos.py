@@ -88,7 +88,8 @@ def test_chaos_every_job_ends_once_and_no_two_trainers_overlap(tmp_path, ptb_cac
         assert all(j.state == "succeeded" and j.result["step"] == 40 for j in ended.values()), \
             {i: (j.state, j.error) for i, j in ended.items() if j.state != "succeeded"}
         for job_id in ids:  # ended exactly once: one final line in its log
-            assert sum("succeeded at iteration" in line for line in reg.logs(job_id)[0]) == 1, job_id
+            log = reg.logs(job_id)[0]
+            assert sum("succeeded at iteration" in line for line in log) == 1, "\n".join(log)
         for run in runs:
             for path in run.glob("*.safetensors"):
                 checkpoint.verify(run, path.stem)  # raises unless it hashes to its name

@@ -90,10 +90,14 @@ def test_transitions_are_fenced(reg):
     assert again.fence == held.fence + 2  # the requeue voided fence 1, the claim took 3
     with pytest.raises(LeaseLost):
         reg.check_fence(job.id, held.fence)
-    assert reg.finish(job.id, "succeeded", held.fence) is None  # the old holder cannot
+    # The old holder can neither end it nor write its final line (one change, one step).
+    assert reg.finish(job.id, "succeeded", held.fence, log="succeeded at iteration 40") is None
     assert reg.get(job.id).state == "running"
-    assert reg.finish(job.id, "succeeded", again.fence).state == "succeeded"
-    assert reg.finish(job.id, "failed") is None  # final stays final
+    assert not any("succeeded" in line for line in reg.logs(job.id)[0])
+    assert reg.finish(job.id, "succeeded", again.fence, log="succeeded at iteration 40").state == "succeeded"
+    assert reg.logs(job.id)[0][-1].endswith(" succeeded at iteration 40")
+    assert reg.finish(job.id, "failed", log="failed: late") is None  # final stays final
+    assert sum("iteration 40" in line or "late" in line for line in reg.logs(job.id)[0]) == 1
 
 
 def test_interruptions_do_not_use_up_attempts_but_crashes_do(reg):

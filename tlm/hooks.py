@@ -29,4 +29,5 @@ class TrainingHooks:
         return False
 
     def before_publish(self) -> None:
-        """Called before a checkpoint becomes the latest; raise to refuse it (a lost lease)."""
+        """Called before a checkpoint becomes the latest and before each metrics.jsonl record
+        is written (rank 0); raise to refuse (a lost lease: a stale holder writes no more)."""

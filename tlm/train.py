@@ -497,6 +497,7 @@ class Trainer:
                      elapsed=self.elapsed, **fields)
         rec = metrics.record(p, self.config.batch_size * self.config.context_size, self.labels)
         if rec and self.rank == 0:
+            self.hooks.before_publish()
             metrics.append(self.config.save_dir, rec, self.log)
             self.hooks.on_record(rec)
         self.hooks.on_progress(p)

@@ -6,7 +6,7 @@ forked children), in its own process group so a terminal's Ctrl+C reaches
 only the worker, which forwards exactly one signal. The trainer's hooks
 (``RegistryHooks``) are wired to the registry: ``should_stop`` to the job's
 cancel flag and this process's signals, ``on_progress`` to progress and log
-lines, ``before_publish`` to the fencing token.
+lines, ``before_publish`` (each checkpoint and metrics record) to the fencing token.
 
 A gang job runs one such process per member, each a rank of MLX's
 distributed engine, rendezvousing at the members' advertised addresses. Rank
@@ -61,8 +61,19 @@ class Context:
     confirmed: float = field(default_factory=time.monotonic)  # when the fence was last confirmed
     unreachable: bool = False  # the last report could not be written
 
-    def finish(self, **fields: Any) -> None:
-        self.registry.finish(self.job.id, SUCCEEDED, self.fence, **fields)
+    @property
+    def tag(self) -> str:
+        return f"[{self.job.id}]" if not self.rank else f"[{self.job.id} rank {self.rank}]"
+
+    def finish(self, state: str = SUCCEEDED, line: Optional[str] = None, **fields: Any) -> None:
+        """End the job under this process's fence, ``line`` its last log line, written in the
+        same step: a holder that lost the job while it finished (its last save or evaluation
+        outlasted the lease) writes neither, and the next holder ends it once."""
+        if line:
+            print(f"{self.tag} {line}", file=sys.stderr, flush=True)
+        if self.registry.finish(self.job.id, state, self.fence, log=line, **fields) is None:
+            raise LeaseLost("the job was settled elsewhere before this process could (another "
+                            "worker holds it now, or it ended): leaving it")
 
     def report(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """A write that only informs (a log line, progress, a metric point): while the queue is
@@ -119,10 +130,9 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
     parent = os.getppid()
     registry = Registry(Queue(url, patient=False))
     job = registry.get(job_id)
-    tag = f"[{job_id}]" if not rank else f"[{job_id} rank {rank}]"
 
     def log(line: str) -> None:  # the job's log is rank 0's
-        print(f"{tag} {line}", file=sys.stderr, flush=True)
+        print(f"{c.tag} {line}", file=sys.stderr, flush=True)
         if not rank:
             c.report(registry.log, job_id, line)
 
@@ -142,13 +152,13 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
     except SystemExit:
         raise
     except LeaseLost as e:  # another worker owns the job now: leave its record alone
-        print(f"{tag} {e}", file=sys.stderr, flush=True)
+        print(f"{c.tag} {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_LEASE_LOST)
     except BaseException as e:
         from tlm.files import transient
         why = _describe(e)
         if isinstance(e, QUEUE_ERRORS):  # an outage at a write that settles: another try later
-            print(f"{tag} queue unreachable ({why}): stopping; its worker re-queues the job",
+            print(f"{c.tag} queue unreachable ({why}): stopping; its worker re-queues the job",
                   file=sys.stderr, flush=True)
             sys.exit(EXIT_INTERRUPTED)
         if transient(e):  # still failing after the retries: the disk may be fine elsewhere, or later
@@ -158,9 +168,9 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
             traceback.print_exc()  # a bug, or a lost peer: its traceback goes to the worker's output
             if rank is not None:  # the worker re-queues the gang (a crash: attempts count)
                 sys.exit(1)
-        c.report(registry.finish, job_id, FAILED, fence, error=why)
-        print(f"{tag} failed: {why}", file=sys.stderr, flush=True)
-        c.report(registry.log, job_id, (f"rank {rank} " if rank else "") + f"failed: {why}")
+        print(f"{c.tag} failed: {why}", file=sys.stderr, flush=True)
+        c.report(registry.finish, job_id, FAILED, fence, error=why,
+                 log=(f"rank {rank} " if rank else "") + f"failed: {why}")
 
 
 def _describe(e: BaseException) -> str:
@@ -187,8 +197,7 @@ def run_eval(c: Context) -> None:
     p = c.params
     result = evaluate_checkpoint(c.save_dir, p.get("identifier"), p.get("split", "valid"),
                                  p.get("data_mirror"), p.get("tokens", 0), p.get("stride"), c.log)
-    c.log(f"{result['split']} loss {result['loss']:.4f}")
-    c.finish(result=result)
+    c.finish(line=f"{result['split']} loss {result['loss']:.4f}", result=result)
 
 
 def run_sample(c: Context) -> None:
@@ -215,8 +224,8 @@ def run_export(c: Context) -> None:
         if transient(e):
             raise  # still failing after the retries: re-queued (another Mac may have room)
         raise checkpoint.CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
-    c.log(f"exported {ckpt.identifier[:12]} (iteration {ckpt.step}) to {out}")
-    c.finish(result={"out": str(out), "checkpoint": ckpt.identifier, "step": ckpt.step})
+    c.finish(line=f"exported {ckpt.identifier[:12]} (iteration {ckpt.step}) to {out}",
+             result={"out": str(out), "checkpoint": ckpt.identifier, "step": ckpt.step})
 
 
 def run_train(c: Context) -> None:
@@ -332,8 +341,10 @@ class RegistryHooks(TrainingHooks):
         self.c.report(self.c.registry.add_point, self.c.job.id, record)
 
     def before_publish(self) -> None:
-        """Publish only while this process holds the job: its fence is current, or, with the
-        queue unreachable, it was confirmed well within the lease (no sweep re-queues it yet)."""
+        """Write a checkpoint or a metrics record only while this process holds the job: its
+        fence is current, or, with the queue unreachable, it was confirmed well within the
+        lease (no sweep re-queues it yet). A holder that lost the job mid-evaluation stops
+        at its next record."""
         c = self.c
         try:
             c.registry.check_fence(c.job.id, c.fence)
@@ -380,8 +391,6 @@ def train_job(c: Context, given: dict[str, Any], hooks: RegistryHooks) -> None:
         sys.exit(EXIT_INTERRUPTED)
     if c.rank:
         return  # rank 0 settles the job
-    # The last line first: whoever follows the log stops once the state is final.
-    c.log(f"{state} at iteration {result.step}, checkpoint {result.checkpoint}")
-    c.registry.finish(c.job.id, state, c.fence, checkpoint=result.checkpoint,
-                      result={"step": result.step, "val_loss": result.val_loss,
-                              "test_loss": result.test_loss})
+    c.finish(state, f"{state} at iteration {result.step}, checkpoint {result.checkpoint}",
+             checkpoint=result.checkpoint,
+             result={"step": result.step, "val_loss": result.val_loss, "test_loss": result.test_loss})

@@ -568,8 +568,8 @@ class Worker:
             return job
         if r.forced:
             how = "with --force" if job.cancel == "force" else "(nothing to save)"
-            self.registry.finish(r.job_id, CANCELLED, r.fence, error=f"cancelled {how}")
-            self.registry.log(r.job_id, f"cancelled {how}: stopped at once")
+            self.registry.finish(r.job_id, CANCELLED, r.fence, error=f"cancelled {how}",
+                                 log=f"cancelled {how}: stopped at once")
             self.say(f"job {r.job_id} ended: cancelled {how}")
         elif code == 0 and r.rank:  # rank 0's process settles a gang job's end
             self.say(f"job {r.job_id}: rank {r.rank} done")
@@ -594,8 +594,8 @@ class Worker:
         if job.attempts < self.max_attempts:
             self.registry.requeue(job.id, job.fence, reason, interrupted=False)
         else:
-            self.registry.finish(job.id, FAILED, job.fence,
-                                 error=f"{reason} (attempt {job.attempts} of {self.max_attempts})")
+            why = f"{reason} (attempt {job.attempts} of {self.max_attempts})"
+            self.registry.finish(job.id, FAILED, job.fence, error=why, log=f"failed: {why}")
         self.say(f"job {job.id}: {reason}")
 
     def _power(self) -> None:
@@ -631,7 +631,7 @@ class Worker:
             who = min(members, key=lambda m: m["heartbeat"])["worker"] if members else job.worker
             reason = f"worker {who} stopped heartbeating ({now - beat:.0f}s > lease {self.lease:.0f}s)"
             if job.state == CANCELLING:
-                self.registry.finish(job.id, CANCELLED, job.fence, error=reason)
+                self.registry.finish(job.id, CANCELLED, job.fence, error=reason, log=f"cancelled: {reason}")
             else:
                 self._crashed(job, reason)
         stranded = [j for j in self.registry.in_states(CLAIMABLE)

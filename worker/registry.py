@@ -216,8 +216,10 @@ class Registry:
         """Seconds a finished job is kept."""
         return self.keep_days * 86400
 
-    def change(self, job_id: str, fn: Change, expire: Optional[float] = None) -> Optional[Job]:
-        """Apply ``fn(job) -> changes`` atomically; a record that does not decode is left alone.
+    def change(self, job_id: str, fn: Change, expire: Optional[float] = None,
+               log: Optional[str] = None) -> Optional[Job]:
+        """Apply ``fn(job) -> changes`` atomically, with ``log`` appended to the job's log in
+        the same step when it applies; a record that does not decode is left alone.
         A change that ends a job then starts or skips what waits on it (a chain)."""
         before: list[str] = []
 
@@ -228,7 +230,7 @@ class Registry:
                 return None
             before[:] = [job.state]
             return fn(job)
-        new = self.store.change(job_id, raw, expire)
+        new = self.store.change(job_id, raw, expire, _stamped(log) if log else None)
         if new is None:
             return None
         job = Job.decode(new)
@@ -271,8 +273,11 @@ class Registry:
                 return claimed
         return None
 
-    def finish(self, job_id: str, state: str, fence: Optional[int] = None, **fields: Any) -> Optional[Job]:
-        """End a live job (held under ``fence``, if given); None if it was not."""
+    def finish(self, job_id: str, state: str, fence: Optional[int] = None, log: Optional[str] = None,
+               **fields: Any) -> Optional[Job]:
+        """End a live job (held under ``fence``, if given), its final ``log`` line written in
+        the same step (a follower stops at the state and has the line; a stale holder
+        writes neither); None if it was not."""
         assert state in FINAL
         now = time.time()
 
@@ -280,7 +285,7 @@ class Registry:
             if job.state not in LIVE or (fence is not None and job.fence != fence):
                 return None
             return {"state": state, "finished": now, **fields}
-        return self.change(job_id, end, expire=self._ttl)
+        return self.change(job_id, end, expire=self._ttl, log=log)
 
     def requeue(self, job_id: str, fence: int, reason: str, interrupted: bool) -> Optional[Job]:
         """Give a held job back to the queue with a new fence (voiding the old holder).
@@ -342,7 +347,7 @@ class Registry:
         job = self.get(job_id)
         if job.fence != fence or job.state not in ACTIVE:
             raise LeaseLost(f"job {job_id} was taken over (fence {fence} -> {job.fence}, "
-                            f"state {job.state}): not saving")
+                            f"state {job.state}): not writing to its run")
 
     def fail_broken(self, job_id: str, reason: str) -> bool:
         """Fail a live record that does not decode (foreign or damaged), so it strands no
@@ -476,7 +481,7 @@ class Registry:
         return Job.decode(record)
 
     def log(self, job_id: str, line: str) -> None:
-        self.store.append(job_id, "log", [f"{time.strftime('%H:%M:%S')} {line}"])
+        self.store.append(job_id, "log", [_stamped(line)])
 
     def logs(self, job_id: str, after: Any = None) -> tuple[list[str], Any]:
         """Log lines after a cursor (None: all kept), and the cursor to pass next time."""
@@ -537,6 +542,10 @@ class Registry:
             if self.store.insert(job, exclusive, migrating=True) is None:
                 self.store.append(old["id"], "log", value(f"log:{old['id']}") or [])
         self.queue.storage.flush_results()
+
+
+def _stamped(line: str) -> str:
+    return f"{time.strftime('%H:%M:%S')} {line}"
 
 
 def _json(fields: dict[str, Any]) -> dict[str, str]:
@@ -624,8 +633,10 @@ class RedisStore:
             pipe.sadd(f"{self.P}state:{job['state']}", job["id"])
         pipe.publish(f"{self.P}events", job["id"])
 
-    def change(self, job_id: str, fn: RawChange, expire: Optional[float] = None) -> Optional[dict]:
-        """Atomically apply ``fn(job) -> changes`` to a job; the new record, or None."""
+    def change(self, job_id: str, fn: RawChange, expire: Optional[float] = None,
+               line: Optional[str] = None) -> Optional[dict]:
+        """Atomically apply ``fn(job) -> changes`` to a job (and append ``line`` to its log);
+        the new record, or None."""
         key = self._job(job_id)
         with self.r.pipeline() as pipe:
             while True:
@@ -643,6 +654,8 @@ class RedisStore:
                         pipe.watch(trainer)
                         release = pipe.get(trainer) == job_id.encode()
                     pipe.multi()
+                    if line is not None:  # before the index sets a final job's streams to expire
+                        self._add(pipe, job_id, "log", line)
                     pipe.hset(key, mapping=_json(changes))
                     if new["state"] != job["state"]:
                         self._index(pipe, new, str(job["state"]), expire)
@@ -699,10 +712,12 @@ class RedisStore:
     def append(self, job_id: str, stream: str, lines: list[str]) -> None:
         with self.r.pipeline() as pipe:
             for line in lines:
-                pipe.xadd(self._stream(job_id, stream), {"l": line}, maxlen=STREAMS[stream],
-                          approximate=False)
+                self._add(pipe, job_id, stream, line)
             pipe.publish(f"{self.P}events", job_id)
             pipe.execute()
+
+    def _add(self, pipe, job_id: str, stream: str, line: str) -> None:
+        pipe.xadd(self._stream(job_id, stream), {"l": line}, maxlen=STREAMS[stream], approximate=False)
 
     def read_stream(self, job_id: str, stream: str,
                     after: Optional[str]) -> tuple[list[str], Optional[str]]:
@@ -834,7 +849,8 @@ class SqliteStore:
                     raise
                 return row[0]
 
-    def change(self, job_id: str, fn: RawChange, expire: Optional[float] = None) -> Optional[dict]:
+    def change(self, job_id: str, fn: RawChange, expire: Optional[float] = None,
+               line: Optional[str] = None) -> Optional[dict]:
         with self._tx() as db:
             row = db.execute("SELECT id, state, record FROM tlm_job WHERE id = ?", (job_id,)).fetchone()
             job = self._decode(*row) if row else None
@@ -844,6 +860,8 @@ class SqliteStore:
             job.update(changes)
             db.execute("UPDATE tlm_job SET state = ?, finished = ?, record = ? WHERE id = ?",
                        (job["state"], job.get("finished"), json.dumps(job), job_id))
+            if line is not None:
+                self._add(db, job_id, "log", [line])
             return job
 
     @staticmethod
@@ -891,12 +909,17 @@ class SqliteStore:
 
     def append(self, job_id: str, stream: str, lines: list[str]) -> None:
         with self._tx() as db:
-            last = db.execute("SELECT COALESCE(MAX(n), 0) FROM tlm_line WHERE job = ? AND stream = ?",
-                              (job_id, stream)).fetchone()[0]
-            db.executemany("INSERT INTO tlm_line VALUES (?, ?, ?, ?)",
-                           [(job_id, stream, last + 1 + i, line) for i, line in enumerate(lines)])
-            db.execute("DELETE FROM tlm_line WHERE job = ? AND stream = ? AND n <= ?",
-                       (job_id, stream, last + len(lines) - STREAMS[stream]))
+            self._add(db, job_id, stream, lines)
+
+    @staticmethod
+    def _add(db: sqlite3.Connection, job_id: str, stream: str, lines: list[str]) -> None:
+        """Append inside the caller's transaction, dropping the oldest past the cap."""
+        last = db.execute("SELECT COALESCE(MAX(n), 0) FROM tlm_line WHERE job = ? AND stream = ?",
+                          (job_id, stream)).fetchone()[0]
+        db.executemany("INSERT INTO tlm_line VALUES (?, ?, ?, ?)",
+                       [(job_id, stream, last + 1 + i, line) for i, line in enumerate(lines)])
+        db.execute("DELETE FROM tlm_line WHERE job = ? AND stream = ? AND n <= ?",
+                   (job_id, stream, last + len(lines) - STREAMS[stream]))
 
     def read_stream(self, job_id: str, stream: str,
                     after: Optional[int]) -> tuple[list[str], Optional[int]]:
