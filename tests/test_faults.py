@@ -5,6 +5,7 @@ stopped and killed; a tmpfs filled up and made read-only."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -220,13 +221,14 @@ def fill(directory: Path) -> Path:
     return ballast
 
 
-def training_on(tmpfs: Path, url: str, workers, ptb_cache: Path, iters: str):
+def training_on(tmpfs: Path, url: str, workers, ptb_cache: Path, *job_args: str,
+                worker_args: tuple[str, ...] = ()):
     """A run on the tmpfs, a worker, and its training job once it has saved a checkpoint."""
     run = tmpfs / "run"
     run.mkdir()
     os.symlink(ptb_cache, run / "datasets")
-    worker = workers.start(lease=30)
-    job_id = submit(url, "train", "--save_dir", str(run), *LONG, "--num_iters", iters)
+    worker = workers.start(*worker_args, lease=30)
+    job_id = submit(url, "train", "--save_dir", str(run), *LONG, *job_args)
     wait_for(url, job_id, ["running"], until=lambda j: j.checkpoint)
     return run, worker, job_id
 
@@ -235,7 +237,7 @@ def training_on(tmpfs: Path, url: str, workers, ptb_cache: Path, iters: str):
 def test_a_disk_full_for_a_moment_is_ridden_out(url, workers, tmpfs, ptb_cache):
     """The run's disk full for a few seconds: the metrics and checkpoint writes retry with
     back-off, and the job ends succeeded, in one attempt."""
-    run, worker, job_id = training_on(tmpfs, url, workers, ptb_cache, "300")
+    run, worker, job_id = training_on(tmpfs, url, workers, ptb_cache, "--num_iters", "300")
     ballast = fill(tmpfs)
     until(lambda: "(No space left on device)" in "\n".join(registry(url).logs(job_id)[0]),
           timeout=60, what="a write meets the full disk")
@@ -247,9 +249,24 @@ def test_a_disk_full_for_a_moment_is_ridden_out(url, workers, tmpfs, ptb_cache):
     assert_one_record_per_step_and_newest_fence(run)
 
 
+@pytest.mark.parametrize("url", ["sqlite"], indirect=True)
+def test_a_disk_that_stays_full_fails_the_job_after_its_attempts(url, workers, tmpfs, ptb_cache):
+    """Each attempt retries with back-off and goes back to the queue (another Mac may have room);
+    counted as an attempt, not an interruption, so a disk that stays full ends the job, in one line."""
+    run, worker, job_id = training_on(tmpfs, url, workers, ptb_cache, "--num_iters", "100000",
+                                        "--save_retries", "2", worker_args=("--max_attempts", "2"))
+    fill(tmpfs)
+    job = wait_for(url, job_id, ["failed"], timeout=180)
+    assert (job.attempts, job.interruptions) == (2, 0), job
+    assert re.match(r"No space left on device: (writing|saving a checkpoint in) \S+/run", job.error) and job.error.endswith(
+        "(still failing after the retries) (attempt 2 of 2)") and "\n" not in job.error, job.error
+    assert "Traceback" not in workers.log(worker), workers.log(worker)
+    checkpoint.verify(run, checkpoint.find(run).identifier)  # the last good checkpoint is intact
+
+
 @pytest.mark.parametrize("url", ["sqlite", "redis"], indirect=True)
 def test_a_run_directory_made_read_only_fails_in_one_line(url, workers, tmpfs, ptb_cache):
-    run, worker, job_id = training_on(tmpfs, url, workers, ptb_cache, "100000")
+    run, worker, job_id = training_on(tmpfs, url, workers, ptb_cache, "--num_iters", "100000")
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     job = wait_for(url, job_id, ["failed"], timeout=120)
     assert "Read-only file system" in job.error and "\n" not in job.error

@@ -30,12 +30,14 @@ def transient(e: BaseException) -> bool:
 def with_retries(write: Callable[[], T], what: str, log: Optional[Callable[[str], None]] = None,
                  retries: int = 5, cap: float = 8.0) -> T:
     """Run ``write``, retrying a transient I/O error with back-off (0.5s, 1s, 2s, ... up to
-    ``cap``), as the checkpoint save does; the last error, or any other, is raised."""
+    ``cap``), as the checkpoint save does; the last error, or any other, is raised (naming
+    ``what`` when it names no file, as a write to an open file does not)."""
     for attempt in itertools.count():
         try:
             return write()
         except OSError as e:
             if not transient(e) or attempt >= retries:
+                e.filename = e.filename or what
                 raise
             delay = min(0.5 * 2**attempt, cap)
             if log:

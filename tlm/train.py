@@ -413,6 +413,7 @@ class Trainer:
                                           f"{e.strerror or e}") from None
                 if attempt >= self.config.save_retries:
                     if files.transient(e):  # the disk may be fine on another machine, or later
+                        e.filename = e.filename or f"saving a checkpoint in {self.config.save_dir}"
                         raise
                     raise CheckpointError(f"could not save a checkpoint in {self.config.save_dir} "
                                           f"after {attempt + 1} attempts: {e}") from None

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 INVOCATION = ("save_dir", "data_mirror", "identifier", "new_model", "more")  # not the run's own settings
 EXIT_INTERRUPTED = 75  # stopped by a signal to the worker, or by an outage: re-queue the job
 EXIT_LEASE_LOST = 76  # another worker holds the job now: this process stopped at once
+EXIT_DISK = 77  # a write kept failing after its retries: an attempt (another Mac's disk may do)
 CANCEL_POLL_SECONDS = 1.0  # how often a training job looks at its record (cancel, fence)
 # A job process that cannot confirm its hold on the job (the queue unreachable) for this
 # fraction of the lease saves and stops; it publishes a checkpoint only within PUBLISH_LIMIT
@@ -125,7 +126,8 @@ def check_carried_dataset(params: dict[str, Any], save_dir: str) -> None:
 def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bool,
             rank: Optional[int] = None, lease: float = 60.0) -> None:
     """Run one claimed job (or ``rank`` of a gang job) to an end state, or exit
-    EXIT_INTERRUPTED after a signal, an outage or a transient I/O error."""
+    EXIT_INTERRUPTED after a signal or an outage, EXIT_DISK after a transient I/O error
+    that outlasted its retries."""
     os.setpgid(0, 0)
     parent = os.getppid()
     registry = Registry(Queue(url, patient=False))
@@ -162,8 +164,10 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
                   file=sys.stderr, flush=True)
             sys.exit(EXIT_INTERRUPTED)
         if transient(e):  # still failing after the retries: the disk may be fine elsewhere, or later
-            log(f"{why}: stopping; the job goes back to the queue (an interruption)")
-            sys.exit(EXIT_INTERRUPTED)
+            log(f"{why}: stopping; the job goes back to the queue (an attempt: a disk that "
+                "stays so fails it after --max_attempts)")
+            c.report(registry.update, job_id, error=why)  # what its worker says it failed on
+            sys.exit(EXIT_DISK)
         if not _ordinary(e):
             traceback.print_exc()  # a bug, or a lost peer: its traceback goes to the worker's output
             if rank is not None:  # the worker re-queues the gang (a crash: attempts count)

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from tlm.ranks import COLLECTIVE_TIMEOUT, STALLED, free_ports
-from tlm_worker.jobs import EXIT_INTERRUPTED, SELF_FENCE, run_job
+from tlm_worker.jobs import EXIT_DISK, EXIT_INTERRUPTED, SELF_FENCE, run_job
 from tlm_worker import power
 from tlm_worker.placement import capabilities, unmet
 from tlm_worker.queue import LANES, QUEUE_ERRORS, PayloadError, Queue
@@ -573,10 +573,12 @@ class Worker:
             self.say(f"job {r.job_id} ended: cancelled {how}")
         elif code == 0 and r.rank:  # rank 0's process settles a gang job's end
             self.say(f"job {r.job_id}: rank {r.rank} done")
+        elif code == EXIT_DISK:  # counted, unlike an interruption: a disk that stays full ends it
+            self._crashed(job, f"{job.error or 'a write failed'} (still failing after the retries)")
         elif code == EXIT_INTERRUPTED or self.stopping:
             why = (f"worker {self.id} was stopped" if self.stopping or r.interrupted and not self.paused
                    else f"worker {self.id} paused ({self.paused})" if self.paused
-                   else "its process saved and stopped (see its log: an outage, or a disk error)")
+                   else "its process saved and stopped (see its log: an outage)")
             self.registry.requeue(r.job_id, r.fence, why, interrupted=True)
             self.say(f"job {r.job_id} interrupted: back in the queue")
         elif r.rank is not None:
