@@ -64,6 +64,8 @@ def train(inference, **options) -> None:
         raise click.UsageError(str(e)) from None
     except (DataError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # the save directory read-only or full (after retries)
+        raise _one_line(e, given.get("save_dir")) from None
 
     stop = StopOnSignal(on_first=lambda s: echo(
         "\nstopping: finishing this step and saving (press Ctrl+C again to exit now)"))
@@ -74,11 +76,16 @@ def train(inference, **options) -> None:
     except (CheckpointError, Diverged) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:  # the run directory went away, read-only or full (after retries)
-        raise click.ClickException(f"{e.filename or config.save_dir}: {e.strerror or e}") from None
+        raise _one_line(e, config.save_dir) from None
     finally:
         stop.restore()
     if result.stopped:
         echo(f"stopped at iteration {result.step}; run the same command to resume")
+
+
+def _one_line(e: OSError, where: str | None) -> click.ClickException:
+    """A file system error as the file (or directory) and its reason, for a run's writes."""
+    return click.ClickException(f"{e.filename or where or 'the save directory'}: {e.strerror or e}")
 
 
 def _inference(options: dict) -> None:

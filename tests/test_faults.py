@@ -205,8 +205,8 @@ def tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)])
 
 
-def fill(directory: Path) -> Path:
-    """Fill a filesystem up; the file to delete to free it."""
+def fill(directory: Path, leave: int = 0) -> Path:
+    """Fill a filesystem up but for ``leave`` bytes; the file to delete to free it."""
     ballast = directory / "ballast"
     fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
     try:
@@ -218,6 +218,7 @@ def fill(directory: Path) -> Path:
                 pass
     finally:
         os.close(fd)
+    os.truncate(ballast, max(ballast.stat().st_size - leave, 0))
     return ballast
 
 
@@ -247,6 +248,29 @@ def test_a_disk_full_for_a_moment_is_ridden_out(url, workers, tmpfs, ptb_cache):
     assert job.attempts == 1 and job.interruptions == 0
     assert "Traceback" not in workers.log(worker)
     assert_one_record_per_step_and_newest_fence(run)
+
+
+def test_a_disk_full_while_text_is_tokenized_is_ridden_out(tmpfs, tmp_path):
+    """The token cache's write retries too: freed during the back-off, the run trains."""
+    from conftest import tlm_cmd
+
+    text = tmp_path / "own.txt"
+    text.write_text("a small corpus of plain words, said again and again. " * 2000)
+    ballast = fill(tmpfs, leave=8192)  # room for the lock file and the text's stamp, not its tokens
+    proc = subprocess.Popen(tlm_cmd("train", "--dataset", str(text), "--save_dir", str(tmpfs / "run"), *TINY,
+                                    "--num_iters", "5"),
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "writing the token cache" in line and "(No space left on device); retrying" in line:
+            ballast.unlink()
+            break
+    rest = proc.communicate(timeout=300)[1]
+    assert ballast.exists() is False, "".join(seen)  # the cache's write met the full disk
+    assert proc.returncode == 0, "".join(seen) + rest
+    assert "Traceback" not in rest and checkpoint.find(tmpfs / "run").step == 5
+    assert not [p.name for p in (tmpfs / "run").rglob("*tmp*")]  # no temporary left behind
 
 
 @pytest.mark.parametrize("url", ["sqlite"], indirect=True)

@@ -24,11 +24,12 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from tlm.files import file_digest
+from tlm.files import file_digest, replace, with_retries
 from tlm.vocab import KINDS, BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
 
 SPLITS = ("train", "valid", "test")
@@ -300,6 +301,23 @@ def fetch(remote: Remote, dest: Path, mirror: Optional[str], log: Log, retries: 
                     f"to {dest}, or set TLM_DATA_MIRROR to a directory holding {remote.mirror_path}")
 
 
+def _take(path: Path) -> bool:
+    """Create the lock file naming its holder; False if another holds it. A lock that could
+    not be written whole is removed (the disk full): a retry takes it afresh."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    return True
+
+
 @contextmanager
 def _lock(root: Path, log: Log) -> Iterator[None]:
     """One preparer per dataset directory, across processes and machines.
@@ -309,25 +327,19 @@ def _lock(root: Path, log: Log) -> Iterator[None]:
     """
     path = root / ".lock"
     told = False
-    while True:
+    while not with_retries(lambda: _take(path), f"taking the lock {path}", log):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-            os.close(fd)
-            break
-        except FileExistsError:
-            try:
-                age = time.time() - path.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            if age > LOCK_STALE_SECONDS:
-                log(f"taking over a stale lock ({age:.0f}s old) on {root}")
-                path.unlink(missing_ok=True)
-                continue
-            if not told:
-                log(f"waiting for another process preparing {root.name}")
-                told = True
-            time.sleep(0.5)
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age > LOCK_STALE_SECONDS:
+            log(f"taking over a stale lock ({age:.0f}s old) on {root}")
+            path.unlink(missing_ok=True)
+            continue
+        if not told:
+            log(f"waiting for another process preparing {root.name}")
+            told = True
+        time.sleep(0.5)
     stop = threading.Event()
 
     def refresh() -> None:
@@ -501,15 +513,7 @@ def _prepare(name: str, cache: Path, mirror: Optional[str], log: Log, kind: str 
     for split, array in arrays.items():
         if len(array) < 2:
             raise DataError(f"{name}: the {split} split is empty after tokenizing")
-        tmp = cache / f"{split}.tmp-{os.getpid()}.npy"
-        np.save(tmp, array)
-        os.replace(tmp, cache / f"{split}.npy")
-    if is_text_path(name):
-        _stamp_source(name, cache)
-    # tokenizer.json is written last: its presence marks a complete cache.
-    tmp = cache / f"tokenizer.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(tok.to_dict()))
-    os.replace(tmp, cache / "tokenizer.json")
+    with_retries(lambda: _write_cache(name, cache, tok, arrays), f"writing the token cache {cache}", log)
     n = sum(len(a) for a in arrays.values())
     log(f"{name}: {kind} tokenizer, {tok.vocab_size:,} tokens in vocabulary, "
         + ", ".join(f"{s} {len(a):,}" for s, a in arrays.items())
@@ -526,7 +530,23 @@ def _source_stat(name: str) -> list[int]:
 def _stamp_source(name: str, cache: Path) -> None:
     """Record what own text was tokenized: its size and time, and its SHA1."""
     stamp = {"stat": _source_stat(name), "sha1": text_digest(Path(name).expanduser())}
-    (cache / "source.json").write_text(json.dumps(stamp))
+    replace(cache / "source.json", lambda tmp: tmp.write_text(json.dumps(stamp)))
+
+
+def _write_cache(name: str, cache: Path, tok: Tokenizer, arrays: dict[str, np.ndarray]) -> None:
+    """The token arrays, then tokenizer.json: its presence marks a complete cache."""
+    for split, array in arrays.items():
+        replace(cache / f"{split}.npy", lambda tmp: _save_npy(tmp, array))
+    if is_text_path(name):
+        _stamp_source(name, cache)
+    replace(cache / "tokenizer.json", lambda tmp: tmp.write_text(json.dumps(tok.to_dict())))
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save through Python's writes, in chunks: their errors carry an errno (a full disk is
+    ENOSPC, retried), which NumPy's own fwrite on a real file does not give."""
+    with open(path, "wb") as f:
+        np.save(SimpleNamespace(write=f.write), array, allow_pickle=False)
 
 
 def _source_current(name: str, cache: Path) -> bool:

@@ -10,12 +10,12 @@ character-level data, the trained BPE as it is.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import mlx.core as mx
 
 from tlm.checkpoint import Checkpoint
+from tlm.files import replace
 from tlm.model import ModelArgs
 from tlm.vocab import EOS, UNK, BPETokenizer, Tokenizer
 
@@ -77,10 +77,7 @@ def export(ckpt: Checkpoint, out: str | Path) -> Path:
     }
     _write(out / "config.json", json.dumps(hf_config, indent=2))
     weights = ckpt.load_weights()
-    tmp = out / f".model.safetensors.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        mx.save_safetensors(f, weights, metadata={"format": "mlx"})
-    os.replace(tmp, out / "model.safetensors")
+    replace(out / "model.safetensors", lambda tmp: _save_safetensors(tmp, weights))
     _write(out / "tokenizer.json", hf_tokenizer(tok).to_str())
     _write(out / "tlm_tokenizer.json", json.dumps(tok.to_dict()))  # exact round trip for --init_from
     special = {"eos_token": EOS} if tok.kind == "word" else {}
@@ -93,9 +90,12 @@ def export(ckpt: Checkpoint, out: str | Path) -> Path:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    replace(path, lambda tmp: tmp.write_text(text))
+
+
+def _save_safetensors(path: Path, weights: dict[str, mx.array]) -> None:
+    with open(path, "wb") as f:  # a file object: MLX adds no suffix to the name
+        mx.save_safetensors(f, weights, metadata={"format": "mlx"})
 
 
 def load_pretrained(directory: str | Path) -> tuple[ModelArgs, dict[str, mx.array], Tokenizer]:

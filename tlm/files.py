@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import itertools
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
@@ -44,6 +45,17 @@ def with_retries(write: Callable[[], T], what: str, log: Optional[Callable[[str]
                 log(f"{what} failed ({e.strerror or e}); retrying in {delay:g}s")
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def replace(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` whole or not at all: ``write`` fills a temporary beside it, which then
+    replaces it (removed if anything fails)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def file_digest(path: Path, algorithm: str) -> str:
