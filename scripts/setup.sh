@@ -5,6 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
+
+apt_install() {  # Debian packages, updating the package lists once if they are stale
+    command -v apt-get >/dev/null && { $SUDO apt-get install -y -q "$@" >/dev/null 2>&1 \
+        || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q "$@" >/dev/null 2>&1; }; }
+}
 
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
@@ -19,9 +25,7 @@ sys.exit(blas.active in ("reference", "disabled"))
 PY
 then
     # MLX's Linux wheel ships reference BLAS (~30x slower): install OpenBLAS.
-    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
-    if command -v apt-get >/dev/null && { $SUDO apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 \
-        || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1; }; }; then
+    if apt_install libopenblas0-pthread; then
         echo "setup: installed Debian's libopenblas0-pthread" >&2
     else
         echo "setup: no apt-get/root: installing Intel MKL from PyPI into .venv instead" >&2
@@ -37,12 +41,15 @@ fi
 # The dashboard's tests drive a real browser: Debian's Chromium and ChromeDriver
 # (a browser download, as Playwright's installer does, fails on machines without internet).
 if [ "$(uname -s)" = Linux ] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then
-    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
-    if command -v apt-get >/dev/null && { $SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
-        || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; }; then
+    if apt_install chromium chromium-driver; then
         echo "setup: installed Debian's chromium and chromium-driver (for the dashboard's tests)" >&2
     else
         echo "setup: could not install chromium: the dashboard's browser tests will be skipped" >&2
     fi
+fi
+# The clock-skew test runs a worker whose clock is off (libfaketime).
+if [ "$(uname -s)" = Linux ] && ! command -v faketime >/dev/null; then
+    apt_install faketime && echo "setup: installed Debian's faketime (for the clock-skew test)" >&2 \
+        || echo "setup: could not install faketime: the clock-skew test will be skipped" >&2
 fi
 .venv/bin/python -c "from tlm import blas; print('setup:', blas.describe())" >&2
