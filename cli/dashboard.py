@@ -130,7 +130,7 @@ class Lab:
         waiting = waiting_reasons(jobs, workers)
         return {"jobs": [{k: v for k, v in shown(j, waiting.get(j.id)).items() if k != "params"}
                          for j in jobs],
-                "workers": workers}
+                "workers": workers, "now": self.registry.now()}  # the queue's clock: ages read by it
 
     def run(self, key: str) -> dict[str, Any]:
         located(key)

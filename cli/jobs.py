@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -353,10 +352,11 @@ def follow(registry: Registry, job_id: str) -> int:
     return {SUCCEEDED: 0, CANCELLED: 130}.get(job.state, 1)
 
 
-def _age(t: Optional[float]) -> str:
+def _age(t: Optional[float], now: float) -> str:
+    """How long ago ``t`` was, both read by the queue's clock (``Registry.now``)."""
     if not isinstance(t, (int, float)) or not t:
         return "-"
-    s = max(0.0, time.time() - t)  # a clock a little ahead: now, not "-3s"
+    s = max(0.0, now - t)  # a clock a little ahead: now, not "-3s"
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
 
 
@@ -413,14 +413,14 @@ def _worker_cell(w: dict, key: str) -> str:
     return str(w.get(key, "-"))
 
 
-def status_table(jobs: list[Job], workers: list[dict]) -> Table:
+def status_table(jobs: list[Job], workers: list[dict], now: float) -> Table:
     table = Table(title="jobs", title_justify="left")
     for col in ("id", "kind", "run", "state", "worker", "tries", "age", "progress", "error"):
         table.add_column(col)
     waiting = waiting_reasons(jobs, workers)
     for job in jobs:
         table.add_row(job.id, job.kind, job.run_name, job.state, holder(job), _tries(job),
-                      _age(job.created), _progress(job, waiting.get(job.id)), (job.error or "")[:60])
+                      _age(job.created, now), _progress(job, waiting.get(job.id)), (job.error or "")[:60])
     workers_table = Table(title="workers", title_justify="left")
     for col in ("worker", "host", "pid", "device", "memory", "labels", "heartbeat", "jobs"):
         workers_table.add_column(col)
@@ -428,7 +428,7 @@ def status_table(jobs: list[Job], workers: list[dict]) -> Table:
         state = f" (paused: {w['paused']})" if w.get("paused") else ""
         workers_table.add_row(*(_worker_cell(w, k) for k in ("id", "host", "pid", "device", "memory",
                                                               "labels")),
-                              _age(w.get("heartbeat")), (", ".join(w.get("jobs") or []) or "-") + state)
+                              _age(w.get("heartbeat"), now), (", ".join(w.get("jobs") or []) or "-") + state)
     grid = Table.grid()
     grid.add_row(table)
     grid.add_row(workers_table)
@@ -463,14 +463,14 @@ def status(job_id, as_json, watch, limit, show_all, state, run, save_dir, queue)
         return
     run_key = target(run, save_dir)[1] if run or save_dir else None
 
-    def listing() -> tuple[list[Job], list[dict]]:
+    def listing() -> tuple[list[Job], list[dict], float]:
         jobs = registry.jobs(None if show_all else limit, state=state, run=run_key)
         for bad in registry.skipped.values():
             echo(f"skipped {bad}")
         registry.skipped.clear()
-        return jobs, registry.workers()
+        return jobs, registry.workers(), registry.now()
     if as_json:
-        jobs, workers = listing()
+        jobs, workers, _ = listing()
         waiting = waiting_reasons(jobs, workers)
         click.echo(json.dumps({"jobs": [{**j.to_record(), **({"waiting": waiting[j.id]} if j.id in waiting
                                                               else {})} for j in jobs],

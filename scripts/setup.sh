@@ -47,9 +47,4 @@ if [ "$(uname -s)" = Linux ] && ! { command -v chromium && command -v chromedriv
         echo "setup: could not install chromium: the dashboard's browser tests will be skipped" >&2
     fi
 fi
-# The clock-skew test runs a worker whose clock is off (libfaketime).
-if [ "$(uname -s)" = Linux ] && ! command -v faketime >/dev/null; then
-    apt_install faketime && echo "setup: installed Debian's faketime (for the clock-skew test)" >&2 \
-        || echo "setup: could not install faketime: the clock-skew test will be skipped" >&2
-fi
 .venv/bin/python -c "from tlm import blas; print('setup:', blas.describe())" >&2

@@ -37,10 +37,17 @@ class Workers:
     def __init__(self, url: str, tmp: Path):
         self.url, self.tmp, self.procs = url, tmp, []
 
-    def start(self, *args: str, lease: float = 4) -> subprocess.Popen:
+    def start(self, *args: str, lease: float = 4, clock: float = 0.0) -> subprocess.Popen:
+        """``clock``: seconds this worker's clock (and its job processes') is off: a Mac whose
+        time is wrong (tests/skewed_clock)."""
         log = open(self.tmp / f"worker-{len(self.procs)}.log", "w")
+        env = None
+        if clock:
+            path = [str(Path(__file__).parent / "skewed_clock"), os.environ.get("PYTHONPATH", "")]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path)),
+                   "TLM_TEST_CLOCK_OFFSET": str(clock)}
         proc = subprocess.Popen([sys.executable, "-m", "tlm_worker.main", "--queue", self.url,
-                                 "--lease", str(lease), *args], stdout=log, stderr=log)
+                                 "--lease", str(lease), *args], stdout=log, stderr=log, env=env)
         proc.log_path = log.name
         self.procs.append(proc)
         return proc

@@ -296,3 +296,25 @@ def test_a_run_directory_made_read_only_fails_in_one_line(url, workers, tmpfs, p
     assert "Read-only file system" in job.error and "\n" not in job.error
     assert "Traceback" not in workers.log(worker), workers.log(worker)
     assert checkpoint.find(run) is not None  # the last good checkpoint is still there
+
+
+# -- Macs whose clocks disagree --------------------------------------------------------------
+
+@pytest.mark.parametrize("url", ["redis"], indirect=True)  # SQLite's workers share one clock
+def test_workers_whose_clocks_are_a_minute_apart_agree_on_every_lease(url, workers, save_dir):
+    """One Mac 30 s ahead, one 30 s behind, a 4 s lease: heartbeats are stamped and read by
+    the queue's clock, so neither takes the other's running job for a dead worker's."""
+    ahead, behind = workers.start(lease=4, clock=30), workers.start(lease=4, clock=-30)
+    ids = [submit(url, "train", "--save_dir", str(save_dir / f"run{i}"), *TINY, "--num_iters", "200",
+                  "--steps_per_eval", "100") for i in range(2)]
+    until(lambda: all(j.state == "running" for j in registry(url).find(ids)), timeout=120,
+          what="both jobs running, one on each worker")
+    jobs = [wait_for(url, job_id, ["succeeded", "failed"], timeout=300) for job_id in ids]
+    assert [(j.state, j.attempts, j.interruptions) for j in jobs] == [("succeeded", 1, 0)] * 2, \
+        [j.error for j in jobs]
+    assert len({j.worker for j in jobs}) == 2  # each held one: a lease read across both skews
+    for proc, word in ((ahead, "ahead of"), (behind, "behind")):
+        log = workers.log(proc)
+        assert "stopped heartbeating" not in log and "Traceback" not in log, log
+        assert re.search(rf"this machine's clock is (29|30|31)s {word} the queue's", log), log
+

@@ -36,7 +36,8 @@ worker re-queues no stale job as crashed (its holder may be reconnecting).
 Every heartbeat names the job's fence: a worker that lost a job (it was
 stopped past its lease and another took over) kills its process at the
 next heartbeat, and one whose job the registry forgot (Redis restarted
-without its data) puts the record back and carries on.
+without its data) puts the record back and carries on. Heartbeats and
+leases go by the queue's clock (``Registry.now``), not each Mac's.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from tlm_worker.registry import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILE
 
 SPAWN = multiprocessing.get_context("spawn")
 KILL_AFTER = 0.75  # of the lease without a heartbeat: a job process still running is killed
+CLOCK_NOTICE_SECONDS = 5.0  # a clock this far from the queue's is worth a word at start
 
 
 class Sampler:
@@ -332,6 +334,11 @@ class Worker:
             signal.signal(s, self._on_signal)
         self.say(f"serving {self.queue.url.split('@')[-1]} with {self.concurrency} training "
                  "slot(s) and an interactive lane")
+        skew = time.time() - self.registry.now()
+        if abs(skew) > CLOCK_NOTICE_SECONDS:
+            self.say(f"this machine's clock is {abs(skew):.0f}s {'ahead of' if skew > 0 else 'behind'} "
+                     "the queue's (its Redis host's): leases go by the queue's clock, metrics times by "
+                     "each Mac's own; set the time automatically (System Settings > General > Date & Time)")
         self._try(self._heartbeat)
         beat = threading.Thread(target=self._heartbeat_loop, daemon=True)
         beat.start()
@@ -494,7 +501,7 @@ class Worker:
         """Hold or refresh the place; the job as it is now (perhaps started, or ended)."""
         r.refreshed = time.monotonic()
         place = {"address": self.address, "port": r.port, "rdma": self.rdma}
-        return self.registry.reserve(r.job_id, self.id, place, time.time() + self.lease, self.caps) \
+        return self.registry.reserve(r.job_id, self.id, place, self.registry.now() + self.lease, self.caps) \
             or self.registry.get(r.job_id)
 
     def _live_workers(self) -> int:
@@ -617,7 +624,7 @@ class Worker:
     def _sweep(self) -> None:
         """Recover jobs of dead workers, re-push stranded claimable jobs, settle chains whose
         parent ended, fail records that do not decode, prune old ones."""
-        now = time.time()
+        now = self.registry.now()
         self.registry.skipped.clear()
         reconnecting = time.monotonic() - self.back_at < self.lease  # holders may be, too
         for job in self.registry.in_states(ACTIVE):

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import sqlite3
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any, Optional
@@ -159,6 +160,15 @@ class Queue:
         if not isinstance(entry, dict) or not isinstance(entry.get("job"), str):
             raise PayloadError("queue entry without a job id")
         return entry["job"]
+
+    def clock_offset(self) -> float:
+        """Seconds to add to this machine's clock to read the queue's: Redis's TIME, taken mid
+        round trip; 0 for SQLite, whose workers all share one machine's clock."""
+        if self.redis is None:
+            return 0.0
+        before = time.time()
+        sec, usec = self.redis.time()
+        return sec + usec / 1e6 - (before + time.time()) / 2
 
     def probe(self) -> None:
         """One round trip on this queue's own connections (QUEUE_ERRORS if it is down)."""

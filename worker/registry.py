@@ -46,7 +46,7 @@ from tlm_worker.kinds import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILED, 
                               KINDS, LIVE, QUEUED, RUNNING, SKIPPED, STATES, SUCCEEDED,
                               WAITING, BadRecord, Job)
 from tlm_worker.placement import unmet
-from tlm_worker.queue import Queue
+from tlm_worker.queue import QUEUE_ERRORS, Queue
 
 __all__ = ["ACTIVE", "CANCELLED", "CANCELLING", "CLAIMABLE", "FAILED", "FINAL", "INTERRUPTED",
            "LIVE", "QUEUED", "RUNNING", "SKIPPED", "STATES", "SUCCEEDED", "WAITING", "Job",
@@ -57,6 +57,7 @@ MAX_POINTS = 20000  # metric records per job (a report every 10 steps: 200,000 s
 STREAMS = {"log": MAX_LOG_LINES, "points": MAX_POINTS}  # per-job append-only lists, capped
 KEEP_DAYS = float(os.environ.get("TLM_KEEP_DAYS", "30"))
 WORKER_TTL = 120.0  # a worker record outlives its last heartbeat by this much
+CLOCK_CHECK_SECONDS = 600.0  # how often a long-lived process reads the queue's clock again
 
 CLAIM_FIELDS = ("id", "kind", "params", "run", "state", "priority", "needs", "enqueued", "version")
 Change = Callable[[Job], Optional[dict[str, Any]]]
@@ -107,8 +108,21 @@ class Registry:
         self.keep_days = keep_days
         self.store = RedisStore(queue.redis) if queue.redis is not None else SqliteStore(queue.sqlite_path)
         self.skipped: dict[str, BadRecord] = {}  # records that did not decode, by id (latest read)
+        self._offset, self._offset_read = 0.0, -CLOCK_CHECK_SECONDS
         if queue.storage.result_store_size():
             self._migrate()
+
+    def now(self) -> float:
+        """The queue's time. Every stamp in the registry is written and read by it, so workers
+        on Macs whose clocks disagree (by more than a lease, even) agree on every lease."""
+        read = time.monotonic()
+        if read - self._offset_read >= CLOCK_CHECK_SECONDS:
+            self._offset_read = read
+            try:
+                self._offset = self.queue.clock_offset()
+            except QUEUE_ERRORS:  # the last offset until the queue answers
+                self._offset_read = read - CLOCK_CHECK_SECONDS + 10
+        return time.time() + self._offset
 
     # -- reading: records in, Jobs out; a record that does not decode is skipped ----------
 
@@ -131,7 +145,7 @@ class Registry:
         ``after``: a job id; this one waits until that one succeeded (ends skipped otherwise).
         ``job_id``: a fixed id (a sweep's trial). A driven kind (a sweep) starts running.
         """
-        now = time.time()
+        now = self.now()
         parent = self.get(after) if after else None
         state = RUNNING if KINDS[kind].driven else WAITING if parent else QUEUED
         job = Job(id=job_id or uuid.uuid4().hex[:12], kind=kind, params=params, run=run_key,
@@ -246,7 +260,7 @@ class Registry:
 
         A claimable job whose cancel was asked for while it ran ends cancelled here.
         """
-        now = time.time()
+        now = self.now()
 
         def take(job: Job):
             if job.state not in CLAIMABLE or job.nodes > 1:
@@ -279,7 +293,7 @@ class Registry:
         the same step (a follower stops at the state and has the line; a stale holder
         writes neither); None if it was not."""
         assert state in FINAL
-        now = time.time()
+        now = self.now()
 
         def end(job: Job):
             if job.state not in LIVE or (fence is not None and job.fence != fence):
@@ -297,10 +311,10 @@ class Registry:
             if job.state not in ACTIVE or job.fence != fence:
                 return None
             if job.cancel:  # asked to stop while it ran: it ends here, not on another worker
-                return {"state": CANCELLED, "finished": time.time(), "fence": fence + 1,
+                return {"state": CANCELLED, "finished": self.now(), "fence": fence + 1,
                         "error": f"cancelled ({reason})"}
             changes = {"state": INTERRUPTED, "worker": None, "fence": fence + 1, "error": reason,
-                       "enqueued": time.time(), "members": []}
+                       "enqueued": self.now(), "members": []}
             if interrupted:
                 changes.update(attempts=job.attempts - 1, interruptions=job.interruptions + 1)
             return changes
@@ -315,7 +329,7 @@ class Registry:
     def cancel(self, job_id: str, force: bool = False) -> bool:
         """Cancel: a claimable or waiting job ends at once (True); a held one is asked to stop
         (False). What waits on it is cancelled with it."""
-        now = time.time()
+        now = self.now()
 
         def drop(job: Job):
             if job.state not in CLAIMABLE + (WAITING,):
@@ -352,7 +366,7 @@ class Registry:
     def fail_broken(self, job_id: str, reason: str) -> bool:
         """Fail a live record that does not decode (foreign or damaged), so it strands no
         worker and no run; True if it was failed here."""
-        now = time.time()
+        now = self.now()
         return self.store.change(job_id, lambda rec: {
             "state": FAILED, "finished": now, "error": f"unreadable job record: {reason}"}
             if rec.get("state") not in FINAL else None, expire=self._ttl) is not None
@@ -365,7 +379,7 @@ class Registry:
         the parent is live."""
         if parent is not None and parent.state not in FINAL:
             return follower
-        now = time.time()
+        now = self.now()
 
         def settle(job: Job):
             if job.state != WAITING:
@@ -407,7 +421,7 @@ class Registry:
         longer waits, this worker does not meet its needs, or another member holds the same
         address and port (two workers on one machine that chose a port at once: one tries
         another)."""
-        now = time.time()
+        now = self.now()
 
         def join(job: Job):
             if job.state not in CLAIMABLE:
@@ -441,7 +455,7 @@ class Registry:
         """A gang member's heartbeat: the job's own heartbeat is its stalest member's, so a
         sweep re-queues the gang when any member's worker dies. None: the gang this member
         ran in is over (re-queued or ended elsewhere)."""
-        now = time.time()
+        now = self.now()
 
         def beat(job: Job):
             if job.state not in ACTIVE or job.fence != fence:
@@ -457,7 +471,7 @@ class Registry:
         """A held job's heartbeat, under its fence: the job, or None if this holder lost it
         (re-queued, and perhaps taken by another worker: its fence moved on). JobNotFound: the
         registry no longer has it (Redis restarted without its data): see ``restore``."""
-        now = time.time()
+        now = self.now()
         job = self.change(job_id, lambda j: {"heartbeat": now}
                           if j.state in ACTIVE and j.fence == fence else None)
         if job is None:
@@ -469,7 +483,7 @@ class Registry:
         Redis restarted without its data), as it was when claimed, so ``tlm status`` shows it
         and its end is recorded. None if its run has another live trainer by now (the holder
         then stops)."""
-        now = time.time()
+        now = self.now()
         record = {**job.to_record(), "state": RUNNING, "worker": worker_id, "heartbeat": now,
                   "enqueued": now, "followers": []}
         if self.store.read([job.id], ("state",)):
@@ -504,7 +518,7 @@ class Registry:
     # -- workers -------------------------------------------------------------------
 
     def heartbeat_worker(self, worker_id: str, info: dict[str, Any]) -> None:
-        self.store.put_worker(worker_id, {**info, "id": worker_id, "heartbeat": time.time()})
+        self.store.put_worker(worker_id, {**info, "id": worker_id, "heartbeat": self.now()})
 
     def remove_worker(self, worker_id: str) -> None:
         self.store.drop_worker(worker_id)
@@ -513,7 +527,7 @@ class Registry:
         """Live workers' records; one that is not a JSON object with an id, or whose heartbeat
         is not a time or lies further ahead than a worker record lives (a clock far off, or a
         planted record), is skipped."""
-        ahead = time.time() + WORKER_TTL
+        ahead = self.now() + WORKER_TTL
         return [w for w in self.store.workers()
                 if isinstance(w, dict) and isinstance(w.get("id"), str)
                 and isinstance(w.get("heartbeat"), (int, float)) and w["heartbeat"] <= ahead]
@@ -523,7 +537,7 @@ class Registry:
     def prune(self, older_than_days: Optional[float] = None) -> int:
         """Delete jobs (and logs) finished more than the given days ago; return how many."""
         days = self.keep_days if older_than_days is None else older_than_days
-        return self.store.prune(time.time() - days * 86400)
+        return self.store.prune(self.now() - days * 86400)
 
     def _migrate(self) -> None:
         """Move records written by tlm 0.1 (in huey's result store) into this registry, once."""

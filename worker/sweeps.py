@@ -304,7 +304,7 @@ def reconcile(registry: "Registry", sweep_id: str, lease: float = 60.0) -> None:
     have = {j.sweep["trial"] for j in jobs if j.sweep}
     reserved = (sweep.result or {}).get("reserved", {})
     for n in range((sweep.result or {}).get("created", 0)):
-        if n not in have and time.time() - reserved.get(str(n), 0) > lease:
+        if n not in have and registry.now() - reserved.get(str(n), 0) > lease:
             _create(registry, sweep, spec, n)  # its creator died between reserving and creating
     while len(live) < spec.parallel:
         n = _reserve(registry, sweep.id, spec)
@@ -333,7 +333,7 @@ def _reserve(registry: "Registry", sweep_id: str, spec: SweepSpec) -> Optional[i
             return None
         taken.append(n)
         return {"result": {**result, "created": n + 1,
-                           "reserved": {**result.get("reserved", {}), str(n): time.time()}}}
+                           "reserved": {**result.get("reserved", {}), str(n): registry.now()}}}
     return taken[0] if registry.change(sweep_id, take) is not None else None
 
 
@@ -418,7 +418,7 @@ def leaderboard(registry: "Registry", sweep: Job) -> list[dict[str, Any]]:
     rows = []
     for job in trials(registry, sweep):
         best = best_metric(job)
-        worker_time = (job.finished or time.time()) - job.started if job.started else 0.0
+        worker_time = (job.finished or registry.now()) - job.started if job.started else 0.0
         rows.append({"trial": job.sweep["trial"], "job": job.id, "run": job.run_name,
                      "params": job.sweep["params"], "best": best[0] if best else None,
                      "best_step": best[1] if best else None,

@@ -66,9 +66,13 @@ const jobRunCell = job => (job.kind === "sweep" ? sweepLink(job.id, `sweep ${run
     : runLink(job.run));
 const fmt = (x, digits = 3) => (x === null || x === undefined ? "" : Number(x).toFixed(digits));
 
+// Stamps are the queue's time; this browser's clock may differ (set at each overview).
+let clockOffset = 0;
+const queueNow = () => Date.now() / 1000 + clockOffset;
+
 function age(t) {
   if (!t) return "-";
-  const s = Date.now() / 1000 - t;
+  const s = Math.max(0, queueNow() - t);
   return s < 120 ? `${s.toFixed(0)}s` : s < 7200 ? `${(s / 60).toFixed(0)}m` : `${(s / 3600).toFixed(1)}h`;
 }
 
@@ -128,7 +132,7 @@ function workerTable(workers) {
   const gib = n => `${(n / 2 ** 30).toFixed(1)}`;
   return table(["worker", "host", "device", "memory in use", "labels", "slots", "load", "done", "heartbeat", "jobs"],
     workers.map(w => {
-    const stale = Date.now() / 1000 - w.heartbeat > STALE_SECONDS;
+    const stale = queueNow() - w.heartbeat > STALE_SECONDS;
     const slots = w.slots ? `train ${w.slots.train} · interactive ${w.slots.interactive}` : "";
     const caps = w.capabilities || {};
     const labels = Object.entries(caps.labels || {}).map(([k, v]) => `${k}=${v}`).join(", ");
@@ -169,6 +173,7 @@ function jobsView(root) {
     const params = new URLSearchParams({ limit: PAGE, skip });
     if (state.value) params.set("state", state.value);
     const data = await api("/api/overview?" + params);
+    clockOffset = data.now - Date.now() / 1000;
     const needle = run.value.trim();
     const names = new Set([...data.workers.map(w => w.id), ...data.jobs.map(j => j.worker).filter(Boolean)]);
     const chosen = worker.value;
