@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import click
+import redis
 
 from tlm.ranks import free_ports
 from tlm_cli.options import FiniteRange
@@ -91,10 +94,15 @@ def main(queue, concurrency, gpu, save_root, lease, max_attempts, keep_days, add
                         max_attempts=max_attempts, keep_days=keep_days, burst=burst, address=address,
                         ports=ports, rdma=dict(r.split("=", 1) for r in rdma), labels=labels,
                         policy=Policy(when_idle, on_battery))
-        worker.run()
     except QueueError as e:
         raise click.ClickException(str(e)) from None
     except Exception as e:  # a backend that cannot even be opened
+        raise click.ClickException(f"queue {redact(url)}: {e}") from None
+    try:
+        worker.run()
+    except QueueError as e:
+        raise click.ClickException(str(e)) from None
+    except (redis.RedisError, sqlite3.Error) as e:  # the backend refused (a bug prints its traceback)
         raise click.ClickException(f"queue {redact(url)}: {e}") from None
     if worker.killing:  # stopped by a second Ctrl+C or SIGTERM
         raise SystemExit(130)
