@@ -64,6 +64,29 @@ def test_redis_restarted_without_its_data_keeps_every_worker_and_job(server, tmp
         workers.stop_all()
 
 
+def test_a_gang_whose_record_redis_forgot_is_put_back_with_all_its_members(server, tmp_path, save_dir):
+    """Two workers training one model: a member's worker re-registers the gang as it holds it
+    (before, the members saw the gang gone and killed their ranks, and the job was lost); it
+    ends in one attempt (its ranks may have stopped and saved during the restart: an
+    interruption, and the gang gathers again)."""
+    workers = Workers(server.url, tmp_path)
+    try:
+        procs = [workers.start(lease=4), workers.start(lease=4)]
+        job_id = submit(server.url, "train", "--save_dir", str(save_dir), *LONG, "--num_iters", "300",
+                        "--nodes", "2")
+        wait_for(server.url, job_id, ["running"], until=lambda j: j.checkpoint, timeout=180)
+        server.restart(keep_data=False)
+        until(lambda: registry(server.url).find([job_id]), timeout=30, what="the gang put back")
+        job = wait_for(server.url, job_id, ["succeeded"], timeout=300)
+        assert (job.attempts, job.result["step"], job.nodes) == (1, 300, 2), job.error
+        assert all(p.poll() is None for p in procs)
+        logs = "".join(workers.log(p) for p in procs)
+        assert f"job {job_id} was missing from the registry" in logs and "Traceback" not in logs, logs
+        assert checkpoint.find(save_dir).step == 300
+    finally:
+        workers.stop_all()
+
+
 def test_an_outage_past_the_lease_is_an_interruption_and_never_two_trainers(server, tmp_path, save_dir):
     """Redis gone for two leases and more under two workers: the holder saves and stops within a
     quarter lease, both workers say so once and say when it is back, and the job resumes

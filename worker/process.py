@@ -287,13 +287,11 @@ class Worker:
         for r in running:
             if r.lost:
                 continue
-            if r.rank is None:
-                try:
-                    job = self.registry.heartbeat_job(r.job_id, r.fence)
-                except JobNotFound:
-                    job = self._restore(r)
-            else:
-                job = self.registry.heartbeat_member(r.job_id, self.id, r.fence)
+            try:
+                job = self.registry.heartbeat_job(r.job_id, r.fence) if r.rank is None \
+                    else self.registry.heartbeat_member(r.job_id, self.id, r.fence)
+            except JobNotFound:
+                job = self._restore(r)
             if job is None:  # re-queued while this worker was away, perhaps running elsewhere
                 r.lost = True
                 _signal(r.process, signal.SIGKILL)

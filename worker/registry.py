@@ -454,7 +454,7 @@ class Registry:
     def heartbeat_member(self, job_id: str, worker_id: str, fence: int) -> Optional[Job]:
         """A gang member's heartbeat: the job's own heartbeat is its stalest member's, so a
         sweep re-queues the gang when any member's worker dies. None: the gang this member
-        ran in is over (re-queued or ended elsewhere)."""
+        ran in is over (re-queued or ended elsewhere). JobNotFound: see ``restore``."""
         now = self.now()
 
         def beat(job: Job):
@@ -463,7 +463,10 @@ class Registry:
             members = [{**m, "heartbeat": now} if m["worker"] == worker_id else m
                        for m in job.members]
             return {"members": members, "heartbeat": min(m["heartbeat"] for m in members)}
-        return self.change(job_id, beat)
+        job = self.change(job_id, beat)
+        if job is None:
+            self.get(job_id)  # raises JobNotFound if the registry forgot the gang
+        return job
 
     # -- heartbeats, logs, followers ------------------------------------------------
 
@@ -481,11 +484,12 @@ class Registry:
     def restore(self, job: Job, worker_id: str) -> Optional[Job]:
         """Put back the record of a job this worker holds that the registry has forgotten (a
         Redis restarted without its data), as it was when claimed, so ``tlm status`` shows it
-        and its end is recorded. None if its run has another live trainer by now (the holder
-        then stops)."""
+        and its end is recorded; a gang with all its members, whichever member's worker puts it
+        back. None if its run has another live trainer by now (the holder then stops)."""
         now = self.now()
-        record = {**job.to_record(), "state": RUNNING, "worker": worker_id, "heartbeat": now,
-                  "enqueued": now, "followers": []}
+        record = {**job.to_record(), "state": RUNNING, "worker": job.worker if job.members else worker_id,
+                  "heartbeat": now, "enqueued": now, "followers": [],
+                  "members": [{**m, "heartbeat": now} for m in job.members]}
         if self.store.read([job.id], ("state",)):
             return self.get(job.id)  # restored meanwhile (by its job process's worker, or a peer)
         if self.store.insert(record, exclusive=job.spec.trainer) is not None:
