@@ -317,6 +317,9 @@ def reconcile(registry: "Registry", sweep_id: str, lease: float = 60.0) -> None:
     jobs = trials(registry, sweep)
     registry.update(sweep.id, progress=summary(jobs, spec))
     if len(jobs) >= spec.trials and all(j.state in FINAL for j in jobs):
+        # A trial that ended during this round is told now: once the sweep ends, no round
+        # (this worker's or the trial's own worker's) tells it.
+        _tell(st, jobs, lease)
         best = leaderboard(registry, sweep)[:1]
         registry.finish(sweep.id, SUCCEEDED, result={**(sweep.result or {}), "created": len(jobs),
                                                      "best": best[0] if best else None})
