@@ -307,14 +307,16 @@ class Registry:
         ``interrupted``: stopped on purpose (a worker's signal), so the attempt
         does not count against ``--max_attempts``.
         """
+        now = self.now()
+
         def back(job: Job):
             if job.state not in ACTIVE or job.fence != fence:
                 return None
             if job.cancel:  # asked to stop while it ran: it ends here, not on another worker
-                return {"state": CANCELLED, "finished": self.now(), "fence": fence + 1,
+                return {"state": CANCELLED, "finished": now, "fence": fence + 1,
                         "error": f"cancelled ({reason})"}
             changes = {"state": INTERRUPTED, "worker": None, "fence": fence + 1, "error": reason,
-                       "enqueued": self.now(), "members": []}
+                       "enqueued": now, "members": []}
             if interrupted:
                 changes.update(attempts=job.attempts - 1, interruptions=job.interruptions + 1)
             return changes
@@ -673,7 +675,7 @@ class RedisStore:
                         release = pipe.get(trainer) == job_id.encode()
                     pipe.multi()
                     if line is not None:  # before the index sets a final job's streams to expire
-                        self._add(pipe, job_id, "log", line)
+                        self._add(pipe, job_id, "log", [line])
                     pipe.hset(key, mapping=_json(changes))
                     if new["state"] != job["state"]:
                         self._index(pipe, new, str(job["state"]), expire)
@@ -729,13 +731,14 @@ class RedisStore:
 
     def append(self, job_id: str, stream: str, lines: list[str]) -> None:
         with self.r.pipeline() as pipe:
-            for line in lines:
-                self._add(pipe, job_id, stream, line)
+            self._add(pipe, job_id, stream, lines)
             pipe.publish(f"{self.P}events", job_id)
             pipe.execute()
 
-    def _add(self, pipe, job_id: str, stream: str, line: str) -> None:
-        pipe.xadd(self._stream(job_id, stream), {"l": line}, maxlen=STREAMS[stream], approximate=False)
+    def _add(self, pipe, job_id: str, stream: str, lines: list[str]) -> None:
+        """Append inside the caller's pipeline, dropping the oldest past the cap."""
+        for line in lines:
+            pipe.xadd(self._stream(job_id, stream), {"l": line}, maxlen=STREAMS[stream], approximate=False)
 
     def read_stream(self, job_id: str, stream: str,
                     after: Optional[str]) -> tuple[list[str], Optional[str]]:
