@@ -47,4 +47,12 @@ if [ "$(uname -s)" = Linux ] && ! { command -v chromium && command -v chromedriv
         echo "setup: could not install chromium: the dashboard's browser tests will be skipped" >&2
     fi
 fi
+# The test suite starts redis-servers of its own on free ports (never the lab's 6379).
+if ! command -v redis-server >/dev/null; then
+    if [ "$(uname -s)" = Linux ] && apt_install redis-server; then
+        echo "setup: installed Debian's redis-server (the tests start their own on free ports)" >&2
+    else
+        echo "setup: no redis-server (brew install redis): the Redis tests will be skipped" >&2
+    fi
+fi
 .venv/bin/python -c "from tlm import blas; print('setup:', blas.describe())" >&2

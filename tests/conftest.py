@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,16 @@ import pytest
 from tlm.hooks import TrainingHooks
 
 ROOT = Path(__file__).resolve().parent.parent
+SANDBOX = Path(__file__).resolve().parent / "sandbox"
+
+# Every process the suite starts loads tests/sandbox/sitecustomize.py (port 6379 firewalled), and
+# none reads a user's lab: no TLM_QUEUE or TLM_SAVE_ROOT of theirs, no default queue or runs of theirs.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SANDBOX), os.environ.get("PYTHONPATH")]))
+sys.path.insert(0, str(SANDBOX))
+import sitecustomize  # noqa: E402,F401  (this folder's: the firewall, in pytest too)
+for _name in ("TLM_QUEUE", "TLM_SAVE_ROOT"):
+    os.environ.pop(_name, None)
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="tlm-test-home-")
 MIRROR = Path(os.environ.get("TLM_DATA_MIRROR") or ROOT.parent / "shared" / "data")
 if MIRROR.is_dir():
     os.environ["TLM_DATA_MIRROR"] = str(MIRROR)  # for the processes tests start too

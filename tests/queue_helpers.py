@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
@@ -39,13 +42,9 @@ class Workers:
 
     def start(self, *args: str, lease: float = 4, clock: float = 0.0) -> subprocess.Popen:
         """``clock``: seconds this worker's clock (and its job processes') is off: a Mac whose
-        time is wrong (tests/skewed_clock)."""
+        time is wrong (tests/sandbox)."""
         log = open(self.tmp / f"worker-{len(self.procs)}.log", "w")
-        env = None
-        if clock:
-            path = [str(Path(__file__).parent / "skewed_clock"), os.environ.get("PYTHONPATH", "")]
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path)),
-                   "TLM_TEST_CLOCK_OFFSET": str(clock)}
+        env = {**os.environ, "TLM_TEST_CLOCK_OFFSET": str(clock)} if clock else None
         proc = subprocess.Popen([sys.executable, "-m", "tlm_worker.main", "--queue", self.url,
                                  "--lease", str(lease), *args], stdout=log, stderr=log, env=env)
         proc.log_path = log.name
@@ -90,16 +89,28 @@ def wait_for(url: str, job_id: str, states: Iterable[str], timeout: float = 120,
 
 
 def backend_url(kind: str, tmp_path: Path, redis_db: int) -> str:
-    """A fresh queue of either backend: a SQLite file, or a flushed Redis database (each test
-    module its own, so modules never share state)."""
+    """A fresh queue of either backend: a SQLite file, or a flushed database of the suite's own
+    redis-server (each test module its own, so modules never share state). The suite never
+    touches a Redis it did not start: a user's lab may live on 6379."""
     if kind == "sqlite":
         return f"sqlite://{tmp_path / 'queue.db'}"
-    url = f"redis://127.0.0.1:6379/{redis_db}"
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=1).flushdb()
-    except redis.exceptions.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
+    url = f"redis://127.0.0.1:{suite_redis().port}/{redis_db}"
+    redis.Redis.from_url(url).flushdb()
     return url
+
+
+_SUITE_REDIS: list["RedisServer"] = []
+
+
+def suite_redis() -> "RedisServer":
+    """The test session's redis-server, started on a free port at first use and killed at exit."""
+    if not _SUITE_REDIS:
+        if shutil.which("redis-server") is None:
+            pytest.skip("no redis-server installed (scripts/setup.sh installs it)")
+        server = RedisServer(Path(tempfile.mkdtemp(prefix="tlm-test-redis-")), durable=False)
+        atexit.register(server.kill)
+        _SUITE_REDIS.append(server)
+    return _SUITE_REDIS[0]
 
 
 def plant(url: str, reg: Registry) -> list[str]:

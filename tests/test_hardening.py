@@ -14,7 +14,7 @@ import redis
 from tlm import checkpoint
 
 from conftest import tlm_cmd
-from queue_helpers import TINY, Workers, free_port, submit, tlm, wait_for
+from queue_helpers import TINY, Workers, free_port, submit, suite_redis, tlm, wait_for
 
 BAD = [
     (["train", "--seed", "-1"], "--seed must be in [0, 2^32), got -1"),
@@ -25,9 +25,9 @@ BAD = [
     (["sample", "--local", "--temperature", "nan"], "'nan' is not a finite number"),
     (["sample", "--local", "--seed", "-1"], "--seed"),
     (["status", "--queue", "sqlite:///nonexistent/dir/q.db"], "no directory /nonexistent/dir"),
-    (["status", "--queue", "redis://127.0.0.1:6379/abc"], "the database must be a number, not 'abc'"),
+    (["status", "--queue", "redis://OWN/abc"], "the database must be a number, not 'abc'"),
     (["status", "--queue", "redis://127.0.0.1:notaport/0"], "queue URL redis://127.0.0.1:notaport/0"),
-    (["status", "--queue", "redis://127.0.0.1:6379/99"], "DB index is out of range"),
+    (["status", "--queue", "redis://OWN/99"], "DB index is out of range"),
     (["train", "--time_budget", "1e-9"], "is under a second, too short for one step"),
     (["train", "--context_size", "2000000", "--dim", "32", "--num_heads", "2"],
      "fewer than one window of --context_size + 1 = 2000001: lower --context_size"),
@@ -69,8 +69,14 @@ BAD = [
 ]
 
 
+def own_redis(args: list[str]) -> list[str]:
+    """``redis://OWN`` in a case: the suite's own redis-server (never a user's 6379)."""
+    return [a.replace("redis://OWN", f"redis://127.0.0.1:{suite_redis().port}") for a in args]
+
+
 @pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_is_one_line_at_once(args, message, tmp_path):
+    args = own_redis(args)
     proc = tlm(*args, "--save_dir", str(tmp_path / "run")) if args[0] == "train" else tlm(*args)
     assert proc.returncode in (1, 2), proc.stderr
     assert "Traceback" not in proc.stderr
@@ -86,13 +92,13 @@ def test_bad_input_is_one_line_at_once(args, message, tmp_path):
     (["--keep_days", "0"], "--keep_days"),
     (["--keep_days", "inf"], "'inf' is not a finite number"),
     (["--gpu"], "no GPU backend (Metal or CUDA)"),
-    (["--queue", "redis://127.0.0.1:6379/99"], "DB index is out of range"),
+    (["--queue", "redis://OWN/99"], "DB index is out of range"),
 ])
 def test_worker_refuses_bad_settings_at_start(args, message):
     import mlx.core as mx
     if "--gpu" in args and mx.is_available(mx.gpu):
         pytest.skip("this machine has a GPU")
-    proc = subprocess.run([sys.executable, "-m", "tlm_worker.main", *args], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "tlm_worker.main", *own_redis(args)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
