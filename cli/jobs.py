@@ -21,7 +21,8 @@ from rich.live import Live
 from rich.table import Table
 
 from tlm.config import ConfigError, TrainConfig
-from tlm_cli.options import FiniteRange, given_options, train_options
+from tlm_cli.options import given_options, train_options
+from tlm_worker.options import FiniteRange
 from tlm_worker.kinds import CLAIMABLE, PRIORITIES, BadRecord, Job
 from tlm_worker.placement import parse_needs, size_text, waiting_reason
 from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError, queue_url, redact
@@ -342,7 +343,7 @@ def follow(registry: Registry, job_id: str) -> int:
                     display.line(line)
                 p = job.progress
                 if p.get("step"):
-                    display.advance(p["step"], p["total"], p.get("train_loss"))
+                    display.advance(p["step"], p.get("total", total), p.get("train_loss"))
                 if job.state in FINAL:
                     break
                 wait(1.0)
@@ -375,11 +376,11 @@ def _progress(job: Job, waiting: Optional[str] = None) -> str:
         return p["phase"] + (f" (at {p['step']})" if p.get("step") else "")
     if not p.get("step"):
         return ""
-    out = f"{p['step']}/{p['total']}"
+    out = f"{p['step']}/{p.get('total', '?')}"
     if p.get("train_loss") is not None:
         out += f" loss {p['train_loss']:.3f}"
     if p.get("val_metric") is not None:
-        out += f" val {p['val_metric_name']} {p['val_metric']:.2f}"
+        out += f" val {p.get('val_metric_name', 'metric')} {p['val_metric']:.2f}"
     if p.get("tokens_per_sec"):
         out += f" {p['tokens_per_sec']:,.0f} tok/s"
     if p.get("eta_seconds") and job.state == "running":

@@ -13,18 +13,6 @@ import click
 from tlm.config import ConfigError, TrainConfig, apply_preset
 
 
-class FiniteRange(click.FloatRange):
-    """A float range that also refuses nan and inf (which compare false with any bound)."""
-
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
-        import math
-
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return number
-
-
 def flag_types() -> dict[str, type]:
     """Each TrainConfig field's type, ``Optional[X]`` as X: what a flag's value converts to."""
     hints = typing.get_type_hints(TrainConfig)

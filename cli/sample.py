@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 from tlm_cli.jobs import connect, queue_errors, queue_option, target
-from tlm_cli.options import FiniteRange, find_checkpoint
+from tlm_cli.options import find_checkpoint
+from tlm_worker.options import FiniteRange
 
 
 def echo(message: str) -> None:

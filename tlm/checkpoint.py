@@ -103,6 +103,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _header(path: Path) -> dict[str, str]:
+    if not path.is_file():  # a FIFO or device planted under a checkpoint's name would block the open
+        raise CheckpointError(f"{path} is not a regular file")
     with safe_open(str(path), framework="numpy") as f:
         return f.metadata() or {}
 

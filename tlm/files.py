@@ -6,6 +6,7 @@ import errno
 import hashlib
 import itertools
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
@@ -65,3 +66,21 @@ def file_digest(path: Path, algorithm: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_small(path: Path, limit: int) -> Optional[bytes]:
+    """A regular file's bytes, at most ``limit`` of them, or None if there is no such file.
+    Opened without blocking and checked before reading, so a FIFO, a device or a folder planted
+    under that name (in a shared save root anyone can write) never hangs or floods a reader:
+    they raise OSError (EISDIR, or EINVAL naming what it is)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "a folder, not a file", str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return f.read(limit)

@@ -75,21 +75,35 @@ def _fence(rec: dict[str, Any]) -> int:
     return fence if isinstance(fence, int) else 0
 
 
+MAX_BYTES = 1 << 28  # 256 MiB: 20 times a 200,000-step run's log; a bigger file is read that far
+
+
 def raw(save_dir: str | Path) -> list[dict[str, Any]]:
     """Every record of the run as written, in file order (re-trained steps and stale holders'
-    records included); lines that are not ours, or cut short by a crash, are skipped."""
-    path = Path(save_dir) / FILE
+    records included); lines that are not ours, cut short by a crash, or whose values are of
+    another type are skipped, and a metrics.jsonl that is no regular file reads as empty."""
+    try:
+        data = files.read_small(Path(save_dir) / FILE, MAX_BYTES)
+    except OSError:
+        return []
     records = []
-    if path.exists():
-        for line in path.read_bytes().decode(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and {"kind", "step", "loss"} <= rec.keys() \
-                    and isinstance(rec["kind"], str) and isinstance(rec["step"], int):
-                records.append(rec)
+    for line in (data or b"").decode(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(rec, dict) and _well_formed(rec):
+            records.append(rec)
     return records
+
+
+def _well_formed(rec: dict[str, Any]) -> bool:
+    """Kind a string, step an int, loss a finite number; the optional numbers numbers or absent."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return (isinstance(rec.get("kind"), str) and isinstance(rec.get("step"), int)
+            and not isinstance(rec["step"], bool) and number(rec.get("loss"))
+            and all(number(rec[k]) for k in ("elapsed", "tokens_per_sec", "time") if rec.get(k) is not None))
 
 
 def read(save_dir: str | Path) -> list[dict[str, Any]]:

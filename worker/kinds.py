@@ -43,6 +43,62 @@ class BadRecord(ValueError):
         self.job_id, self.reason, self.newer = job_id, reason, newer
 
 
+# -- shapes: what a record's nested fields hold --------------------------------------------
+# A shape is a type (a bool passes for nothing but bool), a tuple of shapes (any of them),
+# [shape] (a list of them), {str: shape} (any keys), or {"key": shape, ...} (those keys,
+# each optional unless listed in REQUIRED_KEYS; other keys, from a newer tlm, pass unchecked).
+NUMBER = (int, float)
+Shape = Any
+
+
+def misfit(value: Any, shape: Shape, where: str) -> Optional[str]:
+    """Why ``value`` does not have ``shape`` (``where`` names it in the reason), or None."""
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where} is {type(value).__name__}, not a list"
+        return next((w for i, v in enumerate(value) if (w := misfit(v, shape[0], f"{where}[{i}]"))), None)
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where} is {type(value).__name__}, not an object"
+        if str in shape:
+            return next((w for k, v in value.items()
+                         if (w := misfit(k, str, f"a key of {where}") or misfit(v, shape[str], f"{where}.{k}"))),
+                        None)
+        missing = [k for k in shape.get(REQUIRED_KEYS, ()) if k not in value]
+        if missing:
+            return f"{where} has no {missing[0]!r}"
+        return next((w for k, s in shape.items() if k != REQUIRED_KEYS and k in value
+                     if (w := misfit(value[k], s, f"{where}.{k}"))), None)
+    types = shape if isinstance(shape, tuple) else (shape,)
+    if not all(isinstance(t, type) for t in types):  # alternatives: (shape, shape, ...)
+        whys = [misfit(value, t, where) for t in types]
+        return None if None in whys else whys[0]
+    if value is None and type(None) in types:
+        return None
+    if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
+        return f"{where} is {type(value).__name__}, not {' or '.join(t.__name__ for t in types)}"
+    if isinstance(value, float) and value != value:
+        return f"{where} is not a number"
+    return None
+
+
+REQUIRED_KEYS = "required keys"  # in a {"key": shape} shape: the keys it must hold
+OPTIONAL_NUMBER = (int, float, type(None))
+NEEDS = {"gpu": bool, "memory": int, "host": str, "labels": {str: str}}
+MEMBER = {REQUIRED_KEYS: ("worker", "expires", "address", "port"), "worker": str, "expires": NUMBER,
+          "heartbeat": NUMBER, "address": str, "port": int, "rdma": (bool, type(None))}
+TRIAL = {REQUIRED_KEYS: ("id", "name", "trial", "params"), "id": str, "name": str, "trial": int,
+         "params": dict}
+PROGRESS = {  # written by job processes and sweeps; a value of another shape is dropped on read
+    "step": int, "total": int, "first_step": int, "val_step": int, "phase": str, "kind": str,
+    "message": str, "checkpoint": (str, type(None)), "bits_per_char": bool, "config": dict,
+    "val_metric_name": str, "best_valid": [NUMBER], "trials": int, "counts": {str: int},
+    "best": ({REQUIRED_KEYS: ("loss", "trial"), "loss": NUMBER, "trial": int}, type(None)),
+    **{k: OPTIONAL_NUMBER for k in ("train_loss", "val_loss", "test_loss", "val_metric", "learning_rate",
+                                    "it_per_sec", "tokens_per_sec", "peak_memory_gb", "elapsed",
+                                    "eta_seconds")}}
+
+
 @dataclass(frozen=True)
 class JobKind:
     """One kind of job. ``run`` is ``module:function`` of the job process (imported
@@ -55,17 +111,22 @@ class JobKind:
     nodes: Callable[[dict[str, Any]], int] = lambda params: 1  # workers it needs at once
     checkpoint_input: bool = False  # reads a checkpoint: a chain pins its parent's
     driven: bool = False  # held by no worker: every worker drives it in its sweep (a tlm sweep)
+    result: Shape = dict  # what its record's result holds once it succeeded
 
 
 KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("train", "train", "tlm_worker.jobs:run_train", trainer=True,
-            nodes=lambda params: int(params.get("nodes", 1))),
-    JobKind("eval", "interactive", "tlm_worker.jobs:run_eval", checkpoint_input=True),
+            nodes=lambda params: int(params.get("nodes", 1)),
+            result={"step": int, "val_loss": OPTIONAL_NUMBER, "test_loss": OPTIONAL_NUMBER}),
+    JobKind("eval", "interactive", "tlm_worker.jobs:run_eval", checkpoint_input=True,
+            result={"split": str, "loss": NUMBER}),
     JobKind("sample", "interactive", "tlm_worker.jobs:run_sample", required=("prompt", "sampling"),
-            checkpoint_input=True),
+            checkpoint_input=True, result={REQUIRED_KEYS: ("samples", "unknown"), "samples": [str],
+                                           "unknown": [str]}),
     JobKind("export", "interactive", "tlm_worker.jobs:run_export", required=("out",),
-            checkpoint_input=True),
-    JobKind("sweep", "", "", trainer=True, required=("search", "name"), driven=True),  # one per name
+            checkpoint_input=True, result={"out": str, "checkpoint": str, "step": int}),
+    JobKind("sweep", "", "", trainer=True, required=("search", "name"), driven=True,  # one per name
+            result={"created": int, "reserved": {str: NUMBER}, "best": (dict, type(None))}),
 )}
 
 
@@ -155,6 +216,14 @@ class Job:
         missing = [k for k in KINDS[values["kind"]].required if k not in values["params"]]
         if missing:
             raise BadRecord(job_id, f"({values['kind']}) has no {', '.join(missing)} in its params")
+        spec = KINDS[values["kind"]]
+        for name, shape in (("needs", NEEDS), ("members", [MEMBER]), ("sweep", TRIAL),
+                            ("followers", [str]), ("result", spec.result)):
+            why = values.get(name) is not None and misfit(values[name], shape, name)
+            if why:
+                raise BadRecord(job_id, why)
+        values["progress"] = {k: v for k, v in values.get("progress", {}).items()
+                              if k not in PROGRESS or not misfit(v, PROGRESS[k], k)}
         try:
             nodes = KINDS[values["kind"]].nodes(values["params"])
         except (TypeError, ValueError):

@@ -8,8 +8,8 @@ import click
 import redis
 
 from tlm.ranks import free_ports
-from tlm_cli.options import FiniteRange
-from tlm_worker.placement import parse_labels
+from tlm_worker.options import FiniteRange
+from tlm_worker.placement import capabilities, parse_labels
 from tlm_worker.power import Policy
 from tlm_worker.process import Worker
 from tlm_worker.queue import QueueError, queue_url, redact
@@ -38,7 +38,7 @@ class PortRange(click.ParamType):
 @click.option("--concurrency", default=1, type=click.IntRange(1),
               help="training jobs run at once (sample and eval jobs run beside them in a lane of their own)")
 @click.option("--gpu", is_flag=True, help="run jobs on MLX's GPU (Metal on macOS, CUDA on Linux)")
-@click.option("--save_root", "--save-root", default=None,
+@click.option("--save_root", "--save-root", envvar="TLM_SAVE_ROOT", default=None,
               help="where this machine mounts the shared runs directory (for --run jobs)")
 @click.option("--lease", default=60.0, type=FiniteRange(1), show_default=True,
               help="seconds without a heartbeat after which a job is re-queued")
@@ -79,6 +79,10 @@ def main(queue, concurrency, gpu, save_root, lease, max_attempts, keep_days, add
         labels = parse_labels(labels)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--label") from None
+    try:
+        capabilities(gpu, labels)  # TLM_FAKE_CAPABILITIES is checked here, not blamed on the queue
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     if any("=" not in r for r in rdma):
         raise click.BadParameter("give PEER=DEVICE, e.g. 10.0.1.2=rdma_en3", param_hint="--rdma")
     if gpu:

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable, Optional
 
+from tlm_worker.kinds import misfit
+
 FAKE_CAPABILITIES = "TLM_FAKE_CAPABILITIES"  # the test seam: JSON merged over the probe's
+# What the rules read of a worker's capabilities (other keys are shown, never compared): a
+# worker record that does not fit is read with none, so it meets no need.
+CAPABILITIES = {"device": str, "memory_total": int, "memory_available": int, "host": str,
+                "labels": {str: str}, "cores": (int, type(None))}
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,8 @@ def parse_size(text: str) -> int:
 
 
 def size_text(n: float) -> str:
+    if n >= 2**40:
+        return f"{n / 2**40:,.1f} TiB"
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
@@ -168,5 +176,12 @@ def capabilities(gpu: bool, labels: dict[str, str]) -> dict[str, Any]:
             "memory_available": available, "labels": labels}
     fake = os.environ.get(FAKE_CAPABILITIES)
     if fake:
-        caps.update(json.loads(fake))
+        try:
+            extra = json.loads(fake)
+        except (ValueError, RecursionError):
+            raise ValueError(f"{FAKE_CAPABILITIES} is not JSON") from None
+        why = misfit(extra, CAPABILITIES, FAKE_CAPABILITIES)
+        if why:
+            raise ValueError(why)
+        caps.update(extra)
     return caps

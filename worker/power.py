@@ -25,7 +25,10 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
+
+from tlm.files import read_small
 
 LOOK_SECONDS = 5.0  # how often a worker with a policy asks the OS
 FAKE_PROBE = "TLM_POWER_PROBE"
@@ -73,18 +76,22 @@ class FileProbe(Probe):
     def __init__(self, path: str):
         self.path = path
 
-    def _read(self) -> dict:
+    def _read(self, key: str, types: tuple[type, ...]) -> Any:
+        """The reading ``key`` if the file is a small JSON object holding it with one of
+        ``types`` (a bool is no number); None otherwise, as a Mac without the probe reads."""
         try:
-            with open(self.path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
+            data = json.loads(read_small(Path(self.path), 4096) or b"{}")
+        except (OSError, ValueError, RecursionError):
+            return None
+        value = data.get(key) if isinstance(data, dict) else None
+        ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+        return value if ok else None
 
     def idle_seconds(self) -> Optional[float]:
-        return self._read().get("idle_seconds")
+        return self._read("idle_seconds", (int, float))
 
     def on_battery(self) -> Optional[bool]:
-        return self._read().get("on_battery")
+        return self._read("on_battery", (bool,))
 
 
 def probe() -> Probe:

@@ -357,13 +357,15 @@ class Worker:
                 for lane in LANES:
                     if not self.stopping and self._free(lane) and not (self.paused and lane == "train"):
                         took = self._try(self._take, lane) or took
-                if self.burst and not (took or self.running or self.reservation or self._try(self._waiting)):
-                    self.say("queue empty: exiting (--burst)")
-                    break
                 busy = took or busy
                 if time.monotonic() - last_sweep > self.lease / 2:
                     last_sweep = time.monotonic()
                     self._try(self._sweep)
+                if self.burst and not (took or self.running or self.reservation):
+                    left = self._try(self._left_for_burst)
+                    if left is not None and left is not True:
+                        self.say(f"{left}: exiting (--burst)")
+                        break
                 if not busy:  # until a job process ends, or the next poll of the queue
                     sentinels = [r.process.sentinel for r in self.running.values()]
                     multiprocessing.connection.wait(sentinels, self.poll) if sentinels \
@@ -407,12 +409,19 @@ class Worker:
             return held + (self.reservation is not None) < self.concurrency
         return held < 1
 
-    def _waiting(self) -> bool:
-        """Whether any job waits to be claimed, or a sweep runs that will queue more (for
-        --burst: entries can lag records, and a gang waits for workers that may not have
-        started yet)."""
-        return bool(self.registry.in_states(CLAIMABLE)) or any(
-            j.spec.driven for j in self.registry.in_states(ACTIVE))
+    def _left_for_burst(self) -> "bool | str":
+        """--burst: True while a job this worker can run waits to be claimed or a sweep runs
+        that will queue more (entries can lag records, and a gang waits for workers that may
+        not have started yet); else why it may exit ("queue empty", or what the jobs left need)."""
+        if any(j.spec.driven for j in self.registry.in_states(ACTIVE)):
+            return True
+        left = self.registry.in_states(CLAIMABLE)
+        if any(not unmet(j.needs, self.caps) for j in left):
+            return True
+        if not left:
+            return "queue empty"
+        return (f"nothing left this worker can run: {len(left)} job(s) wait for another worker "
+                f"(job {left[0].id} {unmet(left[0].needs, self.caps)})")
 
     def _take(self, lane: str) -> bool:
         """Pop one wake-up entry of a lane and claim the best job this worker can run there

@@ -44,8 +44,8 @@ import redis
 
 from tlm_worker.kinds import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILED, FINAL, INTERRUPTED,
                               KINDS, LIVE, QUEUED, RUNNING, SKIPPED, STATES, SUCCEEDED,
-                              WAITING, BadRecord, Job)
-from tlm_worker.placement import unmet
+                              WAITING, BadRecord, Job, misfit)
+from tlm_worker.placement import CAPABILITIES, unmet
 from tlm_worker.queue import QUEUE_ERRORS, Queue
 
 __all__ = ["ACTIVE", "CANCELLED", "CANCELLING", "CLAIMABLE", "FAILED", "FINAL", "INTERRUPTED",
@@ -534,9 +534,11 @@ class Registry:
         is not a time or lies further ahead than a worker record lives (a clock far off, or a
         planted record), is skipped."""
         ahead = self.now() + WORKER_TTL
-        return [w for w in self.store.workers()
+        live = [w for w in self.store.workers()
                 if isinstance(w, dict) and isinstance(w.get("id"), str)
                 and isinstance(w.get("heartbeat"), (int, float)) and w["heartbeat"] <= ahead]
+        return [w if not misfit(w.get("capabilities") or {}, CAPABILITIES, "capabilities")
+                else {**w, "capabilities": {}} for w in live]
 
     # -- retention and upgrades ----------------------------------------------------------
 
