@@ -278,12 +278,12 @@ class Lab:
 
         from tlm_worker import sweeps
         try:
-            study = sweeps.study(self.registry, job)
+            study = sweeps.study(self.registry, job.id, sweeps.SweepSpec.from_dict(job.params))
             done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             if len(done) < 2 or len(job.params["search"]) < 1:
                 return {}
             return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
-        except (RuntimeError, ValueError, KeyError):  # too few distinct values, or no study yet
+        except (RuntimeError, ValueError, KeyError):  # too few distinct values, no study, a bad spec
             return {}
 
     def sweep_cancel(self, sweep_id: str) -> dict[str, Any]:

@@ -16,11 +16,16 @@ from rich.table import Table
 
 from tlm_cli.jobs import connect, echo, queue_errors, queue_option
 from tlm_cli.options import flag_types, given_options
-from tlm_worker.kinds import FINAL
+from tlm_worker.kinds import FINAL, misfit
 from tlm_worker.registry import JobNotFound, Registry
 
 SPEC_KEYS = ("name", "preset", "search", "trials", "parallel", "metric", "budget", "prune", "sampler",
              "seed", "priority", "flags")
+
+
+TOML_SHAPE = {"name": str, "preset": str, "search": ([str], {str: str}), "trials": int, "parallel": int,
+              "metric": str, "budget": (str, int), "prune": str, "sampler": str, "seed": int,
+              "priority": str, "flags": {str: (str, int, float, bool)}}
 
 
 @click.group()
@@ -43,6 +48,9 @@ def read_toml(path: str) -> dict[str, Any]:
     if unknown:
         raise click.UsageError(f"{path}: unknown keys {', '.join(sorted(unknown))} "
                                f"(known: {', '.join(SPEC_KEYS)})")
+    why = misfit(data, TOML_SHAPE, "")
+    if why:
+        raise click.UsageError(f"{path}: {why}")
     search = data.get("search", [])
     if isinstance(search, dict):
         search = [f"{k}={v}" for k, v in search.items()]

@@ -100,12 +100,34 @@ def test_the_same_spec_and_seed_propose_the_same_parameters_in_the_same_order(ur
     (["--search", "learning_rate=1e-3:1e-2", "--sampler", "grid"], "grid searches choices only"),
     (["--search", "dim=30,32"], "a trial's flags would be refused"),
     ([], "nothing to search"),
+    (["--search", "dropout=0:inf"], "'inf' is not a finite number"),
+    (["--search", "dropout=0:5"], "(--dropout 5.0): --dropout must be in [0, 1)"),
+    (["--search", "num_heads=1:7"], "(--num_heads 7): --dim 32 is not divisible by --num_heads 7"),
+    (["--search", "optimizer=adamw,bogus"], "(--optimizer bogus): unknown --optimizer 'bogus'"),
+    (["--search", "dropout=0:0.3", "--flag", "steps_per_eval=100000", "--flag", "num_iters=100000",
+      "--flag", "time_budget=0.15"], "a trial (at most 100000 steps, or its time budget) reaches no evaluation"),
 ])
 def test_a_spec_that_cannot_run_is_refused_in_one_line_and_queues_nothing(url, args, says):
     proc = tlm("sweep", "submit", "--name", "bad", *TRIAL, "--queue", url, *args)
     assert proc.returncode == 2 and says in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("Error: ")
     assert registry(url).jobs(None) == []
+
+
+@pytest.mark.parametrize("line, says", [
+    ('seed = "x"', "seed is str, not int"), ('trials = "many"', "trials is str, not int"),
+    ("name = 123", "name is int, not str"), ("search = 5", "search is int, not a list"),
+    ('flags = "x"', "flags is str, not an object"), ("trials = 100000", "--trials must be in [1, 10000]"),
+    ("parallel = 1000000", "--parallel in [1, 1000]"),
+])
+def test_a_toml_spec_of_the_wrong_types_is_one_line(line, says, tmp_path):
+    spec = tmp_path / "sweep.toml"
+    given = dict(kv.split(" = ", 1) for kv in ['name = "t"', 'search = ["dropout=0:0.3"]', line])
+    spec.write_text("".join(f"{k} = {v}\n" for k, v in given.items()))
+    url = f"sqlite://{tmp_path / 'q.db'}"
+    proc = tlm("sweep", "submit", str(spec), *TRIAL, "--queue", url)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert says in proc.stderr.strip().splitlines()[-1], proc.stderr
 
 
 def test_a_sweep_from_a_toml_file_and_a_name_used_twice(url, tmp_path):
@@ -177,7 +199,50 @@ def test_workers_killed_and_stopped_mid_sweep_lose_no_trial_and_run_none_twice(u
         assert checkpoint.find(root / row["run"]).step == 200 and row["steps"] == 200
     assert sum(reg.get(r["job"]).attempts + reg.get(r["job"]).interruptions for r in rows) > 6
     from optuna.trial import TrialState
-    from tlm_worker.sweeps import study
-    told = study(reg, reg.get(sweep_id)).get_trials(states=(TrialState.COMPLETE,))
+    from tlm_worker.sweeps import SweepSpec, study
+    told = study(reg, sweep_id, SweepSpec.from_dict(reg.get(sweep_id).params)).get_trials(
+        states=(TrialState.COMPLETE,))
     assert sorted(t.number for t in told) == sorted(reg.get(r["job"]).sweep["number"] for r in rows)
     assert len(told) == 6  # each told once: none counted twice
+
+
+def test_a_sweep_whose_study_is_gone_ends_failed_and_one_whose_spec_was_edited_still_cancels(url, workers, tmp_path):
+    """The Optuna journal deleted mid-sweep (its Redis keys, or the file beside the SQLite
+    queue): the sweep fails with its reason; a spec edited in the record: cancel still ends it."""
+    import redis as redis_lib
+    root = tmp_path / "root"
+    root.mkdir()
+    workers.start("--save_root", str(root))
+    gone = sweep(url, "gone", "--search", "learning_rate=log:1e-4:1e-2", "--trials", "4",
+                 "--parallel", "1", "--budget", "100000", "--prune", "none")
+    if url.startswith("redis"):
+        r = redis_lib.Redis.from_url(url)
+        r.delete(*r.keys(f"tlm:optuna:{gone}:*"))
+    else:
+        (tmp_path / "queue.db.optuna" / f"{gone}.log").write_text("{not json\n")
+    ended = wait_for(url, gone, ["failed"], timeout=120)
+    assert "cannot drive the sweep" in ended.error, ended.error
+    edited = sweep(url, "edited", "--search", "learning_rate=log:1e-4:1e-2", "--trials", "4",
+                   "--parallel", "1", "--budget", "100000", "--prune", "none")
+    reg = registry(url)
+    reg.store.set_fields(edited, {"params": {**reg.get(edited).params, "seed": "x"}})
+    proc = tlm("sweep", "cancel", "edited", "--queue", url)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    wait_for(url, edited, ["cancelled"], timeout=120)
+
+
+@pytest.mark.parametrize("url", ["sqlite", "redis"], indirect=True)
+def test_parallel_is_never_exceeded_while_many_workers_drive_the_sweep(url, workers, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    for _ in range(4):
+        workers.start("--save_root", str(root), "--concurrency", "2", lease=2)
+    sweep_id = sweep(url, "wide", "--search", "learning_rate=log:1e-4:1e-2", "--trials", "10",
+                     "--parallel", "3", "--budget", "20", "--prune", "none")
+    reg, most = registry(url), 0
+    deadline = time.time() + 300
+    while reg.get(sweep_id).state == "running" and time.time() < deadline:
+        live = [j for j in reg.jobs(None) if j.sweep and j.state in ("queued", "running", "interrupted")]
+        most = max(most, len(live))
+        time.sleep(0.05)
+    assert reg.get(sweep_id).state == "succeeded" and 1 <= most <= 3, most

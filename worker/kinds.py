@@ -62,24 +62,28 @@ def misfit(value: Any, shape: Shape, where: str) -> Optional[str]:
             return f"{where} is {type(value).__name__}, not an object"
         if str in shape:
             return next((w for k, v in value.items()
-                         if (w := misfit(k, str, f"a key of {where}") or misfit(v, shape[str], f"{where}.{k}"))),
+                         if (w := misfit(k, str, f"a key of {where}") or misfit(v, shape[str], _key(where, k)))),
                         None)
         missing = [k for k in shape.get(REQUIRED_KEYS, ()) if k not in value]
         if missing:
             return f"{where} has no {missing[0]!r}"
         return next((w for k, s in shape.items() if k != REQUIRED_KEYS and k in value
-                     if (w := misfit(value[k], s, f"{where}.{k}"))), None)
+                     if (w := misfit(value[k], s, _key(where, k)))), None)
     types = shape if isinstance(shape, tuple) else (shape,)
     if not all(isinstance(t, type) for t in types):  # alternatives: (shape, shape, ...)
         whys = [misfit(value, t, where) for t in types]
         return None if None in whys else whys[0]
     if value is None and type(None) in types:
         return None
-    if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         return f"{where} is {type(value).__name__}, not {' or '.join(t.__name__ for t in types)}"
     if isinstance(value, float) and value != value:
         return f"{where} is not a number"
     return None
+
+
+def _key(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
 
 
 REQUIRED_KEYS = "required keys"  # in a {"key": shape} shape: the keys it must hold
@@ -126,7 +130,8 @@ KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("export", "interactive", "tlm_worker.jobs:run_export", required=("out",),
             checkpoint_input=True, result={"out": str, "checkpoint": str, "step": int}),
     JobKind("sweep", "", "", trainer=True, required=("search", "name"), driven=True,  # one per name
-            result={"created": int, "reserved": {str: NUMBER}, "best": (dict, type(None))}),
+            result={"created": int, "reserved": {str: NUMBER}, "best": (dict, type(None)),
+                    "driver": [(str, int, float)]}),  # the process driving it, until when
 )}
 
 

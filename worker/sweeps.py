@@ -34,14 +34,18 @@ trial Optuna prunes saves and ends ``pruned``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from tlm_worker.kinds import ACTIVE, FINAL, LIVE, PRIORITIES, PRUNED, RUNNING, SUCCEEDED, Job
+from tlm_worker.kinds import (ACTIVE, FAILED, FINAL, LIVE, NUMBER, PRIORITIES, PRUNED, REQUIRED_KEYS,
+                              RUNNING, SUCCEEDED, Job, misfit)
+from tlm_worker.queue import QUEUE_ERRORS
 from tlm_worker.registry import CANCELLED, RunBusy
 
 if TYPE_CHECKING:
@@ -78,7 +82,17 @@ class SweepSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SweepSpec":
+        """A spec from a record or a file, its fields' types checked (SpecError, one line)."""
+        why = misfit(data, SPEC, "the sweep spec")
+        unknown = sorted(set(data) - set(SPEC) - {REQUIRED_KEYS})
+        if why or unknown:
+            raise SpecError(why or f"the sweep spec has unknown keys: {', '.join(unknown)}")
         return cls(**data)
+
+    @classmethod
+    def load(cls, data: dict[str, Any]) -> "SweepSpec":
+        """A stored spec, checked as at submit: a record edited since reads as SpecError."""
+        return check(cls.from_dict(data))
 
     def trial_flags(self, params: dict[str, Any]) -> dict[str, Any]:
         """A trial's training flags: the base, the budget, then the proposed values."""
@@ -92,6 +106,14 @@ class SweepSpec:
     @property
     def by_time(self) -> bool:
         return self.budget.endswith("m")
+
+
+SCALAR = (str, int, float, bool)
+SEARCH = {REQUIRED_KEYS: ("type",), "type": str, "low": NUMBER, "high": NUMBER, "log": bool, "values": [SCALAR]}
+SPEC = {REQUIRED_KEYS: ("name", "search"), "name": str, "search": {str: SEARCH}, "base": {str: SCALAR},
+        "trials": int, "parallel": int, "metric": str, "budget": str, "prune": str, "sampler": str,
+        "seed": int, "priority": str}
+MAX_TRIALS, MAX_PARALLEL = 10000, 1000
 
 
 def parse_search(item: str, types: dict[str, type]) -> tuple[str, dict[str, Any]]:
@@ -111,9 +133,12 @@ def parse_search(item: str, types: dict[str, type]) -> tuple[str, dict[str, Any]
                 if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError
                 return v.lower() in ("true", "1", "yes")
-            return typ(v)
-        except ValueError:
-            raise SpecError(f"--search {item!r}: {v!r} is not a {typ.__name__} "
+            number = typ(v)
+            if typ is float and not math.isfinite(number):
+                raise ValueError
+            return number
+        except (ValueError, OverflowError):
+            raise SpecError(f"--search {item!r}: {v!r} is not a {'finite number' if typ is float else typ.__name__} "
                             f"(--{name} takes {typ.__name__})") from None
     log = text.startswith("log:")
     body = text[4:] if log else text
@@ -146,26 +171,42 @@ def check(spec: SweepSpec) -> SweepSpec:
                                  ("metric", spec.metric, METRICS), ("priority", spec.priority, PRIORITIES)):
         if value not in choices:
             raise SpecError(f"--{name} {value!r}: choose from {', '.join(choices)}")
-    if spec.trials < 1 or spec.parallel < 1:
-        raise SpecError("--trials and --parallel must be at least 1")
+    if not (1 <= spec.trials <= MAX_TRIALS and 1 <= spec.parallel <= MAX_PARALLEL):
+        raise SpecError(f"--trials must be in [1, {MAX_TRIALS}] and --parallel in [1, {MAX_PARALLEL}], "
+                        f"got {spec.trials} and {spec.parallel}")
+    if not 0 <= spec.seed < 2**32:
+        raise SpecError(f"--seed must be in [0, 2^32), got {spec.seed}")
+    for name, s in spec.search.items():
+        if s["type"] not in ("int", "float", "choice") or (s["type"] == "choice") != ("values" in s) \
+                or (s["type"] != "choice" and not ({"low", "high", "log"} <= s.keys() and s["low"] < s["high"])):
+            raise SpecError(f"--search {name}: not a range or a choice this tlm reads")
     if spec.sampler == "grid" and any(s["type"] != "choice" for s in spec.search.values()):
         raise SpecError("--sampler grid searches choices only (FLAG=a,b,c)")
     if spec.budget and not re.fullmatch(r"\d+(\.\d+)?m|\d+", spec.budget):
         raise SpecError(f"--budget {spec.budget!r}: give minutes (10m) or steps (500)")
-    probe = {n: s["values"][0] if s["type"] == "choice" else s["low"] for n, s in spec.search.items()}
-    flags = spec.trial_flags(probe)
-    try:
-        config = TrainConfig(**{k: v for k, v in flags.items()})
-        config.validate()
-    except (ConfigError, TypeError) as e:
-        raise SpecError(f"a trial's flags would be refused: {e}") from None
+    # Every end of every range and every choice, each with the others at their first value: a
+    # trial Optuna may propose is refused here, not queued to fail.
+    first = {n: s["values"][0] if s["type"] == "choice" else s["low"] for n, s in spec.search.items()}
+    corners = [first] + [{**first, n: v} for n, s in spec.search.items()
+                         for v in (s["values"][1:] if s["type"] == "choice" else [s["high"]])]
+    for probe in corners:
+        flags = spec.trial_flags(probe)
+        try:
+            config = TrainConfig(**flags)
+            config.validate()
+        except (ConfigError, TypeError, ValueError) as e:
+            shown = ", ".join(f"--{n} {probe[n]}" for n in spec.search)
+            raise SpecError(f"a trial's flags would be refused ({shown}): {e}") from None
+    config = TrainConfig(**spec.trial_flags(first))
     if spec.budget and not spec.by_time and int(spec.budget) < 1:
         raise SpecError("--budget: at least one step")
     if spec.by_time and float(spec.budget[:-1]) * 60 < 1:
         raise SpecError(f"--budget {spec.budget}: under a second of training")
     steps = config.num_iters
-    if spec.prune != "none" and not spec.by_time and steps <= config.steps_per_eval:
-        raise SpecError(f"--budget of {steps} steps reaches no evaluation before the end "
+    if spec.prune != "none" and steps <= config.steps_per_eval:
+        budget = f"--budget of {steps} steps" if spec.budget and not spec.by_time else \
+            f"a trial (at most {steps} steps, or its time budget)"
+        raise SpecError(f"{budget} reaches no evaluation before the end "
                         f"(--steps_per_eval {config.steps_per_eval}): pruning needs one; lower "
                         "--steps_per_eval or use --prune none")
     return spec
@@ -173,8 +214,11 @@ def check(spec: SweepSpec) -> SweepSpec:
 
 # -- Optuna ------------------------------------------------------------------------------------
 
-def storage(registry: "Registry"):
-    """The study's journal beside the queue: Redis, or a file beside the SQLite file."""
+def storage(registry: "Registry", sweep_id: str, create: bool = False):
+    """The sweep's own Optuna journal beside the queue, so loading a study replays its own trials
+    only and deleting one is deleting its journal: Redis keys under ``tlm:optuna:<id>``, or a
+    file ``<queue file>.optuna/<id>.log``. A sweep an older tlm started reads the shared journal
+    it was written to."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 
@@ -192,10 +236,36 @@ def storage(registry: "Registry"):
         import warnings
 
         from optuna.exceptions import ExperimentalWarning
+        prefix = f"{OPTUNA_PREFIX}:{sweep_id}"
+        if not create and not queue.redis.exists(f"{prefix}:log_number") \
+                and queue.redis.exists(f"{OPTUNA_PREFIX}:log_number"):
+            prefix = OPTUNA_PREFIX  # the shared journal of tlm before per-sweep journals
         with warnings.catch_warnings():  # "experimental since 3.1": stable in use, and ours is pinned
             warnings.simplefilter("ignore", ExperimentalWarning)
-            return JournalStorage(NoSnapshots(queue.url, prefix="tlm:optuna"))
-    return JournalStorage(JournalFileBackend(str(Path(str(queue.sqlite_path) + ".optuna.log"))))
+            return JournalStorage(NoSnapshots(queue.url, prefix=prefix))
+    path, shared = _journal_file(registry, sweep_id), Path(str(queue.sqlite_path) + ".optuna.log")
+    if not create and not path.exists() and shared.exists():
+        path = shared
+    path.parent.mkdir(exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+OPTUNA_PREFIX = "tlm:optuna"
+
+
+def _journal_file(registry: "Registry", sweep_id: str) -> Path:
+    return Path(str(registry.queue.sqlite_path) + ".optuna") / f"{sweep_id}.log"
+
+
+def forget_study(registry: "Registry", sweep_id: str) -> None:
+    """Delete a sweep's own Optuna journal (with its record: ``tlm prune``, a lost submit race)."""
+    redis = registry.queue.redis
+    if redis is not None:
+        keys = list(redis.scan_iter(match=f"{OPTUNA_PREFIX}:{sweep_id}:*", count=1000))
+        if keys:
+            redis.delete(*keys)
+    else:
+        _journal_file(registry, sweep_id).unlink(missing_ok=True)
 
 
 def distributions(spec: SweepSpec) -> dict[str, Any]:
@@ -241,14 +311,13 @@ def pruner(spec: SweepSpec):
     return optuna.pruners.NopPruner()
 
 
-def study(registry: "Registry", sweep: Job, trial: int = 0, create: bool = False):
+def study(registry: "Registry", sweep_id: str, spec: "SweepSpec", trial: int = 0, create: bool = False):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    spec = SweepSpec.from_dict(sweep.params)
     make = optuna.create_study if create else optuna.load_study
     kwargs = {"direction": "minimize"} if create else {}
-    return make(study_name=sweep.id, storage=storage(registry), sampler=sampler(spec, trial),
+    return make(study_name=sweep_id, storage=storage(registry, sweep_id, create), sampler=sampler(spec, trial),
                 pruner=pruner(spec), **kwargs)
 
 
@@ -273,9 +342,15 @@ def submit(registry: "Registry", spec: SweepSpec) -> Job:
     if existing:
         raise SpecError(f"a sweep named {spec.name} exists already ({existing[-1].state}): "
                         "choose another --name")
-    sweep = registry.create("sweep", spec.to_dict(), sweep_key(spec.name),
-                            priority=PRIORITIES[spec.priority])  # no result yet: 0 trials created
-    study(registry, sweep, create=True)
+    sweep_id = uuid.uuid4().hex[:12]
+    study(registry, sweep_id, spec, create=True)  # first: a worker that sees the record finds it
+    try:
+        sweep = registry.create("sweep", spec.to_dict(), sweep_key(spec.name), job_id=sweep_id,
+                                priority=PRIORITIES[spec.priority])  # no result yet: 0 trials created
+    except RunBusy as e:  # another submit of the name won the race
+        forget_study(registry, sweep_id)
+        raise SpecError(f"a sweep named {spec.name} exists already ({e.job.state}): "
+                        "choose another --name") from None
     reconcile(registry, sweep.id)
     return registry.get(sweep.id)
 
@@ -286,43 +361,92 @@ def trials(registry: "Registry", sweep: Job) -> list[Job]:
 
 
 def reconcile(registry: "Registry", sweep_id: str, lease: float = 60.0) -> None:
-    """Drive a sweep one round (see the module docstring); safe in any worker at any time."""
-    sweep = registry.get(sweep_id)
-    if sweep.state != RUNNING:
+    """Drive a sweep one round (see the module docstring); safe in any worker at any time: one
+    process at a time holds a sweep's drive (for at most a lease), so a round's count of live
+    trials is not overtaken by another's."""
+    if registry.get(sweep_id).state != RUNNING:
         return
-    spec = SweepSpec.from_dict(sweep.params)
-    st = study(registry, sweep)
+    token = uuid.uuid4().hex
+
+    def hold(sweep: Job):
+        result = dict(sweep.result or {})
+        held = result.get("driver")
+        if sweep.state != RUNNING or (held and held[1] > registry.now()):
+            return None
+        return {"result": {**result, "driver": [token, registry.now() + lease]}}
+
+    def release(sweep: Job):
+        result = dict(sweep.result or {})
+        if (result.get("driver") or [None])[0] != token:
+            return None
+        result.pop("driver")
+        return {"result": result}
+
+    sweep = registry.change(sweep_id, hold)
+    if sweep is None:
+        return  # another process drives it now
+    try:
+        _round(registry, sweep, lease)
+    finally:
+        registry.change(sweep_id, release)
+
+
+def _round(registry: "Registry", sweep: Job, lease: float) -> None:
     jobs = trials(registry, sweep)
-    _tell(st, jobs, lease)
     live = [j for j in jobs if j.state in LIVE]
-    if sweep.cancel:
+    if sweep.cancel:  # needs nothing of Optuna, so a sweep whose study is gone still cancels
+        with _study_errors():
+            _tell(study(registry, sweep.id, SweepSpec.from_dict(sweep.params)), jobs, lease)
         for job in live:
             registry.cancel(job.id)
         if all(j.state in FINAL for j in trials(registry, sweep)):
             registry.finish(sweep.id, CANCELLED, error="cancelled: every trial saved and stopped")
         return
-    have = {j.sweep["trial"] for j in jobs if j.sweep}
-    reserved = (sweep.result or {}).get("reserved", {})
-    for n in range((sweep.result or {}).get("created", 0)):
-        if n not in have and registry.now() - reserved.get(str(n), 0) > lease:
-            _create(registry, sweep, spec, n)  # its creator died between reserving and creating
-    while len(live) < spec.parallel:
-        n = _reserve(registry, sweep.id, spec)
-        if n is None:
-            break
-        job = _create(registry, sweep, spec, n)
-        if job is not None:
-            live.append(job)
+    try:
+        spec = SweepSpec.load(sweep.params)
+        st = study(registry, sweep.id, spec)
+        _tell(st, jobs, lease)
+        have = {j.sweep["trial"] for j in jobs if j.sweep}
+        reserved = (sweep.result or {}).get("reserved", {})
+        for n in range((sweep.result or {}).get("created", 0)):
+            if n not in have and registry.now() - reserved.get(str(n), 0) > lease:
+                _create(registry, sweep, spec, n)  # its creator died between reserving and creating
+        while len(live) < spec.parallel:
+            n = _reserve(registry, sweep.id, spec)
+            if n is None:
+                break
+            job = _create(registry, sweep, spec, n)
+            if job is not None:
+                live.append(job)
+    except QUEUE_ERRORS:
+        raise
+    except Exception as e:  # its spec edited, its Optuna journal deleted or damaged
+        why = f"{type(e).__name__}: {e}" if not isinstance(e, SpecError) else str(e)
+        registry.finish(sweep.id, FAILED, error=f"cannot drive the sweep ({why.splitlines()[0][:200]}); "
+                        f"its {len(live)} live trial(s) go on as ordinary jobs",
+                        log=f"failed: cannot drive the sweep: {why.splitlines()[0][:200]}")
+        return
     sweep = registry.get(sweep.id)  # with the trials this round created
     jobs = trials(registry, sweep)
     registry.update(sweep.id, progress=summary(jobs, spec))
     if len(jobs) >= spec.trials and all(j.state in FINAL for j in jobs):
-        # A trial that ended during this round is told now: once the sweep ends, no round
-        # (this worker's or the trial's own worker's) tells it.
-        _tell(st, jobs, lease)
+        with _study_errors():
+            _tell(st, jobs, lease)  # a trial that ended during this round: told before the end
         best = leaderboard(registry, sweep)[:1]
-        registry.finish(sweep.id, SUCCEEDED, result={**(sweep.result or {}), "created": len(jobs),
+        result = {k: v for k, v in (sweep.result or {}).items() if k != "driver"}
+        registry.finish(sweep.id, SUCCEEDED, result={**result, "created": len(jobs),
                                                      "best": best[0] if best else None})
+
+
+@contextlib.contextmanager
+def _study_errors():
+    """Telling Optuna is best effort where the sweep ends anyway (a study gone or damaged)."""
+    try:
+        yield
+    except QUEUE_ERRORS:
+        raise
+    except Exception:
+        pass
 
 
 def _reserve(registry: "Registry", sweep_id: str, spec: SweepSpec) -> Optional[int]:
@@ -344,7 +468,7 @@ def _create(registry: "Registry", sweep: Job, spec: SweepSpec, n: int) -> Option
     """Ask Optuna for trial ``n``'s flags and queue its job (None if it exists already)."""
     from tlm.memory import estimate
 
-    st = study(registry, sweep, trial=n)
+    st = study(registry, sweep.id, spec, trial=n)
     trial = st.ask(distributions(spec))
     flags = spec.trial_flags(trial.params)
     family = {"id": sweep.id, "name": spec.name, "trial": n, "number": trial.number,
@@ -456,7 +580,7 @@ def trial_hooks(c, stop):
             import optuna
 
             if self._trial is None:
-                st = study(c.registry, self.sweep, self.family["trial"])
+                st = study(c.registry, self.sweep.id, self.spec, self.family["trial"])
                 trial_id = st._storage.get_trial_id_from_study_id_trial_number(
                     st._study_id, self.family["number"])
                 self._trial = optuna.trial.Trial(st, trial_id)
