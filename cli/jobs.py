@@ -101,6 +101,8 @@ class Placement:
     @classmethod
     def of(cls, priority: str, after: Optional[str], needs: tuple[str, ...], on: tuple[str, ...],
            gpu: bool = False, memory: int = 0) -> "Placement":
+        if after is not None and not after.strip():
+            raise click.UsageError("--after is empty: give the id of the job to wait for")
         try:
             parsed = parse_needs(needs, on, gpu)
         except ValueError as e:

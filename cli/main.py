@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import click
 
@@ -184,27 +183,19 @@ def eval_(save_dir, identifier, split, tokens, stride, local, gpu) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="directory to write")
 def export(save_dir, identifier, out) -> None:
     """Write a checkpoint as a directory mlx-lm loads (mlx_lm.load / generate / server)."""
+    from tlm.checkpoint import CheckpointError
     from tlm.export import export as write
 
     ckpt = find_checkpoint(save_dir, identifier)
-    target = Path(out)
-    if target.is_dir() and any(target.iterdir()) and '"tlm"' not in _read(target / "config.json"):
-        raise click.ClickException(f"--out {out} is not empty and not an earlier export: "
-                                   "choose a new directory")
     try:
         write(ckpt, out)
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(f"cannot write {out}: {e.strerror or e}") from None
     echo(f"exported {ckpt.identifier[:12]} (iteration {ckpt.step}) to {out}: "
          f"try `mlx_lm.generate --model {out} --prompt ...`")
     click.echo(out)
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError):
-        return ""
 
 
 def main() -> None:

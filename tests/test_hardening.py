@@ -34,6 +34,7 @@ BAD = [
     (["train", "--dim", "1000000"], "training needs about"),
     (["sample", "--local", "--stop", ""], "--stop is empty"),
     (["submit", "train", "--run", ""], "--run is empty"),
+    (["submit", "train", "--run", "r", "--after", ""], "--after is empty"),
     (["submit", "train", "--run", "r" * 300], "a run name is a directory on every worker: at most 200 bytes"),
     (["sample", "--run", "r" * 300], "at most 200 bytes"),
     (["submit", "eval", "--save_dir", "/nonexistent"], "no run directory /nonexistent: train one first"),

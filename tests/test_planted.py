@@ -124,3 +124,23 @@ def test_a_burst_worker_exits_naming_what_the_jobs_left_need(url, tmp_path):
     assert (f"nothing left this worker can run: 1 job(s) wait for another worker (job {job} needs "
             "1,000.0 TiB of memory): exiting (--burst)") in proc.stderr, proc.stderr
     assert registry(url).get(job).state == "queued"
+
+
+@pytest.mark.parametrize("url", ["sqlite"], indirect=True)
+def test_then_export_onto_a_folder_of_the_users_fails_and_leaves_it_alone(url, tmp_path, mirror):
+    from queue_helpers import submit, wait_for
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "config.json").write_text('{"mine": true}')
+    train = submit(url, "train", *TINY, "--dataset", "shakespeare", "--num_iters", "2",
+                   "--save_dir", str(tmp_path / "r"), "--then", f"export:{busy}").split()[0]
+    workers = Workers(url, tmp_path)
+    try:
+        workers.start("--burst").wait(timeout=300)
+    finally:
+        workers.stop_all()
+    reg = registry(url)
+    export = reg.get(train).followers[0]
+    ended = wait_for(url, export, ["failed"], timeout=10)
+    assert "is not empty and not an earlier export" in ended.error
+    assert (busy / "config.json").read_text() == '{"mine": true}'

@@ -292,3 +292,50 @@ def test_a_worker_record_from_the_future_and_a_log_line_that_is_not_utf8(reg, ur
         reg.log(job.id, "after it")
         lines = tlm("logs", job.id, "--queue", url)
         assert lines.returncode == 0 and "a line" in lines.stdout and "after it" in lines.stdout
+
+
+def test_a_chain_600_deep_settles_when_its_root_fails_and_a_planted_cycle_cancels(reg):
+    root = reg.create("train", {"save_dir": "/x"}, "dir:/x")
+    chain = [root]
+    for _ in range(600):
+        chain.append(reg.create("eval", {"save_dir": "/x"}, "dir:/x", after=chain[-1].id))
+    assert reg.finish(root.id, "failed").state == "failed"  # before: RecursionError, 110 left waiting
+    states = {j.state for j in reg.find([j.id for j in chain[1:]])}
+    assert states == {"skipped"}
+    a = reg.create("train", {"save_dir": "/y"}, "dir:/y")
+    b = reg.create("eval", {"save_dir": "/y"}, "dir:/y", after=a.id)
+    c = reg.create("eval", {"save_dir": "/y"}, "dir:/y", after=b.id)
+    reg.store.set_fields(c.id, {"followers": [b.id]})  # edited records: b waits on c waits on b
+    assert reg.cancel(a.id) is True  # before: RecursionError
+    assert reg.get(a.id).state == "cancelled"
+    assert {j.state for j in reg.find([b.id, c.id])} <= {"cancelled", "skipped"}
+    deep = [reg.create("train", {"save_dir": "/w"}, "dir:/w")]
+    for _ in range(100):
+        deep.append(reg.create("eval", {"save_dir": "/w"}, "dir:/w", after=deep[-1].id))
+    reg.cancel(deep[0].id)
+    assert {j.state for j in reg.find([j.id for j in deep])} == {"cancelled"}
+
+
+def test_a_follower_waits_a_grace_for_a_parent_whose_record_vanished(reg):
+    parent = reg.create("train", {"save_dir": "/z"}, "dir:/z")
+    follower = reg.create("eval", {"save_dir": "/z"}, "dir:/z", after=parent.id)
+    record = reg.get(parent.id).to_record()
+    _forget(reg, parent.id)
+    reg.waiting_for_parents(grace=60)
+    assert reg.get(follower.id).state == "waiting"  # its parent's worker may put it back
+    reg.store.insert(record, exclusive=False)  # ... as it does (Registry.restore)
+    reg.waiting_for_parents(grace=60)
+    assert reg.get(follower.id).state == "waiting" and "parent_gone_since" not in reg.get(follower.id).progress
+    _forget(reg, parent.id)
+    reg.waiting_for_parents(grace=0)
+    reg.waiting_for_parents(grace=0)
+    ended = reg.get(follower.id)
+    assert ended.state == "skipped" and f"job {parent.id} is gone" in ended.error
+
+
+def _forget(reg, job_id: str) -> None:
+    """The record lost (a Redis restarted empty, a file restored from a backup)."""
+    if reg.queue.redis is not None:
+        reg.queue.redis.delete(f"tlm:job:{job_id}")
+    else:
+        reg.store.db.execute("DELETE FROM tlm_job WHERE id = ?", (job_id,))

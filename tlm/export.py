@@ -14,8 +14,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from tlm.checkpoint import Checkpoint
-from tlm.files import replace
+from tlm.checkpoint import Checkpoint, CheckpointError
+from tlm.files import read_small, replace
 from tlm.model import ModelArgs
 from tlm.vocab import EOS, UNK, BPETokenizer, Tokenizer
 
@@ -43,6 +43,14 @@ def hf_tokenizer(tok: Tokenizer):
     return hf
 
 
+def _an_export(out: Path) -> bool:
+    try:
+        config = json.loads(read_small(out / "config.json", 1 << 20) or b"{}")
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("tlm"), dict)
+
+
 def _byte_of(ch: str) -> int:
     """Inverse of GPT-2's bytes_to_unicode."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
@@ -54,8 +62,11 @@ def _byte_of(ch: str) -> int:
 
 
 def export(ckpt: Checkpoint, out: str | Path) -> Path:
-    """Write the mlx-lm directory for ``ckpt`` at ``out`` (created; files replaced)."""
+    """Write the mlx-lm directory for ``ckpt`` at ``out`` (created, or an earlier export's files
+    replaced); a folder holding anything else is refused (CheckpointError), never overwritten."""
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not _an_export(out):
+        raise CheckpointError(f"--out {out} is not empty and not an earlier export: choose a new directory")
     out.mkdir(parents=True, exist_ok=True)
     args, config = ckpt.state["model_args"], ckpt.state["config"]
     tok = ckpt.tokenizer

@@ -90,7 +90,7 @@ REQUIRED_KEYS = "required keys"  # in a {"key": shape} shape: the keys it must h
 OPTIONAL_NUMBER = (int, float, type(None))
 NEEDS = {"gpu": bool, "memory": int, "host": str, "labels": {str: str}}
 MEMBER = {REQUIRED_KEYS: ("worker", "expires", "address", "port"), "worker": str, "expires": NUMBER,
-          "heartbeat": NUMBER, "address": str, "port": int, "rdma": (bool, type(None))}
+          "heartbeat": NUMBER, "address": str, "port": int, "rdma": ({str: str}, type(None))}
 TRIAL = {REQUIRED_KEYS: ("id", "name", "trial", "params"), "id": str, "name": str, "trial": int,
          "params": dict}
 PROGRESS = {  # written by job processes and sweeps; a value of another shape is dropped on read
@@ -100,7 +100,7 @@ PROGRESS = {  # written by job processes and sweeps; a value of another shape is
     "best": ({REQUIRED_KEYS: ("loss", "trial"), "loss": NUMBER, "trial": int}, type(None)),
     **{k: OPTIONAL_NUMBER for k in ("train_loss", "val_loss", "test_loss", "val_metric", "learning_rate",
                                     "it_per_sec", "tokens_per_sec", "peak_memory_gb", "elapsed",
-                                    "eta_seconds")}}
+                                    "eta_seconds", "parent_gone_since")}}
 
 
 @dataclass(frozen=True)

@@ -660,7 +660,7 @@ class Worker:
                     self.queue.push(job.id, job.spec.lane, job.priority)
                     self.say(f"job {job.id} was in no queue (its entry was taken by a worker "
                              "that died before claiming it): queued again")
-        self.registry.waiting_for_parents()
+        self.registry.waiting_for_parents(self.lease)
         for bad in list(self.registry.skipped.values()):
             if bad.newer:
                 continue  # a newer tlm's worker can run it

@@ -231,10 +231,10 @@ class Registry:
         return self.keep_days * 86400
 
     def change(self, job_id: str, fn: Change, expire: Optional[float] = None,
-               log: Optional[str] = None) -> Optional[Job]:
+               log: Optional[str] = None, settle: bool = True) -> Optional[Job]:
         """Apply ``fn(job) -> changes`` atomically, with ``log`` appended to the job's log in
         the same step when it applies; a record that does not decode is left alone.
-        A change that ends a job then starts or skips what waits on it (a chain)."""
+        A change that ends a job then starts or skips what waits on it (a chain; ``settle``)."""
         before: list[str] = []
 
         def raw(record: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -248,9 +248,8 @@ class Registry:
         if new is None:
             return None
         job = Job.decode(new)
-        if job.state in FINAL and before[0] not in FINAL and job.followers:
-            for follower in self.find(job.followers):
-                self._follow(follower, job)
+        if settle and job.state in FINAL and before[0] not in FINAL and job.followers:
+            self._settle_chain(job)
         return job
 
     def claim(self, job_id: str, worker_id: str,
@@ -337,10 +336,15 @@ class Registry:
             if job.state not in CLAIMABLE + (WAITING,):
                 return None
             return {"state": CANCELLED, "finished": now, "cancel": "stop"}
-        for follower in self.find(self.get(job_id).followers):  # first: they end cancelled, not skipped
-            if follower.state == WAITING:
-                self.cancel(follower.id)
-                self.log(follower.id, f"cancelled with the job it waited for, {job_id}")
+        waiting, seen, frontier = [], {job_id}, [self.get(job_id)]
+        while frontier:  # what waits on it, down the chain (however deep; a planted cycle ends)
+            ids = list(dict.fromkeys(i for j in frontier for i in j.followers if i not in seen))
+            seen.update(ids)
+            frontier = [f for f in self.find(ids) if f.state == WAITING]
+            waiting += frontier
+        for follower in reversed(waiting):  # the farthest first: each ends cancelled, not skipped
+            if self.change(follower.id, drop, expire=self._ttl) is not None:
+                self.log(follower.id, f"cancelled with the job it waited for, {follower.after}")
         job = self.change(job_id, drop, expire=self._ttl)
         if job is None:
             self.update(job_id, cancel="force" if force else "stop")
@@ -375,6 +379,18 @@ class Registry:
 
     # -- chains: --after JOB, --then ... -------------------------------------------------
 
+    def _settle_chain(self, ended: Job) -> None:
+        """Start or skip what waits on a job that ended, and on down the chain: a worklist, not
+        recursion (a chain may be thousands deep, and a planted cycle must end)."""
+        todo, seen = [ended], {ended.id}
+        while todo:
+            parent = todo.pop()
+            for follower in self.find([i for i in parent.followers if i not in seen]):
+                seen.add(follower.id)
+                job = self._follow(follower, parent)
+                if job.state in FINAL and job.followers:
+                    todo.append(job)
+
     def _follow(self, follower: Job, parent: Optional[Job]) -> Job:
         """Start a waiting follower whose parent succeeded (pinned to the parent's final
         checkpoint), or end it skipped when the parent did not (or is gone); unchanged while
@@ -394,18 +410,31 @@ class Registry:
             if job.spec.checkpoint_input and parent.checkpoint and not params.get("identifier"):
                 params = {**params, "identifier": parent.checkpoint}
             return {"state": QUEUED, "enqueued": now, "params": params}
-        job = self.change(follower.id, settle, expire=self._ttl)  # skipped: its own followers too
+        job = self.change(follower.id, settle, expire=self._ttl, settle=False)  # the caller goes on down
         if job is None:
             return self.get(follower.id)
         if job.state == QUEUED:
             _wake(self.queue, job)
         return job
 
-    def waiting_for_parents(self) -> None:
+    def waiting_for_parents(self, grace: float) -> None:
         """Settle waiting jobs whose parent ended (a process that ended the parent died before
-        settling them) or vanished: the worker's sweep runs this."""
+        settling them), or has been gone for ``grace`` seconds (a lease: the worker of a parent
+        whose record Redis lost puts it back within one): the worker's sweep runs this."""
+        now = self.now()
         for job in self.in_states([WAITING]):
-            self._follow(job, next(iter(self.find([job.after] if job.after else [])), None))
+            parent = next(iter(self.find([job.after] if job.after else [])), None)
+            gone = job.progress.get("parent_gone_since")
+            if parent is None and gone is None:
+                self.update(job.id, progress={**job.progress, "parent_gone_since": now})
+                continue
+            if parent is None and now - gone < grace:
+                continue
+            if parent is not None and gone is not None:
+                self.update(job.id, progress={k: v for k, v in job.progress.items() if k != "parent_gone_since"})
+            ended = self._follow(job, parent)
+            if ended.state in FINAL and ended.followers:
+                self._settle_chain(ended)
 
     # -- gangs: N workers at once, all or nothing --------------------------------------
 
