@@ -29,8 +29,9 @@ import shlex
 import socket
 import threading
 import time
+import weakref
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import anyio
 import click
@@ -52,6 +53,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 EVENT_WAIT = 10.0  # seconds between keep-alive pings of the event stream
 SEND_TIMEOUT = 5.0  # an event stream client that takes longer to read one is dropped
+MAX_COMPARE = 12  # runs on one compare page (each is its curves and configuration)
 MAX_STREAMS = 64  # event streams open at once; more get 503 (each is a coroutine, never a thread)
 MAX_BODY = 64 * 1024  # bytes of a POST body: a form's fields, never a dataset
 MAX_STRING = 10_000  # characters of any one string in a body (a prompt is the longest)
@@ -158,6 +160,8 @@ class Lab:
                 "checkpoints": checkpoints}
 
     def compare(self, keys: list[str]) -> dict[str, Any]:
+        if not 1 <= len(keys) <= MAX_COMPARE:
+            raise Refused(400, f"compare 1 to {MAX_COMPARE} runs, not {len(keys)}")
         runs = [self.run(k) for k in keys]
         configs = [r["config"] for r in runs]
         flags = sorted({k for c in configs for k in c} - {"data_mirror", "dataset_sha1"})
@@ -342,10 +346,10 @@ class Lab:
 
 def field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
     """One field of a request body, of the type the endpoint takes (an int passes for a
-    float); Refused(400) naming it otherwise. Absent or null: ``default``."""
-    value = body.get(name)
-    if value is None:
+    float); Refused(400) naming it otherwise (null included). Absent: ``default``."""
+    if name not in body:
         return default
+    value = body[name]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
@@ -370,6 +374,8 @@ async def read_body(request: Request) -> dict[str, Any]:
         return {}
     try:
         body = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise Refused(400, "the request body is nested too deep") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise Refused(400, "the request body is not JSON (send Content-Type: application/json)") from None
     if not isinstance(body, dict):
@@ -381,7 +387,10 @@ async def read_body(request: Request) -> dict[str, Any]:
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
         for k, v in items:
             check(v, f"{where}.{k}")
-    check(body, "body")
+    try:
+        check(body, "body")
+    except RecursionError:
+        raise Refused(400, "the request body is nested too deep") from None
     return body
 
 
@@ -392,6 +401,20 @@ class Changes:
     def __init__(self, registry: Registry):
         self.registry, self.version, self.streams = registry, 0, 0
         self._thread: Optional[threading.Thread] = None
+
+    def open_stream(self) -> Optional[Callable[[], None]]:
+        """A slot for one more event stream, taken when the request is answered (so MAX_STREAMS
+        holds however many arrive at once): its release, to call once; None when all are taken."""
+        if self.streams >= MAX_STREAMS:
+            return None
+        self.streams += 1
+        held = [True]
+
+        def release() -> None:
+            if held:
+                held.clear()
+                self.streams -= 1
+        return release
 
     def start(self) -> None:
         if self._thread is None:
@@ -435,12 +458,12 @@ def create_app(registry: Registry, token: str, require_token: bool,
     async def events(request: Request) -> Response:
         """"Something changed", whenever the registry does (sse-starlette sends the stream,
         pings it, and drops a client that stops reading after SEND_TIMEOUT seconds)."""
-        if changes.streams >= MAX_STREAMS:
+        release = changes.open_stream()
+        if release is None:
             return PlainTextResponse(f"{MAX_STREAMS} event streams are open: close a tab", status_code=503)
         changes.start()
 
         async def stream():
-            changes.streams += 1
             try:
                 seen = changes.version
                 while True:
@@ -449,8 +472,10 @@ def create_app(registry: Registry, token: str, require_token: bool,
                         seen = changes.version
                         yield ServerSentEvent(event="change", data="{}", retry=1000)
             finally:
-                changes.streams -= 1
-        return EventSourceResponse(stream(), ping=EVENT_WAIT, send_timeout=SEND_TIMEOUT,
+                release()
+        body = stream()
+        weakref.finalize(body, release)  # a client gone before its stream began: the slot comes back
+        return EventSourceResponse(body, ping=EVENT_WAIT, send_timeout=SEND_TIMEOUT,
                                    headers={"Cache-Control": "no-cache"})
 
     q = lambda request, name, default=None: request.query_params.get(name, default)  # noqa: E731

@@ -407,6 +407,10 @@ HOSTILE = [  # (method, path, body or None, content type, expected status)
     ("GET", "/api/overview?limit=99999999999999999999", None, None, 400),
     ("GET", "/api/overview?skip=-5", None, None, 400),
     ("GET", "/api/jobs/%00%ff/log", None, None, 404),
+    ("POST", "/api/sample", b'{"key": "run:x", "prompt": "a", "max_tokens": null}', "application/json", 400),
+    ("POST", "/api/submit", b"[" * 30000 + b"]" * 30000, "application/json", 400),
+    ("GET", "/api/compare?" + "&".join(f"key=run:r{i}" for i in range(40)), None, None, 400),
+    ("GET", "/api/run?key=run:a%00b", None, None, 400),
 ]
 
 
@@ -435,6 +439,8 @@ def test_slow_event_clients_do_not_slow_the_page_and_any_loopback_host_is_local(
             idle.append(s)
         answered = [httpx.get(d.base + "/api/overview", timeout=30).status_code for _ in range(20)]
         assert answered == [200] * 20
+        opened = sum(b"200 OK" in s.recv(64) for s in idle)
+        assert opened <= 64, opened  # MAX_STREAMS: the others got a 503 or a stream closed at once
         for s in idle:
             s.close()
         # A second dashboard on the same port says so, and prints no address first.

@@ -40,6 +40,8 @@ def run_target(run: Optional[str], save_dir: Optional[str]) -> tuple[dict[str, s
 def target_of(key: str) -> dict[str, str]:
     """Job params that locate a run, from its registry key."""
     kind, _, name = key.partition(":")
+    if "\x00" in name or len(name.encode("utf-8", "surrogateescape")) > 4096:
+        raise TargetError(f"not a run key: {key[:60]!r}: no NUL, at most 4096 bytes")
     if kind == "run" and name:
         return {"run": name}
     if kind == "dir" and name:
