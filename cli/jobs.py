@@ -399,7 +399,7 @@ def waiting_reasons(jobs: list[Job], workers: list[dict]) -> dict[str, str]:
     """Claimable jobs that no live worker can run, and why ("waiting: needs gpu; ...")."""
     out = {}
     for job in jobs:
-        why = waiting_reason(job.needs, workers) if job.state in CLAIMABLE else None
+        why = waiting_reason(job.placement, workers) if job.state in CLAIMABLE else None
         if why:
             out[job.id] = why
     return out

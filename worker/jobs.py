@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 INVOCATION = ("save_dir", "data_mirror", "identifier", "new_model", "more")  # not the run's own settings
 EXIT_INTERRUPTED = 75  # stopped by a signal to the worker, or by an outage: re-queue the job
 EXIT_LEASE_LOST = 76  # another worker holds the job now: this process stopped at once
-EXIT_DISK = 77  # a write kept failing after its retries: an attempt (another Mac's disk may do)
+EXIT_ELSEWHERE = 77  # an attempt another Mac may do: a write still failing after its retries,
+# or a run whose checkpoint is not visible here (its shared folder not mounted)
 CANCEL_POLL_SECONDS = 1.0  # how often a training job looks at its record (cancel, fence)
 # A job process that cannot confirm its hold on the job (the queue unreachable) for this
 # fraction of the lease saves and stops; it publishes a checkpoint only within PUBLISH_LIMIT
@@ -109,6 +110,10 @@ class Context:
         return time.monotonic() - self.confirmed
 
 
+class NotHere(RuntimeError):
+    """What the job reads is not on this worker (the lab's shared folder not mounted here)."""
+
+
 def check_carried_dataset(params: dict[str, Any], save_dir: str) -> None:
     """The text ``tlm submit`` copied into the run is there, with the bytes it had then."""
     if not params.get("dataset_sha1"):
@@ -126,8 +131,8 @@ def check_carried_dataset(params: dict[str, Any], save_dir: str) -> None:
 def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bool,
             rank: Optional[int] = None, lease: float = 60.0) -> None:
     """Run one claimed job (or ``rank`` of a gang job) to an end state, or exit
-    EXIT_INTERRUPTED after a signal or an outage, EXIT_DISK after a transient I/O error
-    that outlasted its retries."""
+    EXIT_INTERRUPTED after a signal or an outage, EXIT_ELSEWHERE after a transient I/O error
+    that outlasted its retries or when its run's checkpoint is not visible here."""
     os.setpgid(0, 0)
     parent = os.getppid()
     registry = Registry(Queue(url, patient=False))
@@ -163,11 +168,12 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
             print(f"{c.tag} queue unreachable ({why}): stopping; its worker re-queues the job",
                   file=sys.stderr, flush=True)
             sys.exit(EXIT_INTERRUPTED)
-        if transient(e):  # still failing after the retries: the disk may be fine elsewhere, or later
-            log(f"{why}: stopping; the job goes back to the queue (an attempt: a disk that "
-                "stays so fails it after --max_attempts)")
+        if transient(e) or isinstance(e, NotHere):  # the disk or the run may be fine elsewhere, or later
+            why += " (still failing after the retries)" if transient(e) else ""
+            log(f"{why}: stopping; the job goes back to the queue for another worker (an attempt: "
+                "one that stays so fails after --max_attempts)")
             c.report(registry.update, job_id, error=why)  # what its worker says it failed on
-            sys.exit(EXIT_DISK)
+            sys.exit(EXIT_ELSEWHERE)
         if not _ordinary(e):
             traceback.print_exc()  # a bug, or a lost peer: its traceback goes to the worker's output
             if rank is not None:  # the worker re-queues the gang (a crash: attempts count)
@@ -239,8 +245,11 @@ def run_train(c: Context) -> None:
 
     c.log(blas.describe())
     params = dict(c.params)
-    if c.job.checkpoint:  # started before and saved: resume that, not afresh again
+    if c.job.checkpoint:  # started before and saved: resume that, never afresh again
         params.pop("new_model", None)
+        if not (Path(c.save_dir) / f"{c.job.checkpoint}.safetensors").is_file():
+            raise NotHere(f"its checkpoint {c.job.checkpoint[:12]} is not in {c.save_dir} on this worker: "
+                          "is the lab's shared folder mounted here (tlm-worker --save_root)?")
     if c.rank is not None:
         from tlm.config import TrainConfig
         from tlm.ranks import rank_env

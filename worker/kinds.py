@@ -176,6 +176,12 @@ class Job:
         return self.spec.nodes(self.params)
 
     @property
+    def placement(self) -> dict[str, Any]:
+        """What a worker must have to run it: its needs, and the lab's shared folder for a job
+        that reads a run by name (resolved under each worker's --save_root)."""
+        return {**self.needs, "lab_root": True} if "run" in self.params else self.needs
+
+    @property
     def ran_before(self) -> bool:
         """An earlier attempt ran and may have saved (published or not, as a crash or an
         outage can cut it short): a resume finishes that work rather than refusing it."""

@@ -28,7 +28,7 @@ FAKE_CAPABILITIES = "TLM_FAKE_CAPABILITIES"  # the test seam: JSON merged over t
 # What the rules read of a worker's capabilities (other keys are shown, never compared): a
 # worker record that does not fit is read with none, so it meets no need.
 CAPABILITIES = {"device": str, "memory_total": int, "memory_available": int, "host": str,
-                "labels": {str: str}, "cores": (int, type(None))}
+                "labels": {str: str}, "cores": (int, type(None)), "lab_root": bool}
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ RULES = (
     Rule("host", lambda want, caps: caps.get("host") == want, lambda want: f"needs host {want}"),
     Rule("labels", lambda want, caps: all(caps.get("labels", {}).get(k) == v for k, v in want.items()),
          lambda want: "needs " + ", ".join(f"{k}={v}" for k, v in want.items())),
+    Rule("lab_root", lambda want, caps: caps.get("lab_root", True) or not want,
+         lambda want: "needs the lab's shared folder (its worker's --save_root)"),
 )
 
 

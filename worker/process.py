@@ -55,9 +55,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from tlm.ranks import COLLECTIVE_TIMEOUT, STALLED, free_ports
-from tlm_worker.jobs import EXIT_DISK, EXIT_INTERRUPTED, SELF_FENCE, run_job
+from tlm_worker.jobs import EXIT_ELSEWHERE, EXIT_INTERRUPTED, SELF_FENCE, run_job
 from tlm_worker import power
 from tlm_worker.placement import capabilities, unmet
+from tlm_worker.targets import check_save_root
 from tlm_worker.queue import LANES, QUEUE_ERRORS, PayloadError, Queue
 from tlm_worker.registry import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILED, FINAL, RUNNING,
                                  Job, JobNotFound, Registry)
@@ -216,7 +217,8 @@ class Worker:
         self._last_prune = 0.0
         self._next_gang_look = 0.0
         self.address = self.address or local_address(self.queue)
-        self.caps = capabilities(self.gpu, self.labels)
+        self.not_lab_root = check_save_root(self.registry, self.save_root)  # None: it is the lab's
+        self.caps = self._capabilities()
         self.probe = power.probe()
         self.paused: Optional[str] = None  # why training is paused (--when_idle, --on_battery)
         self._next_power_look = 0.0
@@ -275,10 +277,13 @@ class Worker:
         while not self._done.wait(interval):
             self._try(self._heartbeat)
 
+    def _capabilities(self) -> dict:
+        return {**capabilities(self.gpu, self.labels), "lab_root": self.not_lab_root is None}
+
     def _heartbeat(self) -> None:
         with self.lock:
             running = list(self.running.values())
-        self.caps = capabilities(self.gpu, self.labels)  # memory available changes
+        self.caps = self._capabilities()  # memory available changes
         self.registry.heartbeat_worker(self.id, {
             "host": socket.gethostname(), "pid": os.getpid(), "device": "gpu" if self.gpu else "cpu",
             "slots": {"train": self.concurrency, "interactive": 1}, "capabilities": self.caps,
@@ -332,6 +337,8 @@ class Worker:
             signal.signal(s, self._on_signal)
         self.say(f"serving {self.queue.url.split('@')[-1]} with {self.concurrency} training "
                  "slot(s) and an interactive lane")
+        if self.not_lab_root:
+            self.say(f"{self.not_lab_root}; taking no job that reads a run by name")
         skew = time.time() - self.registry.now()
         if abs(skew) > CLOCK_NOTICE_SECONDS:
             self.say(f"this machine's clock is {abs(skew):.0f}s {'ahead of' if skew > 0 else 'behind'} "
@@ -416,12 +423,12 @@ class Worker:
         if any(j.spec.driven for j in self.registry.in_states(ACTIVE)):
             return True
         left = self.registry.in_states(CLAIMABLE)
-        if any(not unmet(j.needs, self.caps) for j in left):
+        if any(not unmet(j.placement, self.caps) for j in left):
             return True
         if not left:
             return "queue empty"
         return (f"nothing left this worker can run: {len(left)} job(s) wait for another worker "
-                f"(job {left[0].id} {unmet(left[0].needs, self.caps)})")
+                f"(job {left[0].id} {unmet(left[0].placement, self.caps)})")
 
     def _take(self, lane: str) -> bool:
         """Pop one wake-up entry of a lane and claim the best job this worker can run there
@@ -518,7 +525,7 @@ class Worker:
     def _joinable_gang(self) -> Optional[Job]:
         """The oldest waiting gang the live workers could fill, unless this worker gave it up
         lately; every worker picks the same one, so gangs never split the workers."""
-        gangs = [g for g in self.registry.waiting_gangs() if not unmet(g.needs, self.caps)]
+        gangs = [g for g in self.registry.waiting_gangs() if not unmet(g.placement, self.caps)]
         live = self._live_workers() if gangs else 0
         gang = next((g for g in gangs if g.nodes <= live), None)
         if gang is None or self.shunned.get(gang.id, 0) > time.monotonic():
@@ -587,8 +594,8 @@ class Worker:
             self.say(f"job {r.job_id} ended: cancelled {how}")
         elif code == 0 and r.rank:  # rank 0's process settles a gang job's end
             self.say(f"job {r.job_id}: rank {r.rank} done")
-        elif code == EXIT_DISK:  # counted, unlike an interruption: a disk that stays full ends it
-            self._crashed(job, f"{job.error or 'a write failed'} (still failing after the retries)")
+        elif code == EXIT_ELSEWHERE:  # counted, unlike an interruption: a disk that stays full ends it
+            self._crashed(job, job.error or "a write failed (still failing after the retries)")
         elif code == EXIT_INTERRUPTED or self.stopping:
             why = (f"worker {self.id} was stopped" if self.stopping or r.interrupted and not self.paused
                    else f"worker {self.id} paused ({self.paused})" if self.paused

@@ -266,7 +266,7 @@ class Registry:
                 return None
             if job.cancel:
                 return {"state": CANCELLED, "finished": now}
-            if caps is not None and unmet(job.needs, caps):
+            if caps is not None and unmet(job.placement, caps):
                 return None
             return {"state": RUNNING, "worker": worker_id, "attempts": job.attempts + 1,
                     "fence": job.fence + 1, "started": now, "heartbeat": now, "error": None}
@@ -279,7 +279,7 @@ class Registry:
         atomic claim above, so two workers never take one job; one that lost a race tries
         the next."""
         candidates = self._decode(self.store.read(self.store.ids_in(CLAIMABLE), CLAIM_FIELDS))
-        jobs = [j for j in candidates if j.spec.lane == lane and j.nodes == 1 and not unmet(j.needs, caps)]
+        jobs = [j for j in candidates if j.spec.lane == lane and j.nodes == 1 and not unmet(j.placement, caps)]
         for job in sorted(jobs, key=lambda j: (-j.priority, j.enqueued)):
             claimed = self.claim(job.id, worker_id, caps)
             if claimed is not None:
@@ -459,7 +459,7 @@ class Registry:
                 return None
             if job.cancel:
                 return {"state": CANCELLED, "finished": now, "members": []}
-            if caps is not None and unmet(job.needs, caps):
+            if caps is not None and unmet(job.placement, caps):
                 return None
             places = [m for m in job.members if m["expires"] > now or m["worker"] == worker_id]
             if any(m["worker"] != worker_id and (m["address"], m["port"]) ==
@@ -621,6 +621,16 @@ class RedisStore:
 
     def _job(self, job_id: str) -> str:
         return f"{self.P}job:{job_id}"
+
+    def first_value(self, name: str, value: str) -> str:
+        """The lab-wide setting ``name``: ``value`` if none was set, else the one set first."""
+        self.r.set(f"{self.P}lab:{name}", value, nx=True)
+        stored = self.r.get(f"{self.P}lab:{name}")
+        return stored.decode() if stored is not None else value
+
+    def value(self, name: str) -> Optional[str]:
+        stored = self.r.get(f"{self.P}lab:{name}")
+        return stored.decode(errors="replace") if stored is not None else None
 
     def _stream(self, job_id: str, stream: str) -> str:
         return f"{self.P}{stream}:{job_id}"
@@ -846,6 +856,7 @@ class SqliteStore:
         PRIMARY KEY (job, stream, n));
     CREATE TABLE IF NOT EXISTS tlm_worker (
         id TEXT PRIMARY KEY, heartbeat REAL NOT NULL, record TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS tlm_lab (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """
 
     def __init__(self, path):
@@ -884,6 +895,15 @@ class SqliteStore:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    def first_value(self, name: str, value: str) -> str:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO tlm_lab VALUES (?, ?)", (name, value))
+            return db.execute("SELECT value FROM tlm_lab WHERE name = ?", (name,)).fetchone()[0]
+
+    def value(self, name: str) -> Optional[str]:
+        row = self.db.execute("SELECT value FROM tlm_lab WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
 
     def insert(self, job: dict[str, Any], exclusive: bool, migrating: bool = False) -> Optional[str]:
         with self._tx() as db:

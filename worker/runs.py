@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tlm_worker.kinds import Job
-from tlm_worker.targets import resolve_save_dir
+from tlm_worker.targets import save_root_of
 
 COLUMNS = ("run", "dataset", "dim", "num_blocks", "num_heads", "context_size", "batch_size", "optimizer",
            "learning_rate", "dropout", "best_valid", "best_step", "test", "steps", "minutes",
@@ -76,7 +76,7 @@ def runs_table(registry, save_root: Optional[str] = None, disk: bool = True) -> 
         if job.spec.trainer and not job.spec.driven:
             _from_job(rows.setdefault(job.run, _row(job.run)), job)
     if disk:
-        root = Path(resolve_save_dir({"run": "x"}, save_root)).parent
+        root = save_root_of(save_root)
         if root.is_dir():
             for directory in sorted(p for p in root.iterdir() if p.is_dir()):
                 for run_dir in [directory, *sorted(p for p in directory.iterdir() if p.is_dir()

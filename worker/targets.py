@@ -8,6 +8,7 @@ A run is named two ways: ``--run NAME`` (resolved under each worker's
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,3 +57,35 @@ def resolve_save_dir(params: dict[str, Any], save_root: Optional[str]) -> str:
         root = Path(save_root) if save_root else Path(default_save_dir()).parent / "runs"
         return str(root / params["run"])
     return params["save_dir"]
+
+
+MARKS = ".tlm-lab"  # <save root>/.tlm-lab/<token>: the mark that this folder is a lab's shared folder
+
+
+def save_root_of(save_root: Optional[str]) -> Path:
+    """The folder where ``--run`` names resolve on this machine."""
+    return Path(resolve_save_dir({"run": "x"}, save_root)).parent
+
+
+def check_save_root(registry, save_root: Optional[str]) -> Optional[str]:
+    """None if this worker's save root is the lab's shared folder, else why not (one line).
+
+    The first worker to serve a lab marks its save root (a file named by a token that the
+    registry keeps from then on); every later worker finds that file in its save root, or is
+    not looking at the lab's shared folder (not mounted on this Mac, or another lab's).
+    """
+    root = save_root_of(save_root)
+    token = registry.store.value("save_root")
+    if token is None:
+        mine = uuid.uuid4().hex
+        try:
+            (root / MARKS).mkdir(parents=True, exist_ok=True)
+            (root / MARKS / mine).touch()
+        except OSError as e:
+            return f"{root} cannot be marked as the lab's shared folder: {e.strerror or e}"
+        token = registry.store.first_value("save_root", mine)
+        if token != mine:  # another worker marked first: its folder, maybe this one
+            (root / MARKS / mine).unlink(missing_ok=True)
+    if (root / MARKS / token).is_file():
+        return None
+    return f"{root} is not this lab's shared folder: is it mounted? (tlm-worker --save_root)"
