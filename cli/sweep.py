@@ -59,7 +59,7 @@ def read_toml(path: str) -> dict[str, Any]:
 
 @sweep.command("submit")
 @click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
-@click.option("--name", default=None, help="the sweep's name: its trials train in NAME/trial-<n>")
+@click.option("--name", default=None, help="the sweep's name: its trials train in NAME-<id>/trial-<n>")
 @click.option("--preset", default=None, help="training flags to start from (as tlm train --preset)")
 @click.option("--search", multiple=True, metavar="FLAG=SPEC",
               help="FLAG=LO:HI (uniform; integers for integer flags), FLAG=log:LO:HI, FLAG=a,b,c")

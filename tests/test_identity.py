@@ -55,3 +55,24 @@ def test_a_job_whose_checkpoint_is_not_visible_goes_back_and_fails_after_its_att
     ended = registry(url).get(job)
     assert ended.state == "failed" and f"its checkpoint {ckpt[:12]} is not in" in ended.error, ended.error
     assert "(attempt 2 of 2)" in ended.error and "\n".join(registry(url).logs(job)[0]).count("new model") == 1
+
+
+def test_a_run_named_by_a_path_in_the_shared_folder_is_the_run_of_that_name(url, workers, tmp_path):
+    """--save_dir ROOT/x, a relative path to it, a symlink to it, and --run x: one run, one trainer."""
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    w = workers.start("--save_root", str(lab), "--burst")  # marks the folder, then leaves
+    w.wait(60)
+    first = submit(url, "train", "--run", "k3", *LONG).split()[0]
+    (tmp_path / "link").symlink_to(lab)
+    for given in (str(lab / "k3"), str(tmp_path / "link" / "k3")):
+        proc = tlm("submit", "train", "--save_dir", given, *LONG, "--queue", url)
+        assert proc.returncode == 1 and f"k3 already has a queued job {first}" in proc.stderr, proc.stderr
+    proc = tlm("submit", "train", "--save_dir", "k3", *LONG, "--queue", url, cwd=str(lab))
+    assert proc.returncode == 1 and "(one trainer per run)" in proc.stderr, proc.stderr
+    registry(url).cancel(first)
+    again = submit(url, "train", "--save_dir", str(tmp_path / "link" / "k3"), *LONG).split()[0]
+    job = registry(url).get(again)
+    assert job.run == "run:k3" and job.params.get("run") == "k3" and "save_dir" not in job.params
+    outside = submit(url, "train", "--save_dir", str(tmp_path / "elsewhere"), *LONG).split()[0]
+    assert registry(url).get(outside).run == f"dir:{tmp_path / 'elsewhere'}"

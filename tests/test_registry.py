@@ -339,3 +339,51 @@ def _forget(reg, job_id: str) -> None:
         reg.queue.redis.delete(f"tlm:job:{job_id}")
     else:
         reg.store.db.execute("DELETE FROM tlm_job WHERE id = ?", (job_id,))
+
+
+def test_prune_keeps_a_live_sweeps_trials_and_takes_an_ended_ones_study_with_it(reg, tmp_path):
+    from tlm_worker import sweeps
+    spec = sweeps.SweepSpec(name="kept", search={"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2,
+                                                                   "log": True}},
+                            base={"dim": 32, "num_heads": 2, "num_blocks": 1, "context_size": 16,
+                                  "steps_per_eval": 5}, trials=2, parallel=1, budget="20", prune="none")
+    sweep = sweeps.submit(reg, spec)
+    first = sweeps.trials(reg, sweep)[0]
+    reg.finish(first.id, "succeeded")
+    assert reg.prune(0) == 0 and reg.get(first.id).state == "succeeded"  # before: pruned, then re-created
+    sweeps.reconcile(reg, sweep.id)
+    assert [t.sweep["trial"] for t in sweeps.trials(reg, reg.get(sweep.id))] == [0, 1]
+    reg.cancel(sweep.id)
+    sweeps.reconcile(reg, sweep.id)
+    assert reg.get(sweep.id).state == "cancelled"
+    journal = (lambda: reg.queue.redis.keys(f"tlm:optuna:{sweep.id}:*")) if reg.queue.redis is not None \
+        else (lambda: [p for p in [sweeps._journal_file(reg, sweep.id)] if p.exists()])
+    assert journal()
+    assert reg.prune(0) == 3 and reg.jobs(None) == [] and not journal()
+
+
+def test_expired_records_leave_no_id_in_any_index_after_a_prune(reg):
+    jobs = [reg.create("eval", {"run": "x"}, f"run:x{i % 3}") for i in range(9)]
+    for job in jobs:
+        reg.cancel(job.id)
+    for job in jobs[:5]:
+        _forget(reg, job.id)  # expired (Redis: the TTL a day after a prune would have taken it)
+    reg.prune(0)
+    if reg.queue.redis is not None:
+        r = reg.queue.redis
+        for key in ["tlm:finished", "tlm:ids", "tlm:trainers", *r.keys("tlm:run:*")]:
+            assert not r.zrange(key, 0, -1), key
+    assert reg.store.finished_before(reg.now() + 1) == [] and reg.jobs(None) == []
+
+
+@pytest.mark.parametrize("url", ["sqlite"], indirect=True)
+def test_sqlite_gives_space_back_after_a_prune(reg, url):
+    import os
+    path = url[len("sqlite://"):]
+    for i in range(600):
+        job = reg.create("eval", {"run": "x", "pad": "x" * 2000}, f"run:x{i}")
+        reg.cancel(job.id)
+    full = os.path.getsize(path)
+    assert reg.prune(0) == 600
+    reg.store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert os.path.getsize(path) < full / 4, (os.path.getsize(path), full)

@@ -116,6 +116,7 @@ class JobKind:
     checkpoint_input: bool = False  # reads a checkpoint: a chain pins its parent's
     driven: bool = False  # held by no worker: every worker drives it in its sweep (a tlm sweep)
     result: Shape = dict  # what its record's result holds once it succeeded
+    forget: str = ""  # ``module:function(registry, job_id)``: what else goes when its record is pruned
 
 
 KINDS: dict[str, JobKind] = {k.name: k for k in (
@@ -130,6 +131,7 @@ KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("export", "interactive", "tlm_worker.jobs:run_export", required=("out",),
             checkpoint_input=True, result={"out": str, "checkpoint": str, "step": int}),
     JobKind("sweep", "", "", trainer=True, required=("search", "name"), driven=True,  # one per name
+            forget="tlm_worker.sweeps:forget_study",
             result={"created": int, "reserved": {str: NUMBER}, "best": (dict, type(None)),
                     "driver": [(str, int, float)]}),  # the process driving it, until when
 )}

@@ -32,6 +32,7 @@ job names the fence it expects.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import sqlite3
@@ -47,6 +48,7 @@ from tlm_worker.kinds import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILED, 
                               WAITING, BadRecord, Job, misfit)
 from tlm_worker.placement import CAPABILITIES, unmet
 from tlm_worker.queue import QUEUE_ERRORS, Queue
+from tlm_worker.targets import canonical
 
 __all__ = ["ACTIVE", "CANCELLED", "CANCELLING", "CLAIMABLE", "FAILED", "FINAL", "INTERRUPTED",
            "LIVE", "QUEUED", "RUNNING", "SKIPPED", "STATES", "SUCCEEDED", "WAITING", "Job",
@@ -145,6 +147,7 @@ class Registry:
         ``after``: a job id; this one waits until that one succeeded (ends skipped otherwise).
         ``job_id``: a fixed id (a sweep's trial). A driven kind (a sweep) starts running.
         """
+        params, run_key = canonical(self, params, run_key)
         now = self.now()
         parent = self.get(after) if after else None
         state = RUNNING if KINDS[kind].driven else WAITING if parent else QUEUED
@@ -572,9 +575,21 @@ class Registry:
     # -- retention and upgrades ----------------------------------------------------------
 
     def prune(self, older_than_days: Optional[float] = None) -> int:
-        """Delete jobs (and logs) finished more than the given days ago; return how many."""
+        """Delete jobs (and logs) finished more than the given days ago; return how many. The
+        trials of a sweep that still runs stay (its round would take a missing one for a trial
+        never created); a kind's ``forget`` deletes what else a record owns (a sweep's study)."""
         days = self.keep_days if older_than_days is None else older_than_days
-        return self.store.prune(self.now() - days * 86400)
+        ids = self.store.finished_before(self.now() - days * 86400)
+        live = {j.id for j in self.in_states(ACTIVE) if j.spec.driven}
+        jobs = self.find(ids)
+        kept = {j.id for j in jobs if j.sweep and j.sweep.get("id") in live}
+        gone = [i for i in ids if i not in kept]
+        self.store.delete(gone)
+        for job in jobs:
+            if job.id not in kept and job.spec.forget:
+                module, _, name = job.spec.forget.partition(":")
+                getattr(importlib.import_module(module), name)(self, job.id)
+        return len(gone)
 
     def _migrate(self) -> None:
         """Move records written by tlm 0.1 (in huey's result store) into this registry, once."""
@@ -825,20 +840,29 @@ class RedisStore:
             self.r.srem(f"{self.P}workers", *gone)
         return [_loads(v) for v in values if v is not None]
 
-    def prune(self, before: float) -> int:
-        ids = [i.decode() for i in self.r.zrangebyscore(f"{self.P}finished", "-inf", before)]
+    def finished_before(self, before: float) -> list[str]:
+        return [i.decode() for i in self.r.zrangebyscore(f"{self.P}finished", "-inf", before)]
+
+    def delete(self, ids: list[str]) -> None:
+        """Finished jobs, their streams and every index entry. A record that expired already
+        (its TTL, a day after a prune would have taken it) no longer names its run: its id is
+        swept from every run's index instead, so no index keeps a dead id."""
+        expired = []
         for job_id in ids:
             run = self.r.hget(self._job(job_id), "run")
             with self.r.pipeline() as pipe:
                 pipe.delete(self._job(job_id), *(self._stream(job_id, s) for s in STREAMS))
-                pipe.zrem(f"{self.P}finished", job_id)
-                pipe.zrem(f"{self.P}ids", job_id)
-                pipe.zrem(f"{self.P}trainers", job_id)
-                if run is not None:
+                for index in ("finished", "ids", "trainers"):
+                    pipe.zrem(f"{self.P}{index}", job_id)
+                if run is None:
+                    expired.append(job_id)
+                else:
                     with contextlib.suppress(ValueError):
                         pipe.zrem(f"{self.P}run:{json.loads(run)}", job_id)
                 pipe.execute()
-        return len(ids)
+        if expired:
+            for key in self.r.scan_iter(match=f"{self.P}run:*", count=1000):
+                self.r.zrem(key, *expired)
 
 
 class SqliteStore:
@@ -1037,12 +1061,19 @@ class SqliteStore:
             db.execute("DELETE FROM tlm_worker WHERE heartbeat < ?", (time.time() - WORKER_TTL,))
         return [_loads(r[0]) for r in self.db.execute("SELECT record FROM tlm_worker")]
 
-    def prune(self, before: float) -> int:
+    def finished_before(self, before: float) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT id FROM tlm_job WHERE finished < ?", (before,))]
+
+    def delete(self, ids: list[str]) -> None:
+        """Finished jobs and their lines; the file gives its space back once most of it is free
+        (VACUUM: skipped while another connection writes, tried again at the next prune)."""
         with self._tx() as db:
-            ids = [r[0] for r in db.execute("SELECT id FROM tlm_job WHERE finished < ?", (before,))]
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
                 marks = ",".join("?" * len(chunk))
                 db.execute(f"DELETE FROM tlm_line WHERE job IN ({marks})", chunk)
                 db.execute(f"DELETE FROM tlm_job WHERE id IN ({marks})", chunk)
-        return len(ids)
+        free, pages = (self.db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("freelist_count", "page_count"))
+        if pages > 256 and free > pages / 2:
+            with contextlib.suppress(sqlite3.OperationalError):
+                self.db.execute("VACUUM")

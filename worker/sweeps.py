@@ -3,8 +3,8 @@
 A sweep is a registry record of kind ``sweep`` (its spec in ``params``, its
 counters in ``result``) that no worker holds: every worker *drives* it
 (``reconcile``, from its sweep every lease/2 and whenever a trial of it ends).
-Each trial is a train job in its own run (``<name>/trial-<n>`` under the save
-root) with a fixed id, so the one-trainer-per-run rule makes creating it
+Each trial is a train job in its own run (``<name>-<sweep id>/trial-<n>`` under the
+save root: a later sweep of the same name never meets an earlier one's checkpoints) with a fixed id, so the one-trainer-per-run rule makes creating it
 idempotent; it has the same fencing, re-queue, resume and interruption rules as
 any job. Driving is a sequence of idempotent steps, so any worker may do it and
 any may die in the middle:
@@ -331,8 +331,10 @@ def trial_id(sweep: Job, n: int) -> str:
     return f"{sweep.id[:7]}t{n:04d}"
 
 
-def trial_run(spec: SweepSpec, n: int) -> str:
-    return f"{spec.name}/trial-{n:03d}"
+def trial_run(spec: SweepSpec, sweep_id: str, n: int) -> str:
+    """Trial ``n``'s run: in a folder of this sweep's own, so a sweep that reuses a name (once
+    the first one's record is gone) starts fresh instead of resuming a stranger's checkpoints."""
+    return f"{spec.name}-{sweep_id[:7]}/trial-{n:03d}"
 
 
 def submit(registry: "Registry", spec: SweepSpec) -> Job:
@@ -473,7 +475,7 @@ def _create(registry: "Registry", sweep: Job, spec: SweepSpec, n: int) -> Option
     flags = spec.trial_flags(trial.params)
     family = {"id": sweep.id, "name": spec.name, "trial": n, "number": trial.number,
               "params": trial.params}
-    run = trial_run(spec, n)
+    run = trial_run(spec, sweep.id, n)
     try:
         job = registry.create("train", {**flags, "run": run}, f"run:{run}", priority=sweep.priority,
                               needs={"memory": estimate(flags)}, job_id=trial_id(sweep, n), sweep=family)

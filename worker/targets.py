@@ -89,3 +89,18 @@ def check_save_root(registry, save_root: Optional[str]) -> Optional[str]:
     if (root / MARKS / token).is_file():
         return None
     return f"{root} is not this lab's shared folder: is it mounted? (tlm-worker --save_root)"
+
+
+def canonical(registry, params: dict[str, Any], run_key: str) -> tuple[dict[str, Any], str]:
+    """A run named by a path inside the lab's shared folder (through any symlink) is the run of
+    that name there: one key, so one trainer, however it is named; its params name it so, and
+    each worker finds it under its own mount of the folder."""
+    token = registry.store.value("save_root") if run_key.startswith("dir:") else None
+    if token is None:
+        return params, run_key
+    path = Path(run_key[len("dir:"):])
+    for root in path.parents:
+        if (root / MARKS / token).is_file():
+            name = path.relative_to(root).as_posix()
+            return {**{k: v for k, v in params.items() if k != "save_dir"}, "run": name}, f"run:{name}"
+    return params, run_key
