@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hmac
+import html as _html
 import ipaddress
 import json
 import secrets
@@ -43,7 +44,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tlm.config import PRESETS, ConfigError, apply_preset
-from tlm_worker.kinds import PRIORITIES, Job
+from tlm_worker.kinds import ACTIVE, CLAIMABLE, KINDS, PRIORITIES, STATES, Job
 from tlm_worker.queue import QUEUE_ERRORS
 from tlm_worker.registry import FINAL, LIVE, JobNotFound, Registry, RunBusy, holder
 from tlm_worker.targets import TargetError, resolve_save_dir, run_target, target_of
@@ -67,6 +68,11 @@ class Refused(Exception):
         self.status = status
 
 
+# The kinds and states table, as the page reads it (a new kind or state needs no change there).
+TABLE = {"kinds": [{"name": k.name, "trainer": k.trainer, "driven": k.driven} for k in KINDS.values()],
+         "states": list(STATES), "final": list(FINAL), "claimable": list(CLAIMABLE), "active": list(ACTIVE)}
+
+
 def located(key: str) -> dict[str, str]:
     """``target_of`` with its refusal as a 400."""
     try:
@@ -78,7 +84,8 @@ def located(key: str) -> dict[str, str]:
 def shown(job: Job, waiting: Optional[str] = None) -> dict[str, Any]:
     """A job as the page reads it: its record, who holds it, whether it is its run's trainer,
     and why it waits when no live worker can run it."""
-    return {**job.to_record(), "holder": holder(job), "trainer": job.spec.trainer, "waiting": waiting}
+    return {**job.to_record(), "holder": holder(job), "trainer": job.spec.trainer, "driven": job.spec.driven,
+            "waiting": waiting}
 
 
 def command(verb: str, params: dict[str, Any]) -> str:
@@ -452,7 +459,8 @@ def create_app(registry: Registry, token: str, require_token: bool,
         return endpoint
 
     def page(request: Request) -> Response:
-        html = (STATIC / "index.html").read_text().replace("{{TOKEN}}", token)
+        html = (STATIC / "index.html").read_text().replace("{{TOKEN}}", token).replace(
+            "{{TABLE}}", _html.escape(json.dumps(TABLE), quote=True))
         return Response(html, media_type="text/html")
 
     async def events(request: Request) -> Response:

@@ -562,7 +562,7 @@ def leaderboard(registry: "Registry", sweep: Job) -> list[dict[str, Any]]:
 
 
 def live_sweeps(registry: "Registry") -> list[Job]:
-    return [j for j in registry.in_states(ACTIVE) if j.kind == "sweep"]
+    return [j for j in registry.in_states(ACTIVE) if j.spec.driven]
 
 
 def trial_hooks(c, stop):

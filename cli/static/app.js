@@ -3,8 +3,9 @@
 "use strict";
 
 const TOKEN = document.querySelector('meta[name="tlm-token"]').content;
-const STATES = ["waiting", "queued", "running", "cancelling", "interrupted", "succeeded", "failed", "cancelled",
-  "skipped", "pruned"];
+// The job kinds and states, from the server's table (tlm_worker.kinds): no kind or state is named here.
+const TABLE = JSON.parse(document.querySelector('meta[name="tlm-table"]').content);
+const STATES = TABLE.states;
 const STALE_SECONDS = 30; // a worker heartbeats every lease/4 (at most 5 s)
 
 // -- small helpers -------------------------------------------------------------------
@@ -61,7 +62,7 @@ async function act(promise, what) {
 const runName = key => key.slice(key.indexOf(":") + 1);
 const runLink = key => el("a", { href: "#/run/" + encodeURIComponent(key) }, runName(key));
 const sweepLink = (id, text) => el("a", { href: "#/sweep/" + encodeURIComponent(id), class: "sweep" }, text);
-const jobRunCell = job => (job.kind === "sweep" ? sweepLink(job.id, `sweep ${runName(job.run)}`)
+const jobRunCell = job => (job.driven ? sweepLink(job.id, `sweep ${runName(job.run)}`)
   : job.sweep ? el("span", {}, runLink(job.run), " ", sweepLink(job.sweep.id, `(trial ${job.sweep.trial})`))
     : runLink(job.run));
 const fmt = (x, digits = 3) => (x === null || x === undefined ? "" : Number(x).toFixed(digits));
@@ -84,7 +85,7 @@ function table(headers, rows) {
 // -- jobs and workers -------------------------------------------------------------------
 
 function jobActions(job) {
-  const live = ["queued", "running", "cancelling", "interrupted"].includes(job.state);
+  const live = TABLE.claimable.concat(TABLE.active).includes(job.state);
   const out = [];
   if (live) {
     out.push(el("button", { class: "cancel", onclick: () => act(
@@ -94,12 +95,12 @@ function jobActions(job) {
     if (job.state !== "queued") out.push(" ", el("button", { class: "force", onclick: () => act(
       post(`/api/jobs/${job.id}/cancel`, { force: true }), () => `job ${job.id}: stopping now`) },
       "force"));
-  } else if (job.trainer && ["cancelled", "failed"].includes(job.state) && job.kind !== "sweep") {
+  } else if (job.trainer && ["cancelled", "failed"].includes(job.state) && !job.driven) {
     out.push(el("button", { class: "resume", onclick: () => act(
       post("/api/resume", { key: job.run }), r => `queued job ${r.job} to resume ${runName(job.run)}`) },
       "resume"));
   }
-  if (["failed", "cancelled", "skipped"].includes(job.state) && job.kind !== "sweep") {
+  if (["failed", "cancelled", "skipped"].includes(job.state) && !job.driven) {
     out.push(" ", el("button", { class: "retry", onclick: () => act(
       post(`/api/jobs/${job.id}/retry`, {}), r => `queued job ${r.job}: ${job.kind} again`) }, "retry"));
   }
@@ -155,7 +156,7 @@ function jobsView(root) {
   const state = el("select", { id: "filter-state" }, el("option", { value: "" }, "all states"),
     STATES.map(s => el("option", { value: s }, s)));
   const kind = el("select", { id: "filter-kind" }, el("option", { value: "" }, "all kinds"),
-    ["train", "eval", "sample", "export", "sweep"].map(k => el("option", { value: k }, k)));
+    TABLE.kinds.map(k => el("option", { value: k.name }, k.name)));
   const worker = el("select", { id: "filter-worker" }, el("option", { value: "" }, "all workers"));
   const run = el("input", { id: "filter-run", placeholder: "run contains…" });
   let skip = 0;
@@ -184,7 +185,7 @@ function jobsView(root) {
     jobsBox.replaceChildren(table(["", ...JOB_HEADERS], jobs.map(j => jobRow(j, true))));
     pageInfo.textContent = skip ? `finished jobs ${skip + 1}-${skip + PAGE} back` : "live and newest finished";
     newer.disabled = skip === 0;
-    older.disabled = data.jobs.filter(j => ["succeeded", "failed", "cancelled", "skipped", "pruned"].includes(j.state)).length < PAGE;
+    older.disabled = data.jobs.filter(j => TABLE.final.includes(j.state)).length < PAGE;
     workersBox.replaceChildren(data.workers.length ? workerTable(data.workers)
       : el("p", { class: "muted" }, "no worker is running: start one with `tlm-worker`"));
   }
