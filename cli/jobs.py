@@ -298,7 +298,7 @@ def _enqueue(registry: Registry, kind: str, params: dict, run_key: str, place: P
     click.echo(job.id)
     waits = f", after {job.after}" if job.after else ""
     needs = f", {describe_needs(job.needs)}" if job.needs else ""
-    echo(f"queued {kind} job {job.id} for {job.run_name}{waits}{needs}")
+    echo(f"queued {kind} job {job.id} for {run_label(job.run)}{waits}{needs}")
     return job
 
 
@@ -422,7 +422,7 @@ def status_table(jobs: list[Job], workers: list[dict], now: float) -> Table:
         table.add_column(col)
     waiting = waiting_reasons(jobs, workers)
     for job in jobs:
-        table.add_row(job.id, job.kind, job.run_name, job.state, holder(job), _tries(job),
+        table.add_row(job.id, job.kind, run_label(job.run), job.state, holder(job), _tries(job),
                       _age(job.created, now), _progress(job, waiting.get(job.id)), (job.error or "")[:60])
     workers_table = Table(title="workers", title_justify="left")
     for col in ("worker", "host", "pid", "device", "memory", "labels", "heartbeat", "jobs"):
@@ -432,6 +432,9 @@ def status_table(jobs: list[Job], workers: list[dict], now: float) -> Table:
         workers_table.add_row(*(_worker_cell(w, k) for k in ("id", "host", "pid", "device", "memory",
                                                               "labels")),
                               _age(w.get("heartbeat"), now), (", ".join(w.get("jobs") or []) or "-") + state)
+    if any(job.interruptions for job in jobs):
+        table.caption = "tries: attempts (crashes count against --max_attempts) + interruptions (not counted)"
+        table.caption_justify = "left"
     grid = Table.grid()
     grid.add_row(table)
     grid.add_row(workers_table)
@@ -455,14 +458,12 @@ def status(job_id, as_json, watch, limit, show_all, state, run, save_dir, queue)
     registry = connect(queue)
     if job_id:
         job = registry.get(job_id)
-        record = job.to_record()
         why = waiting_reasons([job], registry.workers()).get(job.id)
-        if why:
-            record["waiting"] = why
-        click.echo(json.dumps(record, indent=None if as_json else 2, sort_keys=True))
-        if not as_json and (job.after or job.followers):
-            for line in chain_lines(registry, job):
-                echo(line)
+        if as_json:
+            click.echo(json.dumps({**job.to_record(), **({"waiting": why} if why else {})}, sort_keys=True))
+            return
+        for line in job_lines(job, why, registry.now()) + chain_lines(registry, job):
+            click.echo(line)
         return
     run_key = target(run, save_dir)[1] if run or save_dir else None
 
@@ -494,12 +495,59 @@ def status(job_id, as_json, watch, limit, show_all, state, run, save_dir, queue)
 
 
 def chain_lines(registry: Registry, job: Job) -> list[str]:
-    """What a job waits for and what waits on it, one line each."""
+    """What a job waits (or waited) for and what waits on it, one line each."""
     lines = []
     for parent in registry.find([job.after] if job.after else []):
-        lines.append(f"waits for: {parent.kind} job {parent.id} ({parent.state})")
+        waits = "waits for" if job.state == "waiting" else "waited for"
+        lines.append(f"{waits}: {parent.kind} job {parent.id} ({parent.state})")
     lines += [f"waiting on it: {f.kind} job {f.id} ({f.state})" for f in registry.find(job.followers)]
     return lines
+
+
+def job_lines(job: Job, waiting: Optional[str], now: float) -> list[str]:
+    """One job, readable: what, where, when, how far, how it ended (`--json`: the record)."""
+    import datetime
+
+    def when(t: Optional[float]) -> Optional[str]:
+        if not t:
+            return None
+        shown = datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+        return f"{shown} ({_age(t, now)} ago)"
+    tries = f"{job.attempts} attempt(s) (crashes count against --max_attempts)"
+    if job.interruptions:
+        tries += f", {job.interruptions} interruption(s) (a worker stopped or paused: not counted)"
+    result = job.result or {}
+    fields = [("state", job.state + (f" ({waiting})" if waiting else "")),
+              ("worker", holder(job) if job.state in ("running", "cancelling") or job.members else None),
+              ("tries", tries if job.attempts or job.interruptions else None),
+              ("priority", next((k for k, v in PRIORITIES.items() if v == job.priority), str(job.priority))),
+              ("needs", describe_needs(job.needs).removeprefix("needs ") if job.needs else None),
+              ("created", when(job.created)), ("started", when(job.started)), ("finished", when(job.finished)),
+              ("progress", _progress(job) or None), ("checkpoint", job.checkpoint),
+              ("result", ", ".join(f"{k} {_short(v)}" for k, v in result.items()
+                                   if v is not None and not isinstance(v, (dict, list))) or None),
+              ("error", job.error),
+              ("flags", " ".join(f"--{k} {_short(v)}" for k, v in sorted(job.params.items())
+                                 if not isinstance(v, (dict, list)) and v is not None) or None)]
+    return [f"{job.kind} job {job.id} of {run_label(job.run)}"] + [
+        f"  {name:<10} {value}" for name, value in fields if value is not None]
+
+
+def run_label(key: str) -> str:
+    """A run as a user would type it: its name, or its folder relative to here or to ~."""
+    kind, _, name = key.partition(":")
+    if kind != "dir":
+        return name
+    path = Path(name)
+    for base, shown in ((Path.cwd(), ""), (Path.home(), "~/")):
+        if path.is_relative_to(base) and path != base:
+            return shown + str(path.relative_to(base))
+    return name
+
+
+def _short(value: Any) -> str:
+    """A number as a reader wants it (4 significant digits), anything else as it is."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 @click.command()
@@ -597,6 +645,7 @@ def runs(as_json, as_csv, dataset, sort_by, save_root, queue) -> None:
     table = Table(title=f"runs ({len(rows)})", title_justify="left")
     for col in RUN_COLUMNS:
         table.add_column(col.replace("_", " "))
+
     def cell(column: str, v: Any) -> str:
         if v is None:
             return "-"
@@ -604,5 +653,5 @@ def runs(as_json, as_csv, dataset, sort_by, save_root, queue) -> None:
             return f"{v:,.0f}"
         return f"{v:.4g}" if isinstance(v, float) else str(v)
     for r in rows:
-        table.add_row(*(cell(c, r[c]) for c in RUN_COLUMNS))
+        table.add_row(*(run_label(r["key"]) if c == "run" else cell(c, r[c]) for c in RUN_COLUMNS))
     table_console(220).print(table)

@@ -229,8 +229,16 @@ def test_train_then_eval_export_and_sample_in_one_command(url, workers, save_dir
     evals, export, sample = (reg.get(j) for j in follower_ids)
     assert evals.result["split"] == "test" and evals.result["checkpoint"] == trained.checkpoint
     assert export.result["checkpoint"] == trained.checkpoint and sample.result["samples"][0].strip()
-    status = tlm("status", train_id, "--queue", url)
-    assert f"waiting on it: eval job {evals.id} (succeeded)" in status.stderr
+    eval_log = tlm("logs", evals.id, "--queue", url).stdout  # the metric in words, not only a loss
+    assert f"test loss {evals.result['loss']:.4f}, perplexity {evals.result['perplexity']:.2f}" in eval_log
+    sample_log = tlm("logs", sample.id, "--queue", url).stdout  # a chained sample's text, in its log
+    first_line = ("the" + sample.result["samples"][0]).splitlines()[0]
+    assert f"  {first_line}" in sample_log and "sampled 1 from checkpoint" in sample_log, sample_log
+    status = tlm("status", train_id, "--queue", url).stdout  # readable; --json for scripts
+    assert f"waiting on it: eval job {evals.id} (succeeded)" in status
+    assert f"train job {train_id} of " in status and "  state      succeeded" in status
+    assert f"  checkpoint {trained.checkpoint}" in status and "1 attempt(s)" in status
+    assert f"waited for: train job {train_id} (succeeded)" in tlm("status", evals.id, "--queue", url).stdout
     from mlx_lm import load
     model, tokenizer = load(str(out))
     assert tokenizer.encode("the") and model is not None

@@ -207,7 +207,10 @@ def run_eval(c: Context) -> None:
     p = c.params
     result = evaluate_checkpoint(c.save_dir, p.get("identifier"), p.get("split", "valid"),
                                  p.get("data_mirror"), p.get("tokens", 0), p.get("stride"), c.log)
-    c.finish(line=f"{result['split']} loss {result['loss']:.4f}", result=result)
+    metric = (f"{result['bits_per_char']:.3f} bits per character" if "bits_per_char" in result
+              else f"perplexity {result['perplexity']:.2f}")
+    c.finish(line=f"{result['split']} loss {result['loss']:.4f}, {metric} (checkpoint "
+                  f"{result['checkpoint'][:12]}, iteration {result['step']})", result=result)
 
 
 def run_sample(c: Context) -> None:
@@ -215,7 +218,11 @@ def run_sample(c: Context) -> None:
     p = c.params
     result = sample_checkpoint(c.save_dir, p.get("identifier"), p["prompt"], SampleConfig(**p["sampling"]),
                                p.get("num_samples", 1), warn=c.log)
-    c.finish(result=result)
+    for text in result["samples"]:  # in the job's log too: `tlm logs` shows a chained sample's text
+        for line in (p["prompt"] + text).splitlines() or [""]:
+            c.log(f"  {line}")
+    c.finish(line=f"sampled {len(result['samples'])} from checkpoint {result['checkpoint'][:12]} "
+                  f"(iteration {result['step']})", result=result)
 
 
 def run_export(c: Context) -> None:
