@@ -43,11 +43,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from tlm.config import PRESETS, ConfigError, apply_preset
-from tlm_worker.kinds import ACTIVE, CLAIMABLE, KINDS, PRIORITIES, STATES, Job
+from tlm.config import PRESETS, apply_preset
+from tlm_worker.kinds import ACTIVE, CLAIMABLE, KINDS, STATES, Job
+from tlm_worker.lab import Lab, LabError, Placement
 from tlm_worker.queue import QUEUE_ERRORS
-from tlm_worker.registry import FINAL, LIVE, JobNotFound, Registry, RunBusy, holder
-from tlm_worker.targets import TargetError, resolve_save_dir, run_target, target_of
+from tlm_worker.registry import FINAL, LIVE, JobNotFound, Registry, holder
+from tlm_worker.targets import TargetError, resolve_save_dir, run_target
 
 STATIC = Path(__file__).parent / "static"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -71,14 +72,6 @@ class Refused(Exception):
 # The kinds and states table, as the page reads it (a new kind or state needs no change there).
 TABLE = {"kinds": [{"name": k.name, "trainer": k.trainer, "driven": k.driven} for k in KINDS.values()],
          "states": list(STATES), "final": list(FINAL), "claimable": list(CLAIMABLE), "active": list(ACTIVE)}
-
-
-def located(key: str) -> dict[str, str]:
-    """``target_of`` with its refusal as a 400."""
-    try:
-        return target_of(key)
-    except TargetError as e:
-        raise Refused(400, str(e)) from None
 
 
 def shown(job: Job, waiting: Optional[str] = None) -> dict[str, Any]:
@@ -116,15 +109,16 @@ def typed_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class Lab:
-    """What the API reads and does, over one registry."""
+class Api:
+    """What the page reads (over one registry) and does (through the lab's service)."""
 
     def __init__(self, registry: Registry, save_root: Optional[str] = None):
         self.registry, self.save_root = registry, save_root
+        self.lab = Lab(registry, save_root)  # what the page does, as the commands do it
 
     def _on_disk(self, key: str, identifier: str) -> Optional[bool]:
         """Whether a checkpoint's file is still there (None: the run is not visible here)."""
-        directory = Path(resolve_save_dir(located(key), self.save_root))
+        directory = Path(resolve_save_dir(self.lab.target(key), self.save_root))
         return (directory / f"{identifier}.safetensors").exists() if directory.is_dir() else None
 
     def overview(self, state: Optional[str], run: Optional[str], limit: int, skip: int = 0) -> dict[str, Any]:
@@ -142,7 +136,7 @@ class Lab:
                 "workers": workers, "now": self.registry.now()}  # the queue's clock: ages read by it
 
     def run(self, key: str) -> dict[str, Any]:
-        located(key)
+        self.lab.target(key)
         jobs = self.registry.jobs(None, run=key)
         trains = [j for j in jobs if j.spec.trainer]
         points: dict[tuple[str, int], dict] = {}
@@ -197,46 +191,24 @@ class Lab:
 
     def retry(self, job_id: str) -> dict[str, Any]:
         """Queue again what an ended job did (any kind)."""
-        try:
-            job = self.registry.retry(job_id)
-        except ValueError as e:
-            raise Refused(409, str(e)) from None
-        except RunBusy as e:
-            raise Refused(409, str(e)) from None
+        job = self.lab.retry(job_id)
         return {"job": job.id, "command": f"(queued again: {job.kind} of {job.run_name})"}
 
     def cancel(self, job_id: str, force: bool) -> dict[str, Any]:
-        job = self.registry.get(job_id)
-        if job.state in FINAL:
-            raise Refused(409, f"job {job_id} already {job.state}")
-        ended = self.registry.cancel(job_id, force)
+        _, ended = self.lab.cancel(job_id, force)
         return {"job": job_id, "ended": ended,
                 "command": command(f"cancel {job_id}", {"force": force})}
 
     def submit(self, key: str, params: dict[str, Any], priority: str = "normal") -> dict[str, Any]:
         """Queue a training job of a run (resuming its checkpoints), as `tlm submit train`."""
         from tlm.data import is_text_path
-        from tlm.memory import estimate
-        from tlm_cli.jobs import training_job
 
-        target = located(key)
-        if priority not in PRIORITIES:
-            raise Refused(400, f"unknown priority {priority!r} (choose from {', '.join(PRIORITIES)})")
-        try:
-            config, job_params = training_job(params, target)
-        except (ConfigError, TypeError) as e:
-            raise Refused(400, str(e)) from None
-        if is_text_path(config.dataset):
+        if params.get("dataset") and is_text_path(str(params["dataset"])):
             raise Refused(400, "a --dataset of your own text is submitted with `tlm submit train`, "
                                "which copies it into the run")
-        needs = {"memory": estimate(config.to_dict()), **({"gpu": True} if config.gpu else {})}
-        try:
-            job = self.registry.create("train", job_params, key, priority=PRIORITIES[priority],
-                                       needs=needs)
-        except RunBusy as e:
-            raise Refused(409, str(e)) from None
+        job = self.lab.train(key, params, Placement.of(priority))
         extra = {"priority": priority} if priority != "normal" else {}
-        return {"job": job.id, "command": command("submit train", {**target, **params, **extra})}
+        return {"job": job.id, "command": command("submit train", {**self.lab.target(key), **params, **extra})}
 
     def new_run(self, body: dict[str, Any]) -> dict[str, Any]:
         run, save_dir = field(body, "run", str, "").strip(), field(body, "save_dir", str, "").strip()
@@ -255,11 +227,9 @@ class Lab:
                            field(body, "priority", str, "normal"))
 
     def resume(self, key: str) -> dict[str, Any]:
-        trains = [j for j in self.registry.jobs(None, run=key) if j.spec.trainer]
-        if not trains:
-            raise Refused(404, f"no training job of {key} to resume")
-        params = {k: v for k, v in trains[-1].params.items() if k not in ("run", "save_dir")}
-        return self.submit(key, params)
+        job = self.lab.resume(key)
+        return {"job": job.id, "command": command("submit train", {**self.lab.target(key), **{
+            k: v for k, v in job.params.items() if k not in ("run", "save_dir")}})}
 
     # -- sweeps --------------------------------------------------------------------------
 
@@ -340,13 +310,12 @@ class Lab:
 
     def sample(self, key: str, prompt: str, max_tokens: int, temperature: float) -> dict[str, Any]:
         from tlm.generate import SampleConfig
-        target = located(key)
+        target = self.lab.target(key)
         if not 0 < max_tokens <= 2000 or not 0 <= temperature <= 10:
             raise Refused(400, "max_tokens must be 1-2000 and temperature 0-10")
         cfg = SampleConfig(max_tokens=max_tokens, temperature=temperature)
-        job = self.registry.create("sample", {**target, "identifier": None, "prompt": prompt,
-                                              "sampling": dataclasses.asdict(cfg),
-                                              "num_samples": 1}, key)
+        job = self.lab.read("sample", key, {"identifier": None, "prompt": prompt,
+                                            "sampling": dataclasses.asdict(cfg), "num_samples": 1})
         return {"job": job.id, "command": command("sample", {
             **target, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature})}
 
@@ -442,7 +411,7 @@ class Changes:
 def create_app(registry: Registry, token: str, require_token: bool,
                save_root: Optional[str] = None) -> "Guard":
     """The dashboard's ASGI app; ``require_token`` for every request (bound beyond localhost)."""
-    lab = Lab(registry, save_root)
+    lab = Api(registry, save_root)
     changes = Changes(registry)
 
     def api(fn):
@@ -450,7 +419,7 @@ def create_app(registry: Registry, token: str, require_token: bool,
             try:
                 body = await read_body(request)
                 return JSONResponse(await anyio.to_thread.run_sync(fn, request, body))
-            except Refused as e:
+            except (Refused, LabError) as e:
                 return PlainTextResponse(str(e), status_code=e.status)
             except JobNotFound as e:
                 return PlainTextResponse(str(e), status_code=404)

@@ -11,23 +11,22 @@ import functools
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import click
-from tlm_cli.render import table_console
 from rich.live import Live
 from rich.table import Table
 
-from tlm.config import ConfigError, TrainConfig
+from tlm.config import ConfigError
 from tlm_cli.options import given_options, train_options
+from tlm_cli.render import table_console
+from tlm_worker.kinds import CLAIMABLE, PRIORITIES, Job
+from tlm_worker.lab import Lab, LabError, Placement, training_job
 from tlm_worker.options import FiniteRange
-from tlm_worker.kinds import CLAIMABLE, PRIORITIES, BadRecord, Job
-from tlm_worker.placement import parse_needs, size_text, waiting_reason
+from tlm_worker.placement import size_text, waiting_reason
 from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError, queue_url, redact
-from tlm_worker.registry import (CANCELLED, FINAL, LIVE, SUCCEEDED, JobNotFound, Registry,
-                                 RunBusy, holder)
+from tlm_worker.registry import CANCELLED, FINAL, LIVE, SUCCEEDED, JobNotFound, Registry, holder
 from tlm_worker.runs import COLUMNS as RUN_COLUMNS
 from tlm_worker.targets import TargetError, resolve_save_dir, run_target
 
@@ -57,6 +56,8 @@ def queue_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except JobNotFound as e:
             raise click.ClickException(str(e)) from None
+        except LabError as e:  # bad input as a usage error (status 2), the lab's refusals as 1
+            raise (click.UsageError if e.status == 400 else click.ClickException)(str(e)) from None
         except QUEUE_ERRORS as e:
             url = redact(queue_url(kwargs.get("queue")))
             raise click.ClickException(f"cannot reach the queue at {url}: {e}") from None
@@ -89,27 +90,6 @@ def placement_options(fn: Callable) -> Callable:
                          help="run only on a worker started with --label KEY=VALUE, or host=NAME"))):
         fn = option(fn)
     return fn
-
-
-@dataclass
-class Placement:
-    """A queued job's priority, parent and needs, from the placement options."""
-    priority: int
-    after: Optional[str]
-    needs: dict[str, Any]
-
-    @classmethod
-    def of(cls, priority: str, after: Optional[str], needs: tuple[str, ...], on: tuple[str, ...],
-           gpu: bool = False, memory: int = 0) -> "Placement":
-        if after is not None and not after.strip():
-            raise click.UsageError("--after is empty: give the id of the job to wait for")
-        try:
-            parsed = parse_needs(needs, on, gpu)
-        except ValueError as e:
-            raise click.UsageError(str(e)) from None
-        if memory > parsed.get("memory", 0):
-            parsed["memory"] = memory
-        return cls(PRIORITIES[priority], after, parsed)
 
 
 def carry_dataset(dataset: str, run_dir: Path) -> dict[str, str]:
@@ -201,37 +181,21 @@ def submit_train(run, save_root, wait, queue, priority, after, needs, on, then, 
     given = given_options(options)
     where, run_key = target(run, given.pop("save_dir", None))
     follow_ups = parse_then(then)
+    place = Placement.of(priority, after, needs, on)
     try:
-        config, params = training_job(given, where)
-        if "save_dir" in where and Path(where["save_dir"]).is_dir():
-            from tlm.train import open_run  # flags that contradict its checkpoint, a spent budget
-            config = open_run({**given, **where}, refuse_spent=True)[0]
+        training_job(given, where)  # bad flags: refused before a --dataset is copied
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
-    from tlm.memory import estimate
-    place = Placement.of(priority, after, needs, on, gpu=config.gpu, memory=estimate(config.to_dict()))
-    registry = connect(queue)
     from tlm.data import is_text_path
-    if is_text_path(config.dataset):
-        params.update(carry_dataset(config.dataset, Path(resolve_save_dir(where, save_root))))
-    job = _enqueue(registry, "train", params, run_key, place)
+    carried = None
+    if given.get("dataset") and is_text_path(given["dataset"]):
+        carried = carry_dataset(given["dataset"], Path(resolve_save_dir(where, save_root)))
+    lab = Lab(connect(queue), save_root)
+    job = announce(lab.train(run_key, given, place, carried))
     for kind, extra in follow_ups:
-        _enqueue(registry, kind, {**where, "identifier": None, **extra}, run_key,
-                 Placement(place.priority, job.id, {}))
+        announce(lab.read(kind, run_key, {"identifier": None, **extra}, Placement(place.priority, job.id)))
     if wait:
-        raise SystemExit(follow(registry, job.id))
-
-
-def training_job(given: dict[str, Any], target: dict[str, str]) -> tuple[TrainConfig, dict[str, Any]]:
-    """A training job's validated configuration and the params to queue (ConfigError if bad);
-    the data mirror this machine uses travels with the job."""
-    config = TrainConfig(**{k: v for k, v in given.items() if k != "dataset_sha1"},
-                         save_dir=target.get("save_dir", "/unused"))
-    config.validate()
-    params = {**given, **target}
-    if config.data_mirror and "data_mirror" not in given:
-        params["data_mirror"] = config.data_mirror
-    return config, params
+        raise SystemExit(follow(lab.registry, job.id))
 
 
 @submit.command("eval")
@@ -250,11 +214,11 @@ def training_job(given: dict[str, Any], target: dict[str, str]) -> tuple[TrainCo
 def submit_eval(run, save_dir, identifier, split, tokens, stride, wait, queue, priority, after,
                 needs, on) -> None:
     """Queue an evaluation of a checkpoint: loss and perplexity on a split."""
-    where, run_key = _existing_run(run, save_dir, after)
-    params = {**where, "identifier": identifier, "split": split, "tokens": tokens, "stride": stride,
+    run_key = target(run, save_dir)[1]
+    params = {"identifier": identifier, "split": split, "tokens": tokens, "stride": stride,
               "data_mirror": os.environ.get("TLM_DATA_MIRROR")}
     registry = connect(queue)
-    job = _enqueue(registry, "eval", params, run_key, Placement.of(priority, after, needs, on))
+    job = announce(Lab(registry).read("eval", run_key, params, Placement.of(priority, after, needs, on)))
     if wait:
         raise SystemExit(follow(registry, job.id))
 
@@ -270,35 +234,21 @@ def submit_eval(run, save_dir, identifier, split, tokens, stride, wait, queue, p
 @queue_errors
 def submit_export(run, save_dir, identifier, out, wait, queue, priority, after, needs, on) -> None:
     """Queue an export of a checkpoint as a directory mlx-lm loads (as `tlm export` does here)."""
-    where, run_key = _existing_run(run, save_dir, after)
+    run_key = target(run, save_dir)[1]
     registry = connect(queue)
-    job = _enqueue(registry, "export", {**where, "identifier": identifier,
-                                        "out": str(Path(out).expanduser().resolve())},
-                   run_key, Placement.of(priority, after, needs, on))
+    job = announce(Lab(registry).read("export", run_key, {"identifier": identifier,
+                                                         "out": str(Path(out).expanduser().resolve())},
+                                      Placement.of(priority, after, needs, on)))
     if wait:
         raise SystemExit(follow(registry, job.id))
 
 
-def _existing_run(run: Optional[str], save_dir: Optional[str], after: Optional[str]):
-    """A run whose checkpoints a job reads: a directory must exist (unless a chain makes it)."""
-    where, run_key = target(run, save_dir)
-    if "save_dir" in where and not after and not Path(where["save_dir"]).is_dir():
-        raise click.UsageError(f"no run directory {where['save_dir']}: train one first")
-    return where, run_key
-
-
-def _enqueue(registry: Registry, kind: str, params: dict, run_key: str, place: Placement) -> Job:
-    try:
-        job = registry.create(kind, params, run_key, priority=place.priority, needs=place.needs,
-                              after=place.after)
-    except RunBusy as e:
-        raise click.ClickException(f"{e}: `tlm cancel {e.job.id}` first") from None
-    except BadRecord as e:
-        raise click.UsageError(e.reason) from None
+def announce(job: Job) -> Job:
+    """Print a queued job's id (stdout, for scripts) and what was queued (stderr)."""
     click.echo(job.id)
     waits = f", after {job.after}" if job.after else ""
     needs = f", {describe_needs(job.needs)}" if job.needs else ""
-    echo(f"queued {kind} job {job.id} for {run_label(job.run)}{waits}{needs}")
+    echo(f"queued {job.kind} job {job.id} for {run_label(job.run)}{waits}{needs}")
     return job
 
 
@@ -580,11 +530,10 @@ def cancel(job_id, force, queue) -> None:
     """Cancel a job: it finishes its step, saves, and can be resumed by submitting again."""
     registry = connect(queue)
     job = registry.get(job_id)
-    if job.state in FINAL:
-        raise click.ClickException(f"job {job.id} already {job.state}")
     waiting = [f.id for f in registry.find(job.followers) if f.state == "waiting"]
     final = job.kind == "train" and job.progress.get("step") and job.progress["step"] >= job.progress.get("total", 0)
-    if registry.cancel(job.id, force):
+    job, ended = Lab(registry).cancel(job.id, force)
+    if ended:
         echo(f"job {job.id} removed from the queue")
     elif force:
         echo(f"job {job.id}: stopping now")

@@ -58,7 +58,7 @@ def sample(run, save_dir, identifier, prompt, max_tokens, num_samples, temperatu
         raise click.UsageError("--stop is empty: it would stop before the first token")
     where, run_key = target(run, save_dir)
     if not (local or interactive):
-        _queued(queue, where, run_key, identifier, prompt, cfg, num_samples)
+        _queued(queue, run_key, identifier, prompt, cfg, num_samples)
         return
     if "save_dir" not in where:
         raise click.UsageError("--local and --interactive need --save_dir (a run name is resolved on workers)")
@@ -106,15 +106,17 @@ def _warn_unknown(tokenizer, text: str) -> None:
         echo(f"not in the vocabulary, {what}: {shown}" + (" ..." if len(set(unknown)) > 10 else ""))
 
 
-def _queued(queue, where, run_key, identifier, prompt, cfg, num_samples) -> None:
+def _queued(queue, run_key, identifier, prompt, cfg, num_samples) -> None:
     import dataclasses
 
     from tlm_worker.registry import FINAL, SUCCEEDED
 
+    from tlm_worker.lab import Lab
+
     registry = connect(queue)
-    job = registry.create("sample", {**where, "identifier": identifier, "prompt": prompt,
-                                     "sampling": dataclasses.asdict(cfg),
-                                     "num_samples": num_samples}, run_key)
+    job = Lab(registry).read("sample", run_key, {"identifier": identifier, "prompt": prompt,
+                                                 "sampling": dataclasses.asdict(cfg),
+                                                 "num_samples": num_samples})
     echo(f"queued sample job {job.id}; waiting for a worker (Ctrl+C to cancel)")
     try:
         if not any(not w.get("stopping") for w in registry.workers()):

@@ -1,0 +1,177 @@
+"""The lab's one application service: what the `tlm` commands and the dashboard ask of the lab.
+
+Both front ends are thin: they turn a request into a call here and a ``LabError`` into a
+one-line error or an HTTP status (its ``status``). So the same request gets the same checks
+and the same answer from either: a training job's flags are checked as `tlm train` checks
+them, a run this machine sees is opened (flags that contradict its checkpoint, a spent
+budget), a job's memory need is estimated from the configuration it will really train (the
+run's own on a resume), and a second trainer of a run is refused in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from tlm_worker.kinds import FINAL, PRIORITIES, BadRecord, Job
+from tlm_worker.placement import parse_needs
+from tlm_worker.registry import Registry, RunBusy
+from tlm_worker.targets import TargetError, resolve_save_dir, target_of
+
+
+class LabError(Exception):
+    """A request the lab refuses; the message is one line, ``status`` its HTTP status."""
+    status = 400
+
+
+class Invalid(LabError):
+    """Bad input: flags, names, values."""
+
+
+class Conflict(LabError):
+    """Refused by the lab's state: a run that has a trainer, a job that already ended."""
+    status = 409
+
+
+class Missing(LabError):
+    status = 404
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A queued job's priority, parent and needs."""
+    priority: int = 0
+    after: Optional[str] = None
+    needs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, priority: str = "normal", after: Optional[str] = None, needs: tuple[str, ...] = (),
+           on: tuple[str, ...] = (), gpu: bool = False) -> "Placement":
+        """From the placement options (``--priority``, ``--after``, ``--needs``, ``--on``)."""
+        if priority not in PRIORITIES:
+            raise Invalid(f"unknown priority {priority!r} (choose from {', '.join(PRIORITIES)})")
+        if after is not None and not after.strip():
+            raise Invalid("--after is empty: give the id of the job to wait for")
+        try:
+            return cls(PRIORITIES[priority], after, parse_needs(needs, on, gpu))
+        except ValueError as e:
+            raise Invalid(str(e)) from None
+
+
+def training_job(given: dict[str, Any], target: dict[str, str]):
+    """A training job's validated configuration and the params to queue (ConfigError if bad);
+    the data mirror this machine uses travels with the job."""
+    from tlm.config import TrainConfig
+
+    config = TrainConfig(**{k: v for k, v in given.items() if k != "dataset_sha1"},
+                         save_dir=target.get("save_dir", "/unused"))
+    config.validate()
+    params = {**given, **target}
+    if config.data_mirror and "data_mirror" not in given:
+        params["data_mirror"] = config.data_mirror
+    return config, params
+
+
+class Lab:
+    """Submit, cancel, retry and resume jobs of one registry; ``save_root``: where this
+    machine sees runs named by ``--run`` (to check them as `tlm train` would)."""
+
+    def __init__(self, registry: Registry, save_root: Optional[str] = None):
+        self.registry, self.save_root = registry, save_root
+
+    # -- runs ------------------------------------------------------------------------------
+
+    @staticmethod
+    def target(key: str) -> dict[str, str]:
+        """A run key's job params (Invalid for a key that names no run)."""
+        try:
+            return target_of(key)
+        except TargetError as e:
+            raise Invalid(str(e)) from None
+
+    def visible_dir(self, key: str) -> Optional[Path]:
+        """The run's directory if this machine sees it."""
+        path = Path(resolve_save_dir(self.target(key), self.save_root))
+        return path if path.is_dir() else None
+
+    # -- submitting ------------------------------------------------------------------------
+
+    def train(self, key: str, flags: dict[str, Any], place: Placement = Placement(),
+              carried: Optional[dict[str, str]] = None) -> Job:
+        """Queue a training job of a run (resuming its checkpoints, as `tlm train` does).
+        ``carried``: the params naming a --dataset that the submitting machine copied into
+        the run (they replace the local path its flags were checked with)."""
+        from tlm.config import ConfigError
+        from tlm.memory import estimate
+        from tlm.train import open_run
+
+        target = self.target(key)
+        try:
+            config, params = training_job(flags, target)
+            seen = self.visible_dir(key)
+            if seen is not None:  # flags that contradict its checkpoint, a spent budget
+                config = open_run({**flags, "save_dir": str(seen)}, refuse_spent=True)[0]
+            else:
+                config = self._resumed_elsewhere(key, flags) or config
+        except (ConfigError, TypeError) as e:
+            raise Invalid(str(e)) from None
+        needs = {**place.needs, **({"gpu": True} if config.gpu else {})}
+        needs["memory"] = max(needs.get("memory", 0), estimate(config.to_dict()))
+        return self.queue("train", {**params, **(carried or {})}, key, dataclasses.replace(place, needs=needs))
+
+    def _resumed_elsewhere(self, key: str, flags: dict[str, Any]):
+        """The configuration a resume of a run this machine does not see will train: its last
+        training job's (as its worker recorded it) under the flags given now; None if new."""
+        from tlm.config import TrainConfig
+
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        earlier = [j for j in self.registry.jobs(None, run=key) if j.spec.trainer and j.progress.get("config")]
+        if not earlier or flags.get("new_model"):
+            return None
+        config = {k: v for k, v in earlier[-1].progress["config"].items() if k in known}
+        return TrainConfig(**{**config, **flags, "save_dir": "/unused"})
+
+    def read(self, kind: str, key: str, params: dict[str, Any], place: Placement = Placement()) -> Job:
+        """Queue a job that reads a run's checkpoint (eval, sample, export): a directory named
+        by path must exist here, unless a chain makes it first."""
+        target = self.target(key)
+        if "save_dir" in target and not place.after and not Path(target["save_dir"]).is_dir():
+            raise Invalid(f"no run directory {target['save_dir']}: train one first")
+        return self.queue(kind, {**target, **params}, key, place)
+
+    def queue(self, kind: str, params: dict[str, Any], key: str, place: Placement = Placement()) -> Job:
+        try:
+            return self.registry.create(kind, params, key, priority=place.priority, needs=place.needs,
+                                        after=place.after)
+        except RunBusy as e:
+            raise Conflict(f"{e}: `tlm cancel {e.job.id}` first") from None
+        except BadRecord as e:
+            raise Invalid(e.reason) from None
+
+    def resume(self, key: str) -> Job:
+        """Train a run again with its last training job's flags."""
+        trains = [j for j in self.registry.jobs(None, run=key) if j.spec.trainer]
+        if not trains:
+            raise Missing(f"no training job of {key.split(':', 1)[-1]} to resume")
+        flags = {k: v for k, v in trains[-1].params.items() if k not in ("run", "save_dir")}
+        return self.train(key, flags)
+
+    # -- changing jobs ---------------------------------------------------------------------
+
+    def cancel(self, job_id: str, force: bool = False) -> tuple[Job, bool]:
+        """Cancel a job: (the job, whether it ended at once); Conflict if it already ended."""
+        job = self.registry.get(job_id)
+        if job.state in FINAL:
+            raise Conflict(f"job {job.id} already {job.state}")
+        return job, self.registry.cancel(job.id, force)
+
+    def retry(self, job_id: str) -> Job:
+        """A new job doing what an ended one did."""
+        try:
+            return self.registry.retry(job_id)
+        except RunBusy as e:
+            raise Conflict(f"{e}: `tlm cancel {e.job.id}` first") from None
+        except ValueError as e:
+            raise Conflict(str(e)) from None
