@@ -14,7 +14,7 @@ import pytest
 
 from tlm import checkpoint
 
-from queue_helpers import TINY, Workers, free_port, registry, submit, wait_for
+from queue_helpers import TINY, Workers, free_port, registry, submit, tlm, wait_for
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -451,3 +451,54 @@ def test_slow_event_clients_do_not_slow_the_page_and_any_loopback_host_is_local(
         assert "address already in use" in again.stderr.lower().strip().splitlines()[-1], again.stderr
     finally:
         d.stop()
+
+
+def test_the_same_request_gets_the_same_answer_from_the_command_line_and_the_page(url, dashboard, tmp_path,
+                                                                                 save_dir):
+    """One lab service under both front ends: each request below, made with `tlm` and through
+    the page's API, is refused (or queued) with the same check and the same words."""
+    from conftest import tlm_cmd
+    page = httpx.get(dashboard.base + "/").text
+    headers = {"X-TLM-Token": page.split('name="tlm-token" content="')[1].split('"')[0]}
+    post = lambda path, body: httpx.post(dashboard.base + path, json=body, headers=headers)  # noqa: E731
+    tiny = {"dim": "32", "num_heads": "2", "num_blocks": "1", "context_size": "16", "batch_size": "8",
+            "num_iters": "4", "steps_per_eval": "4", "eval_tokens": "200"}
+    done = subprocess.run(tlm_cmd("train", "--save_dir", str(save_dir), *(f"--{k}={v}" for k, v in tiny.items())),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reg = registry(url)
+    held = reg.create("train", {"run": "busy"}, "run:busy")
+    ended = reg.create("eval", {"save_dir": str(save_dir)}, f"dir:{save_dir}")
+    reg.cancel(ended.id)
+    elsewhere = reg.create("train", {"run": "big"}, "run:big")  # trained by a worker this machine cannot see
+    reg.update(elsewhere.id, progress={"config": {"dim": 512, "num_blocks": 8, "num_heads": 8, "context_size": 256,
+                                                  "batch_size": 64, "dataset": "ptb"}})
+    reg.cancel(elsewhere.id)
+
+    def cli(*args: str) -> tuple[int, str]:
+        proc = tlm(*args, "--queue", url)
+        return proc.returncode, (proc.stderr.strip().splitlines() or [""])[-1].removeprefix("Error: ")
+
+    cases = [  # (tlm arguments, page request, the status the page answers)
+        (["submit", "train", "--run", "x", "--dim", "0"], ("/api/submit", {"run": "x", "overrides": {"dim": "0"}}), 400),
+        (["submit", "train", "--run", "busy"], ("/api/submit", {"run": "busy", "overrides": {}}), 409),
+        (["submit", "train", "--save_dir", str(save_dir), *(f"--{k}={v}" for k, v in tiny.items())],
+         ("/api/submit", {"save_dir": str(save_dir), "overrides": tiny}), 400),
+        (["cancel", ended.id], (f"/api/jobs/{ended.id}/cancel", {}), 409),
+        (["sample", "--save_dir", str(tmp_path / "nope"), "--prompt", "a"],
+         ("/api/sample", {"key": f"dir:{tmp_path / 'nope'}", "prompt": "a"}), 400),
+    ]
+    for args, (path, body), status in cases:
+        code, said = cli(*args)
+        answer = post(path, body)
+        assert code in (1, 2) and answer.status_code == status, (args, code, said, answer.status_code, answer.text)
+        assert said == answer.text, (args, said, answer.text)
+    assert "nothing to train" in cli(*cases[2][0])[1]
+    # A resume of a run trained elsewhere needs what that run needs, from either front end.
+    queued = subprocess.run(tlm_cmd("submit", "train", "--run", "big", "--queue", url), capture_output=True,
+                            text=True, timeout=60)
+    first = reg.get(queued.stdout.strip())
+    reg.cancel(first.id)
+    again = reg.get(post("/api/resume", {"key": "run:big"}).json()["job"])
+    assert first.needs["memory"] == again.needs["memory"] > 2**30, (first.needs, again.needs)
+    reg.cancel(held.id)
