@@ -127,11 +127,11 @@ def bench(url: str, n_jobs: int, n_runs: int, driver: webdriver.Chrome) -> None:
             tic = time.perf_counter()
             driver.get(base + "#/runs")
             while int(driver.execute_script("return document.querySelector('#runs-table')?.dataset.count")
-                      or 0) < n_runs:  # and the live job's run
+                      or 0) < min(n_runs, 100):  # the first page: the best 100 (and the live run)
                 time.sleep(0.005)
             runs_loads.append(time.perf_counter() - tic)
-        print(f"  /api/runs ({n_runs:,} runs from {n_jobs:,} jobs) {statistics.median(runs_api) * 1000:.0f} ms; "
-              f"runs page load to its table drawn (all {n_runs:,} sorted, the best 100 shown): median "
+        print(f"  /api/runs first page ({n_runs:,} runs from {n_jobs:,} jobs) {statistics.median(runs_api) * 1000:.0f} "
+              f"ms; runs page load to its table drawn (the best 100): median "
               f"{statistics.median(runs_loads) * 1000:.0f} ms")
         driver.get(base)
         while not driver.find_elements("css selector", f'tr[data-job="{live.id}"]'):

@@ -44,7 +44,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tlm.config import PRESETS, apply_preset
-from tlm_worker.kinds import ACTIVE, CLAIMABLE, KINDS, STATES, Job
+from tlm_worker.kinds import ACTIVE, CLAIMABLE, KINDS, STATES, Job, misfit
 from tlm_worker.lab import Lab, LabError, Placement
 from tlm_worker.queue import QUEUE_ERRORS
 from tlm_worker.registry import FINAL, LIVE, JobNotFound, Registry, holder
@@ -177,12 +177,24 @@ class Api:
                                   for k, p in last.items()}})
         return {"runs": out, "differs": differs}
 
-    def runs(self) -> dict[str, Any]:
-        """The runs table (worker/runs.py) and each dataset's best runs."""
+    def runs(self, limit: int = 100, after: Optional[str] = None) -> dict[str, Any]:
+        """A page of the runs table (worker/runs.py), best first, with ``next``: the cursor of
+        the page after it (None at the end); the first page with each dataset's best runs."""
         from tlm_worker.runs import leaderboard, runs_table
 
-        rows = runs_table(self.registry, self.save_root, disk=self.save_root is not None)
-        return {"runs": rows, "leaderboard": leaderboard(rows)}
+        if not 0 < limit <= 1000:
+            raise Refused(400, "limit must be 1-1000")
+        try:
+            cursor = json.loads(after) if after else None
+        except ValueError:
+            raise Refused(400, "after: the `next` of an earlier page") from None
+        if misfit(cursor, (int, [(int, float, str)], type(None)), "after"):
+            raise Refused(400, "after: the `next` of an earlier page")
+
+        rows, more = runs_table(self.registry, self.save_root, disk=self.save_root is not None,
+                                limit=limit, cursor=cursor)
+        return {"runs": rows, "next": json.dumps(more) if more is not None else None,
+                "leaderboard": leaderboard(rows) if not after else {}}
 
     def log(self, job_id: str, after: Optional[str]) -> dict[str, Any]:
         """A job's log lines after a cursor (404 for no such job)."""
@@ -460,7 +472,7 @@ def create_app(registry: Registry, token: str, require_token: bool,
         Route("/", page),
         Route("/api/overview", api(lambda r, b: lab.overview(
             q(r, "state"), q(r, "run"), int(q(r, "limit", "50")), int(q(r, "skip", "0"))))),
-        Route("/api/runs", api(lambda r, b: lab.runs())),
+        Route("/api/runs", api(lambda r, b: lab.runs(int(q(r, "limit", "100")), q(r, "after")))),
         Route("/api/jobs/{id}/retry", api(lambda r, b: lab.retry(r.path_params["id"])), methods=["POST"]),
         Route("/api/jobs/{id}", api(lambda r, b: {"job": shown(registry.get(r.path_params["id"]))})),
         Route("/api/jobs/{id}/log", api(lambda r, b: lab.log(r.path_params["id"], q(r, "after")))),

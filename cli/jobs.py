@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -43,9 +44,9 @@ def connect(url: Optional[str]) -> Registry:
     try:
         queue = Queue(url)
         queue.ping()
+        return Registry(queue)
     except QueueError as e:
         raise click.ClickException(str(e)) from None
-    return Registry(queue)
 
 
 def queue_errors(fn: Callable) -> Callable:
@@ -367,28 +368,59 @@ def _worker_cell(w: dict, key: str) -> str:
 
 
 def status_table(jobs: list[Job], workers: list[dict], now: float) -> Table:
-    table = Table(title="jobs", title_justify="left")
+    grid = Table.grid()
+    grid.add_row(jobs_table(jobs, workers, now))
+    grid.add_row(workers_table(workers, now))
+    return grid
+
+
+def jobs_table(jobs: list[Job], workers: list[dict], now: float, title: Optional[str] = "jobs") -> Table:
+    table = Table(title=title, title_justify="left")
     for col in ("id", "kind", "run", "state", "worker", "tries", "age", "progress", "error"):
         table.add_column(col)
     waiting = waiting_reasons(jobs, workers)
     for job in jobs:
         table.add_row(job.id, job.kind, run_label(job.run), job.state, holder(job), _tries(job),
                       _age(job.created, now), _progress(job, waiting.get(job.id)), (job.error or "")[:60])
-    workers_table = Table(title="workers", title_justify="left")
-    for col in ("worker", "host", "pid", "device", "memory", "labels", "heartbeat", "jobs"):
-        workers_table.add_column(col)
-    for w in workers:
-        state = f" (paused: {w['paused']})" if w.get("paused") else ""
-        workers_table.add_row(*(_worker_cell(w, k) for k in ("id", "host", "pid", "device", "memory",
-                                                              "labels")),
-                              _age(w.get("heartbeat"), now), (", ".join(w.get("jobs") or []) or "-") + state)
     if any(job.interruptions for job in jobs):
         table.caption = "tries: attempts (crashes count against --max_attempts) + interruptions (not counted)"
         table.caption_justify = "left"
-    grid = Table.grid()
-    grid.add_row(table)
-    grid.add_row(workers_table)
-    return grid
+    return table
+
+
+def workers_table(workers: list[dict], now: float) -> Table:
+    table = Table(title="workers", title_justify="left")
+    for col in ("worker", "host", "pid", "device", "memory", "labels", "heartbeat", "jobs"):
+        table.add_column(col)
+    for w in workers:
+        state = f" (paused: {w['paused']})" if w.get("paused") else ""
+        table.add_row(*(_worker_cell(w, k) for k in ("id", "host", "pid", "device", "memory", "labels")),
+                      _age(w.get("heartbeat"), now), (", ".join(w.get("jobs") or []) or "-") + state)
+    return table
+
+
+def stream_all(registry: Registry, state: Optional[str], as_json: bool) -> None:
+    """`tlm status --all`: the live jobs and the workers at once, then every finished job kept,
+    newest first, a page at a time as it is read (the first page costs what one page costs,
+    however long the history)."""
+    workers, now = registry.workers(), registry.now()
+    live = registry.jobs(0, state=state) if state in (None, *LIVE) else []
+    pages = registry.finished_pages(state) if state not in LIVE else iter(())
+    if as_json:
+        waiting = waiting_reasons(live, workers)
+        click.echo('{"jobs": [', nl=False)
+        first = True
+        for jobs in itertools.chain([live], pages):
+            for j in jobs:
+                record = {**j.to_record(), **({"waiting": waiting[j.id]} if j.id in waiting else {})}
+                click.echo(("" if first else ", ") + json.dumps(record), nl=False)
+                first = False
+        click.echo(f'], "workers": {json.dumps(workers)}}}')
+        return
+    console = table_console()
+    console.print(status_table(live, workers, now))
+    for n, jobs in enumerate(pages):
+        console.print(jobs_table(jobs, workers, now, "finished, newest first" if n == 0 else None))
 
 
 @click.command()
@@ -416,6 +448,9 @@ def status(job_id, as_json, watch, limit, show_all, state, run, save_dir, queue)
             click.echo(line)
         return
     run_key = target(run, save_dir)[1] if run or save_dir else None
+    if show_all and not watch and run_key is None:
+        stream_all(registry, state, as_json)
+        return
 
     def listing() -> tuple[list[Job], list[dict], float]:
         jobs = registry.jobs(None if show_all else limit, state=state, run=run_key)
@@ -566,14 +601,19 @@ def prune(older_than, queue) -> None:
               help="the column to sort by (best first for losses)")
 @click.option("--save_root", "--save-root", envvar="TLM_SAVE_ROOT", default=None,
               help="also list the runs under this directory (env TLM_SAVE_ROOT)")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1),
+              help="the best runs to list (by validation loss)")
+@click.option("--all", "show_all", is_flag=True, help="every run (what --json, --csv, --dataset and --sort read)")
 @queue_option
 @queue_errors
-def runs(as_json, as_csv, dataset, sort_by, save_root, queue) -> None:
-    """Every run the registry knows and every run under the save root: shape, key flags,
-    best validation loss and its step, test loss, steps, minutes, tokens/s, state."""
+def runs(as_json, as_csv, dataset, sort_by, save_root, limit, show_all, queue) -> None:
+    """The runs the registry knows and the runs under the save root, best first: shape, key
+    flags, best validation loss and its step, test loss, steps, minutes, tokens/s, state."""
     from tlm_worker.runs import runs_table
 
-    rows = [r for r in runs_table(connect(queue), save_root) if dataset in (None, r["dataset"])]
+    everything = show_all or as_json or as_csv or dataset is not None or sort_by != "best_valid"
+    rows, more = runs_table(connect(queue), save_root, limit=None if everything else limit)
+    rows = [r for r in rows if dataset in (None, r["dataset"])]
     numeric = sort_by not in ("run", "dataset", "optimizer", "state")
     rows.sort(key=lambda r: (r[sort_by] is None, r[sort_by] if r[sort_by] is not None else 0)
               if numeric else str(r[sort_by]))
@@ -591,7 +631,8 @@ def runs(as_json, as_csv, dataset, sort_by, save_root, queue) -> None:
         writer.writerows([[r[c] for c in RUN_COLUMNS] for r in rows])
         click.echo(out.getvalue(), nl=False)
         return
-    table = Table(title=f"runs ({len(rows)})", title_justify="left")
+    title = f"runs ({len(rows)})" if more is None else f"runs: the best {len(rows)} (--all for every one)"
+    table = Table(title=title, title_justify="left")
     for col in RUN_COLUMNS:
         table.add_column(col.replace("_", " "))
 

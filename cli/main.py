@@ -121,8 +121,7 @@ def inspect(save_dir: str | None, run: str | None, save_root: str | None, identi
     ckpt = find_checkpoint(run_directory(run, save_root, "--run") if run else save_dir, identifier)
     s = ckpt.state
     rows = [("identifier", f"{ckpt.identifier}  (SHA1 verified, metadata verified)"),
-            ("iteration", f"{s['step']} of {s['config']['num_iters']}"
-             + (f", {s['elapsed'] / 60:.1f} minutes of training" if s.get("elapsed") else "")),
+            ("iteration", iteration_text(s)),
             ("dataset", f"{s['dataset']} ({ckpt.tokenizer.kind} tokenizer, {ckpt.tokenizer.vocab_size:,} tokens)")]
     rows += [(key, f"{s[key]:.4f}") for key in ("val_loss", "best_val_loss") if s.get(key) is not None]
     for key, value in rows:
@@ -131,6 +130,16 @@ def inspect(save_dir: str | None, run: str | None, save_root: str | None, identi
     width = max(map(len, s["config"]))
     for key, value in sorted(s["config"].items()):
         click.echo(f"  --{key:{width}}  {value}")
+
+
+def iteration_text(state: dict) -> str:
+    """Where a checkpoint's run stands against its budget: steps, or minutes when that ended it."""
+    step, iters = state["step"], state["config"]["num_iters"]
+    budget, minutes = state["config"].get("time_budget") or 0, (state.get("elapsed") or 0) / 60
+    spent = f", {minutes:.1f} minutes of training" if minutes else ""
+    if step < iters and budget and minutes >= budget:
+        return f"{step}: its --time_budget of {budget:g} minutes ended the run (--num_iters {iters}){spent}"
+    return f"{step} of {iters}" + (f" or {budget:g} minutes" if budget and step < iters else "") + spent
 
 
 from tlm_cli.dashboard import dashboard  # noqa: E402

@@ -81,9 +81,30 @@ def run_directory(given: str, save_root: Optional[str], what: str = "RUN") -> st
     if Path(given).expanduser().is_dir():
         return str(Path(given).expanduser())
     if "/" not in given and not given.startswith("."):
-        named = resolve_save_dir({"run": given}, save_root)
-        if Path(named).is_dir():
-            return named
-        raise click.UsageError(f"{what} {given!r}: neither a directory nor a run under {Path(named).parent} "
-                               "(--save_root)")
+        named = Path(resolve_save_dir({"run": given}, save_root))
+        roots = [named.parent] + [r for r in workers_save_roots() if r != named.parent]
+        for root in roots:
+            if (root / given).is_dir():
+                return str(root / given)
+        raise click.UsageError(f"{what} {given!r}: neither a directory nor a run under "
+                               f"{', '.join(map(str, roots))} (--save_root)")
     raise click.UsageError(f"{what} {given!r}: no such directory")
+
+
+def workers_save_roots() -> list[Path]:
+    """Where this Mac's live workers keep runs (their heartbeats say), so a run that a worker
+    with its own --save_root trained is found by name here too; none if the queue (TLM_QUEUE,
+    or the default one) does not answer at once."""
+    import socket
+
+    from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError
+    from tlm_worker.registry import Registry
+    try:
+        queue = Queue(None, patient=False)
+        queue.ping()
+        workers = Registry(queue).workers()
+    except (QueueError, *QUEUE_ERRORS):
+        return []
+    here = socket.gethostname()
+    return sorted({Path(w["save_root"]) for w in workers
+                   if w.get("host") == here and isinstance(w.get("save_root"), str)})

@@ -152,26 +152,35 @@ def find_sweep(registry: Registry, name: str):
     return found[-1]
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, spec: str = ".3g") -> str:
+    """A value as the table shows it: floats to ``spec`` (one precision per column), None as -."""
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return format(value, spec)
     return "-" if value is None else str(value)
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if not seconds:
+        return "-"
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
 
 
 def leaderboard_table(sweep_job, rows: list[dict[str, Any]]) -> Table:
     names = list(sweep_job.params["search"])
-    progress = sweep_job.progress or {}
-    counts = ", ".join(f"{n} {s}" for s, n in sorted((progress.get("counts") or {}).items()))
+    counts: dict[str, int] = {}
+    for r in rows:  # from the rows below, so the title and the table never disagree
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    said = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     table = Table(title=f"sweep {sweep_job.params['name']} ({sweep_job.state}; "
-                        f"{len(rows)} of {sweep_job.params['trials']} trials: {counts or 'none yet'})",
+                        f"{len(rows)} of {sweep_job.params['trials']} trials: {said or 'none yet'})",
                   title_justify="left")
-    for col in ("rank", "trial", *names, "best valid_loss", "at step", "at min", "steps",
-                "worker s", "state"):
-        table.add_column(col)
+    for col in ("rank", "trial", *names, "best valid_loss", "at step", "at minute", "steps",
+                "worker time", "state"):
+        table.add_column(col, justify="left" if col in names or col == "state" else "right")
     for r in rows:
         table.add_row(str(r["rank"]), str(r["trial"]), *(_fmt(r["params"].get(n)) for n in names),
-                      _fmt(r["best"]), _fmt(r["best_step"]), _fmt(r["best_minute"]), str(r["steps"]),
-                      _fmt(r["worker_time"]), r["state"])
+                      _fmt(r["best"], ".4f"), _fmt(r["best_step"]), _fmt(r["best_minute"], ".2f"), str(r["steps"]),
+                      _duration(r["worker_time"]), r["state"])
     return table
 
 

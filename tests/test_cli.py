@@ -69,6 +69,11 @@ def test_inspect_prints_the_checkpoint(save_dir):
     assert proc.returncode == 0
     assert "iteration:      2 of 2" in proc.stdout and "SHA1 verified" in proc.stdout
     assert tlm("inspect", "--save_dir", str(save_dir / "nothing")).returncode == 1
+    from tlm_cli.main import iteration_text  # a run its time budget ended: not "132 of 100000"
+    ended = {"step": 132, "elapsed": 121.0, "config": {"num_iters": 100000, "time_budget": 2.0}}
+    assert iteration_text(ended) == ("132: its --time_budget of 2 minutes ended the run (--num_iters 100000), "
+                                     "2.0 minutes of training")
+    assert iteration_text({**ended, "elapsed": 60.0}).startswith("132 of 100000 or 2 minutes")
 
 
 def test_a_bad_stream_count_is_a_one_line_error_before_training(save_dir):

@@ -502,3 +502,37 @@ def test_the_same_request_gets_the_same_answer_from_the_command_line_and_the_pag
     again = reg.get(post("/api/resume", {"key": "run:big"}).json()["job"])
     assert first.needs["memory"] == again.needs["memory"] > 2**30, (first.needs, again.needs)
     reg.cancel(held.id)
+
+
+def test_a_sweep_page_of_100_trials_stays_readable(tmp_path, browser):
+    """No legend of 101 series pushing the leaderboard off the window: past a handful of
+    trials the best three are in colour, the rest grey, and hovering names a curve."""
+    from tlm_worker import sweeps
+    url = f"sqlite://{tmp_path / 'queue.db'}"
+    reg = registry(url)
+    spec = sweeps.SweepSpec(name="wide", search={"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2,
+                                                                   "log": True}},
+                            base={"dim": 32, "num_heads": 2, "num_blocks": 1, "context_size": 16, "steps_per_eval": 5},
+                            trials=100, parallel=100, budget="20", prune="none", sampler="random")
+    sweep = sweeps.submit(reg, spec)
+    for n, job in enumerate(sweeps.trials(reg, reg.get(sweep.id))):
+        held = reg.claim(job.id, "w")
+        for step in (5, 10, 15, 20):
+            loss = 5.0 - step / 10 + n / 100
+            reg.add_point(job.id, {"kind": "valid", "step": step, "loss": loss, "elapsed": step * 3.0})
+        reg.update(job.id, progress={"step": 20, "total": 20, "best_valid": [loss, 20, 60.0]})
+        reg.finish(job.id, "succeeded", held.fence)
+    d = Dashboard(url, tmp_path)
+    try:
+        browser.set_window_size(1280, 900)
+        browser.get(d.base + f"/#/sweep/{sweep.id}")
+        until(lambda: len(browser.find_elements("css selector", "#sweep-board tbody tr")) == 100, what="100 rows")
+        chart = browser.find_element("css selector", "#sweep-chart-step")
+        until(lambda: int(chart.get_attribute("data-points") or 0) == 400, what="4 points on each of 100 curves")
+        assert chart.get_attribute("data-legend") == "false"
+        assert not browser.find_elements("css selector", "#sweep-chart-step .u-legend tr.u-series")
+        board_top = browser.execute_script("return document.querySelector('#sweep-board').getBoundingClientRect().top")
+        assert board_top < 900, board_top  # before: ~750 px of legend per chart above it
+        browser.save_screenshot(str(tmp_path / "sweep-100.png"))
+    finally:
+        d.stop()

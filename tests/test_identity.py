@@ -76,3 +76,22 @@ def test_a_run_named_by_a_path_in_the_shared_folder_is_the_run_of_that_name(url,
     assert job.run == "run:k3" and job.params.get("run") == "k3" and "save_dir" not in job.params
     outside = submit(url, "train", "--save_dir", str(tmp_path / "elsewhere"), *LONG).split()[0]
     assert registry(url).get(outside).run == f"dir:{tmp_path / 'elsewhere'}"
+
+
+@pytest.mark.parametrize("url", ["sqlite"], indirect=True)
+def test_a_run_a_worker_keeps_under_its_save_root_is_found_by_name(url, workers, tmp_path, mirror):
+    """`tlm inspect --run shk` after a worker started with --save_root trained it (before: "neither
+    a directory nor a run under ~/.local/share/tlm/runs", while `tlm sample --run` found it)."""
+    import os
+    root = tmp_path / "root"
+    done = tlm("train", "--save_dir", str(root / "shk"), *TINY, "--dataset", "shakespeare", "--num_iters", "2")
+    assert done.returncode == 0, done.stderr
+    from tlm.data import load_dataset  # the sample after a save starts from whole words (was "GREMI ...")
+    data = load_dataset("shakespeare", root / "shk" / "datasets", mirror)
+    prompt = done.stderr.split("sample: ", 1)[1].split(" ...", 1)[0]
+    assert prompt.split() == data.tokenizer.decode([int(t) for t in data.valid[:64]]).split()[:8], prompt
+    w = workers.start("--save_root", str(root))
+    until(lambda: registry(url).workers(), 60, "the worker's heartbeat")
+    proc = tlm("inspect", "--run", "shk", env={**os.environ, "TLM_QUEUE": url})
+    assert proc.returncode == 0 and "iteration:      2 of 2" in proc.stdout, proc.stderr
+    w.kill()

@@ -48,7 +48,9 @@ def test_each_rule_says_what_is_missing():
     assert unmet({"memory": 2**30, "labels": {"room": "office"}, "host": "air"}, caps) is None
     assert unmet({"labels": {"room": "lab"}}, caps) == "needs room=lab"
     assert unmet({"host": "studio"}, caps) == "needs host studio"
-    assert {r.need for r in RULES} == {"gpu", "memory", "host", "labels"}
+    assert {r.need for r in RULES} == {"gpu", "memory", "host", "labels", "lab_root"}
+    assert unmet({"lab_root": True}, {**caps, "lab_root": False}) == \
+        "needs the lab's shared folder (its worker's --save_root)"
     workers = [{"capabilities": caps}, {"capabilities": {**caps, "device": "gpu"}, "stopping": True}]
     assert waiting_reason({"gpu": True}, workers) == "waiting: needs gpu; no live worker has it"
     assert waiting_reason({}, []) == "waiting: no live worker (start one: tlm-worker)"
@@ -92,7 +94,10 @@ def test_the_claim_takes_the_highest_priority_then_the_oldest_it_can_run(url):
 
 
 def test_a_gpu_job_waits_with_its_reason_while_a_cpu_job_runs(url, workers, save_dir, tmp_path):
-    workers.start()
+    root = tmp_path / "root"  # the lab's shared folder: every worker of the lab is started with it
+    (root / "needs-gpu").mkdir(parents=True)
+    (root / "needs-gpu" / "datasets").symlink_to(save_dir / "datasets")
+    workers.start("--save_root", str(root))
     gpu_job = submit(url, "train", "--run", "needs-gpu", "--gpu", *FAST)
     cpu_job = submit(url, "train", "--save_dir", str(save_dir), *FAST)
     wait_for(url, cpu_job, ["succeeded"])
@@ -103,9 +108,6 @@ def test_a_gpu_job_waits_with_its_reason_while_a_cpu_job_runs(url, workers, save
     assert "needs gpu; no live worker has it" in tlm("status", "--queue", url).stdout.replace("\n", " ") \
         or "needs gpu" in tlm("status", "--queue", url).stdout
     # A worker that reports a GPU (faked through the test seam) takes it; it trains on the CPU here.
-    root = tmp_path / "root"
-    (root / "needs-gpu").mkdir(parents=True)
-    (root / "needs-gpu" / "datasets").symlink_to(save_dir / "datasets")
     started_with(workers, "--save_root", str(root), env=fake(device="gpu"))
     job = wait_for(url, gpu_job, ["succeeded"])
     gpu_worker = next(w for w in registry(url).workers() if w["capabilities"]["device"] == "gpu")

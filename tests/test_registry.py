@@ -387,3 +387,45 @@ def test_sqlite_gives_space_back_after_a_prune(reg, url):
     assert reg.prune(0) == 600
     reg.store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert os.path.getsize(path) < full / 4, (os.path.getsize(path), full)
+
+
+def test_runs_are_summarized_as_their_jobs_end_and_listed_a_page_at_a_time(reg, tmp_path):
+    from tlm_worker.runs import runs_table
+    for i, best in enumerate([4.0, 3.0, 5.0, None, 3.5]):
+        job = reg.create("train", {"save_dir": f"/r{i}"}, f"dir:/r{i}")
+        held = reg.claim(job.id, "w")
+        if best is not None:
+            reg.update(job.id, progress={"step": 10, "total": 10, "best_valid": [best, 10, 60.0],
+                                         "config": {"dataset": "ptb", "dim": 32}})
+        reg.finish(job.id, "succeeded", held.fence)
+    live = reg.create("train", {"save_dir": "/r1"}, "dir:/r1")  # a resume of r1, training now
+    page, cursor = reg.run_summaries(None, 2)
+    assert [r["run"] for r in page] == ["/r1", "/r4"] and cursor is not None
+    rest, cursor = reg.run_summaries(cursor, 10)
+    assert [r["run"] for r in rest] == ["/r0", "/r2", "/r3"] and reg.run_summaries(cursor, 10)[0] == []
+    rows, more = runs_table(reg, str(tmp_path), limit=2)
+    assert [r["run"] for r in rows] == ["/r1", "/r4"] and rows[0]["state"] == "queued" and rows[0]["jobs"] == 2
+    assert more is not None
+    rows, more = runs_table(reg, str(tmp_path), limit=2, cursor=more)
+    assert "/r1" not in [r["run"] for r in rows]  # a live run is listed once, on the first page
+    reg.cancel(live.id)
+    assert reg.prune(0) == 6
+    everything, more = runs_table(reg, str(tmp_path))  # the runs outlive their pruned jobs
+    assert [r["run"] for r in everything] == ["/r1", "/r4", "/r0", "/r2", "/r3"] and more is None
+
+
+def test_a_lab_set_up_by_a_newer_tlm_is_refused_in_one_line_and_an_older_one_is_upgraded(reg, url):
+    import subprocess
+    import sys
+    from tlm_worker.registry import LAYOUT
+    reg.store.set_value("layout", str(LAYOUT + 1))
+    proc = tlm("status", "--queue", url)
+    worker = subprocess.run([sys.executable, "-m", "tlm_worker.main", "--queue", url, "--burst"],
+                            capture_output=True, text=True, timeout=60)
+    for out in (proc, worker):
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert f"set up by a newer tlm (layout {LAYOUT + 1}; this tlm reads {LAYOUT}): upgrade tlm on this Mac" \
+            in out.stderr.strip().splitlines()[-1], out.stderr
+    reg.store.set_value("layout", str(LAYOUT - 1))
+    Registry(Queue(url))
+    assert reg.store.value("layout") == str(LAYOUT)

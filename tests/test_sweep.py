@@ -52,6 +52,9 @@ def test_an_asha_sweep_prunes_some_trials_and_its_best_command_reproduces_the_wi
     best_in_files = min(r["loss"] for row in rows for r in metrics.read(root / row["run"])
                         if r["kind"] == "valid")
     assert rows[0]["best"] == pytest.approx(best_in_files, rel=1e-9)
+    assert all(not (root / r["run"] / "datasets").exists() for r in rows)  # one prepared copy, shared
+    assert len({(root / r["run"]).parent for r in rows}) == 1 and (root / rows[0]["run"]).parent.joinpath(
+        "datasets").is_dir()
     pruned = next(r for r in rows if r["state"] == "pruned")
     assert checkpoint.find(root / pruned["run"]) is not None and pruned["steps"] < 30  # kept, stopped early
     # `tlm sweep best` prints a command that trains the winner's configuration.
@@ -144,6 +147,8 @@ def test_a_sweep_from_a_toml_file_and_a_name_used_twice(url, tmp_path):
     assert again.returncode == 1 and "a sweep named from-file exists already" in again.stderr
     status = tlm("status", "--queue", url)
     assert "trials of 2: 1 queued" in status.stdout
+    table = tlm("sweep", "status", "from-file", "--queue", url).stdout
+    assert "(running; 1 of 2 trials: 1 queued)" in table and "worker time" in table and "worker s " not in table
 
 
 def test_cancel_stops_every_trial_after_a_save_and_starts_no_new_one(url, workers, tmp_path):

@@ -126,3 +126,10 @@ def test_a_short_run_scores_a_bounded_validation_sample_and_a_long_one_the_whole
     assert scored(num_iters=950, batch_size=32, context_size=64) == whole  # ptb-cpu: all of it
     assert scored(num_iters=10, batch_size=2, time_budget=1.0) == whole  # a time budget: all of it
     assert scored(num_iters=10, batch_size=2, eval_tokens=500) == 500  # --eval_tokens decides
+
+
+def test_a_busy_machine_is_said_once_and_a_quiet_one_not_at_all():
+    from tlm.train import busy_note
+    assert busy_note(5.3, 2) == ("this machine is busy: load 5.3 on 2 cores, so this run trains slower than "
+                                 "it could (other processes hold the cores)")
+    assert busy_note(2.9, 2) is None and busy_note(None, 2) is None

@@ -426,9 +426,10 @@ class Trainer:
         return ckpt
 
     def sample(self, max_tokens: int = 30) -> str:
-        """A short continuation of the validation text's start, as the seed prints."""
+        """A short continuation of the validation text's first eight words (whole words, for
+        character-level data too), as the seed prints."""
         tokenizer = self.dataset.tokenizer
-        prompt = tokenizer.decode([int(t) for t in self.dataset.valid[:8]])
+        prompt = " ".join(tokenizer.decode([int(t) for t in self.dataset.valid[:64]]).split()[:8])
         cfg = SampleConfig(max_tokens=max_tokens, temperature=self.config.temperature,
                            top_k=self.config.top_k, seed=self.step, stop_at_eos=False)
         return prompt + " ..." + "".join(generate_text(self.model, tokenizer, prompt, cfg,
@@ -574,6 +575,10 @@ class Trainer:
                             tokens_per_sec=len(losses) * tokens_per_step / elapsed,
                             peak_memory_gb=mx.get_peak_memory() / 1e9)
                 losses = []
+                if self.step // cfg.steps_per_report == 2 and self.rank == 0:  # once: is it slow for want of cores?
+                    note = busy_note(*_load())
+                    if note:
+                        self._event("message", message=note)
             if self.step % cfg.steps_per_eval == 0 or done:
                 self._validate(result)
                 if self.ranks == 1:  # a stop asked on the evaluation (a pruned trial): saved already
@@ -611,8 +616,34 @@ def prepare(config: TrainConfig, ckpt: Optional[Checkpoint], log: Callable[[str]
         init = (args, weights)
         log(f"starting from {config.init_from}: {args.num_hidden_layers} blocks, dim {args.hidden_size}, "
             f"{tokenizer.kind} tokenizer of {tokenizer.vocab_size:,} tokens")
-    data_dir = Path(config.save_dir) / "datasets"
-    return load_dataset(config.dataset_source(), data_dir, config.data_mirror, log, tokenizer), init
+    return load_dataset(config.dataset_source(), data_dir(config.save_dir), config.data_mirror, log,
+                        tokenizer), init
+
+
+def busy_note(load: Optional[float], cores: int) -> Optional[str]:
+    """A line to say once when other processes hold this machine's cores (its one-minute load
+    beyond a core more than it has), so a slow run is not taken for a slow recipe."""
+    if load is None or load <= cores + 1:
+        return None
+    return (f"this machine is busy: load {load:.1f} on {cores} cores, so this run trains slower than "
+            "it could (other processes hold the cores)")
+
+
+def _load() -> tuple[Optional[float], int]:
+    """The one-minute load average (None where the OS does not say) and the cores."""
+    try:
+        load: Optional[float] = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = None
+    return load, os.cpu_count() or 1
+
+
+def data_dir(save_dir: str | Path) -> Path:
+    """Where a run keeps its prepared data: ``<save_dir>/datasets``, except that a sweep's
+    trials (``<sweep folder>/trial-<n>``) share their sweep folder's (one copy of PTB, not one
+    per trial; the cache's lock keeps trials that prepare it at once apart)."""
+    save_dir = Path(save_dir)
+    return (save_dir.parent if save_dir.name.startswith("trial-") else save_dir) / "datasets"
 
 
 def train(given: dict[str, Any], hooks: Optional[TrainingHooks] = None,
@@ -651,7 +682,7 @@ def evaluate_checkpoint(save_dir: str, identifier: Optional[str] = None, split: 
     if stride is not None and stride > config.context_size:
         raise ConfigError(f"--stride {stride} is longer than the model's context "
                           f"({config.context_size}): windows would skip targets")
-    dataset = load_dataset(config.dataset_source(), Path(save_dir) / "datasets", data_mirror, log,
+    dataset = load_dataset(config.dataset_source(), data_dir(save_dir), data_mirror, log,
                            ckpt.tokenizer)
     model = ckpt.load_model()
     data = dataset.split(split)

@@ -58,7 +58,7 @@ from tlm.ranks import COLLECTIVE_TIMEOUT, STALLED, free_ports
 from tlm_worker.jobs import EXIT_ELSEWHERE, EXIT_INTERRUPTED, SELF_FENCE, run_job
 from tlm_worker import power
 from tlm_worker.placement import capabilities, unmet
-from tlm_worker.targets import check_save_root
+from tlm_worker.targets import check_save_root, save_root_of
 from tlm_worker.queue import LANES, QUEUE_ERRORS, PayloadError, Queue
 from tlm_worker.registry import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILED, FINAL, RUNNING,
                                  Job, JobNotFound, Registry)
@@ -286,6 +286,7 @@ class Worker:
         self.caps = self._capabilities()  # memory available changes
         self.registry.heartbeat_worker(self.id, {
             "host": socket.gethostname(), "pid": os.getpid(), "device": "gpu" if self.gpu else "cpu",
+            "save_root": str(save_root_of(self.save_root)),
             "slots": {"train": self.concurrency, "interactive": 1}, "capabilities": self.caps,
             "jobs": [r.job_id for r in running], "stopping": self.stopping, "paused": self.paused,
             "done": self.done})

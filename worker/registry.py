@@ -47,7 +47,7 @@ from tlm_worker.kinds import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILED, 
                               KINDS, LIVE, QUEUED, RUNNING, SKIPPED, STATES, SUCCEEDED,
                               WAITING, BadRecord, Job, misfit)
 from tlm_worker.placement import CAPABILITIES, unmet
-from tlm_worker.queue import QUEUE_ERRORS, Queue
+from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError
 from tlm_worker.targets import canonical
 
 __all__ = ["ACTIVE", "CANCELLED", "CANCELLING", "CLAIMABLE", "FAILED", "FINAL", "INTERRUPTED",
@@ -58,6 +58,7 @@ MAX_LOG_LINES = 2000
 MAX_POINTS = 20000  # metric records per job (a report every 10 steps: 200,000 steps)
 STREAMS = {"log": MAX_LOG_LINES, "points": MAX_POINTS}  # per-job append-only lists, capped
 KEEP_DAYS = float(os.environ.get("TLM_KEEP_DAYS", "30"))
+LAYOUT = 3  # of the lab's keys and tables: 3 added run summaries and lab values (tlm:lab:*, tlm_lab)
 WORKER_TTL = 120.0  # a worker record outlives its last heartbeat by this much
 CLOCK_CHECK_SECONDS = 600.0  # how often a long-lived process reads the queue's clock again
 
@@ -111,8 +112,19 @@ class Registry:
         self.store = RedisStore(queue.redis) if queue.redis is not None else SqliteStore(queue.sqlite_path)
         self.skipped: dict[str, BadRecord] = {}  # records that did not decode, by id (latest read)
         self._offset, self._offset_read = 0.0, -CLOCK_CHECK_SECONDS
+        self._check_layout()
         if queue.storage.result_store_size():
             self._migrate()
+
+    def _check_layout(self) -> None:
+        """The lab's layout (its keys and tables) is recorded; a tlm older than it stops in one
+        line (a newer one records its own): Macs are upgraded one at a time, never traced."""
+        stored = self.store.first_value("layout", str(LAYOUT))
+        if not stored.isdigit() or int(stored) > LAYOUT:
+            raise QueueError(f"this lab's queue was set up by a newer tlm (layout {stored}; this tlm "
+                             f"reads {LAYOUT}): upgrade tlm on this Mac (`git pull && scripts/setup.sh`)")
+        if int(stored) < LAYOUT:
+            self.store.set_value("layout", str(LAYOUT))
 
     def now(self) -> float:
         """The queue's time. Every stamp in the registry is written and read by it, so workers
@@ -210,21 +222,31 @@ class Registry:
         return self.find(self.store.ids_in(states))
 
     def _finished(self, limit: Optional[int], state: Optional[str], skip: int = 0) -> list[Job]:
-        """The newest finished jobs after the newest ``skip``, optionally of one state, reading
-        a page at a time."""
-        out, offset = [], 0
+        """The newest finished jobs after the newest ``skip``, optionally of one state."""
+        out: list[Job] = []
         page = 1000 if limit is None else max(limit, 1) if state is None else max(limit, 100)
-        while limit is None or len(out) < limit:
-            ids = self.store.finished_ids(offset, page)
-            if not ids:
-                break
-            out += [j for j in self.find(ids) if state in (None, j.state)]
-            offset += len(ids)
+        for jobs in self.finished_pages(state, page):
+            out += jobs
             if skip and len(out) > skip:
                 out, skip = out[skip:], 0
             elif skip:
                 skip, out = skip - len(out), []
+            if limit is not None and len(out) >= limit:
+                break
         return out if limit is None else out[:limit]
+
+    def finished_pages(self, state: Optional[str] = None, page: int = 500) -> Iterator[list[Job]]:
+        """Finished jobs, newest first, a page at a time (optionally of one state): each page
+        costs the same however long the history (a cursor into the finish-time index, never
+        an offset that the store counts past)."""
+        cursor = None
+        while True:
+            ids, cursor = self.store.finished_page(cursor, page)
+            if not ids:
+                return
+            jobs = [j for j in self.find(ids) if state in (None, j.state)]
+            if jobs:
+                yield jobs
 
     # -- state changes: each one atomic step of one record -----------------------
 
@@ -251,9 +273,41 @@ class Registry:
         if new is None:
             return None
         job = Job.decode(new)
-        if settle and job.state in FINAL and before[0] not in FINAL and job.followers:
-            self._settle_chain(job)
+        if job.state in FINAL and before[0] not in FINAL:
+            if job.spec.trainer and not job.spec.driven:
+                self.summarize([job])
+            if settle and job.followers:
+                self._settle_chain(job)
         return job
+
+    # -- runs: a summary per run, kept as its training jobs end ---------------------------
+
+    def summarize(self, jobs: list[Job]) -> None:
+        """Fold ended training jobs into their runs' summaries (what `tlm runs` and the
+        dashboard's runs page read a page at a time, however many jobs ran)."""
+        from tlm_worker.runs import fold, sort_score
+
+        known = {k: json.loads(v) for k, v in self.store.get_runs(sorted({j.run for j in jobs})).items()}
+        for job in jobs:
+            fold(known, job)
+        self.store.put_runs({k: (sort_score(row), json.dumps(row)) for k, row in known.items()})
+
+    def run_summaries(self, cursor: Any = None, count: int = 100) -> tuple[list[dict[str, Any]], Any]:
+        """A page of run summaries, best validation loss first (the first call builds them, once,
+        from the training jobs a lab kept before summaries existed)."""
+        if self.store.value("runs_summarized") is None:
+            from tlm_worker.runs import fold, sort_score
+            rows: dict[str, dict[str, Any]] = {}  # afresh (not over summaries): rebuilding twice is harmless
+            for job in self.trainers():
+                if job.state in FINAL and not job.spec.driven:
+                    fold(rows, job)
+            self.store.put_runs({k: (sort_score(row), json.dumps(row)) for k, row in rows.items()})
+            self.store.first_value("runs_summarized", "1")
+        rows, cursor = self.store.run_page(cursor, count)
+        return [json.loads(r) for r in rows], cursor
+
+    def run_summary(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        return {k: json.loads(v) for k, v in self.store.get_runs(keys).items()}
 
     def claim(self, job_id: str, worker_id: str,
               caps: Optional[dict[str, Any]] = None) -> Optional[Job]:
@@ -647,6 +701,31 @@ class RedisStore:
         stored = self.r.get(f"{self.P}lab:{name}")
         return stored.decode(errors="replace") if stored is not None else None
 
+    def set_value(self, name: str, value: str) -> None:
+        self.r.set(f"{self.P}lab:{name}", value)
+
+    def put_runs(self, rows: dict[str, tuple[float, str]]) -> None:
+        """Run summaries (key -> (sort score, the row as JSON)): a hash, and a sorted set by score."""
+        if rows:
+            with self.r.pipeline() as pipe:
+                pipe.hset(f"{self.P}runs", mapping={k: row for k, (_, row) in rows.items()})
+                pipe.zadd(f"{self.P}runs:best", {k: score for k, (score, _) in rows.items()})
+                pipe.execute()
+
+    def get_runs(self, keys: list[str]) -> dict[str, str]:
+        values = self.r.hmget(f"{self.P}runs", keys) if keys else []
+        return {k: v.decode() for k, v in zip(keys, values) if v is not None}
+
+    def run_page(self, cursor: Optional[int], count: int) -> tuple[list[str], int]:
+        """Summaries best first after ``cursor`` (a rank: a page costs its own rows)."""
+        start = cursor or 0
+        keys = [k.decode() for k in self.r.zrange(f"{self.P}runs:best", start, start + count - 1)]
+        rows = self.get_runs(keys)
+        return [rows[k] for k in keys if k in rows], start + len(keys)
+
+    def run_count(self) -> int:
+        return int(self.r.zcard(f"{self.P}runs:best"))
+
     def _stream(self, job_id: str, stream: str) -> str:
         return f"{self.P}{stream}:{job_id}"
 
@@ -772,8 +851,12 @@ class RedisStore:
     def ids_in(self, states) -> list[str]:
         return [i.decode() for i in self.r.sunion([f"{self.P}state:{s}" for s in states])]
 
-    def finished_ids(self, offset: int, count: int) -> list[str]:
-        return [i.decode() for i in self.r.zrevrange(f"{self.P}finished", offset, offset + count - 1)]
+    def finished_page(self, cursor: Optional[int], count: int) -> tuple[list[str], int]:
+        """Finished ids newest first after ``cursor`` (a rank: a sorted set's range by rank
+        costs its page, wherever it starts)."""
+        start = cursor or 0
+        ids = [i.decode() for i in self.r.zrevrange(f"{self.P}finished", start, start + count - 1)]
+        return ids, start + len(ids)
 
     def trainer_ids(self) -> list[str]:
         return [i.decode() for i in self.r.zrange(f"{self.P}trainers", 0, -1)]
@@ -874,13 +957,15 @@ class SqliteStore:
         created REAL NOT NULL, finished REAL, record TEXT NOT NULL, trainer INTEGER NOT NULL DEFAULT 0);
     CREATE INDEX IF NOT EXISTS tlm_job_state ON tlm_job (state);
     CREATE INDEX IF NOT EXISTS tlm_job_run ON tlm_job (run, created);
-    CREATE INDEX IF NOT EXISTS tlm_job_finished ON tlm_job (finished);
+    CREATE INDEX IF NOT EXISTS tlm_job_finished ON tlm_job (finished, id);
     CREATE TABLE IF NOT EXISTS tlm_line (
         job TEXT NOT NULL, stream TEXT NOT NULL, n INTEGER NOT NULL, line TEXT NOT NULL,
         PRIMARY KEY (job, stream, n));
     CREATE TABLE IF NOT EXISTS tlm_worker (
         id TEXT PRIMARY KEY, heartbeat REAL NOT NULL, record TEXT NOT NULL);
     CREATE TABLE IF NOT EXISTS tlm_lab (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS tlm_run (key TEXT PRIMARY KEY, score REAL NOT NULL, row TEXT NOT NULL);
+    CREATE INDEX IF NOT EXISTS tlm_run_score ON tlm_run (score, key);
     """
 
     def __init__(self, path):
@@ -891,13 +976,17 @@ class SqliteStore:
         self._upgrade()
 
     def _upgrade(self) -> None:
-        """Files made before the kinds table named 'train' in their index: a trainer column."""
+        """Files made before the kinds table named 'train' in their index: a trainer column;
+        before keyset paging: the finish-time index with the id."""
         columns = [r[1] for r in self.db.execute("PRAGMA table_info(tlm_job)")]
         with self._tx() as db:
             if "trainer" not in columns:
                 db.execute("ALTER TABLE tlm_job ADD COLUMN trainer INTEGER NOT NULL DEFAULT 0")
                 db.execute("UPDATE tlm_job SET trainer = 1 WHERE kind = 'train'")
             db.execute("DROP INDEX IF EXISTS tlm_one_trainer_per_run")
+            if len(db.execute("PRAGMA index_info(tlm_job_finished)").fetchall()) == 1:  # (finished) only
+                db.execute("DROP INDEX tlm_job_finished")
+                db.execute("CREATE INDEX tlm_job_finished ON tlm_job (finished, id)")
             db.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS tlm_one_live_trainer_per_run ON tlm_job (run) "
                        f"WHERE trainer = 1 AND state IN ({', '.join(repr(s) for s in LIVE)})")
 
@@ -928,6 +1017,33 @@ class SqliteStore:
     def value(self, name: str) -> Optional[str]:
         row = self.db.execute("SELECT value FROM tlm_lab WHERE name = ?", (name,)).fetchone()
         return row[0] if row else None
+
+    def set_value(self, name: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO tlm_lab VALUES (?, ?)", (name, value))
+
+    def put_runs(self, rows: dict[str, tuple[float, str]]) -> None:
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO tlm_run VALUES (?, ?, ?)",
+                           [(k, score, row) for k, (score, row) in rows.items()])
+
+    def get_runs(self, keys: list[str]) -> dict[str, str]:
+        out = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            out.update(self.db.execute(f"SELECT key, row FROM tlm_run WHERE key IN ({','.join('?' * len(chunk))})",
+                                       chunk).fetchall())
+        return out
+
+    def run_page(self, cursor: Optional[tuple[float, str]], count: int) -> tuple[list[str], tuple]:
+        """Summaries best first after ``cursor`` (the last one's score and key: a keyset)."""
+        after = "WHERE score > ? OR (score = ? AND key > ?)" if cursor else ""
+        rows = self.db.execute(f"SELECT key, score, row FROM tlm_run {after} ORDER BY score, key LIMIT ?",
+                               (*((cursor[0], cursor[0], cursor[1]) if cursor else ()), count)).fetchall()
+        return [r[2] for r in rows], (rows[-1][1], rows[-1][0]) if rows else cursor
+
+    def run_count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM tlm_run").fetchone()[0]
 
     def insert(self, job: dict[str, Any], exclusive: bool, migrating: bool = False) -> Optional[str]:
         with self._tx() as db:
@@ -986,10 +1102,15 @@ class SqliteStore:
         return [r[0] for r in self.db.execute(
             f"SELECT id FROM tlm_job WHERE state IN ({','.join('?' * len(states))})", states)]
 
-    def finished_ids(self, offset: int, count: int) -> list[str]:
-        return [r[0] for r in self.db.execute(  # only final states set `finished`
-            "SELECT id FROM tlm_job WHERE finished IS NOT NULL "
-            "ORDER BY finished DESC LIMIT ? OFFSET ?", (count, offset))]
+    def finished_page(self, cursor: Optional[tuple[float, str]], count: int) -> tuple[list[str], tuple]:
+        """Finished ids newest first after ``cursor`` (the last one's finish time and id: a
+        keyset on the (finished, id) index, where an OFFSET would count past every row before)."""
+        after = "AND (finished < ? OR (finished = ? AND id < ?))" if cursor else ""
+        rows = self.db.execute(  # only final states set `finished`
+            f"SELECT id, finished FROM tlm_job WHERE finished IS NOT NULL {after} "
+            "ORDER BY finished DESC, id DESC LIMIT ?",
+            (*((cursor[0], cursor[0], cursor[1]) if cursor else ()), count)).fetchall()
+        return [r[0] for r in rows], (rows[-1][1], rows[-1][0]) if rows else cursor
 
     def trainer_ids(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT id FROM tlm_job WHERE trainer = 1 ORDER BY created")]

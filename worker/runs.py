@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from tlm_worker.kinds import Job
+from tlm_worker.kinds import LIVE, Job
 from tlm_worker.targets import save_root_of
 
 COLUMNS = ("run", "dataset", "dim", "num_blocks", "num_heads", "context_size", "batch_size", "optimizer",
@@ -46,6 +46,20 @@ def _from_job(row: dict[str, Any], job: Job) -> None:
     row["state"], row["jobs"] = job.state, row["jobs"] + 1
 
 
+def fold(rows: dict[str, dict[str, Any]], job: Job) -> None:
+    """Fold one training job into its run's row (made if new)."""
+    _from_job(rows.setdefault(job.run, _row(job.run)), job)
+
+
+def sort_score(row: dict[str, Any]) -> float:
+    """Where a row sorts: by best validation loss, runs not evaluated yet last."""
+    best = row.get("best_valid")
+    return float(best) if isinstance(best, (int, float)) and math.isfinite(best) else NOT_EVALUATED
+
+
+NOT_EVALUATED = 1e300
+
+
 def _from_disk(row: dict[str, Any], directory: Path) -> None:
     from tlm import checkpoint, metrics
 
@@ -69,26 +83,56 @@ def _from_disk(row: dict[str, Any], directory: Path) -> None:
     row["state"] = row["state"] or "on disk"
 
 
-def runs_table(registry, save_root: Optional[str] = None, disk: bool = True) -> list[dict[str, Any]]:
-    """One row per run, best validation loss first (runs not evaluated yet last)."""
-    rows: dict[str, dict[str, Any]] = {}
-    for job in registry.trainers():  # oldest first: the newest job's state wins
-        if job.spec.trainer and not job.spec.driven:
-            _from_job(rows.setdefault(job.run, _row(job.run)), job)
-    if disk:
-        root = save_root_of(save_root)
-        if root.is_dir():
-            for directory in sorted(p for p in root.iterdir() if p.is_dir()):
-                for run_dir in [directory, *sorted(p for p in directory.iterdir() if p.is_dir()
-                                                   and p.name.startswith("trial-"))]:
-                    if (run_dir / "metrics.jsonl").exists():
-                        key = f"run:{run_dir.relative_to(root)}"
-                        _from_disk(rows.setdefault(key, _row(key)), run_dir)
-        for key, row in rows.items():  # registry runs whose directory this machine also sees
-            if key.startswith("dir:") and row["best_valid"] is None and Path(row["run"]).is_dir():
-                _from_disk(row, Path(row["run"]))
-    return sorted(rows.values(), key=lambda r: (r["best_valid"] is None,
-                                                r["best_valid"] if r["best_valid"] is not None else math.inf))
+def runs_table(registry, save_root: Optional[str] = None, disk: bool = True, limit: Optional[int] = None,
+               cursor: Any = None) -> tuple[list[dict[str, Any]], Any]:
+    """Runs, best validation loss first (runs not evaluated yet last), ``limit`` of them after
+    ``cursor`` (None: all), and the cursor of the next page (None after the last).
+
+    The registry's runs come from their summaries (kept as training jobs end: a page costs
+    its own rows, however long the history), each with its live training job folded in; the
+    first page also holds the live runs and the runs found only on disk under the save root
+    (trained with `tlm train`, or whose jobs were pruned before summaries existed), so it may
+    hold more than ``limit``.
+    """
+    first = cursor is None
+    live = [j for j in registry.in_states(LIVE) if j.spec.trainer and not j.spec.driven]
+    extra: dict[str, dict[str, Any]] = {}
+    if first:
+        extra = registry.run_summary(sorted({j.run for j in live}))
+        for job in live:
+            fold(extra, job)
+        if disk:
+            extra.update(_only_on_disk(registry, save_root, extra))
+    rows, more, shown = [], True, {j.run for j in live} | set(extra)  # listed on the first page only
+    while more:
+        need = 1000 if limit is None else limit - len(rows) - len(extra)
+        if need <= 0:
+            break
+        page, cursor = registry.run_summaries(cursor, need)
+        more = bool(page)
+        rows += [r for r in page if r["key"] not in shown]
+    rows = sorted(rows + list(extra.values()), key=lambda r: (sort_score(r), r["key"]))
+    return rows, cursor if more and limit is not None else None  # the first page: its extras too
+
+
+def _only_on_disk(registry, save_root: Optional[str], known: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Rows of the run folders under the save root that the registry has no summary of."""
+    root = save_root_of(save_root)
+    if not root.is_dir():
+        return {}
+    found = {}
+    for directory in sorted(p for p in root.iterdir() if p.is_dir()):
+        for run_dir in [directory, *sorted(p for p in directory.iterdir() if p.is_dir()
+                                           and p.name.startswith("trial-"))]:
+            if (run_dir / "metrics.jsonl").exists():
+                found[f"run:{run_dir.relative_to(root)}"] = run_dir
+    summarized = registry.run_summary([k for k in found if k not in known])
+    out = {}
+    for key, run_dir in found.items():
+        if key not in known and key not in summarized:
+            out[key] = _row(key)
+            _from_disk(out[key], run_dir)
+    return out
 
 
 def leaderboard(rows: list[dict[str, Any]], top: int = 5) -> dict[str, list[dict[str, Any]]]:

@@ -254,7 +254,9 @@ const resizing = new ResizeObserver(entries => entries.forEach(e => {
   if (plot && Math.abs(plot.width - e.target.clientWidth) > 8) plot.setSize({ width: e.target.clientWidth, height: 260 });
 }));
 
-function chart(box, title, xLabel, labels, series, dimmed = []) {
+const LEGEND_MAX = 8; // series a chart's legend lists; past it: the emphasised in colour, the rest grey, hover names
+
+function chart(box, title, xLabel, labels, series, dimmed = [], emphasised = []) {
   box.replaceChildren();
   series = series.map(s => ema(s, VIEW.smooth));
   const data = align(series);
@@ -263,14 +265,23 @@ function chart(box, title, xLabel, labels, series, dimmed = []) {
     box.append(el("p", { class: "muted" }, `${title}: no points yet`));
     return;
   }
+  const many = labels.length > LEGEND_MAX;
+  const hovered = el("div", { class: "muted hovered" }, many ? "hover a curve to name it" : "");
+  const stroke = i => (!many ? COLORS[i % COLORS.length] + (dimmed[i] ? "55" : "")
+    : emphasised.includes(i) ? COLORS[emphasised.indexOf(i) % COLORS.length] : "#9995");
   box.__plot = new uPlot({
     title, width: Math.max(320, box.clientWidth || box.parentElement.clientWidth / 2 - 30), height: 260,
     scales: { x: { time: false }, y: VIEW.log ? { distr: 3 } : {} },
     axes: [{ label: xLabel }, { label: VIEW.log ? "loss (log)" : "loss" }],
-    series: [{}, ...labels.map((label, i) => ({ label, spanGaps: true,
-      stroke: COLORS[i % COLORS.length] + (dimmed[i] ? "55" : ""), width: dimmed[i] ? 1 : 2,
-      points: { show: series[i].length < 60 } }))],
+    legend: { show: !many },
+    cursor: { focus: { prox: 24 } }, focus: { alpha: many ? 0.25 : 1 },
+    hooks: { setSeries: [(u, i) => { if (many) hovered.textContent = i ? labels[i - 1] : "hover a curve to name it"; }] },
+    series: [{}, ...labels.map((label, i) => ({ label, spanGaps: true, stroke: stroke(i),
+      width: emphasised.includes(i) ? 3 : dimmed[i] || many ? 1 : 2,
+      points: { show: series[i].length < 60 && !many } }))],
   }, data, box);
+  if (many) box.append(hovered);
+  box.dataset.legend = String(!many);
   resizing.observe(box);
 }
 
@@ -377,7 +388,7 @@ function compareView(root, keys) {
 
 // -- the runs table (TensorBoard's HParams, Aim's runs) --------------------------------------------
 
-const RUNS_SHOWN = 100; // rows drawn before "show the other N runs"
+const RUNS_PAGE = 100; // runs a page of the runs table loads (best first); "the next 100 runs" loads more
 const RUN_COLUMNS = ["run", "dataset", "dim", "num_blocks", "num_heads", "context_size", "batch_size", "optimizer",
   "learning_rate", "dropout", "best_valid", "best_step", "test", "steps", "minutes", "tokens_per_sec", "state"];
 
@@ -385,7 +396,7 @@ function runsView(root) {
   const dataset = el("select", { id: "runs-dataset" }, el("option", { value: "" }, "all datasets"));
   const needle = el("input", { id: "runs-filter", placeholder: "run contains…" });
   const box = el("div", { id: "runs-table" }), boards = el("div", { id: "leaderboards" });
-  let sortKey = "best_valid", ascending = true, rows = [], showAll = false;
+  let sortKey = "best_valid", ascending = true, rows = [], next = null, pages = 1;
   const compare = el("button", { id: "runs-compare", onclick: () => {
     const keys = [...document.querySelectorAll("#runs-table input.pick:checked")].map(c => c.value);
     location.hash = "#/compare/" + keys.map(encodeURIComponent).join(",");
@@ -405,22 +416,29 @@ function runsView(root) {
     const headers = RUN_COLUMNS.map(k => el("th", { class: "sortable", dataset: { key: k }, onclick: () => {
       ascending = sortKey === k ? !ascending : true; sortKey = k; draw();
     } }, k.replaceAll("_", " ") + (sortKey === k ? (ascending ? " ▲" : " ▼") : "")));
-    const page = showAll ? shown : shown.slice(0, RUNS_SHOWN);
-    const rest = shown.length - page.length;
     box.dataset.count = String(shown.length);
     box.replaceChildren(el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, ""), headers)),
-      el("tbody", {}, page.map(r => el("tr", { dataset: { run: r.key } },
+      el("tbody", {}, shown.map(r => el("tr", { dataset: { run: r.key } },
         el("td", {}, el("input", { type: "checkbox", class: "pick", value: r.key })),
         RUN_COLUMNS.map(k => el("td", { class: k === "run" ? "" : "num", dataset: { col: k } },
           k === "run" ? runLink(r.key) : cell(k, r[k]))))))),
-    rest > 0 ? el("button", { id: "runs-all", onclick: () => { showAll = true; draw(); } },
-      `show the other ${rest} runs`) : "");
+    next ? el("button", { id: "runs-more", onclick: async () => { pages += 1; await load(); } },
+      `the next ${RUNS_PAGE} runs (sorting and filters apply to the runs loaded)`) : "");
+  }
+  async function load() {  // the best runs a page at a time, as many pages as asked for so far
+    const first = await api(`/api/runs?limit=${RUNS_PAGE}`);
+    rows = first.runs; next = first.next;
+    for (let n = 1; n < pages && next; n++) {
+      const page = await api(`/api/runs?limit=${RUNS_PAGE}&after=${encodeURIComponent(next)}`);
+      rows = rows.concat(page.runs); next = page.next;
+    }
+    draw();
+    return first;
   }
   dataset.addEventListener("change", draw);
   needle.addEventListener("input", draw);
   return async () => {
-    const data = await api("/api/runs");
-    rows = data.runs;
+    const data = await load();
     const chosen = dataset.value;
     dataset.replaceChildren(el("option", { value: "" }, "all datasets"), ...[...new Set(rows.map(r => r.dataset)
       .filter(Boolean).map(String))].sort().map(d => el("option", { value: d, selected: d === chosen }, d)));
@@ -476,10 +494,12 @@ function sweepView(root, id) {
     const trials = [...data.trials].sort((a, b) => a.trial - b.trial);
     const labels = trials.map(t => `trial ${t.trial}${t.state === "pruned" ? " (pruned)" : ""}`);
     const pruned = trials.map(t => t.state === "pruned");
+    const best = trials.map((t, i) => [t.best, i]).filter(([b]) => b !== null && b !== undefined)
+      .sort((a, b) => a[0] - b[0]).slice(0, 3).map(([, i]) => i);  // the best three, in colour
     chart(byStep, "validation loss against step", "step", labels,
-      trials.map(t => (data.curves[t.trial] || []).map(p => [p.step, p.loss])), pruned);
+      trials.map(t => (data.curves[t.trial] || []).map(p => [p.step, p.loss])), pruned, best);
     chart(byTime, "validation loss against training time", "minutes", labels,
-      trials.map(t => (data.curves[t.trial] || []).map(p => [(p.elapsed || 0) / 60, p.loss])), pruned);
+      trials.map(t => (data.curves[t.trial] || []).map(p => [(p.elapsed || 0) / 60, p.loss])), pruned, best);
     const value = (r, k) => (k in r ? r[k] : r.params[k]);
     const rows = [...data.trials].sort((a, b) => {
       const x = value(a, sortKey), y = value(b, sortKey);
