@@ -95,3 +95,30 @@ def test_a_run_a_worker_keeps_under_its_save_root_is_found_by_name(url, workers,
     proc = tlm("inspect", "--run", "shk", env={**os.environ, "TLM_QUEUE": url})
     assert proc.returncode == 0 and "iteration:      2 of 2" in proc.stdout, proc.stderr
     w.kill()
+
+
+def test_a_sweep_that_reuses_a_pruned_sweeps_name_trains_in_fresh_folders(url, tmp_path):
+    """Before: a new sweep `k2` resumed the earlier k2's checkpoints once its record was pruned."""
+    from tlm_worker import sweeps
+    spec = sweeps.SweepSpec(name="k2", search={"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2,
+                                                                 "log": True}},
+                            base={"dim": 32, "num_heads": 2, "num_blocks": 1, "context_size": 16,
+                                  "steps_per_eval": 5}, trials=1, parallel=1, budget="20", prune="none")
+    reg = registry(url)
+    first = sweeps.submit(reg, spec)
+    reg.cancel(first.id)
+    sweeps.reconcile(reg, first.id)
+    assert reg.get(first.id).state == "cancelled" and reg.prune(0) == 2
+    again = sweeps.submit(reg, spec)
+    runs = [sweeps.trials(reg, s)[0].run for s in (again,)] + [f"run:{sweeps.trial_run(spec, first.id, 0)}"]
+    assert runs[0] != runs[1] and runs[0].startswith("run:k2-") and runs[0].endswith("/trial-000")
+
+
+@pytest.mark.parametrize("url", ["sqlite"], indirect=True)
+def test_tlm_worker_reads_tlm_save_root_as_every_command_does(url, workers, tmp_path, monkeypatch):
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    monkeypatch.setenv("TLM_SAVE_ROOT", str(lab))  # the worker's environment (it inherits ours)
+    workers.start()
+    until(lambda: registry(url).workers(), 60, "the worker's heartbeat")
+    assert registry(url).workers()[0]["save_root"] == str(lab) and (lab / ".tlm-lab").is_dir()
