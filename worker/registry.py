@@ -7,9 +7,9 @@ makes a read-modify-write of one record atomic and keeps its indexes:
 
 * ``RedisStore``: a hash per job (``tlm:job:<id>``, each field JSON), sets of
   ids per live state, a sorted set of finished ids by finish time, one per
-  run, and one of all ids for prefix lookups; capped streams per job (log
-  lines, metric points); worker records that expire; WATCH/MULTI for each
-  change; pub/sub for followers.
+  run, and one of all ids for prefix lookups; capped lists of numbered lines
+  per job (log lines, metric points); run summaries in a sorted set; worker
+  records that expire; WATCH/MULTI for each change; pub/sub for followers.
 * ``SqliteStore``: tables in the embedded queue's own file (WAL mode), one
   row per job with indexed columns, a partial unique index for "one live
   trainer per run", ``BEGIN IMMEDIATE`` for each change; followers watch
@@ -727,7 +727,31 @@ class RedisStore:
         return int(self.r.zcard(f"{self.P}runs:best"))
 
     def _stream(self, job_id: str, stream: str) -> str:
+        """A job's capped list of lines (its log, its metric points): a Redis list of
+        ``<n>\x1f<line>``, numbered from 1, the oldest dropped past the cap. A list of one
+        line costs what the line costs (a stream's first entry took a 4 kB node)."""
+        return f"{self.P}lines:{stream}:{job_id}"
+
+    def _old_stream(self, job_id: str, stream: str) -> str:
+        """Where tlm before layout 3 kept them (Redis streams): still read, never written."""
         return f"{self.P}{stream}:{job_id}"
+
+    # Append ARGV[2:] numbered after the list's last line, then keep the last ARGV[1].
+    _APPEND = """
+    local last = redis.call('LINDEX', KEYS[1], -1)
+    local n = last and tonumber(string.match(last, '^(%d+)')) or 0
+    for i = 2, #ARGV do
+        n = n + 1
+        redis.call('RPUSH', KEYS[1], n .. string.char(31) .. ARGV[i])
+    end
+    redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)"""
+
+    # The lines numbered after ARGV[1]: from where it falls in the list (its first line's number).
+    _AFTER = """
+    local first = redis.call('LINDEX', KEYS[1], 0)
+    if not first then return {} end
+    local start = tonumber(ARGV[1]) + 1 - tonumber(string.match(first, '^(%d+)'))
+    return redis.call('LRANGE', KEYS[1], math.max(start, 0), -1)"""
 
     def _trainer(self, run: str) -> str:
         return f"{self.P}trainer:{run}"
@@ -784,6 +808,7 @@ class RedisStore:
                 pipe.expire(self._job(job["id"]), int(expire) + 86400)  # prune comes first
                 for stream in STREAMS:
                     pipe.expire(self._stream(job["id"], stream), int(expire) + 86400)
+                    pipe.expire(self._old_stream(job["id"], stream), int(expire) + 86400)
         else:
             pipe.sadd(f"{self.P}state:{job['state']}", job["id"])
         pipe.publish(f"{self.P}events", job["id"])
@@ -876,16 +901,20 @@ class RedisStore:
 
     def _add(self, pipe, job_id: str, stream: str, lines: list[str]) -> None:
         """Append inside the caller's pipeline, dropping the oldest past the cap."""
-        for line in lines:
-            pipe.xadd(self._stream(job_id, stream), {"l": line}, maxlen=STREAMS[stream], approximate=False)
+        if lines:
+            pipe.eval(self._APPEND, 1, self._stream(job_id, stream), STREAMS[stream], *lines)
 
     def read_stream(self, job_id: str, stream: str,
                     after: Optional[str]) -> tuple[list[str], Optional[str]]:
-        entries = self.r.xrange(self._stream(job_id, stream), min=f"({after}" if after else "-")
-        if not entries:
-            return [], after
-        return ([fields.get(b"l", b"").decode(errors="replace") for _, fields in entries],
-                entries[-1][0].decode())
+        """The lines after the cursor ``after`` (a line's number), and the cursor of the last."""
+        done = int(after) if after and str(after).isdigit() else 0
+        items = self.r.eval(self._AFTER, 1, self._stream(job_id, stream), done)
+        if not items and not done and self.r.type(self._old_stream(job_id, stream)) == b"stream":
+            entries = self.r.xrange(self._old_stream(job_id, stream))  # a job of an earlier layout
+            return [fields.get(b"l", b"").decode(errors="replace") for _, fields in entries], after
+        numbered = [item.decode(errors="replace").partition("\x1f") for item in items]
+        lines = [line for n, _, line in numbered if int(n) > done]
+        return lines, numbered[-1][0] if numbered else after
 
     @contextlib.contextmanager
     def waiter(self) -> Iterator[Callable[[float], bool]]:
@@ -934,7 +963,8 @@ class RedisStore:
         for job_id in ids:
             run = self.r.hget(self._job(job_id), "run")
             with self.r.pipeline() as pipe:
-                pipe.delete(self._job(job_id), *(self._stream(job_id, s) for s in STREAMS))
+                pipe.delete(self._job(job_id), *(self._stream(job_id, s) for s in STREAMS),
+                            *(self._old_stream(job_id, s) for s in STREAMS))
                 for index in ("finished", "ids", "trainers"):
                     pipe.zrem(f"{self.P}{index}", job_id)
                 if run is None:
