@@ -512,8 +512,9 @@ def job_lines(job: Job, waiting: Optional[str], now: float) -> list[str]:
               ("result", ", ".join(f"{k} {_short(v)}" for k, v in result.items()
                                    if v is not None and not isinstance(v, (dict, list))) or None),
               ("error", job.error),
-              ("flags", " ".join(f"--{k} {_short(v)}" for k, v in sorted(job.params.items())
-                                 if not isinstance(v, (dict, list)) and v is not None) or None)]
+              ("flags", " ".join(f"--{k}" if v is True else f"--{k} {_short(v)}"
+                                 for k, v in sorted(job.params.items())
+                                 if not isinstance(v, (dict, list)) and v is not None and v is not False) or None)]
     return [f"{job.kind} job {job.id} of {run_label(job.run)}"] + [
         f"  {name:<10} {value}" for name, value in fields if value is not None]
 

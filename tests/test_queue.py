@@ -317,3 +317,19 @@ def test_a_dataset_that_cannot_be_carried_is_refused_at_submit(url, tmp_path):
     assert f"cannot copy --dataset {tmp_path / 'mine.txt'} into {blocked / 'run' / 'inputs'}" \
         in proc.stderr.splitlines()[-1]
     assert registry(url).jobs(None) == []
+
+
+@pytest.mark.parametrize("url", ["sqlite"], indirect=True)
+def test_an_idle_interactive_process_gives_its_memory_back_and_the_next_sample_starts_one(url, workers,
+                                                                                           save_dir):
+    from queue_helpers import alive, job_pid, until
+    trained = tlm("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "2")
+    assert trained.returncode == 0, trained.stderr
+    w = workers.start("--interactive_idle", "1")
+    for _ in range(2):  # the second sample after the first one's process was closed
+        proc = tlm("sample", "--save_dir", str(save_dir), "--prompt", "the", "--max_tokens", "3", "--queue", url)
+        assert proc.returncode == 0, proc.stderr
+        job = registry(url).jobs(None)[-1]
+        pid = job_pid(workers.log(w), job.id)
+        until(lambda: not alive(pid), 30, "the idle interactive process closed")
+    assert workers.log(w).count("interactive process idle for 1s: closed, its memory given back") == 2

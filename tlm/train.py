@@ -622,8 +622,9 @@ def prepare(config: TrainConfig, ckpt: Optional[Checkpoint], log: Callable[[str]
 
 def busy_note(load: Optional[float], cores: int) -> Optional[str]:
     """A line to say once when other processes hold this machine's cores (its one-minute load
-    beyond a core more than it has), so a slow run is not taken for a slow recipe."""
-    if load is None or load <= cores + 1:
+    past its cores and a half: a run's own streams keep it near the cores), so a slow run is not
+    taken for a slow recipe."""
+    if load is None or load <= cores + 0.5:
         return None
     return (f"this machine is busy: load {load:.1f} on {cores} cores, so this run trains slower than "
             "it could (other processes hold the cores)")

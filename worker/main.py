@@ -55,6 +55,9 @@ class PortRange(click.ParamType):
 @click.option("--rdma", multiple=True, metavar="PEER=DEVICE",
               help="for --backend jaccl: the RDMA device linking this Mac to the worker at PEER "
                    "(an --address), e.g. 10.0.1.2=rdma_en3; repeat per peer")
+@click.option("--interactive_idle", "--interactive-idle", default=600.0, type=FiniteRange(1), show_default=True,
+              metavar="SECONDS", help="an interactive process (samples, evals) idle this long is closed, "
+                                      "giving its models' memory back; the next one starts afresh")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
               help="a label jobs can ask for with `tlm submit --on KEY=VALUE` (repeatable)")
 @click.option("--when_idle", "--when-idle", default=None, type=FiniteRange(0), metavar="MINUTES",
@@ -64,7 +67,7 @@ class PortRange(click.ParamType):
               show_default=True, help="macOS: pause: save and re-queue training jobs on battery power")
 @click.option("--burst", is_flag=True, help="exit once the queue is empty and no job runs")
 def main(queue, concurrency, gpu, save_root, lease, max_attempts, keep_days, address, ports, rdma,
-         labels, when_idle, on_battery, burst) -> None:
+         interactive_idle, labels, when_idle, on_battery, burst) -> None:
     """Run queued tlm jobs. Ctrl+C once: jobs save and are re-queued; twice: exit now.
 
     A worker takes only jobs whose needs it meets (--gpu, memory, --label, host), the
@@ -97,7 +100,7 @@ def main(queue, concurrency, gpu, save_root, lease, max_attempts, keep_days, add
         worker = Worker(url, concurrency=concurrency, gpu=gpu, save_root=save_root, lease=lease,
                         max_attempts=max_attempts, keep_days=keep_days, burst=burst, address=address,
                         ports=ports, rdma=dict(r.split("=", 1) for r in rdma), labels=labels,
-                        policy=Policy(when_idle, on_battery))
+                        policy=Policy(when_idle, on_battery), interactive_idle=interactive_idle)
     except QueueError as e:
         raise click.ClickException(str(e)) from None
     except Exception as e:  # a backend that cannot even be opened

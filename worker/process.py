@@ -74,6 +74,7 @@ class Sampler:
     a lost lease) is replaced, never reused; one whose worker is gone exits by itself."""
 
     def __init__(self):
+        self.last_used = time.monotonic()  # when it last ran a job: idle long, it is closed
         self.conn, child = SPAWN.Pipe()
         self.process = SPAWN.Process(target=_serve, args=(child, os.getpid()), name="tlm-sampler",
                                      daemon=True)
@@ -81,6 +82,7 @@ class Sampler:
         child.close()
 
     def run(self, args: tuple) -> "PooledJob":
+        self.last_used = time.monotonic()
         self.conn.send(args)
         return PooledJob(self)
 
@@ -196,6 +198,7 @@ class Worker:
     rdma: dict[str, str] = field(default_factory=dict)  # JACCL: peer address -> RDMA device
     labels: dict[str, str] = field(default_factory=dict)  # --label key=value: jobs ask with --on
     policy: power.Policy = field(default_factory=power.Policy)  # --when_idle, --on_battery
+    interactive_idle: float = 600.0  # seconds an idle sampler keeps its models before it is closed
     failed: int = 0  # jobs this worker ran that ended failed (--burst exits 1 if any)
     done: int = 0  # jobs this worker ran to an end (its heartbeat says, for the pages)
     id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}")
@@ -534,10 +537,14 @@ class Worker:
         return gang
 
     def _reap(self) -> bool:
-        """Collect ended job processes; their jobs are settled now, or once the queue answers."""
+        """Collect ended job processes; their jobs are settled now, or once the queue answers.
+        An interactive process idle past --interactive_idle is closed: its models' memory
+        goes back to the Mac, and the next sample or eval starts one afresh."""
         finished = [r for r in list(self.running.values()) if not r.process.is_alive()]
         for r in finished:
             r.process.join()
+            if isinstance(r.process, PooledJob):
+                self.sampler.last_used = time.monotonic()
             if isinstance(r.process, PooledJob) and (r.process.exitcode < 0 or r.forced or r.lost):
                 self.sampler.close()  # its process was killed: start afresh next time
                 self.sampler = None
@@ -545,6 +552,11 @@ class Worker:
             with self.lock:
                 del self.running[r.job_id]
             self.unsettled.append((r, r.process.exitcode))
+        idle = self.sampler is not None and time.monotonic() - self.sampler.last_used > self.interactive_idle
+        if idle and not any(r.lane == "interactive" for r in self.running.values()):
+            self.sampler.close()
+            self.sampler = None
+            self.say(f"interactive process idle for {self.interactive_idle:g}s: closed, its memory given back")
         if finished:
             self._try(self._settle)
         return bool(finished)
