@@ -424,6 +424,7 @@ def create_app(registry: Registry, token: str, require_token: bool,
                save_root: Optional[str] = None) -> "Guard":
     """The dashboard's ASGI app; ``require_token`` for every request (bound beyond localhost)."""
     lab = Api(registry, save_root)
+    table = _html.escape(json.dumps(TABLE), quote=True)  # the kinds and states, as the page's <meta>
     changes = Changes(registry)
 
     def api(fn):
@@ -440,8 +441,7 @@ def create_app(registry: Registry, token: str, require_token: bool,
         return endpoint
 
     def page(request: Request) -> Response:
-        html = (STATIC / "index.html").read_text().replace("{{TOKEN}}", token).replace(
-            "{{TABLE}}", _html.escape(json.dumps(TABLE), quote=True))
+        html = (STATIC / "index.html").read_text().replace("{{TOKEN}}", token).replace("{{TABLE}}", table)
         return Response(html, media_type="text/html")
 
     async def events(request: Request) -> Response:

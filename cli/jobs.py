@@ -310,7 +310,11 @@ def _age(t: Optional[float], now: float) -> str:
     """How long ago ``t`` was, both read by the queue's clock (``Registry.now``)."""
     if not isinstance(t, (int, float)) or not t:
         return "-"
-    s = max(0.0, now - t)  # a clock a little ahead: now, not "-3s"
+    return duration(max(0.0, now - t))  # a clock a little ahead: now, not "-3s"
+
+
+def duration(s: float) -> str:
+    """Seconds as a reader wants them: 45s, 12m, 3.5h."""
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
 
 
@@ -404,7 +408,8 @@ def stream_all(registry: Registry, state: Optional[str], as_json: bool) -> None:
     newest first, a page at a time as it is read (the first page costs what one page costs,
     however long the history)."""
     workers, now = registry.workers(), registry.now()
-    live = registry.jobs(0, state=state) if state in (None, *LIVE) else []
+    live = sorted(registry.in_states(LIVE if state is None else [state]), key=lambda j: j.created) \
+        if state in (None, *LIVE) else []
     pages = registry.finished_pages(state) if state not in LIVE else iter(())
     if as_json:
         waiting = waiting_reasons(live, workers)

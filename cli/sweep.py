@@ -14,7 +14,7 @@ from tlm_cli.render import table_console
 from rich.live import Live
 from rich.table import Table
 
-from tlm_cli.jobs import connect, echo, queue_errors, queue_option
+from tlm_cli.jobs import connect, duration, echo, queue_errors, queue_option
 from tlm_cli.options import flag_types, given_options
 from tlm_worker.kinds import FINAL, misfit
 from tlm_worker.registry import JobNotFound, Registry
@@ -159,12 +159,6 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
     return "-" if value is None else str(value)
 
 
-def _duration(seconds: Optional[float]) -> str:
-    if not seconds:
-        return "-"
-    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
-
-
 def leaderboard_table(sweep_job, rows: list[dict[str, Any]]) -> Table:
     names = list(sweep_job.params["search"])
     counts: dict[str, int] = {}
@@ -180,7 +174,7 @@ def leaderboard_table(sweep_job, rows: list[dict[str, Any]]) -> Table:
     for r in rows:
         table.add_row(str(r["rank"]), str(r["trial"]), *(_fmt(r["params"].get(n)) for n in names),
                       _fmt(r["best"], ".4f"), _fmt(r["best_step"]), _fmt(r["best_minute"], ".2f"), str(r["steps"]),
-                      _duration(r["worker_time"]), r["state"])
+                      duration(r["worker_time"]) if r["worker_time"] else "-", r["state"])
     return table
 
 

@@ -17,7 +17,6 @@ so their worker re-queues the gang.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from tlm.hooks import TrainingHooks
+from tlm_worker.kinds import resolve
 from tlm_worker.queue import QUEUE_ERRORS, Queue
 from tlm_worker.registry import ACTIVE, CANCELLED, FAILED, SUCCEEDED, Job, JobNotFound, LeaseLost, Registry
 from tlm_worker.targets import resolve_save_dir
@@ -152,8 +152,7 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
         params = {k: v for k, v in job.params.items() if k not in ("run", "save_dir", "dataset_sha1")}
         save_dir = resolve_save_dir(job.params, save_root)
         check_carried_dataset(job.params, save_dir)
-        module, _, name = job.spec.run.partition(":")
-        run = getattr(importlib.import_module(module), name)
+        run = resolve(job.spec.run)
         c.save_dir, c.params = save_dir, params
         run(c)
     except SystemExit:

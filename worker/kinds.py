@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -101,6 +102,13 @@ PROGRESS = {  # written by job processes and sweeps; a value of another shape is
     **{k: OPTIONAL_NUMBER for k in ("train_loss", "val_loss", "test_loss", "val_metric", "learning_rate",
                                     "it_per_sec", "tokens_per_sec", "peak_memory_gb", "elapsed",
                                     "eta_seconds", "parent_gone_since")}}
+
+
+def resolve(ref: str) -> Callable[..., Any]:
+    """The function a ``module:function`` reference of the table names (imported on use, so the
+    queue never imports MLX)."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,10 @@ class Placement:
             raise Invalid(str(e)) from None
 
 
+def _busy(e: RunBusy) -> Conflict:
+    return Conflict(f"{e}: `tlm cancel {e.job.id}` first")
+
+
 def training_job(given: dict[str, Any], target: dict[str, str]):
     """A training job's validated configuration and the params to queue (ConfigError if bad);
     the data mirror this machine uses travels with the job."""
@@ -146,7 +150,7 @@ class Lab:
             return self.registry.create(kind, params, key, priority=place.priority, needs=place.needs,
                                         after=place.after)
         except RunBusy as e:
-            raise Conflict(f"{e}: `tlm cancel {e.job.id}` first") from None
+            raise _busy(e) from None
         except BadRecord as e:
             raise Invalid(e.reason) from None
 
@@ -172,6 +176,6 @@ class Lab:
         try:
             return self.registry.retry(job_id)
         except RunBusy as e:
-            raise Conflict(f"{e}: `tlm cancel {e.job.id}` first") from None
+            raise _busy(e) from None
         except ValueError as e:
             raise Conflict(str(e)) from None

@@ -32,7 +32,6 @@ job names the fence it expects.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import sqlite3
@@ -45,7 +44,7 @@ import redis
 
 from tlm_worker.kinds import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILED, FINAL, INTERRUPTED,
                               KINDS, LIVE, QUEUED, RUNNING, SKIPPED, STATES, SUCCEEDED,
-                              WAITING, BadRecord, Job, misfit)
+                              WAITING, BadRecord, Job, misfit, resolve)
 from tlm_worker.placement import CAPABILITIES, unmet
 from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError
 from tlm_worker.targets import canonical
@@ -119,7 +118,7 @@ class Registry:
     def _check_layout(self) -> None:
         """The lab's layout (its keys and tables) is recorded; a tlm older than it stops in one
         line (a newer one records its own): Macs are upgraded one at a time, never traced."""
-        stored = self.store.first_value("layout", str(LAYOUT))
+        stored = self.store.value("layout") or self.store.first_value("layout", str(LAYOUT))
         if not stored.isdigit() or int(stored) > LAYOUT:
             raise QueueError(f"this lab's queue was set up by a newer tlm (layout {stored}; this tlm "
                              f"reads {LAYOUT}): upgrade tlm on this Mac (`git pull && scripts/setup.sh`)")
@@ -641,8 +640,7 @@ class Registry:
         self.store.delete(gone)
         for job in jobs:
             if job.id not in kept and job.spec.forget:
-                module, _, name = job.spec.forget.partition(":")
-                getattr(importlib.import_module(module), name)(self, job.id)
+                resolve(job.spec.forget)(self, job.id)
         return len(gone)
 
     def _migrate(self) -> None:
@@ -722,9 +720,6 @@ class RedisStore:
         keys = [k.decode() for k in self.r.zrange(f"{self.P}runs:best", start, start + count - 1)]
         rows = self.get_runs(keys)
         return [rows[k] for k in keys if k in rows], start + len(keys)
-
-    def run_count(self) -> int:
-        return int(self.r.zcard(f"{self.P}runs:best"))
 
     def _stream(self, job_id: str, stream: str) -> str:
         """A job's capped list of lines (its log, its metric points): a Redis list of
@@ -1071,9 +1066,6 @@ class SqliteStore:
         rows = self.db.execute(f"SELECT key, score, row FROM tlm_run {after} ORDER BY score, key LIMIT ?",
                                (*((cursor[0], cursor[0], cursor[1]) if cursor else ()), count)).fetchall()
         return [r[2] for r in rows], (rows[-1][1], rows[-1][0]) if rows else cursor
-
-    def run_count(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM tlm_run").fetchone()[0]
 
     def insert(self, job: dict[str, Any], exclusive: bool, migrating: bool = False) -> Optional[str]:
         with self._tx() as db:

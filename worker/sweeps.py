@@ -4,10 +4,11 @@ A sweep is a registry record of kind ``sweep`` (its spec in ``params``, its
 counters in ``result``) that no worker holds: every worker *drives* it
 (``reconcile``, from its sweep every lease/2 and whenever a trial of it ends).
 Each trial is a train job in its own run (``<name>-<sweep id>/trial-<n>`` under the
-save root: a later sweep of the same name never meets an earlier one's checkpoints) with a fixed id, so the one-trainer-per-run rule makes creating it
-idempotent; it has the same fencing, re-queue, resume and interruption rules as
-any job. Driving is a sequence of idempotent steps, so any worker may do it and
-any may die in the middle:
+save root: a later sweep of the same name never meets an earlier one's checkpoints)
+with a fixed id, so the one-trainer-per-run rule makes creating it idempotent; it
+has the same fencing, re-queue, resume and interruption rules as any job. Driving
+is a sequence of idempotent steps, so any worker may do it and any may die in the
+middle:
 
 1. tell Optuna how each ended trial ended (``tell(skip_if_finished=True)``);
 2. a cancelled sweep cancels its live trials, then ends ``cancelled``;
@@ -423,10 +424,9 @@ def _round(registry: "Registry", sweep: Job, lease: float) -> None:
     except QUEUE_ERRORS:
         raise
     except Exception as e:  # its spec edited, its Optuna journal deleted or damaged
-        why = f"{type(e).__name__}: {e}" if not isinstance(e, SpecError) else str(e)
-        registry.finish(sweep.id, FAILED, error=f"cannot drive the sweep ({why.splitlines()[0][:200]}); "
-                        f"its {len(live)} live trial(s) go on as ordinary jobs",
-                        log=f"failed: cannot drive the sweep: {why.splitlines()[0][:200]}")
+        why = (str(e) if isinstance(e, SpecError) else f"{type(e).__name__}: {e}").splitlines()[0][:200]
+        registry.finish(sweep.id, FAILED, error=f"cannot drive the sweep ({why}); its {len(live)} live "
+                        "trial(s) go on as ordinary jobs", log=f"failed: cannot drive the sweep: {why}")
         return
     sweep = registry.get(sweep.id)  # with the trials this round created
     jobs = trials(registry, sweep)
