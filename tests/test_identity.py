@@ -57,6 +57,20 @@ def test_a_job_whose_checkpoint_is_not_visible_goes_back_and_fails_after_its_att
     assert "(attempt 2 of 2)" in ended.error and "\n".join(registry(url).logs(job)[0]).count("new model") == 1
 
 
+@pytest.mark.parametrize("url", ["sqlite"], indirect=True)
+def test_a_job_whose_recorded_checkpoint_was_replaced_by_a_newer_one_resumes_the_newer(url, workers, tmp_path,
+                                                                                       mirror):
+    """A worker killed between a save and its record leaves the record naming a checkpoint that
+    retention deleted: the run's newer checkpoint is there, so the job resumes it (CI's chaos run)."""
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    job, ckpt = trained_to_a_checkpoint(url, workers, lab)
+    registry(url).update(job, checkpoint="f" * 40)  # the record one save behind the folder
+    workers.start("--save_root", str(lab))
+    until(lambda: f"resuming {ckpt[:12]}" in "\n".join(registry(url).logs(job)[0]), 120, "the resume")
+    assert "is not in" not in (registry(url).get(job).error or "")
+
+
 def test_a_run_named_by_a_path_in_the_shared_folder_is_the_run_of_that_name(url, workers, tmp_path):
     """--save_dir ROOT/x, a relative path to it, a symlink to it, and --run x: one run, one trainer."""
     lab = tmp_path / "lab"

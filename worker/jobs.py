@@ -253,7 +253,10 @@ def run_train(c: Context) -> None:
     params = dict(c.params)
     if c.job.checkpoint:  # started before and saved: resume that, never afresh again
         params.pop("new_model", None)
-        if not (Path(c.save_dir) / f"{c.job.checkpoint}.safetensors").is_file():
+        from tlm.checkpoint import newest_name
+        # retention may have replaced the recorded one by a newer one whose publish was lost
+        # (the worker killed between the save and the record): that one is resumed
+        if not (Path(c.save_dir) / f"{c.job.checkpoint}.safetensors").is_file() and not newest_name(c.save_dir):
             raise NotHere(f"its checkpoint {c.job.checkpoint[:12]} is not in {c.save_dir} on this worker: "
                           "is the lab's shared folder mounted here (tlm-worker --save_root)?")
     if c.rank is not None:
