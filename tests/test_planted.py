@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from queue_helpers import TINY, Workers, registry, tlm, until
+from queue_helpers import TINY, Workers, registry, tlm
 
 REDIS_DB = 7
 

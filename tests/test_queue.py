@@ -19,7 +19,7 @@ import pytest
 from tlm import checkpoint
 from tlm_worker.queue import Queue
 
-from queue_helpers import TINY, RedisServer, Workers, backend_url, free_port, registry, submit, tlm, wait_for
+from queue_helpers import TINY, RedisServer, Workers, free_port, registry, submit, tlm, wait_for
 
 REDIS_DB = 15
 

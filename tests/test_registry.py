@@ -23,6 +23,27 @@ def reg(url) -> Registry:
     return Registry(Queue(url))
 
 
+def test_each_store_implements_the_store_protocol_and_the_registry_only_uses_it(reg):
+    """The rules live in the registry; a store offers the protocol's primitives, no more: a
+    primitive missing, renamed, or called by the registry outside the protocol fails here."""
+    import ast
+    import inspect
+
+    import tlm_worker.registry as registry
+    from tlm_worker.registry import Store
+
+    protocol = {n: inspect.signature(f) for n, f in vars(Store).items()
+                if callable(f) and not n.startswith("_")}
+    store = type(reg.store)
+    assert {n for n, f in vars(store).items() if callable(f) and not n.startswith("_")} == set(protocol)
+    for name, signature in protocol.items():
+        assert list(inspect.signature(getattr(store, name)).parameters) == list(signature.parameters), name
+    used = {node.attr for node in ast.walk(ast.parse(inspect.getsource(registry)))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "store"}
+    assert used <= set(protocol), used - set(protocol)
+
+
 def test_create_get_by_prefix_and_update(reg):
     job = reg.create("eval", {"save_dir": "/x"}, "dir:/x")
     assert reg.get(job.id[:5]).id == job.id
