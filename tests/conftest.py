@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +24,11 @@ import sitecustomize  # noqa: E402,F401  (this folder's: the firewall, in pytest
 for _name in ("TLM_QUEUE", "TLM_SAVE_ROOT"):
     os.environ.pop(_name, None)
 os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="tlm-test-home-")
+# A suite started in the background (`nohup ... &`) inherits SIGINT ignored, and so would every
+# process it starts: the Ctrl+C tests would wait forever. A handler here is reset to the default
+# in each child, which then turns SIGINT into KeyboardInterrupt as a terminal's would.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 MIRROR = Path(os.environ.get("TLM_DATA_MIRROR") or ROOT.parent / "shared" / "data")
 if MIRROR.is_dir():
     os.environ["TLM_DATA_MIRROR"] = str(MIRROR)  # for the processes tests start too
