@@ -44,7 +44,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tlm.config import PRESETS, apply_preset
-from tlm_worker.kinds import ACTIVE, CLAIMABLE, KINDS, STATES, Job, misfit
+from tlm_worker.kinds import ACTIVE, CLAIMABLE, KINDS, STATES, Job, SampleParams, misfit
 from tlm_worker.lab import Lab, LabError, Placement
 from tlm_worker.queue import QUEUE_ERRORS
 from tlm_worker.registry import FINAL, LIVE, JobNotFound, Registry, holder
@@ -326,8 +326,7 @@ class Api:
         if not 0 < max_tokens <= 2000 or not 0 <= temperature <= 10:
             raise Refused(400, "max_tokens must be 1-2000 and temperature 0-10")
         cfg = SampleConfig(max_tokens=max_tokens, temperature=temperature)
-        job = self.lab.read("sample", key, {"identifier": None, "prompt": prompt,
-                                            "sampling": dataclasses.asdict(cfg), "num_samples": 1})
+        job = self.lab.read("sample", key, dataclasses.asdict(SampleParams(prompt, dataclasses.asdict(cfg))))
         return {"job": job.id, "command": command("sample", {
             **target, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature})}
 

@@ -7,6 +7,7 @@ alone to stdout so scripts can capture it, messages go to stderr.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -22,7 +23,7 @@ from rich.table import Table
 from tlm.config import ConfigError
 from tlm_cli.options import given_options, train_options
 from tlm_cli.render import table_console
-from tlm_worker.kinds import CLAIMABLE, PRIORITIES, Job
+from tlm_worker.kinds import CLAIMABLE, KINDS, PRIORITIES, EvalParams, ExportParams, Job
 from tlm_worker.lab import Lab, LabError, Placement, training_job
 from tlm_worker.options import FiniteRange
 from tlm_worker.placement import size_text, waiting_reason
@@ -131,27 +132,22 @@ def carry_dataset(dataset: str, run_dir: Path) -> dict[str, str]:
     return {"dataset": f"{RUN_INPUTS}/{name}", "dataset_sha1": digest}
 
 
-THEN = "eval[:SPLIT] | export:DIR | sample:PROMPT"
+THEN = " | ".join(k.then for k in KINDS.values() if k.then)
 
 
 def parse_then(items: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
-    """``--then`` follow-ups of a training job: (kind, params) of each, on the run's final checkpoint."""
-    from tlm.generate import SampleConfig
-
+    """``--then`` follow-ups of a training job: (kind, params) of each, on the run's final
+    checkpoint; the kinds table says which kinds may follow and parses their argument."""
     out = []
     for item in items:
-        kind, _, arg = item.partition(":")
-        if kind == "eval" and arg in ("", "valid", "test"):
-            out.append(("eval", {"split": arg or "valid", "tokens": 0, "stride": None,
-                                 "data_mirror": os.environ.get("TLM_DATA_MIRROR")}))
-        elif kind == "export" and arg:
-            out.append(("export", {"out": str(Path(arg).expanduser().resolve())}))
-        elif kind == "sample":
-            import dataclasses
-            out.append(("sample", {"prompt": arg, "sampling": dataclasses.asdict(SampleConfig()),
-                                   "num_samples": 1}))
-        else:
-            raise click.UsageError(f"--then {item!r}: give {THEN}")
+        name, _, arg = item.partition(":")
+        kind = KINDS.get(name)
+        try:
+            if kind is None or not kind.then:
+                raise ValueError(f"give {THEN}")
+            out.append((name, dataclasses.asdict(kind.params.parse(arg))))
+        except ValueError as e:
+            raise click.UsageError(f"--then {item!r}: {e}") from None
     return out
 
 
@@ -193,8 +189,8 @@ def submit_train(run, save_root, wait, queue, priority, after, needs, on, then, 
         carried = carry_dataset(given["dataset"], Path(resolve_save_dir(where, save_root)))
     lab = Lab(connect(queue), save_root)
     job = announce(lab.train(run_key, given, place, carried))
-    for kind, extra in follow_ups:
-        announce(lab.read(kind, run_key, {"identifier": None, **extra}, Placement(place.priority, job.id)))
+    for kind, params in follow_ups:
+        announce(lab.read(kind, run_key, params, Placement(place.priority, job.id)))
     if wait:
         raise SystemExit(follow(lab.registry, job.id))
 
@@ -216,10 +212,10 @@ def submit_eval(run, save_dir, identifier, split, tokens, stride, wait, queue, p
                 needs, on) -> None:
     """Queue an evaluation of a checkpoint: loss and perplexity on a split."""
     run_key = target(run, save_dir)[1]
-    params = {"identifier": identifier, "split": split, "tokens": tokens, "stride": stride,
-              "data_mirror": os.environ.get("TLM_DATA_MIRROR")}
+    params = EvalParams(identifier, split, tokens, stride)
     registry = connect(queue)
-    job = announce(Lab(registry).read("eval", run_key, params, Placement.of(priority, after, needs, on)))
+    job = announce(Lab(registry).read("eval", run_key, dataclasses.asdict(params),
+                                      Placement.of(priority, after, needs, on)))
     if wait:
         raise SystemExit(follow(registry, job.id))
 
@@ -237,8 +233,8 @@ def submit_export(run, save_dir, identifier, out, wait, queue, priority, after, 
     """Queue an export of a checkpoint as a directory mlx-lm loads (as `tlm export` does here)."""
     run_key = target(run, save_dir)[1]
     registry = connect(queue)
-    job = announce(Lab(registry).read("export", run_key, {"identifier": identifier,
-                                                         "out": str(Path(out).expanduser().resolve())},
+    params = dataclasses.replace(ExportParams.parse(out), identifier=identifier)
+    job = announce(Lab(registry).read("export", run_key, dataclasses.asdict(params),
                                       Placement.of(priority, after, needs, on)))
     if wait:
         raise SystemExit(follow(registry, job.id))

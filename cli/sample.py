@@ -109,14 +109,13 @@ def _warn_unknown(tokenizer, text: str) -> None:
 def _queued(queue, run_key, identifier, prompt, cfg, num_samples) -> None:
     import dataclasses
 
+    from tlm_worker.kinds import SampleParams
+    from tlm_worker.lab import Lab
     from tlm_worker.registry import FINAL, SUCCEEDED
 
-    from tlm_worker.lab import Lab
-
     registry = connect(queue)
-    job = Lab(registry).read("sample", run_key, {"identifier": identifier, "prompt": prompt,
-                                                 "sampling": dataclasses.asdict(cfg),
-                                                 "num_samples": num_samples})
+    params = SampleParams(prompt, dataclasses.asdict(cfg), identifier, num_samples)
+    job = Lab(registry).read("sample", run_key, dataclasses.asdict(params))
     echo(f"queued sample job {job.id}; waiting for a worker (Ctrl+C to cancel)")
     try:
         if not any(not w.get("stopping") for w in registry.workers()):

@@ -68,7 +68,9 @@ def test_each_rule_says_what_is_missing():
 def test_bad_placement_flags_are_one_line_errors(url):
     for args, says in ((["--needs", "memory=lots"], "give a size such as 24G"), (["--on", "nolabel"], "key=value"),
                        (["--priority", "urgent"], "'urgent' is not one of"),
-                       (["--then", "deploy"], "--then 'deploy'"), (["--after", "nope"], "no job 'nope'")):
+                       (["--then", "deploy"], "--then 'deploy': give eval[:SPLIT] | sample:PROMPT | export:DIR"),
+                       (["--then", "eval:train"], "no split 'train'"), (["--then", "export:"], "give the directory"),
+                       (["--after", "nope"], "no job 'nope'")):
         proc = tlm("submit", "train", "--run", "x", *args, "--queue", url)
         assert proc.returncode != 0 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     proc = subprocess.run([sys.executable, "-m", "tlm_worker.main", "--queue", url, "--label", "x"],

@@ -24,6 +24,8 @@ PLANTED = [
     ("sweep", {"trial": "x"}),
     ("followers", [3]),
     ("result", {"samples": "abc"}),
+    ("params", {"prompt": 5, "sampling": {}}),  # a kind's params hold what its params class says
+    ("params", {"sampling": {}}),
 ]
 ODD_PROGRESS = [{"step": 5}, {"step": 5, "total": 9, "train_loss": "abc"}, {"best_valid": "x", "elapsed": "x"},
                 {"step": "5", "val_metric": 3.0}, {"counts": {"a": "b"}, "best": {"loss": "x"}}]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from tlm.hooks import TrainingHooks
-from tlm_worker.kinds import resolve
+from tlm_worker.kinds import EvalParams, ExportParams, SampleParams, params_of, resolve
 from tlm_worker.queue import QUEUE_ERRORS, Queue
 from tlm_worker.registry import ACTIVE, CANCELLED, FAILED, SUCCEEDED, Job, JobNotFound, LeaseLost, Registry
 from tlm_worker.targets import resolve_save_dir
@@ -203,9 +203,8 @@ def _ordinary(e: BaseException) -> bool:
 
 def run_eval(c: Context) -> None:
     from tlm.train import evaluate_checkpoint
-    p = c.params
-    result = evaluate_checkpoint(c.save_dir, p.get("identifier"), p.get("split", "valid"),
-                                 p.get("data_mirror"), p.get("tokens", 0), p.get("stride"), c.log)
+    p = params_of(EvalParams, c.params)
+    result = evaluate_checkpoint(c.save_dir, p.identifier, p.split, p.data_mirror, p.tokens, p.stride, c.log)
     metric = (f"{result['bits_per_char']:.3f} bits per character" if "bits_per_char" in result
               else f"perplexity {result['perplexity']:.2f}")
     c.finish(line=f"{result['split']} loss {result['loss']:.4f}, {metric} (checkpoint "
@@ -214,11 +213,11 @@ def run_eval(c: Context) -> None:
 
 def run_sample(c: Context) -> None:
     from tlm.generate import SampleConfig, sample_checkpoint
-    p = c.params
-    result = sample_checkpoint(c.save_dir, p.get("identifier"), p["prompt"], SampleConfig(**p["sampling"]),
-                               p.get("num_samples", 1), warn=c.log)
+    p = params_of(SampleParams, c.params)
+    result = sample_checkpoint(c.save_dir, p.identifier, p.prompt, SampleConfig(**p.sampling),
+                               p.num_samples, warn=c.log)
     for text in result["samples"]:  # in the job's log too: `tlm logs` shows a chained sample's text
-        for line in (p["prompt"] + text).splitlines() or [""]:
+        for line in (p.prompt + text).splitlines() or [""]:
             c.log(f"  {line}")
     c.finish(line=f"sampled {len(result['samples'])} from checkpoint {result['checkpoint'][:12]} "
                   f"(iteration {result['step']})", result=result)
@@ -230,10 +229,11 @@ def run_export(c: Context) -> None:
     from tlm.export import export
     from tlm.files import transient, with_retries
 
-    ckpt = checkpoint.find(c.save_dir, c.params.get("identifier"), warn=c.log)
+    p = params_of(ExportParams, c.params)
+    ckpt = checkpoint.find(c.save_dir, p.identifier, warn=c.log)
     if ckpt is None:
         raise checkpoint.CheckpointError(f"no checkpoint in {c.save_dir} to export")
-    out = Path(c.params["out"]).expanduser()
+    out = Path(p.out).expanduser()
     try:
         with_retries(lambda: export(ckpt, out), f"exporting to {out}", c.log)
     except OSError as e:

@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 VERSION = 2  # of the record layout; records before it carry none and read as 1
@@ -104,11 +106,65 @@ PROGRESS = {  # written by job processes and sweeps; a value of another shape is
                                     "eta_seconds", "parent_gone_since")}}
 
 
+def params_of(cls: type, params: dict[str, Any]) -> Any:
+    """A kind's params object from a record's params (the keys it does not know left out)."""
+    return cls(**{f.name: params[f.name] for f in dataclasses.fields(cls) if f.name in params})
+
+
 def resolve(ref: str) -> Callable[..., Any]:
     """The function a ``module:function`` reference of the table names (imported on use, so the
     queue never imports MLX)."""
     module, _, name = ref.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+# -- each kind's params: what its record holds besides the run it reads -------------------
+# A dataclass per kind: its fields without a default are what a record must hold, its type
+# hints what each must be (``Job.decode`` checks both), and ``parse`` reads the argument of
+# ``--then KIND[:ARG]`` (ValueError if bad). Submit commands and the dashboard build them,
+# and the kind's ``run`` reads them back (``params_of``).
+
+@dataclass(frozen=True)
+class EvalParams:
+    """Loss and perplexity of a checkpoint on a split."""
+    identifier: Optional[str] = None  # a checkpoint or its prefix; None: the latest
+    split: str = "valid"
+    tokens: int = 0  # score the split's first N tokens only (0: all)
+    stride: Optional[int] = None  # sliding-window evaluation: windows every N tokens
+    data_mirror: Optional[str] = field(default_factory=lambda: os.environ.get("TLM_DATA_MIRROR"))
+
+    @classmethod
+    def parse(cls, arg: str) -> "EvalParams":
+        if arg not in ("", "valid", "test"):
+            raise ValueError(f"no split {arg!r}: valid or test")
+        return cls(split=arg or "valid")
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    """Text continued from a prompt by a checkpoint."""
+    prompt: str
+    sampling: dict[str, Any] = field(default_factory=dict)  # tlm.generate.SampleConfig's fields
+    identifier: Optional[str] = None
+    num_samples: int = 1
+
+    @classmethod
+    def parse(cls, arg: str) -> "SampleParams":
+        return cls(prompt=arg)
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    """A checkpoint written as a directory mlx-lm loads (``out``: absolute, as submitted)."""
+    out: str
+    identifier: Optional[str] = None
+
+    @classmethod
+    def parse(cls, arg: str) -> "ExportParams":
+        """To the directory ``arg``, made absolute here (on the machine that submits it)."""
+        if not arg:
+            raise ValueError("give the directory to write")
+        return cls(out=str(Path(arg).expanduser().resolve()))
 
 
 @dataclass(frozen=True)
@@ -119,24 +175,37 @@ class JobKind:
     lane: str  # "train" (training slots) or "interactive" (beside them)
     run: str
     trainer: bool = False  # holds its run's one trainer (one live at a time)
-    required: tuple[str, ...] = ()  # params its record must hold
+    params: Optional[type] = None  # its params dataclass (above): what its record holds
+    then: str = ""  # its ``--then`` syntax, if a training job may be followed by one
+    required: tuple[str, ...] = ()  # params its record must hold (a kind without a params class)
     nodes: Callable[[dict[str, Any]], int] = lambda params: 1  # workers it needs at once
     checkpoint_input: bool = False  # reads a checkpoint: a chain pins its parent's
     driven: bool = False  # held by no worker: every worker drives it in its sweep (a tlm sweep)
     result: Shape = dict  # what its record's result holds once it succeeded
     forget: str = ""  # ``module:function(registry, job_id)``: what else goes when its record is pruned
 
+    @functools.cached_property
+    def params_shape(self) -> Shape:
+        """What a record's params must hold: its params class's fields, or the ``required`` keys."""
+        if self.params is None:
+            return {REQUIRED_KEYS: self.required}
+        fields = {f.name: f for f in dataclasses.fields(self.params)}
+        return {REQUIRED_KEYS: tuple(n for n, f in fields.items() if f.default is dataclasses.MISSING
+                                     and f.default_factory is dataclasses.MISSING),
+                **{n: types + ((type(None),) if optional else ()) for n, (types, optional)
+                   in _field_types(self.params).items()}}
+
 
 KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("train", "train", "tlm_worker.jobs:run_train", trainer=True,
             nodes=lambda params: int(params.get("nodes", 1)),
             result={"step": int, "val_loss": OPTIONAL_NUMBER, "test_loss": OPTIONAL_NUMBER}),
-    JobKind("eval", "interactive", "tlm_worker.jobs:run_eval", checkpoint_input=True,
-            result={"split": str, "loss": NUMBER}),
-    JobKind("sample", "interactive", "tlm_worker.jobs:run_sample", required=("prompt", "sampling"),
+    JobKind("eval", "interactive", "tlm_worker.jobs:run_eval", params=EvalParams, then="eval[:SPLIT]",
+            checkpoint_input=True, result={"split": str, "loss": NUMBER}),
+    JobKind("sample", "interactive", "tlm_worker.jobs:run_sample", params=SampleParams, then="sample:PROMPT",
             checkpoint_input=True, result={REQUIRED_KEYS: ("samples", "unknown"), "samples": [str],
                                            "unknown": [str]}),
-    JobKind("export", "interactive", "tlm_worker.jobs:run_export", required=("out",),
+    JobKind("export", "interactive", "tlm_worker.jobs:run_export", params=ExportParams, then="export:DIR",
             checkpoint_input=True, result={"out": str, "checkpoint": str, "step": int}),
     JobKind("sweep", "", "", trainer=True, required=("search", "name"), driven=True,  # one per name
             forget="tlm_worker.sweeps:forget_study",
@@ -214,7 +283,7 @@ class Job:
         if isinstance(version, int) and version > VERSION:
             raise BadRecord(job_id, f"was written by a newer tlm (record version {version}; "
                                     f"this one reads {VERSION})", newer=True)
-        fields = _field_types()
+        fields = _field_types(Job)
         for name in ("id", "kind", "params", "run", "state"):
             if name not in record:
                 raise BadRecord(job_id, f"has no {name!r}")
@@ -234,10 +303,13 @@ class Job:
             raise BadRecord(job_id, f"has an unknown kind {values['kind']!r}")
         if values["state"] not in STATES:
             raise BadRecord(job_id, f"has an unknown state {values['state']!r}")
-        missing = [k for k in KINDS[values["kind"]].required if k not in values["params"]]
+        spec = KINDS[values["kind"]]
+        missing = [k for k in spec.params_shape[REQUIRED_KEYS] if k not in values["params"]]
         if missing:
             raise BadRecord(job_id, f"({values['kind']}) has no {', '.join(missing)} in its params")
-        spec = KINDS[values["kind"]]
+        why = misfit(values["params"], spec.params_shape, "params")
+        if why:
+            raise BadRecord(job_id, why)
         for name, shape in (("needs", NEEDS), ("members", [MEMBER]), ("sweep", TRIAL),
                             ("followers", [str]), ("result", spec.result)):
             why = values.get(name) is not None and misfit(values[name], shape, name)
@@ -255,12 +327,12 @@ class Job:
         return cls(**values)
 
 
-@functools.lru_cache(maxsize=1)
-def _field_types() -> dict[str, tuple[tuple[type, ...], bool]]:
-    """Each Job field's accepted types and whether it may be None, from its annotation: what a
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, tuple[tuple[type, ...], bool]]:
+    """Each field's accepted types and whether it may be None, from its annotation: what a
     record that other writers made is checked against (an int passes for a float)."""
     out = {}
-    for name, hint in typing.get_type_hints(Job).items():
+    for name, hint in typing.get_type_hints(cls).items():
         args = typing.get_args(hint)
         optional = typing.get_origin(hint) is typing.Union and type(None) in args
         base = next(a for a in args if a is not type(None)) if optional else hint
