@@ -4,10 +4,13 @@ cannot see never starts over as a new model there."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
 import pytest
+
+from tlm_worker.kinds import Job
 
 from queue_helpers import TINY, registry, submit, tlm, until, wait_for
 
@@ -69,6 +72,29 @@ def test_a_job_whose_recorded_checkpoint_was_replaced_by_a_newer_one_resumes_the
     workers.start("--save_root", str(lab))
     until(lambda: f"resuming {ckpt[:12]}" in "\n".join(registry(url).logs(job)[0]), 120, "the resume")
     assert "is not in" not in (registry(url).get(job).error or "")
+
+
+def test_a_second_trainer_of_a_run_named_another_way_is_refused_again_at_claim(url, workers, tmp_path):
+    """A record naming the run by its path (queued by a Mac that could not see the shared folder,
+    or an older tlm) is refused by the worker that resolves both to one directory."""
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    workers.start("--save_root", str(lab))
+    first = submit(url, "train", "--run", "k3", *LONG).split()[0]
+    wait_for(url, first, ["running"], until=lambda j: j.progress.get("step", 0) > 0, timeout=180)
+    reg = registry(url)
+    now = reg.now()
+    flags = {f.lstrip("-"): int(v) if v.isdigit() else v for f, v in zip(LONG[::2], LONG[1::2])}
+    planted = Job(id="d0" * 6, kind="train", params={**flags, "save_dir": str(lab / "k3")},
+                  run=f"dir:{lab / 'k3'}", created=now, enqueued=now)
+    assert reg.store.insert(planted.to_record(), exclusive=True) is None  # another key: not busy there
+    reg.queue.push(planted.id, "train")
+    workers.start("--save_root", str(lab))
+    ended = wait_for(url, planted.id, ["succeeded", "failed"], timeout=120)
+    assert ended.state == "failed" and f"which running job {first} trains (one trainer per run)" in ended.error, \
+        ended.error
+    assert reg.get(first).state == "running"
+    assert not any(r.get("job") == planted.id for r in map(json.loads, (lab / "k3" / "metrics.jsonl").open()))
 
 
 def test_a_run_named_by_a_path_in_the_shared_folder_is_the_run_of_that_name(url, workers, tmp_path):

@@ -114,6 +114,24 @@ class NotHere(RuntimeError):
     """What the job reads is not on this worker (the lab's shared folder not mounted here)."""
 
 
+class RunTrained(RuntimeError):
+    """Another live job trains this job's directory here (one run named two ways, by machines
+    that could not tell them apart at submit): refused again at claim."""
+
+
+def check_one_trainer(registry: Registry, job: Job, save_dir: str, save_root: Optional[str]) -> None:
+    """One trainer per run, checked again where it counts: in the directory, as this worker
+    resolves every live training job's run (a path, a name under its --save_root, a symlink).
+    Of two started at once, the later claimed gives way."""
+    here = os.path.realpath(save_dir)
+    for other in registry.in_states(ACTIVE):
+        if (other.id != job.id and other.spec.trainer and not other.spec.driven
+                and (other.started or 0, other.id) < (job.started or 0, job.id)
+                and os.path.realpath(resolve_save_dir(other.params, save_root)) == here):
+            raise RunTrained(f"{save_dir} is the run {other.run_name}, which {other.state} job {other.id} "
+                             "trains (one trainer per run): not started")
+
+
 def check_carried_dataset(params: dict[str, Any], save_dir: str) -> None:
     """The text ``tlm submit`` copied into the run is there, with the bytes it had then."""
     if not params.get("dataset_sha1"):
@@ -151,6 +169,8 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
         select_device(gpu)
         params = {k: v for k, v in job.params.items() if k not in ("run", "save_dir", "dataset_sha1")}
         save_dir = resolve_save_dir(job.params, save_root)
+        if job.spec.trainer and not rank:
+            check_one_trainer(registry, job, save_dir, save_root)
         check_carried_dataset(job.params, save_dir)
         run = resolve(job.spec.run)
         c.save_dir, c.params = save_dir, params
@@ -197,7 +217,7 @@ def _ordinary(e: BaseException) -> bool:
     from tlm.data import DataError
     from tlm.train import Diverged
     from tlm.files import SETUP
-    return isinstance(e, (ConfigError, DataError, CheckpointError, Diverged)) or (
+    return isinstance(e, (ConfigError, DataError, CheckpointError, Diverged, RunTrained)) or (
         isinstance(e, OSError) and e.errno in SETUP)
 
 
