@@ -245,17 +245,11 @@ class Api:
 
     # -- sweeps --------------------------------------------------------------------------
 
-    def _sweep(self, sweep_id: str) -> Job:
-        job = self.registry.get(sweep_id)
-        if job.kind != "sweep":
-            raise Refused(404, f"{sweep_id} is a {job.kind} job, not a sweep")
-        return job
-
     def sweep(self, sweep_id: str) -> dict[str, Any]:
         """A sweep's leaderboard, every trial's validation curve, and Optuna's importances."""
         from tlm_worker import sweeps
 
-        job = self._sweep(sweep_id)
+        job = self.lab.sweep(sweep_id)
         rows = sweeps.leaderboard(self.registry, job)
         curves = {}
         for row in rows:
@@ -280,45 +274,26 @@ class Api:
             return {}
 
     def sweep_cancel(self, sweep_id: str) -> dict[str, Any]:
-        from tlm_worker import sweeps
-
-        job = self._sweep(sweep_id)
-        if job.state in FINAL:
-            raise Refused(409, f"sweep {job.params['name']} already {job.state}")
-        self.registry.cancel(job.id)
-        sweeps.reconcile(self.registry, job.id)
+        job = self.lab.sweep(sweep_id)
+        self.lab.cancel_sweep(job)
         return {"sweep": job.id, "command": f"tlm sweep cancel {job.params['name']}"}
 
     def sweep_add(self, sweep_id: str, more: int) -> dict[str, Any]:
         """More trials for a sweep that still runs."""
-        from tlm_worker import sweeps
-
-        job = self._sweep(sweep_id)
-        if not 1 <= more <= 1000:
-            raise Refused(400, "add 1 to 1000 trials")
-        added = self.registry.change(job.id, lambda j: {"params": {**j.params, "trials": j.params["trials"] + more}}
-                                     if j.state == "running" and not j.cancel else None)
-        if added is None:
-            raise Refused(409, f"sweep {job.params['name']} is {job.state}: trials are added while it runs")
-        sweeps.reconcile(self.registry, job.id)
-        return {"sweep": job.id, "trials": added.params["trials"]}
+        job = self.lab.sweep(sweep_id)
+        return {"sweep": job.id, "trials": self.lab.add_trials(job, more),
+                "command": f"tlm sweep add {job.params['name']} {more}"}
 
     def sweep_best(self, sweep_id: str, run: str) -> dict[str, Any]:
         """Queue the best trial's flags as a run of its own."""
-        from tlm_cli.sweep import best_flags
-
-        job = self._sweep(sweep_id)
+        job = self.lab.sweep(sweep_id)
         try:
             _, key = run_target(run.strip() or None, None)
         except TargetError as e:
             raise Refused(400, str(e)) from None
         if not run.strip():
             raise Refused(400, "give the new run a name")
-        try:
-            _, flags = best_flags(self.registry, job)
-        except click.ClickException as e:
-            raise Refused(409, e.message) from None
-        return self.submit(key, flags)
+        return self.submit(key, self.lab.best(job)[1])
 
     def sample(self, key: str, prompt: str, max_tokens: int, temperature: float) -> dict[str, Any]:
         from tlm.generate import SampleConfig

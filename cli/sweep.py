@@ -1,4 +1,5 @@
-"""``tlm sweep``: submit, watch, pick from and cancel a hyperparameter search (worker/sweeps.py)."""
+"""``tlm sweep``: submit, watch, pick from, grow and cancel a hyperparameter search (worker/sweeps.py,
+through the lab service)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import click
-from tlm_cli.render import table_console
 from rich.live import Live
 from rich.table import Table
 
 from tlm_cli.jobs import connect, duration, echo, queue_errors, queue_option
 from tlm_cli.options import flag_types, given_options
+from tlm_cli.render import table_console
 from tlm_worker.kinds import FINAL, misfit
-from tlm_worker.registry import JobNotFound, Registry
+from tlm_worker.lab import Lab
+from tlm_worker.registry import Registry
 
 SPEC_KEYS = ("name", "preset", "search", "trials", "parallel", "metric", "budget", "prune", "sampler",
              "seed", "priority", "flags")
@@ -90,11 +92,7 @@ def submit(spec_file, name, preset, search, flags, trials, parallel, metric, bud
         spec = build_spec(given, fixed)
     except sweeps.SpecError as e:
         raise click.UsageError(str(e)) from None
-    registry = connect(queue)
-    try:
-        job = sweeps.submit(registry, spec)
-    except sweeps.SpecError as e:
-        raise click.ClickException(str(e)) from None
+    job = Lab(connect(queue)).submit_sweep(spec)
     click.echo(job.id)
     echo(f"queued sweep {spec.name} ({job.id}): {spec.trials} trials, {spec.parallel} at a time, "
          f"{spec.sampler} sampler, {spec.prune} pruning; `tlm sweep status {spec.name}` to watch")
@@ -138,18 +136,7 @@ def build_spec(given: dict[str, Any], fixed: dict[str, Any]):
 
 
 def find_sweep(registry: Registry, name: str):
-    from tlm_worker.sweeps import sweep_key
-
-    found = registry.jobs(None, run=sweep_key(name))
-    if not found:
-        try:
-            job = registry.get(name)
-        except JobNotFound:
-            raise click.ClickException(f"no sweep {name!r}: `tlm status` lists them") from None
-        if job.kind != "sweep":
-            raise click.ClickException(f"{name} is a {job.kind} job, not a sweep")
-        return job
-    return found[-1]
+    return Lab(registry).sweep(name)
 
 
 def _fmt(value: Any, spec: str = ".3g") -> str:
@@ -220,17 +207,6 @@ def status(name, as_json, as_csv, watch, queue) -> None:
             pass
 
 
-def best_flags(registry: Registry, job) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the best trial's leaderboard row, its full training flags)."""
-    from tlm_worker.sweeps import SweepSpec, leaderboard
-
-    rows = [r for r in leaderboard(registry, job) if r["best"] is not None]
-    if not rows:
-        raise click.ClickException(f"sweep {job.params['name']}: no trial has been evaluated yet")
-    spec = SweepSpec.from_dict(job.params)
-    return rows[0], spec.trial_flags(rows[0]["params"])
-
-
 @sweep.command("best")
 @click.argument("name")
 @click.option("--preset-out", "--preset_out", "preset_out", type=click.Path(dir_okay=False), default=None,
@@ -241,7 +217,7 @@ def best(name, preset_out, queue) -> None:
     """Print the winning flags as a ready `tlm submit train` command."""
     registry = connect(queue)
     job = find_sweep(registry, name)
-    row, flags = best_flags(registry, job)
+    row, flags = Lab(registry).best(job)
     echo(f"best: trial {row['trial']} ({row['run']}), valid_loss {row['best']:.4f} at step "
          f"{row['best_step']}")
     click.echo(submit_command(flags))
@@ -263,12 +239,18 @@ def submit_command(flags: dict[str, Any], run: Optional[str] = None) -> str:
 @queue_errors
 def cancel(name, queue) -> None:
     """Stop the sweep: every running trial saves and ends cancelled; no new trial starts."""
-    from tlm_worker.sweeps import reconcile
-
     registry = connect(queue)
-    job = find_sweep(registry, name)
-    if job.state in FINAL:
-        raise click.ClickException(f"sweep {name} already {job.state}")
-    registry.cancel(job.id)
-    reconcile(registry, job.id)
+    Lab(registry).cancel_sweep(find_sweep(registry, name))
     echo(f"sweep {name}: no new trials; running ones finish their step, save and end cancelled")
+
+
+@sweep.command("add")
+@click.argument("name")
+@click.argument("more", type=int)
+@queue_option
+@queue_errors
+def add(name, more, queue) -> None:
+    """Add MORE trials to a sweep that still runs."""
+    registry = connect(queue)
+    trials = Lab(registry).add_trials(find_sweep(registry, name), more)
+    echo(f"sweep {name}: {trials} trials in all")

@@ -474,6 +474,13 @@ def test_the_same_request_gets_the_same_answer_from_the_command_line_and_the_pag
     reg.update(elsewhere.id, progress={"config": {"dim": 512, "num_blocks": 8, "num_heads": 8, "context_size": 256,
                                                   "batch_size": 64, "dataset": "ptb"}})
     reg.cancel(elsewhere.id)
+    from tlm_worker import sweeps
+    spec = dict(search={"dropout": {"type": "float", "low": 0.0, "high": 0.3, "log": False}}, base={"dim": 32},
+                trials=2, parallel=1, budget="20", prune="none", sampler="random")
+    live = sweeps.submit(reg, sweeps.SweepSpec(name="s1", **spec))
+    gone = sweeps.submit(reg, sweeps.SweepSpec(name="s2", **spec))
+    reg.cancel(gone.id)
+    sweeps.reconcile(reg, gone.id)
 
     def cli(*args: str) -> tuple[int, str]:
         proc = tlm(*args, "--queue", url)
@@ -487,6 +494,11 @@ def test_the_same_request_gets_the_same_answer_from_the_command_line_and_the_pag
         (["cancel", ended.id], (f"/api/jobs/{ended.id}/cancel", {}), 409),
         (["sample", "--save_dir", str(tmp_path / "nope"), "--prompt", "a"],
          ("/api/sample", {"key": f"dir:{tmp_path / 'nope'}", "prompt": "a"}), 400),
+        (["sweep", "add", "s1", "0"], ("/api/sweep/add", {"id": live.id, "trials": 0}), 400),
+        (["sweep", "add", "s2", "2"], ("/api/sweep/add", {"id": gone.id, "trials": 2}), 409),
+        (["sweep", "add", "nosuch", "2"], ("/api/sweep/add", {"id": "nosuch", "trials": 2}), 404),
+        (["sweep", "best", "s1"], ("/api/sweep/best", {"id": live.id, "run": "win"}), 409),
+        (["sweep", "cancel", "s2"], ("/api/sweep/cancel", {"id": gone.id}), 409),
     ]
     for args, (path, body), status in cases:
         code, said = cli(*args)
@@ -501,6 +513,8 @@ def test_the_same_request_gets_the_same_answer_from_the_command_line_and_the_pag
     reg.cancel(first.id)
     again = reg.get(post("/api/resume", {"key": "run:big"}).json()["job"])
     assert first.needs["memory"] == again.needs["memory"] > 2**30, (first.needs, again.needs)
+    assert cli("sweep", "add", "s1", "3") == (0, "sweep s1: 5 trials in all")
+    assert post("/api/sweep/add", {"id": live.id, "trials": 1}).json()["trials"] == 6
     reg.cancel(held.id)
 
 

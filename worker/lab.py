@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from tlm_worker.kinds import FINAL, PRIORITIES, BadRecord, Job
+from tlm_worker.kinds import FINAL, PRIORITIES, RUNNING, BadRecord, Job
 from tlm_worker.placement import parse_needs
-from tlm_worker.registry import Registry, RunBusy
+from tlm_worker.registry import JobNotFound, Registry, RunBusy
 from tlm_worker.targets import TargetError, resolve_save_dir, target_of
 
 
@@ -179,3 +179,63 @@ class Lab:
             raise _busy(e) from None
         except ValueError as e:
             raise Conflict(str(e)) from None
+
+    # -- sweeps ----------------------------------------------------------------------------
+
+    def submit_sweep(self, spec) -> Job:
+        """Queue a sweep (a ``sweeps.SweepSpec``); Conflict if its name is taken."""
+        from tlm_worker import sweeps
+        try:
+            return sweeps.submit(self.registry, spec)
+        except sweeps.SpecError as e:
+            raise Conflict(str(e)) from None
+
+    def sweep(self, ref: str) -> Job:
+        """A sweep by name (its latest) or by id; Missing if there is none."""
+        from tlm_worker.sweeps import sweep_key
+
+        named = self.registry.jobs(None, run=sweep_key(ref)) if ref.strip() else []
+        if named:
+            return named[-1]
+        try:
+            job = self.registry.get(ref)
+        except JobNotFound:
+            raise Missing(f"no sweep {ref!r}: `tlm status` lists them") from None
+        if job.kind != "sweep":
+            raise Missing(f"{ref} is a {job.kind} job, not a sweep")
+        return job
+
+    def cancel_sweep(self, job: Job) -> None:
+        """No new trials; running ones save and end cancelled. Conflict if it already ended."""
+        from tlm_worker.sweeps import reconcile
+
+        if job.state in FINAL:
+            raise Conflict(f"sweep {job.params['name']} already {job.state}")
+        self.registry.cancel(job.id)
+        reconcile(self.registry, job.id)
+
+    def add_trials(self, job: Job, more: int) -> int:
+        """``more`` trials for a sweep that still runs; its new number of trials."""
+        from tlm_worker.sweeps import MAX_TRIALS, reconcile
+
+        if not 1 <= more <= MAX_TRIALS:
+            raise Invalid(f"add 1 to {MAX_TRIALS} trials")
+        added = self.registry.change(job.id, lambda j: {"params": {**j.params, "trials": j.params["trials"] + more}}
+                                     if j.state == RUNNING and not j.cancel
+                                     and j.params["trials"] + more <= MAX_TRIALS else None)
+        if added is None:
+            why = "has too many" if job.params["trials"] + more > MAX_TRIALS else f"is {job.state}"
+            raise Conflict(f"sweep {job.params['name']} {why}: trials are added while it runs, "
+                           f"up to {MAX_TRIALS}")
+        reconcile(self.registry, job.id)
+        return added.params["trials"]
+
+    def best(self, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the best trial's leaderboard row, its full training flags); Conflict before any
+        trial was evaluated."""
+        from tlm_worker.sweeps import SweepSpec, leaderboard
+
+        rows = [r for r in leaderboard(self.registry, job) if r["best"] is not None]
+        if not rows:
+            raise Conflict(f"sweep {job.params['name']}: no trial has been evaluated yet")
+        return rows[0], SweepSpec.from_dict(job.params).trial_flags(rows[0]["params"])
