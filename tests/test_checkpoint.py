@@ -7,6 +7,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -183,6 +184,39 @@ def test_second_signal_exits_at_once(save_dir):
     warnings = []
     checkpoint.find(save_dir, warn=warnings.append)  # none, or a complete one
     assert warnings == []
+
+
+def test_ctrl_c_at_random_moments_on_a_busy_machine_resumes_bit_for_bit(save_dir, tmp_path):
+    """Issue 31: Ctrl+C at any moment (mid-step, mid-evaluation, mid-save), with other processes
+    holding the cores, then a resume: the weights of one uninterrupted run, bit for bit
+    (dropout on; the batch split across both cores' streams)."""
+    flags = dict(num_iters=200, steps_per_eval=10, dropout=0.1, seed=7, steps_per_report=10)
+    straight = tmp_path / "straight"
+    shutil.copytree(save_dir, straight)
+    start_training(straight, **flags).communicate(timeout=300)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    try:
+        for attempt in range(2):
+            run = tmp_path / f"stopped-{attempt}"
+            shutil.copytree(save_dir, run)
+            proc = start_training(run, **flags)
+            wait_for(proc, "saved", timeout=120)
+            time.sleep(rng.uniform(0.0, 2.0))
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0 and "stopped at iteration" in out, out
+            resumed = start_training(run, **flags)
+            out, _ = resumed.communicate(timeout=300)
+            assert resumed.returncode == 0, out
+            a, b = (checkpoint.find(d).load_weights() for d in (straight, run))
+            differ = [k for k in a if np.array(a[k]).tobytes() != np.array(b[k]).tobytes()]
+            assert not differ, f"random seed {seed}, attempt {attempt}: {len(differ)} tensors differ"
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
 
 
 def test_sigkill_at_random_moments_never_leaves_an_unusable_checkpoint(save_dir):
