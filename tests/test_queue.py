@@ -326,10 +326,27 @@ def test_an_idle_interactive_process_gives_its_memory_back_and_the_next_sample_s
     trained = tlm("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "2")
     assert trained.returncode == 0, trained.stderr
     w = workers.start("--interactive_idle", "1")
-    for _ in range(2):  # the second sample after the first one's process was closed
+    until(lambda: "interactive process idle for 1s: closed" in workers.log(w), 60, "the one started with it closed")
+    for _ in range(2):  # each sample after the last one's process was closed
         proc = tlm("sample", "--save_dir", str(save_dir), "--prompt", "the", "--max_tokens", "3", "--queue", url)
         assert proc.returncode == 0, proc.stderr
         job = registry(url).jobs(None)[-1]
         pid = job_pid(workers.log(w), job.id)
         until(lambda: not alive(pid), 30, "the idle interactive process closed")
-    assert workers.log(w).count("interactive process idle for 1s: closed, its memory given back") == 2
+    assert workers.log(w).count("interactive process idle for 1s: closed, its memory given back") == 3
+
+
+@pytest.mark.parametrize("url", ["sqlite"], indirect=True)
+def test_the_interactive_process_starts_with_the_worker_and_the_first_sample_runs_in_it(url, workers, save_dir):
+    """Not at the first sample: its MLX imports are done before any job asks (issue 32)."""
+    import re
+
+    from queue_helpers import job_pid, until
+    trained = tlm("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "2")
+    assert trained.returncode == 0, trained.stderr
+    w = workers.start()
+    ready = until(lambda: re.search(r"interactive process ready \(pid (\d+), ", workers.log(w)), 120,
+                  "the interactive process ready")
+    proc = tlm("sample", "--save_dir", str(save_dir), "--prompt", "the", "--max_tokens", "3", "--queue", url)
+    assert proc.returncode == 0, proc.stderr
+    assert job_pid(workers.log(w), registry(url).jobs(None)[-1].id) == int(ready.group(1))

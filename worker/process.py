@@ -70,16 +70,32 @@ CLOCK_NOTICE_SECONDS = 5.0  # a clock this far from the queue's is worth a word 
 
 class Sampler:
     """The worker's long-lived interactive process: it runs one job at a time, sent over a
-    pipe, and keeps recently used models loaded between them. One that is killed (a cancel,
-    a lost lease) is replaced, never reused; one whose worker is gone exits by itself."""
+    pipe, and keeps recently used models loaded between them. It starts with the worker and
+    imports MLX before any job asks (on a Mac busy starting many processes that took the
+    first sample 50 s); it says "ready" once, before any job's answer. One that is killed (a
+    cancel, a lost lease) is replaced, never reused; one whose worker is gone exits by itself."""
 
     def __init__(self):
-        self.last_used = time.monotonic()  # when it last ran a job: idle long, it is closed
+        self.started = self.last_used = time.monotonic()  # idle long after its last job: closed
+        self.ready = False
         self.conn, child = SPAWN.Pipe()
         self.process = SPAWN.Process(target=_serve, args=(child, os.getpid()), name="tlm-sampler",
                                      daemon=True)
         self.process.start()
         child.close()
+
+    def check_ready(self) -> bool:
+        """True once: when its "ready" (always its first message) is read."""
+        if self.ready:
+            return False
+        try:
+            if not self.conn.poll():
+                return False
+            self.conn.recv()
+        except (EOFError, OSError):  # it died before it was ready: a job run in it fails over
+            return False
+        self.ready = True
+        return True
 
     def run(self, args: tuple) -> "PooledJob":
         self.last_used = time.monotonic()
@@ -99,6 +115,8 @@ def _serve(conn: multiprocessing.connection.Connection, parent: int) -> None:
             time.sleep(1)
         os._exit(0)
     threading.Thread(target=orphaned, daemon=True).start()
+    import tlm.train  # noqa: F401  (BLAS, MLX, the model and the sampler: what a sample or eval loads)
+    conn.send("ready")
     while True:
         try:
             args = conn.recv()
@@ -126,8 +144,9 @@ class PooledJob:
 
     def is_alive(self) -> bool:
         if self.code is None:
+            self.sampler.check_ready()
             try:
-                if self.sampler.conn.poll():
+                if self.sampler.ready and self.sampler.conn.poll():
                     self.code = self.sampler.conn.recv()
             except (EOFError, OSError):  # killed: its end of the pipe closed
                 return False
@@ -349,6 +368,7 @@ class Worker:
                      "the queue's (its Redis host's): leases go by the queue's clock, metrics times by "
                      "each Mac's own; set the time automatically (System Settings > General > Date & Time)")
         self._try(self._heartbeat)
+        self.sampler = Sampler()  # now, not at the first sample or eval: see Sampler
         beat = threading.Thread(target=self._heartbeat_loop, daemon=True)
         beat.start()
         last_sweep = 0.0
@@ -552,6 +572,9 @@ class Worker:
             with self.lock:
                 del self.running[r.job_id]
             self.unsettled.append((r, r.process.exitcode))
+        if self.sampler is not None and self.sampler.check_ready():
+            self.say(f"interactive process ready (pid {self.sampler.process.pid}, "
+                     f"{time.monotonic() - self.sampler.started:.1f}s)")
         idle = self.sampler is not None and time.monotonic() - self.sampler.last_used > self.interactive_idle
         if idle and not any(r.lane == "interactive" for r in self.running.values()):
             self.sampler.close()
