@@ -440,8 +440,11 @@ function runsView(root) {
   return async () => {
     const data = await load();
     const chosen = dataset.value;
-    dataset.replaceChildren(el("option", { value: "" }, "all datasets"), ...[...new Set(rows.map(r => r.dataset)
-      .filter(Boolean).map(String))].sort().map(d => el("option", { value: d, selected: d === chosen }, d)));
+    const names = [...new Set(rows.map(r => r.dataset).filter(Boolean).map(String))].sort();
+    if (names.join("\n") !== [...dataset.options].slice(1).map(o => o.value).join("\n")) {  // not under a user's click
+      dataset.replaceChildren(el("option", { value: "" }, "all datasets"),
+        ...names.map(d => el("option", { value: d, selected: d === chosen }, d)));
+    }
     draw();
     boards.replaceChildren(...Object.entries(data.leaderboard).map(([name, best]) => el("div", { class: "board" },
       el("h3", {}, name), table(["#", "run", "best valid", "at step", "test", "minutes"], best.map((r, i) =>
