@@ -518,7 +518,8 @@ def test_the_same_request_gets_the_same_answer_from_the_command_line_and_the_pag
     reg.cancel(held.id)
 
 
-def test_a_sweep_page_of_100_trials_stays_readable(tmp_path, browser):
+@pytest.mark.parametrize("trials", [100, 500])
+def test_a_sweep_page_of_many_trials_stays_readable(tmp_path, browser, trials):
     """No legend of 101 series pushing the leaderboard off the window: past a handful of
     trials the best three are in colour, the rest grey, and hovering names a curve."""
     from tlm_worker import sweeps
@@ -527,7 +528,7 @@ def test_a_sweep_page_of_100_trials_stays_readable(tmp_path, browser):
     spec = sweeps.SweepSpec(name="wide", search={"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2,
                                                                    "log": True}},
                             base={"dim": 32, "num_heads": 2, "num_blocks": 1, "context_size": 16, "steps_per_eval": 5},
-                            trials=100, parallel=100, budget="20", prune="none", sampler="random")
+                            trials=trials, parallel=trials, budget="20", prune="none", sampler="random")
     sweep = sweeps.submit(reg, spec)
     for n, job in enumerate(sweeps.trials(reg, reg.get(sweep.id))):
         held = reg.claim(job.id, "w")
@@ -540,13 +541,15 @@ def test_a_sweep_page_of_100_trials_stays_readable(tmp_path, browser):
     try:
         browser.set_window_size(1280, 900)
         browser.get(d.base + f"/#/sweep/{sweep.id}")
-        until(lambda: len(browser.find_elements("css selector", "#sweep-board tbody tr")) == 100, what="100 rows")
+        until(lambda: len(browser.find_elements("css selector", "#sweep-board tbody tr")) == trials, 60,
+              what=f"{trials} rows")
         chart = browser.find_element("css selector", "#sweep-chart-step")
-        until(lambda: int(chart.get_attribute("data-points") or 0) == 400, what="4 points on each of 100 curves")
+        until(lambda: int(chart.get_attribute("data-points") or 0) == 4 * trials, 60,
+              what=f"4 points on each of {trials} curves")
         assert chart.get_attribute("data-legend") == "false"
         assert not browser.find_elements("css selector", "#sweep-chart-step .u-legend tr.u-series")
         board_top = browser.execute_script("return document.querySelector('#sweep-board').getBoundingClientRect().top")
         assert board_top < 900, board_top  # before: ~750 px of legend per chart above it
-        browser.save_screenshot(str(tmp_path / "sweep-100.png"))
+        browser.save_screenshot(str(tmp_path / f"sweep-{trials}.png"))
     finally:
         d.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -134,9 +135,9 @@ def test_cancel_stops_every_rank_after_a_save(url, workers, save_dir):
     saved = checkpoint.find(save_dir)
     assert saved is not None and saved.identifier == job.checkpoint and saved.step > 0
     deadline = time.time() + 10
-    while any(_ranks(p.pid) for p in workers.procs) and time.time() < deadline:
+    while any(_ranks(workers, p) for p in workers.procs) and time.time() < deadline:
         time.sleep(0.2)
-    assert not any(_ranks(p.pid) for p in workers.procs)
+    assert not any(_ranks(workers, p) for p in workers.procs)
 
 
 @pytest.mark.parametrize("url", ["redis"], indirect=True)
@@ -156,9 +157,9 @@ def test_a_member_killed_with_its_worker_stops_the_gang_and_it_resumes_elsewhere
     job = wait_for(url, job_id, ["interrupted"], timeout=60)
     assert job.attempts == 1 and "rank" in job.error or "stopped heartbeating" in job.error
     deadline = time.time() + 30
-    while _ranks(survivor.pid) and time.time() < deadline:
+    while _ranks(workers, survivor) and time.time() < deadline:
         time.sleep(0.2)
-    assert not _ranks(survivor.pid)  # rank 0 is not left waiting in a collective
+    assert not _ranks(workers, survivor)  # rank 0 is not left waiting in a collective
     workers.start()
     wait_for(url, job_id, ["succeeded"], timeout=180)
     assert checkpoint.find(save_dir).step == 400
@@ -179,7 +180,7 @@ def test_a_collective_that_makes_no_progress_stops_every_rank_and_requeues(url, 
         job = wait_for(url, job_id, ["running"], until=lambda j: j.progress.get("step"),
                        timeout=180)
         member = worker_of(workers, job.members[1]["worker"])
-        os.kill(_ranks(member.pid)[0], signal.SIGSTOP)  # rank 1 hangs: rank 0 waits in a collective
+        os.kill(_ranks(workers, member)[0], signal.SIGSTOP)  # rank 1 hangs: rank 0 waits in a collective
         job = wait_for(url, job_id, ["interrupted"], timeout=60)
         assert "no progress for 4s" in job.error
         wait_for(url, job_id, ["succeeded"], timeout=180)
@@ -187,16 +188,12 @@ def test_a_collective_that_makes_no_progress_stops_every_rank_and_requeues(url, 
         workers.stop_all()
 
 
-def _ranks(worker_pid: int) -> list[int]:
-    """A worker's job processes (spawned: ``spawn_main`` on their command line)."""
-    out = []
-    for child in Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split():
-        try:
-            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-                out.append(int(child))
-        except OSError:
-            pass
-    return out
+def _ranks(workers, worker) -> list[int]:
+    """A worker's live job processes: its children that its log says it started for a job
+    (not its interactive process, which starts with it)."""
+    started = {int(p) for p in re.findall(r"started \w+ job \w+ \(.*?pid (\d+)\)", workers.log(worker))}
+    children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
+    return [int(c) for c in children if int(c) in started]
 
 
 def test_rendezvous_for_each_backend_is_built_from_the_members(tmp_path):
