@@ -59,6 +59,24 @@ def test_a_time_budget_ends_the_run_on_time_with_the_rate_decayed_by_the_clock(s
     assert rates[-1] < 0.15 * SMALL["learning_rate"]  # ... to a tenth, reached on time
 
 
+def test_a_warmup_stable_decay_schedule_holds_the_peak_then_falls_linearly_to_a_tenth():
+    """--lr_cooldown 0.4: the peak until 60% of training, then a straight line to a tenth; without
+    it the cosine; and a time budget whose --num_iters come first still ends decayed."""
+    from tlm.train import follow_budget, make_optimizer, make_schedule
+
+    wsd = make_schedule(TrainConfig(learning_rate=1.0, lr_warmup=10, num_iters=110, lr_cooldown=0.4))
+    rates = [wsd(mx.array(step, mx.uint64)).item() for step in (0, 5, 10, 60, 70, 90, 110, 200)]  # as MLX counts
+    assert rates == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0, 0.55, 0.1, 0.1])
+    cosine = make_schedule(TrainConfig(learning_rate=1.0, lr_warmup=10, num_iters=110))
+    assert [cosine(mx.array(step, mx.uint64)).item() for step in (5, 10, 60, 110)] == pytest.approx([0.5, 1.0, 0.55, 0.1])
+    config = TrainConfig(learning_rate=1.0, lr_warmup=0, num_iters=100, time_budget=10, lr_cooldown=0.4)
+    optimizer = make_optimizer(config)
+    follow_budget(optimizer, config, step=80, spent=0.3)  # the steps end it first: 80% through
+    assert optimizer.learning_rate.item() == pytest.approx(0.55)
+    with pytest.raises(Exception, match="--lr_cooldown"):
+        TrainConfig(lr_cooldown=1.5).validate()
+
+
 def test_muon_learns_faster_than_adamw_in_the_same_steps(save_dir):
     adamw, _ = losses(save_dir, num_iters=40, steps_per_eval=40, new_model=True)
     muon, _ = losses(save_dir, num_iters=40, steps_per_eval=40, new_model=True, optimizer="muon")

@@ -160,7 +160,9 @@ class TrainConfig:
                                    "AdamW for embeddings, output layer and norms")
     muon_learning_rate: float = _opt(0.02, "Muon peak learning rate (with --optimizer muon)")
     weight_decay: float = _opt(1e-5, "decoupled weight decay (AdamW's, and Muon's matrices')")
-    lr_warmup: int = _opt(200, "linear warmup steps before cosine decay")
+    lr_warmup: int = _opt(200, "linear warmup steps before the decay")
+    lr_cooldown: float = _opt(0.0, "decay the rate linearly over this last fraction of training "
+                                   "(warmup-stable-decay; 0: cosine decay over all of it)")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)")
     top_k: int = _opt(50, "top-k for the sample printed after each save")
     temperature: float = _opt(0.5, "temperature for the sample printed after each save")
@@ -233,6 +235,8 @@ class TrainConfig:
                      "save_retries", "eval_tokens", "eval_stride", "time_budget"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.lr_cooldown <= 1:
+            raise ConfigError(f"--lr_cooldown is a fraction of training in [0, 1], got {self.lr_cooldown}")
         for name in ("dropout", "embed_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")

@@ -1,4 +1,4 @@
-"""The training loop: a compiled AdamW step, warmup + cosine schedule, whole-split
+"""The training loop: a compiled AdamW step, warmup and a decaying learning rate, whole-split
 evaluation, and checkpoints that resume bit for bit.
 
 ``Trainer.run()`` knows nothing of terminals or queues: it reports to, and
@@ -40,7 +40,7 @@ ARCHITECTURE = ("dataset", "tokenizer", "dim", "num_blocks", "num_heads", "conte
 # Flags that describe this machine or this invocation, never taken from a checkpoint.
 LOCAL = ("save_dir", "data_mirror", "identifier", "new_model", "gpu", "nodes", "backend", "more")
 EVAL_TOKENS = 8192  # tokens per evaluation batch: big enough to keep matmuls efficient
-FINAL_RATE = 0.1  # the cosine decay ends at this fraction of the peak learning rate
+FINAL_RATE = 0.1  # the decay ends at this fraction of the peak learning rate
 EVAL_PROGRESS_SECONDS = 3.0  # an evaluation longer than this says how far it is
 SHORT_RUN_EVAL_TOKENS = 4096  # the least a short run's validation scores (half a batch: one)
 
@@ -119,8 +119,17 @@ def check_memory(args: ModelArgs) -> None:
                           f"machine has {have / 2**30:,.0f} GiB (lower --dim or --num_blocks)")
 
 
+def decay(config: TrainConfig, fraction: mx.array) -> mx.array:
+    """The peak rate's multiplier after warmup, ``fraction`` of the way through training: a
+    cosine from 1 to a tenth, or with ``--lr_cooldown C`` 1 until the last C of training, then
+    linear to a tenth (the warmup-stable-decay schedule of the modded-nanoGPT speedruns)."""
+    f = mx.clip(fraction, 0.0, 1.0)
+    shape = mx.minimum(1.0, (1 - f) / config.lr_cooldown) if config.lr_cooldown else 0.5 * (1 + mx.cos(math.pi * f))
+    return FINAL_RATE + (1 - FINAL_RATE) * shape
+
+
 def make_schedule(config: TrainConfig, peak: Optional[float] = None) -> Callable | float:
-    """Linear warmup to the peak rate (default ``--learning_rate``), then cosine decay to a tenth of it.
+    """Linear warmup to the peak rate (default ``--learning_rate``), then :func:`decay` over the steps.
 
     With ``--time_budget`` the rate is the peak until the trainer sets it from
     the time spent (:func:`follow_budget`).
@@ -129,10 +138,12 @@ def make_schedule(config: TrainConfig, peak: Optional[float] = None) -> Callable
     if config.time_budget:
         return peak
     warmup = min(config.lr_warmup, config.num_iters)
-    decay = optim.cosine_decay(peak, max(config.num_iters - warmup, 1), peak * FINAL_RATE)
-    if warmup == 0:
-        return decay
-    return optim.join_schedules([optim.linear_schedule(0.0, peak, warmup), decay], [warmup])
+    span = max(config.num_iters - warmup, 1)
+
+    def schedule(step: mx.array) -> mx.array:
+        step = step.astype(mx.float32)  # the optimizer's count is unsigned: step - warmup would wrap
+        return peak * (mx.minimum(1.0, step / warmup) if warmup else 1.0) * decay(config, (step - warmup) / span)
+    return schedule
 
 
 class Muon(optim.Muon):
@@ -171,15 +182,16 @@ def make_optimizer(config: TrainConfig) -> optim.Optimizer:
 
 def follow_budget(optimizer: optim.Optimizer, config: TrainConfig, step: int, spent: float) -> None:
     """Set the rates for ``--time_budget``: :func:`make_schedule`'s warmup over steps, times its
-    cosine decay to a tenth over the fraction of the budget ``spent`` instead of the steps.
+    :func:`decay` over the fraction of the budget ``spent`` (or of ``--num_iters``, where those
+    end training first) instead of the steps.
 
     A slower machine then takes fewer steps, but still ends on a decayed rate on time.
     """
     warm = min(1.0, step / config.lr_warmup) if config.lr_warmup else 1.0
-    decay = FINAL_RATE + (1 - FINAL_RATE) * 0.5 * (1 + math.cos(math.pi * min(spent, 1.0)))
+    factor = decay(config, mx.array(max(spent, step / config.num_iters)))
     parts = getattr(optimizer, "optimizers", [optimizer])  # make_optimizer's order: AdamW, Muon
     for part, peak in zip(parts, (config.learning_rate, config.muon_learning_rate)):
-        part.learning_rate = peak * warm * decay
+        part.learning_rate = peak * warm * factor
 
 
 def loss_fn(model: Model, inputs: mx.array, targets: mx.array, checkpoint: bool = False) -> mx.array:
