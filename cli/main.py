@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -14,7 +15,22 @@ from tlm_cli.options import find_checkpoint, given_options, run_directory, save_
 from tlm_cli.render import ConsoleHooks, ProgressDisplay
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Commands whose modules load only when they run or are listed (click's lazy-loading
+    recipe): ``tlm dashboard``'s web stack would cost every ``tlm submit`` a quarter second."""
+
+    LAZY = {"dashboard": "tlm_cli.dashboard"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.LAZY:
+            return getattr(importlib.import_module(self.LAZY[name]), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(tlm.__version__, prog_name="tlm")
 def cli() -> None:
     """Train small Transformer language models with MLX."""
@@ -142,13 +158,12 @@ def iteration_text(state: dict) -> str:
     return f"{step} of {iters}" + (f" or {budget:g} minutes" if budget and step < iters else "") + spent
 
 
-from tlm_cli.dashboard import dashboard  # noqa: E402
 from tlm_cli.jobs import cancel, logs, prune, runs, status, submit  # noqa: E402
 from tlm_cli.plot import plot  # noqa: E402
 from tlm_cli.sample import sample  # noqa: E402
 from tlm_cli.sweep import sweep  # noqa: E402
 
-for command in (submit, status, logs, cancel, prune, runs, sample, plot, dashboard, sweep):
+for command in (submit, status, logs, cancel, prune, runs, sample, plot, sweep):
     cli.add_command(command)
 
 
