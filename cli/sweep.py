@@ -135,10 +135,6 @@ def build_spec(given: dict[str, Any], fixed: dict[str, Any]):
     return sweeps.check(spec)
 
 
-def find_sweep(registry: Registry, name: str):
-    return Lab(registry).sweep(name)
-
-
 def _fmt(value: Any, spec: str = ".3g") -> str:
     """A value as the table shows it: floats to ``spec`` (one precision per column), None as -."""
     if isinstance(value, float):
@@ -177,7 +173,7 @@ def status(name, as_json, as_csv, watch, queue) -> None:
     from tlm_worker.sweeps import leaderboard
 
     registry = connect(queue)
-    job = find_sweep(registry, name)
+    job = Lab(registry).sweep(name)
     if as_json:
         click.echo(json.dumps({"sweep": job.to_record(), "trials": leaderboard(registry, job)}))
         return
@@ -216,7 +212,7 @@ def status(name, as_json, as_csv, watch, queue) -> None:
 def best(name, preset_out, queue) -> None:
     """Print the winning flags as a ready `tlm submit train` command."""
     registry = connect(queue)
-    job = find_sweep(registry, name)
+    job = Lab(registry).sweep(name)
     row, flags = Lab(registry).best(job)
     echo(f"best: trial {row['trial']} ({row['run']}), valid_loss {row['best']:.4f} at step "
          f"{row['best_step']}")
@@ -240,7 +236,8 @@ def submit_command(flags: dict[str, Any], run: Optional[str] = None) -> str:
 def cancel(name, queue) -> None:
     """Stop the sweep: every running trial saves and ends cancelled; no new trial starts."""
     registry = connect(queue)
-    Lab(registry).cancel_sweep(find_sweep(registry, name))
+    lab = Lab(registry)
+    lab.cancel_sweep(lab.sweep(name))
     echo(f"sweep {name}: no new trials; running ones finish their step, save and end cancelled")
 
 
@@ -252,5 +249,6 @@ def cancel(name, queue) -> None:
 def add(name, more, queue) -> None:
     """Add MORE trials to a sweep that still runs."""
     registry = connect(queue)
-    trials = Lab(registry).add_trials(find_sweep(registry, name), more)
+    lab = Lab(registry)
+    trials = lab.add_trials(lab.sweep(name), more)
     echo(f"sweep {name}: {trials} trials in all")

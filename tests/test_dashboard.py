@@ -481,6 +481,8 @@ def test_the_same_request_gets_the_same_answer_from_the_command_line_and_the_pag
     gone = sweeps.submit(reg, sweeps.SweepSpec(name="s2", **spec))
     reg.cancel(gone.id)
     sweeps.reconcile(reg, gone.id)
+    stopping = sweeps.submit(reg, sweeps.SweepSpec(name="s3", **spec))
+    reg.cancel(stopping.id)  # asked, not yet reconciled: the sweep still runs
 
     def cli(*args: str) -> tuple[int, str]:
         proc = tlm(*args, "--queue", url)
@@ -496,6 +498,7 @@ def test_the_same_request_gets_the_same_answer_from_the_command_line_and_the_pag
          ("/api/sample", {"key": f"dir:{tmp_path / 'nope'}", "prompt": "a"}), 400),
         (["sweep", "add", "s1", "0"], ("/api/sweep/add", {"id": live.id, "trials": 0}), 400),
         (["sweep", "add", "s2", "2"], ("/api/sweep/add", {"id": gone.id, "trials": 2}), 409),
+        (["sweep", "add", "s3", "2"], ("/api/sweep/add", {"id": stopping.id, "trials": 2}), 409),
         (["sweep", "add", "nosuch", "2"], ("/api/sweep/add", {"id": "nosuch", "trials": 2}), 404),
         (["sweep", "best", "s1"], ("/api/sweep/best", {"id": live.id, "run": "win"}), 409),
         (["sweep", "cancel", "s2"], ("/api/sweep/cancel", {"id": gone.id}), 409),
@@ -506,6 +509,7 @@ def test_the_same_request_gets_the_same_answer_from_the_command_line_and_the_pag
         assert code in (1, 2) and answer.status_code == status, (args, code, said, answer.status_code, answer.text)
         assert said == answer.text, (args, said, answer.text)
     assert "nothing to train" in cli(*cases[2][0])[1]
+    assert "sweep s3 is being cancelled" in cli(*cases[7][0])[1]
     # A resume of a run trained elsewhere needs what that run needs, from either front end.
     queued = subprocess.run(tlm_cmd("submit", "train", "--run", "big", "--queue", url), capture_output=True,
                             text=True, timeout=60)

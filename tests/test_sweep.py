@@ -227,6 +227,7 @@ def test_a_sweep_whose_study_is_gone_ends_failed_and_one_whose_spec_was_edited_s
         (tmp_path / "queue.db.optuna" / f"{gone}.log").write_text("{not json\n")
     ended = wait_for(url, gone, ["failed"], timeout=120)
     assert "cannot drive the sweep" in ended.error, ended.error
+    workers.stop_all()  # else a worker may read the edited spec first and fail the sweep before the cancel
     edited = sweep(url, "edited", "--search", "learning_rate=log:1e-4:1e-2", "--trials", "4",
                    "--parallel", "1", "--budget", "100000", "--prune", "none")
     reg = registry(url)

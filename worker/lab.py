@@ -224,7 +224,9 @@ class Lab:
                                      if j.state == RUNNING and not j.cancel
                                      and j.params["trials"] + more <= MAX_TRIALS else None)
         if added is None:
-            why = "has too many" if job.params["trials"] + more > MAX_TRIALS else f"is {job.state}"
+            now = self.registry.get(job.id)
+            why = "has too many" if now.params["trials"] + more > MAX_TRIALS \
+                else "is being cancelled" if now.state == RUNNING else f"is {now.state}"
             raise Conflict(f"sweep {job.params['name']} {why}: trials are added while it runs, "
                            f"up to {MAX_TRIALS}")
         reconcile(self.registry, job.id)
