@@ -90,6 +90,6 @@ def test_a_preset_fills_flags_and_explicit_flags_override(save_dir):
     assert proc.returncode == 0, proc.stderr
     assert "--preset ptb-cpu" in proc.stderr and "--learning_rate 0.003" in proc.stderr
     config = checkpoint.find(save_dir).state["config"]
-    assert config["preset"] == "ptb-cpu" and config["dim"] == 32 and config["context_size"] == 64
+    assert config["preset"] == "ptb-cpu" and config["dim"] == 32 and config["context_size"] == 128
     assert config["optimizer"] == "muon"
     assert tlm("train", "--preset", "nope", "--save_dir", str(save_dir)).returncode == 2
