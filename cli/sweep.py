@@ -19,7 +19,6 @@ from tlm_cli.options import flag_types, given_options
 from tlm_cli.render import table_console
 from tlm_worker.kinds import FINAL, misfit
 from tlm_worker.lab import Lab
-from tlm_worker.registry import Registry
 
 SPEC_KEYS = ("name", "preset", "search", "trials", "parallel", "metric", "budget", "prune", "sampler",
              "seed", "priority", "flags")
@@ -212,8 +211,8 @@ def status(name, as_json, as_csv, watch, queue) -> None:
 def best(name, preset_out, queue) -> None:
     """Print the winning flags as a ready `tlm submit train` command."""
     registry = connect(queue)
-    job = Lab(registry).sweep(name)
-    row, flags = Lab(registry).best(job)
+    lab = Lab(registry)
+    row, flags = lab.best(lab.sweep(name))
     echo(f"best: trial {row['trial']} ({row['run']}), valid_loss {row['best']:.4f} at step "
          f"{row['best_step']}")
     click.echo(submit_command(flags))
