@@ -64,6 +64,14 @@ def race(cmd: list[str], run: Path, split: str, target: float, limit: float) -> 
     return reached, last
 
 
+def variant(text: str) -> tuple[str, list[str]]:
+    """``NAME="FLAGS"`` -> (NAME, the flags as tlm train arguments)."""
+    name, sep, flags = text.partition("=")
+    if not (name and sep):
+        raise argparse.ArgumentTypeError(f'{text!r} is not NAME="FLAGS", e.g. wsd="--lr_cooldown 0.5"')
+    return name, shlex.split(flags)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
@@ -71,13 +79,13 @@ def main() -> None:
     ap.add_argument("--split", default="valid", choices=["valid", "test"],
                     help="the split whose loss must reach the target")
     ap.add_argument("--limit", type=float, default=600, help="seconds before giving up, per contender")
-    ap.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
+    ap.add_argument("--variant", action="append", default=[], type=variant, metavar='NAME="FLAGS"',
                     help="race the preset with these tlm train flags too (repeatable)")
     ap.add_argument("--mirror", default=os.environ.get("TLM_DATA_MIRROR"))
     ap.add_argument("--keep", metavar="DIR", help="run in DIR/<contender> and keep them (default: a temporary directory)")
     ap.add_argument("extra", nargs="*", help="more tlm train flags for every contender (after --)")
     args = ap.parse_args()
-    contenders = [(args.preset, [])] + [(v.split("=", 1)[0], shlex.split(v.split("=", 1)[1])) for v in args.variant]
+    contenders = [(args.preset, []), *args.variant]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         results = []
