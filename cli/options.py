@@ -27,8 +27,10 @@ def train_options(fn: Callable) -> Callable:
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         help_ = f.metadata["help"]
         typ = types[f.name]
-        if typ is bool:
-            fn = click.option(*names, f.name, is_flag=True, default=None, help=help_)(fn)
+        if typ is bool:  # --x/--no_x: a preset's True can be turned off
+            no = [f"--no{'_' if '_' in n else '-'}{n[2:]}" for n in names]
+            fn = click.option(*(f"{n}/{m}" for n, m in zip(names, no)), f.name, default=None,
+                              help=help_)(fn)
         else:
             default = f"default: {f.default}" if f.default not in (None, "") else None
             fn = click.option(*names, f.name, type=typ, default=None,

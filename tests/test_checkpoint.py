@@ -190,7 +190,7 @@ def test_ctrl_c_at_random_moments_on_a_busy_machine_resumes_bit_for_bit(save_dir
     """Issue 31: Ctrl+C at any moment (mid-step, mid-evaluation, mid-save), with other processes
     holding the cores, then a resume: the weights of one uninterrupted run, bit for bit
     (dropout on; the batch split across both cores' streams)."""
-    flags = dict(num_iters=200, steps_per_eval=10, dropout=0.1, seed=7, steps_per_report=10)
+    flags = dict(num_iters=100, steps_per_eval=10, dropout=0.1, seed=7, steps_per_report=10)
     straight = tmp_path / "straight"
     shutil.copytree(save_dir, straight)
     start_training(straight, **flags).communicate(timeout=300)

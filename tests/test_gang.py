@@ -64,7 +64,7 @@ def test_two_workers_train_one_model_as_one_process_would(url, workers, save_dir
 @pytest.mark.parametrize("url", ["redis"], indirect=True)
 def test_a_members_worker_stopped_mid_run_requeues_the_gang_which_resumes_to_the_same_weights(
         url, workers, save_dir, tmp_path):
-    flags = [*TINY, "--num_iters", "400", "--steps_per_eval", "20"]
+    flags = [*TINY, "--num_iters", "200", "--steps_per_eval", "20"]
     for _ in range(2):
         workers.start()
     job_id = submit(url, "train", "--save_dir", str(save_dir), *flags, "--nodes", "2")
@@ -75,7 +75,7 @@ def test_a_members_worker_stopped_mid_run_requeues_the_gang_which_resumes_to_the
     job = wait_for(url, job_id, ["interrupted"], timeout=60)
     assert job.interruptions == 1 and job.attempts == 0
     saved = checkpoint.find(save_dir)
-    assert 0 < saved.step < 400
+    assert 0 < saved.step < 200
     workers.start()  # a second member again: the gang gathers and resumes
     job = wait_for(url, job_id, ["succeeded"], timeout=180)
     assert f"resuming {saved.identifier[:12]} at iteration {saved.step}" in "\n".join(
@@ -145,7 +145,7 @@ def test_a_member_killed_with_its_worker_stops_the_gang_and_it_resumes_elsewhere
         url, workers, save_dir):
     for _ in range(2):
         workers.start()
-    job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "400",
+    job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "200",
                     "--steps_per_eval", "20", "--nodes", "2")
     job = wait_for(url, job_id, ["running"], until=lambda j: j.checkpoint, timeout=180)
     survivor = worker_of(workers, job.members[0]["worker"])
@@ -162,7 +162,7 @@ def test_a_member_killed_with_its_worker_stops_the_gang_and_it_resumes_elsewhere
     assert not _ranks(workers, survivor)  # rank 0 is not left waiting in a collective
     workers.start()
     wait_for(url, job_id, ["succeeded"], timeout=180)
-    assert checkpoint.find(save_dir).step == 400
+    assert checkpoint.find(save_dir).step == 200
 
 
 @pytest.mark.parametrize("url", ["redis"], indirect=True)
@@ -175,7 +175,7 @@ def test_a_collective_that_makes_no_progress_stops_every_rank_and_requeues(url, 
     finally:
         del os.environ["TLM_COLLECTIVE_TIMEOUT"]
     try:
-        job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "400",
+        job_id = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "200",
                         "--steps_per_eval", "20", "--nodes", "2")
         job = wait_for(url, job_id, ["running"], until=lambda j: j.progress.get("step"),
                        timeout=180)
