@@ -64,6 +64,29 @@ def test_redis_restarted_without_its_data_keeps_every_worker_and_job(server, tmp
         workers.stop_all()
 
 
+def test_a_job_that_ends_before_its_worker_puts_it_back_puts_itself_back(server, tmp_path, save_dir):
+    """Redis restarted without its data, and the job ends before its worker's next heartbeat
+    (here the worker is stopped): its own process puts the record back and ends it (before, it
+    took the missing record for a lost lease and left, and the job was gone from the lab)."""
+    workers = Workers(server.url, tmp_path)
+    try:
+        worker = workers.start(lease=120)  # its job process keeps going 30 s unconfirmed
+        job_id = submit(server.url, "train", "--save_dir", str(save_dir), *LONG, "--num_iters", "150")
+        wait_for(server.url, job_id, ["running"], until=lambda j: j.checkpoint)
+        pid = job_pid(workers.log(worker), job_id)
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            server.restart(keep_data=False)
+            until(lambda: not alive(pid), timeout=120, what="the job process ends")
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        job = registry(server.url).get(job_id)
+        assert (job.state, (job.result or {}).get("step")) == ("succeeded", 150), job
+        assert any("the registry had forgotten this job" in line for line in registry(server.url).logs(job_id)[0])
+    finally:
+        workers.stop_all()
+
+
 def test_a_gang_whose_record_redis_forgot_is_put_back_with_all_its_members(server, tmp_path, save_dir):
     """Two workers training one model: a member's worker re-registers the gang as it holds it
     (before, the members saw the gang gone and killed their ranks, and the job was lost); it

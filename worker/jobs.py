@@ -73,9 +73,21 @@ class Context:
         outlasted the lease) writes neither, and the next holder ends it once."""
         if line:
             print(f"{self.tag} {line}", file=sys.stderr, flush=True)
-        if self.registry.finish(self.job.id, state, self.fence, log=line, **fields) is None:
+        ended = self.registry.finish(self.job.id, state, self.fence, log=line, **fields)
+        if ended is None and self.forgotten() and self.registry.restore(self.job, self.job.worker):
+            # Redis restarted without its data before the worker's heartbeat put the job back
+            ended = self.registry.finish(self.job.id, state, self.fence, log=line, **fields)
+        if ended is None:
             raise LeaseLost("the job was settled elsewhere before this process could (another "
                             "worker holds it now, or it ended): leaving it")
+
+    def forgotten(self) -> bool:
+        """The registry has no record of this job (a Redis restarted without its data)."""
+        try:
+            self.registry.get(self.job.id)
+        except JobNotFound:
+            return True
+        return False
 
     def report(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """A write that only informs (a log line, progress, a metric point): while the queue is
