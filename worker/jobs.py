@@ -73,13 +73,18 @@ class Context:
         outlasted the lease) writes neither, and the next holder ends it once."""
         if line:
             print(f"{self.tag} {line}", file=sys.stderr, flush=True)
-        ended = self.registry.finish(self.job.id, state, self.fence, log=line, **fields)
-        if ended is None and self.forgotten() and self.registry.restore(self.job, self.job.worker):
-            # Redis restarted without its data before the worker's heartbeat put the job back
-            ended = self.registry.finish(self.job.id, state, self.fence, log=line, **fields)
-        if ended is None:
+        if self.end(state, line, **fields) is None:
             raise LeaseLost("the job was settled elsewhere before this process could (another "
                             "worker holds it now, or it ended): leaving it")
+
+    def end(self, state: str, line: Optional[str], **fields: Any) -> Optional[Job]:
+        """The registry's end of the job under this process's fence (None: not held). A record
+        the registry forgot (Redis restarted without its data, the worker's heartbeat not yet
+        there to put it back) is put back first, as the worker would."""
+        ended = self.registry.finish(self.job.id, state, self.fence, log=line, **fields)
+        if ended is None and self.forgotten() and self.registry.restore(self.job, self.job.worker):
+            ended = self.registry.finish(self.job.id, state, self.fence, log=line, **fields)
+        return ended
 
     def forgotten(self) -> bool:
         """The registry has no record of this job (a Redis restarted without its data)."""
@@ -210,8 +215,7 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
             if rank is not None:  # the worker re-queues the gang (a crash: attempts count)
                 sys.exit(1)
         print(f"{c.tag} failed: {why}", file=sys.stderr, flush=True)
-        c.report(registry.finish, job_id, FAILED, fence, error=why,
-                 log=(f"rank {rank} " if rank else "") + f"failed: {why}")
+        c.report(c.end, FAILED, (f"rank {rank} " if rank else "") + f"failed: {why}", error=why)
 
 
 def _describe(e: BaseException) -> str:
