@@ -94,9 +94,9 @@ class Collect(TrainingHooks):
         return self.stop()
 
 
-# The slowest files first (by their tests' time in a whole run, 2026-12-03), so the test processes of pyproject's
-# ``-n`` end together instead of one waiting on a long file handed out last: xdist's
-# ``--dist loadfile`` gives out whole files in collection order.
+# The slowest files first (by their tests' time in a whole run, 2026-12-03), so the test
+# processes of pyproject's ``-n`` end together instead of one waiting on a long file handed out
+# last: xdist's ``--dist loadfile`` gives out whole files in collection order.
 SLOWEST_FIRST = ("test_gang.py", "test_faults.py", "test_queue.py", "test_sweep.py", "test_dashboard.py",
                  "test_placement.py", "test_checkpoint.py", "test_hardening.py", "test_chaos.py")
 
