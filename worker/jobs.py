@@ -80,19 +80,12 @@ class Context:
     def end(self, state: str, line: Optional[str], **fields: Any) -> Optional[Job]:
         """The registry's end of the job under this process's fence (None: not held). A record
         the registry forgot (Redis restarted without its data, the worker's heartbeat not yet
-        there to put it back) is put back first, as the worker would."""
+        there to put it back) is put back first, as the worker would; ``restore`` leaves a
+        record that exists alone, so a lost lease still ends in None."""
         ended = self.registry.finish(self.job.id, state, self.fence, log=line, **fields)
-        if ended is None and self.forgotten() and self.registry.restore(self.job, self.job.worker):
+        if ended is None and self.registry.restore(self.job, self.job.worker):
             ended = self.registry.finish(self.job.id, state, self.fence, log=line, **fields)
         return ended
-
-    def forgotten(self) -> bool:
-        """The registry has no record of this job (a Redis restarted without its data)."""
-        try:
-            self.registry.get(self.job.id)
-        except JobNotFound:
-            return True
-        return False
 
     def report(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """A write that only informs (a log line, progress, a metric point): while the queue is
