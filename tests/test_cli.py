@@ -89,9 +89,9 @@ def test_a_preset_fills_flags_and_explicit_flags_override(save_dir):
                "--eval_tokens", "200", "--dim", "32", "--num_heads", "2",
                "--no_tie_embeddings", "--no-eval-test")  # a preset's True turned off, either spelling
     assert proc.returncode == 0, proc.stderr
-    assert "--preset ptb-cpu" in proc.stderr and "--learning_rate 0.003" in proc.stderr
+    assert "--preset ptb-cpu" in proc.stderr and "--learning_rate 0.0039" in proc.stderr
     config = checkpoint.find(save_dir).state["config"]
-    assert config["preset"] == "ptb-cpu" and config["dim"] == 32 and config["context_size"] == 128
+    assert config["preset"] == "ptb-cpu" and config["dim"] == 32 and config["context_size"] == 256
     assert config["tie_embeddings"] is False and config["eval_test"] is False
     assert config["optimizer"] == "muon"
     assert tlm("train", "--preset", "nope", "--save_dir", str(save_dir)).returncode == 2

@@ -50,17 +50,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                                batch_size=32, num_iters=100000, time_budget=4.6, optimizer="muon",
                                learning_rate=5.3e-3, muon_learning_rate=0.031, lr_warmup=9,
                                steps_per_eval=100000, temperature=0.8),
-    # PTB on a 2-core CPU: 4 blocks of 256, tied embeddings, Muon, ten minutes of training or
-    # 950 steps (about two epochs), whichever ends first; windows of 128 tokens, 16 a batch, the
-    # rate held then decayed over the last half (--lr_cooldown 0.5), test windows every 64 tokens.
-    # Raced against the shape before it (context 64, batch 32, cosine; benchmarks/race.py, one run
-    # each, on a machine that trains ptb-cpu at 1,800 tokens/s): test perplexity 105.0 (101.8 with the
-    # sliding test windows) against 110.7; the cooldown alone 109.1; batch 16 on context 64: 116.7.
-    "ptb-cpu": dict(dataset="ptb", dim=256, num_blocks=4, num_heads=4, context_size=128, batch_size=16,
-                    num_iters=950, time_budget=10, optimizer="muon", learning_rate=3e-3,
-                    muon_learning_rate=0.02, lr_warmup=20, lr_cooldown=0.5, tie_embeddings=True,
-                    steps_per_eval=475, eval_stride=64, eval_test=True),
-    # An hour of PTB on a 2-core CPU: ptb-cpu's model on longer windows, trained 57 minutes
+    # PTB on a 2-core CPU, found by `tlm sweep` (17 ten-minute trials, ASHA; docs/performance.md):
+    # 3 blocks of 256 on windows of 256 tokens, 16 a batch, tied embeddings, Muon, ten minutes of
+    # training or 460 steps (two epochs), whichever ends first; the rate held then decayed over
+    # the last 74%, test windows every 64 tokens. Raced against the shape before it (4 blocks,
+    # context 128, cooldown 0.5; benchmarks/race.py, one run each, 1,950 tokens/s): test
+    # perplexity 95.7 against 100.0.
+    "ptb-cpu": dict(dataset="ptb", dim=256, num_blocks=3, num_heads=4, context_size=256, batch_size=16,
+                    num_iters=460, time_budget=10, optimizer="muon", learning_rate=3.9e-3,
+                    muon_learning_rate=0.014, lr_warmup=20, lr_cooldown=0.74, tie_embeddings=True,
+                    steps_per_eval=230, eval_stride=64, eval_test=True),
+    # An hour of PTB on a 2-core CPU: 4 blocks of 256 on windows of 128, trained 57 minutes
     # with the regularisation ten epochs need (dropout, word-type dropout, weight decay, and
     # windows cut at another offset each epoch), evaluated with overlapping windows: test
     # perplexity 77.9 after 57.5 min (5,572 steps) on a 250 GFLOP/s machine; 91.5-91.9 without the
