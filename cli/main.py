@@ -57,43 +57,39 @@ def train(inference, **options) -> None:
     from tlm.checkpoint import CheckpointError
     from tlm.data import DataError
     from tlm.interrupts import StopOnSignal
-    from tlm.train import Diverged, Trainer, join_ranks, open_run, prepare, select_device
+    from tlm.lease import LeaseLost, RunHeld
+    from tlm.train import Diverged, opened
 
     given = given_options(options)
+    save_dir = given.get("save_dir") or tlm.config.default_save_dir()
+    hooks = ConsoleHooks(ProgressDisplay(0, click.get_text_stream("stderr")))  # its total once known
+    stop = None
     try:
-        check_save_dir(given.get("save_dir") or tlm.config.default_save_dir())
-        config, ckpt = open_run(given, warn=echo, refuse_spent=True)
-        if config.nodes > 1 and not ranks.joined():  # this process starts the ranks
+        check_save_dir(save_dir)
+        if given.get("nodes", 1) > 1 and not ranks.joined():  # this process starts the ranks
+            config = TrainConfig(**given)
+            config.validate()
             echo(f"starting {config.nodes} ranks on this machine ({config.backend} backend, 127.0.0.1)")
             raise SystemExit(ranks.launch_local([sys.executable, "-m", "tlm_cli.main", *sys.argv[1:]],
                                                 config.nodes, config.backend))
-        group = join_ranks(config)
-        device = select_device(config.gpu)
-        echo(blas.describe())
-        echo(f"save_dir: {config.save_dir}  device: {device}")
-        echo(f"configuration: {config.describe()}")
-        dataset, init = prepare(config, ckpt, echo)
-        hooks = ConsoleHooks(ProgressDisplay(config.num_iters, click.get_text_stream("stderr")))
-        trainer = Trainer(config, dataset, ckpt, hooks=hooks, init=init, group=group)
+        with opened(given, hooks) as trainer:
+            config = trainer.config
+            echo(blas.describe())
+            echo(f"save_dir: {config.save_dir}  device: {'gpu' if config.gpu else 'cpu'}")
+            echo(f"configuration: {config.describe()}")
+            hooks.stop = stop = StopOnSignal(on_first=lambda s: echo(
+                "\nstopping: finishing this step and saving (press Ctrl+C again to exit now)"))
+            with hooks.display:
+                result = trainer.run()
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, Diverged, RunHeld, LeaseLost) as e:
         raise click.ClickException(str(e)) from None
-    except OSError as e:  # the save directory read-only or full (after retries)
-        raise _one_line(e, given.get("save_dir")) from None
-
-    stop = StopOnSignal(on_first=lambda s: echo(
-        "\nstopping: finishing this step and saving (press Ctrl+C again to exit now)"))
-    try:
-        hooks.stop = stop
-        with hooks.display:
-            result = trainer.run()
-    except (CheckpointError, Diverged) as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:  # the run directory went away, read-only or full (after retries)
-        raise _one_line(e, config.save_dir) from None
+    except OSError as e:  # the save directory read-only or full (after retries), or gone
+        raise _one_line(e, save_dir) from None
     finally:
-        stop.restore()
+        if stop is not None:
+            stop.restore()
     if result.stopped:
         echo(f"stopped at iteration {result.step}; run the same command to resume")
 

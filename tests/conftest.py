@@ -34,6 +34,13 @@ if MIRROR.is_dir():
     os.environ["TLM_DATA_MIRROR"] = str(MIRROR)  # for the processes tests start too
 
 
+@pytest.fixture(autouse=True)
+def own_home(tmp_path_factory, monkeypatch) -> None:
+    """Each test its own default queue and runs folder (XDG_DATA_HOME, which the processes it
+    starts inherit): a lab's shared folder belongs to one lab, so tests never share one."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("home")))
+
+
 @pytest.fixture(scope="session")
 def mirror() -> str:
     if not (MIRROR / "ptb" / "ptb.train.txt").exists():

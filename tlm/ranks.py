@@ -43,6 +43,11 @@ def joined() -> bool:
     return "MLX_RANK" in os.environ
 
 
+def follower() -> bool:
+    """Whether this process is a rank other than 0 (which alone writes into the run)."""
+    return os.environ.get("MLX_RANK", "0") != "0"
+
+
 def join(backend: str = "ring") -> Optional["mx.distributed.Group"]:
     """This rank's group, or None when not started as a rank."""
     import mlx.core as mx  # here: a worker imports this module without using MLX itself

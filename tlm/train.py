@@ -14,10 +14,11 @@ import itertools
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,10 +28,11 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from tlm import checkpoint, fastmath, files, metrics, parallel, ranks
 from tlm.checkpoint import Checkpoint, CheckpointError
-from tlm.config import ConfigError, TrainConfig
+from tlm.config import ConfigError, TrainConfig, default_save_dir
 from tlm.data import Batches, Dataset, eval_windows, load_dataset
 from tlm.generate import SampleConfig, generate_text
 from tlm.hooks import TrainingHooks
+from tlm.lease import DEFAULT_TTL, RunLease
 from tlm.model import Model, ModelArgs
 
 # Flags that fix a run's architecture, data or optimizer state: a resumed run takes
@@ -319,7 +321,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, dataset: Dataset, resume: Optional[Checkpoint] = None,
                  hooks: Optional[TrainingHooks] = None, labels: Optional[dict[str, Any]] = None,
                  init: Optional[tuple[ModelArgs, dict[str, mx.array]]] = None,
-                 group: Optional[mx.distributed.Group] = None):
+                 group: Optional[mx.distributed.Group] = None, lease: Optional[RunLease] = None):
         config.validate()
         parallel.streams()  # a bad TLM_CPU_STREAMS fails here, before any training
         Path(config.save_dir).mkdir(parents=True, exist_ok=True)
@@ -327,6 +329,7 @@ class Trainer:
         self.hooks = hooks or TrainingHooks()
         self.log = self.hooks.log
         self.labels = labels or {}  # added to each metrics record (e.g. the worker)
+        self.lease = lease  # the run directory's hold on its one trainer (rank 0's)
         # Data-parallel ranks: each takes its share of every batch, gradients are averaged,
         # and rank 0 alone writes (checkpoints, metrics) and reports.
         self.group = group
@@ -416,8 +419,7 @@ class Trainer:
         snapshot = self._snapshot(val_loss)
         for attempt in itertools.count():
             try:
-                ckpt = checkpoint.save(self.config.save_dir, *snapshot,
-                                       before_publish=self.hooks.before_publish)
+                ckpt = checkpoint.save(self.config.save_dir, *snapshot, before_publish=self._may_publish)
                 break
             except OSError as e:
                 if e.errno in files.SETUP:  # read-only, deleted, not ours: no retry helps
@@ -511,10 +513,17 @@ class Trainer:
                      elapsed=self.elapsed, **fields)
         rec = metrics.record(p, self.config.batch_size * self.config.context_size, self.labels)
         if rec and self.rank == 0:
-            self.hooks.before_publish()
+            self._may_publish()
             metrics.append(self.config.save_dir, rec, self.log)
             self.hooks.on_record(rec)
         self.hooks.on_progress(p)
+
+    def _may_publish(self) -> None:
+        """Before each checkpoint and metrics record: this trainer still holds the run
+        directory (its lease there) and, for the hooks, whatever else they hold (a job's fence)."""
+        if self.lease is not None:
+            self.lease.check()
+        self.hooks.before_publish()
 
     def _checkpoint(self, result: TrainResult, val_loss: Optional[float]) -> None:
         """Publish a checkpoint (rank 0), unless the weights diverged."""
@@ -659,17 +668,36 @@ def data_dir(save_dir: str | Path) -> Path:
     return (save_dir.parent if save_dir.name.startswith("trial-") else save_dir) / "datasets"
 
 
+@contextmanager
+def opened(given: dict[str, Any], hooks: TrainingHooks, labels: Optional[dict[str, Any]] = None,
+           refuse_spent: bool = True, holder: Optional[dict[str, Any]] = None,
+           lease_ttl: float = DEFAULT_TTL) -> Iterator[Trainer]:
+    """A run ready to train, built the one way `tlm train` and a worker's job both use: its
+    directory's lease taken first (rank 0: the one that writes), then the flags resolved
+    against its checkpoint, the ranks joined, the data prepared; the lease is released
+    when the block ends. A run whose budget is spent is refused (ConfigError), unless not
+    ``refuse_spent``: a job resumed in its final evaluation finishes it. ``holder``: who
+    the lease names (default: the labels)."""
+    save_dir = given.get("save_dir") or default_save_dir()
+    lease = None if ranks.follower() else RunLease(save_dir, holder or labels, lease_ttl,
+                                                           hooks.log).take()
+    try:
+        config, ckpt = open_run(given, warn=hooks.log, refuse_spent=refuse_spent)
+        group = join_ranks(config)
+        select_device(config.gpu)
+        dataset, init = prepare(config, ckpt, hooks.log)
+        yield Trainer(config, dataset, ckpt, hooks=hooks, labels=labels, init=init, group=group, lease=lease)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
 def train(given: dict[str, Any], hooks: Optional[TrainingHooks] = None,
-          labels: Optional[dict[str, Any]] = None, spent_ok: bool = False) -> TrainResult:
-    """Resolve the flags against the save directory, prepare the data, and train. A run whose
-    budget is spent is refused (ConfigError), unless ``spent_ok``: a job resumed after an
-    interruption in its final evaluation finishes it."""
-    hooks = hooks or TrainingHooks()
-    config, ckpt = open_run(given, warn=hooks.log, refuse_spent=not spent_ok)
-    group = join_ranks(config)
-    select_device(config.gpu)
-    dataset, init = prepare(config, ckpt, hooks.log)
-    return Trainer(config, dataset, ckpt, hooks=hooks, labels=labels, init=init, group=group).run()
+          labels: Optional[dict[str, Any]] = None, spent_ok: bool = False,
+          holder: Optional[dict[str, Any]] = None, lease_ttl: float = DEFAULT_TTL) -> TrainResult:
+    """Open the run (``opened``) and train it."""
+    with opened(given, hooks or TrainingHooks(), labels, not spent_ok, holder, lease_ttl) as trainer:
+        return trainer.run()
 
 
 def join_ranks(config: TrainConfig) -> Optional[mx.distributed.Group]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from tlm.hooks import TrainingHooks
+from tlm.lease import DEFAULT_TTL as RUN_LEASE_TTL, LeaseLost as RunLeaseLost, RunHeld
 from tlm_worker.kinds import EvalParams, ExportParams, SampleParams, params_of, resolve
 from tlm_worker.queue import QUEUE_ERRORS, Queue
 from tlm_worker.registry import ACTIVE, CANCELLED, FAILED, SUCCEEDED, Job, JobNotFound, LeaseLost, Registry
@@ -187,7 +188,7 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
         run(c)
     except SystemExit:
         raise
-    except LeaseLost as e:  # another worker owns the job now: leave its record alone
+    except (LeaseLost, RunLeaseLost) as e:  # another worker owns the job (or its run) now: leave it
         print(f"{c.tag} {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_LEASE_LOST)
     except BaseException as e:
@@ -226,7 +227,7 @@ def _ordinary(e: BaseException) -> bool:
     from tlm.data import DataError
     from tlm.train import Diverged
     from tlm.files import SETUP
-    return isinstance(e, (ConfigError, DataError, CheckpointError, Diverged, RunTrained)) or (
+    return isinstance(e, (ConfigError, DataError, CheckpointError, Diverged, RunTrained, RunHeld)) or (
         isinstance(e, OSError) and e.errno in SETUP)
 
 
@@ -432,8 +433,13 @@ def train_job(c: Context, given: dict[str, Any], hooks: RegistryHooks) -> None:
     """Train with these hooks, then settle the job (rank 0) or exit EXIT_INTERRUPTED."""
     from tlm.train import train
 
-    result = train(given, hooks, labels={"job": c.job.id, "worker": c.job.worker, "fence": c.fence},
-                   spent_ok=c.job.ran_before)  # finish what an earlier attempt was doing
+    labels = {"job": c.job.id, "worker": c.job.worker, "fence": c.fence}
+    try:
+        lab = c.registry.store.value("save_root")  # which lab's job holds the run directory
+    except QUEUE_ERRORS:
+        lab = None
+    result = train(given, hooks, labels=labels, spent_ok=c.job.ran_before,  # finish an earlier attempt
+                   holder={**labels, "lab": lab}, lease_ttl=min(max(c.lease / 2, 2.0), RUN_LEASE_TTL))
     state = hooks.end_state(result)
     if state is None:
         if hooks.leaving == "orphaned" and not c.rank:  # no worker will: back to the queue

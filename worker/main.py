@@ -13,6 +13,7 @@ from tlm_worker.placement import capabilities, parse_labels
 from tlm_worker.power import Policy
 from tlm_worker.process import Worker
 from tlm_worker.queue import QueueError, queue_url, redact
+from tlm_worker.targets import TargetError
 
 
 class PortRange(click.ParamType):
@@ -101,7 +102,7 @@ def main(queue, concurrency, gpu, save_root, lease, max_attempts, keep_days, add
                         max_attempts=max_attempts, keep_days=keep_days, burst=burst, address=address,
                         ports=ports, rdma=dict(r.split("=", 1) for r in rdma), labels=labels,
                         policy=Policy(when_idle, on_battery), interactive_idle=interactive_idle)
-    except QueueError as e:
+    except (QueueError, TargetError) as e:
         raise click.ClickException(str(e)) from None
     except Exception as e:  # a backend that cannot even be opened
         raise click.ClickException(f"queue {redact(url)}: {e}") from None

@@ -239,7 +239,8 @@ class Worker:
         self._last_prune = 0.0
         self._next_gang_look = 0.0
         self.address = self.address or local_address(self.queue)
-        self.not_lab_root = check_save_root(self.registry, self.save_root)  # None: it is the lab's
+        # the lab's token, and None if this worker's save root is the lab's shared folder
+        self.lab_token, self.not_lab_root = check_save_root(self.registry, self.save_root)
         self.caps = self._capabilities()
         self.probe = power.probe()
         self.paused: Optional[str] = None  # why training is paused (--when_idle, --on_battery)
@@ -312,6 +313,8 @@ class Worker:
             "slots": {"train": self.concurrency, "interactive": 1}, "capabilities": self.caps,
             "jobs": [r.job_id for r in running], "stopping": self.stopping, "paused": self.paused,
             "done": self.done})
+        if self.lab_token and not self.not_lab_root and self.registry.store.value("save_root") is None:
+            self.registry.store.first_value("save_root", self.lab_token)  # a Redis restarted empty
         for r in running:
             if r.lost:
                 continue

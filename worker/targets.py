@@ -67,28 +67,48 @@ def save_root_of(save_root: Optional[str]) -> Path:
     return Path(resolve_save_dir({"run": "x"}, save_root)).parent
 
 
-def check_save_root(registry, save_root: Optional[str]) -> Optional[str]:
-    """None if this worker's save root is the lab's shared folder, else why not (one line).
+class OtherLab(TargetError):
+    """The save root is marked as another lab's shared folder (refused at worker start)."""
+
+
+def lab_marks(root: Path) -> list[str]:
+    """The tokens of the labs whose mark this folder carries."""
+    try:
+        return sorted(p.name for p in (root / MARKS).iterdir() if p.is_file())
+    except OSError:
+        return []
+
+
+def check_save_root(registry, save_root: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """The lab's token and None if this worker's save root is the lab's shared folder, else
+    the token (None if none yet) and why not (one line). OtherLab if it is another lab's.
 
     The first worker to serve a lab marks its save root (a file named by a token that the
     registry keeps from then on); every later worker finds that file in its save root, or is
-    not looking at the lab's shared folder (not mounted on this Mac, or another lab's).
+    not looking at the lab's shared folder (not mounted on this Mac). A lab with no token yet
+    never takes over a folder another lab has marked: two labs on one folder would each
+    schedule its runs without seeing the other's.
     """
     root = save_root_of(save_root)
     token = registry.store.value("save_root")
+    others = [m for m in lab_marks(root) if m != token]
+    if others and (token is None or token not in lab_marks(root)):
+        raise OtherLab(f"{root} is the shared folder of another lab (its mark {MARKS}/{others[0][:12]}): "
+                       f"give this lab its own --save_root, or, if that lab is gone (or was this one "
+                       f"before its queue was emptied), remove {root / MARKS} and start the worker again")
     if token is None:
         mine = uuid.uuid4().hex
         try:
             (root / MARKS).mkdir(parents=True, exist_ok=True)
             (root / MARKS / mine).touch()
         except OSError as e:
-            return f"{root} cannot be marked as the lab's shared folder: {e.strerror or e}"
+            return None, f"{root} cannot be marked as the lab's shared folder: {e.strerror or e}"
         token = registry.store.first_value("save_root", mine)
         if token != mine:  # another worker marked first: its folder, maybe this one
             (root / MARKS / mine).unlink(missing_ok=True)
     if (root / MARKS / token).is_file():
-        return None
-    return f"{root} is not this lab's shared folder: is it mounted? (tlm-worker --save_root)"
+        return token, None
+    return token, f"{root} is not this lab's shared folder: is it mounted? (tlm-worker --save_root)"
 
 
 def canonical(registry, params: dict[str, Any], run_key: str) -> tuple[dict[str, Any], str]:
