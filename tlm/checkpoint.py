@@ -26,7 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -39,6 +39,7 @@ from tlm.model import Model, ModelArgs
 FORMAT = "tlm-checkpoint"
 VERSION = 1
 STALE_SECONDS = 600  # a temporary file this old belongs to a writer that died
+T = TypeVar("T")
 SHA1_NAME = re.compile(r"^[0-9a-f]{40}\.safetensors$")
 
 
@@ -73,6 +74,7 @@ class Checkpoint:
         """The model, rebuilt from the recorded configuration, with these weights."""
         model = Model(ModelArgs(**self.state["model_args"]))
         model.load_weights(list(self.load_weights().items()), strict=True)
+        mx.eval(model.parameters())  # read now (MLX loads lazily): the files may go once it returns
         model.eval()
         return model
 
@@ -276,7 +278,8 @@ def find(directory: str | Path, identifier: Optional[str] = None,
     """The named checkpoint, or the latest valid one (None if there is none).
 
     A corrupt or half-written pair is skipped with a warning and the next
-    older one is tried; a named one that fails verification is an error.
+    older one is tried; a named one that fails verification is an error, and so
+    is a directory whose checkpoints all fail (it is a run, not a new model).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -290,12 +293,35 @@ def find(directory: str | Path, identifier: Optional[str] = None,
             what = "no" if not matches else f"{len(matches)} checkpoints match"
             raise CheckpointError(f"{what} checkpoint {identifier!r} in {directory}")
         return verify(directory, matches[0][2])
+    problems = []
     for _, _, ident in candidates:
         try:
             return verify(directory, ident)
         except CheckpointError as e:
             warn(f"skipping checkpoint {ident[:12]}: {e}")
+            problems.append(f"{ident[:12]} ({e})")
+    if problems:  # a run with checkpoints never silently becomes a new model
+        raise CheckpointError(f"no readable checkpoint in {directory}: {'; '.join(problems[:3])}"
+                              f"{' and more' if len(problems) > 3 else ''}; set them aside with "
+                              "--new_model (moved into replaced-<time>/) or move them away")
     return None
+
+
+def read(directory: str | Path, identifier: Optional[str], use: Callable[[Checkpoint], T],
+         warn: Callable[[str], None] = lambda m: None, tries: int = 5) -> tuple[Optional[Checkpoint], Optional[T]]:
+    """Find the named or latest checkpoint and ``use`` it (load it whole): a reader of a run that
+    trains on never loses to retention, which may delete the checkpoint it found while it
+    reads (the run has a newer one by then, which it reads instead). (None, None): none."""
+    for attempt in range(tries):
+        newest = newest_name(directory)
+        try:
+            ckpt = find(directory, identifier, warn)
+            return (ckpt, use(ckpt)) if ckpt is not None else (None, None)
+        except Exception:
+            if identifier or attempt == tries - 1 or newest_name(directory) == newest:
+                raise
+            warn("the checkpoint was replaced while it was read (the run trains on): reading the newest")
+    raise AssertionError("unreachable")
 
 
 def list_checkpoints(directory: str | Path) -> list[Checkpoint]:

@@ -165,11 +165,10 @@ class ModelCache:
                     return hit[1], hit[2], True
             except FileNotFoundError:
                 pass
-        ckpt = checkpoint.find(save_dir, identifier, warn=warn)
-        if ckpt is None:
+        ckpt, model = checkpoint.read(save_dir, identifier, lambda c: c.load_model(), warn)
+        if ckpt is None or model is None:
             raise checkpoint.CheckpointError(
                 f"no checkpoint in {save_dir}: train one first, e.g. `tlm train --save_dir {save_dir}`")
-        model = ckpt.load_model()
         self.entries[(str(save_dir), ckpt.identifier)] = (ckpt.weights_path.stat().st_mtime_ns, ckpt, model)
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)

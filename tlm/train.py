@@ -715,8 +715,8 @@ def evaluate_checkpoint(save_dir: str, identifier: Optional[str] = None, split: 
                         log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Loss and perplexity (or bits per character) of a checkpoint on a split
     (its first ``tokens`` tokens, or all of it), optionally with a sliding window."""
-    ckpt = checkpoint.find(save_dir, identifier, warn=log)
-    if ckpt is None:
+    ckpt, model = checkpoint.read(save_dir, identifier, lambda c: c.load_model(), log)
+    if ckpt is None or model is None:
         raise CheckpointError(f"no checkpoint in {save_dir}: train one first")
     config = TrainConfig.from_dict({**ckpt.state["config"], "save_dir": save_dir,
                                     "data_mirror": data_mirror})
@@ -725,7 +725,6 @@ def evaluate_checkpoint(save_dir: str, identifier: Optional[str] = None, split: 
                           f"({config.context_size}): windows would skip targets")
     dataset = load_dataset(config.dataset_source(), data_dir(save_dir), data_mirror, log,
                            ckpt.tokenizer)
-    model = ckpt.load_model()
     data = dataset.split(split)
     loss = evaluate(model, data[: tokens + 1] if tokens else data, config.context_size, stride)
     metric = Progress("eval", ckpt.step, config.num_iters, val_loss=loss,

@@ -260,16 +260,16 @@ def run_export(c: Context) -> None:
     from tlm.files import transient, with_retries
 
     p = params_of(ExportParams, c.params)
-    ckpt = checkpoint.find(c.save_dir, p.identifier, warn=c.log)
-    if ckpt is None:
-        raise checkpoint.CheckpointError(f"no checkpoint in {c.save_dir} to export")
     out = Path(p.out).expanduser()
     try:
-        with_retries(lambda: export(ckpt, out), f"exporting to {out}", c.log)
+        ckpt, _ = checkpoint.read(c.save_dir, p.identifier, warn=c.log, use=lambda ckpt: with_retries(
+            lambda: export(ckpt, out), f"exporting to {out}", c.log))
     except OSError as e:
         if transient(e):
             raise  # still failing after the retries: re-queued (another Mac may have room)
         raise checkpoint.CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
+    if ckpt is None:
+        raise checkpoint.CheckpointError(f"no checkpoint in {c.save_dir} to export")
     c.finish(line=f"exported {ckpt.identifier[:12]} (iteration {ckpt.step}) to {out}",
              result={"out": str(out), "checkpoint": ckpt.identifier, "step": ckpt.step})
 

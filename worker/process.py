@@ -235,6 +235,7 @@ class Worker:
         self.queue.ping()  # a misconfigured queue is a one-line error at once
         self.registry = Registry(self.queue, self.keep_days)
         self.lock = threading.Lock()
+        self._outage = threading.Lock()  # the loop and the heartbeat thread both see outages
         self._done = threading.Event()
         self._last_prune = 0.0
         self._next_gang_look = 0.0
@@ -417,24 +418,29 @@ class Worker:
         self.say("stopped")
 
     def _try(self, fn, *args):
-        """Run a queue operation; None if the queue is down. While it is, a ping a second
-        tries it and every call returns at once (none while stopping: exiting never waits on
-        a queue that is gone); the outage is said once, and its end."""
+        """Run a queue operation; None if the queue is down (unreachable, or refusing writes:
+        out of memory, read-only). While it is, a ping a second tries it and every call
+        returns at once (none while stopping: exiting never waits on a queue that is gone);
+        the outage is said once, and its end, whichever thread (loop, heartbeat) sees it."""
         try:
-            if self.down_since is not None:
+            since = self.down_since
+            if since is not None:
                 if time.monotonic() < self._next_probe or self.stopping:
                     return None
                 self._next_probe = time.monotonic() + 1.0
                 self.queue.probe()
-                self.say(f"queue back after {time.monotonic() - self.down_since:.0f}s")
-                self.down_since, self.back_at = None, time.monotonic()
+                with self._outage:
+                    if self.down_since is not None:
+                        self.say(f"queue back after {time.monotonic() - since:.0f}s")
+                        self.down_since, self.back_at = None, time.monotonic()
             return fn(*args)
         except QUEUE_ERRORS as e:
-            if self.down_since is None:
-                self.down_since, self._next_probe = time.monotonic(), time.monotonic() + 1.0
-                self.say(f"queue unreachable ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
-                         f"jobs train on; those not confirmed for {self.lease * SELF_FENCE:.0f}s "
-                         "save and stop; trying again every second")
+            with self._outage:
+                if self.down_since is None:
+                    self.down_since, self._next_probe = time.monotonic(), time.monotonic() + 1.0
+                    self.say(f"queue unreachable ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                             f"jobs train on; those not confirmed for {self.lease * SELF_FENCE:.0f}s "
+                             "save and stop; trying again every second")
             return None
 
     def _free(self, lane: str) -> bool:

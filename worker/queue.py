@@ -37,8 +37,10 @@ from redis.retry import Retry
 
 QUEUE_NAME = "tlm"
 LANES = {"train": QUEUE_NAME, "interactive": f"{QUEUE_NAME}-interactive"}  # lane: huey queue name
-# What an unreachable or restarting backend raises.
+# What an unreachable or restarting backend raises, or one that refuses writes for now (Redis
+# at its maxmemory with noeviction, a read-only replica): an outage, waited out, never an attempt.
 QUEUE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
                 sqlite3.OperationalError)
 
 
@@ -171,8 +173,12 @@ class Queue:
         return sec + usec / 1e6 - (before + time.time()) / 2
 
     def probe(self) -> None:
-        """One round trip on this queue's own connections (QUEUE_ERRORS if it is down)."""
-        self.redis.ping() if self.redis is not None else self.storage.queue_size()
+        """One round trip on this queue's own connections (QUEUE_ERRORS if it is down): for
+        Redis a small write, since one that refuses writes still answers a ping."""
+        if self.redis is not None:
+            self.redis.set(f"{QUEUE_NAME}:probe", b"1", ex=60)
+        else:
+            self.storage.queue_size()
 
     def ping(self) -> None:
         """Raise QueueError (one line, no password) unless the backend answers.
