@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import click
+import redis
 from rich.live import Live
 from rich.table import Table
 
@@ -63,6 +64,10 @@ def queue_errors(fn: Callable) -> Callable:
         except QUEUE_ERRORS as e:
             url = redact(queue_url(kwargs.get("queue")))
             raise click.ClickException(f"cannot reach the queue at {url}: {e}") from None
+        except redis.exceptions.ResponseError as e:  # an ACL user without the rights tlm needs
+            url = redact(queue_url(kwargs.get("queue")))
+            raise click.ClickException(f"the queue at {url} refused: {str(e).splitlines()[0]} (tlm's Redis "
+                                       "user needs read, write, WATCH and MULTI on the lab's keys)") from None
     return wrapper
 
 
@@ -577,6 +582,8 @@ def cancel(job_id, force, queue) -> None:
     elif final:  # trained to its end already: what is left is its final evaluation
         echo(f"job {job.id} has finished training and is in its final evaluation: it ends "
              "succeeded with its last checkpoint (--force stops it now)")
+    elif not job.spec.trainer:  # a sample, eval or export has nothing to save: it stops now
+        echo(f"job {job.id}: stopping")
     else:  # the job's own process marks it cancelling when it sees the flag
         echo(f"job {job.id}: finishing its step and saving, then cancelled")
     if waiting:

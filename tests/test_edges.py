@@ -96,3 +96,43 @@ def test_a_redis_that_refuses_writes_is_an_outage_not_a_crash(tmp_path, mirror):
     finally:
         workers.stop_all()
         server.kill()
+
+
+@pytest.mark.parametrize("url", ["sqlite", "redis"], indirect=True)
+def test_planted_records_point_nowhere_outside_the_lab(url, workers, tmp_path, mirror):
+    """Item 10: a run name that climbs out of the save root, a relative save_dir, an export to a
+    relative folder, an eval split that is no split: each job fails in one line, nothing is
+    written outside, and the worker lives on."""
+    reg = registry(url)
+    root = tmp_path / "root"
+    planted = [reg.create("train", {"run": "../../escaped", "dataset": "shakespeare"}, "run:x"),
+               reg.create("train", {"save_dir": "relative/run", "dataset": "shakespeare"}, "dir:y"),
+               reg.create("eval", {"save_dir": str(tmp_path / "r"), "split": "../../etc/passwd"}, "dir:z"),
+               reg.create("export", {"save_dir": str(tmp_path / "r"), "out": "out-here"}, "dir:w")]
+    for job in planted:
+        reg.queue.push(job.id, job.spec.lane)
+    proc = workers.start("--save_root", str(root))
+    errors = [wait_for(url, j.id, ["failed"], timeout=120).error for j in planted]
+    assert "stays inside the save root" in errors[0] and "not an absolute path" in errors[1], errors
+    assert "no split" in errors[2] or "no checkpoint" in errors[2], errors
+    assert "not an absolute path" in errors[3], errors
+    assert not (tmp_path / "escaped").exists() and not (root.parent.parent / "escaped").exists()
+    assert proc.poll() is None and "Traceback" not in workers.log(proc), workers.log(proc)
+
+
+def test_evaluating_a_split_that_is_no_split_is_one_line(tmp_path, mirror):
+    from tlm.data import DataError
+    from tlm.train import evaluate_checkpoint
+    run = tmp_path / "run"
+    assert tlm("train", "--save_dir", str(run), *SHAKES, "--num_iters", "2").returncode == 0
+    with pytest.raises(DataError, match="no split '../../etc/passwd'"):
+        evaluate_checkpoint(str(run), split="../../etc/passwd")
+
+
+@pytest.mark.parametrize("name", ["a\nb", "red\x1b[31m", "tab\there", "bad\udcff"])
+def test_run_names_with_control_characters_or_not_utf8_are_refused_in_one_line(tmp_path, name):
+    """Item 9: a run name is printed by every command: no newlines or escape sequences in it."""
+    proc = tlm("submit", "train", "--run", name, "--queue", f"sqlite://{tmp_path / 'q.db'}",
+               env={**os.environ, "PYTHONIOENCODING": "utf-8:surrogateescape"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "control characters" in proc.stderr or "not UTF-8" in proc.stderr, proc.stderr

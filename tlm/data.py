@@ -417,6 +417,9 @@ def _encode(tok: Tokenizer, raw: bytes, text: Optional[str]) -> np.ndarray:
 # -- datasets ---------------------------------------------------------------------
 
 
+SPLITS = ("train", "valid", "test")
+
+
 @dataclass
 class Dataset:
     """Token arrays of the three splits and the tokenizer that made them."""
@@ -437,6 +440,8 @@ class Dataset:
         return self.tokenizer.kind in ("char", "byte")
 
     def split(self, name: str) -> np.ndarray:
+        if name not in SPLITS:  # a name from a queue record: never an attribute lookup
+            raise DataError(f"no split {str(name)[:40]!r}: {', '.join(SPLITS)}")
         return getattr(self, name)
 
 

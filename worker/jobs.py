@@ -31,7 +31,7 @@ from tlm.lease import DEFAULT_TTL as RUN_LEASE_TTL, LeaseLost as RunLeaseLost, R
 from tlm_worker.kinds import EvalParams, ExportParams, SampleParams, params_of, resolve
 from tlm_worker.queue import QUEUE_ERRORS, Queue
 from tlm_worker.registry import ACTIVE, CANCELLED, FAILED, SUCCEEDED, Job, JobNotFound, LeaseLost, Registry
-from tlm_worker.targets import resolve_save_dir
+from tlm_worker.targets import TargetError, resolve_save_dir
 
 if TYPE_CHECKING:
     from tlm.train import Progress, TrainResult
@@ -164,8 +164,13 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
     that outlasted its retries or when its run's checkpoint is not visible here."""
     os.setpgid(0, 0)
     parent = os.getppid()
-    registry = Registry(Queue(url, patient=False))
-    job = registry.get(job_id)
+    try:
+        registry = Registry(Queue(url, patient=False))
+        job = registry.get(job_id)
+    except (*QUEUE_ERRORS, ConnectionError) as e:  # an outage as it starts: back to the queue, no attempt
+        print(f"[{job_id}] queue unreachable as the job started ({_describe(e)}): its worker re-queues it",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
 
     def log(line: str) -> None:  # the job's log is rank 0's
         print(f"{c.tag} {line}", file=sys.stderr, flush=True)
@@ -227,7 +232,7 @@ def _ordinary(e: BaseException) -> bool:
     from tlm.data import DataError
     from tlm.train import Diverged
     from tlm.files import SETUP
-    return isinstance(e, (ConfigError, DataError, CheckpointError, Diverged, RunTrained, RunHeld)) or (
+    return isinstance(e, (ConfigError, DataError, CheckpointError, Diverged, RunTrained, RunHeld, TargetError)) or (
         isinstance(e, OSError) and e.errno in SETUP)
 
 
@@ -261,6 +266,8 @@ def run_export(c: Context) -> None:
 
     p = params_of(ExportParams, c.params)
     out = Path(p.out).expanduser()
+    if not out.is_absolute():  # `tlm submit export` resolves it where it was given
+        raise checkpoint.CheckpointError(f"export to {p.out[:60]!r}: not an absolute path")
     try:
         ckpt, _ = checkpoint.read(c.save_dir, p.identifier, warn=c.log, use=lambda ckpt: with_retries(
             lambda: export(ckpt, out), f"exporting to {out}", c.log))

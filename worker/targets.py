@@ -29,6 +29,12 @@ def run_target(run: Optional[str], save_dir: Optional[str]) -> tuple[dict[str, s
     if run:
         if "/" in run or run.startswith("."):
             raise TargetError(f"--run {run!r}: a plain name, resolved under each worker's --save_root")
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in run):
+            raise TargetError(f"--run {run[:40]!r}: no control characters (newlines, escapes) in a run name")
+        try:
+            run.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TargetError(f"--run {run[:40]!r}: not UTF-8 text (a run name is shared by every Mac)") from None
         if len(run.encode("utf-8", "surrogateescape")) > MAX_NAME or "\x00" in run:
             raise TargetError(f"--run {run[:40]!r}...: a run name is a directory on every worker: at most "
                               f"{MAX_NAME} bytes, no NUL")
@@ -51,7 +57,14 @@ def target_of(key: str) -> dict[str, str]:
 
 
 def resolve_save_dir(params: dict[str, Any], save_root: Optional[str]) -> str:
-    """The run's directory on this machine: a run name under this machine's save root."""
+    """The run's directory on this machine: a run name under this machine's save root. A record
+    planted in the queue points nowhere else: a name never climbs out of the save root, and a
+    path is absolute (a relative one would follow each worker's working directory)."""
+    name, path = params.get("run"), params.get("save_dir")
+    if name and (name.startswith("/") or "\x00" in name or ".." in Path(name).parts):
+        raise TargetError(f"run {name[:60]!r}: a run name stays inside the save root (no '..', not absolute)")
+    if not name and (not path or not Path(path).is_absolute()):
+        raise TargetError(f"save_dir {str(path)[:60]!r}: not an absolute path")
     if params.get("run"):
         from tlm.config import default_save_dir
         root = Path(save_root) if save_root else Path(default_save_dir()).parent / "runs"

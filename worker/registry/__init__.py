@@ -105,7 +105,11 @@ class Registry:
         """The lab's layout (its keys and tables) is recorded; a tlm older than it stops in one
         line (a newer one records its own): Macs are upgraded one at a time, never traced."""
         stored = self.store.value("layout") or self.store.first_value("layout", str(LAYOUT))
-        if not stored.isdigit() or int(stored) > LAYOUT:
+        if not stored.isdigit():
+            raise QueueError(f"this lab's queue has a damaged layout record ({stored[:20]!r}, not a number): "
+                             f"set it to {LAYOUT} (Redis: `SET tlm:lab:layout {LAYOUT}`; SQLite: "
+                             f"`UPDATE tlm_lab SET value='{LAYOUT}' WHERE name='layout'`)")
+        if int(stored) > LAYOUT:
             raise QueueError(f"this lab's queue was set up by a newer tlm (layout {stored}; this tlm "
                              f"reads {LAYOUT}): upgrade tlm on this Mac (`git pull && scripts/setup.sh`)")
         if int(stored) < LAYOUT:
