@@ -153,12 +153,26 @@ class Api:
         changes = [{"job": job_id, "changed": {k: [before.get(k), v] for k, v in after.items()
                                                  if before.get(k) != v}}
                    for (_, before), (job_id, after) in zip(configs, configs[1:])]
+        if not trains:  # its jobs pruned (or it was trained by `tlm train`): its folder tells
+            return {"key": key, "jobs": [shown(j) for j in jobs], "changes": [], **self._from_disk(key)}
         return {"key": key, "jobs": [shown(j) for j in jobs],
                 "config": configs[-1][1] if configs else (trains[-1].params if trains else {}),
                 "config_from": "checkpoint" if configs else "job",
                 "changes": [c for c in changes if c["changed"]],
                 "points": [p for p in ordered if p["kind"] != "checkpoint"],
                 "checkpoints": checkpoints}
+
+    def _from_disk(self, key: str) -> dict[str, Any]:
+        """A run page's curves, checkpoints and configuration from its run directory: its
+        metrics.jsonl and its checkpoints' headers (none hashed), for runs the registry forgot."""
+        from tlm import checkpoint, metrics
+
+        directory = Path(resolve_save_dir(self.lab.target(key), self.save_root))
+        state = checkpoint.peek_state(directory) or {}
+        return {"config": state.get("config") or {}, "config_from": "checkpoint" if state else "job",
+                "points": [p for p in metrics.read(directory) if p.get("kind") in ("train", "valid", "test")],
+                "checkpoints": [{"kind": "checkpoint", "step": step, "identifier": ident, "on_disk": True}
+                                for step, ident in checkpoint.listed(directory)]}
 
     def compare(self, keys: list[str]) -> dict[str, Any]:
         if not 1 <= len(keys) <= MAX_COMPARE:

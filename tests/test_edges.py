@@ -136,3 +136,21 @@ def test_run_names_with_control_characters_or_not_utf8_are_refused_in_one_line(t
                env={**os.environ, "PYTHONIOENCODING": "utf-8:surrogateescape"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "control characters" in proc.stderr or "not UTF-8" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("url", ["sqlite", "redis"], indirect=True)
+def test_a_runs_page_after_prune_reads_its_curves_checkpoints_and_configuration_from_its_folder(
+        url, workers, tmp_path, mirror):
+    """Item 5: `tlm prune` forgets the jobs; the run page shows what the run's folder holds."""
+    from tlm_cli.dashboard import Api
+    root = tmp_path / "root"
+    workers.start("--save_root", str(root))
+    job = submit(url, "train", "--run", "kept", *SHAKES, "--num_iters", "20", "--steps_per_eval", "10")
+    wait_for(url, job, ["succeeded"], timeout=180)
+    before = Api(registry(url), str(root)).run("run:kept")
+    assert tlm("prune", "--older_than", "0", "--queue", url).returncode == 0
+    after = Api(registry(url), str(root)).run("run:kept")
+    assert after["jobs"] == [] and after["config"]["dim"] == 32
+    assert {(p["kind"], p["step"]) for p in after["points"]} == {(p["kind"], p["step"]) for p in before["points"]}
+    assert [c["identifier"] for c in after["checkpoints"]] == [c.identifier for c in checkpoint.list_checkpoints(
+        root / "kept")]

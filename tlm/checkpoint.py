@@ -263,6 +263,13 @@ def newest_name(directory: str | Path) -> Optional[str]:
     return candidates[0][2] if candidates else None
 
 
+def listed(directory: str | Path) -> list[tuple[int, str]]:
+    """(recorded step, identifier) of every published checkpoint, newest first, from file names
+    and headers only (no hashing: for pages that list runs, never for loading)."""
+    directory = Path(directory)
+    return [(step, ident) for step, _, ident in _candidates(directory)] if directory.is_dir() else []
+
+
 def peek_state(directory: str | Path) -> Optional[dict[str, Any]]:
     """The newest checkpoint's recorded state, read without hashing (for listings of many runs:
     not verified, so never for loading)."""
