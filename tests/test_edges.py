@@ -154,3 +154,4 @@ def test_a_runs_page_after_prune_reads_its_curves_checkpoints_and_configuration_
     assert {(p["kind"], p["step"]) for p in after["points"]} == {(p["kind"], p["step"]) for p in before["points"]}
     assert [c["identifier"] for c in after["checkpoints"]] == [c.identifier for c in checkpoint.list_checkpoints(
         root / "kept")]
+
