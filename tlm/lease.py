@@ -109,6 +109,9 @@ class RunLease:
             with open(tmp, "w") as f:
                 json.dump({**self.me, "written": time.time()}, f)  # the time is for people only
             os.replace(tmp, self.path)
+        except OSError as e:  # a write to an open file names no file: say which
+            e.filename = e.filename or f"writing {self.path}"
+            raise
         finally:
             tmp.unlink(missing_ok=True)
 
