@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from tlm.files import read_small
+from tlm.files import read_small, with_retries
 
 NAME = ".tlm-trainer"
 MAX_BYTES = 64 * 1024
@@ -149,8 +149,9 @@ class RunLease:
 
     def _claim(self) -> bool:
         """Write our lease, then read it back after a moment: of two claiming at once, the
-        one whose rename landed last holds it, and the other sees that and waits."""
-        self._write()
+        one whose rename landed last holds it, and the other sees that and waits. A full disk
+        or a share's hiccup is retried with back-off, as a checkpoint save is."""
+        with_retries(self._write, f"writing {self.path}", self.log)
         time.sleep(min(self.ttl / 20, 0.25))
         return self._mine(self._read()[1])
 

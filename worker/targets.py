@@ -8,6 +8,7 @@ A run is named two ways: ``--run NAME`` (resolved under each worker's
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -104,6 +105,11 @@ def check_save_root(registry, save_root: Optional[str]) -> tuple[Optional[str], 
     """
     root = save_root_of(save_root)
     token = registry.store.value("save_root")
+    for _ in range(30):  # a worker of this lab starting beside this one may be between its mark and
+        if token is not None or not lab_marks(root):  # the registry's record of it: wait for that
+            break
+        time.sleep(0.1)
+        token = registry.store.value("save_root")
     others = [m for m in lab_marks(root) if m != token]
     if others and (token is None or token not in lab_marks(root)):
         raise OtherLab(f"{root} is the shared folder of another lab (its mark {MARKS}/{others[0][:12]}): "
