@@ -110,8 +110,9 @@ def check_save_root(registry, save_root: Optional[str]) -> tuple[Optional[str], 
             break
         time.sleep(0.1)
         token = registry.store.value("save_root")
-    others = [m for m in lab_marks(root) if m != token]
-    if others and (token is None or token not in lab_marks(root)):
+    marks = lab_marks(root)
+    others = [m for m in marks if m != token]
+    if others and token not in marks:
         raise OtherLab(f"{root} is the shared folder of another lab (its mark {MARKS}/{others[0][:12]}): "
                        f"give this lab its own --save_root, or, if that lab is gone (or was this one "
                        f"before its queue was emptied), remove {root / MARKS} and start the worker again")
