@@ -110,6 +110,35 @@ def test_a_gang_whose_record_redis_forgot_is_put_back_with_all_its_members(serve
         workers.stop_all()
 
 
+def test_a_sweep_redis_forgot_leaves_its_running_trial_an_ordinary_job_and_no_journal_made_again(
+        server, tmp_path):
+    """Redis restarted empty mid-sweep: the running trial's record is put back and it trains to
+    its budget as an ordinary job (before, it failed ``JobNotFound``), and the sweep's Optuna
+    journal is not written again under the lost sweep's name (where no prune would find it)."""
+    import redis as redis_lib
+    root = tmp_path / "root"
+    root.mkdir()
+    workers = Workers(server.url, tmp_path)
+    try:
+        workers.start("--save_root", str(root))
+        proc = tlm("sweep", "submit", "--name", "forgot", "--flag", "dataset=shakespeare",
+                   *[f for k, v in zip(LONG[::2], LONG[1::2]) for f in ("--flag", f"{k[2:]}={v}")],
+                   "--flag", "steps_per_eval=5", "--search", "learning_rate=log:1e-4:1e-2",
+                   "--trials", "2", "--parallel", "1", "--budget", "150", "--prune", "asha",
+                   "--queue", server.url)
+        assert proc.returncode == 0, proc.stderr
+        trial_id = f"{proc.stdout.strip()[:7]}t0000"
+        wait_for(server.url, trial_id, ["running"], until=lambda j: j.progress.get("step", 0) >= 10)
+        server.restart(keep_data=False)
+        until(lambda: registry(server.url).find([trial_id]), timeout=30, what="the trial put back")
+        job = wait_for(server.url, trial_id, ["succeeded"], timeout=180)
+        assert job.result["step"] == 150, job
+        assert redis_lib.Redis.from_url(server.url).keys("tlm:optuna:*") == []
+        assert any("training on as an ordinary job" in line for line in registry(server.url).logs(trial_id)[0])
+    finally:
+        workers.stop_all()
+
+
 def test_an_outage_past_the_lease_is_an_interruption_and_never_two_trainers(server, tmp_path, save_dir):
     """Redis gone for two leases and more under two workers: the holder saves and stops within a
     quarter lease, both workers say so once and say when it is back, and the job resumes

@@ -10,7 +10,7 @@ import pytest
 
 from tlm import checkpoint, metrics
 
-from queue_helpers import registry, tlm, wait_for
+from queue_helpers import registry, tlm, until, wait_for
 
 REDIS_DB = 9
 TRIAL = ["--flag", "dataset=shakespeare", "--flag", "dim=32", "--flag", "num_heads=2",
@@ -235,6 +235,38 @@ def test_a_sweep_whose_study_is_gone_ends_failed_and_one_whose_spec_was_edited_s
     proc = tlm("sweep", "cancel", "edited", "--queue", url)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     wait_for(url, edited, ["cancelled"], timeout=120)
+
+
+def test_a_damaged_journal_fails_the_sweep_and_its_trial_trains_on_stops_at_one_signal_and_keeps_its_sweep(
+        url, workers, tmp_path):
+    """A journal entry missing (Redis: Optuna waits for it forever, deaf to signals) or not JSON
+    (the file): the sweep fails with its reason, its running trial trains on as an ordinary job,
+    ``tlm prune --older_than 0`` keeps the ended sweep while that trial lives, and one SIGINT
+    to its worker saves and re-queues it."""
+    import redis as redis_lib
+    root = tmp_path / "root"
+    root.mkdir()
+    worker = workers.start("--save_root", str(root))
+    sweep_id = sweep(url, "damaged", "--search", "learning_rate=log:1e-4:1e-2", "--trials", "2",
+                     "--parallel", "1", "--budget", "100000", "--prune", "asha")
+    trial = wait_for(url, f"{sweep_id[:7]}t0000", ["running"], until=lambda j: j.progress.get("step", 0) >= 10)
+    if url.startswith("redis"):
+        redis_lib.Redis.from_url(url).incr(f"tlm:optuna:{sweep_id}:log_number")  # an entry never written
+    else:
+        with open(tmp_path / "queue.db.optuna" / f"{sweep_id}.log", "a") as f:
+            f.write("{not json\n")
+    ended = wait_for(url, sweep_id, ["failed"], timeout=120)
+    assert "cannot drive the sweep" in ended.error, ended.error
+    reg = registry(url)
+    step = reg.get(trial.id).progress["step"]
+    until(lambda: reg.get(trial.id).progress["step"] >= step + 20, timeout=60, what="the trial trains on")
+    assert tlm("prune", "--older_than", "0", "--queue", url).returncode == 0
+    assert reg.get(sweep_id).state == "failed"  # kept: its trial still belongs to it
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(60) == 0
+    job = reg.get(trial.id)
+    assert job.state == "interrupted" and job.checkpoint, job
+    assert any("cannot be read" in line for line in reg.logs(trial.id)[0])
 
 
 @pytest.mark.parametrize("url", ["sqlite", "redis"], indirect=True)

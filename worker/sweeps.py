@@ -36,6 +36,7 @@ trial Optuna prunes saves and ends ``pruned``.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 import time
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from tlm_worker.kinds import (ACTIVE, FAILED, FINAL, LIVE, NUMBER, PRIORITIES, PRUNED, REQUIRED_KEYS,
                               RUNNING, SUCCEEDED, Job, misfit)
 from tlm_worker.queue import QUEUE_ERRORS
-from tlm_worker.registry import CANCELLED, RunBusy
+from tlm_worker.registry import CANCELLED, JobNotFound, RunBusy
 
 if TYPE_CHECKING:
     from tlm_worker.registry import Registry
@@ -215,16 +216,37 @@ def check(spec: SweepSpec) -> SweepSpec:
 
 # -- Optuna ------------------------------------------------------------------------------------
 
+class JournalGone(RuntimeError):
+    """A sweep's Optuna journal lost an entry or its whole self (pruned, or a Redis restarted
+    empty): reported by the sweep or a trial in one line, never recreated, never waited on."""
+
+
 def storage(registry: "Registry", sweep_id: str, create: bool = False):
     """The sweep's own Optuna journal beside the queue, so loading a study replays its own trials
     only and deleting one is deleting its journal: Redis keys under ``tlm:optuna:<id>``, or a
     file ``<queue file>.optuna/<id>.log``. A sweep an older tlm started reads the shared journal
-    it was written to."""
+    it was written to. Only ``create`` makes a journal: one that is gone stays gone."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 
-    class NoSnapshots(JournalRedisBackend):
-        """Optuna's Redis journal without its snapshots, which are pickles."""
+    class RedisJournal(JournalRedisBackend):
+        """Optuna's Redis journal without its snapshots (pickles). Optuna writes an entry and
+        its number in one script, so a missing entry is damage: it waits for one forever, deaf
+        to signals; this says so. And it recreates a journal Redis lost on its next append,
+        where no prune would ever find it; this refuses."""
+
+        def read_logs(self, log_number_from: int):
+            last = self._redis.get(f"{self._prefix}:log_number")
+            for number in range(log_number_from, int(last or -1) + 1):
+                log = self._redis.get(self._key_log_id(number))
+                if log is None:
+                    raise JournalGone(f"entry {number} of the sweep's Optuna journal is missing")
+                yield json.loads(log)
+
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            if not create and not self._redis.exists(f"{self._prefix}:log_number"):
+                raise JournalGone(f"the sweep's Optuna journal {self._prefix} is gone")
+            super().append_logs(logs)
 
         def save_snapshot(self, snapshot: bytes) -> None:
             pass
@@ -238,14 +260,17 @@ def storage(registry: "Registry", sweep_id: str, create: bool = False):
 
         from optuna.exceptions import ExperimentalWarning
         prefix = f"{OPTUNA_PREFIX}:{sweep_id}"
-        if not create and not queue.redis.exists(f"{prefix}:log_number") \
-                and queue.redis.exists(f"{OPTUNA_PREFIX}:log_number"):
+        if not create and not queue.redis.exists(f"{prefix}:log_number"):
+            if not queue.redis.exists(f"{OPTUNA_PREFIX}:log_number"):
+                raise JournalGone(f"the sweep's Optuna journal {prefix} is gone")
             prefix = OPTUNA_PREFIX  # the shared journal of tlm before per-sweep journals
         with warnings.catch_warnings():  # "experimental since 3.1": stable in use, and ours is pinned
             warnings.simplefilter("ignore", ExperimentalWarning)
-            return JournalStorage(NoSnapshots(queue.url, prefix=prefix))
+            return JournalStorage(RedisJournal(queue.url, prefix=prefix))
     path, shared = _journal_file(registry, sweep_id), Path(str(queue.sqlite_path) + ".optuna.log")
-    if not create and not path.exists() and shared.exists():
+    if not create and not path.exists():
+        if not shared.exists():  # Optuna's backend would create it empty
+            raise JournalGone(f"the sweep's Optuna journal {path} is gone")
         path = shared
     path.parent.mkdir(exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
@@ -367,7 +392,10 @@ def reconcile(registry: "Registry", sweep_id: str, lease: float = 60.0) -> None:
     """Drive a sweep one round (see the module docstring); safe in any worker at any time: one
     process at a time holds a sweep's drive (for at most a lease), so a round's count of live
     trials is not overtaken by another's."""
-    if registry.get(sweep_id).state != RUNNING:
+    try:
+        if registry.get(sweep_id).state != RUNNING:
+            return
+    except JobNotFound:  # pruned, or lost with a Redis restarted empty: its trials go on alone
         return
     token = uuid.uuid4().hex
 
@@ -574,15 +602,18 @@ def trial_hooks(c, stop):
             super().__init__(c, stop)
             self.pruned = False
             self.family = c.job.sweep
-            self.sweep = c.registry.get(self.family["id"])
-            self.spec = SweepSpec.from_dict(self.sweep.params)
+            self.spec: Optional[SweepSpec] = None  # None: reports to no study
             self._trial = None
+            try:
+                self.spec = SweepSpec.from_dict(c.registry.get(self.family["id"]).params)
+            except JobNotFound:  # pruned, or lost with a Redis restarted empty
+                self.log(f"its sweep {self.family['name']} is gone: training on as an ordinary job")
 
         def trial(self):
             import optuna
 
             if self._trial is None:
-                st = study(c.registry, self.sweep.id, self.spec, self.family["trial"])
+                st = study(c.registry, self.family["id"], self.spec, self.family["trial"])
                 trial_id = st._storage.get_trial_id_from_study_id_trial_number(
                     st._study_id, self.family["number"])
                 self._trial = optuna.trial.Trial(st, trial_id)
@@ -590,7 +621,8 @@ def trial_hooks(c, stop):
 
         def on_progress(self, p) -> None:
             super().on_progress(p)
-            if p.kind != "eval" or p.message == "test" or p.val_loss is None or self.pruned or c.rank:
+            if p.kind != "eval" or p.message == "test" or p.val_loss is None or self.pruned or c.rank \
+                    or self.spec is None:
                 return
             unit = "second" if self.spec.by_time else "step"
             at = int(p.elapsed) if self.spec.by_time else p.step
@@ -598,8 +630,13 @@ def trial_hooks(c, stop):
                 trial = self.trial()
                 trial.report(p.val_loss, at)
                 self.pruned = trial.should_prune()
-            except Exception as e:  # the study unreachable: train on, unpruned
+            except QUEUE_ERRORS as e:  # the study unreachable for now: train on, unpruned
                 self.log(f"could not report to sweep {self.spec.name}'s study ({e}); training on")
+                return
+            except Exception as e:  # its journal gone or damaged: it never answers again
+                self.log(f"sweep {self.spec.name}'s study cannot be read ({e}): training on as an "
+                         "ordinary job")
+                self.spec = None
                 return
             if self.pruned:
                 self.log(f"pruned ({self.spec.prune}) at {unit} {at}, valid loss {p.val_loss:.4f}: "

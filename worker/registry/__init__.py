@@ -620,12 +620,15 @@ class Registry:
     def prune(self, older_than_days: Optional[float] = None) -> int:
         """Delete jobs (and logs) finished more than the given days ago; return how many. The
         trials of a sweep that still runs stay (its round would take a missing one for a trial
-        never created); a kind's ``forget`` deletes what else a record owns (a sweep's study)."""
+        never created), and so does an ended sweep while one of its trials lives (it still
+        reports to the sweep's study); a kind's ``forget`` deletes what else a record owns (a
+        sweep's study)."""
         days = self.keep_days if older_than_days is None else older_than_days
         ids = self.store.finished_before(self.now() - days * 86400)
         live = {j.id for j in self.in_states(ACTIVE) if j.spec.driven}
+        reporting = {j.sweep.get("id") for j in self.in_states(LIVE) if j.sweep}
         jobs = self.find(ids)
-        kept = {j.id for j in jobs if j.sweep and j.sweep.get("id") in live}
+        kept = {j.id for j in jobs if (j.sweep and j.sweep.get("id") in live) or j.id in reporting}
         gone = [i for i in ids if i not in kept]
         self.store.delete(gone)
         for job in jobs:
