@@ -403,6 +403,17 @@ def _bad_name(d):
     return d / "corpus"
 
 
+def _bad_file_name(d):
+    (d / os.fsdecode(b"caf\xe9.txt")).write_text("hello world\n" * 500)
+    return d / os.fsdecode(b"caf\xe9.txt")
+
+
+def _empty_folder(d):
+    (d / "corpus").mkdir()
+    (d / "corpus" / "notes.md").write_text("hello world\n" * 500)
+    return d / "corpus"
+
+
 def _self_link(d):
     (d / "corpus").mkdir()
     (d / "corpus" / "a.txt").write_text("hello world\n" * 500)
@@ -425,6 +436,8 @@ OWN_TEXT = [
     ("a FIFO", _fifo, "not a regular file or a folder"),
     ("a folder named *.txt", _folder_named_txt, None),  # its real.txt trains; the folder is skipped
     ("a name that is not UTF-8", _bad_name, "is not valid UTF-8: rename it"),
+    ("a file whose own name is not UTF-8", _bad_file_name, "is not valid UTF-8: rename it"),
+    ("a folder with no .txt file", _empty_folder, "no text found (no .txt files)"),
     ("a symlink loop", _self_link, "loop.txt"),
     ("UTF-16 without a byte-order mark", _utf16_no_bom, "UTF-16 without a byte-order mark"),
     ("a broken link", _broken_link, "gone.txt"),

@@ -263,6 +263,9 @@ def test_train_then_eval_export_and_sample_in_one_command(url, workers, save_dir
 def test_records_a_stranger_wrote_never_stop_a_worker_or_status(url, workers, save_dir, tmp_path):
     reg = registry(url)
     planted = plant(url, reg)
+    proc = tlm("status", "--queue", url)
+    assert proc.returncode == 0
+    assert "skipped job record 'bad000000002' has an unknown kind 'deploy'" in proc.stderr
     workers.start()
     job_id = submit(url, "train", "--save_dir", str(save_dir), *FAST)
     wait_for(url, job_id, ["succeeded"])
@@ -270,7 +273,6 @@ def test_records_a_stranger_wrote_never_stop_a_worker_or_status(url, workers, sa
     assert proc.returncode == 0 and job_id in proc.stdout
     listed = json.loads(tlm("status", "--json", "--queue", url).stdout)
     assert job_id in {j["id"] for j in listed["jobs"]}
-    assert "skipped job record 'bad000000002' has an unknown kind 'deploy'" in proc.stderr
     deadline = time.time() + 30  # the worker's sweep (every lease/2) fails them with a reason
     while time.time() < deadline and workers.log(workers.procs[0]).count("failed job record") < 4:
         time.sleep(0.5)
@@ -279,6 +281,7 @@ def test_records_a_stranger_wrote_never_stop_a_worker_or_status(url, workers, sa
     assert "has an unknown kind 'deploy'" in log and "has no 'run'" in log
     assert "field 'progress' that is not JSON" in log or "is not a JSON object" in log
     assert workers.procs[0].poll() is None  # still serving
+    assert "bad000000002" not in tlm("status", "--queue", url).stderr  # failed and said: not again
     second = submit(url, "train", "--save_dir", str(save_dir), *FAST, "--num_iters", "12")
     wait_for(url, second, ["succeeded"])
     assert set(planted) & {j["id"] for j in listed["jobs"]} == set()

@@ -154,7 +154,8 @@ def text_files(path: Path) -> list[Path]:
         try:
             os.fsencode(str(f)).decode("utf-8")
         except UnicodeDecodeError:
-            raise DataError(f"--dataset: the file name {str(f)!r} is not valid UTF-8: rename it") from None
+            shown = os.fsencode(f).decode("utf-8", "replace")
+            raise DataError(f"--dataset: the file name {shown!r} is not valid UTF-8: rename it") from None
         if len(f.name.encode()) > NAME_MAX - 12:  # a copy's name gains "-<sha1 prefix>"
             raise DataError(f"--dataset: the file name {f.name[:40]!r}... is over {NAME_MAX - 12} bytes")
         try:
@@ -164,6 +165,8 @@ def text_files(path: Path) -> list[Path]:
                 _check_encoding(f, fh.read(1 << 16))
         except (OSError, RuntimeError) as e:
             raise DataError(f"--dataset: {f}: {getattr(e, 'strerror', None) or e}") from None
+    if not files:
+        raise DataError(f"{path}: no text found (no .txt files)")
     return files
 
 
@@ -374,7 +377,7 @@ def _read_own_text(path: Path, log: Log) -> dict[str, bytes]:
     texts = [read_text_bytes(f) for f in files]
     data = b"".join(t if t.endswith(b"\n") else t + b"\n" for t in texts)
     if not data.strip():
-        raise DataError(f"{path}: no text found" + (" (no .txt files)" if not files else " (empty)"))
+        raise DataError(f"{path}: no text found (empty)")
     n = len(data)
 
     def cut(at: int) -> int:
@@ -449,7 +452,7 @@ def cache_dir(name: str, data_dir: str | Path, tokenizer: str) -> Path:
     """Where a dataset's files and token arrays live; own text is keyed by its path."""
     if is_text_path(name):
         path = Path(name).expanduser().resolve()
-        key = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+        key = hashlib.sha1(os.fsencode(path)).hexdigest()[:10]  # any bytes: text_files judges the name
         return Path(data_dir) / f"text-{path.stem}-{key}" / tokenizer
     return Path(data_dir) / name / tokenizer
 

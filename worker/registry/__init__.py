@@ -95,7 +95,7 @@ class Registry:
         self.queue = queue
         self.keep_days = keep_days
         self.store: Store = RedisStore(queue.redis) if queue.redis is not None else SqliteStore(queue.sqlite_path)
-        self.skipped: dict[str, BadRecord] = {}  # records that did not decode, by id (latest read)
+        self.skipped: dict[str, BadRecord] = {}  # live records that did not decode, by id (latest read)
         self._offset, self._offset_read = 0.0, -CLOCK_CHECK_SECONDS
         self._check_layout()
         if queue.storage.result_store_size():
@@ -134,8 +134,9 @@ class Registry:
         for record in records:
             try:
                 jobs.append(Job.decode(record))
-            except BadRecord as e:
-                self.skipped[e.job_id] = e
+            except BadRecord as e:  # a finished one holds nothing: the worker that failed it said so
+                if record.get("state") not in FINAL:
+                    self.skipped[e.job_id] = e
         return jobs
 
     # -- jobs ------------------------------------------------------------------
