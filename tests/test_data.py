@@ -77,8 +77,12 @@ def test_shifted_epochs_cut_the_text_at_a_seeded_offset():
 @pytest.mark.parametrize("stride", [None, 1, 2, 5])
 def test_eval_windows_score_every_target_exactly_once(stride):
     tokens = np.arange(23)
-    scored = np.concatenate([y[w > 0] for _, y, w in eval_windows(tokens, 5, 2, stride)])
-    np.testing.assert_array_equal(np.sort(scored), np.arange(1, 23))
+    for batch in (2, 3, 4):
+        batches = list(eval_windows(tokens, 5, batch, stride))
+        scored = np.concatenate([y[w > 0] for _, y, w in batches])
+        np.testing.assert_array_equal(np.sort(scored), np.arange(1, 23))
+        # one shape, the last batch padded with unscored rows: a new shape recompiles MLX's kernels
+        assert {x.shape for x, _, _ in batches} == {(batch, 5)}
     if stride == 1:  # all but the first window's targets see a full context
         first = next(eval_windows(tokens, 5, 2, stride))
         assert first[2][1].tolist() == [0, 0, 0, 0, 1]

@@ -139,6 +139,35 @@ def test_a_sweep_redis_forgot_leaves_its_running_trial_an_ordinary_job_and_no_jo
         workers.stop_all()
 
 
+def test_redis_killed_five_times_mid_sweep_spends_no_trial_attempt(server, tmp_path):
+    """Five ``kill -9``s of a Redis that keeps every write (AOF always), two workers, two trials
+    training: every trial ends in one attempt (outages are interruptions, never crashes)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    workers = Workers(server.url, tmp_path)
+    try:
+        procs = [workers.start("--save_root", str(root)) for _ in range(2)]
+        proc = tlm("sweep", "submit", "--name", "kills", "--flag", "dataset=shakespeare",
+                   *[f for k, v in zip(LONG[::2], LONG[1::2]) for f in ("--flag", f"{k[2:]}={v}")],
+                   "--flag", "steps_per_eval=20", "--search", "learning_rate=log:1e-4:1e-2",
+                   "--trials", "3", "--parallel", "2", "--budget", "400", "--prune", "none",
+                   "--queue", server.url)
+        assert proc.returncode == 0, proc.stderr
+        sweep_id = proc.stdout.strip()
+        wait_for(server.url, f"{sweep_id[:7]}t0001", ["running"], until=lambda j: j.progress.get("step", 0) >= 5,
+                 timeout=180)
+        for _ in range(5):
+            server.restart(down=1.0)
+            time.sleep(3)
+        wait_for(server.url, sweep_id, ["succeeded"], timeout=400)
+        reg = registry(server.url)
+        tries = {j.id: (j.attempts, j.interruptions, j.state) for j in reg.jobs(None) if j.sweep}
+        assert len(tries) == 3 and all(a == 1 and s == "succeeded" for a, _, s in tries.values()), tries
+        assert all(p.poll() is None for p in procs)
+    finally:
+        workers.stop_all()
+
+
 def test_an_outage_past_the_lease_is_an_interruption_and_never_two_trainers(server, tmp_path, save_dir):
     """Redis gone for two leases and more under two workers: the holder saves and stops within a
     quarter lease, both workers say so once and say when it is back, and the job resumes

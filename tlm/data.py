@@ -629,7 +629,9 @@ def eval_windows(tokens: np.ndarray, context_size: int, batch_size: int,
     the context, i.e. non-overlapping); each scores only targets no earlier
     window scored, so with a small stride every target but the first few sees
     nearly a full context (sliding-window evaluation). A last window aligned
-    to the end covers the remainder.
+    to the end covers the remainder. Every batch has ``batch_size`` rows (the last padded with
+    rows of weight 0): a new shape would make MLX compile its kernels again, which on the CPU
+    backend takes minutes.
     """
     tokens = np.asarray(tokens)
     n = len(tokens) - 1
@@ -640,10 +642,11 @@ def eval_windows(tokens: np.ndarray, context_size: int, batch_size: int,
     done = 0
     for i in range(0, len(starts), batch_size):
         chunk = starts[i : i + batch_size]
+        chunk += [chunk[-1]] * (batch_size - len(chunk))  # repeats, weighted 0 below
         x = np.stack([tokens[s : s + length] for s in chunk]).astype(np.int32)
         y = np.stack([tokens[s + 1 : s + length + 1] for s in chunk]).astype(np.int32)
         w = np.zeros(x.shape, np.float32)
         for row, s in enumerate(chunk):
             w[row, max(done - s, 0):] = 1.0
-            done = s + length
+            done = max(done, s + length)
         yield x, y, w
