@@ -11,7 +11,7 @@ import click
 import tlm
 from tlm import blas, ranks
 from tlm.config import ConfigError, TrainConfig, check_save_dir
-from tlm_cli.options import find_checkpoint, given_options, run_directory, save_root_option, train_options
+from tlm_cli.options import find_checkpoint, given_options, run_options, train_options
 from tlm_cli.render import ConsoleHooks, ProgressDisplay
 
 
@@ -122,15 +122,11 @@ def _inference(options: dict) -> None:
 
 
 @cli.command()
-@click.option("--save_dir", "--save-dir", "save_dir", default=None, help="run directory")
-@click.option("--run", default=None, help="a run name, under --save_root")
-@save_root_option
+@run_options
 @click.option("--identifier", default=None, help="checkpoint SHA1 or unique prefix (default: latest)")
-def inspect(save_dir: str | None, run: str | None, save_root: str | None, identifier: str | None) -> None:
+def inspect(save_dir: str | None, identifier: str | None) -> None:
     """Print a checkpoint's configuration, iteration, losses and integrity."""
-    if run is not None and save_dir is not None:
-        raise click.UsageError("give --run or --save_dir, not both")
-    ckpt = find_checkpoint(run_directory(run, save_root, "--run") if run else save_dir, identifier)
+    ckpt = find_checkpoint(save_dir, identifier)
     s = ckpt.state
     rows = [("identifier", f"{ckpt.identifier}  (SHA1 verified, metadata verified)"),
             ("iteration", iteration_text(s)),
@@ -164,7 +160,7 @@ for command in (submit, status, logs, cancel, prune, runs, sample, plot, sweep):
 
 
 @cli.command("eval")
-@click.option("--save_dir", "--save-dir", "save_dir", default=None, help="run directory")
+@run_options
 @click.option("--identifier", default=None, help="checkpoint SHA1 or unique prefix (default: latest)")
 @click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
 @click.option("--tokens", type=click.IntRange(0), default=0, help="the split's first N tokens only")
@@ -198,7 +194,7 @@ def eval_(save_dir, identifier, split, tokens, stride, local, gpu) -> None:
 
 
 @cli.command()
-@click.option("--save_dir", "--save-dir", "save_dir", default=None, help="run directory")
+@run_options
 @click.option("--identifier", default=None, help="checkpoint SHA1 or unique prefix (default: latest)")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="directory to write")
 def export(save_dir, identifier, out) -> None:

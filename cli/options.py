@@ -4,6 +4,7 @@ command that takes the trainer's flags spells and documents them identically."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -110,3 +111,18 @@ def workers_save_roots() -> list[Path]:
     here = socket.gethostname()
     return sorted({Path(w["save_root"]) for w in workers
                    if w.get("host") == here and isinstance(w.get("save_root"), str)})
+
+
+def run_options(fn: Callable) -> Callable:
+    """--save_dir, or --run (a run name under --save_root, or under a live worker's save root
+    here) with --save_root: the run directory a command reads here, passed on as ``save_dir``."""
+    @click.option("--save_dir", "--save-dir", "save_dir", default=None, help="run directory")
+    @click.option("--run", default=None, help="a run name, under --save_root")
+    @save_root_option
+    @functools.wraps(fn)
+    def wrapper(*args: Any, save_dir: Optional[str], run: Optional[str], save_root: Optional[str],
+                **kwargs: Any) -> Any:
+        if run is not None and save_dir is not None:
+            raise click.UsageError("give --run or --save_dir, not both")
+        return fn(*args, save_dir=run_directory(run, save_root, "--run") if run else save_dir, **kwargs)
+    return wrapper

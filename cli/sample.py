@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from tlm_cli.jobs import connect, queue_errors, queue_option, target
-from tlm_cli.options import find_checkpoint
+from tlm_cli.options import find_checkpoint, run_directory, save_root_option
 from tlm_worker.options import FiniteRange
 
 
@@ -41,13 +41,14 @@ def echo(message: str) -> None:
 @click.option("--allow_unk", "--allow-unk", is_flag=True,
               help="word-level data: let <unk> be sampled (default: never)")
 @click.option("--local", is_flag=True, help="run here, without the queue")
+@save_root_option
 @click.option("--interactive", "-i", is_flag=True, help="the seed's --inference REPL (local)")
 @click.option("--gpu", is_flag=True, help="sample on the Metal GPU (with --local/--interactive)")
 @queue_option
 @queue_errors
 def sample(run, save_dir, identifier, prompt, max_tokens, num_samples, temperature, top_k, top_p,
-           min_p, repetition_penalty, seed, stop, stop_at_eos, allow_unk, local, interactive, gpu,
-           queue) -> None:
+           min_p, repetition_penalty, seed, stop, stop_at_eos, allow_unk, local, save_root, interactive,
+           gpu, queue) -> None:
     """Continue --prompt from the latest checkpoint; print only the continuation."""
     from tlm.generate import SampleConfig
 
@@ -60,8 +61,6 @@ def sample(run, save_dir, identifier, prompt, max_tokens, num_samples, temperatu
     if not (local or interactive):
         _queued(queue, run_key, identifier, prompt, cfg, num_samples)
         return
-    if "save_dir" not in where:
-        raise click.UsageError("--local and --interactive need --save_dir (a run name is resolved on workers)")
     from tlm.config import ConfigError
     from tlm.train import select_device
 
@@ -69,7 +68,7 @@ def sample(run, save_dir, identifier, prompt, max_tokens, num_samples, temperatu
         select_device(gpu)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
-    ckpt = find_checkpoint(where["save_dir"], identifier)
+    ckpt = find_checkpoint(where.get("save_dir") or run_directory(run, save_root, "--run"), identifier)
     model, tokenizer = ckpt.load_model(), ckpt.tokenizer
     context = ckpt.state["config"]["context_size"]
     if interactive:

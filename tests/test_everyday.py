@@ -91,9 +91,18 @@ def test_inspect_plot_and_eval_take_a_run_name_and_say_it_readably(save_dir, tmp
     assert plotted.returncode == 0 and (tmp_path / "c.png").stat().st_size > 0, plotted.stderr
     missing = subprocess.run(tlm_cmd("plot", "nosuchrun"), capture_output=True, text=True, env=env, timeout=60)
     assert missing.returncode == 2 and "neither a directory nor a run under" in missing.stderr
-    evaluated = subprocess.run(tlm_cmd("eval", "--save_dir", str(save_dir), "--tokens", "200"),
-                               capture_output=True, text=True, timeout=120)
+    evaluated = subprocess.run(tlm_cmd("eval", "--run", save_dir.name, "--tokens", "200"),
+                               capture_output=True, text=True, env=env, timeout=120)
     assert evaluated.returncode == 0 and "valid loss" in evaluated.stdout, evaluated.stderr
+    exported = subprocess.run(tlm_cmd("export", "--run", save_dir.name, "--out", str(tmp_path / "mlx")),
+                              capture_output=True, text=True, env=env, timeout=120)
+    assert exported.returncode == 0 and (tmp_path / "mlx" / "config.json").is_file(), exported.stderr
+    sampled = subprocess.run(tlm_cmd("sample", "--run", save_dir.name, "--local", "--max_tokens", "5"),
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert sampled.returncode == 0 and sampled.stdout.strip(), sampled.stderr
+    both = subprocess.run(tlm_cmd("eval", "--run", save_dir.name, "--save_dir", str(save_dir)),
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert both.returncode == 2 and "give --run or --save_dir, not both" in both.stderr
     # A queued sample with no worker alive says so at once, and Ctrl+C gives up on it.
     url = f"sqlite://{tmp_path / 'queue.db'}"
     proc = subprocess.Popen(tlm_cmd("sample", "--save_dir", str(save_dir), "--prompt", "the", "--queue", url),
