@@ -49,6 +49,8 @@ def test_more_minutes_count_from_where_the_run_stands(save_dir):
     base = ["train", "--save_dir", str(save_dir), *TINY, "--num_iters", "100000", "--steps_per_eval", "100000"]
     first = subprocess.run(tlm_cmd(*base, "--time_budget", "0.05"), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
+    said = [line for line in first.stderr.splitlines() if "ended the run at iteration" in line]
+    assert len(said) == 1 and "of --num_iters 100000" in said[0], first.stderr  # the cap said, once
     spent = checkpoint.find(save_dir)
     second = subprocess.run(tlm_cmd(*base, "--time_budget", "0.05"), capture_output=True, text=True, timeout=300)
     assert second.returncode == 2 and "has trained" in second.stderr and "nothing to train" in second.stderr

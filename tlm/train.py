@@ -609,6 +609,9 @@ class Trainer:
             tic = time.perf_counter() if not losses else tic
             if self.watchdog:
                 self.watchdog.beat()
+        if done and self.step < cfg.num_iters:  # said once: a preset's budget may cap a --num_iters given
+            self._event("message", message=f"--time_budget {cfg.time_budget:g} minutes ended the run at "
+                        f"iteration {self.step} of --num_iters {cfg.num_iters} (--time_budget 0: all of them)")
         if cfg.eval_test and not result.stopped:
             result.test_loss = self.evaluate("test")
             self._event("eval", val_loss=result.test_loss, message="test")
