@@ -291,15 +291,18 @@ def test_a_sweep_page_shows_its_leaderboard_curves_and_controls(tmp_path, browse
         until(lambda: "sweep page" in text(browser, "h1"), what="the sweep page")
         until(lambda: len(browser.find_elements("css selector", "#sweep-board tbody tr")) == 3,
               what="one leaderboard row per trial")
-        chart = browser.find_element("css selector", "#sweep-chart-step")
-        until(lambda: int(chart.get_attribute("data-points") or 0) == 9, what="3 points on each of 3 curves")
-        series = browser.find_elements("css selector", "#sweep-chart-step .u-legend tr.u-series")
-        assert len(series) == 4  # x, and one per trial
-        first = text(browser, "#sweep-board tbody tr:first-child td:nth-child(1)")
+        # Each element is found again at each look: the page re-renders as the registry changes.
+        until(lambda: int(browser.find_element("css selector", "#sweep-chart-step").get_attribute(
+            "data-points") or 0) == 9, what="3 points on each of 3 curves")
+        until(lambda: len(browser.find_elements("css selector", "#sweep-chart-step .u-legend tr.u-series")) == 4,
+              what="a legend row for x and one per trial")
+        first = until(lambda: text(browser, "#sweep-board tbody tr:first-child td:nth-child(1)"), what="rank 1")
         click(browser, '#sweep-board th[data-key="rank"]')  # sort descending
         until(lambda: text(browser, "#sweep-board tbody tr:first-child td:nth-child(1)") != first,
               what="sorted the other way")
-        browser.find_element("css selector", "#sweep-best-run").send_keys("winner")
+        typed = "#sweep-best-run"
+        until(lambda: browser.find_element("css selector", typed).get_attribute("value") == "winner"
+              or browser.find_element("css selector", typed).send_keys("winner"), what="the run name typed")
         click(browser, "#sweep-best")
         until(lambda: "with the best flags" in text(browser, "#notice"), what="the best queued")
         assert registry(url).jobs(None, run="run:winner")[-1].kind == "train"
