@@ -570,7 +570,10 @@ class Registry:
                   "members": [{**m, "heartbeat": now} for m in job.members]}
         if self.store.read([job.id], ("state",)):
             return self.get(job.id)  # restored meanwhile (by its job process's worker, or a peer)
-        if self.store.insert(record, exclusive=job.spec.trainer) is not None:
+        busy = self.store.insert(record, exclusive=job.spec.trainer)
+        if busy == job.id:  # a peer (another member's worker) put it back between the two
+            return self.get(job.id)
+        if busy is not None:
             return None
         self.log(job.id, f"the registry had forgotten this job (Redis restarted without its data?): "
                          f"re-registered by worker {worker_id}, which holds it")
