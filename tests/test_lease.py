@@ -161,3 +161,23 @@ def test_tlm_train_refuses_a_run_a_live_trainer_holds(tmp_path, mirror):
         assert "Traceback" not in out.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
     finally:
         proc.kill()
+
+
+def test_a_run_reached_through_a_bind_mount_is_held_by_its_trainer(tmp_path, mirror):
+    """Issue 41, item 2: the same folder mounted twice (``mount --bind``: two paths whose
+    ``realpath`` differ, which no comparison of names can join) is held by the lease in it."""
+    (tmp_path / "ext" / "X").mkdir(parents=True)
+    (tmp_path / "bind").mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(tmp_path / "ext"), str(tmp_path / "bind")],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mount --bind is not allowed here: {mounted.stderr.strip()}")
+    proc = holder(tmp_path / "ext" / "X", ttl=1)
+    try:
+        assert os.path.realpath(tmp_path / "bind" / "X") != os.path.realpath(tmp_path / "ext" / "X")
+        out = tlm("train", "--save_dir", str(tmp_path / "bind" / "X"), *TINY, "--dataset", "shakespeare",
+                  "--num_iters", "5")
+        assert out.returncode != 0 and "one trainer per run" in out.stderr, out.stderr
+    finally:
+        proc.kill()
+        subprocess.run(["umount", str(tmp_path / "bind")], check=True)
