@@ -83,6 +83,8 @@ def test_eval_windows_score_every_target_exactly_once(stride):
         np.testing.assert_array_equal(np.sort(scored), np.arange(1, 23))
         # one shape, the last batch padded with unscored rows: a new shape recompiles MLX's kernels
         assert {x.shape for x, _, _ in batches} == {(batch, 5)}
+    (one,) = eval_windows(tokens, 5, 64, stride)  # a split that fits in one batch: no padding
+    assert (one[2].sum(axis=1) > 0).all()
     if stride == 1:  # all but the first window's targets see a full context
         first = next(eval_windows(tokens, 5, 2, stride))
         assert first[2][1].tolist() == [0, 0, 0, 0, 1]

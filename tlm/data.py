@@ -629,9 +629,9 @@ def eval_windows(tokens: np.ndarray, context_size: int, batch_size: int,
     the context, i.e. non-overlapping); each scores only targets no earlier
     window scored, so with a small stride every target but the first few sees
     nearly a full context (sliding-window evaluation). A last window aligned
-    to the end covers the remainder. Every batch has ``batch_size`` rows (the last padded with
-    rows of weight 0): a new shape would make MLX compile its kernels again, which on the CPU
-    backend takes minutes.
+    to the end covers the remainder. Every batch has ``batch_size`` rows (fewer only when the
+    whole split fits in one), the last padded with rows of weight 0: a new shape makes MLX
+    compile its kernels again, which on the CPU backend takes minutes.
     """
     tokens = np.asarray(tokens)
     n = len(tokens) - 1
@@ -639,7 +639,7 @@ def eval_windows(tokens: np.ndarray, context_size: int, batch_size: int,
     starts = list(range(0, n - length + 1, stride or length))
     if starts[-1] + length < n:
         starts.append(n - length)
-    done = 0
+    done, batch_size = 0, min(batch_size, len(starts))
     for i in range(0, len(starts), batch_size):
         chunk = starts[i : i + batch_size]
         chunk += [chunk[-1]] * (batch_size - len(chunk))  # repeats, weighted 0 below
