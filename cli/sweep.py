@@ -94,7 +94,7 @@ def submit(spec_file, name, preset, search, flags, trials, parallel, metric, bud
     job = Lab(connect(queue)).submit_sweep(spec)
     click.echo(job.id)
     echo(f"queued sweep {spec.name} ({job.id}): {spec.trials} trials, {spec.parallel} at a time, "
-         f"{spec.sampler} sampler, {spec.prune} pruning; `tlm sweep status {spec.name}` to watch")
+         f"{spec.sampler} sampler, {spec.prune.replace('none', 'no')} pruning; `tlm sweep status {spec.name}` to watch")
 
 
 def _pair(item: str) -> tuple[str, str]:

@@ -291,6 +291,10 @@ def test_a_sweep_page_shows_its_leaderboard_curves_and_controls(tmp_path, browse
         until(lambda: "sweep page" in text(browser, "h1"), what="the sweep page")
         until(lambda: len(browser.find_elements("css selector", "#sweep-board tbody tr")) == 3,
               what="one leaderboard row per trial")
+        until(lambda: not any(browser.find_element("css selector", css).is_displayed()
+                              for css in ("#sweep-stop", "#sweep-add", "#sweep-more")),
+              what="no stop or add-trials control on an ended sweep")
+        assert "no pruning" in browser.page_source  # --prune none, said as such
         # Each element is found again at each look: the page re-renders as the registry changes.
         until(lambda: int(browser.find_element("css selector", "#sweep-chart-step").get_attribute(
             "data-points") or 0) == 9, what="3 points on each of 3 curves")

@@ -164,7 +164,9 @@ def test_cancel_stops_every_trial_after_a_save_and_starts_no_new_one(url, worker
     finished(url, sweep_id, timeout=120)
     rows = board(url, "stop")["trials"]
     assert len(rows) == 2 and {r["state"] for r in rows} == {"cancelled"}
-    assert reg.get(sweep_id).state == "cancelled"
+    ended = reg.get(sweep_id)
+    assert ended.state == "cancelled" and ended.error is None  # a cancel is not an error
+    assert ended.progress["counts"] == {"cancelled": 2}  # its row says how it ended, not "2 running"
     assert checkpoint.find(root / rows[0]["run"]) is not None and running.id in {r["job"] for r in rows}
     time.sleep(3)
     assert len(board(url, "stop")["trials"]) == 2  # nothing new started

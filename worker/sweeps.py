@@ -430,8 +430,10 @@ def _round(registry: "Registry", sweep: Job, lease: float) -> None:
             _tell(study(registry, sweep.id, SweepSpec.from_dict(sweep.params)), jobs, lease)
         for job in live:
             registry.cancel(job.id)
-        if all(j.state in FINAL for j in trials(registry, sweep)):
-            registry.finish(sweep.id, CANCELLED, error="cancelled: every trial saved and stopped")
+        jobs = trials(registry, sweep)
+        if all(j.state in FINAL for j in jobs):  # its counts as it ends: no trial "running" after
+            registry.finish(sweep.id, CANCELLED, log="cancelled: every trial saved and stopped",
+                            progress={**(sweep.progress or {}), **summary(jobs, None)})
         return
     try:
         spec = SweepSpec.load(sweep.params)
@@ -559,13 +561,15 @@ def best_metric(job: Job) -> Optional[tuple[float, int, float]]:
     return tuple(best) if best else None
 
 
-def summary(jobs: list[Job], spec: SweepSpec) -> dict[str, Any]:
+def summary(jobs: list[Job], spec: Optional[SweepSpec]) -> dict[str, Any]:
+    """The sweep's progress: trials by state, the best so far (and the planned count, given the
+    spec: a cancel needs none, so a spec edited into nonsense still ends cleanly)."""
     counts: dict[str, int] = {}
     for job in jobs:
         counts[job.state] = counts.get(job.state, 0) + 1
     scored = [(b, j) for j in jobs if (b := best_metric(j))]
     best = min(scored, key=lambda x: x[0][0]) if scored else None
-    return {"trials": spec.trials, "counts": counts,
+    return {**({"trials": spec.trials} if spec else {}), "counts": counts,
             "best": {"loss": best[0][0], "trial": best[1].sweep["trial"]} if best else None}
 
 

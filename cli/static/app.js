@@ -476,11 +476,11 @@ function sweepView(root, id) {
   let sortKey = "rank", ascending = true;
   const more = el("input", { id: "sweep-more", type: "number", value: 4, min: 1, max: 1000 });
   const bestRun = el("input", { id: "sweep-best-run", placeholder: "new run name" });
-  controls.append(
-    el("button", { class: "cancel", id: "sweep-stop", onclick: () => act(post("/api/sweep/cancel", { id }),
-      () => "stopping the sweep: trials save and end cancelled") }, "stop the sweep"),
-    more, el("button", { id: "sweep-add", onclick: () => act(post("/api/sweep/add", { id, trials: Number(more.value) }),
-      r => `the sweep now has ${r.trials} trials`) }, "add trials"),
+  const stop = el("button", { class: "cancel", id: "sweep-stop", onclick: () => act(post("/api/sweep/cancel", { id }),
+    () => "stopping the sweep: trials save and end cancelled") }, "stop the sweep");
+  const add = el("button", { id: "sweep-add", onclick: () => act(post("/api/sweep/add", { id, trials: Number(more.value) }),
+    r => `the sweep now has ${r.trials} trials`) }, "add trials");
+  controls.append(stop, more, add,
     bestRun, el("button", { class: "primary", id: "sweep-best", onclick: () => act(
       post("/api/sweep/best", { id, run: bestRun.value }), r => `queued job ${r.job} with the best flags`) },
     "submit the best as a run"));
@@ -493,7 +493,8 @@ function sweepView(root, id) {
     const sweep = data.sweep, names = Object.keys(sweep.params.search);
     head.replaceChildren(el("h1", {}, `sweep ${sweep.params.name}`), el("p", { class: "muted" },
       `${sweep.state} · ${data.trials.length} of ${sweep.params.trials} trials · ${sweep.params.sampler} sampler · `
-      + `${sweep.params.prune} pruning · metric ${sweep.params.metric}`));
+      + `${sweep.params.prune === "none" ? "no" : sweep.params.prune} pruning · metric ${sweep.params.metric}`));
+    for (const control of [stop, more, add]) control.hidden = sweep.state !== "running";  // an ended sweep: best only
     const trials = [...data.trials].sort((a, b) => a.trial - b.trial);
     const labels = trials.map(t => `trial ${t.trial}${t.state === "pruned" ? " (pruned)" : ""}`);
     const pruned = trials.map(t => t.state === "pruned");
