@@ -18,12 +18,11 @@ from typing import Any, Callable, Optional
 
 import click
 import redis
-from rich.live import Live
 from rich.table import Table
 
 from tlm.config import ConfigError
 from tlm_cli.options import given_options, train_options
-from tlm_cli.render import table_console
+from tlm_cli.render import fitted_table, table_console, watch_table
 from tlm_worker.kinds import CLAIMABLE, KINDS, PRIORITIES, EvalParams, ExportParams, Job
 from tlm_worker.lab import Lab, LabError, Placement, training_job
 from tlm_worker.options import FiniteRange
@@ -351,6 +350,11 @@ def _tries(job: Job) -> str:
     return str(job.attempts) + (f"+{job.interruptions}" if job.interruptions else "")
 
 
+RUN_IMPORTANCE = ("run", "best_valid", "state", "dataset", "steps", "minutes", "test", "dim", "num_blocks",
+                  "learning_rate", "optimizer", "context_size", "batch_size", "num_heads", "dropout",
+                  "best_step", "tokens_per_sec", "jobs")
+
+
 def waiting_reasons(jobs: list[Job], workers: list[dict]) -> dict[str, str]:
     """Claimable jobs that no live worker can run, and why ("waiting: needs gpu; ...")."""
     out = {}
@@ -372,36 +376,42 @@ def _worker_cell(w: dict, key: str) -> str:
     return str(w.get(key, "-"))
 
 
-def status_table(jobs: list[Job], workers: list[dict], now: float) -> Table:
+def status_table(jobs: list[Job], workers: list[dict], now: float, width: int) -> Table:
     grid = Table.grid()
-    grid.add_row(jobs_table(jobs, workers, now))
-    grid.add_row(workers_table(workers, now))
+    grid.add_row(jobs_table(jobs, workers, now, width))
+    grid.add_row("")
+    grid.add_row(workers_table(workers, now, width))
     return grid
 
 
-def jobs_table(jobs: list[Job], workers: list[dict], now: float, title: Optional[str] = "jobs") -> Table:
-    table = Table(title=title, title_justify="left")
-    for col in ("id", "kind", "run", "state", "worker", "tries", "age", "progress", "error"):
-        table.add_column(col)
+JOB_COLUMNS = ("id", "kind", "run", "state", "worker", "tries", "age", "progress", "error")
+JOB_IMPORTANCE = ("id", "state", "run", "progress", "kind", "tries", "age", "error", "worker")
+
+
+def jobs_table(jobs: list[Job], workers: list[dict], now: float, width: int,
+               title: Optional[str] = "jobs") -> Table:
     waiting = waiting_reasons(jobs, workers)
-    for job in jobs:
-        table.add_row(job.id, job.kind, run_label(job.run), job.state, holder(job), _tries(job),
-                      _age(job.created, now), _progress(job, waiting.get(job.id)), (job.error or "")[:60])
+    rows = [(job.id, job.kind, run_label(job.run), job.state, holder(job), _tries(job), _age(job.created, now),
+             _progress(job, waiting.get(job.id)), (job.error or "")[:60]) for job in jobs]
+    table = fitted_table(title, JOB_COLUMNS, rows, width, JOB_IMPORTANCE,
+                         least={"run": 16, "progress": 16, "error": 12})
     if any(job.interruptions for job in jobs):
-        table.caption = "tries: attempts (crashes count against --max_attempts) + interruptions (not counted)"
-        table.caption_justify = "left"
+        said = "tries: attempts (crashes count against --max_attempts) + interruptions (not counted)"
+        table.caption = "\n".join(filter(None, (table.caption, said)))
     return table
 
 
-def workers_table(workers: list[dict], now: float) -> Table:
-    table = Table(title="workers", title_justify="left")
-    for col in ("worker", "host", "pid", "device", "memory", "labels", "heartbeat", "jobs"):
-        table.add_column(col)
+WORKER_COLUMNS = ("worker", "host", "pid", "device", "memory", "labels", "heartbeat", "jobs")
+WORKER_IMPORTANCE = ("worker", "heartbeat", "jobs", "device", "memory", "labels", "host", "pid")
+
+
+def workers_table(workers: list[dict], now: float, width: int) -> Table:
+    rows = []
     for w in workers:
         state = f" (paused: {w['paused']})" if w.get("paused") else ""
-        table.add_row(*(_worker_cell(w, k) for k in ("id", "host", "pid", "device", "memory", "labels")),
-                      _age(w.get("heartbeat"), now), (", ".join(w.get("jobs") or []) or "-") + state)
-    return table
+        rows.append((*(_worker_cell(w, k) for k in ("id", "host", "pid", "device", "memory", "labels")),
+                     _age(w.get("heartbeat"), now), (", ".join(w.get("jobs") or []) or "-") + state))
+    return fitted_table("workers", WORKER_COLUMNS, rows, width, WORKER_IMPORTANCE, least={"jobs": 12})
 
 
 def stream_all(registry: Registry, state: Optional[str], as_json: bool) -> None:
@@ -424,9 +434,9 @@ def stream_all(registry: Registry, state: Optional[str], as_json: bool) -> None:
         click.echo(f'], "workers": {json.dumps(workers)}}}')
         return
     console = table_console()
-    console.print(status_table(live, workers, now))
+    console.print(status_table(live, workers, now, console.width))
     for n, jobs in enumerate(pages):
-        console.print(jobs_table(jobs, workers, now, "finished, newest first" if n == 0 else None))
+        console.print(jobs_table(jobs, workers, now, console.width, "finished, newest first" if n == 0 else None))
 
 
 @click.command()
@@ -473,16 +483,9 @@ def status(job_id, as_json, watch, limit, show_all, state, run, save_dir, queue)
         return
     console = table_console()
     if not watch:
-        console.print(status_table(*listing()))
+        console.print(status_table(*listing(), console.width))
         return
-    with Live(status_table(*listing()), console=console, refresh_per_second=1) as live, \
-            registry.changes() as wait:
-        try:
-            while True:
-                wait(2.0)
-                live.update(status_table(*listing()))
-        except KeyboardInterrupt:
-            pass
+    watch_table(console, registry.changes, lambda: status_table(*listing(), console.width), lambda: False)
 
 
 def chain_lines(registry: Registry, job: Job) -> list[str]:
@@ -641,9 +644,6 @@ def runs(as_json, as_csv, dataset, sort_by, save_root, limit, show_all, queue) -
         click.echo(out.getvalue(), nl=False)
         return
     title = f"runs ({len(rows)})" if more is None else f"runs: the best {len(rows)} (--all for every one)"
-    table = Table(title=title, title_justify="left")
-    for col in RUN_COLUMNS:
-        table.add_column(col.replace("_", " "))
 
     def cell(column: str, v: Any) -> str:
         if v is None:
@@ -651,6 +651,9 @@ def runs(as_json, as_csv, dataset, sort_by, save_root, limit, show_all, queue) -
         if column == "tokens_per_sec":
             return f"{v:,.0f}"
         return f"{v:.4g}" if isinstance(v, float) else str(v)
-    for r in rows:
-        table.add_row(*(run_label(r["key"]) if c == "run" else cell(c, r[c]) for c in RUN_COLUMNS))
-    table_console(220).print(table)
+    console = table_console(220)
+    headers = [c.replace("_", " ") for c in RUN_COLUMNS]
+    console.print(fitted_table(
+        title, headers, [[run_label(r["key"]) if c == "run" else cell(c, r[c]) for c in RUN_COLUMNS] for r in rows],
+        console.width, [c.replace("_", " ") for c in RUN_IMPORTANCE], least={"run": 16},
+        right=[h for h in headers if h not in ("run", "dataset", "optimizer", "state")]))

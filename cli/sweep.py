@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import click
-from rich.live import Live
 from rich.table import Table
 
 from tlm_cli.jobs import connect, duration, echo, queue_errors, queue_option
 from tlm_cli.options import flag_types, given_options
-from tlm_cli.render import table_console
+from tlm_cli.render import fitted_table, table_console, watch_table
 from tlm_worker.kinds import FINAL, misfit
 from tlm_worker.lab import Lab
 
@@ -141,23 +140,22 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
     return "-" if value is None else str(value)
 
 
-def leaderboard_table(sweep_job, rows: list[dict[str, Any]]) -> Table:
+def leaderboard_table(sweep_job, rows: list[dict[str, Any]], width: int) -> Table:
     names = list(sweep_job.params["search"])
     counts: dict[str, int] = {}
     for r in rows:  # from the rows below, so the title and the table never disagree
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     said = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    table = Table(title=f"sweep {sweep_job.params['name']} ({sweep_job.state}; "
-                        f"{len(rows)} of {sweep_job.params['trials']} trials: {said or 'none yet'})",
-                  title_justify="left")
-    for col in ("rank", "trial", *names, "best valid_loss", "at step", "at minute", "steps",
-                "worker time", "state"):
-        table.add_column(col, justify="left" if col in names or col == "state" else "right")
-    for r in rows:
-        table.add_row(str(r["rank"]), str(r["trial"]), *(_fmt(r["params"].get(n)) for n in names),
-                      _fmt(r["best"], ".4f"), _fmt(r["best_step"]), _fmt(r["best_minute"], ".2f"), str(r["steps"]),
-                      duration(r["worker_time"]) if r["worker_time"] else "-", r["state"])
-    return table
+    title = (f"sweep {sweep_job.params['name']} ({sweep_job.state}; "
+             f"{len(rows)} of {sweep_job.params['trials']} trials: {said or 'none yet'})")
+    columns = ("rank", "trial", *names, "best valid_loss", "at step", "at minute", "steps", "worker time", "state")
+    cells = [(str(r["rank"]), str(r["trial"]), *(_fmt(r["params"].get(n)) for n in names),
+              _fmt(r["best"], ".4f"), _fmt(r["best_step"]), _fmt(r["best_minute"], ".2f"), str(r["steps"]),
+              duration(r["worker_time"]) if r["worker_time"] else "-", r["state"]) for r in rows]
+    return fitted_table(title, columns, cells, width,
+                        ("rank", "trial", "best valid_loss", "state", *names, "steps", "worker time",
+                         "at step", "at minute"),
+                        least={n: len(n) for n in names}, right=[c for c in columns if c not in (*names, "state")])
 
 
 @sweep.command("status")
@@ -189,17 +187,14 @@ def status(name, as_json, as_csv, watch, queue) -> None:
         return
     console = table_console()
     if not watch:
-        console.print(leaderboard_table(job, leaderboard(registry, job)))
+        console.print(leaderboard_table(job, leaderboard(registry, job), console.width))
         return
-    with Live(leaderboard_table(job, leaderboard(registry, job)), console=console) as live, \
-            registry.changes() as wait:
-        try:
-            while job.state not in FINAL:
-                wait(2.0)
-                job = registry.get(job.id)
-                live.update(leaderboard_table(job, leaderboard(registry, job)))
-        except KeyboardInterrupt:
-            pass
+
+    def board() -> Table:
+        nonlocal job
+        job = registry.get(job.id)
+        return leaderboard_table(job, leaderboard(registry, job), console.width)
+    watch_table(console, registry.changes, board, lambda: job.state in FINAL)
 
 
 @sweep.command("best")
