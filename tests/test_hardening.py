@@ -469,14 +469,30 @@ def test_utf16_with_a_byte_order_mark_is_decoded_not_trained_as_bytes(tmp_path):
     assert "ö" in data.tokenizer.decode([int(t) for t in data.train[:200]])
 
 
-def test_a_narrow_terminal_wraps_the_status_table_and_never_blanks_its_cells(tmp_path):
+def test_tables_read_at_80_columns_with_whole_job_ids_and_status_watch_writes_into_a_pipe(tmp_path):
+    """At 80 columns (and at 20) no line is wider than the terminal, a job id is never cut, and
+    the columns left out are named; ``tlm status --watch`` into a pipe writes the table."""
+    import re
     queue = f"sqlite://{tmp_path / 'queue.db'}"
     (tmp_path / "run").mkdir()
     job_id = submit(queue, "eval", "--save_dir", str(tmp_path / "run"))
-    env = {**os.environ, "COLUMNS": "20", "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "0"}  # rich: a terminal
-    proc = subprocess.run(tlm_cmd("status", "--queue", queue), capture_output=True, text=True, env=env,
-                          timeout=60)
-    assert proc.returncode == 0 and job_id in proc.stdout, proc.stdout
+    for width in (20, 80):
+        env = {**os.environ, "COLUMNS": str(width), "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "0"}  # a terminal
+        for args in (["status"], ["runs"]):
+            proc = subprocess.run(tlm_cmd(*args, "--queue", queue), capture_output=True, text=True, env=env,
+                                  timeout=60)
+            shown = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout)
+            assert proc.returncode == 0 and max(map(len, shown.splitlines())) <= width, shown
+            assert args == ["runs"] or job_id in shown.split(), shown  # whole, to copy
+    status = re.sub(r"\x1b\[[0-9;]*m", "", subprocess.run(
+        tlm_cmd("status", "--queue", queue), capture_output=True, text=True, timeout=60,
+        env={**os.environ, "COLUMNS": "80", "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "0"}).stdout)
+    assert job_id in status.split() and "not shown at 80 columns: worker" in status, status
+    watch = subprocess.Popen(tlm_cmd("status", "--watch", "--queue", queue), stdout=subprocess.PIPE, text=True)
+    try:
+        assert job_id in watch.stdout.readline() + "".join(watch.stdout.readline() for _ in range(5))
+    finally:
+        watch.kill()
 
 
 def test_a_unix_socket_queue_url_works(tmp_path):
