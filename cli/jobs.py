@@ -596,12 +596,17 @@ def cancel(job_id, force, queue) -> None:
 @click.command()
 @click.option("--older_than", "--older-than", default=None, type=FiniteRange(0),
               help="days since a job finished (default: the retention, 30 or TLM_KEEP_DAYS)")
+@click.option("--keep_runs", "--keep-runs", is_flag=True,
+              help="keep listing in `tlm runs` the runs whose jobs are all deleted (as the retention does)")
 @queue_option
 @queue_errors
-def prune(older_than, queue) -> None:
-    """Delete finished jobs and their logs now (checkpoints and metrics files are untouched)."""
-    n = connect(queue).prune(older_than)
-    echo(f"deleted {n} finished job(s)")
+def prune(older_than, keep_runs, queue) -> None:
+    """Delete finished jobs and their logs now, and what `tlm runs` kept of the runs no job is
+    left of (checkpoints and metrics files are untouched)."""
+    n = connect(queue).prune(older_than, keep_runs)
+    echo(f"deleted {n} finished job(s)" + ("" if keep_runs or not n else
+                                         "; runs with no job left are listed from their folders only "
+                                         "(tlm runs --save_root; --keep_runs keeps them)"))
 
 
 @click.command()

@@ -174,6 +174,22 @@ def test_listing_reads_live_jobs_and_the_latest_finished(reg):
     assert [j for j in reg.jobs(0, run="run:r1") if j.kind == "train"] == []
 
 
+def test_prune_forgets_the_summaries_of_runs_no_job_is_left_of(reg):
+    """Issue 42: `tlm runs` listed pruned runs (their summaries outlived every job of them)."""
+    for run in ("run:gone", "run:kept"):
+        job = reg.create("train", {}, run)
+        reg.finish(job.id, "succeeded", reg.claim(job.id, "w").fence,
+                   progress={"step": 5, "best_valid": [2.0, 5, 1.0]})
+    reg.create("train", {}, "run:kept")  # still queued: its run keeps its summary
+
+    def summarized() -> set:
+        return {row["key"] for row in reg.run_summaries()[0]}
+    assert summarized() == {"run:gone", "run:kept"}
+    time.sleep(0.05)
+    assert reg.prune(older_than_days=0) == 2
+    assert summarized() == {"run:kept"}
+
+
 def test_prune_deletes_old_finished_jobs_and_their_logs_only(reg, url):
     old = reg.create("eval", {}, "run:a")
     reg.finish(old.id, "succeeded", reg.claim(old.id, "w").fence)
@@ -445,8 +461,8 @@ def test_runs_are_summarized_as_their_jobs_end_and_listed_a_page_at_a_time(reg, 
     rows, more = runs_table(reg, str(tmp_path), limit=2, cursor=more)
     assert "/r1" not in [r["run"] for r in rows]  # a live run is listed once, on the first page
     reg.cancel(live.id)
-    assert reg.prune(0) == 6
-    everything, more = runs_table(reg, str(tmp_path))  # the runs outlive their pruned jobs
+    assert reg.prune(0, keep_runs=True) == 6
+    everything, more = runs_table(reg, str(tmp_path))  # the runs outlive their pruned jobs (retention)
     assert [r["run"] for r in everything] == ["/r1", "/r4", "/r0", "/r2", "/r3"] and more is None
 
 

@@ -720,7 +720,7 @@ class Worker:
                 self.say(f"failed {bad}: it is not a job this tlm can read")
         if now - self._last_prune > 600:
             self._last_prune = now
-            pruned = self.registry.prune()
+            pruned = self.registry.prune(keep_runs=True)  # retention keeps the lab's runs listed
             if pruned:
                 self.say(f"pruned {pruned} job(s) finished more than {self.keep_days:g} days ago")
 

@@ -621,8 +621,9 @@ class Registry:
 
     # -- retention and upgrades ----------------------------------------------------------
 
-    def prune(self, older_than_days: Optional[float] = None) -> int:
-        """Delete jobs (and logs) finished more than the given days ago; return how many. The
+    def prune(self, older_than_days: Optional[float] = None, keep_runs: bool = False) -> int:
+        """Delete jobs (and logs) finished more than the given days ago, and (unless
+        ``keep_runs``) the summaries of the runs no job is left of; return how many jobs. The
         trials of a sweep that still runs stay (its round would take a missing one for a trial
         never created), and so does an ended sweep while one of its trials lives (it still
         reports to the sweep's study); a kind's ``forget`` deletes what else a record owns (a
@@ -638,6 +639,9 @@ class Registry:
         for job in jobs:
             if job.id not in kept and job.spec.forget:
                 resolve(job.spec.forget)(self, job.id)
+        if not keep_runs:  # a run's folder, under a save root, still lists it (tlm runs --save_root)
+            runs = {j.run for j in jobs if j.id not in kept and j.spec.trainer}
+            self.store.drop_runs([run for run in runs if not self.store.run_ids(run)])
         return len(gone)
 
     def _migrate(self) -> None:

@@ -60,6 +60,13 @@ class RedisStore:
         values = self.r.hmget(f"{self.P}runs", keys) if keys else []
         return {k: v.decode() for k, v in zip(keys, values) if v is not None}
 
+    def drop_runs(self, keys: list[str]) -> None:
+        if keys:
+            with self.r.pipeline() as pipe:
+                pipe.hdel(f"{self.P}runs", *keys)
+                pipe.zrem(f"{self.P}runs:best", *keys)
+                pipe.execute()
+
     def run_page(self, cursor: Optional[int], count: int) -> tuple[list[str], int]:
         """Summaries best first after ``cursor`` (a rank: a page costs its own rows)."""
         start = cursor or 0

@@ -105,6 +105,10 @@ class SqliteStore:
                                        chunk).fetchall())
         return out
 
+    def drop_runs(self, keys: list[str]) -> None:
+        with self._tx() as db:
+            db.executemany("DELETE FROM tlm_run WHERE key = ?", [(k,) for k in keys])
+
     def run_page(self, cursor: Optional[tuple[float, str]], count: int) -> tuple[list[str], tuple]:
         """Summaries best first after ``cursor`` (the last one's score and key: a keyset)."""
         after = "WHERE score > ? OR (score = ? AND key > ?)" if cursor else ""

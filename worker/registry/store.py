@@ -78,6 +78,8 @@ class Store(Protocol):
     def put_runs(self, rows: dict[str, tuple[float, str]]) -> None:
         """Run summaries: key -> (sort score, the row as JSON)."""
     def get_runs(self, keys: list[str]) -> dict[str, str]: ...
+    def drop_runs(self, keys: list[str]) -> None:
+        """Forget these runs' summaries (runs no job is left of, after a prune)."""
     def run_page(self, cursor: Cursor, count: int) -> tuple[list[str], Cursor]:
         """Summaries, lowest score first, after ``cursor``."""
 
