@@ -42,6 +42,7 @@ leases go by the queue's clock (``Registry.now``), not each Mac's.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -52,7 +53,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from tlm.ranks import COLLECTIVE_TIMEOUT, STALLED, free_ports
 from tlm_worker.jobs import EXIT_ELSEWHERE, EXIT_INTERRUPTED, SELF_FENCE, run_job
@@ -64,6 +65,8 @@ from tlm_worker.registry import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILE
                                  Job, JobNotFound, Registry)
 
 SPAWN = multiprocessing.get_context("spawn")
+IDLE_POLL = 10.0  # seconds an idle worker on Redis goes without looking at the queue unless woken
+IDLE_WAIT = 1.0  # the longest an idle worker's loop waits for a wake-up (signals are seen after it)
 KILL_AFTER = 0.75  # of the lease without a heartbeat: a job process still running is killed
 CLOCK_NOTICE_SECONDS = 5.0  # a clock this far from the queue's is worth a word at start
 
@@ -237,6 +240,8 @@ class Worker:
         self.lock = threading.Lock()
         self._outage = threading.Lock()  # the loop and the heartbeat thread both see outages
         self._done = threading.Event()
+        self._beat = threading.Event()  # set: heartbeat now (a job started)
+        self.wakeup: Optional[Callable[[float], bool]] = None  # Redis: wait for a push (Queue.wakeups)
         self._last_prune = 0.0
         self._next_gang_look = 0.0
         self.address = self.address or local_address(self.queue)
@@ -297,9 +302,14 @@ class Worker:
     # -- heartbeats and forced cancels (a thread, so long steps never starve them) --
 
     def _heartbeat_loop(self) -> None:
-        interval = max(0.2, min(5.0, self.lease / 4))
-        while not self._done.wait(interval):
-            self._try(self._heartbeat)
+        """Heartbeats every quarter lease (5 s at most) while jobs run; an idle worker's record
+        only needs to outlive WORKER_TTL, so it beats every IDLE_POLL (a job started wakes it)."""
+        while not self._done.is_set():
+            busy = self.running or self.reservation
+            self._beat.wait(max(0.2, min(5.0, self.lease / 4)) if busy else IDLE_POLL)
+            self._beat.clear()
+            if not self._done.is_set():
+                self._try(self._heartbeat)
 
     def _capabilities(self) -> dict:
         return {**capabilities(self.gpu, self.labels), "lab_root": self.not_lab_root is None}
@@ -376,8 +386,12 @@ class Worker:
         beat = threading.Thread(target=self._heartbeat_loop, daemon=True)
         beat.start()
         last_sweep = 0.0
+        wakeups = contextlib.ExitStack()
+        self.wakeup = self._try(wakeups.enter_context, self.queue.wakeups())
         try:
             while not (self.stopping and not self.running):
+                if self.wakeup is not None and self._try(self.wakeup, 0):
+                    self._woken()
                 self._say_notices()
                 if self.killing:
                     self._abandon_jobs()
@@ -401,11 +415,17 @@ class Worker:
                     if left is not None and left is not True:
                         self.say(f"{left}: exiting (--burst)")
                         break
-                if not busy:  # until a job process ends, or the next poll of the queue
+                if not busy:  # until a job process ends, a job is queued, or the next poll
                     sentinels = [r.process.sentinel for r in self.running.values()]
-                    multiprocessing.connection.wait(sentinels, self.poll) if sentinels \
-                        else time.sleep(self.poll)
+                    if sentinels:
+                        multiprocessing.connection.wait(sentinels, self.poll)
+                    elif self.wakeup is not None and self.down_since is None:
+                        if self._try(self.wakeup, IDLE_WAIT):
+                            self._woken()
+                    else:
+                        time.sleep(self.poll)
         finally:
+            wakeups.close()
             if self.unsettled:
                 self._try(self._settle)  # one more try: other workers' sweeps recover the rest
             self._say_notices()
@@ -475,8 +495,10 @@ class Worker:
             self.say(f"rejected a queue entry: {e}")
             return True
         if job_id is None:
+            if self.wakeup is not None:  # a push wakes this worker: no need to look again soon
+                self.idle_until[lane] = time.monotonic() + IDLE_POLL
             return False
-        job = self.registry.claim_next(lane, self.id, self.caps)
+        job = self.registry.claim_next(lane, self.id, self.caps, first=job_id)
         if job is not None:
             self._start(job, lane)
         if job is None or job.id != job_id:
@@ -486,6 +508,11 @@ class Worker:
                 if job is None:
                     self.idle_until[lane] = time.monotonic() + 1.0
         return job is not None
+
+    def _woken(self) -> None:
+        """A job was queued: look at every lane, and for a gang, now."""
+        self.idle_until.clear()
+        self._next_gang_look = 0.0
 
     def _start(self, job: Job, lane: str, rank: Optional[int] = None) -> None:
         """Run a job this worker holds (or its rank of a gang job) in a process of its own."""
@@ -500,6 +527,7 @@ class Worker:
         with self.lock:
             self.running[job.id] = Running(job, job.fence, lane, process, rank=rank,
                                            awake=power.keep_awake(process.pid))
+        self._beat.set()  # its heartbeats start now, not at the end of an idle wait
         self.say(f"started {job.kind} job {job.id} (attempt {job.attempts}"
                  + (f", {job.interruptions} interruption(s)" if job.interruptions else "")
                  + (f", rank {rank} of {job.nodes}" if rank is not None else "")
@@ -512,7 +540,7 @@ class Worker:
         if r is None:
             if not self._free("train") or now < self._next_gang_look:
                 return False
-            self._next_gang_look = now + 1.0
+            self._next_gang_look = now + (IDLE_POLL if self.wakeup is not None else 1.0)
             gang = self._joinable_gang()
             if gang is None:
                 return False
@@ -570,6 +598,8 @@ class Worker:
         An interactive process idle past --interactive_idle is closed: its models' memory
         goes back to the Mac, and the next sample or eval starts one afresh."""
         finished = [r for r in list(self.running.values()) if not r.process.is_alive()]
+        if finished:
+            self._woken()  # a slot is free: look at the queue now, not at the next idle poll
         for r in finished:
             r.process.join()
             if isinstance(r.process, PooledJob):
@@ -702,8 +732,8 @@ class Worker:
                 self.registry.finish(job.id, CANCELLED, job.fence, error=reason, log=f"cancelled: {reason}")
             else:
                 self._crashed(job, reason)
-        stranded = [j for j in self.registry.in_states(CLAIMABLE)
-                    if now - j.enqueued > self.lease and j.nodes == 1]
+        stranded = [j for j in self.registry.in_states(CLAIMABLE) if now - j.enqueued > self.lease
+                    and j.nodes == 1] if self.registry.my_turn("stranded", self.lease / 2) else []
         if stranded:
             pending = {lane: self.queue.pending(lane) for lane in LANES}
             for job in stranded:

@@ -19,6 +19,7 @@ ever unpickled, so an entry written by someone else cannot run code here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import sqlite3
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import platformdirs
 import redis
@@ -36,6 +37,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 QUEUE_NAME = "tlm"
+WAKE_CHANNEL = f"{QUEUE_NAME}:wake"  # Redis publishes the lane of each push here
 LANES = {"train": QUEUE_NAME, "interactive": f"{QUEUE_NAME}-interactive"}  # lane: huey queue name
 # What an unreachable or restarting backend raises, or one that refuses writes for now (Redis
 # at its maxmemory with noeviction, a read-only replica): an outage, waited out, never an attempt.
@@ -141,11 +143,45 @@ class Queue:
 
     def push(self, job_id: str, lane: str, priority: int = 0) -> None:
         self.lanes[lane].enqueue(self.serializer.serialize({"job": job_id}), priority)
+        if self.redis is not None:
+            self.redis.publish(WAKE_CHANNEL, lane)
+
+    @contextlib.contextmanager
+    def wakeups(self) -> Iterator[Optional[Callable[[float], bool]]]:
+        """``wait(timeout) -> woken``: returns at once, True, when a job is pushed to a lane
+        (Redis publishes each push), so an idle worker waits without polling; None on the
+        embedded queue (a worker polls its local file, which costs no network)."""
+        if self.redis is None:
+            yield None
+            return
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(WAKE_CHANNEL)
+
+        def wait(timeout: float) -> bool:
+            if pubsub.get_message(timeout=timeout) is None:
+                return False
+            while pubsub.get_message(timeout=0) is not None:  # a burst is one wake-up
+                pass
+            return True
+        try:
+            yield wait
+        finally:
+            pubsub.close()
 
     def pop(self, lane: str) -> Optional[str]:
         """The lane's next job id, or None. Raises PayloadError for an entry that is not ours."""
         raw = self.lanes[lane].dequeue()
         return None if raw is None else self._job_id(raw)
+
+    def head(self, lane: str, count: int) -> list[str]:
+        """The job ids of a lane's first ``count`` wake-ups, most urgent first (left in place)."""
+        ids = []
+        for raw in self.lanes[lane].enqueued_items(limit=count):
+            try:
+                ids.append(self._job_id(raw))
+            except PayloadError:
+                pass
+        return ids
 
     def pending(self, lane: str) -> set[str]:
         """The job ids waiting in a lane (a short list: live work only)."""

@@ -48,6 +48,8 @@ KEEP_DAYS = float(os.environ.get("TLM_KEEP_DAYS", "30"))
 LAYOUT = 3  # of the lab's keys and tables: 3 added run summaries and lab values (tlm:lab:*, tlm_lab)
 CLOCK_CHECK_SECONDS = 600.0  # how often a long-lived process reads the queue's clock again
 
+HEAD = 32  # wake-ups a claim reads at the front of its lane
+SCAN_SECONDS = 30.0  # the most often one registry reads every claimable job for a claim
 CLAIM_FIELDS = ("id", "kind", "params", "run", "state", "priority", "needs", "enqueued", "version")
 Change = Callable[[Job], Optional[dict[str, Any]]]
 
@@ -97,6 +99,7 @@ class Registry:
         self.store: Store = RedisStore(queue.redis) if queue.redis is not None else SqliteStore(queue.sqlite_path)
         self.skipped: dict[str, BadRecord] = {}  # live records that did not decode, by id (latest read)
         self._offset, self._offset_read = 0.0, -CLOCK_CHECK_SECONDS
+        self._scanned: dict[str, float] = {}  # lane -> when claim_next last read past its head
         self._check_layout()
         if queue.storage.result_store_size():
             self._migrate()
@@ -320,13 +323,34 @@ class Registry:
         job = self.change(job_id, take, expire=self._ttl)
         return job if job is not None and job.state == RUNNING else None
 
-    def claim_next(self, lane: str, worker_id: str, caps: dict[str, Any]) -> Optional[Job]:
+    def claim_next(self, lane: str, worker_id: str, caps: dict[str, Any],
+                   first: Optional[str] = None) -> Optional[Job]:
         """The best job of a lane this worker can run, claimed: highest priority first, then
         the longest waiting, among claimable jobs whose needs it meets. Each try is the one
         atomic claim above, so two workers never take one job; one that lost a race tries
-        the next."""
-        candidates = self._decode(self.store.read(self.store.ids_in(CLAIMABLE), CLAIM_FIELDS))
-        jobs = [j for j in candidates if j.spec.lane == lane and j.nodes == 1 and not unmet(j.placement, caps)]
+        the next.
+
+        What it reads does not grow with the queue: ``first``, the job the lane's queue
+        woke this worker for (its most urgent wake-up), is tried alone; then the jobs of the
+        lane's first HEAD wake-ups. Only when that head is full of jobs this worker cannot
+        run (another's needs, a gang) does it read every claimable job, at most once every
+        SCAN_SECONDS, for what lies past the head."""
+        if first is not None:
+            job = self.claim(first, worker_id, caps)
+            if job is not None:
+                return job
+        ids = self.queue.head(lane, HEAD)
+        job = self._claim_best(ids, lane, worker_id, caps)
+        if job is None and len(ids) == HEAD and time.monotonic() - self._scanned.get(lane, -SCAN_SECONDS) \
+                >= SCAN_SECONDS:
+            self._scanned[lane] = time.monotonic()
+            job = self._claim_best(self.store.ids_in(CLAIMABLE), lane, worker_id, caps)
+        return job
+
+    def _claim_best(self, ids: list[str], lane: str, worker_id: str, caps: dict[str, Any]) -> Optional[Job]:
+        candidates = self._decode(self.store.read(ids, CLAIM_FIELDS))
+        jobs = [j for j in candidates if j.state in CLAIMABLE and j.spec.lane == lane and j.nodes == 1
+                and not unmet(j.placement, caps)]
         for job in sorted(jobs, key=lambda j: (-j.priority, j.enqueued)):
             claimed = self.claim(job.id, worker_id, caps)
             if claimed is not None:
@@ -487,9 +511,22 @@ class Registry:
 
     def waiting_gangs(self) -> list[Job]:
         """Gang jobs waiting for members, highest priority then oldest first (every worker joins
-        the first it can, so two gangs never split the workers between them)."""
-        return sorted((j for j in self.in_states(CLAIMABLE) if j.nodes > 1),
+        the first it can, so two gangs never split the workers between them): those of the
+        training lane's first HEAD wake-ups, and of every claimable job at most once every
+        SCAN_SECONDS (a gang behind a deep queue is found then), so a look costs what a
+        claim does however deep the queue."""
+        ids = self.queue.head(KINDS["train"].lane, HEAD)
+        if time.monotonic() - self._scanned.get("gangs", -SCAN_SECONDS) >= SCAN_SECONDS:
+            self._scanned["gangs"] = time.monotonic()
+            ids = self.store.ids_in(CLAIMABLE)
+        return sorted((j for j in self.find(ids) if j.state in CLAIMABLE and j.nodes > 1),
                       key=lambda j: (-j.priority, j.created))
+
+    def my_turn(self, chore: str, seconds: float) -> bool:
+        """True for one process in the lab every ``seconds``: a chore every worker would
+        otherwise repeat (reading every queued job) is done once."""
+        now = self.now()
+        return self.store.take_turn(chore, now, now + seconds)
 
     def reserve(self, job_id: str, worker_id: str, place: dict[str, Any],
                 expires: float, caps: Optional[dict[str, Any]] = None) -> Optional[Job]:

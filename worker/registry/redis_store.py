@@ -48,6 +48,9 @@ class RedisStore:
     def set_value(self, name: str, value: str) -> None:
         self.r.set(f"{self.P}lab:{name}", value)
 
+    def take_turn(self, name: str, now: float, until: float) -> bool:
+        return bool(self.r.set(f"{self.P}lab:turn:{name}", until, nx=True, px=max(1, int((until - now) * 1000))))
+
     def put_runs(self, rows: dict[str, tuple[float, str]]) -> None:
         """Run summaries (key -> (sort score, the row as JSON)): a hash, and a sorted set by score."""
         if rows:

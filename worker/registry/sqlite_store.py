@@ -92,6 +92,14 @@ class SqliteStore:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO tlm_lab VALUES (?, ?)", (name, value))
 
+    def take_turn(self, name: str, now: float, until: float) -> bool:
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM tlm_lab WHERE name = ?", (f"turn:{name}",)).fetchone()
+            if row is not None and float(row[0]) > now:
+                return False
+            db.execute("INSERT OR REPLACE INTO tlm_lab VALUES (?, ?)", (f"turn:{name}", str(until)))
+            return True
+
     def put_runs(self, rows: dict[str, tuple[float, str]]) -> None:
         with self._tx() as db:
             db.executemany("INSERT OR REPLACE INTO tlm_run VALUES (?, ?, ?)",

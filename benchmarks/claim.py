@@ -1,0 +1,136 @@
+"""What a claim costs as the queue deepens, and what idle workers cost the queue (issue 42).
+
+    python benchmarks/claim.py [--depths 10,1000,10000] [--idle 4] [--seconds 20]
+
+* Claim latency with 10, 1,000 and 10,000 cheap jobs queued, as a worker claims: pop the lane's
+  most urgent wake-up, claim it (``Registry.claim_next(first=...)``); each claimed job is
+  finished and replaced, so the depth stays what it says. Beside it, in the same run, the claim
+  as it was before (every claimable record read and sorted). Both backends: an embedded SQLite
+  file, and a redis-server of this benchmark's own. Goal: 10,000 within x1.5 of 10.
+* Idle traffic: --idle tlm-worker processes on that Redis with nothing to do, its commands per
+  worker per second over --seconds (INFO commandstats). Goal: under 1.
+
+Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from tlm_worker.kinds import CLAIMABLE
+from tlm_worker.queue import Queue
+from tlm_worker.registry import Registry
+
+CLAIMS = 200
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fill(reg: Registry, n: int) -> None:
+    for _ in range(n):
+        reg.create("eval", {}, "dir:/claims")
+
+
+def claim_ms(reg: Registry, before: bool) -> float:
+    """Median ms of CLAIMS claims as a worker makes them (or as the claim was before)."""
+    times = []
+    for _ in range(CLAIMS):
+        tic = time.perf_counter()
+        if before:
+            reg.queue.pop("interactive")
+            job = reg._claim_best(reg.store.ids_in(CLAIMABLE), "interactive", "w", {})
+        else:
+            job = reg.claim_next("interactive", "w", {}, first=reg.queue.pop("interactive"))
+        times.append(time.perf_counter() - tic)
+        reg.finish(job.id, "succeeded", job.fence)
+        fill(reg, 1)
+    return statistics.median(times) * 1000
+
+
+def claims(url: str, label: str, depths: list[int]) -> None:
+    print(f"claim latency, {label} (median of {CLAIMS}):")
+    figures = {}
+    for depth in depths:
+        reg = Registry(Queue(url))
+        if reg.queue.redis is not None:
+            reg.queue.redis.flushdb()  # the benchmark's own server
+        else:
+            reg.prune(0)
+        fill(reg, depth)
+        figures[depth] = (claim_ms(reg, before=False), claim_ms(reg, before=True))
+        print(f"  {depth:6,d} queued: {figures[depth][0]:7.2f} ms a claim;  before: {figures[depth][1]:8.2f} ms")
+        for job in reg.in_states(CLAIMABLE):  # the next depth starts empty
+            reg.cancel(job.id)
+        reg.prune(0)
+    low, high = min(depths), max(depths)
+    print(f"  {high:,} against {low:,} queued: x{figures[high][0] / figures[low][0]:.2f} "
+          f"(before: x{figures[high][1] / figures[low][1]:.2f})")
+
+
+def idle_traffic(url: str, workers: int, seconds: float, tmp: Path) -> None:
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp / "xdg")}
+    procs = [subprocess.Popen([sys.executable, "-m", "tlm_worker.main", "--queue", url, "--save_root",
+                               str(tmp / "root")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for _ in range(workers)]
+    try:
+        time.sleep(10)  # started, and past their first sweep
+
+        def total() -> int:
+            return sum(v["calls"] for k, v in r.info("commandstats").items())
+        start = total()
+        time.sleep(seconds)
+        rate = (total() - start - 2) / seconds / workers  # less this function's own two INFOs
+        print(f"idle: {rate:.2f} Redis commands per worker per second ({workers} workers, {seconds:.0f} s)")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depths", default="10,1000,10000")
+    ap.add_argument("--idle", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=20)
+    args = ap.parse_args()
+    depths = [int(d) for d in args.depths.split(",")]
+    with tempfile.TemporaryDirectory(prefix="tlm-claim-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "root").mkdir()
+        claims(f"sqlite://{tmp / 'queue.db'}", "embedded SQLite", depths)
+        port = free_port()
+        server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
+        try:
+            url = f"redis://127.0.0.1:{port}/0"
+            for _ in range(100):
+                try:
+                    redis.Redis.from_url(url).ping()
+                    break
+                except redis.exceptions.ConnectionError:
+                    time.sleep(0.05)
+            claims(url, "Redis", depths)
+            idle_traffic(url, args.idle, args.seconds, tmp)
+        finally:
+            server.kill()
+
+
+if __name__ == "__main__":
+    main()
