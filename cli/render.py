@@ -99,7 +99,7 @@ def fitted_table(title: Optional[str], columns: Sequence[str], rows: Sequence[Se
         if GAP + need[c] <= spare:
             shown.append(c)
             spare -= GAP + need[c]
-    for c in shown:  # what is left widens the shown columns, the most important first
+    for c in sorted(shown, key=lambda c: natural[c] - need[c]):  # what is left makes the most cells whole
         grow = min(natural[c] - need[c], spare)
         need[c], spare = need[c] + grow, spare - grow
     keep = [i for i, c in enumerate(columns) if c in shown]

@@ -66,6 +66,18 @@ def make_two_checkpoints(save_dir: Path) -> tuple[str, str]:
     return older, newer
 
 
+def test_retention_keeps_what_a_reader_pins_until_it_is_read_and_forgets_a_dead_readers_pin(save_dir):
+    """Issue 41, item 4: a sample, eval or export pins the checkpoint it reads (a file in the
+    run directory, so a reader on another Mac counts); a pin past PIN_SECONDS is a dead one's."""
+    older, newer = make_two_checkpoints(save_dir)
+    with checkpoint.pinned(save_dir, older[:8]):
+        assert checkpoint.retain(save_dir, keep_last=1) == []
+        (stale,) = (save_dir / checkpoint.PINS).iterdir()
+        os.utime(stale, (time.time() - checkpoint.PIN_SECONDS - 1,) * 2)  # its reader died long ago
+        assert checkpoint.retain(save_dir, keep_last=1) == [older] and not stale.exists()
+    assert [c.identifier for c in checkpoint.list_checkpoints(save_dir)] == [newer]
+
+
 @pytest.mark.parametrize("damage", ["bitflip", "truncate", "misname", "metadata"])
 def test_a_damaged_checkpoint_is_skipped_for_the_next_older(save_dir, damage):
     older, newer = make_two_checkpoints(save_dir)

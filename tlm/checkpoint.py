@@ -18,15 +18,17 @@ atomic on local disks and on SMB/NFS shares alike.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import socket
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -322,13 +324,50 @@ def read(directory: str | Path, identifier: Optional[str], use: Callable[[Checkp
     for attempt in range(tries):
         newest = newest_name(directory)
         try:
-            ckpt = find(directory, identifier, warn)
-            return (ckpt, use(ckpt)) if ckpt is not None else (None, None)
+            with pinned(directory, identifier or newest):
+                ckpt = find(directory, identifier, warn)
+                return (ckpt, use(ckpt)) if ckpt is not None else (None, None)
         except Exception:
             if identifier or attempt == tries - 1 or newest_name(directory) == newest:
                 raise
             warn("the checkpoint was replaced while it was read (the run trains on): reading the newest")
     raise AssertionError("unreachable")
+
+
+PINS = ".tlm-readers"  # a run's pins: one empty file per live reader, named <checkpoint>.<host>.<pid>.<n>
+PIN_SECONDS = 600.0  # a pin older than this is a dead reader's: retention no longer keeps its checkpoint
+
+
+@contextlib.contextmanager
+def pinned(directory: str | Path, identifier: Optional[str]) -> Iterator[None]:
+    """Retention keeps the checkpoint ``identifier`` (or the ones it prefixes) while this reader
+    reads it, on any machine: a pin file in the run directory, removed after. A folder this
+    reader may not write to is read unpinned (``read``'s retries cover it)."""
+    pin = Path(directory) / PINS / f"{identifier}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        if identifier:
+            pin.parent.mkdir(exist_ok=True)
+            pin.touch()
+    except OSError:
+        identifier = None
+    try:
+        yield
+    finally:
+        if identifier:
+            with contextlib.suppress(OSError):
+                pin.unlink()
+
+
+def _pinned(directory: Path) -> list[str]:
+    """The checkpoints (or prefixes of them) live readers pin; a dead reader's pins are removed."""
+    pins, now = [], time.time()
+    for pin in (directory / PINS).glob("*") if (directory / PINS).is_dir() else []:
+        with contextlib.suppress(OSError):
+            if now - pin.stat().st_mtime < PIN_SECONDS:
+                pins.append(pin.name.split(".")[0])
+            else:
+                pin.unlink()
+    return pins
 
 
 def list_checkpoints(directory: str | Path) -> list[Checkpoint]:
@@ -375,9 +414,10 @@ def retain(directory: str | Path, keep_last: int = 1) -> list[str]:
     scored = [c for c in valid if c.state.get("val_loss") is not None]
     if scored:
         keep.add(min(scored, key=lambda c: c.state["val_loss"]).identifier)
+    pins = _pinned(directory)  # what a sample, eval or export reads now stays until it is read
     removed = []
     for c in valid:
-        if c.identifier not in keep:
+        if c.identifier not in keep and not any(c.identifier.startswith(p) for p in pins):
             c.weights_path.unlink(missing_ok=True)  # weights first: never a pair without metadata
             c.metadata_path.unlink(missing_ok=True)
             removed.append(c.identifier)

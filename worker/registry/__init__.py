@@ -511,12 +511,11 @@ class Registry:
 
     def waiting_gangs(self) -> list[Job]:
         """Gang jobs waiting for members, highest priority then oldest first (every worker joins
-        the first it can, so two gangs never split the workers between them): those of the
-        training lane's first HEAD wake-ups, and of every claimable job at most once every
-        SCAN_SECONDS (a gang behind a deep queue is found then), so a look costs what a
-        claim does however deep the queue."""
-        ids = self.queue.head(KINDS["train"].lane, HEAD)
-        if time.monotonic() - self._scanned.get("gangs", -SCAN_SECONDS) >= SCAN_SECONDS:
+        the first it can, so two gangs never split the workers between them). Read from the
+        stores' index of gangs (a look costs the gangs, not the queue), and at a process's first
+        look from every claimable job (a gang queued by a tlm before that index)."""
+        ids = self.store.gang_ids(CLAIMABLE)
+        if "gangs" not in self._scanned:
             self._scanned["gangs"] = time.monotonic()
             ids = self.store.ids_in(CLAIMABLE)
         return sorted((j for j in self.find(ids) if j.state in CLAIMABLE and j.nodes > 1),

@@ -141,6 +141,8 @@ class RedisStore:
                         pipe.set(trainer, job["id"])
                     pipe.zadd(f"{self.P}run:{job['run']}", {job["id"]: job["created"]})
                     pipe.zadd(f"{self.P}ids", {job["id"]: 0})
+                    if _nodes(job) > 1:  # a gang: what workers look for (gang_ids)
+                        pipe.sadd(f"{self.P}gangs", job["id"])
                     if exclusive:  # a run's trainer: what the runs table reads
                         pipe.zadd(f"{self.P}trainers", {job["id"]: job["created"]})
                     pipe.execute()
@@ -226,6 +228,9 @@ class RedisStore:
 
     def ids_in(self, states) -> list[str]:
         return [i.decode() for i in self.r.sunion([f"{self.P}state:{s}" for s in states])]
+
+    def gang_ids(self, states) -> list[str]:
+        return [i.decode() for i in self.r.smembers(f"{self.P}gangs")]
 
     def finished_page(self, cursor: Optional[int], count: int) -> tuple[list[str], int]:
         """Finished ids newest first after ``cursor`` (a rank: a sorted set's range by rank
@@ -318,6 +323,7 @@ class RedisStore:
                             *(self._old_stream(job_id, s) for s in STREAMS))
                 for index in ("finished", "ids", "trainers"):
                     pipe.zrem(f"{self.P}{index}", job_id)
+                pipe.srem(f"{self.P}gangs", job_id)
                 if run is None:
                     expired.append(job_id)
                 else:
@@ -327,3 +333,9 @@ class RedisStore:
         if expired:
             for key in self.r.scan_iter(match=f"{self.P}run:*", count=1000):
                 self.r.zrem(key, *expired)
+
+
+def _nodes(job: dict[str, Any]) -> int:
+    """A record's --nodes (1 for anything that is not a number above it)."""
+    nodes = (job.get("params") or {}).get("nodes", 1) if isinstance(job.get("params"), dict) else 1
+    return nodes if isinstance(nodes, int) and not isinstance(nodes, bool) else 1

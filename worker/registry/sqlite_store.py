@@ -181,6 +181,12 @@ class SqliteStore:
         return [r[0] for r in self.db.execute(
             f"SELECT id FROM tlm_job WHERE state IN ({','.join('?' * len(states))})", states)]
 
+    def gang_ids(self, states) -> list[str]:
+        states = list(states)
+        return [r[0] for r in self.db.execute(
+            f"SELECT id FROM tlm_job WHERE state IN ({','.join('?' * len(states))}) AND "
+            "CASE WHEN json_valid(record) THEN json_extract(record, '$.params.nodes') END > 1", states)]
+
     def finished_page(self, cursor: Optional[tuple[float, str]], count: int) -> tuple[list[str], tuple]:
         """Finished ids newest first after ``cursor`` (the last one's finish time and id: a
         keyset on the (finished, id) index, where an OFFSET would count past every row before)."""

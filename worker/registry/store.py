@@ -45,6 +45,9 @@ class Store(Protocol):
 
     # -- indexes
     def ids_in(self, states: Any) -> list[str]: ...
+    def gang_ids(self, states: Any) -> list[str]:
+        """Ids of gang jobs (``--nodes`` over 1), at least those in these states (a superset:
+        the registry reads each record): what a worker looks for, without every queued job."""
     def finished_page(self, cursor: Cursor, count: int) -> tuple[list[str], Cursor]:
         """Finished ids newest first after ``cursor``: a page costs its rows, not the history."""
     def finished_before(self, before: float) -> list[str]: ...
