@@ -333,7 +333,8 @@ def test_an_idle_interactive_process_gives_its_memory_back_and_the_next_sample_s
         job = registry(url).jobs(None)[-1]
         pid = job_pid(workers.log(w), job.id)
         until(lambda: not alive(pid), 30, "the idle interactive process closed")
-    assert workers.log(w).count("interactive process idle for 1s: closed, its memory given back") == 3
+    until(lambda: workers.log(w).count("interactive process idle for 1s: closed, its memory given back") == 3,
+          10, "each closing said (the worker says it once the process has ended)")
 
 
 @pytest.mark.parametrize("url", ["sqlite"], indirect=True)

@@ -81,6 +81,25 @@ def redact(url: str) -> str:
     return re.sub(r"//([^@/]*):[^@/]*@", r"//\1:***@", url)
 
 
+@contextlib.contextmanager
+def subscribed(client: redis.Redis, channel: str, burst: float) -> Iterator[Callable[[float], bool]]:
+    """``wait(timeout) -> True`` when a message came on ``channel`` (False at the timeout); the
+    messages that follow within ``burst`` seconds are the same wake-up."""
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(channel)
+
+    def wait(timeout: float) -> bool:
+        if pubsub.get_message(timeout=timeout) is None:
+            return False
+        while pubsub.get_message(timeout=burst) is not None:
+            pass
+        return True
+    try:
+        yield wait
+    finally:
+        pubsub.close()
+
+
 class Queue:
     """Job ids in, job ids out: ``push``/``pop`` JSON entries per lane on huey's storage.
 
@@ -154,19 +173,8 @@ class Queue:
         if self.redis is None:
             yield None
             return
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(WAKE_CHANNEL)
-
-        def wait(timeout: float) -> bool:
-            if pubsub.get_message(timeout=timeout) is None:
-                return False
-            while pubsub.get_message(timeout=0) is not None:  # a burst is one wake-up
-                pass
-            return True
-        try:
+        with subscribed(self.redis, WAKE_CHANNEL, burst=0.0) as wait:
             yield wait
-        finally:
-            pubsub.close()
 
     def pop(self, lane: str) -> Optional[str]:
         """The lane's next job id, or None. Raises PayloadError for an entry that is not ours."""

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional
 import redis
 
 from tlm_worker.kinds import FINAL, LIVE
+from tlm_worker.queue import subscribed
 from tlm_worker.registry.store import STREAMS, WORKER_TTL, RawChange, loads
 
 
@@ -274,19 +275,8 @@ class RedisStore:
 
     @contextlib.contextmanager
     def waiter(self) -> Iterator[Callable[[float], bool]]:
-        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(f"{self.P}events")
-
-        def wait(timeout: float) -> bool:
-            if pubsub.get_message(timeout=timeout) is None:
-                return False
-            while pubsub.get_message(timeout=0.05) is not None:  # a burst is one wake-up
-                pass
-            return True
-        try:
+        with subscribed(self.r, f"{self.P}events", burst=0.05) as wait:
             yield wait
-        finally:
-            pubsub.close()
 
     def put_worker(self, worker_id: str, record: dict[str, Any]) -> None:
         with self.r.pipeline() as pipe:
