@@ -113,6 +113,9 @@ def test_a_job_appears_advances_draws_and_is_cancelled_from_the_page(url, dashbo
         until(lambda: points() > seen, what="the curve gains points")
         until(lambda: "iter " in text(browser, "#log"), what="the log")
         until(lambda: browser.find_elements("css selector", "#chart-time canvas"), what="time chart")
+        for gauge in ("#chart-lr", "#chart-speed", "#chart-memory"):  # what the trainer reports beside the loss
+            until(lambda: int(browser.find_element("css selector", gauge).get_attribute("data-points") or 0) > 0,
+                  what=f"{gauge} drawn")
         click(browser, f"#run-jobs {row} button.cancel")
         until(lambda: "tlm cancel " + job_id in text(browser, "#notice"), what="the command shown")
         job = wait_for(url, job_id, ["cancelled"])

@@ -246,7 +246,7 @@ function chartControls() {
   smooth.addEventListener("input", () => { VIEW.smooth = Number(smooth.value); label.textContent = VIEW.smooth.toFixed(2); update(); });
   log.addEventListener("change", () => { VIEW.log = log.checked; update(); });
   return el("div", { class: "row chart-controls" }, el("label", {}, "smoothing ", smooth, " ", label),
-    el("label", {}, log, " log scale"), el("span", { class: "muted" }, "drag to zoom, double-click to reset"));
+    el("label", {}, log, " log scale"), el("span", { class: "muted" }, " · drag to zoom, double-click to reset"));
 }
 
 const resizing = new ResizeObserver(entries => entries.forEach(e => {
@@ -256,7 +256,7 @@ const resizing = new ResizeObserver(entries => entries.forEach(e => {
 
 const LEGEND_MAX = 8; // series a chart's legend lists; past it: the emphasised in colour, the rest grey, hover names
 
-function chart(box, title, xLabel, labels, series, dimmed = [], emphasised = []) {
+function chart(box, title, xLabel, labels, series, dimmed = [], emphasised = [], yLabel = "loss") {
   box.replaceChildren();
   series = series.map(s => ema(s, VIEW.smooth));
   const data = align(series);
@@ -272,7 +272,7 @@ function chart(box, title, xLabel, labels, series, dimmed = [], emphasised = [])
   box.__plot = new uPlot({
     title, width: Math.max(320, box.clientWidth || box.parentElement.clientWidth / 2 - 30), height: 260,
     scales: { x: { time: false }, y: VIEW.log ? { distr: 3 } : {} },
-    axes: [{ label: xLabel }, { label: VIEW.log ? "loss (log)" : "loss" }],
+    axes: [{ label: xLabel }, { label: VIEW.log ? `${yLabel} (log)` : yLabel }],
     legend: { show: !many },
     cursor: { focus: { prox: 24 } }, focus: { alpha: many ? 0.25 : 1 },
     hooks: { setSeries: [(u, i) => { if (many) hovered.textContent = i ? labels[i - 1] : "hover a curve to name it"; }] },
@@ -297,6 +297,11 @@ function runView(root, key) {
   const byStep = el("div", { class: "chart", id: "chart-step" });
   const byTime = el("div", { class: "chart", id: "chart-time" });
   charts.append(byStep, byTime);
+  // what the trainer reports beside the loss (metrics.jsonl's train records), against step
+  const gauges = [["chart-lr", "learning rate", "lr"], ["chart-speed", "tokens per second", "tokens_per_sec"],
+    ["chart-memory", "peak memory (GB)", "peak_memory_gb"]].map(([id, title, field]) =>
+    ({ box: el("div", { class: "chart", id }), title, field }));
+  const gaugeRow = el("div", { class: "charts" }, ...gauges.map(g => g.box));
   const jobsBox = el("div", { id: "run-jobs" }), config = el("div"), ckpts = el("div");
   const log = el("pre", { class: "log", id: "log" });
   const prompt = el("input", { id: "sample-prompt", placeholder: "prompt", size: 40 });
@@ -313,16 +318,22 @@ function runView(root, key) {
     sampleJob = r ? r.job : null;
     refresh();
   });
-  root.append(head, chartControls(), charts, el("div", { class: "grid2" },
+  root.append(head, chartControls(), charts, gaugeRow, el("div", { class: "grid2" },
     el("div", {}, el("h2", {}, "Checkpoints"), ckpts), el("div", {}, el("h2", {}, "Configuration"), config)),
   el("h2", {}, "Sample"), sampleForm, output, el("h2", {}, "Jobs"), jobsBox, el("h2", {}, "Log"), log);
 
   async function refresh() {
     const run = await api("/api/run?key=" + encodeURIComponent(key));
-    head.replaceChildren(el("h1", {}, runName(key)), el("p", { class: "muted" }, key));
+    head.replaceChildren(el("h1", {}, runName(key)), el("p", { class: "muted" },
+      key.startsWith("dir:") ? `folder ${key.slice(4)}` : "a run under the lab's save root"));
     chart(byStep, "loss against step", "step", ["train", "valid"], curves(run.points, p => p.step));
     chart(byTime, "loss against training time", "minutes", ["train", "valid"],
       curves(run.points, p => (p.elapsed || 0) / 60));
+    const reported = run.points.filter(p => p.kind === "train");
+    for (const g of gauges) {
+      chart(g.box, g.title, "step", [g.title], [reported.filter(p => p[g.field] != null).map(p => [p.step, p[g.field]])],
+        [], [], g.title);
+    }
     jobsBox.replaceChildren(table(JOB_HEADERS, [...run.jobs].reverse().map(j => jobRow(j, false))));
     config.replaceChildren(
       el("p", { class: "muted", id: "config-from" }, run.config_from === "checkpoint"
