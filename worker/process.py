@@ -540,7 +540,7 @@ class Worker:
         if r is None:
             if not self._free("train") or now < self._next_gang_look:
                 return False
-            self._next_gang_look = now + (IDLE_POLL if self.wakeup is not None else 1.0)
+            self._next_gang_look = now + 1.0
             gang = self._joinable_gang()
             if gang is None:
                 return False
@@ -587,6 +587,8 @@ class Worker:
         """The oldest waiting gang the live workers could fill, unless this worker gave it up
         lately; every worker picks the same one, so gangs never split the workers."""
         gangs = [g for g in self.registry.waiting_gangs() if not unmet(g.placement, self.caps)]
+        if not gangs and self.wakeup is not None:  # a gang queued or re-queued wakes this worker
+            self._next_gang_look = time.monotonic() + IDLE_POLL
         live = self._live_workers() if gangs else 0
         gang = next((g for g in gangs if g.nodes <= live), None)
         if gang is None or self.shunned.get(gang.id, 0) > time.monotonic():

@@ -162,6 +162,10 @@ class Queue:
 
     def push(self, job_id: str, lane: str, priority: int = 0) -> None:
         self.lanes[lane].enqueue(self.serializer.serialize({"job": job_id}), priority)
+        self.wake(lane)
+
+    def wake(self, lane: str) -> None:
+        """Tell idle workers (on Redis) that a lane has work: a push, or a gang to gather."""
         if self.redis is not None:
             self.redis.publish(WAKE_CHANNEL, lane)
 

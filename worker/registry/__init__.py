@@ -62,9 +62,10 @@ def holder(job: Job) -> str:
 
 
 def _wake(queue: Queue, job: Job) -> None:
-    """Push a claimable job's entry into its lane, at its priority (gangs are gathered, not popped)."""
-    if job.nodes == 1 and job.state in CLAIMABLE:
-        queue.push(job.id, job.spec.lane, job.priority)
+    """Push a claimable job's entry into its lane, at its priority; a gang is gathered, not
+    popped: idle workers are only woken to look for it."""
+    if job.state in CLAIMABLE:
+        queue.push(job.id, job.spec.lane, job.priority) if job.nodes == 1 else queue.wake(job.spec.lane)
 
 
 class JobNotFound(KeyError):
