@@ -579,8 +579,9 @@ class Registry:
                        for m in job.members]
             return {"members": members, "heartbeat": min(m["heartbeat"] for m in members)}
         job = self.change(job_id, beat)
-        if job is None:
-            self.get(job_id)  # raises JobNotFound if the registry forgot the gang
+        if job is None:  # gone (JobNotFound), over, or put back by a peer since the change read it
+            job = self.get(job_id)
+            job = self.change(job_id, beat) if job.state in ACTIVE and job.fence == fence else None
         return job
 
     # -- heartbeats, logs, followers ------------------------------------------------
