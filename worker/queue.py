@@ -185,8 +185,9 @@ class Queue:
         raw = self.lanes[lane].dequeue()
         return None if raw is None else self._job_id(raw)
 
-    def head(self, lane: str, count: int) -> list[str]:
-        """The job ids of a lane's first ``count`` wake-ups, most urgent first (left in place)."""
+    def head(self, lane: str, count: Optional[int] = None) -> list[str]:
+        """The job ids of a lane's first ``count`` wake-ups (all: None), most urgent first, left
+        in place; an entry that is not ours is skipped."""
         ids = []
         for raw in self.lanes[lane].enqueued_items(limit=count):
             try:
@@ -197,13 +198,7 @@ class Queue:
 
     def pending(self, lane: str) -> set[str]:
         """The job ids waiting in a lane (a short list: live work only)."""
-        ids = set()
-        for raw in self.lanes[lane].enqueued_items():
-            try:
-                ids.add(self._job_id(raw))
-            except PayloadError:
-                pass
-        return ids
+        return set(self.head(lane))
 
     def _job_id(self, raw: bytes) -> str:
         entry = self.serializer.deserialize(raw)

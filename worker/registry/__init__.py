@@ -100,7 +100,7 @@ class Registry:
         self.store: Store = RedisStore(queue.redis) if queue.redis is not None else SqliteStore(queue.sqlite_path)
         self.skipped: dict[str, BadRecord] = {}  # live records that did not decode, by id (latest read)
         self._offset, self._offset_read = 0.0, -CLOCK_CHECK_SECONDS
-        self._scanned: dict[str, float] = {}  # lane -> when claim_next last read past its head
+        self._scanned: dict[str, float] = {}  # lane (or "gangs") -> when it last read every claimable job
         self._check_layout()
         if queue.storage.result_store_size():
             self._migrate()
@@ -668,8 +668,9 @@ class Registry:
         sweep's study)."""
         days = self.keep_days if older_than_days is None else older_than_days
         ids = self.store.finished_before(self.now() - days * 86400)
-        live = {j.id for j in self.in_states(ACTIVE) if j.spec.driven}
-        reporting = {j.sweep.get("id") for j in self.in_states(LIVE) if j.sweep}
+        alive = self.in_states(LIVE)
+        live = {j.id for j in alive if j.state in ACTIVE and j.spec.driven}
+        reporting = {j.sweep.get("id") for j in alive if j.sweep}
         jobs = self.find(ids)
         kept = {j.id for j in jobs if (j.sweep and j.sweep.get("id") in live) or j.id in reporting}
         gone = [i for i in ids if i not in kept]

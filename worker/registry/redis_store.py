@@ -327,5 +327,5 @@ class RedisStore:
 
 def _nodes(job: dict[str, Any]) -> int:
     """A record's --nodes (1 for anything that is not a number above it)."""
-    nodes = (job.get("params") or {}).get("nodes", 1) if isinstance(job.get("params"), dict) else 1
+    nodes = job["params"].get("nodes", 1) if isinstance(job.get("params"), dict) else 1
     return nodes if isinstance(nodes, int) and not isinstance(nodes, bool) else 1
