@@ -46,7 +46,7 @@ from starlette.staticfiles import StaticFiles
 from tlm.config import PRESETS, apply_preset
 from tlm_worker.kinds import ACTIVE, CLAIMABLE, KINDS, STATES, Job, SampleParams, misfit
 from tlm_worker.lab import Lab, LabError, Placement
-from tlm_worker.queue import QUEUE_ERRORS
+from tlm_worker.queue import QUEUE_ERRORS, outage
 from tlm_worker.registry import FINAL, LIVE, JobNotFound, Registry, holder
 from tlm_worker.targets import TargetError, resolve_save_dir, run_target
 
@@ -424,6 +424,8 @@ def create_app(registry: Registry, token: str, require_token: bool,
                 return PlainTextResponse(str(e), status_code=e.status)
             except JobNotFound as e:
                 return PlainTextResponse(str(e), status_code=404)
+            except QUEUE_ERRORS as e:  # an outage, or a busy SQLite file: the page tries again
+                return PlainTextResponse(f"cannot reach the queue: {outage(e)}", status_code=503)
             except (ValueError, TypeError) as e:  # a field of the wrong type (int("many"))
                 return PlainTextResponse(f"bad request: {e}".splitlines()[0], status_code=400)
         return endpoint

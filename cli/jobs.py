@@ -27,7 +27,7 @@ from tlm_worker.kinds import CLAIMABLE, KINDS, PRIORITIES, EvalParams, ExportPar
 from tlm_worker.lab import Lab, LabError, Placement, training_job
 from tlm_worker.options import FiniteRange
 from tlm_worker.placement import size_text, waiting_reason
-from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError, queue_url, redact
+from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError, outage, queue_url, redact
 from tlm_worker.registry import CANCELLED, FINAL, LIVE, SUCCEEDED, JobNotFound, Registry, holder
 from tlm_worker.runs import COLUMNS as RUN_COLUMNS
 from tlm_worker.targets import TargetError, resolve_save_dir, run_target
@@ -62,7 +62,7 @@ def queue_errors(fn: Callable) -> Callable:
             raise (click.UsageError if e.status == 400 else click.ClickException)(str(e)) from None
         except QUEUE_ERRORS as e:
             url = redact(queue_url(kwargs.get("queue")))
-            raise click.ClickException(f"cannot reach the queue at {url}: {e}") from None
+            raise click.ClickException(f"cannot reach the queue at {url}: {outage(e)}") from None
         except redis.exceptions.ResponseError as e:  # an ACL user without the rights tlm needs
             url = redact(queue_url(kwargs.get("queue")))
             raise click.ClickException(f"the queue at {url} refused: {str(e).splitlines()[0]} (tlm's Redis "

@@ -8,6 +8,7 @@ import pickle
 import re
 import signal
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from tlm import checkpoint
-from tlm_worker.queue import Queue
+from tlm_worker.queue import Queue, outage
 
 from queue_helpers import TINY, RedisServer, Workers, free_port, registry, submit, tlm, wait_for
 
@@ -95,6 +96,23 @@ def test_clear_errors_for_bad_input(url, tmp_path):
     assert proc.returncode == 1
     assert f"cannot reach the queue at redis://:***@127.0.0.1:{port}/0" in proc.stderr
     assert "s3cret" not in proc.stderr
+
+
+def test_a_queue_file_kept_busy_is_waited_out_and_then_named_busy(tmp_path):
+    """Issue 42: processes writing the embedded queue died with "database is locked" after
+    SQLite's 30 s wait. A command now waits longer (BUSY_TRIES tries), then says what it is."""
+    url = f"sqlite://{tmp_path / 'queue.db'}"
+    assert tlm("status", "--queue", url).returncode == 0  # the file and its tables exist
+    holder = [sys.executable, "-c", "import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1], "
+              "isolation_level=None); db.execute('BEGIN EXCLUSIVE'); print('held', flush=True); "
+              "time.sleep(float(sys.argv[2]))", str(tmp_path / "queue.db")]
+    with subprocess.Popen([*holder, "40"], stdout=subprocess.PIPE, text=True) as hold:
+        assert hold.stdout.readline() == "held\n"
+        waited = tlm("submit", "train", "--save_dir", str(tmp_path / "run"), *TINY, "--queue", url)
+    assert waited.returncode == 0, waited.stderr
+    assert [j.state for j in registry(url).jobs(None)] == ["queued"]
+    assert outage(sqlite3.OperationalError("database is locked")) == (  # what a longer wait says
+        "the queue file is busy: another process keeps it locked (tlm waited; try again)")
 
 
 def test_a_pickle_payload_in_the_queue_is_rejected_without_running(url, workers, save_dir, tmp_path):

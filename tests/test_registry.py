@@ -190,6 +190,25 @@ def test_prune_forgets_the_summaries_of_runs_no_job_is_left_of(reg):
     assert summarized() == {"run:kept"}
 
 
+def test_prune_takes_the_wake_ups_of_ended_and_deleted_jobs_with_them(reg):
+    """Issue 42: wake-ups naming deleted jobs outlived them (26-54 after a prune), and a job
+    claimed from the lane's head, not popped, left its wake-up behind."""
+    ended = reg.create("eval", {}, "run:a")
+    reg.finish(ended.id, "succeeded", reg.claim(ended.id, "w").fence)
+    cancelled = reg.create("train", {}, "run:b")
+    reg.cancel(cancelled.id)
+    time.sleep(0.3)
+    young = reg.create("eval", {}, "run:c")
+    reg.finish(young.id, "failed")  # ended, but younger than the retention: its record stays
+    queued, running = reg.create("train", {}, "run:d"), reg.create("eval", {}, "run:e")
+    reg.claim(running.id, "w")
+    assert reg.queue.pending("interactive") == {ended.id, young.id, running.id}
+    assert reg.prune(older_than_days=0.2 / 86400) == 2  # ended and cancelled deleted
+    assert reg.queue.pending("train") == {queued.id}
+    assert reg.queue.pending("interactive") == {running.id}  # it may be given back to the queue
+    assert reg.get(young.id).state == "failed"
+
+
 def test_prune_deletes_old_finished_jobs_and_their_logs_only(reg, url):
     old = reg.create("eval", {}, "run:a")
     reg.finish(old.id, "succeeded", reg.claim(old.id, "w").fence)

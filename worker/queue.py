@@ -38,12 +38,34 @@ from redis.retry import Retry
 
 QUEUE_NAME = "tlm"
 WAKE_CHANNEL = f"{QUEUE_NAME}:wake"  # Redis publishes the lane of each push here
+BUSY_SECONDS = 30  # how long an SQLite connection waits for a write lock, per try
+BUSY_TRIES = 3  # a patient caller's tries at an SQLite file kept busy (each waits BUSY_SECONDS)
 LANES = {"train": QUEUE_NAME, "interactive": f"{QUEUE_NAME}-interactive"}  # lane: huey queue name
 # What an unreachable or restarting backend raises, or one that refuses writes for now (Redis
 # at its maxmemory with noeviction, a read-only replica): an outage, waited out, never an attempt.
 QUEUE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                 redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
                 sqlite3.OperationalError)
+
+
+def waiting_out_busy(step: Callable[[], Any], tries: int) -> Any:
+    """``step()``, tried again while an SQLite file stays locked (each try waits BUSY_SECONDS);
+    only for steps that write nothing when they fail to take the lock."""
+    for tried in range(1, tries + 1):
+        try:
+            return step()
+        except sqlite3.OperationalError as e:
+            if tried == tries or "locked" not in str(e):
+                raise
+
+
+def outage(error: Exception) -> str:
+    """What a queue error means, in a few words: SQLite's "database is locked" is a file that
+    another process kept busy past the wait, not an unreachable queue."""
+    why = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, sqlite3.OperationalError) and ("locked" in why or "busy" in why):
+        return "the queue file is busy: another process keeps it locked (tlm waited; try again)"
+    return why
 
 
 class QueueError(RuntimeError):
@@ -112,6 +134,7 @@ class Queue:
         as a command-line user wants; a worker and its job processes are not patient: they
         must stay responsive to signals and leases, and handle an outage themselves."""
         self.url = queue_url(url)
+        self.tries = BUSY_TRIES if patient else 1  # at a busy SQLite file
         self.serializer = JSONSerializer()
         self.redis: Optional[redis.Redis] = None
         self.sqlite_path: Optional[Path] = None
@@ -142,9 +165,10 @@ class Queue:
             elif not self.sqlite_path.parent.is_dir():
                 raise QueueError(f"queue URL {redact(self.url)}: no directory "
                                  f"{self.sqlite_path.parent} (create it first)")
-            self.lanes = {lane: SqliteHuey(name, filename=str(self.sqlite_path),
-                                           serializer=self.serializer, timeout=30).storage
-                          for lane, name in LANES.items()}
+            self.lanes = {lane: waiting_out_busy(  # huey creates its tables, in a write
+                lambda name=name: SqliteHuey(name, filename=str(self.sqlite_path), serializer=self.serializer,
+                                             timeout=BUSY_SECONDS).storage, self.tries)
+                for lane, name in LANES.items()}
         else:
             raise QueueError(f"unsupported queue URL {redact(self.url)!r}: use "
                              "redis://[:password@]host:port/db, rediss://..., or sqlite:///path")
@@ -161,7 +185,8 @@ class Queue:
                     storage.enqueue(raw, 0)
 
     def push(self, job_id: str, lane: str, priority: int = 0) -> None:
-        self.lanes[lane].enqueue(self.serializer.serialize({"job": job_id}), priority)
+        entry = self.serializer.serialize({"job": job_id})
+        waiting_out_busy(lambda: self.lanes[lane].enqueue(entry, priority), self.tries)
         self.wake(lane)
 
     def wake(self, lane: str) -> None:
@@ -188,17 +213,32 @@ class Queue:
     def head(self, lane: str, count: Optional[int] = None) -> list[str]:
         """The job ids of a lane's first ``count`` wake-ups (all: None), most urgent first, left
         in place; an entry that is not ours is skipped."""
-        ids = []
-        for raw in self.lanes[lane].enqueued_items(limit=count):
-            try:
-                ids.append(self._job_id(raw))
-            except PayloadError:
-                pass
-        return ids
+        ids = (self._named(raw) for raw in self.lanes[lane].enqueued_items(limit=count))
+        return [i for i in ids if i is not None]
+
+    def forget(self, lane: str, job_ids: set[str]) -> int:
+        """Remove the lane's wake-ups naming these jobs (ended or deleted ones: a wake-up is
+        otherwise only dropped when a worker pops it); return how many."""
+        storage = self.lanes[lane]
+        if self.redis is not None:  # huey prefixes each entry with 8 bytes of time
+            stale = [raw for raw in self.redis.zrange(storage.queue_key, 0, -1)
+                     if self._named(raw[8:]) in job_ids]
+            return self.redis.zrem(storage.queue_key, *stale) if stale else 0
+        rows = [(storage.name, self.serializer.serialize({"job": i})) for i in job_ids]
+        with storage.db(commit=True) as cursor:
+            cursor.executemany("DELETE FROM task WHERE queue = ? AND data = ?", rows)
+            return cursor.rowcount
 
     def pending(self, lane: str) -> set[str]:
         """The job ids waiting in a lane (a short list: live work only)."""
         return set(self.head(lane))
+
+    def _named(self, raw: bytes) -> Optional[str]:
+        """The job an entry names; None for an entry that is not ours."""
+        try:
+            return self._job_id(raw)
+        except PayloadError:
+            return None
 
     def _job_id(self, raw: bytes) -> str:
         entry = self.serializer.deserialize(raw)
@@ -242,7 +282,7 @@ class Queue:
                     once.close()
                 self._upgrade_lanes()  # it answers: the lanes can be read
         except (*QUEUE_ERRORS, redis.exceptions.RedisError) as e:
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            why = outage(e)
             if "WRONGPASS" in why or "invalid username-password" in why:
                 why = "wrong password"
             elif "NOAUTH" in why or "authenticated" in why or "Authentication required" in why:

@@ -34,7 +34,7 @@ from tlm_worker.kinds import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILED, 
                               KINDS, LIVE, QUEUED, RUNNING, SKIPPED, STATES, SUCCEEDED,
                               WAITING, BadRecord, Job, misfit, resolve)
 from tlm_worker.placement import CAPABILITIES, unmet
-from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError
+from tlm_worker.queue import LANES, QUEUE_ERRORS, Queue, QueueError
 from tlm_worker.registry.redis_store import RedisStore
 from tlm_worker.registry.sqlite_store import SqliteStore
 from tlm_worker.registry.store import MAX_LOG_LINES, STREAMS, WORKER_TTL, Store
@@ -97,7 +97,8 @@ class Registry:
     def __init__(self, queue: Queue, keep_days: float = KEEP_DAYS):
         self.queue = queue
         self.keep_days = keep_days
-        self.store: Store = RedisStore(queue.redis) if queue.redis is not None else SqliteStore(queue.sqlite_path)
+        self.store: Store = RedisStore(queue.redis) if queue.redis is not None \
+            else SqliteStore(queue.sqlite_path, queue.tries)
         self.skipped: dict[str, BadRecord] = {}  # live records that did not decode, by id (latest read)
         self._offset, self._offset_read = 0.0, -CLOCK_CHECK_SECONDS
         self._scanned: dict[str, float] = {}  # lane (or "gangs") -> when it last read every claimable job
@@ -665,9 +666,10 @@ class Registry:
         trials of a sweep that still runs stay (its round would take a missing one for a trial
         never created), and so does an ended sweep while one of its trials lives (it still
         reports to the sweep's study); a kind's ``forget`` deletes what else a record owns (a
-        sweep's study)."""
+        sweep's study). Wake-ups naming ended or deleted jobs leave the queue with them."""
         days = self.keep_days if older_than_days is None else older_than_days
         ids = self.store.finished_before(self.now() - days * 86400)
+        woken = {lane: set(self.queue.head(lane)) for lane in LANES}  # read before what lives
         alive = self.in_states(LIVE)
         live = {j.id for j in alive if j.state in ACTIVE and j.spec.driven}
         reporting = {j.sweep.get("id") for j in alive if j.sweep}
@@ -678,6 +680,8 @@ class Registry:
         for job in jobs:
             if job.id not in kept and job.spec.forget:
                 resolve(job.spec.forget)(self, job.id)
+        for lane, named in woken.items():  # an ended job is never queued again (retry: a new id)
+            self.queue.forget(lane, named - {j.id for j in alive})
         if not keep_runs:  # a run's folder, under a save root, still lists it (tlm runs --save_root)
             runs = {j.run for j in jobs if j.id not in kept and j.spec.trainer}
             self.store.drop_runs([run for run in runs if not self.store.run_ids(run)])

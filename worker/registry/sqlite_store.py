@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 from tlm_worker.kinds import LIVE
+from tlm_worker.queue import BUSY_SECONDS, waiting_out_busy
 from tlm_worker.registry.store import STREAMS, WORKER_TTL, RawChange, loads
 
 
@@ -38,9 +39,15 @@ class SqliteStore:
     CREATE INDEX IF NOT EXISTS tlm_run_score ON tlm_run (score, key);
     """
 
-    def __init__(self, path):
+    def __init__(self, path, tries: int = 1):
+        """``tries``: a write's tries at a file another process keeps busy (a command-line
+        user waits; a worker handles a busy file as an outage itself)."""
         self.path = str(path)
+        self.tries = tries
         self._local = threading.local()
+        waiting_out_busy(self._create, tries)
+
+    def _create(self) -> None:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(self.SCHEMA)
         self._upgrade()
@@ -65,13 +72,13 @@ class SqliteStore:
         """This thread's connection (a worker's heartbeat thread, a dashboard's request threads)."""
         db = getattr(self._local, "db", None)
         if db is None:
-            db = self._local.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db = self._local.db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level=None)
         return db
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
+        waiting_out_busy(lambda: db.execute("BEGIN IMMEDIATE"), self.tries)
         try:
             yield db
         except BaseException:
@@ -233,7 +240,7 @@ class SqliteStore:
     def waiter(self) -> Iterator[Callable[[float], bool]]:
         """Polls SQLite's data_version on a connection of its own: it moves when another
         connection commits."""
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level=None, check_same_thread=False)
 
         def version() -> int:
             return db.execute("PRAGMA data_version").fetchone()[0]
