@@ -121,19 +121,29 @@ class Api:
         directory = Path(resolve_save_dir(self.lab.target(key), self.save_root))
         return (directory / f"{identifier}.safetensors").exists() if directory.is_dir() else None
 
-    def overview(self, state: Optional[str], run: Optional[str], limit: int, skip: int = 0) -> dict[str, Any]:
+    def overview(self, state: Optional[str], run: Optional[str], limit: int,
+                 after: Optional[str] = None) -> dict[str, Any]:
+        """Live jobs and a page of finished ones, with ``next``: the cursor of the page further
+        back (the oldest one's finish time and id; None at the end)."""
         if state not in (None, "", *LIVE, *FINAL):
             raise Refused(400, f"unknown state {state!r}")
-        if not 0 < limit <= 1000 or not 0 <= skip <= 10**7:
-            raise Refused(400, "limit must be 1-1000 and skip 0 or more")
+        if not 0 < limit <= 1000:
+            raise Refused(400, "limit must be 1-1000")
+        cursor = _cursor(after, [(int, float, str)])
+        if cursor is not None and not (len(cursor) == 2 and isinstance(cursor[1], str)):
+            raise Refused(400, "after: the `next` of an earlier page")
         from tlm_cli.jobs import waiting_reasons
 
-        jobs = self.registry.jobs(limit, state=state or None, run=run or None, skip=skip)
+        jobs = self.registry.jobs(limit, state=state or None, run=run or None,
+                                  after=tuple(cursor) if cursor else None)
         workers = self.registry.workers()
         waiting = waiting_reasons(jobs, workers)
+        done = [j for j in jobs if j.state in FINAL]
+        last = min(done, key=lambda j: (j.finished, j.id)) if len(done) >= limit and not run else None
         return {"jobs": [{k: v for k, v in shown(j, waiting.get(j.id)).items() if k != "params"}
                          for j in jobs],
-                "workers": workers, "now": self.registry.now()}  # the queue's clock: ages read by it
+                "workers": workers, "now": self.registry.now(),  # the queue's clock: ages read by it
+                "next": json.dumps([last.finished, last.id]) if last else None}
 
     def run(self, key: str) -> dict[str, Any]:
         self.lab.target(key)
@@ -198,13 +208,7 @@ class Api:
 
         if not 0 < limit <= 1000:
             raise Refused(400, "limit must be 1-1000")
-        try:
-            cursor = json.loads(after) if after else None
-        except ValueError:
-            raise Refused(400, "after: the `next` of an earlier page") from None
-        if misfit(cursor, (int, [(int, float, str)], type(None)), "after"):
-            raise Refused(400, "after: the `next` of an earlier page")
-
+        cursor = _cursor(after, (int, [(int, float, str)]))
         rows, more = runs_table(self.registry, self.save_root, disk=self.save_root is not None,
                                 limit=limit, cursor=cursor)
         return {"runs": rows, "next": json.dumps(more) if more is not None else None,
@@ -408,6 +412,17 @@ class Changes:
                 time.sleep(1)  # the queue is down: the page shows it; follow again when back
 
 
+def _cursor(after: Optional[str], shape: Any) -> Any:
+    """A page's ``after``: the JSON ``next`` of an earlier page, of this shape (None: the first)."""
+    try:
+        cursor = json.loads(after) if after else None
+    except ValueError:
+        raise Refused(400, "after: the `next` of an earlier page") from None
+    if misfit(cursor, (shape, type(None)), "after"):
+        raise Refused(400, "after: the `next` of an earlier page")
+    return cursor
+
+
 def create_app(registry: Registry, token: str, require_token: bool,
                save_root: Optional[str] = None) -> "Guard":
     """The dashboard's ASGI app; ``require_token`` for every request (bound beyond localhost)."""
@@ -461,7 +476,7 @@ def create_app(registry: Registry, token: str, require_token: bool,
     routes = [
         Route("/", page),
         Route("/api/overview", api(lambda r, b: lab.overview(
-            q(r, "state"), q(r, "run"), int(q(r, "limit", "50")), int(q(r, "skip", "0"))))),
+            q(r, "state"), q(r, "run"), int(q(r, "limit", "50")), q(r, "after")))),
         Route("/api/runs", api(lambda r, b: lab.runs(int(q(r, "limit", "100")), q(r, "after")))),
         Route("/api/jobs/{id}/retry", api(lambda r, b: lab.retry(r.path_params["id"])), methods=["POST"]),
         Route("/api/jobs/{id}", api(lambda r, b: {"job": shown(registry.get(r.path_params["id"]))})),

@@ -242,6 +242,13 @@ def test_submit_resume_and_compare_through_the_api(url, dashboard):
     data = httpx.get(dashboard.base + "/api/compare?key=run:a&key=run:b").json()
     assert {"dim", "dataset", "num_iters"} <= set(data["differs"]) and "num_heads" not in data["differs"]
     assert [r["final"]["valid"]["loss"] for r in data["runs"]] == [4.0, 3.0]
+    pages, after = [], ""  # a page further back by the `next` cursor of the one before
+    while after is not None:
+        page = httpx.get(dashboard.base + "/api/overview", params={"limit": 1, "after": after}).json()
+        pages.append([j["id"] for j in page["jobs"] if j["state"] in ("cancelled", "succeeded", "failed")])
+        after = page["next"]
+    ended = sorted((j for j in reg.jobs(None) if j.finished), key=lambda j: (j.finished, j.id), reverse=True)
+    assert pages[:-1] == [[j.id] for j in ended] and pages[-1] == [] and len(ended) >= 2
     bad_state = httpx.get(dashboard.base + "/api/overview?state=nonsense")
     assert bad_state.status_code == 400 and bad_state.text == "unknown state 'nonsense'"
     gang = post("/api/submit", {"run": "g", "overrides": {"nodes": "2"}})  # a gang job waits for 2 workers
@@ -415,7 +422,8 @@ HOSTILE = [  # (method, path, body or None, content type, expected status)
     ("POST", "/api/submit", b'{"run": "' + b"r" * (10 << 20) + b'"}', "application/json", 413),
     ("GET", "/api/overview?limit=abc", None, None, 400),
     ("GET", "/api/overview?limit=99999999999999999999", None, None, 400),
-    ("GET", "/api/overview?skip=-5", None, None, 400),
+    ("GET", "/api/overview?after=-5", None, None, 400),
+    ("GET", "/api/overview?after=%5B1%5D", None, None, 400),
     ("GET", "/api/jobs/%00%ff/log", None, None, 404),
     ("POST", "/api/sample", b'{"key": "run:x", "prompt": "a", "max_tokens": null}', "application/json", 400),
     ("POST", "/api/submit", b"[" * 30000 + b"]" * 30000, "application/json", 400),

@@ -209,6 +209,33 @@ def test_prune_takes_the_wake_ups_of_ended_and_deleted_jobs_with_them(reg):
     assert reg.get(young.id).state == "failed"
 
 
+def test_finished_jobs_page_back_by_a_cursor_that_ties_and_new_endings_do_not_shift(reg):
+    """Issue 42: paging back was an offset (1.6-4.0 s at 5,000 back); now a keyset cursor,
+    (finish time, id) of a page's oldest job. One cancel ends a chain at one time (a tie)."""
+    ended = []
+    for _ in range(4):
+        job = reg.create("eval", {}, "run:a")
+        reg.finish(job.id, "succeeded", reg.claim(job.id, "w").fence)
+        ended.append(job.id)
+    head = reg.create("train", {}, "run:b")
+    chain = [reg.create("eval", {}, "run:b", after=head.id).id for _ in range(4)]
+    reg.cancel(head.id)  # the head and its four followers end at one time
+    ended += [head.id, *chain]
+    newest_first = [j.id for j in sorted(reg.find(ended), key=lambda j: (j.finished, j.id), reverse=True)]
+    seen, after = [], None
+    while True:
+        page = [j for j in reg.jobs(3, after=after) if j.state in ("succeeded", "cancelled")]
+        if not page:
+            break
+        oldest = min(page, key=lambda j: (j.finished, j.id))
+        seen += [j.id for j in sorted(page, key=lambda j: (j.finished, j.id), reverse=True)]
+        if after is None:  # jobs ending now do not shift the pages further back
+            for _ in range(2):
+                reg.finish(reg.create("eval", {}, "run:c").id, "failed")
+        after = (oldest.finished, oldest.id)
+    assert seen == newest_first and len(set(reg.get(i).finished for i in chain)) == 1
+
+
 def test_prune_deletes_old_finished_jobs_and_their_logs_only(reg, url):
     old = reg.create("eval", {}, "run:a")
     reg.finish(old.id, "succeeded", reg.claim(old.id, "w").fence)

@@ -159,10 +159,11 @@ function jobsView(root) {
     TABLE.kinds.map(k => el("option", { value: k.name }, k.name)));
   const worker = el("select", { id: "filter-worker" }, el("option", { value: "" }, "all workers"));
   const run = el("input", { id: "filter-run", placeholder: "run contains…" });
-  let skip = 0;
+  const back = [];  // the cursors of the pages further back shown so far (none: the newest)
+  let next = null;
   const pageInfo = el("span", { id: "page-info", class: "muted" });
-  const newer = el("button", { id: "page-newer", onclick: () => { skip = Math.max(0, skip - PAGE); refresh(); } }, "newer");
-  const older = el("button", { id: "page-older", onclick: () => { skip += PAGE; refresh(); } }, "older");
+  const newer = el("button", { id: "page-newer", onclick: () => { back.pop(); refresh(); } }, "newer");
+  const older = el("button", { id: "page-older", onclick: () => { back.push(next); refresh(); } }, "older");
   const jobsBox = el("div", { id: "jobs" }), workersBox = el("div", { id: "workers" });
   const compare = el("button", { onclick: () => {
     const keys = [...new Set([...document.querySelectorAll("input.pick:checked")].map(c => c.value))];
@@ -171,7 +172,8 @@ function jobsView(root) {
   root.append(el("h2", {}, "Jobs"), el("div", { class: "filters" }, state, kind, worker, run, compare,
     newer, older, pageInfo), jobsBox, el("h2", {}, "Workers"), workersBox, submitForm());
   async function refresh() {
-    const params = new URLSearchParams({ limit: PAGE, skip });
+    const params = new URLSearchParams({ limit: PAGE });
+    if (back.length) params.set("after", back[back.length - 1]);
     if (state.value) params.set("state", state.value);
     const data = await api("/api/overview?" + params);
     clockOffset = data.now - Date.now() / 1000;
@@ -183,13 +185,15 @@ function jobsView(root) {
     const jobs = data.jobs.filter(j => (!needle || j.run.includes(needle)) && (!kind.value || j.kind === kind.value)
       && (!chosen || j.worker === chosen || (j.members || []).some(m => m.worker === chosen))).reverse();
     jobsBox.replaceChildren(table(["", ...JOB_HEADERS], jobs.map(j => jobRow(j, true))));
-    pageInfo.textContent = skip ? `finished jobs ${skip + 1}-${skip + PAGE} back` : "live and newest finished";
-    newer.disabled = skip === 0;
-    older.disabled = data.jobs.filter(j => TABLE.final.includes(j.state)).length < PAGE;
+    next = data.next;
+    pageInfo.textContent = back.length ? `finished jobs ${back.length * PAGE + 1}-${(back.length + 1) * PAGE} back`
+      : "live and newest finished";
+    newer.disabled = !back.length;
+    older.disabled = !next;
     workersBox.replaceChildren(data.workers.length ? workerTable(data.workers)
       : el("p", { class: "muted" }, "no worker is running: start one with `tlm-worker`"));
   }
-  for (const f of [state, kind, worker]) f.addEventListener("change", () => { skip = 0; refresh(); });
+  for (const f of [state, kind, worker]) f.addEventListener("change", () => { back.length = 0; refresh(); });
   run.addEventListener("input", refresh);
   return refresh;
 }

@@ -192,9 +192,10 @@ class Registry:
         self.store.set_fields(job_id, fields)
 
     def jobs(self, limit: Optional[int] = 50, state: Optional[str] = None,
-             run: Optional[str] = None, skip: int = 0) -> list[Job]:
-        """Live jobs and the latest ``limit`` finished ones (None: all) after the newest ``skip``
-        (a page further back: then without the live ones), oldest first."""
+             run: Optional[str] = None, after: Optional[tuple[float, str]] = None) -> list[Job]:
+        """Live jobs and the latest ``limit`` finished ones (None: all), oldest first; ``after``
+        a finished job's (finish time, id), the page of those that ended before it (a page
+        further back: then without the live ones)."""
         if run is not None:
             jobs = self.find(self.store.run_ids(run))
             live = [j for j in jobs if j.state in LIVE]
@@ -204,8 +205,8 @@ class Registry:
         elif state in LIVE:
             jobs = self.in_states([state])
         else:
-            jobs = self.in_states(LIVE) if state is None and not skip else []
-            jobs += self._finished(limit, state, skip)
+            jobs = self.in_states(LIVE) if state is None and after is None else []
+            jobs += self._finished(limit, state, after)
         return sorted(jobs, key=lambda j: j.created)
 
     def trainers(self) -> list[Job]:
@@ -216,25 +217,23 @@ class Registry:
         """The jobs in these live states (through the state indexes: live work only)."""
         return self.find(self.store.ids_in(states))
 
-    def _finished(self, limit: Optional[int], state: Optional[str], skip: int = 0) -> list[Job]:
-        """The newest finished jobs after the newest ``skip``, optionally of one state."""
+    def _finished(self, limit: Optional[int], state: Optional[str],
+                  after: Optional[tuple[float, str]] = None) -> list[Job]:
+        """The newest finished jobs (after a cursor), optionally of one state."""
         out: list[Job] = []
         page = 1000 if limit is None else max(limit, 1) if state is None else max(limit, 100)
-        for jobs in self.finished_pages(state, page):
+        for jobs in self.finished_pages(state, page, after):
             out += jobs
-            if skip and len(out) > skip:
-                out, skip = out[skip:], 0
-            elif skip:
-                skip, out = skip - len(out), []
             if limit is not None and len(out) >= limit:
                 break
         return out if limit is None else out[:limit]
 
-    def finished_pages(self, state: Optional[str] = None, page: int = 500) -> Iterator[list[Job]]:
-        """Finished jobs, newest first, a page at a time (optionally of one state): each page
-        costs the same however long the history (a cursor into the finish-time index, never
-        an offset that the store counts past)."""
-        cursor = None
+    def finished_pages(self, state: Optional[str] = None, page: int = 500,
+                       after: Optional[tuple[float, str]] = None) -> Iterator[list[Job]]:
+        """Finished jobs, newest first, a page at a time (optionally of one state, after a
+        job's (finish time, id)): each page costs the same however long the history (a
+        cursor into the finish-time index, never an offset that the store counts past)."""
+        cursor = after
         while True:
             ids, cursor = self.store.finished_page(cursor, page)
             if not ids:

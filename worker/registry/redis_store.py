@@ -233,12 +233,23 @@ class RedisStore:
     def gang_ids(self, states) -> list[str]:
         return [i.decode() for i in self.r.smembers(f"{self.P}gangs")]
 
-    def finished_page(self, cursor: Optional[int], count: int) -> tuple[list[str], int]:
-        """Finished ids newest first after ``cursor`` (a rank: a sorted set's range by rank
-        costs its page, wherever it starts)."""
-        start = cursor or 0
-        ids = [i.decode() for i in self.r.zrevrange(f"{self.P}finished", start, start + count - 1)]
-        return ids, start + len(ids)
+    def finished_page(self, cursor: Optional[tuple[float, str]], count: int) -> tuple[list[str], tuple]:
+        """Finished ids newest first after ``cursor`` (the last one's finish time and id, as
+        SQLite's keyset: new jobs ending do not shift it): the cursor's rank is counted by
+        score, and ties (one cancel ends a chain at one time) are ordered by id, as Redis
+        orders them."""
+        key = f"{self.P}finished"
+        start = 0 if cursor is None else self.r.zcount(key, f"({cursor[0]!r}", "+inf")
+        page: list[tuple[str, float]] = []
+        while len(page) < count:
+            chunk = self.r.zrevrange(key, start, start + count - 1, withscores=True)
+            if not chunk:
+                break
+            start += len(chunk)
+            page += [(m.decode(), s) for m, s in chunk
+                     if cursor is None or s < cursor[0] or m.decode() < cursor[1]]
+        page = page[:count]
+        return [i for i, _ in page], (page[-1][1], page[-1][0]) if page else cursor
 
     def trainer_ids(self) -> list[str]:
         return [i.decode() for i in self.r.zrange(f"{self.P}trainers", 0, -1)]

@@ -49,7 +49,8 @@ class Store(Protocol):
         """Ids of gang jobs (``--nodes`` over 1), at least those in these states (a superset:
         the registry reads each record): what a worker looks for, without every queued job."""
     def finished_page(self, cursor: Cursor, count: int) -> tuple[list[str], Cursor]:
-        """Finished ids newest first after ``cursor``: a page costs its rows, not the history."""
+        """Finished ids newest first after ``cursor`` (the last one's finish time and id; None:
+        the newest): a page costs its rows, not the history."""
     def finished_before(self, before: float) -> list[str]: ...
     def trainer_ids(self) -> list[str]: ...
     def run_ids(self, run: str) -> list[str]:
