@@ -4,11 +4,12 @@
 
 For each backend (an embedded SQLite file; Redis when given, its database flushed: never a
 lab's), the registry is filled with finished jobs as workers leave them (a tenth of them
-training runs, one per run, with their configuration and best validation loss; the rest
-evaluations; each with its one-line log), then, at each size:
+training runs, one per run, with their configuration and best validation loss, each folded
+into its run's summary as it ends; the rest evaluations; each with its one-line log), then, at
+each size:
 
 * the first page of `tlm status --all` (its first finished job on screen), of `tlm runs`
-  (its first row) and of the dashboard's `/api/runs` (the first page of the runs table), and
+  (its first row; and how many runs it lists: a tenth of the jobs) and of the dashboard's `/api/runs` (the first page of the runs table), and
   how each grows from the smallest size to the largest (goal: at most x2, under 1 s);
 * bytes per finished job with its log (Redis's used memory, or the SQLite file), the SQLite
   file after a prune of everything, and how long loading a sweep's study takes beside a sweep
@@ -41,8 +42,10 @@ LINE = "12:00:00 succeeded at iteration 950, checkpoint 9b1ca2ff2f01c252842477c5
 
 
 def fill(reg: Registry, start: int, end: int) -> None:
-    """Finished jobs ``start`` to ``end``: every tenth a run's training job, the rest evaluations."""
+    """Finished jobs ``start`` to ``end``: every tenth a run's training job, the rest evaluations;
+    each training job folded into its run's summary as it ends (as a worker's end does)."""
     now = reg.now()
+    trained = []
     for i in range(start, end):
         trainer = i % 10 == 0
         key = f"dir:/runs/r{i // 10}"
@@ -55,20 +58,25 @@ def fill(reg: Registry, start: int, end: int) -> None:
                   attempts=1, fence=1, worker="bench")
         reg.store.insert(job.to_record(), exclusive=trainer)
         reg.store.append(job.id, "log", [LINE])
+        trained += [job] if trainer else []
+        if len(trained) == 100 or (i == end - 1 and trained):
+            reg.summarize(trained)
+            trained = []
 
 
-def first_line(args: list[str], url: str) -> tuple[float, float]:
-    """(seconds to the first line on stdout, seconds to the end) of a `tlm` command."""
+def first_line(args: list[str], url: str) -> tuple[float, float, int]:
+    """(seconds to the first line on stdout, seconds to the end, rows) of a `tlm` command."""
     tic = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "tlm_cli.main", *args, "--queue", url],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "COLUMNS": "200"})
-    first = None
+    first, rows = None, 0
     for line in proc.stdout:
-        if first is None and line.strip() and "┃" not in line and "━" not in line and line.strip() != "jobs":
-            first = time.perf_counter() - tic
+        if line.strip() and "┃" not in line and "━" not in line and line.strip() != "jobs":
+            first = first or time.perf_counter() - tic
+            rows += 1
     proc.wait()
-    return first or float("nan"), time.perf_counter() - tic
+    return first or float("nan"), time.perf_counter() - tic, rows
 
 
 def size_of(reg: Registry, url: str) -> int:
@@ -93,8 +101,9 @@ def bench(url: str, sizes: list[int]) -> None:
             fill(reg, done, n)
             done = n
             per_job = (size_of(reg, url) - empty) / n
-            status, status_all = first_line(["status", "--all"], url)
-            runs, runs_all = first_line(["runs"], url)
+            status, status_all, _ = first_line(["status", "--all"], url)
+            runs, runs_all, _ = first_line(["runs"], url)
+            _, every, listed = first_line(["runs", "--all", "--csv"], url)  # a header, then a row per run
             httpx.get(f"http://127.0.0.1:{port}/api/runs", timeout=600)  # warm
             t0 = time.perf_counter()
             page = httpx.get(f"http://127.0.0.1:{port}/api/runs", timeout=600)
@@ -103,7 +112,7 @@ def bench(url: str, sizes: list[int]) -> None:
                 figures.setdefault(name, []).append(value)
             print(f"  {n:>7,} finished jobs (filled in {time.time() - tic:.0f} s): first page of "
                   f"`tlm status --all` {status:.2f} s (all {status_all:.1f} s), `tlm runs` {runs:.2f} s "
-                  f"(all {runs_all:.1f} s), /api/runs {api:.2f} s ({len(page.content) / 1e3:,.0f} kB); "
+                  f"(all {runs_all:.1f} s; every run, {listed - 1:,}, as CSV {every:.1f} s), /api/runs {api:.2f} s ({len(page.content) / 1e3:,.0f} kB); "
                   f"{per_job:,.0f} bytes per finished job with its log")
         for name, values in figures.items():
             print(f"  {name}: x{values[-1] / values[0]:.2f} from {sizes[0]:,} to {sizes[-1]:,} jobs")

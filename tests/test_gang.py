@@ -190,7 +190,7 @@ def test_a_collective_that_makes_no_progress_stops_every_rank_and_requeues(url, 
 
 def _ranks(workers, worker) -> list[int]:
     """A worker's live job processes: its children that its log says it started for a job
-    (not its interactive process, which starts with it)."""
+    (not its interactive process, which starts with its first job)."""
     started = {int(p) for p in re.findall(r"started \w+ job \w+ \(.*?pid (\d+)\)", workers.log(worker))}
     children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
     return [int(c) for c in children if int(c) in started]

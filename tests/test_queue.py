@@ -344,26 +344,29 @@ def test_an_idle_interactive_process_gives_its_memory_back_and_the_next_sample_s
     trained = tlm("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "2")
     assert trained.returncode == 0, trained.stderr
     w = workers.start("--interactive_idle", "1")
-    until(lambda: "interactive process idle for 1s: closed" in workers.log(w), 60, "the one started with it closed")
     for _ in range(2):  # each sample after the last one's process was closed
         proc = tlm("sample", "--save_dir", str(save_dir), "--prompt", "the", "--max_tokens", "3", "--queue", url)
         assert proc.returncode == 0, proc.stderr
         job = registry(url).jobs(None)[-1]
         pid = job_pid(workers.log(w), job.id)
         until(lambda: not alive(pid), 30, "the idle interactive process closed")
-    until(lambda: workers.log(w).count("interactive process idle for 1s: closed, its memory given back") == 3,
+    until(lambda: workers.log(w).count("interactive process idle for 1s: closed, its memory given back") == 2,
           10, "each closing said (the worker says it once the process has ended)")
 
 
 @pytest.mark.parametrize("url", ["sqlite"], indirect=True)
-def test_the_interactive_process_starts_with_the_worker_and_the_first_sample_runs_in_it(url, workers, save_dir):
-    """Not at the first sample: its MLX imports are done before any job asks (issue 32)."""
+def test_an_idle_worker_is_one_process_and_its_first_job_starts_the_interactive_one(url, workers, save_dir):
+    """Issue 42: an idle worker was three processes (itself, multiprocessing's resource tracker,
+    its interactive process). Its interactive process now starts with its first job of any
+    kind, so a sample during training still finds MLX imported (issue 32)."""
     import re
 
     from queue_helpers import job_pid, until
-    trained = tlm("train", "--save_dir", str(save_dir), *TINY, "--num_iters", "2")
-    assert trained.returncode == 0, trained.stderr
     w = workers.start()
+    until(lambda: "serving" in workers.log(w), 60, "the worker serving")
+    time.sleep(2)
+    assert Path(f"/proc/{w.pid}/task/{w.pid}/children").read_text().split() == []
+    submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "2")
     ready = until(lambda: re.search(r"interactive process ready \(pid (\d+), ", workers.log(w)), 120,
                   "the interactive process ready")
     proc = tlm("sample", "--save_dir", str(save_dir), "--prompt", "the", "--max_tokens", "3", "--queue", url)

@@ -73,9 +73,10 @@ CLOCK_NOTICE_SECONDS = 5.0  # a clock this far from the queue's is worth a word 
 
 class Sampler:
     """The worker's long-lived interactive process: it runs one job at a time, sent over a
-    pipe, and keeps recently used models loaded between them. It starts with the worker and
-    imports MLX before any job asks (on a Mac busy starting many processes that took the
-    first sample 50 s); it says "ready" once, before any job's answer. One that is killed (a
+    pipe, and keeps recently used models loaded between them. It starts with the worker's
+    first job of any kind, so it has imported MLX before a sample asks while the Mac is busy
+    (on a Mac busy starting many processes a first sample took 50 s), and an idle worker is
+    one process; it says "ready" once, before any job's answer. One that is killed (a
     cancel, a lost lease) is replaced, never reused; one whose worker is gone exits by itself."""
 
     def __init__(self):
@@ -382,7 +383,6 @@ class Worker:
                      "the queue's (its Redis host's): leases go by the queue's clock, metrics times by "
                      "each Mac's own; set the time automatically (System Settings > General > Date & Time)")
         self._try(self._heartbeat)
-        self.sampler = Sampler()  # now, not at the first sample or eval: see Sampler
         beat = threading.Thread(target=self._heartbeat_loop, daemon=True)
         beat.start()
         last_sweep = 0.0
@@ -517,9 +517,9 @@ class Worker:
     def _start(self, job: Job, lane: str, rank: Optional[int] = None) -> None:
         """Run a job this worker holds (or its rank of a gang job) in a process of its own."""
         args = (self.url, job.id, job.fence, self.save_root, self.gpu, rank, self.lease)
+        if self.sampler is None:  # with the first job of any kind: see Sampler
+            self.sampler = Sampler()
         if lane == "interactive":
-            if self.sampler is None:
-                self.sampler = Sampler()
             process = self.sampler.run(args)
         else:
             process = SPAWN.Process(target=run_job, args=args, name=f"tlm-job-{job.id}")
