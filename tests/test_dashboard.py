@@ -106,7 +106,7 @@ def test_a_job_appears_advances_draws_and_is_cancelled_from_the_page(url, dashbo
         until(lambda: int(text(browser, row + " td.step").split("/")[0]) > first, what="steps advance")
         until(lambda: "train 1" in text(browser, "#workers"), what="the worker's slots")
 
-        click(browser, row + " td a")  # the run's page
+        click(browser, row + " td.run a")  # the run's page
         points = lambda: int(browser.find_element("css selector", "#chart-step").get_attribute(  # noqa: E731
             "data-points") or 0)
         seen = until(points, what="curve points")
@@ -135,7 +135,7 @@ def test_job_provided_text_renders_as_text(tmp_path, browser):
     d = Dashboard(url, tmp_path)
     try:
         browser.get(d.base + "/")
-        until(lambda: text(browser, f'tr[data-job="{job_id}"] td a') == name, what="the name as text")
+        until(lambda: text(browser, f'tr[data-job="{job_id}"] td.run a') == name, what="the name as text")
         browser.get(d.base + "/#/run/" + urllib.parse.quote(f"run:{name}", safe=""))
         until(lambda: name in text(browser, "h1"), what="the run page")
         until(lambda: "<script>window.__xss=2</script> a log line" in text(browser, "#log"),
@@ -287,7 +287,8 @@ def test_a_sweep_page_shows_its_leaderboard_curves_and_controls(tmp_path, browse
                            "--flag", "dataset=shakespeare", "--flag", "dim=32", "--flag", "num_heads=2",
                            "--flag", "num_blocks=1", "--flag", "context_size=16", "--flag", "batch_size=8",
                            "--flag", "eval_tokens=400", "--flag", "steps_per_eval=5",
-                           "--search", "learning_rate=log:1e-4:1e-1", "--trials", "3", "--parallel", "2",
+                           "--search", "learning_rate=log:1e-4:1e-1", "--search", "dropout=0.0,0.1",
+                           "--trials", "3", "--parallel", "2",
                            "--budget", "15", "--prune", "none", "--queue", url],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -310,6 +311,13 @@ def test_a_sweep_page_shows_its_leaderboard_curves_and_controls(tmp_path, browse
             "data-points") or 0) == 9, what="3 points on each of 3 curves")
         until(lambda: len(browser.find_elements("css selector", "#sweep-chart-step .u-legend tr.u-series")) == 4,
               what="a legend row for x and one per trial")
+        # Issue 42: each searched flag's scatter fills its panel, on the axis its search has.
+        axes = "return [...document.querySelectorAll('#sweep-params .chart')].map(b => [b.dataset.flag, " \
+               "b.dataset.axis, b.__plot.width / b.clientWidth])"
+        shown = until(lambda: browser.execute_script(axes) if len(browser.execute_script(axes)) == 2 else None,
+                      what="two scatters")
+        assert {f: a for f, a, _ in shown} == {"learning_rate": "log", "dropout": "choice"}
+        assert all(width > 0.85 for _, _, width in shown), shown
         first = until(lambda: text(browser, "#sweep-board tbody tr:first-child td:nth-child(1)"), what="rank 1")
         click(browser, '#sweep-board th[data-key="rank"]')  # sort descending
         until(lambda: text(browser, "#sweep-board tbody tr:first-child td:nth-child(1)") != first,
@@ -403,6 +411,16 @@ def test_runs_table_curve_controls_and_retry_on_the_page(url, dashboard, browser
         until(lambda: "eval again" in text(browser, "#notice"), what="retried")
         assert len([j for j in registry(url).jobs(None) if j.kind == "eval"]) == 2
         until(lambda: "/" in text(browser, "#workers td.load"), what="the worker's load")
+        # Issue 42: a page per job (its record and log) and per worker (its jobs).
+        click(browser, f'tr[data-job="{failed.id}"] td:nth-child(2) a')
+        until(lambda: text(browser, "h1") == f"eval job {failed.id}", what="the job's page")
+        until(lambda: "no checkpoint in" in text(browser, '#job-fields [data-field="error"]'), what="its error")
+        until(lambda: "failed" in text(browser, "#job-log"), what="its log")
+        ran = registry(url).get(ids[0]).worker
+        click(browser, '#job-fields [data-field="worker"] a')
+        until(lambda: text(browser, "h1") == f"worker {ran}", what="the worker's page")
+        until(lambda: browser.find_elements("css selector", f'#worker-jobs tr[data-job="{ids[0]}"]'),
+              what="a job it ran, listed on its page")
     finally:
         workers.stop_all()
 

@@ -65,6 +65,12 @@ const sweepLink = (id, text) => el("a", { href: "#/sweep/" + encodeURIComponent(
 const jobRunCell = job => (job.driven ? sweepLink(job.id, `sweep ${runName(job.run)}`)
   : job.sweep ? el("span", {}, runLink(job.run), " ", sweepLink(job.sweep.id, `(trial ${job.sweep.trial})`))
     : runLink(job.run));
+const jobLink = id => el("a", { href: "#/job/" + encodeURIComponent(id) }, el("code", {}, id));
+const workerLink = id => el("a", { href: "#/worker/" + encodeURIComponent(id) }, id);
+// Who runs a job, each worker a link: its worker, a gang's members, or how far a gang has gathered.
+const holderCell = job => ((job.members || []).length
+  ? job.members.flatMap((m, i) => [i ? ", " : "", workerLink(m.worker)])
+  : job.worker ? workerLink(job.worker) : job.holder);
 const fmt = (x, digits = 3) => (x === null || x === undefined ? "" : Number(x).toFixed(digits));
 
 // Stamps are the queue's time; this browser's clock may differ (set at each overview).
@@ -114,8 +120,9 @@ function jobRow(job, selectable) {
   const eta = p.eta_seconds && job.state === "running" ? `${(p.eta_seconds / 60).toFixed(0)}m` : "";
   return el("tr", { dataset: { job: job.id } },
     selectable ? el("td", {}, el("input", { type: "checkbox", class: "pick", value: job.run })) : null,
-    el("td", {}, el("code", {}, job.id)), el("td", {}, job.kind), el("td", {}, jobRunCell(job)),
-    el("td", { class: `state state-${job.state}` }, job.state), el("td", {}, job.holder || job.worker || "-"),
+    el("td", {}, jobLink(job.id)), el("td", {}, job.kind), el("td", { class: "run" }, jobRunCell(job)),
+    el("td", { class: `state state-${job.state}` }, job.state),
+    el("td", {}, holderCell(job)),
     el("td", { class: "num step" }, job.waiting || (p.phase && job.state === "running" ? p.phase
       : p.step ? `${p.step}/${p.total}` : "")),
     el("td", { class: "num" }, fmt(p.train_loss)), el("td", { class: "num" }, val),
@@ -138,7 +145,7 @@ function workerTable(workers) {
     const caps = w.capabilities || {};
     const labels = Object.entries(caps.labels || {}).map(([k, v]) => `${k}=${v}`).join(", ");
     const total = w.slots ? w.slots.train + w.slots.interactive : 0;
-    return el("tr", { dataset: { worker: w.id } }, el("td", {}, w.id), el("td", {}, w.host),
+    return el("tr", { dataset: { worker: w.id } }, el("td", {}, workerLink(w.id)), el("td", {}, w.host),
       el("td", {}, w.device + (caps.chip ? ` (${caps.chip})` : "")),
       el("td", { class: "num memory" }, caps.memory_total
         ? `${gib(caps.memory_total - caps.memory_available)} of ${gib(caps.memory_total)} GiB` : ""),
@@ -146,7 +153,7 @@ function workerTable(workers) {
       el("td", { class: "num load" }, total ? `${(w.jobs || []).length}/${total}` : ""),
       el("td", { class: "num done" }, w.done ?? ""),
       el("td", { class: stale ? "stale" : "" }, age(w.heartbeat) + (stale ? " (stale)" : "")),
-      el("td", {}, (w.jobs || []).join(", ") || "-"));
+      el("td", {}, (w.jobs || []).length ? (w.jobs || []).flatMap((j, i) => [i ? ", " : "", jobLink(j)]) : "-"));
   }));
 }
 
@@ -342,8 +349,7 @@ function runView(root, key) {
     config.replaceChildren(
       el("p", { class: "muted", id: "config-from" }, run.config_from === "checkpoint"
         ? "the run's own configuration, as its training resolved it" : "the flags its latest job was given"),
-      table(["flag", "value"], Object.entries(run.config).sort().map(
-        ([k, v]) => el("tr", { dataset: { flag: k } }, el("td", {}, k), el("td", {}, JSON.stringify(v))))),
+      ...configTables(run.config),
       ...run.changes.map(c => el("p", { class: "change" }, `job ${c.job} changed `,
         Object.entries(c.changed).map(([k, [a, b]]) => `${k} ${JSON.stringify(a)} → ${JSON.stringify(b)}`).join(", "))));
     const older = run.checkpoints.length - 10;
@@ -371,6 +377,16 @@ function runView(root, key) {
     }
   }
   return refresh;
+}
+
+// A run's configuration: the flags the runs table compares, then every flag folded away.
+function configTables(config) {
+  const rows = keys => keys.map(k => el("tr", { dataset: { flag: k } }, el("td", {}, k),
+    el("td", {}, JSON.stringify(config[k]))));
+  const key = KEY_FLAGS.filter(k => k in config), rest = Object.keys(config).filter(k => !key.includes(k)).sort();
+  return [table(["flag", "value"], rows(key)),
+    rest.length ? el("details", { id: "config-rest" }, el("summary", {}, `the other ${rest.length} flags`),
+      table(["flag", "value"], rows(rest))) : null].filter(Boolean);
 }
 
 // -- compare ---------------------------------------------------------------------------------
@@ -406,6 +422,7 @@ function compareView(root, keys) {
 const RUNS_PAGE = 100; // runs a page of the runs table loads (best first); "the next 100 runs" loads more
 const RUN_COLUMNS = ["run", "dataset", "dim", "num_blocks", "num_heads", "context_size", "batch_size", "optimizer",
   "learning_rate", "dropout", "best_valid", "best_step", "test", "steps", "minutes", "tokens_per_sec", "state"];
+const KEY_FLAGS = [...RUN_COLUMNS.slice(1), "num_iters", "time_budget", "seed"]; // first on a run's page
 
 function runsView(root) {
   const dataset = el("select", { id: "runs-dataset" }, el("option", { value: "" }, "all datasets"));
@@ -471,15 +488,27 @@ function runsView(root) {
 
 // -- a sweep's page -----------------------------------------------------------------------------
 
-function scatter(box, title, xLabel, points) {
+// A searched flag against the best loss: choices on an axis of their own (in the order given),
+// a log-uniform range on a log axis, ticks that say distinct values.
+function scatter(box, name, spec, points) {
   box.replaceChildren();
-  if (!points.length) { box.append(el("p", { class: "muted" }, `${title}: no trial evaluated yet`)); return; }
-  const sorted = [...points].sort((a, b) => a[0] - b[0]);
-  new uPlot({
-    title, width: 300, height: 200, scales: { x: { time: false } },
-    axes: [{ label: xLabel }, { label: "best loss" }],
-    series: [{}, { label: "trials", stroke: COLORS[0], paths: () => null, points: { show: true, size: 6 } }],
-  }, [sorted.map(p => p[0]), sorted.map(p => p[1])], box);
+  if (!points.length) { box.append(el("p", { class: "muted" }, `${name}: no trial evaluated yet`)); return; }
+  const choice = spec.type === "choice";
+  const xs = points.map(p => (choice ? spec.values.indexOf(p[0]) : Number(p[0])));
+  const order = xs.map((_, i) => i).sort((a, b) => xs[a] - xs[b]);
+  const ticks = choice ? spec.values.map((_, i) => i)
+    : spec.log ? [0, 1, 2, 3, 4].map(i => spec.low * (spec.high / spec.low) ** (i / 4)) : null;
+  box.__plot = new uPlot({
+    title: name, width: Math.max(320, box.clientWidth - 16), height: 260,
+    scales: { x: choice ? { time: false, range: [-0.5, spec.values.length - 0.5] }
+      : spec.log ? { time: false, distr: 3, range: [spec.low, spec.high] } : { time: false } },
+    axes: [{ label: spec.log ? `${name} (log scale)` : name, splits: ticks ? () => ticks : undefined,
+      values: (u, splits) => splits.map(v => (choice ? String(spec.values[v] ?? "") : +Number(v).toPrecision(2))) },
+    { label: "best loss" }],
+    series: [{}, { label: "trials", stroke: COLORS[0], paths: () => null, points: { show: true, size: 7 } }],
+  }, [order.map(i => xs[i]), order.map(i => points[i][1])], box);
+  box.dataset.axis = choice ? "choice" : spec.log ? "log" : "linear";
+  resizing.observe(box);
 }
 
 function sweepView(root, id) {
@@ -537,16 +566,64 @@ function sweepView(root, id) {
           onclick: () => act(post(`/api/jobs/${r.job}/cancel`, {}), () => `stopping trial ${r.trial}`) }, "stop")
           : runLink("run:" + r.run)))))));
     params.replaceChildren(...names.map(n => {
-      const box = el("div", { class: "chart" });
-      const pts = data.trials.filter(r => r.best !== null && typeof r.params[n] !== "string")
-        .map(r => [Number(r.params[n]), r.best]);
-      setTimeout(() => scatter(box, n, n, pts));
+      const box = el("div", { class: "chart", dataset: { flag: n } });
+      const pts = data.trials.filter(r => r.best !== null && r.params[n] !== undefined).map(r => [r.params[n], r.best]);
+      setTimeout(() => scatter(box, n, sweep.params.search[n], pts));
       return box;
     }));
     const imp = Object.entries(data.importances);
     importance.replaceChildren(imp.length ? table(["flag", "importance"], imp.map(([k, v]) =>
       el("tr", {}, el("td", {}, k), el("td", { class: "num" }, v.toFixed(3)))))
       : el("p", { class: "muted" }, "after two complete trials"));
+  };
+}
+
+// -- a job's page and a worker's page ---------------------------------------------------------------
+
+const stamp = t => (t ? new Date((t - clockOffset) * 1000).toLocaleString() : "-");
+
+function jobView(root, id) {
+  const head = el("div"), actions = el("div", { class: "row" }), fields = el("div", { id: "job-fields" });
+  const log = el("pre", { class: "log", id: "job-log" });
+  root.append(head, actions, el("div", { class: "grid2" }, el("div", {}, el("h2", {}, "Record"), fields),
+    el("div", {}, el("h2", {}, "Log (its state changes, stamped)"), log)));
+  let cursor = null;
+  return async () => {
+    const { job } = await api("/api/jobs/" + encodeURIComponent(id));
+    head.replaceChildren(el("h1", {}, `${job.kind} job ${job.id}`), el("p", { class: "muted" },
+      el("span", { class: `state-${job.state}` }, job.state), " · ", jobRunCell(job)));
+    actions.replaceChildren(...jobActions(job));
+    const row = (k, v) => el("tr", { dataset: { field: k } }, el("th", {}, k), el("td", {}, v));
+    fields.replaceChildren(el("table", {}, el("tbody", {},
+      row("worker", holderCell(job)),
+      row("created", stamp(job.created)), row("queued", stamp(job.enqueued)), row("started", stamp(job.started)),
+      row("finished", stamp(job.finished)), row("tries", job.interruptions ? `${job.attempts}+${job.interruptions}`
+        : String(job.attempts)), row("priority", String(job.priority)),
+      job.after ? row("after", jobLink(job.after)) : null, job.error ? row("error", job.error) : null,
+      row("needs", el("code", {}, JSON.stringify(job.needs || {}))),
+      row("params", el("pre", { class: "sample" }, JSON.stringify(job.params, null, 1))),
+      job.result ? row("result", el("pre", { class: "sample" }, JSON.stringify(job.result, null, 1))) : null)));
+    const more = await api(`/api/jobs/${encodeURIComponent(id)}/log` + (cursor ? `?after=${cursor}` : ""));
+    if (more.lines.length) log.append(document.createTextNode(more.lines.join("\n") + "\n"));
+    cursor = more.cursor;
+  };
+}
+
+function workerView(root, id) {
+  const head = el("div"), fields = el("div", { id: "worker-fields" }), jobsBox = el("div", { id: "worker-jobs" });
+  root.append(head, fields, el("h2", {}, "Its jobs (live, and among the latest finished)"), jobsBox);
+  return async () => {
+    const data = await api("/api/overview?limit=1000");
+    clockOffset = data.now - Date.now() / 1000;
+    const w = data.workers.find(x => x.id === id);
+    head.replaceChildren(el("h1", {}, `worker ${id}`), el("p", { class: "muted" }, w
+      ? `${w.host} · pid ${w.pid} · heartbeat ${age(w.heartbeat)} ago` : "not running now (no heartbeat)"));
+    fields.replaceChildren(w ? workerTable([w]) : "",
+      w && w.capabilities ? el("pre", { class: "sample", id: "worker-capabilities" },
+        JSON.stringify(w.capabilities, null, 1)) : "");
+    const mine = data.jobs.filter(j => j.worker === id || (j.members || []).some(m => m.worker === id)).reverse();
+    jobsBox.replaceChildren(mine.length ? table(JOB_HEADERS, mine.map(j => jobRow(j, false)))
+      : el("p", { class: "muted" }, "none"));
   };
 }
 
@@ -562,6 +639,8 @@ function route() {
   if (hash.startsWith("/run/")) refresh = runView(root, decodeURIComponent(hash.slice(5)));
   else if (hash.startsWith("/sweep/")) refresh = sweepView(root, decodeURIComponent(hash.slice(7)));
   else if (hash.startsWith("/runs")) refresh = runsView(root);
+  else if (hash.startsWith("/job/")) refresh = jobView(root, decodeURIComponent(hash.slice(5)));
+  else if (hash.startsWith("/worker/")) refresh = workerView(root, decodeURIComponent(hash.slice(8)));
   else if (hash.startsWith("/compare")) refresh = compareView(root,
     hash.slice(9).split(",").filter(Boolean).map(decodeURIComponent));
   else refresh = jobsView(root);
