@@ -24,7 +24,7 @@ CHILD = """
 import json, sys
 import tlm
 import mlx.core as mx
-from tlm.train import train
+from tlm.run import train
 train(json.loads(sys.argv[1]))
 print("PEAK", mx.get_peak_memory())
 """

@@ -37,7 +37,7 @@ def measure(shape: str, steps: int, checkpoint: bool = False) -> dict:
     from tlm.config import TrainConfig
     from tlm.data import Dataset
     from tlm.vocab import WordTokenizer
-    from tlm.train import Trainer
+    from tlm.train import Trainer, num_params
 
     dim, blocks, heads, context, batch, vocab = SHAPES[shape]
     a = mx.random.normal((1024, 1024))
@@ -64,7 +64,7 @@ def measure(shape: str, steps: int, checkpoint: bool = False) -> dict:
     tokens_per_sec = steps * batch * context / seconds
     # 6 FLOPs per parameter per token (forward + backward), embeddings excluded
     # (a lookup), plus attention scores and values: 12 * layers * context * dim.
-    n = trainer.num_params() - (0 if cfg.tie_embeddings else vocab * dim)
+    n = num_params(trainer.model) - (0 if cfg.tie_embeddings else vocab * dim)
     flops_per_token = 6 * n + 12 * blocks * context * dim
     return {"shape": shape, "blas": blas.describe(), "tokens_per_sec": tokens_per_sec,
             "streams": len(parallel.streams()),

@@ -43,7 +43,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from tlm.config import PRESETS, apply_preset
+from tlm.config import PRESETS, apply_preset, flag_types, flag_value
 from tlm_worker.kinds import ACTIVE, CLAIMABLE, KINDS, STATES, Job, SampleParams, misfit
 from tlm_worker.lab import Lab, LabError, Placement
 from tlm_worker.queue import QUEUE_ERRORS, outage
@@ -93,19 +93,16 @@ def command(verb: str, params: dict[str, Any]) -> str:
 
 def typed_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     """Form values (strings) as TrainConfig's types; unknown flags refused."""
-    from tlm_cli.options import flag_types
-
     types = flag_types()
     out = {}
     for k, v in overrides.items():
         k = k.strip().lstrip("-").replace("-", "_")
         if k not in types or k == "save_dir":
             raise Refused(400, f"unknown flag --{k}")
-        typ = types[k]
         try:
-            out[k] = (str(v).lower() in ("1", "true", "yes", "on")) if typ is bool else typ(v)
+            out[k] = flag_value(v, types[k])
         except ValueError:
-            raise Refused(400, f"--{k} {v!r}: expected {typ.__name__}") from None
+            raise Refused(400, f"--{k} {v!r}: expected {types[k].__name__}") from None
     return out
 
 
@@ -396,6 +393,29 @@ class Changes:
                 self.streams -= 1
         return release
 
+    async def events(self, request: Request) -> Response:
+        """"Something changed", whenever the registry does (sse-starlette sends the stream,
+        pings it, and drops a client that stops reading after SEND_TIMEOUT seconds)."""
+        release = self.open_stream()
+        if release is None:
+            return PlainTextResponse(f"{MAX_STREAMS} event streams are open: close a tab", status_code=503)
+        self.start()
+
+        async def stream():
+            try:
+                seen = self.version
+                while True:
+                    await anyio.sleep(0.25)
+                    if self.version != seen:
+                        seen = self.version
+                        yield ServerSentEvent(event="change", data="{}", retry=1000)
+            finally:
+                release()
+        body = stream()
+        weakref.finalize(body, release)  # a client gone before its stream began: the slot comes back
+        return EventSourceResponse(body, ping=EVENT_WAIT, send_timeout=SEND_TIMEOUT,
+                                   headers={"Cache-Control": "no-cache"})
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._follow, daemon=True, name="tlm-changes")
@@ -410,6 +430,24 @@ class Changes:
                             self.version += 1
             except QUEUE_ERRORS:
                 time.sleep(1)  # the queue is down: the page shows it; follow again when back
+
+
+def _endpoint(fn: Callable[[Request, Any], Any]) -> Callable:
+    """An API route: ``fn(request, body)`` in a thread, its answer as JSON; a refusal, a missing
+    job, an outage or a field of the wrong type as its status and one line."""
+    async def endpoint(request: Request) -> Response:
+        try:
+            body = await read_body(request)
+            return JSONResponse(await anyio.to_thread.run_sync(fn, request, body))
+        except (Refused, LabError) as e:
+            return PlainTextResponse(str(e), status_code=e.status)
+        except JobNotFound as e:
+            return PlainTextResponse(str(e), status_code=404)
+        except QUEUE_ERRORS as e:  # an outage, or a busy SQLite file: the page tries again
+            return PlainTextResponse(f"cannot reach the queue: {outage(e)}", status_code=503)
+        except (ValueError, TypeError) as e:  # a field of the wrong type (int("many"))
+            return PlainTextResponse(f"bad request: {e}".splitlines()[0], status_code=400)
+    return endpoint
 
 
 def _cursor(after: Optional[str], shape: Any) -> Any:
@@ -430,72 +468,35 @@ def create_app(registry: Registry, token: str, require_token: bool,
     table = _html.escape(json.dumps(TABLE), quote=True)  # the kinds and states, as the page's <meta>
     changes = Changes(registry)
 
-    def api(fn):
-        async def endpoint(request: Request) -> Response:
-            try:
-                body = await read_body(request)
-                return JSONResponse(await anyio.to_thread.run_sync(fn, request, body))
-            except (Refused, LabError) as e:
-                return PlainTextResponse(str(e), status_code=e.status)
-            except JobNotFound as e:
-                return PlainTextResponse(str(e), status_code=404)
-            except QUEUE_ERRORS as e:  # an outage, or a busy SQLite file: the page tries again
-                return PlainTextResponse(f"cannot reach the queue: {outage(e)}", status_code=503)
-            except (ValueError, TypeError) as e:  # a field of the wrong type (int("many"))
-                return PlainTextResponse(f"bad request: {e}".splitlines()[0], status_code=400)
-        return endpoint
-
     def page(request: Request) -> Response:
         html = (STATIC / "index.html").read_text().replace("{{TOKEN}}", token).replace("{{TABLE}}", table)
         return Response(html, media_type="text/html")
 
-    async def events(request: Request) -> Response:
-        """"Something changed", whenever the registry does (sse-starlette sends the stream,
-        pings it, and drops a client that stops reading after SEND_TIMEOUT seconds)."""
-        release = changes.open_stream()
-        if release is None:
-            return PlainTextResponse(f"{MAX_STREAMS} event streams are open: close a tab", status_code=503)
-        changes.start()
-
-        async def stream():
-            try:
-                seen = changes.version
-                while True:
-                    await anyio.sleep(0.25)
-                    if changes.version != seen:
-                        seen = changes.version
-                        yield ServerSentEvent(event="change", data="{}", retry=1000)
-            finally:
-                release()
-        body = stream()
-        weakref.finalize(body, release)  # a client gone before its stream began: the slot comes back
-        return EventSourceResponse(body, ping=EVENT_WAIT, send_timeout=SEND_TIMEOUT,
-                                   headers={"Cache-Control": "no-cache"})
-
     q = lambda request, name, default=None: request.query_params.get(name, default)  # noqa: E731
     routes = [
         Route("/", page),
-        Route("/api/overview", api(lambda r, b: lab.overview(
+        Route("/api/overview", _endpoint(lambda r, b: lab.overview(
             q(r, "state"), q(r, "run"), int(q(r, "limit", "50")), q(r, "after")))),
-        Route("/api/runs", api(lambda r, b: lab.runs(int(q(r, "limit", "100")), q(r, "after")))),
-        Route("/api/jobs/{id}/retry", api(lambda r, b: lab.retry(r.path_params["id"])), methods=["POST"]),
-        Route("/api/jobs/{id}", api(lambda r, b: {"job": shown(registry.get(r.path_params["id"]))})),
-        Route("/api/jobs/{id}/log", api(lambda r, b: lab.log(r.path_params["id"], q(r, "after")))),
-        Route("/api/run", api(lambda r, b: lab.run(q(r, "key", "")))),
-        Route("/api/compare", api(lambda r, b: lab.compare(r.query_params.getlist("key")))),
-        Route("/api/presets", api(lambda r, b: {"presets": PRESETS})),
-        Route("/api/sweep", api(lambda r, b: lab.sweep(q(r, "id", "")))),
-        Route("/api/sweep/cancel", api(lambda r, b: lab.sweep_cancel(field(b, "id", str, ""))), methods=["POST"]),
-        Route("/api/sweep/add", api(lambda r, b: lab.sweep_add(field(b, "id", str, ""), field(b, "trials", int, 1))),
+        Route("/api/runs", _endpoint(lambda r, b: lab.runs(int(q(r, "limit", "100")), q(r, "after")))),
+        Route("/api/jobs/{id}/retry", _endpoint(lambda r, b: lab.retry(r.path_params["id"])), methods=["POST"]),
+        Route("/api/jobs/{id}", _endpoint(lambda r, b: {"job": shown(registry.get(r.path_params["id"]))})),
+        Route("/api/jobs/{id}/log", _endpoint(lambda r, b: lab.log(r.path_params["id"], q(r, "after")))),
+        Route("/api/run", _endpoint(lambda r, b: lab.run(q(r, "key", "")))),
+        Route("/api/compare", _endpoint(lambda r, b: lab.compare(r.query_params.getlist("key")))),
+        Route("/api/presets", _endpoint(lambda r, b: {"presets": PRESETS})),
+        Route("/api/sweep", _endpoint(lambda r, b: lab.sweep(q(r, "id", "")))),
+        Route("/api/sweep/cancel", _endpoint(lambda r, b: lab.sweep_cancel(field(b, "id", str, ""))),
               methods=["POST"]),
-        Route("/api/sweep/best", api(lambda r, b: lab.sweep_best(field(b, "id", str, ""), field(b, "run", str, ""))),
-              methods=["POST"]),
-        Route("/api/events", events),
-        Route("/api/jobs/{id}/cancel", api(lambda r, b: lab.cancel(
+        Route("/api/sweep/add", _endpoint(lambda r, b: lab.sweep_add(
+            field(b, "id", str, ""), field(b, "trials", int, 1))), methods=["POST"]),
+        Route("/api/sweep/best", _endpoint(lambda r, b: lab.sweep_best(
+            field(b, "id", str, ""), field(b, "run", str, ""))), methods=["POST"]),
+        Route("/api/events", changes.events),
+        Route("/api/jobs/{id}/cancel", _endpoint(lambda r, b: lab.cancel(
             r.path_params["id"], field(b, "force", bool, False))), methods=["POST"]),
-        Route("/api/resume", api(lambda r, b: lab.resume(field(b, "key", str, ""))), methods=["POST"]),
-        Route("/api/submit", api(lambda r, b: lab.new_run(b)), methods=["POST"]),
-        Route("/api/sample", api(lambda r, b: lab.sample(
+        Route("/api/resume", _endpoint(lambda r, b: lab.resume(field(b, "key", str, ""))), methods=["POST"]),
+        Route("/api/submit", _endpoint(lambda r, b: lab.new_run(b)), methods=["POST"]),
+        Route("/api/sample", _endpoint(lambda r, b: lab.sample(
             field(b, "key", str, ""), field(b, "prompt", str, ""), field(b, "max_tokens", int, 60),
             field(b, "temperature", float, 0.5))), methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),

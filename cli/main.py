@@ -58,7 +58,8 @@ def train(inference, **options) -> None:
     from tlm.data import DataError
     from tlm.interrupts import StopOnSignal
     from tlm.lease import LeaseLost, RunHeld
-    from tlm.train import Diverged, opened
+    from tlm.run import opened
+    from tlm.train import Diverged
 
     given = given_options(options)
     save_dir = given.get("save_dir") or tlm.config.default_save_dir()
@@ -102,7 +103,7 @@ def _one_line(e: OSError, where: str | None) -> click.ClickException:
 def _inference(options: dict) -> None:
     """``tlm train --inference``: the seed's REPL, through ``tlm sample --interactive``'s."""
     from tlm.generate import SampleConfig
-    from tlm.train import select_device
+    from tlm.device import select_device
     from tlm_cli.sample import repl
 
     used = {"save_dir", "identifier", "top_k", "temperature", "gpu"}
@@ -177,7 +178,8 @@ def eval_(save_dir, identifier, split, tokens, stride, local, gpu) -> None:
     from tlm.checkpoint import CheckpointError
     from tlm.config import default_save_dir
     from tlm.data import DataError
-    from tlm.train import evaluate_checkpoint, select_device
+    from tlm.device import select_device
+    from tlm.run import evaluate_checkpoint
 
     try:
         select_device(gpu)

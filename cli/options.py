@@ -5,20 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import click
 
-from tlm.config import ConfigError, TrainConfig, apply_preset
-
-
-def flag_types() -> dict[str, type]:
-    """Each TrainConfig field's type, ``Optional[X]`` as X: what a flag's value converts to."""
-    hints = typing.get_type_hints(TrainConfig)
-    return {name: typing.get_args(t)[0] if typing.get_origin(t) is typing.Union else t
-            for name, t in hints.items()}
+from tlm.config import ConfigError, TrainConfig, apply_preset, flag_types
 
 
 def train_options(fn: Callable) -> Callable:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import IO, TYPE_CHECKING, Callable, Collection, ContextManager, Mapping, Optional, Sequence
+from typing import IO, Callable, Collection, ContextManager, Mapping, Optional, Sequence
 
 from rich import box
 from rich.console import Console
@@ -10,16 +10,13 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tlm.hooks import TrainingHooks
-
-if TYPE_CHECKING:
-    from tlm.train import Progress
+from tlm.hooks import Progress, TrainingHooks
 
 
 class ProgressDisplay:
     """Lines above a progress bar (on a terminal); use as a context manager.
 
-    Called with a trainer :class:`~tlm.train.Progress` event it is an
+    Called with a trainer :class:`~tlm.hooks.Progress` event it is an
     ``on_progress`` sink.
     """
 

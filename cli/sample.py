@@ -62,7 +62,7 @@ def sample(run, save_dir, identifier, prompt, max_tokens, num_samples, temperatu
         _queued(queue, run_key, identifier, prompt, cfg, num_samples)
         return
     from tlm.config import ConfigError
-    from tlm.train import select_device
+    from tlm.device import select_device
 
     try:
         select_device(gpu)

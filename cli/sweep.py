@@ -13,8 +13,9 @@ from typing import Any, Optional
 import click
 from rich.table import Table
 
+from tlm.config import flag_types, flag_value
 from tlm_cli.jobs import connect, duration, echo, queue_errors, queue_option
-from tlm_cli.options import flag_types, given_options
+from tlm_cli.options import given_options
 from tlm_cli.render import fitted_table, table_console, watch_table
 from tlm_worker.kinds import FINAL, misfit
 from tlm_worker.lab import Lab
@@ -114,11 +115,10 @@ def build_spec(given: dict[str, Any], fixed: dict[str, Any]):
     for key, value in fixed.items():
         if key not in types or key in sweeps.LOCATION_FLAGS:
             raise sweeps.SpecError(f"--flag {key}: not a training flag a sweep can set")
-        typ = types[key]
         try:
-            base[key] = (str(value).lower() in ("1", "true", "yes")) if typ is bool else typ(value)
+            base[key] = flag_value(value, types[key])
         except ValueError:
-            raise sweeps.SpecError(f"--flag {key}={value}: expected {typ.__name__}") from None
+            raise sweeps.SpecError(f"--flag {key}={value}: expected {types[key].__name__}") from None
     if given.get("preset"):
         try:
             base = given_options({"preset": given["preset"], **base})

@@ -17,7 +17,8 @@ import pytest
 import tlm  # noqa: F401
 from tlm import checkpoint
 from tlm.data import load_dataset
-from tlm.train import Trainer, open_run
+from tlm.train import Trainer
+from tlm.run import open_run
 
 from conftest import Collect, tlm_cmd
 

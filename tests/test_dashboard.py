@@ -224,6 +224,8 @@ def test_submit_resume_and_compare_through_the_api(url, dashboard):
     bad = post("/api/submit", {"run": "b", "overrides": {"dim": "many"}})
     assert bad.status_code == 400 and bad.text == "--dim 'many': expected int"
     assert post("/api/submit", {"run": "b", "overrides": {"nope": "1"}}).text == "unknown flag --nope"
+    assert post("/api/submit", {"run": "b", "overrides": {"tie_embeddings": "maybe"}}).text == \
+        "--tie_embeddings 'maybe': expected bool"  # issue 40: the one parser's words (it was False)
     r = post("/api/submit", {"run": "b", "overrides": {"dim": "96", "num_heads": "4"}})
     reg = registry(url)
     for job_id, loss in ((job.id, 4.0), (r.json()["job"], 3.0)):

@@ -122,7 +122,7 @@ def test_planted_records_point_nowhere_outside_the_lab(url, workers, tmp_path, m
 
 def test_evaluating_a_split_that_is_no_split_is_one_line(tmp_path, mirror):
     from tlm.data import DataError
-    from tlm.train import evaluate_checkpoint
+    from tlm.run import evaluate_checkpoint
     run = tmp_path / "run"
     assert tlm("train", "--save_dir", str(run), *SHAKES, "--num_iters", "2").returncode == 0
     with pytest.raises(DataError, match="no split '../../etc/passwd'"):

@@ -148,7 +148,7 @@ MEASURE = """
 import json, sys
 import tlm
 import mlx.core as mx
-from tlm.train import train
+from tlm.run import train
 train(json.loads(sys.argv[1]))
 print(mx.get_peak_memory())
 """

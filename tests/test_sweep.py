@@ -104,6 +104,9 @@ def test_the_same_spec_and_seed_propose_the_same_parameters_in_the_same_order(ur
     (["--search", "dim=30,32"], "a trial's flags would be refused"),
     ([], "nothing to search"),
     (["--search", "dropout=0:inf"], "'inf' is not a finite number"),
+    # Issue 40: one parser of flag values as text, one set of words for true and false.
+    (["--search", "tie_embeddings=maybe,true"], "'maybe' is not a bool"),
+    (["--search", "dropout=0:0.3", "--flag", "tie_embeddings=maybe"], "--flag tie_embeddings=maybe: expected bool"),
     (["--search", "dropout=0:5"], "(--dropout 5.0): --dropout must be in [0, 1)"),
     (["--search", "num_heads=1:7"], "(--num_heads 7): --dim 32 is not divisible by --num_heads 7"),
     (["--search", "optimizer=adamw,bogus"], "(--optimizer bogus): unknown --optimizer 'bogus'"),

@@ -62,7 +62,7 @@ def test_a_time_budget_ends_the_run_on_time_with_the_rate_decayed_by_the_clock(s
 def test_a_warmup_stable_decay_schedule_holds_the_peak_then_falls_linearly_to_a_tenth():
     """--lr_cooldown 0.4: the peak until 60% of training, then a straight line to a tenth; without
     it the cosine; and a time budget whose --num_iters come first still ends decayed."""
-    from tlm.train import follow_budget, make_optimizer, make_schedule
+    from tlm.optimizer import follow_budget, make_optimizer, make_schedule
 
     wsd = make_schedule(TrainConfig(learning_rate=1.0, lr_warmup=10, num_iters=110, lr_cooldown=0.4))
     rates = [wsd(mx.array(step, mx.uint64)).item() for step in (0, 5, 10, 60, 70, 90, 110, 200)]  # as MLX counts
@@ -85,7 +85,7 @@ def test_muon_learns_faster_than_adamw_in_the_same_steps(save_dir):
 
 def test_muon_weight_decay_is_decoupled_from_the_orthogonalised_update():
     import mlx.optimizers as optim
-    from tlm.train import Muon
+    from tlm.optimizer import Muon
 
     weights, no_gradient = {"w": mx.ones((4, 4))}, {"w": mx.zeros((4, 4))}
     ours = Muon(learning_rate=0.1, weight_decay=0.5).apply_gradients(no_gradient, weights)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -35,6 +36,7 @@ from mlx.utils import tree_flatten
 from safetensors import safe_open
 
 from tlm.vocab import Tokenizer
+from tlm import files
 from tlm.files import file_digest
 from tlm.model import Model, ModelArgs
 
@@ -150,6 +152,29 @@ def save(directory: str | Path, weights: dict[str, mx.array], tensors: dict[str,
         meta_new.unlink(missing_ok=True)
         weights_new.unlink(missing_ok=True)
     return Checkpoint(identifier, directory, state)
+
+
+def save_retrying(directory: str | Path, snapshot: tuple[dict, dict, dict], retries: int,
+                  log: Callable[[str], None], before_publish: Callable[[], None] = lambda: None) -> Checkpoint:
+    """``save`` a snapshot (weights, tensors, state), retrying with back-off up to ``retries``
+    times while the old checkpoint stays intact; a folder no retry can help (read-only,
+    deleted, not ours) is a CheckpointError at once."""
+    for attempt in itertools.count():
+        try:
+            return save(directory, *snapshot, before_publish=before_publish)
+        except OSError as e:
+            if e.errno in files.SETUP:
+                raise CheckpointError(f"cannot save a checkpoint in {directory}: {e.strerror or e}") from None
+            if attempt >= retries:
+                if files.transient(e):  # the disk may be fine on another machine, or later
+                    e.filename = e.filename or f"saving a checkpoint in {directory}"
+                    raise
+                raise CheckpointError(f"could not save a checkpoint in {directory} "
+                                      f"after {attempt + 1} attempts: {e}") from None
+            delay = min(2**attempt, 30)
+            log(f"checkpoint save failed ({e.strerror or e}); the previous checkpoint is "
+                f"intact; retrying in {delay}s (Ctrl+C twice to give up)")
+            time.sleep(delay)
 
 
 def verify(directory: str | Path, identifier: str) -> Checkpoint:

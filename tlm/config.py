@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +24,7 @@ MORE = re.compile(r"[1-9]\d*|\d+(\.\d+)?m")  # --more: steps, or minutes
 RUN_INPUTS = "inputs"  # where `tlm submit` copies a run's own text, inside its directory
 TOKENIZERS = ("word", "char", "byte", "bpe")
 OPTIMIZERS = ("adamw", "muon")
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")  # a bool flag given as text
 BACKENDS = ("ring", "jaccl", "nccl")  # MLX's distributed backends whose ranks tlm can start
 
 
@@ -275,6 +277,31 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
         return cls(**data)
+
+
+def flag_types() -> dict[str, type]:
+    """Each TrainConfig field's type, ``Optional[X]`` as X: what a flag's value converts to."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {name: typing.get_args(t)[0] if typing.get_origin(t) is typing.Union else t
+            for name, t in hints.items()}
+
+
+def flag_value(text: Any, typ: type) -> Any:
+    """A flag's value given as text (a dashboard form, ``--flag K=V``, a ``--search`` bound or
+    choice) as its type: the one parser of them. ValueError for text that is not one: a bool
+    is one of TRUE_WORDS or FALSE_WORDS, a float is finite."""
+    if typ is bool:
+        word = str(text).strip().lower()
+        if word not in TRUE_WORDS + FALSE_WORDS:
+            raise ValueError(f"{text!r} is not true or false")
+        return word in TRUE_WORDS
+    try:
+        value = typ(text)
+    except OverflowError:
+        raise ValueError(f"{text!r} is not a finite number") from None
+    if typ is float and not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
 
 
 def check_save_dir(path: str) -> Path:

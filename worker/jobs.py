@@ -24,17 +24,14 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
-from tlm.hooks import TrainingHooks
+from tlm.hooks import Progress, TrainingHooks, TrainResult
 from tlm.lease import DEFAULT_TTL as RUN_LEASE_TTL, LeaseLost as RunLeaseLost, RunHeld
 from tlm_worker.kinds import EvalParams, ExportParams, SampleParams, params_of, resolve
 from tlm_worker.queue import QUEUE_ERRORS, Queue
 from tlm_worker.registry import ACTIVE, CANCELLED, FAILED, SUCCEEDED, Job, JobNotFound, LeaseLost, Registry
 from tlm_worker.targets import TargetError, resolve_save_dir
-
-if TYPE_CHECKING:
-    from tlm.train import Progress, TrainResult
 
 INVOCATION = ("save_dir", "data_mirror", "identifier", "new_model", "more")  # not the run's own settings
 EXIT_INTERRUPTED = 75  # stopped by a signal to the worker, or by an outage: re-queue the job
@@ -180,7 +177,7 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
     c = Context(registry, job, fence, "", {}, gpu, rank, log, lambda: os.getppid() != parent, lease)
     try:
         import tlm  # noqa: F401  (optimized BLAS before MLX)
-        from tlm.train import select_device
+        from tlm.device import select_device
 
         select_device(gpu)
         params = {k: v for k, v in job.params.items() if k not in ("run", "save_dir", "dataset_sha1")}
@@ -237,7 +234,7 @@ def _ordinary(e: BaseException) -> bool:
 
 
 def run_eval(c: Context) -> None:
-    from tlm.train import evaluate_checkpoint
+    from tlm.run import evaluate_checkpoint
     p = params_of(EvalParams, c.params)
     result = evaluate_checkpoint(c.save_dir, p.identifier, p.split, p.data_mirror, p.tokens, p.stride, c.log)
     metric = (f"{result['bits_per_char']:.3f} bits per character" if "bits_per_char" in result
@@ -426,7 +423,7 @@ class RegistryHooks(TrainingHooks):
 def pin_more(c: Context, given: dict[str, Any]) -> dict[str, Any]:
     """``--more``: the budget it means against the run's latest checkpoint, written into the
     job's params, so a resume after an interruption does not extend it again."""
-    from tlm.train import open_run
+    from tlm.run import open_run
 
     config, _ = open_run(given, warn=c.log)
     budget = {"time_budget": config.time_budget, "num_iters": config.num_iters}
@@ -438,7 +435,7 @@ def pin_more(c: Context, given: dict[str, Any]) -> dict[str, Any]:
 
 def train_job(c: Context, given: dict[str, Any], hooks: RegistryHooks) -> None:
     """Train with these hooks, then settle the job (rank 0) or exit EXIT_INTERRUPTED."""
-    from tlm.train import train
+    from tlm.run import train
 
     labels = {"job": c.job.id, "worker": c.job.worker, "fence": c.fence}
     try:

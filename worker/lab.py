@@ -109,7 +109,7 @@ class Lab:
         the run (they replace the local path its flags were checked with)."""
         from tlm.config import ConfigError
         from tlm.memory import estimate
-        from tlm.train import open_run
+        from tlm.run import open_run
 
         target = self.target(key)
         try:

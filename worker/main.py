@@ -92,7 +92,7 @@ def main(queue, concurrency, gpu, save_root, lease, max_attempts, keep_days, add
     if gpu:
         import tlm  # noqa: F401  (optimized BLAS before MLX)
         from tlm.config import ConfigError
-        from tlm.train import select_device
+        from tlm.device import select_device
         try:
             select_device(True)
         except ConfigError as e:

@@ -119,7 +119,7 @@ def _serve(conn: multiprocessing.connection.Connection, parent: int) -> None:
             time.sleep(1)
         os._exit(0)
     threading.Thread(target=orphaned, daemon=True).start()
-    import tlm.train  # noqa: F401  (BLAS, MLX, the model and the sampler: what a sample or eval loads)
+    import tlm.run  # noqa: F401  (BLAS, MLX, the model, the trainer and the sampler: what a sample or eval loads)
     conn.send("ready")
     while True:
         try:
@@ -370,9 +370,8 @@ class Worker:
 
     # -- the main loop -------------------------------------------------------------
 
-    def run(self) -> None:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._on_signal)
+    def _greet(self) -> None:
+        """What it serves, and what the user should know before it takes a job."""
         self.say(f"serving {self.queue.url.split('@')[-1]} with {self.concurrency} training "
                  "slot(s) and an interactive lane")
         if self.not_lab_root:
@@ -382,6 +381,11 @@ class Worker:
             self.say(f"this machine's clock is {abs(skew):.0f}s {'ahead of' if skew > 0 else 'behind'} "
                      "the queue's (its Redis host's): leases go by the queue's clock, metrics times by "
                      "each Mac's own; set the time automatically (System Settings > General > Date & Time)")
+
+    def run(self) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._on_signal)
+        self._greet()
         self._try(self._heartbeat)
         beat = threading.Thread(target=self._heartbeat_loop, daemon=True)
         beat.start()
@@ -415,15 +419,8 @@ class Worker:
                     if left is not None and left is not True:
                         self.say(f"{left}: exiting (--burst)")
                         break
-                if not busy:  # until a job process ends, a job is queued, or the next poll
-                    sentinels = [r.process.sentinel for r in self.running.values()]
-                    if sentinels:
-                        multiprocessing.connection.wait(sentinels, self.poll)
-                    elif self.wakeup is not None and self.down_since is None:
-                        if self._try(self.wakeup, IDLE_WAIT):
-                            self._woken()
-                    else:
-                        time.sleep(self.poll)
+                if not busy:
+                    self._wait()
         finally:
             wakeups.close()
             if self.unsettled:
@@ -436,6 +433,17 @@ class Worker:
                 self.sampler.close()
             self._try(self.registry.remove_worker, self.id)
         self.say("stopped")
+
+    def _wait(self) -> None:
+        """Until a job process ends, a job is queued (a wake-up), or the next poll."""
+        sentinels = [r.process.sentinel for r in self.running.values()]
+        if sentinels:
+            multiprocessing.connection.wait(sentinels, self.poll)
+        elif self.wakeup is not None and self.down_since is None:
+            if self._try(self.wakeup, IDLE_WAIT):
+                self._woken()
+        else:
+            time.sleep(self.poll)
 
     def _try(self, fn, *args):
         """Run a queue operation; None if the queue is down (unreachable, or refusing writes:

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from tlm.config import flag_value
 from tlm_worker.kinds import (ACTIVE, FAILED, FINAL, LIVE, NUMBER, PRIORITIES, PRUNED, REQUIRED_KEYS,
                               RUNNING, SUCCEEDED, Job, misfit)
 from tlm_worker.queue import QUEUE_ERRORS
@@ -131,15 +132,8 @@ def parse_search(item: str, types: dict[str, type]) -> tuple[str, dict[str, Any]
 
     def value(v: str) -> Any:
         try:
-            if typ is bool:
-                if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                return v.lower() in ("true", "1", "yes")
-            number = typ(v)
-            if typ is float and not math.isfinite(number):
-                raise ValueError
-            return number
-        except (ValueError, OverflowError):
+            return flag_value(v, typ)
+        except ValueError:
             raise SpecError(f"--search {item!r}: {v!r} is not a {'finite number' if typ is float else typ.__name__} "
                             f"(--{name} takes {typ.__name__})") from None
     log = text.startswith("log:")
