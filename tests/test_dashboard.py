@@ -414,12 +414,16 @@ def test_runs_table_curve_controls_and_retry_on_the_page(url, dashboard, browser
         assert len([j for j in registry(url).jobs(None) if j.kind == "eval"]) == 2
         until(lambda: "/" in text(browser, "#workers td.load"), what="the worker's load")
         # Issue 42: a page per job (its record and log) and per worker (its jobs).
-        click(browser, f'tr[data-job="{failed.id}"] td:nth-child(2) a')
+        link = until(lambda: browser.find_element("css selector", f'tr[data-job="{failed.id}"] td:nth-child(2) a')
+                     .get_attribute("href"), what="the job's link")  # followed, not clicked: rows move as jobs come
+        assert link.endswith(f"#/job/{failed.id}")
+        browser.get(link)
         until(lambda: text(browser, "h1") == f"eval job {failed.id}", what="the job's page")
         until(lambda: "no checkpoint in" in text(browser, '#job-fields [data-field="error"]'), what="its error")
         until(lambda: "failed" in text(browser, "#job-log"), what="its log")
         ran = registry(url).get(ids[0]).worker
-        click(browser, '#job-fields [data-field="worker"] a')
+        browser.get(until(lambda: browser.find_element("css selector", '#job-fields [data-field="worker"] a')
+                          .get_attribute("href"), what="the worker's link"))
         until(lambda: text(browser, "h1") == f"worker {ran}", what="the worker's page")
         until(lambda: browser.find_elements("css selector", f'#worker-jobs tr[data-job="{ids[0]}"]'),
               what="a job it ran, listed on its page")
