@@ -44,8 +44,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tlm.config import PRESETS, apply_preset, flag_types, flag_value
-from tlm_worker.kinds import ACTIVE, CLAIMABLE, KINDS, STATES, Job, SampleParams, misfit
+from tlm_worker.kinds import ACTIVE, CLAIMABLE, KINDS, SAMPLE, STATES, Job, SampleParams, misfit
 from tlm_worker.lab import Lab, LabError, Placement
+from tlm_worker.placement import waiting_reasons
 from tlm_worker.queue import QUEUE_ERRORS, outage
 from tlm_worker.registry import FINAL, LIVE, JobNotFound, Registry, holder
 from tlm_worker.targets import TargetError, resolve_save_dir, run_target
@@ -129,8 +130,6 @@ class Api:
         cursor = _cursor(after, [(int, float, str)])
         if cursor is not None and not (len(cursor) == 2 and isinstance(cursor[1], str)):
             raise Refused(400, "after: the `next` of an earlier page")
-        from tlm_cli.jobs import waiting_reasons
-
         jobs = self.registry.jobs(limit, state=state or None, run=run or None,
                                   after=tuple(cursor) if cursor else None)
         workers = self.registry.workers()
@@ -316,8 +315,8 @@ class Api:
         if not 0 < max_tokens <= 2000 or not 0 <= temperature <= 10:
             raise Refused(400, "max_tokens must be 1-2000 and temperature 0-10")
         cfg = SampleConfig(max_tokens=max_tokens, temperature=temperature)
-        job = self.lab.read("sample", key, dataclasses.asdict(SampleParams(prompt, dataclasses.asdict(cfg))))
-        return {"job": job.id, "command": command("sample", {
+        job = self.lab.read(SAMPLE, key, dataclasses.asdict(SampleParams(prompt, dataclasses.asdict(cfg))))
+        return {"job": job.id, "command": command(SAMPLE, {
             **target, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature})}
 
 

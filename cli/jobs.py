@@ -23,10 +23,10 @@ from rich.table import Table
 from tlm.config import ConfigError
 from tlm_cli.options import given_options, train_options
 from tlm_cli.render import fitted_table, table_console, watch_table
-from tlm_worker.kinds import CLAIMABLE, KINDS, PRIORITIES, EvalParams, ExportParams, Job
+from tlm_worker.kinds import EVAL, EXPORT, KINDS, PRIORITIES, EvalParams, ExportParams, Job
 from tlm_worker.lab import Lab, LabError, Placement, training_job
 from tlm_worker.options import FiniteRange
-from tlm_worker.placement import size_text, waiting_reason
+from tlm_worker.placement import size_text, waiting_reasons
 from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError, outage, queue_url, redact
 from tlm_worker.registry import CANCELLED, FINAL, LIVE, SUCCEEDED, JobNotFound, Registry, holder
 from tlm_worker.runs import COLUMNS as RUN_COLUMNS
@@ -218,7 +218,7 @@ def submit_eval(run, save_dir, identifier, split, tokens, stride, wait, queue, p
     run_key = target(run, save_dir)[1]
     params = EvalParams(identifier, split, tokens, stride)
     registry = connect(queue)
-    job = announce(Lab(registry).read("eval", run_key, dataclasses.asdict(params),
+    job = announce(Lab(registry).read(EVAL, run_key, dataclasses.asdict(params),
                                       Placement.of(priority, after, needs, on)))
     if wait:
         raise SystemExit(follow(registry, job.id))
@@ -238,7 +238,7 @@ def submit_export(run, save_dir, identifier, out, wait, queue, priority, after, 
     run_key = target(run, save_dir)[1]
     registry = connect(queue)
     params = dataclasses.replace(ExportParams.parse(out), identifier=identifier)
-    job = announce(Lab(registry).read("export", run_key, dataclasses.asdict(params),
+    job = announce(Lab(registry).read(EXPORT, run_key, dataclasses.asdict(params),
                                       Placement.of(priority, after, needs, on)))
     if wait:
         raise SystemExit(follow(registry, job.id))
@@ -322,7 +322,7 @@ def _progress(job: Job, waiting: Optional[str] = None) -> str:
     p = job.progress
     if waiting:
         return waiting
-    if job.kind == "sweep":
+    if job.spec.driven:
         counts = ", ".join(f"{n} {s}" for s, n in sorted((p.get("counts") or {}).items()))
         best = p.get("best")
         return (f"trials of {p.get('trials', '?')}: {counts or 'none yet'}"
@@ -353,16 +353,6 @@ def _tries(job: Job) -> str:
 RUN_IMPORTANCE = ("run", "best_valid", "state", "dataset", "steps", "minutes", "test", "dim", "num_blocks",
                   "learning_rate", "optimizer", "context_size", "batch_size", "num_heads", "dropout",
                   "best_step", "tokens_per_sec", "jobs")
-
-
-def waiting_reasons(jobs: list[Job], workers: list[dict]) -> dict[str, str]:
-    """Claimable jobs that no live worker can run, and why ("waiting: needs gpu; ...")."""
-    out = {}
-    for job in jobs:
-        why = waiting_reason(job.placement, workers) if job.state in CLAIMABLE else None
-        if why:
-            out[job.id] = why
-    return out
 
 
 def _worker_cell(w: dict, key: str) -> str:
@@ -576,7 +566,8 @@ def cancel(job_id, force, queue) -> None:
     registry = connect(queue)
     job = registry.get(job_id)
     waiting = [f.id for f in registry.find(job.followers) if f.state == "waiting"]
-    final = job.kind == "train" and job.progress.get("step") and job.progress["step"] >= job.progress.get("total", 0)
+    step = job.progress.get("step")
+    final = job.spec.trainer and not job.spec.driven and step and step >= job.progress.get("total", 0)
     job, ended = Lab(registry).cancel(job.id, force)
     if ended:
         echo(f"job {job.id} removed from the queue")

@@ -11,6 +11,7 @@ import click
 
 from tlm_cli.jobs import connect, queue_errors, queue_option, target
 from tlm_cli.options import find_checkpoint, run_directory, save_root_option
+from tlm_worker.kinds import SAMPLE
 from tlm_worker.options import FiniteRange
 
 
@@ -114,7 +115,7 @@ def _queued(queue, run_key, identifier, prompt, cfg, num_samples) -> None:
 
     registry = connect(queue)
     params = SampleParams(prompt, dataclasses.asdict(cfg), identifier, num_samples)
-    job = Lab(registry).read("sample", run_key, dataclasses.asdict(params))
+    job = Lab(registry).read(SAMPLE, run_key, dataclasses.asdict(params))
     echo(f"queued sample job {job.id}; waiting for a worker (Ctrl+C to cancel)")
     try:
         if not any(not w.get("stopping") for w in registry.workers()):

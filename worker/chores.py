@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable
 
 from tlm_worker import power
 from tlm_worker.endings import crashed, restore
+from tlm_worker.kinds import INTERACTIVE, TRAINING
 from tlm_worker.placement import capabilities, unmet
 from tlm_worker.queue import LANES, QUEUE_ERRORS
 from tlm_worker.registry import ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, JobNotFound
@@ -106,7 +107,7 @@ def heartbeat(w: "Worker") -> None:
     w.registry.heartbeat_worker(w.id, {
         "host": socket.gethostname(), "pid": os.getpid(), "device": "gpu" if w.gpu else "cpu",
         "save_root": str(save_root_of(w.save_root)),
-        "slots": {"train": w.concurrency, "interactive": 1}, "capabilities": w.caps,
+        "slots": {TRAINING: w.concurrency, INTERACTIVE: 1}, "capabilities": w.caps,
         "jobs": [r.job_id for r in running], "stopping": w.stopping, "paused": w.paused,
         "done": w.done})
     if w.lab_token and not w.not_lab_root and w.registry.store.value("save_root") is None:
@@ -127,7 +128,7 @@ def heartbeat(w: "Worker") -> None:
             continue
         r.confirmed = time.monotonic()
         # A cancelled sample, eval or export stops at once: it has nothing to save.
-        if not r.forced and (job.cancel == "force" or (job.cancel and r.lane == "interactive")):
+        if not r.forced and (job.cancel == "force" or (job.cancel and r.lane == INTERACTIVE)):
             r.forced = True
             kill(r.process, signal.SIGKILL)
 
@@ -158,7 +159,7 @@ def look_at_power(w: "Worker") -> None:
         w.say(f"pausing training: {why}" if why else "resuming training")
         w.paused = why
     if why:
-        w._interrupt_jobs("train")
+        w._interrupt_jobs(TRAINING)
 
 
 def recover(w: "Worker") -> None:

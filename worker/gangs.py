@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional
 
 from tlm.ranks import free_ports
 from tlm_worker.chores import IDLE_POLL
+from tlm_worker.kinds import TRAINING
 from tlm_worker.placement import unmet
 from tlm_worker.registry import CLAIMABLE, RUNNING, Job
 
@@ -47,7 +48,7 @@ class Gangs:
         once the gang is complete, or give the place up after two leases. True if started."""
         w, now, r = self.worker, time.monotonic(), self.reservation
         if r is None:
-            if not w._free("train") or now < self.next_look:
+            if not w._free(TRAINING) or now < self.next_look:
                 return False
             self.next_look = now + LOOK_SECONDS
             gang = self._joinable()
@@ -71,7 +72,7 @@ class Gangs:
             return False
         if job.state == RUNNING:
             self.reservation = None
-            w._start(job, "train", rank)
+            w._start(job, TRAINING, rank)
             return True
         if now - r.since > 2 * w.lease:
             self.withdraw()

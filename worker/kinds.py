@@ -167,12 +167,17 @@ class ExportParams:
         return cls(out=str(Path(arg).expanduser().resolve()))
 
 
+# The kinds' and lanes' names, for the code that must name one (the table below is the rest).
+TRAIN, EVAL, SAMPLE, EXPORT, SWEEP = "train", "eval", "sample", "export", "sweep"
+TRAINING, INTERACTIVE = "train", "interactive"  # the lanes: training slots, and one slot beside them
+
+
 @dataclass(frozen=True)
 class JobKind:
     """One kind of job. ``run`` is ``module:function`` of the job process (imported
     there only, so the queue never imports MLX)."""
     name: str
-    lane: str  # "train" (training slots) or "interactive" (beside them)
+    lane: str  # TRAINING (training slots) or INTERACTIVE (beside them)
     run: str
     trainer: bool = False  # holds its run's one trainer (one live at a time)
     params: Optional[type] = None  # its params dataclass (above): what its record holds
@@ -197,17 +202,17 @@ class JobKind:
 
 
 KINDS: dict[str, JobKind] = {k.name: k for k in (
-    JobKind("train", "train", "tlm_worker.jobs:run_train", trainer=True,
+    JobKind(TRAIN, TRAINING, "tlm_worker.jobs:run_train", trainer=True,
             nodes=lambda params: int(params.get("nodes", 1)),
             result={"step": int, "val_loss": OPTIONAL_NUMBER, "test_loss": OPTIONAL_NUMBER}),
-    JobKind("eval", "interactive", "tlm_worker.jobs:run_eval", params=EvalParams, then="eval[:SPLIT]",
+    JobKind(EVAL, INTERACTIVE, "tlm_worker.jobs:run_eval", params=EvalParams, then="eval[:SPLIT]",
             checkpoint_input=True, result={"split": str, "loss": NUMBER}),
-    JobKind("sample", "interactive", "tlm_worker.jobs:run_sample", params=SampleParams, then="sample:PROMPT",
+    JobKind(SAMPLE, INTERACTIVE, "tlm_worker.jobs:run_sample", params=SampleParams, then="sample:PROMPT",
             checkpoint_input=True, result={REQUIRED_KEYS: ("samples", "unknown"), "samples": [str],
                                            "unknown": [str]}),
-    JobKind("export", "interactive", "tlm_worker.jobs:run_export", params=ExportParams, then="export:DIR",
+    JobKind(EXPORT, INTERACTIVE, "tlm_worker.jobs:run_export", params=ExportParams, then="export:DIR",
             checkpoint_input=True, result={"out": str, "checkpoint": str, "step": int}),
-    JobKind("sweep", "", "", trainer=True, required=("search", "name"), driven=True,  # one per name
+    JobKind(SWEEP, "", "", trainer=True, required=("search", "name"), driven=True,  # one per name
             forget="tlm_worker.sweeps:forget_study",
             result={"created": int, "reserved": {str: NUMBER}, "best": (dict, type(None)),
                     "driver": [(str, int, float)]}),  # the process driving it, until when

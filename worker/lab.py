@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from tlm_worker.kinds import FINAL, PRIORITIES, RUNNING, BadRecord, Job
+from tlm_worker.kinds import FINAL, PRIORITIES, RUNNING, TRAIN, BadRecord, Job
 from tlm_worker.placement import parse_needs
 from tlm_worker.registry import JobNotFound, Registry, RunBusy
 from tlm_worker.targets import TargetError, resolve_save_dir, target_of
@@ -123,7 +123,7 @@ class Lab:
             raise Invalid(str(e)) from None
         needs = {**place.needs, **({"gpu": True} if config.gpu else {})}
         needs["memory"] = max(needs.get("memory", 0), estimate(config.to_dict()))
-        return self.queue("train", {**params, **(carried or {})}, key, dataclasses.replace(place, needs=needs))
+        return self.queue(TRAIN, {**params, **(carried or {})}, key, dataclasses.replace(place, needs=needs))
 
     def _resumed_elsewhere(self, key: str, flags: dict[str, Any]):
         """The configuration a resume of a run this machine does not see will train: its last
@@ -201,7 +201,7 @@ class Lab:
             job = self.registry.get(ref)
         except JobNotFound:
             raise Missing(f"no sweep {ref!r}: `tlm status` lists them") from None
-        if job.kind != "sweep":
+        if not job.spec.driven:
             raise Missing(f"{ref} is a {job.kind} job, not a sweep")
         return job
 

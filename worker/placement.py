@@ -5,7 +5,7 @@ carries its needs (``--gpu``, ``--needs memory=24G``, ``--on key=value``,
 ``--on host=NAME``, and a training job's estimated memory). Each rule of
 ``RULES`` is one predicate over (the need, the capabilities): a new placement
 rule is one entry. A worker claims only jobs with no unmet need
-(``unmet``); a job that no live worker can run says why (``waiting_reason``).
+(``unmet``); a job that no live worker can run says why (``waiting_reason``, ``waiting_reasons``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable, Optional
 
-from tlm_worker.kinds import misfit
+from tlm_worker.kinds import CLAIMABLE, Job, misfit
 
 FAKE_CAPABILITIES = "TLM_FAKE_CAPABILITIES"  # the test seam: JSON merged over the probe's
 # What the rules read of a worker's capabilities (other keys are shown, never compared): a
@@ -67,6 +67,16 @@ def waiting_reason(needs: dict[str, Any], workers: list[dict[str, Any]]) -> Opti
     if not needs or any(r is None for r in reasons):
         return None
     return f"waiting: {reasons[0]}; no live worker has it"
+
+
+def waiting_reasons(jobs: list[Job], workers: list[dict[str, Any]]) -> dict[str, str]:
+    """Claimable jobs that no live worker can run, and why ("waiting: needs gpu; ...")."""
+    out = {}
+    for job in jobs:
+        why = waiting_reason(job.placement, workers) if job.state in CLAIMABLE else None
+        if why:
+            out[job.id] = why
+    return out
 
 
 def parse_needs(needs: tuple[str, ...], on: tuple[str, ...], gpu: bool = False) -> dict[str, Any]:

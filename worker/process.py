@@ -52,6 +52,7 @@ from tlm_worker import chores, endings, power
 from tlm_worker.chores import IDLE_POLL, kill
 from tlm_worker.gangs import Gangs
 from tlm_worker.jobs import SELF_FENCE, run_job
+from tlm_worker.kinds import INTERACTIVE, TRAINING
 from tlm_worker.outage import Outage
 from tlm_worker.queue import LANES, PayloadError, Queue
 from tlm_worker.registry import CLAIMABLE, FAILED, FINAL, Job, Registry
@@ -98,7 +99,7 @@ class Sampler:
 
     def idle(self, seconds: float, running) -> bool:
         """Closed (True) once it has run no job for ``seconds`` and none of ``running`` is in it."""
-        if time.monotonic() - self.last_used <= seconds or any(r.lane == "interactive" for r in running):
+        if time.monotonic() - self.last_used <= seconds or any(r.lane == INTERACTIVE for r in running):
             return False
         self.close()
         return True
@@ -307,7 +308,7 @@ class Worker:
                     self._try(self._settle)
                 took = not self.stopping and not self.paused and bool(self._try(self.gangs.step))
                 for lane in LANES:
-                    if not self.stopping and self._free(lane) and not (self.paused and lane == "train"):
+                    if not self.stopping and self._free(lane) and not (self.paused and lane == TRAINING):
                         took = self._try(self._take, lane) or took
                 busy = took or busy
                 chores.tend(self)
@@ -343,7 +344,7 @@ class Worker:
 
     def _free(self, lane: str) -> bool:
         held = sum(r.lane == lane for r in self.running.values())
-        if lane == "train":
+        if lane == TRAINING:
             return held + (self.gangs.reservation is not None) < self.concurrency
         return held < 1
 
@@ -383,7 +384,7 @@ class Worker:
         args = (self.url, job.id, job.fence, self.save_root, self.gpu, rank, self.lease)
         if self.sampler is None:  # with the first job of any kind: see Sampler
             self.sampler = Sampler()
-        if lane == "interactive":
+        if lane == INTERACTIVE:
             process = self.sampler.run(args)
         else:
             process = SPAWN.Process(target=run_job, args=args, name=f"tlm-job-{job.id}")

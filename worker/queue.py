@@ -36,11 +36,13 @@ from huey.serializer import Serializer
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from tlm_worker.kinds import INTERACTIVE, TRAINING
+
 QUEUE_NAME = "tlm"
 WAKE_CHANNEL = f"{QUEUE_NAME}:wake"  # Redis publishes the lane of each push here
 BUSY_SECONDS = 30  # how long an SQLite connection waits for a write lock, per try
 BUSY_TRIES = 3  # a patient caller's tries at an SQLite file kept busy (each waits BUSY_SECONDS)
-LANES = {"train": QUEUE_NAME, "interactive": f"{QUEUE_NAME}-interactive"}  # lane: huey queue name
+LANES = {TRAINING: QUEUE_NAME, INTERACTIVE: f"{QUEUE_NAME}-interactive"}  # lane: huey queue name
 # What an unreachable or restarting backend raises, or one that refuses writes for now (Redis
 # at its maxmemory with noeviction, a read-only replica): an outage, waited out, never an attempt.
 QUEUE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
@@ -172,7 +174,7 @@ class Queue:
         else:
             raise QueueError(f"unsupported queue URL {redact(self.url)!r}: use "
                              "redis://[:password@]host:port/db, rediss://..., or sqlite:///path")
-        self.storage = self.lanes["train"]  # huey's result store held the registry before 0.2
+        self.storage = self.lanes[TRAINING]  # huey's result store held the registry before 0.2
 
     def _upgrade_lanes(self) -> None:
         """Entries that tlm before priorities left in a Redis list move into the sorted set

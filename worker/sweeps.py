@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from tlm.config import flag_value
 from tlm_worker.kinds import (ACTIVE, FAILED, FINAL, LIVE, NUMBER, PRIORITIES, PRUNED, REQUIRED_KEYS,
-                              RUNNING, SUCCEEDED, Job, misfit)
+                              RUNNING, SUCCEEDED, SWEEP, TRAIN, Job, misfit)
 from tlm_worker.queue import QUEUE_ERRORS
 from tlm_worker.registry import CANCELLED, JobNotFound, RunBusy
 
@@ -367,7 +367,7 @@ def submit(registry: "Registry", spec: SweepSpec) -> Job:
     sweep_id = uuid.uuid4().hex[:12]
     study(registry, sweep_id, spec, create=True)  # first: a worker that sees the record finds it
     try:
-        sweep = registry.create("sweep", spec.to_dict(), sweep_key(spec.name), job_id=sweep_id,
+        sweep = registry.create(SWEEP, spec.to_dict(), sweep_key(spec.name), job_id=sweep_id,
                                 priority=PRIORITIES[spec.priority])  # no result yet: 0 trials created
     except RunBusy as e:  # another submit of the name won the race
         forget_study(registry, sweep_id)
@@ -501,7 +501,7 @@ def _create(registry: "Registry", sweep: Job, spec: SweepSpec, n: int) -> Option
               "params": trial.params}
     run = trial_run(spec, sweep.id, n)
     try:
-        job = registry.create("train", {**flags, "run": run}, f"run:{run}", priority=sweep.priority,
+        job = registry.create(TRAIN, {**flags, "run": run}, f"run:{run}", priority=sweep.priority,
                               needs={"memory": estimate(flags)}, job_id=trial_id(sweep, n), sweep=family)
     except RunBusy:
         _tell_once(st, trial.number, state=_state("FAIL"))
