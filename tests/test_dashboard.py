@@ -352,8 +352,9 @@ def test_a_resumed_runs_page_shows_its_own_configuration_and_compare_only_real_d
         key = f"dir:{save_dir}"
         browser.get(d.base + "/#/run/" + urllib.parse.quote(key, safe=""))
         until(lambda: text(browser, '[data-flag="dim"] td:last-child') == "32", what="the run's own dim")
-        assert text(browser, '[data-flag="num_iters"] td:last-child') == "15"
-        assert "as its training resolved it" in text(browser, "#config-from")
+        # Each element is found again at each look: the page re-renders as the registry changes.
+        until(lambda: text(browser, '[data-flag="num_iters"] td:last-child') == "15", what="the run's num_iters")
+        until(lambda: "as its training resolved it" in text(browser, "#config-from"), what="where it comes from")
         until(lambda: f"job {resumed} changed num_iters 10 → 15" in text(browser, ".change"),
               what="which job changed what")
         data = httpx.get(d.base + f"/api/compare?key={urllib.parse.quote(key)}&key=dir:{other}").json()
