@@ -49,7 +49,8 @@ from tlm.config import PRESETS, TrainConfig
 from tlm.data import load_dataset
 from tlm.hooks import TrainingHooks
 from tlm.train import Trainer
-from tlm_worker.jobs import CANCEL_POLL_SECONDS, Context
+from tlm_worker.jobs import Context
+from tlm_worker.trainer_hooks import CANCEL_POLL_SECONDS
 from tlm_worker.process import Worker
 from tlm_worker.queue import Queue
 from tlm_worker.registry import MAX_LOG_LINES, Registry

@@ -36,19 +36,22 @@ from typing import Any, Callable, Optional
 
 import anyio
 import click
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.requests import Request
-from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tlm.config import PRESETS, apply_preset, flag_types, flag_value
+from tlm_cli.jobs import connect
+from tlm_worker import sweeps
 from tlm_worker.kinds import ACTIVE, CLAIMABLE, KINDS, SAMPLE, STATES, Job, SampleParams, misfit
 from tlm_worker.lab import Lab, LabError, Placement
 from tlm_worker.placement import waiting_reasons
 from tlm_worker.queue import QUEUE_ERRORS, outage
 from tlm_worker.registry import FINAL, LIVE, JobNotFound, Registry, holder
+from tlm_worker.runs import leaderboard, runs_table
 from tlm_worker.targets import TargetError, resolve_save_dir, run_target
 
 STATIC = Path(__file__).parent / "static"
@@ -171,7 +174,7 @@ class Api:
     def _from_disk(self, key: str) -> dict[str, Any]:
         """A run page's curves, checkpoints and configuration from its run directory: its
         metrics.jsonl and its checkpoints' headers (none hashed), for runs the registry forgot."""
-        from tlm import checkpoint, metrics
+        from tlm import checkpoint, metrics  # MLX
 
         directory = Path(resolve_save_dir(self.lab.target(key), self.save_root))
         state = checkpoint.peek_state(directory) or {}
@@ -200,8 +203,6 @@ class Api:
     def runs(self, limit: int = 100, after: Optional[str] = None) -> dict[str, Any]:
         """A page of the runs table (worker/runs.py), best first, with ``next``: the cursor of
         the page after it (None at the end); the first page with each dataset's best runs."""
-        from tlm_worker.runs import leaderboard, runs_table
-
         if not 0 < limit <= 1000:
             raise Refused(400, "limit must be 1-1000")
         cursor = _cursor(after, (int, [(int, float, str)]))
@@ -227,7 +228,7 @@ class Api:
 
     def submit(self, key: str, params: dict[str, Any], priority: str = "normal") -> dict[str, Any]:
         """Queue a training job of a run (resuming its checkpoints), as `tlm submit train`."""
-        from tlm.data import is_text_path
+        from tlm.data import is_text_path  # numpy
 
         if params.get("dataset") and is_text_path(str(params["dataset"])):
             raise Refused(400, "a --dataset of your own text is submitted with `tlm submit train`, "
@@ -261,8 +262,6 @@ class Api:
 
     def sweep(self, sweep_id: str) -> dict[str, Any]:
         """A sweep's leaderboard, every trial's validation curve, and Optuna's importances."""
-        from tlm_worker import sweeps
-
         job = self.lab.sweep(sweep_id)
         rows = sweeps.leaderboard(self.registry, job)
         curves = {}
@@ -275,9 +274,8 @@ class Api:
 
     def _importances(self, job: Job) -> dict[str, float]:
         """Optuna's parameter importances (fANOVA), once two trials are complete."""
-        import optuna
+        import optuna  # Optuna
 
-        from tlm_worker import sweeps
         try:
             study = sweeps.study(self.registry, job.id, sweeps.SweepSpec.from_dict(job.params))
             done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -310,7 +308,7 @@ class Api:
         return self.submit(key, self.lab.best(job)[1])
 
     def sample(self, key: str, prompt: str, max_tokens: int, temperature: float) -> dict[str, Any]:
-        from tlm.generate import SampleConfig
+        from tlm.generate import SampleConfig  # MLX
         target = self.lab.target(key)
         if not 0 < max_tokens <= 2000 or not 0 <= temperature <= 10:
             raise Refused(400, "max_tokens must be 1-2000 and temperature 0-10")
@@ -572,9 +570,7 @@ def is_local(host: str) -> bool:
                    "still on disk; curves and logs need no mount)")
 def dashboard(queue, host, port, token, save_root) -> None:
     """Serve the lab's web page: jobs, workers, live curves, logs, controls."""
-    import uvicorn
-
-    from tlm_cli.jobs import connect
+    import uvicorn  # web server
 
     registry = connect(queue)
     token = token or secrets.token_urlsafe(18)

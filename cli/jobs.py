@@ -7,8 +7,11 @@ alone to stdout so scripts can capture it, messages go to stderr.
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
+import datetime
 import functools
+import io
 import itertools
 import json
 import os
@@ -20,16 +23,18 @@ import click
 import redis
 from rich.table import Table
 
-from tlm.config import ConfigError
+from tlm.config import RUN_INPUTS, ConfigError
+from tlm.files import with_retries
+from tlm.interrupts import StopOnSignal
 from tlm_cli.options import given_options, train_options
-from tlm_cli.render import fitted_table, table_console, watch_table
+from tlm_cli.render import ProgressDisplay, fitted_table, table_console, watch_table
 from tlm_worker.kinds import EVAL, EXPORT, KINDS, PRIORITIES, EvalParams, ExportParams, Job
 from tlm_worker.lab import Lab, LabError, Placement, training_job
 from tlm_worker.options import FiniteRange
 from tlm_worker.placement import size_text, waiting_reasons
 from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError, outage, queue_url, redact
 from tlm_worker.registry import CANCELLED, FINAL, LIVE, SUCCEEDED, JobNotFound, Registry, holder
-from tlm_worker.runs import COLUMNS as RUN_COLUMNS
+from tlm_worker.runs import COLUMNS as RUN_COLUMNS, runs_table
 from tlm_worker.targets import TargetError, resolve_save_dir, run_target
 
 queue_option = click.option("--queue", envvar="TLM_QUEUE", default=None,
@@ -101,9 +106,7 @@ def placement_options(fn: Callable) -> Callable:
 def carry_dataset(dataset: str, run_dir: Path) -> dict[str, str]:
     """Copy the user's own text into the run directory, named by its SHA1, so every worker
     on every Mac trains on the same bytes; the job params that name the copy."""
-    from tlm.config import RUN_INPUTS
-    from tlm.data import DataError, text_digest, text_files
-    from tlm.files import with_retries
+    from tlm.data import DataError, text_digest, text_files  # numpy
 
     source = Path(dataset).expanduser().absolute()
     try:
@@ -187,7 +190,7 @@ def submit_train(run, save_root, wait, queue, priority, after, needs, on, then, 
         training_job(given, where)  # bad flags: refused before a --dataset is copied
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
-    from tlm.data import is_text_path
+    from tlm.data import is_text_path  # numpy
     carried = None
     if given.get("dataset") and is_text_path(given["dataset"]):
         carried = carry_dataset(given["dataset"], Path(resolve_save_dir(where, save_root)))
@@ -269,8 +272,6 @@ def follow(registry: Registry, job_id: str) -> int:
 
     Exit status: 0 succeeded, 1 failed, 130 cancelled.
     """
-    from tlm.interrupts import StopOnSignal
-
     def first(_):
         if registry.cancel(job_id):
             echo("\ncancelled before a worker took it")
@@ -279,8 +280,6 @@ def follow(registry: Registry, job_id: str) -> int:
 
     def second_exit():
         registry.cancel(job_id, force=True)
-
-    from tlm_cli.render import ProgressDisplay
 
     stop = StopOnSignal(on_first=first, on_second=second_exit)
     cursor = None
@@ -490,8 +489,6 @@ def chain_lines(registry: Registry, job: Job) -> list[str]:
 
 def job_lines(job: Job, waiting: Optional[str], now: float) -> list[str]:
     """One job, readable: what, where, when, how far, how it ended (`--json`: the record)."""
-    import datetime
-
     def when(t: Optional[float]) -> Optional[str]:
         if not t:
             return None
@@ -617,8 +614,6 @@ def prune(older_than, keep_runs, queue) -> None:
 def runs(as_json, as_csv, dataset, sort_by, save_root, limit, show_all, queue) -> None:
     """The runs the registry knows and the runs under the save root, best first: shape, key
     flags, best validation loss and its step, test loss, steps, minutes, tokens/s, state."""
-    from tlm_worker.runs import runs_table
-
     everything = show_all or as_json or as_csv or dataset is not None or sort_by != "best_valid"
     rows, more = runs_table(connect(queue), save_root, limit=None if everything else limit)
     rows = [r for r in rows if dataset in (None, r["dataset"])]
@@ -631,8 +626,6 @@ def runs(as_json, as_csv, dataset, sort_by, save_root, limit, show_all, queue) -
         click.echo(json.dumps(rows))
         return
     if as_csv:
-        import csv
-        import io
         out = io.StringIO()
         writer = csv.writer(out)
         writer.writerow(RUN_COLUMNS)

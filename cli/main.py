@@ -10,7 +10,9 @@ import click
 
 import tlm
 from tlm import blas, ranks
-from tlm.config import ConfigError, TrainConfig, check_save_dir
+from tlm.config import ConfigError, TrainConfig, check_save_dir, default_save_dir
+from tlm.interrupts import StopOnSignal
+from tlm.lease import LeaseLost, RunHeld
 from tlm_cli.options import find_checkpoint, given_options, run_options, train_options
 from tlm_cli.render import ConsoleHooks, ProgressDisplay
 
@@ -54,12 +56,10 @@ def train(inference, **options) -> None:
     if inference:
         _inference(options)
         return
-    from tlm.checkpoint import CheckpointError
-    from tlm.data import DataError
-    from tlm.interrupts import StopOnSignal
-    from tlm.lease import LeaseLost, RunHeld
-    from tlm.run import opened
-    from tlm.train import Diverged
+    from tlm.checkpoint import CheckpointError  # MLX
+    from tlm.data import DataError  # numpy
+    from tlm.run import opened  # MLX
+    from tlm.train import Diverged  # MLX
 
     given = given_options(options)
     save_dir = given.get("save_dir") or tlm.config.default_save_dir()
@@ -102,9 +102,8 @@ def _one_line(e: OSError, where: str | None) -> click.ClickException:
 
 def _inference(options: dict) -> None:
     """``tlm train --inference``: the seed's REPL, through ``tlm sample --interactive``'s."""
-    from tlm.generate import SampleConfig
-    from tlm.device import select_device
-    from tlm_cli.sample import repl
+    from tlm.generate import SampleConfig  # MLX
+    from tlm.device import select_device  # MLX
 
     used = {"save_dir", "identifier", "top_k", "temperature", "gpu"}
     ignored = sorted(k for k, v in options.items() if v is not None and k not in used)
@@ -153,7 +152,7 @@ def iteration_text(state: dict) -> str:
 
 from tlm_cli.jobs import cancel, logs, prune, runs, status, submit  # noqa: E402
 from tlm_cli.plot import plot  # noqa: E402
-from tlm_cli.sample import sample  # noqa: E402
+from tlm_cli.sample import repl, sample  # noqa: E402
 from tlm_cli.sweep import sweep  # noqa: E402
 
 for command in (submit, status, logs, cancel, prune, runs, sample, plot, sweep):
@@ -175,11 +174,10 @@ def eval_(save_dir, identifier, split, tokens, stride, local, gpu) -> None:
 
     It needs no queue, as `tlm train` does not; `tlm submit eval` asks a worker instead.
     """
-    from tlm.checkpoint import CheckpointError
-    from tlm.config import default_save_dir
-    from tlm.data import DataError
-    from tlm.device import select_device
-    from tlm.run import evaluate_checkpoint
+    from tlm.checkpoint import CheckpointError  # MLX
+    from tlm.data import DataError  # numpy
+    from tlm.device import select_device  # MLX
+    from tlm.run import evaluate_checkpoint  # MLX
 
     try:
         select_device(gpu)
@@ -201,8 +199,8 @@ def eval_(save_dir, identifier, split, tokens, stride, local, gpu) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="directory to write")
 def export(save_dir, identifier, out) -> None:
     """Write a checkpoint as a directory mlx-lm loads (mlx_lm.load / generate / server)."""
-    from tlm.checkpoint import CheckpointError
-    from tlm.export import export as write
+    from tlm.checkpoint import CheckpointError  # MLX
+    from tlm.export import export as write  # MLX
 
     ckpt = find_checkpoint(save_dir, identifier)
     try:

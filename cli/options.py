@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import socket
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import click
 
-from tlm.config import ConfigError, TrainConfig, apply_preset, flag_types
+from tlm.config import ConfigError, TrainConfig, apply_preset, default_save_dir, flag_types
+from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError
+from tlm_worker.registry import Registry
+from tlm_worker.targets import resolve_save_dir
 
 
 def train_options(fn: Callable) -> Callable:
@@ -33,8 +37,6 @@ def train_options(fn: Callable) -> Callable:
 
 def given_options(options: dict[str, Any]) -> dict[str, Any]:
     """The flags the user gave (click passes None for the rest), over their --preset's."""
-    import click
-
     empty = next((k for k, v in options.items() if v == ""), None)
     if empty:
         raise click.UsageError(f"--{empty} is empty")
@@ -46,10 +48,7 @@ def given_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def find_checkpoint(save_dir: Optional[str], identifier: Optional[str]):
     """The named or latest valid checkpoint of a run, or a one-line error saying how to make one."""
-    import click
-
-    from tlm import checkpoint
-    from tlm.config import default_save_dir
+    from tlm import checkpoint  # MLX
 
     directory = save_dir or default_save_dir()
     if Path(directory).exists() and not Path(directory).is_dir():
@@ -71,8 +70,6 @@ save_root_option = click.option(
 
 def run_directory(given: str, save_root: Optional[str], what: str = "RUN") -> str:
     """A run directory from a path, or from a run name under this machine's save root."""
-    from tlm_worker.targets import resolve_save_dir
-
     if Path(given).expanduser().is_dir():
         return str(Path(given).expanduser())
     if "/" not in given and not given.startswith("."):
@@ -90,10 +87,6 @@ def workers_save_roots() -> list[Path]:
     """Where this Mac's live workers keep runs (their heartbeats say), so a run that a worker
     with its own --save_root trained is found by name here too; none if the queue (TLM_QUEUE,
     or the default one) does not answer at once."""
-    import socket
-
-    from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError
-    from tlm_worker.registry import Registry
     try:
         queue = Queue(None, patient=False)
         queue.ping()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from tlm import metrics
 from tlm_cli.options import run_directory, save_root_option
 
 
@@ -23,12 +24,10 @@ def plot(runs: tuple[str, ...], output: str, save_root: str | None) -> None:
                                + ", ".join(f".{f}" for f in formats))
     if not Path(output).resolve().parent.is_dir():
         raise click.UsageError(f"-o {output}: no directory {Path(output).resolve().parent}")
-    import matplotlib
+    import matplotlib  # matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tlm import metrics
+    import matplotlib.pyplot as plt  # matplotlib
 
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     plotted = 0

@@ -3,16 +3,21 @@ through the queue, in-process (``--local``), or as the seed's interactive REPL."
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import click
 
+from tlm.config import ConfigError
 from tlm_cli.jobs import connect, queue_errors, queue_option, target
 from tlm_cli.options import find_checkpoint, run_directory, save_root_option
-from tlm_worker.kinds import SAMPLE
+from tlm_worker.kinds import SAMPLE, SampleParams
+from tlm_worker.lab import Lab
 from tlm_worker.options import FiniteRange
+from tlm_worker.registry import FINAL, SUCCEEDED
 
 
 def echo(message: str) -> None:
@@ -51,7 +56,7 @@ def sample(run, save_dir, identifier, prompt, max_tokens, num_samples, temperatu
            min_p, repetition_penalty, seed, stop, stop_at_eos, allow_unk, local, save_root, interactive,
            gpu, queue) -> None:
     """Continue --prompt from the latest checkpoint; print only the continuation."""
-    from tlm.generate import SampleConfig
+    from tlm.generate import SampleConfig  # MLX
 
     cfg = SampleConfig(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
@@ -62,8 +67,7 @@ def sample(run, save_dir, identifier, prompt, max_tokens, num_samples, temperatu
     if not (local or interactive):
         _queued(queue, run_key, identifier, prompt, cfg, num_samples)
         return
-    from tlm.config import ConfigError
-    from tlm.device import select_device
+    from tlm.device import select_device  # MLX
 
     try:
         select_device(gpu)
@@ -76,7 +80,7 @@ def sample(run, save_dir, identifier, prompt, max_tokens, num_samples, temperatu
         repl(ckpt, model, tokenizer, cfg, context)
         return
     _warn_unknown(tokenizer, prompt)
-    from tlm.generate import generate_text
+    from tlm.generate import generate_text  # MLX
     for i in range(num_samples):
         text = ""
         for piece in generate_text(model, tokenizer, prompt, replace(cfg, seed=seed + i), context):
@@ -107,12 +111,6 @@ def _warn_unknown(tokenizer, text: str) -> None:
 
 
 def _queued(queue, run_key, identifier, prompt, cfg, num_samples) -> None:
-    import dataclasses
-
-    from tlm_worker.kinds import SampleParams
-    from tlm_worker.lab import Lab
-    from tlm_worker.registry import FINAL, SUCCEEDED
-
     registry = connect(queue)
     params = SampleParams(prompt, dataclasses.asdict(cfg), identifier, num_samples)
     job = Lab(registry).read(SAMPLE, run_key, dataclasses.asdict(params))
@@ -144,13 +142,12 @@ def _queued(queue, run_key, identifier, prompt, cfg, num_samples) -> None:
 
 def repl(ckpt, model, tokenizer, cfg, context: int) -> None:
     """Read a prompt, stream a continuation, repeat; Ctrl+D, Ctrl+C or `quit` ends it."""
-    from tlm.generate import generate_text
+    from tlm.generate import generate_text  # MLX
 
     _enable_line_editing()
     val = ckpt.state.get("val_loss")
     metric = ""
     if val is not None:
-        import math
         metric = (f", validation {val / math.log(2):.3f} bpc" if tokenizer.kind in ("char", "byte")
                   else f", validation perplexity {math.exp(val):.2f}")
     echo(f"loaded {ckpt.identifier[:12]} (iteration {ckpt.step}{metric}) from {ckpt.directory}")
@@ -190,7 +187,7 @@ def _enable_line_editing() -> None:
     """readline editing and a history file, where the platform has readline."""
     try:
         import atexit
-        import readline
+        import readline  # platform: not in every Python build
 
         import platformdirs
     except ImportError:

@@ -17,6 +17,7 @@ from tlm.config import flag_types, flag_value
 from tlm_cli.jobs import connect, duration, echo, queue_errors, queue_option
 from tlm_cli.options import given_options
 from tlm_cli.render import fitted_table, table_console, watch_table
+from tlm_worker import sweeps
 from tlm_worker.kinds import FINAL, misfit
 from tlm_worker.lab import Lab
 
@@ -37,9 +38,9 @@ def sweep() -> None:
 def read_toml(path: str) -> dict[str, Any]:
     """A sweep spec file: the options below as keys (``search`` a table or a list, ``flags`` a table)."""
     try:
-        import tomllib
+        import tomllib  # platform: Python 3.11 or tomli
     except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+        import tomli as tomllib  # platform: Python 3.11 or tomli
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -79,8 +80,6 @@ def read_toml(path: str) -> dict[str, Any]:
 def submit(spec_file, name, preset, search, flags, trials, parallel, metric, budget, prune, sampler,
            seed, priority, queue) -> None:
     """Queue a sweep (options, or a TOML file with the same keys); prints its id."""
-    from tlm_worker import sweeps
-
     given = read_toml(spec_file) if spec_file else {}
     options = {"name": name, "preset": preset, "trials": trials, "parallel": parallel, "metric": metric,
                "budget": budget, "prune": prune, "sampler": sampler, "seed": seed, "priority": priority}
@@ -106,8 +105,6 @@ def _pair(item: str) -> tuple[str, str]:
 
 def build_spec(given: dict[str, Any], fixed: dict[str, Any]):
     """A checked SweepSpec from the options (or a file's keys) and fixed flags."""
-    from tlm_worker import sweeps
-
     if not given.get("name"):
         raise sweeps.SpecError("give the sweep a --name")
     types = flag_types()
@@ -167,12 +164,11 @@ def leaderboard_table(sweep_job, rows: list[dict[str, Any]], width: int) -> Tabl
 @queue_errors
 def status(name, as_json, as_csv, watch, queue) -> None:
     """The leaderboard: rank, trial, searched flags, best metric (step, minute), steps, state."""
-    from tlm_worker.sweeps import leaderboard
 
     registry = connect(queue)
     job = Lab(registry).sweep(name)
     if as_json:
-        click.echo(json.dumps({"sweep": job.to_record(), "trials": leaderboard(registry, job)}))
+        click.echo(json.dumps({"sweep": job.to_record(), "trials": sweeps.leaderboard(registry, job)}))
         return
     if as_csv:
         out = io.StringIO()
@@ -180,20 +176,20 @@ def status(name, as_json, as_csv, watch, queue) -> None:
         writer = csv.writer(out)
         writer.writerow(["rank", "trial", *names, "best", "best_step", "best_minute", "steps",
                          "worker_time", "state"])
-        for r in leaderboard(registry, job):
+        for r in sweeps.leaderboard(registry, job):
             writer.writerow([r["rank"], r["trial"], *(r["params"].get(n) for n in names), r["best"],
                              r["best_step"], r["best_minute"], r["steps"], r["worker_time"], r["state"]])
         click.echo(out.getvalue(), nl=False)
         return
     console = table_console()
     if not watch:
-        console.print(leaderboard_table(job, leaderboard(registry, job), console.width))
+        console.print(leaderboard_table(job, sweeps.leaderboard(registry, job), console.width))
         return
 
     def board() -> Table:
         nonlocal job
         job = registry.get(job.id)
-        return leaderboard_table(job, leaderboard(registry, job), console.width)
+        return leaderboard_table(job, sweeps.leaderboard(registry, job), console.width)
     watch_table(console, registry.changes, board, lambda: job.state in FINAL)
 
 

@@ -8,6 +8,7 @@ checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -106,8 +107,6 @@ def apply_preset(given: dict[str, Any]) -> dict[str, Any]:
 
 def read_preset(path: str) -> dict[str, Any]:
     """A preset file: a JSON object of TrainConfig flags."""
-    import json
-
     try:
         flags = json.loads(Path(path).expanduser().read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:

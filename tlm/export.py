@@ -22,7 +22,7 @@ from tlm.vocab import EOS, UNK, BPETokenizer, Tokenizer
 
 def hf_tokenizer(tok: Tokenizer):
     """The Hugging Face ``tokenizers.Tokenizer`` that encodes and decodes exactly as ``tok``."""
-    from tokenizers import Regex, Tokenizer as HF, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer as HF, decoders, models, pre_tokenizers  # tokenizers
 
     if tok.kind == "bpe":
         return HF.from_str(tok.spec)

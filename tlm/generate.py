@@ -12,15 +12,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 
-from tlm.vocab import Tokenizer
-
-if TYPE_CHECKING:
-    from tlm.checkpoint import Checkpoint
+from tlm import checkpoint
+from tlm.checkpoint import Checkpoint
 from tlm.model import Model
+from tlm.vocab import Tokenizer
 
 
 @dataclass
@@ -152,8 +151,6 @@ class ModelCache:
     def load(self, save_dir: str, identifier: Optional[str], warn=lambda m: None
              ) -> tuple["Checkpoint", Model, bool]:
         """The checkpoint and its model, and whether they came from the cache."""
-        from tlm import checkpoint
-
         name = identifier if identifier and len(identifier) == 40 else None
         name = name or (None if identifier else checkpoint.newest_name(save_dir))
         key = (str(save_dir), name or "")

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tlm.config import TrainConfig
+
 # Vocabulary of each built-in dataset's own tokenizer (own text: char, at most a few hundred).
 VOCAB = {"ptb": 10_000, "shakespeare": 65, "wikitext2": 33_278, "wikitext103": 267_735,
          "enwik8": 205}
@@ -43,8 +45,6 @@ def parameters(dim: int, blocks: int, vocab: int, tied: bool) -> tuple[int, int]
 
 def estimate(config: dict[str, Any], vocab: int | None = None) -> int:
     """Bytes a training job's process will peak at, from its flags (TrainConfig's fields)."""
-    from tlm.config import TrainConfig
-
     c = TrainConfig(**{k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__
                        and k != "save_dir"})
     v = vocab or VOCAB.get(c.dataset, OWN_TEXT_VOCAB)

@@ -62,7 +62,7 @@ def join(backend: str = "ring") -> Optional["mx.distributed.Group"]:
 
 def barrier(group: "mx.distributed.Group") -> None:
     """Wait until every rank of the group is here."""
-    import mlx.core as mx
+    import mlx.core as mx  # MLX
 
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
 

@@ -119,7 +119,7 @@ def prepare(config: TrainConfig, ckpt: Optional[Checkpoint], log: Callable[[str]
     if ckpt is not None:
         tokenizer = ckpt.tokenizer
     elif config.init_from:
-        from tlm.export import load_pretrained
+        from tlm.export import load_pretrained  # MLX
         try:
             args, weights, tokenizer = load_pretrained(config.init_from)
         except (OSError, ValueError, KeyError) as e:

@@ -184,14 +184,14 @@ class BPETokenizer(Tokenizer):
     "bpe"), or the ``tokenizer.json`` of an imported model (kind "hf")."""
 
     def __init__(self, spec: str, kind: str = "bpe"):
-        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import Tokenizer as HFTokenizer  # tokenizers
 
         self.spec, self.kind = spec, kind
         self.hf = HFTokenizer.from_str(spec)
 
     @classmethod
     def fit(cls, chunks: Iterable[str], vocab_size: int = 4096) -> "BPETokenizer":
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers  # tokenizers
 
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

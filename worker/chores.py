@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from tlm_worker import power
+from tlm_worker import power, sweeps
 from tlm_worker.endings import crashed, restore
 from tlm_worker.kinds import INTERACTIVE, TRAINING
 from tlm_worker.placement import capabilities, unmet
@@ -206,7 +206,6 @@ def drive_sweeps(w: "Worker") -> None:
 
 def drive(w: "Worker", sweep_id: str) -> None:
     """One round of a sweep (tlm_worker.sweeps.reconcile); a failure of it is said, not fatal."""
-    from tlm_worker import sweeps  # Optuna: imported once a sweep runs
     try:
         sweeps.reconcile(w.registry, sweep_id, w.lease)
     except QUEUE_ERRORS:

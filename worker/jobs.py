@@ -4,7 +4,7 @@ the ``run`` function of each job kind (``tlm_worker.kinds.KINDS`` names them).
 Runs in a child started with multiprocessing's ``spawn`` method (MLX hangs in
 forked children), in its own process group so a terminal's Ctrl+C reaches
 only the worker, which forwards exactly one signal. The trainer's hooks
-(``RegistryHooks``) are wired to the registry: ``should_stop`` to the job's
+(``tlm_worker.trainer_hooks.RegistryHooks``) are wired to the registry: ``should_stop`` to the job's
 cancel flag and this process's signals, ``on_progress`` to progress and log
 lines, ``before_publish`` (each checkpoint and metrics record) to the fencing token.
 
@@ -26,23 +26,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from tlm.hooks import Progress, TrainingHooks, TrainResult
+from tlm.config import ConfigError, TrainConfig
+from tlm.files import SETUP, transient, with_retries
+from tlm.interrupts import StopOnSignal
 from tlm.lease import DEFAULT_TTL as RUN_LEASE_TTL, LeaseLost as RunLeaseLost, RunHeld
+from tlm.ranks import rank_env
 from tlm_worker.kinds import EvalParams, ExportParams, SampleParams, params_of, resolve
 from tlm_worker.queue import QUEUE_ERRORS, Queue
-from tlm_worker.registry import ACTIVE, CANCELLED, FAILED, SUCCEEDED, Job, JobNotFound, LeaseLost, Registry
+from tlm_worker.registry import ACTIVE, FAILED, SUCCEEDED, Job, JobNotFound, LeaseLost, Registry
+from tlm_worker.sweeps import trial_hooks
 from tlm_worker.targets import TargetError, resolve_save_dir
+from tlm_worker.trainer_hooks import RegistryHooks
 
-INVOCATION = ("save_dir", "data_mirror", "identifier", "new_model", "more")  # not the run's own settings
 EXIT_INTERRUPTED = 75  # stopped by a signal to the worker, or by an outage: re-queue the job
 EXIT_LEASE_LOST = 76  # another worker holds the job now: this process stopped at once
 EXIT_ELSEWHERE = 77  # an attempt another Mac may do: a write still failing after its retries,
 # or a run whose checkpoint is not visible here (its shared folder not mounted)
-CANCEL_POLL_SECONDS = 1.0  # how often a training job looks at its record (cancel, fence)
-# A job process that cannot confirm its hold on the job (the queue unreachable) for this
-# fraction of the lease saves and stops; it publishes a checkpoint only within PUBLISH_LIMIT
-# of the lease, since a sweep may re-queue the job once a whole lease has passed.
-SELF_FENCE, PUBLISH_LIMIT = 0.25, 0.5
 
 
 @dataclass
@@ -144,7 +143,7 @@ def check_carried_dataset(params: dict[str, Any], save_dir: str) -> None:
     """The text ``tlm submit`` copied into the run is there, with the bytes it had then."""
     if not params.get("dataset_sha1"):
         return
-    from tlm.data import DataError, text_digest
+    from tlm.data import DataError, text_digest  # numpy
 
     path = Path(save_dir) / params["dataset"]
     if not path.exists():
@@ -177,7 +176,7 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
     c = Context(registry, job, fence, "", {}, gpu, rank, log, lambda: os.getppid() != parent, lease)
     try:
         import tlm  # noqa: F401  (optimized BLAS before MLX)
-        from tlm.device import select_device
+        from tlm.device import select_device  # MLX
 
         select_device(gpu)
         params = {k: v for k, v in job.params.items() if k not in ("run", "save_dir", "dataset_sha1")}
@@ -194,7 +193,6 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
         print(f"{c.tag} {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_LEASE_LOST)
     except BaseException as e:
-        from tlm.files import transient
         why = _describe(e)
         if isinstance(e, QUEUE_ERRORS):  # an outage at a write that settles: another try later
             print(f"{c.tag} queue unreachable ({why}): stopping; its worker re-queues the job",
@@ -224,17 +222,15 @@ def _describe(e: BaseException) -> str:
 def _ordinary(e: BaseException) -> bool:
     """A failure the job's own message explains (bad flags, data, checkpoints, divergence, a
     run directory made read-only, deleted or unreadable)."""
-    from tlm.checkpoint import CheckpointError
-    from tlm.config import ConfigError
-    from tlm.data import DataError
-    from tlm.train import Diverged
-    from tlm.files import SETUP
+    from tlm.checkpoint import CheckpointError  # MLX
+    from tlm.data import DataError  # numpy
+    from tlm.train import Diverged  # MLX
     return isinstance(e, (ConfigError, DataError, CheckpointError, Diverged, RunTrained, RunHeld, TargetError)) or (
         isinstance(e, OSError) and e.errno in SETUP)
 
 
 def run_eval(c: Context) -> None:
-    from tlm.run import evaluate_checkpoint
+    from tlm.run import evaluate_checkpoint  # MLX
     p = params_of(EvalParams, c.params)
     result = evaluate_checkpoint(c.save_dir, p.identifier, p.split, p.data_mirror, p.tokens, p.stride, c.log)
     metric = (f"{result['bits_per_char']:.3f} bits per character" if "bits_per_char" in result
@@ -244,7 +240,7 @@ def run_eval(c: Context) -> None:
 
 
 def run_sample(c: Context) -> None:
-    from tlm.generate import SampleConfig, sample_checkpoint
+    from tlm.generate import SampleConfig, sample_checkpoint  # MLX
     p = params_of(SampleParams, c.params)
     result = sample_checkpoint(c.save_dir, p.identifier, p.prompt, SampleConfig(**p.sampling),
                                p.num_samples, warn=c.log)
@@ -257,9 +253,8 @@ def run_sample(c: Context) -> None:
 
 def run_export(c: Context) -> None:
     """Write the checkpoint as an mlx-lm directory (``--then export:DIR``, ``tlm submit export``)."""
-    from tlm import checkpoint
-    from tlm.export import export
-    from tlm.files import transient, with_retries
+    from tlm import checkpoint  # MLX
+    from tlm.export import export  # MLX
 
     p = params_of(ExportParams, c.params)
     out = Path(p.out).expanduser()
@@ -280,22 +275,19 @@ def run_export(c: Context) -> None:
 
 def run_train(c: Context) -> None:
     """Train (or, for a gang job, train this rank), wired to the registry."""
-    from tlm import blas
-    from tlm.interrupts import StopOnSignal
+    from tlm import blas  # BLAS before MLX
 
     c.log(blas.describe())
     params = dict(c.params)
     if c.job.checkpoint:  # started before and saved: resume that, never afresh again
         params.pop("new_model", None)
-        from tlm.checkpoint import newest_name
+        from tlm.checkpoint import newest_name  # MLX
         # retention may have replaced the recorded one by a newer one whose publish was lost
         # (the worker killed between the save and the record): that one is resumed
         if not (Path(c.save_dir) / f"{c.job.checkpoint}.safetensors").is_file() and not newest_name(c.save_dir):
             raise NotHere(f"its checkpoint {c.job.checkpoint[:12]} is not in {c.save_dir} on this worker: "
                           "is the lab's shared folder mounted here (tlm-worker --save_root)?")
     if c.rank is not None:
-        from tlm.config import TrainConfig
-        from tlm.ranks import rank_env
         os.environ.update(rank_env(params.get("backend", TrainConfig.backend), c.job.members, c.rank,
                                    Path(tempfile.mkdtemp(prefix=f"tlm-{c.job.id}-"))))
     given = {**params, "save_dir": c.save_dir, "gpu": c.gpu}
@@ -305,125 +297,15 @@ def run_train(c: Context) -> None:
         given = pin_more(c, given)
     stop = StopOnSignal()  # no I/O in the signal handler
     if c.job.sweep:
-        from tlm_worker.sweeps import trial_hooks
         train_job(c, given, trial_hooks(c, stop))
     else:
         train_job(c, given, RegistryHooks(c, stop))
 
 
-class RegistryHooks(TrainingHooks):
-    """The worker's hooks: progress, log lines and metric points go to the registry; the
-    job's cancel flag and the worker's signals stop the run after a save; each checkpoint is
-    published only while this process still holds the job's fencing token."""
-
-    def __init__(self, c: Context, stop: Callable[[], bool]):
-        self.c, self.stop = c, stop
-        self.cancelled = self.stopping = False
-        self.leaving: Optional[str] = None  # why it stops on its own: "orphaned", "unreachable"
-        self.last_poll = 0.0
-        self.started = time.time()
-        self.progress = c.job.progress  # this process is its only writer while it holds the job
-
-    def log(self, line: str) -> None:
-        self.c.log(line)
-
-    def should_stop(self) -> bool:
-        c = self.c
-        if self.stop():
-            if not self.stopping:
-                self.stopping = True
-                self.log("worker is stopping: finishing the step and saving")
-            return True
-        if time.monotonic() - self.last_poll >= CANCEL_POLL_SECONDS and not self.leaving:
-            self.last_poll = time.monotonic()
-            job = c.look()  # ends this process at once if another worker holds the job now
-            if c.orphaned():  # the worker died: save what this process still holds, and stop
-                self.leave("orphaned", "its worker is gone: finishing the step and saving")
-            elif job is None and c.unconfirmed() > c.lease * SELF_FENCE:
-                self.leave("unreachable", f"queue unreachable for {c.unconfirmed():.0f}s: finishing "
-                           f"the step and saving before the lease ({c.lease:.0f}s) lets another "
-                           "worker take the job")
-            # "force" is the worker's to act on: it kills this process.
-            elif job is not None and not self.cancelled and job.cancel == "stop":
-                self.cancelled = True
-                if not c.rank:
-                    c.report(c.registry.mark_cancelling, c.job.id, c.fence)
-                self.log("cancel requested: finishing the step and saving")
-        return self.cancelled or bool(self.leaving)
-
-    def leave(self, why: str, line: str) -> None:
-        self.leaving = why
-        self.log(line)
-
-    def on_start(self, config: dict[str, Any]) -> None:
-        """The run's own configuration, for the pages that show and compare runs (rank 0)."""
-        if not self.c.rank:
-            own = {k: v for k, v in config.items() if k not in INVOCATION}
-            self.on_record({"time": time.time(), "kind": "config", "step": self.progress.get("step", 0),
-                            "config": own})
-            self.progress.update(phase="compiling the first step", config=own)
-            self.c.report(self.c.registry.update, self.c.job.id, progress=self.progress)
-
-    def on_progress(self, p: Progress) -> None:
-        line = p.describe()
-        if line:
-            self.log(line)
-        if p.kind not in ("report", "eval", "save") or self.c.rank:
-            return
-        progress = self.progress
-        progress.pop("phase", None)
-        progress.update({k: v for k, v in p.to_dict().items()
-                         if v is not None and k not in ("kind", "message", "bits_per_char", "checkpoint")})
-        if p.kind == "eval" and p.message == "test":
-            progress["test_loss"] = p.val_loss
-        if p.kind == "eval" and p.val_loss is not None and p.message != "test":
-            progress["val_metric"] = p.val_metric
-            progress["val_metric_name"] = "bpc" if p.bits_per_char else "ppl"
-            progress["val_step"] = p.step
-            best = progress.get("best_valid")  # [loss, step, seconds of training]
-            if best is None or p.val_loss < best[0]:
-                progress["best_valid"] = [p.val_loss, p.step, p.elapsed]
-        done = p.step - progress.setdefault("first_step", p.step)
-        if done > 0:
-            progress["eta_seconds"] = (time.time() - self.started) / done * (p.total - p.step)
-        fields: dict[str, Any] = {"progress": progress}
-        if p.checkpoint:
-            fields["checkpoint"] = p.checkpoint
-            self.on_record({"time": time.time(), "kind": "checkpoint", "step": p.step,
-                            "identifier": p.checkpoint, "loss": p.val_loss})
-        self.c.report(self.c.registry.update, self.c.job.id, **fields)
-
-    def on_record(self, record: dict[str, Any]) -> None:
-        self.c.report(self.c.registry.add_point, self.c.job.id, record)
-
-    def before_publish(self) -> None:
-        """Write a checkpoint or a metrics record only while this process holds the job: its
-        fence is current, or, with the queue unreachable, it was confirmed well within the
-        lease (no sweep re-queues it yet). A holder that lost the job mid-evaluation stops
-        at its next record."""
-        c = self.c
-        try:
-            c.registry.check_fence(c.job.id, c.fence)
-            c.confirmed = time.monotonic()
-        except (*QUEUE_ERRORS, JobNotFound):
-            if c.unconfirmed() > c.lease * PUBLISH_LIMIT:
-                raise LeaseLost(f"job {c.job.id}: its hold unconfirmed for {c.unconfirmed():.0f}s "
-                                f"(lease {c.lease:.0f}s): not publishing") from None
-
-    def end_state(self, result: TrainResult) -> Optional[str]:
-        """How the job ends after ``result``; None: it was interrupted (back to the queue)."""
-        if result.stopped and not self.cancelled:  # a gang stops together: a peer saw the cancel?
-            job = self.c.look()
-            self.cancelled = job is not None and job.cancel == "stop"
-        if result.stopped and not self.cancelled:
-            return None
-        return CANCELLED if result.stopped else SUCCEEDED
-
-
 def pin_more(c: Context, given: dict[str, Any]) -> dict[str, Any]:
     """``--more``: the budget it means against the run's latest checkpoint, written into the
     job's params, so a resume after an interruption does not extend it again."""
-    from tlm.run import open_run
+    from tlm.run import open_run  # MLX
 
     config, _ = open_run(given, warn=c.log)
     budget = {"time_budget": config.time_budget, "num_iters": config.num_iters}
@@ -435,7 +317,7 @@ def pin_more(c: Context, given: dict[str, Any]) -> dict[str, Any]:
 
 def train_job(c: Context, given: dict[str, Any], hooks: RegistryHooks) -> None:
     """Train with these hooks, then settle the job (rank 0) or exit EXIT_INTERRUPTED."""
-    from tlm.run import train
+    from tlm.run import train  # MLX
 
     labels = {"job": c.job.id, "worker": c.job.worker, "fence": c.fence}
     try:

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from tlm.config import ConfigError, TrainConfig
+from tlm.memory import estimate
+from tlm_worker import sweeps
 from tlm_worker.kinds import FINAL, PRIORITIES, RUNNING, TRAIN, BadRecord, Job
 from tlm_worker.placement import parse_needs
 from tlm_worker.registry import JobNotFound, Registry, RunBusy
@@ -67,8 +70,6 @@ def _busy(e: RunBusy) -> Conflict:
 def training_job(given: dict[str, Any], target: dict[str, str]):
     """A training job's validated configuration and the params to queue (ConfigError if bad);
     the data mirror this machine uses travels with the job."""
-    from tlm.config import TrainConfig
-
     config = TrainConfig(**{k: v for k, v in given.items() if k != "dataset_sha1"},
                          save_dir=target.get("save_dir", "/unused"))
     config.validate()
@@ -107,9 +108,7 @@ class Lab:
         """Queue a training job of a run (resuming its checkpoints, as `tlm train` does).
         ``carried``: the params naming a --dataset that the submitting machine copied into
         the run (they replace the local path its flags were checked with)."""
-        from tlm.config import ConfigError
-        from tlm.memory import estimate
-        from tlm.run import open_run
+        from tlm.run import open_run  # MLX
 
         target = self.target(key)
         try:
@@ -128,8 +127,6 @@ class Lab:
     def _resumed_elsewhere(self, key: str, flags: dict[str, Any]):
         """The configuration a resume of a run this machine does not see will train: its last
         training job's (as its worker recorded it) under the flags given now; None if new."""
-        from tlm.config import TrainConfig
-
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         earlier = [j for j in self.registry.jobs(None, run=key) if j.spec.trainer and j.progress.get("config")]
         if not earlier or flags.get("new_model"):
@@ -184,7 +181,6 @@ class Lab:
 
     def submit_sweep(self, spec) -> Job:
         """Queue a sweep (a ``sweeps.SweepSpec``); Conflict if its name is taken."""
-        from tlm_worker import sweeps
         try:
             return sweeps.submit(self.registry, spec)
         except sweeps.SpecError as e:
@@ -192,9 +188,7 @@ class Lab:
 
     def sweep(self, ref: str) -> Job:
         """A sweep by name (its latest) or by id; Missing if there is none."""
-        from tlm_worker.sweeps import sweep_key
-
-        named = self.registry.jobs(None, run=sweep_key(ref)) if ref.strip() else []
+        named = self.registry.jobs(None, run=sweeps.sweep_key(ref)) if ref.strip() else []
         if named:
             return named[-1]
         try:
@@ -207,37 +201,31 @@ class Lab:
 
     def cancel_sweep(self, job: Job) -> None:
         """No new trials; running ones save and end cancelled. Conflict if it already ended."""
-        from tlm_worker.sweeps import reconcile
-
         if job.state in FINAL:
             raise Conflict(f"sweep {job.params['name']} already {job.state}")
         self.registry.cancel(job.id)
-        reconcile(self.registry, job.id)
+        sweeps.reconcile(self.registry, job.id)
 
     def add_trials(self, job: Job, more: int) -> int:
         """``more`` trials for a sweep that still runs; its new number of trials."""
-        from tlm_worker.sweeps import MAX_TRIALS, reconcile
-
-        if not 1 <= more <= MAX_TRIALS:
-            raise Invalid(f"add 1 to {MAX_TRIALS} trials")
+        if not 1 <= more <= sweeps.MAX_TRIALS:
+            raise Invalid(f"add 1 to {sweeps.MAX_TRIALS} trials")
         added = self.registry.change(job.id, lambda j: {"params": {**j.params, "trials": j.params["trials"] + more}}
                                      if j.state == RUNNING and not j.cancel
-                                     and j.params["trials"] + more <= MAX_TRIALS else None)
+                                     and j.params["trials"] + more <= sweeps.MAX_TRIALS else None)
         if added is None:
             now = self.registry.get(job.id)
-            why = "has too many" if now.params["trials"] + more > MAX_TRIALS \
+            why = "has too many" if now.params["trials"] + more > sweeps.MAX_TRIALS \
                 else "is being cancelled" if now.state == RUNNING else f"is {now.state}"
             raise Conflict(f"sweep {job.params['name']} {why}: trials are added while it runs, "
-                           f"up to {MAX_TRIALS}")
-        reconcile(self.registry, job.id)
+                           f"up to {sweeps.MAX_TRIALS}")
+        sweeps.reconcile(self.registry, job.id)
         return added.params["trials"]
 
     def best(self, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
         """(the best trial's leaderboard row, its full training flags); Conflict before any
         trial was evaluated."""
-        from tlm_worker.sweeps import SweepSpec, leaderboard
-
-        rows = [r for r in leaderboard(self.registry, job) if r["best"] is not None]
+        rows = [r for r in sweeps.leaderboard(self.registry, job) if r["best"] is not None]
         if not rows:
             raise Conflict(f"sweep {job.params['name']}: no trial has been evaluated yet")
-        return rows[0], SweepSpec.from_dict(job.params).trial_flags(rows[0]["params"])
+        return rows[0], sweeps.SweepSpec.from_dict(job.params).trial_flags(rows[0]["params"])

@@ -7,6 +7,7 @@ import sqlite3
 import click
 import redis
 
+from tlm.config import ConfigError
 from tlm.ranks import free_ports
 from tlm_worker.options import FiniteRange
 from tlm_worker.placement import capabilities, parse_labels
@@ -91,8 +92,7 @@ def main(queue, concurrency, gpu, save_root, lease, max_attempts, keep_days, add
         raise click.BadParameter("give PEER=DEVICE, e.g. 10.0.1.2=rdma_en3", param_hint="--rdma")
     if gpu:
         import tlm  # noqa: F401  (optimized BLAS before MLX)
-        from tlm.config import ConfigError
-        from tlm.device import select_device
+        from tlm.device import select_device  # MLX
         try:
             select_device(True)
         except ConfigError as e:

@@ -51,12 +51,13 @@ from typing import Callable, Optional
 from tlm_worker import chores, endings, power
 from tlm_worker.chores import IDLE_POLL, kill
 from tlm_worker.gangs import Gangs
-from tlm_worker.jobs import SELF_FENCE, run_job
+from tlm_worker.jobs import run_job
 from tlm_worker.kinds import INTERACTIVE, TRAINING
 from tlm_worker.outage import Outage
 from tlm_worker.queue import LANES, PayloadError, Queue
 from tlm_worker.registry import CLAIMABLE, FAILED, FINAL, Job, Registry
 from tlm_worker.targets import check_save_root
+from tlm_worker.trainer_hooks import SELF_FENCE
 
 SPAWN = multiprocessing.get_context("spawn")
 IDLE_WAIT = 1.0  # the longest an idle worker's loop waits for a wake-up (signals are seen after it)

@@ -61,7 +61,7 @@ NOT_EVALUATED = 1e300
 
 
 def _from_disk(row: dict[str, Any], directory: Path) -> None:
-    from tlm import checkpoint, metrics
+    from tlm import checkpoint, metrics  # MLX
 
     records = metrics.read(directory)
     valid = [r for r in records if r["kind"] == "valid"]

@@ -41,15 +41,18 @@ import math
 import re
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from tlm.config import flag_value
+from tlm.config import ConfigError, TrainConfig, flag_value
+from tlm.memory import estimate
 from tlm_worker.kinds import (ACTIVE, FAILED, FINAL, LIVE, NUMBER, PRIORITIES, PRUNED, REQUIRED_KEYS,
                               RUNNING, SUCCEEDED, SWEEP, TRAIN, Job, misfit)
 from tlm_worker.queue import QUEUE_ERRORS
 from tlm_worker.registry import CANCELLED, JobNotFound, RunBusy
+from tlm_worker.trainer_hooks import RegistryHooks
 
 if TYPE_CHECKING:
     from tlm_worker.registry import Registry
@@ -157,8 +160,6 @@ def parse_search(item: str, types: dict[str, type]) -> tuple[str, dict[str, Any]
 
 def check(spec: SweepSpec) -> SweepSpec:
     """Refuse, in one line, a spec that cannot run: names, counts, budget, each trial's flags."""
-    from tlm.config import ConfigError, TrainConfig
-
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,63}", spec.name or ""):
         raise SpecError(f"--name {spec.name!r}: letters, digits, '.', '_' or '-', at most 64")
     if not spec.search:
@@ -220,8 +221,8 @@ def storage(registry: "Registry", sweep_id: str, create: bool = False):
     only and deleting one is deleting its journal: Redis keys under ``tlm:optuna:<id>``, or a
     file ``<queue file>.optuna/<id>.log``. A sweep an older tlm started reads the shared journal
     it was written to. Only ``create`` makes a journal: one that is gone stays gone."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
+    from optuna.storages import JournalStorage  # Optuna
+    from optuna.storages.journal import JournalFileBackend, JournalRedisBackend  # Optuna
 
     class RedisJournal(JournalRedisBackend):
         """Optuna's Redis journal without its snapshots (pickles). Optuna writes an entry and
@@ -250,9 +251,8 @@ def storage(registry: "Registry", sweep_id: str, create: bool = False):
 
     queue = registry.queue
     if queue.redis is not None:
-        import warnings
 
-        from optuna.exceptions import ExperimentalWarning
+        from optuna.exceptions import ExperimentalWarning  # Optuna
         prefix = f"{OPTUNA_PREFIX}:{sweep_id}"
         if not create and not queue.redis.exists(f"{prefix}:log_number"):
             if not queue.redis.exists(f"{OPTUNA_PREFIX}:log_number"):
@@ -289,7 +289,7 @@ def forget_study(registry: "Registry", sweep_id: str) -> None:
 
 
 def distributions(spec: SweepSpec) -> dict[str, Any]:
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution  # Optuna
 
     out = {}
     for name, s in spec.search.items():
@@ -304,7 +304,7 @@ def distributions(spec: SweepSpec) -> dict[str, Any]:
 
 def sampler(spec: SweepSpec, trial: int):
     """The sampler for trial ``trial``: seeded by (--seed, trial), so proposals are reproducible."""
-    import optuna
+    import optuna  # Optuna
 
     if spec.sampler == "grid":  # its seed orders the grid: the same in every process
         return optuna.samplers.GridSampler({n: s["values"] for n, s in spec.search.items()},
@@ -318,7 +318,7 @@ def sampler(spec: SweepSpec, trial: int):
 def pruner(spec: SweepSpec):
     """ASHA's or Hyperband's first rung at a trial's first evaluation (with a step budget), so
     no trial is judged on less than one evaluation's worth of training; a third goes on at each."""
-    import optuna
+    import optuna  # Optuna
 
     first: Any = "auto"
     if not spec.by_time:
@@ -332,7 +332,7 @@ def pruner(spec: SweepSpec):
 
 
 def study(registry: "Registry", sweep_id: str, spec: "SweepSpec", trial: int = 0, create: bool = False):
-    import optuna
+    import optuna  # Optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     make = optuna.create_study if create else optuna.load_study
@@ -492,8 +492,6 @@ def _reserve(registry: "Registry", sweep_id: str, spec: SweepSpec) -> Optional[i
 
 def _create(registry: "Registry", sweep: Job, spec: SweepSpec, n: int) -> Optional[Job]:
     """Ask Optuna for trial ``n``'s flags and queue its job (None if it exists already)."""
-    from tlm.memory import estimate
-
     st = study(registry, sweep.id, spec, trial=n)
     trial = st.ask(distributions(spec))
     flags = spec.trial_flags(trial.params)
@@ -511,7 +509,7 @@ def _create(registry: "Registry", sweep: Job, spec: SweepSpec, n: int) -> Option
 
 
 def _state(name: str):
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState  # Optuna
     return TrialState[name]
 
 
@@ -538,7 +536,7 @@ def _tell_once(st, number: int, value: Optional[float] = None, state=None) -> No
     """Tell a trial's end, unless another worker told it first (the two raced). The grid
     sampler asks the study to stop once every point is told, which outside Optuna's own loop
     raises after the trial's end is stored: nothing to stop here."""
-    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.exceptions import UpdateFinishedTrialError  # Optuna
 
     try:
         st.tell(number, value, state=state, skip_if_finished=True)
@@ -593,8 +591,6 @@ def live_sweeps(registry: "Registry") -> list[Job]:
 
 def trial_hooks(c, stop):
     """The hooks of a sweep trial's job process (``c``: its ``tlm_worker.jobs.Context``)."""
-    from tlm_worker.jobs import RegistryHooks
-
     class Trial(RegistryHooks):
         def __init__(self):
             super().__init__(c, stop)
@@ -608,7 +604,7 @@ def trial_hooks(c, stop):
                 self.log(f"its sweep {self.family['name']} is gone: training on as an ordinary job")
 
         def trial(self):
-            import optuna
+            import optuna  # Optuna
 
             if self._trial is None:
                 st = study(c.registry, self.family["id"], self.spec, self.family["trial"])

@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+from tlm.config import default_save_dir
+
 
 MAX_NAME = 200  # bytes of a run name: a directory name (255 on most filesystems), with room for trials
 
@@ -40,7 +42,6 @@ def run_target(run: Optional[str], save_dir: Optional[str]) -> tuple[dict[str, s
             raise TargetError(f"--run {run[:40]!r}...: a run name is a directory on every worker: at most "
                               f"{MAX_NAME} bytes, no NUL")
         return {"run": run}, f"run:{run}"
-    from tlm.config import default_save_dir
     path = str(Path(save_dir or default_save_dir()).expanduser().resolve())
     return {"save_dir": path}, f"dir:{path}"
 
@@ -67,7 +68,6 @@ def resolve_save_dir(params: dict[str, Any], save_root: Optional[str]) -> str:
     if not name and (not path or not Path(path).is_absolute()):
         raise TargetError(f"save_dir {str(path)[:60]!r}: not an absolute path")
     if params.get("run"):
-        from tlm.config import default_save_dir
         root = Path(save_root) if save_root else Path(default_save_dir()).parent / "runs"
         return str(root / params["run"])
     return params["save_dir"]

@@ -38,6 +38,7 @@ from tlm_worker.queue import LANES, QUEUE_ERRORS, Queue, QueueError
 from tlm_worker.registry.redis_store import RedisStore
 from tlm_worker.registry.sqlite_store import SqliteStore
 from tlm_worker.registry.store import MAX_LOG_LINES, STREAMS, WORKER_TTL, Store
+from tlm_worker.runs import fold, sort_score
 from tlm_worker.targets import canonical
 
 __all__ = ["ACTIVE", "CANCELLED", "CANCELLING", "CLAIMABLE", "FAILED", "FINAL", "INTERRUPTED",
@@ -279,8 +280,6 @@ class Registry:
     def summarize(self, jobs: list[Job]) -> None:
         """Fold ended training jobs into their runs' summaries (what `tlm runs` and the
         dashboard's runs page read a page at a time, however many jobs ran)."""
-        from tlm_worker.runs import fold, sort_score
-
         known = {k: json.loads(v) for k, v in self.store.get_runs(sorted({j.run for j in jobs})).items()}
         for job in jobs:
             fold(known, job)
@@ -290,7 +289,6 @@ class Registry:
         """A page of run summaries, best validation loss first (the first call builds them, once,
         from the training jobs a lab kept before summaries existed)."""
         if self.store.value("runs_summarized") is None:
-            from tlm_worker.runs import fold, sort_score
             rows: dict[str, dict[str, Any]] = {}  # afresh (not over summaries): rebuilding twice is harmless
             for job in self.trainers():
                 if job.state in FINAL and not job.spec.driven:
