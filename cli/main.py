@@ -15,6 +15,7 @@ from tlm.interrupts import StopOnSignal
 from tlm.lease import LeaseLost, RunHeld
 from tlm_cli.options import find_checkpoint, given_options, run_options, train_options
 from tlm_cli.render import ConsoleHooks, ProgressDisplay
+from tlm_worker.targets import data_folder
 
 
 class LazyGroup(click.Group):
@@ -73,7 +74,7 @@ def train(inference, **options) -> None:
             echo(f"starting {config.nodes} ranks on this machine ({config.backend} backend, 127.0.0.1)")
             raise SystemExit(ranks.launch_local([sys.executable, "-m", "tlm_cli.main", *sys.argv[1:]],
                                                 config.nodes, config.backend))
-        with opened(given, hooks) as trainer:
+        with opened(given, hooks, data=data_folder(save_dir)) as trainer:
             config = trainer.config
             echo(blas.describe())
             echo(f"save_dir: {config.save_dir}  device: {'gpu' if config.gpu else 'cpu'}")
@@ -181,8 +182,9 @@ def eval_(save_dir, identifier, split, tokens, stride, local, gpu) -> None:
 
     try:
         select_device(gpu)
-        r = evaluate_checkpoint(save_dir or default_save_dir(), identifier, split,
-                                os.environ.get("TLM_DATA_MIRROR"), tokens, stride, log=echo)
+        save_dir = save_dir or default_save_dir()
+        r = evaluate_checkpoint(save_dir, identifier, split, os.environ.get("TLM_DATA_MIRROR"), tokens, stride,
+                                log=echo, data=data_folder(save_dir))
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     except (CheckpointError, DataError) as e:

@@ -23,6 +23,7 @@ RAMDISK = Path("/Volumes/RAMDisk")
 DATASETS = ("ptb", "shakespeare", "wikitext2", "wikitext103", "enwik8")
 MORE = re.compile(r"[1-9]\d*|\d+(\.\d+)?m")  # --more: steps, or minutes
 RUN_INPUTS = "inputs"  # where `tlm submit` copies a run's own text, inside its directory
+RUN_DATA = "datasets"  # where a run's data is prepared, inside its directory (unless its opener says)
 TOKENIZERS = ("word", "char", "byte", "bpe")
 OPTIMIZERS = ("adamw", "muon")
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")  # a bool flag given as text

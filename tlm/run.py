@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from tlm import checkpoint, ranks
 from tlm.checkpoint import Checkpoint, CheckpointError
-from tlm.config import ConfigError, TrainConfig, default_save_dir
+from tlm.config import RUN_DATA, ConfigError, TrainConfig, default_save_dir
 from tlm.data import Dataset, load_dataset
 from tlm.device import select_device
 from tlm.hooks import Progress, TrainingHooks, TrainResult
@@ -103,18 +103,11 @@ def nothing_to_train(config: TrainConfig, ckpt: Checkpoint) -> Optional[str]:
             "that much more, or a larger budget")
 
 
-def data_dir(save_dir: str | Path) -> Path:
-    """Where a run keeps its prepared data: ``<save_dir>/datasets``, except that a sweep's
-    trials (``<sweep folder>/trial-<n>``) share their sweep folder's (one copy of PTB, not one
-    per trial; the cache's lock keeps trials that prepare it at once apart)."""
-    save_dir = Path(save_dir)
-    return (save_dir.parent if save_dir.name.startswith("trial-") else save_dir) / "datasets"
-
-
-def prepare(config: TrainConfig, ckpt: Optional[Checkpoint], log: Callable[[str], None]
+def prepare(config: TrainConfig, ckpt: Optional[Checkpoint], log: Callable[[str], None], data: Path
             ) -> tuple[Dataset, Optional[tuple[ModelArgs, dict[str, mx.array]]]]:
-    """The run's data, tokenized as its checkpoint or ``--init_from`` model expects,
-    and the pretrained shape and weights for a new model started from one."""
+    """The run's data (prepared in the folder ``data``), tokenized as its checkpoint or
+    ``--init_from`` model expects, and the pretrained shape and weights for a new model
+    started from one."""
     init, tokenizer = None, config.tokenizer
     if ckpt is not None:
         tokenizer = ckpt.tokenizer
@@ -127,8 +120,7 @@ def prepare(config: TrainConfig, ckpt: Optional[Checkpoint], log: Callable[[str]
         init = (args, weights)
         log(f"starting from {config.init_from}: {args.num_hidden_layers} blocks, dim {args.hidden_size}, "
             f"{tokenizer.kind} tokenizer of {tokenizer.vocab_size:,} tokens")
-    return load_dataset(config.dataset_source(), data_dir(config.save_dir), config.data_mirror, log,
-                        tokenizer), init
+    return load_dataset(config.dataset_source(), data, config.data_mirror, log, tokenizer), init
 
 
 def join_ranks(config: TrainConfig) -> Optional[mx.distributed.Group]:
@@ -143,13 +135,14 @@ def join_ranks(config: TrainConfig) -> Optional[mx.distributed.Group]:
 @contextmanager
 def opened(given: dict[str, Any], hooks: TrainingHooks, labels: Optional[dict[str, Any]] = None,
            refuse_spent: bool = True, holder: Optional[dict[str, Any]] = None,
-           lease_ttl: float = DEFAULT_TTL) -> Iterator[Trainer]:
+           lease_ttl: float = DEFAULT_TTL, data: Optional[Path] = None) -> Iterator[Trainer]:
     """A run ready to train, built the one way `tlm train` and a worker's job both use: its
     directory's lease taken first (rank 0: the one that writes), then the flags resolved
     against its checkpoint, the ranks joined, the data prepared; the lease is released
     when the block ends. A run whose budget is spent is refused (ConfigError), unless not
     ``refuse_spent``: a job resumed in its final evaluation finishes it. ``holder``: who
-    the lease names (default: the labels)."""
+    the lease names (default: the labels); ``data``: where its data is prepared (default
+    ``<save_dir>/datasets``)."""
     save_dir = given.get("save_dir") or default_save_dir()
     lease = None if ranks.follower() else RunLease(save_dir, holder or labels, lease_ttl,
                                                            hooks.log).take()
@@ -157,7 +150,7 @@ def opened(given: dict[str, Any], hooks: TrainingHooks, labels: Optional[dict[st
         config, ckpt = open_run(given, warn=hooks.log, refuse_spent=refuse_spent)
         group = join_ranks(config)
         select_device(config.gpu)
-        dataset, init = prepare(config, ckpt, hooks.log)
+        dataset, init = prepare(config, ckpt, hooks.log, data or Path(save_dir) / RUN_DATA)
         yield Trainer(config, dataset, ckpt, hooks=hooks, labels=labels, init=init, group=group, lease=lease)
     finally:
         if lease is not None:
@@ -166,18 +159,20 @@ def opened(given: dict[str, Any], hooks: TrainingHooks, labels: Optional[dict[st
 
 def train(given: dict[str, Any], hooks: Optional[TrainingHooks] = None,
           labels: Optional[dict[str, Any]] = None, spent_ok: bool = False,
-          holder: Optional[dict[str, Any]] = None, lease_ttl: float = DEFAULT_TTL) -> TrainResult:
+          holder: Optional[dict[str, Any]] = None, lease_ttl: float = DEFAULT_TTL,
+          data: Optional[Path] = None) -> TrainResult:
     """Open the run (``opened``) and train it."""
-    with opened(given, hooks or TrainingHooks(), labels, not spent_ok, holder, lease_ttl) as trainer:
+    with opened(given, hooks or TrainingHooks(), labels, not spent_ok, holder, lease_ttl, data) as trainer:
         return trainer.run()
 
 
 def evaluate_checkpoint(save_dir: str, identifier: Optional[str] = None, split: str = "valid",
                         data_mirror: Optional[str] = None, tokens: int = 0,
-                        stride: Optional[int] = None,
-                        log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+                        stride: Optional[int] = None, log: Callable[[str], None] = lambda m: None,
+                        data: Optional[Path] = None) -> dict[str, Any]:
     """Loss and perplexity (or bits per character) of a checkpoint on a split
-    (its first ``tokens`` tokens, or all of it), optionally with a sliding window."""
+    (its first ``tokens`` tokens, or all of it), optionally with a sliding window; its data
+    prepared in ``data`` (default ``<save_dir>/datasets``)."""
     ckpt, model = checkpoint.read(save_dir, identifier, lambda c: c.load_model(), log)
     if ckpt is None or model is None:
         raise CheckpointError(f"no checkpoint in {save_dir}: train one first")
@@ -186,7 +181,7 @@ def evaluate_checkpoint(save_dir: str, identifier: Optional[str] = None, split: 
     if stride is not None and stride > config.context_size:
         raise ConfigError(f"--stride {stride} is longer than the model's context "
                           f"({config.context_size}): windows would skip targets")
-    dataset = load_dataset(config.dataset_source(), data_dir(save_dir), data_mirror, log,
+    dataset = load_dataset(config.dataset_source(), data or Path(save_dir) / RUN_DATA, data_mirror, log,
                            ckpt.tokenizer)
     data = dataset.split(split)
     loss = evaluate(model, data[: tokens + 1] if tokens else data, config.context_size, stride)

@@ -35,7 +35,7 @@ from tlm_worker.kinds import EvalParams, ExportParams, SampleParams, params_of, 
 from tlm_worker.queue import QUEUE_ERRORS, Queue
 from tlm_worker.registry import ACTIVE, FAILED, SUCCEEDED, Job, JobNotFound, LeaseLost, Registry
 from tlm_worker.sweeps import trial_hooks
-from tlm_worker.targets import TargetError, resolve_save_dir
+from tlm_worker.targets import TargetError, data_folder, resolve_save_dir
 from tlm_worker.trainer_hooks import RegistryHooks
 
 EXIT_INTERRUPTED = 75  # stopped by a signal to the worker, or by an outage: re-queue the job
@@ -232,7 +232,8 @@ def _ordinary(e: BaseException) -> bool:
 def run_eval(c: Context) -> None:
     from tlm.run import evaluate_checkpoint  # MLX
     p = params_of(EvalParams, c.params)
-    result = evaluate_checkpoint(c.save_dir, p.identifier, p.split, p.data_mirror, p.tokens, p.stride, c.log)
+    result = evaluate_checkpoint(c.save_dir, p.identifier, p.split, p.data_mirror, p.tokens, p.stride, c.log,
+                                 data_folder(c.save_dir))
     metric = (f"{result['bits_per_char']:.3f} bits per character" if "bits_per_char" in result
               else f"perplexity {result['perplexity']:.2f}")
     c.finish(line=f"{result['split']} loss {result['loss']:.4f}, {metric} (checkpoint "
@@ -325,7 +326,8 @@ def train_job(c: Context, given: dict[str, Any], hooks: RegistryHooks) -> None:
     except QUEUE_ERRORS:
         lab = None
     result = train(given, hooks, labels=labels, spent_ok=c.job.ran_before,  # finish an earlier attempt
-                   holder={**labels, "lab": lab}, lease_ttl=min(max(c.lease / 2, 2.0), RUN_LEASE_TTL))
+                   holder={**labels, "lab": lab}, lease_ttl=min(max(c.lease / 2, 2.0), RUN_LEASE_TTL),
+                   data=data_folder(c.save_dir))
     state = hooks.end_state(result)
     if state is None:
         if hooks.leaving == "orphaned" and not c.rank:  # no worker will: back to the queue

@@ -52,6 +52,7 @@ from tlm_worker.kinds import (ACTIVE, FAILED, FINAL, LIVE, NUMBER, PRIORITIES, P
                               RUNNING, SUCCEEDED, SWEEP, TRAIN, Job, misfit)
 from tlm_worker.queue import QUEUE_ERRORS
 from tlm_worker.registry import CANCELLED, JobNotFound, RunBusy
+from tlm_worker.targets import TRIAL
 from tlm_worker.trainer_hooks import RegistryHooks
 
 if TYPE_CHECKING:
@@ -354,7 +355,7 @@ def trial_id(sweep: Job, n: int) -> str:
 def trial_run(spec: SweepSpec, sweep_id: str, n: int) -> str:
     """Trial ``n``'s run: in a folder of this sweep's own, so a sweep that reuses a name (once
     the first one's record is gone) starts fresh instead of resuming a stranger's checkpoints."""
-    return f"{spec.name}-{sweep_id[:7]}/trial-{n:03d}"
+    return f"{spec.name}-{sweep_id[:7]}/{TRIAL}{n:03d}"
 
 
 def submit(registry: "Registry", spec: SweepSpec) -> Job:

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from tlm.config import default_save_dir
+from tlm.config import RUN_DATA, default_save_dir
 
 
 MAX_NAME = 200  # bytes of a run name: a directory name (255 on most filesystems), with room for trials
@@ -21,6 +21,17 @@ MAX_NAME = 200  # bytes of a run name: a directory name (255 on most filesystems
 
 class TargetError(ValueError):
     """A run name or directory that cannot be used; the message is one line."""
+
+
+TRIAL = "trial-"  # a sweep's trial runs: <sweep folder>/trial-<n> (tlm_worker.sweeps.trial_run)
+
+
+def data_folder(save_dir: str | Path) -> Path:
+    """Where a run's data is prepared: ``<save_dir>/datasets``, except that a sweep's trials
+    share their sweep folder's (one copy of PTB, not one per trial; the data cache's lock keeps
+    trials that prepare it at once apart)."""
+    save_dir = Path(save_dir)
+    return (save_dir.parent if save_dir.name.startswith(TRIAL) else save_dir) / RUN_DATA
 
 
 def run_target(run: Optional[str], save_dir: Optional[str]) -> tuple[dict[str, str], str]:
