@@ -26,9 +26,9 @@ from rich.table import Table
 from tlm.config import RUN_INPUTS, ConfigError
 from tlm.files import with_retries
 from tlm.interrupts import StopOnSignal
-from tlm_cli.options import given_options, train_options
+from tlm_cli.options import given_options, params_options, train_options
 from tlm_cli.render import ProgressDisplay, fitted_table, table_console, watch_table
-from tlm_worker.kinds import EVAL, EXPORT, KINDS, PRIORITIES, EvalParams, ExportParams, Job
+from tlm_worker.kinds import KINDS, PRIORITIES, Job, JobKind
 from tlm_worker.lab import Lab, LabError, Placement, training_job
 from tlm_worker.options import FiniteRange
 from tlm_worker.placement import size_text, waiting_reasons
@@ -202,49 +202,34 @@ def submit_train(run, save_root, wait, queue, priority, after, needs, on, then, 
         raise SystemExit(follow(lab.registry, job.id))
 
 
-@submit.command("eval")
-@placement_options
-@click.option("--run", default=None, help="run name, under each worker's --save_root")
-@click.option("--save_dir", "--save-dir", default=None, help="run directory")
-@click.option("--identifier", default=None, help="checkpoint SHA1 or prefix (default: latest)")
-@click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
-@click.option("--tokens", type=click.IntRange(0), default=0,
-              help="evaluate the split's first N tokens only (default: all)")
-@click.option("--stride", type=click.IntRange(1), default=None,
-              help="sliding-window evaluation: windows every N tokens, each scoring its last N")
-@click.option("--wait", is_flag=True, help="follow the job to its end")
-@queue_option
-@queue_errors
-def submit_eval(run, save_dir, identifier, split, tokens, stride, wait, queue, priority, after,
-                needs, on) -> None:
-    """Queue an evaluation of a checkpoint: loss and perplexity on a split."""
-    run_key = target(run, save_dir)[1]
-    params = EvalParams(identifier, split, tokens, stride)
-    registry = connect(queue)
-    job = announce(Lab(registry).read(EVAL, run_key, dataclasses.asdict(params),
-                                      Placement.of(priority, after, needs, on)))
-    if wait:
-        raise SystemExit(follow(registry, job.id))
+def read_command(kind: JobKind) -> click.Command:
+    """``tlm submit KIND`` for a kind that reads a run's checkpoint: its options are its params'
+    flag fields (``kinds.flag``), so a new kind is its entry in KINDS and its run function."""
+    def command(run, save_dir, wait, queue, priority, after, needs, on, **values) -> None:
+        run_key = target(run, save_dir)[1]
+        empty = next((k for k, v in values.items() if v == ""), None)
+        if empty:
+            raise click.UsageError(f"--{empty} is empty")
+        fields = {f.name: f for f in dataclasses.fields(kind.params)}
+        values = {k: str(Path(v).expanduser().resolve()) if v is not None and fields[k].metadata.get("path")
+                  else v for k, v in values.items()}  # a path as the submitting machine sees it
+        registry = connect(queue)
+        job = announce(Lab(registry).read(kind.name, run_key, dataclasses.asdict(kind.params(**values)),
+                                          Placement.of(priority, after, needs, on)))
+        if wait:
+            raise SystemExit(follow(registry, job.id))
+    command.__name__ = f"submit_{kind.name}"
+    fn = queue_option(queue_errors(command))
+    fn = click.option("--wait", is_flag=True, help="follow the job to its end")(fn)
+    fn = params_options(kind.params)(fn)
+    fn = click.option("--save_dir", "--save-dir", default=None, help="run directory")(fn)
+    fn = click.option("--run", default=None, help="run name, under each worker's --save_root")(fn)
+    return submit.command(kind.name, help=kind.submit)(placement_options(fn))
 
 
-@submit.command("export")
-@placement_options
-@click.option("--run", default=None, help="run name, under each worker's --save_root")
-@click.option("--save_dir", "--save-dir", default=None, help="run directory")
-@click.option("--identifier", default=None, help="checkpoint SHA1 or prefix (default: latest)")
-@click.option("--out", required=True, help="directory to write, as the worker sees it")
-@click.option("--wait", is_flag=True, help="follow the job to its end")
-@queue_option
-@queue_errors
-def submit_export(run, save_dir, identifier, out, wait, queue, priority, after, needs, on) -> None:
-    """Queue an export of a checkpoint as a directory mlx-lm loads (as `tlm export` does here)."""
-    run_key = target(run, save_dir)[1]
-    registry = connect(queue)
-    params = dataclasses.replace(ExportParams.parse(out), identifier=identifier)
-    job = announce(Lab(registry).read(EXPORT, run_key, dataclasses.asdict(params),
-                                      Placement.of(priority, after, needs, on)))
-    if wait:
-        raise SystemExit(follow(registry, job.id))
+for _kind in KINDS.values():
+    if _kind.submit:
+        read_command(_kind)
 
 
 def announce(job: Job) -> Job:

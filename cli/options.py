@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 import socket
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,6 +34,25 @@ def train_options(fn: Callable) -> Callable:
             fn = click.option(*names, f.name, type=typ, default=None,
                               help=help_ + (f" ({default})" if default else ""))(fn)
     return fn
+
+
+def params_options(params: type) -> Callable[[Callable], Callable]:
+    """One option per field of a kind's params dataclass made with ``kinds.flag`` (as
+    ``train_options`` for TrainConfig): ``tlm submit KIND``'s options."""
+    def add(fn: Callable) -> Callable:
+        hints = typing.get_type_hints(params)
+        for f in reversed([f for f in dataclasses.fields(params) if "help" in f.metadata]):
+            meta, hint = f.metadata, hints[f.name]
+            typ = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+            names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+            kind = click.Choice(list(meta["choices"])) if "choices" in meta \
+                else click.IntRange(meta["min"]) if "min" in meta else typ
+            needed = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            default = {} if needed else {"default": f.default}  # click 8.2+: a default of None counts as given
+            fn = click.option(*names, f.name, type=kind, required=needed, help=meta["help"] or None,
+                              show_default="choices" in meta, **default)(fn)
+        return fn
+    return add
 
 
 def given_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import redis
 from tlm import checkpoint
 
 from conftest import tlm_cmd
-from queue_helpers import TINY, Workers, free_port, submit, suite_redis, tlm, wait_for
+from queue_helpers import TINY, Workers, free_port, registry, submit, suite_redis, tlm, wait_for
 
 BAD = [
     (["train", "--seed", "-1"], "--seed must be in [0, 2^32), got -1"),
@@ -155,6 +155,28 @@ def test_a_diverging_queued_job_fails_with_the_reason_and_no_traceback(tmp_path,
     assert "Traceback" not in workers.log(worker)
     assert checkpoint.find(save_dir) is None
     assert os.path.isdir(save_dir)
+
+
+def test_submit_commands_of_reading_kinds_take_their_options_from_the_kinds_params(tmp_path):
+    """Issue 40: `tlm submit eval` and `tlm submit export` are built from EvalParams and
+    ExportParams (kinds.flag): a path made absolute where it is submitted, ranges and choices
+    checked, an empty value refused; a new kind needs no hand-written command."""
+    from tlm_worker.kinds import KINDS
+
+    url, run = f"sqlite://{tmp_path / 'queue.db'}", tmp_path / "run"
+    run.mkdir()
+    exported = tlm("submit", "export", "--save_dir", str(run), "--out", "out/here", "--queue", url, cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert registry(url).get(exported.stdout.strip()).params["out"] == str((tmp_path / "out" / "here").resolve())
+    evaluated = submit(url, "eval", "--save_dir", str(run), "--split", "test", "--tokens", "64", "--stride", "8")
+    assert {k: registry(url).get(evaluated).params[k] for k in ("split", "tokens", "stride")} == \
+        {"split": "test", "tokens": 64, "stride": 8}
+    for args, says in ((["eval", "--tokens", "-1"], "-1 is not in the range x>=0"),
+                       (["eval", "--split", "train"], "'train' is not one of 'valid', 'test'"),
+                       (["export", "--out", ""], "--out is empty"), (["export"], "Missing option '--out'")):
+        proc = tlm("submit", *args, "--save_dir", str(run), "--queue", url)
+        assert proc.returncode == 2 and says in proc.stderr, (args, proc.stderr)
+    assert {k.name for k in KINDS.values() if k.submit} == {"eval", "export"}
 
 
 def test_empty_save_dir_is_refused_not_defaulted():

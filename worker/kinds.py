@@ -121,16 +121,25 @@ def resolve(ref: str) -> Callable[..., Any]:
 # -- each kind's params: what its record holds besides the run it reads -------------------
 # A dataclass per kind: its fields without a default are what a record must hold, its type
 # hints what each must be (``Job.decode`` checks both), and ``parse`` reads the argument of
-# ``--then KIND[:ARG]`` (ValueError if bad). Submit commands and the dashboard build them,
-# and the kind's ``run`` reads them back (``params_of``).
+# ``--then KIND[:ARG]`` (ValueError if bad). A field made with ``flag`` is an option of
+# ``tlm submit KIND``; the dashboard builds them too, and the kind's ``run`` reads them back
+# (``params_of``).
+
+def flag(default: Any = dataclasses.MISSING, help: str = "", **cli: Any) -> Any:
+    """A params field that ``tlm submit KIND`` offers as ``--NAME``: its help, and how the
+    command reads it: ``choices``, ``min`` (an integer at least this), ``path`` (made absolute
+    on the machine that submits it)."""
+    return field(default=default, metadata={"help": help, **cli})
+
 
 @dataclass(frozen=True)
 class EvalParams:
     """Loss and perplexity of a checkpoint on a split."""
-    identifier: Optional[str] = None  # a checkpoint or its prefix; None: the latest
-    split: str = "valid"
-    tokens: int = 0  # score the split's first N tokens only (0: all)
-    stride: Optional[int] = None  # sliding-window evaluation: windows every N tokens
+    identifier: Optional[str] = flag(None, "checkpoint SHA1 or prefix (default: latest)")
+    split: str = flag("valid", choices=("valid", "test"))
+    tokens: int = flag(0, "evaluate the split's first N tokens only (default: all)", min=0)
+    stride: Optional[int] = flag(None, "sliding-window evaluation: windows every N tokens, each scoring its last N",
+                                 min=1)
     data_mirror: Optional[str] = field(default_factory=lambda: os.environ.get("TLM_DATA_MIRROR"))
 
     @classmethod
@@ -156,8 +165,8 @@ class SampleParams:
 @dataclass(frozen=True)
 class ExportParams:
     """A checkpoint written as a directory mlx-lm loads (``out``: absolute, as submitted)."""
-    out: str
-    identifier: Optional[str] = None
+    out: str = flag(help="directory to write, as the worker sees it", path=True)
+    identifier: Optional[str] = flag(None, "checkpoint SHA1 or prefix (default: latest)")
 
     @classmethod
     def parse(cls, arg: str) -> "ExportParams":
@@ -188,6 +197,7 @@ class JobKind:
     driven: bool = False  # held by no worker: every worker drives it in its sweep (a tlm sweep)
     result: Shape = dict  # what its record's result holds once it succeeded
     forget: str = ""  # ``module:function(registry, job_id)``: what else goes when its record is pruned
+    submit: str = ""  # ``tlm submit KIND``'s help, for a kind that reads a run and is queued by hand
 
     @functools.cached_property
     def params_shape(self) -> Shape:
@@ -206,12 +216,14 @@ KINDS: dict[str, JobKind] = {k.name: k for k in (
             nodes=lambda params: int(params.get("nodes", 1)),
             result={"step": int, "val_loss": OPTIONAL_NUMBER, "test_loss": OPTIONAL_NUMBER}),
     JobKind(EVAL, INTERACTIVE, "tlm_worker.jobs:run_eval", params=EvalParams, then="eval[:SPLIT]",
-            checkpoint_input=True, result={"split": str, "loss": NUMBER}),
+            checkpoint_input=True, result={"split": str, "loss": NUMBER},
+            submit="Queue an evaluation of a checkpoint: loss and perplexity on a split."),
     JobKind(SAMPLE, INTERACTIVE, "tlm_worker.jobs:run_sample", params=SampleParams, then="sample:PROMPT",
             checkpoint_input=True, result={REQUIRED_KEYS: ("samples", "unknown"), "samples": [str],
                                            "unknown": [str]}),
     JobKind(EXPORT, INTERACTIVE, "tlm_worker.jobs:run_export", params=ExportParams, then="export:DIR",
-            checkpoint_input=True, result={"out": str, "checkpoint": str, "step": int}),
+            checkpoint_input=True, result={"out": str, "checkpoint": str, "step": int},
+            submit="Queue an export of a checkpoint as a directory mlx-lm loads (as `tlm export` does here)."),
     JobKind(SWEEP, "", "", trainer=True, required=("search", "name"), driven=True,  # one per name
             forget="tlm_worker.sweeps:forget_study",
             result={"created": int, "reserved": {str: NUMBER}, "best": (dict, type(None)),
