@@ -387,7 +387,8 @@ def test_runs_table_curve_controls_and_retry_on_the_page(url, dashboard, browser
         browser.get(dashboard.base + "/#/runs")
         rows = lambda: browser.find_elements("css selector", "#runs-table tbody tr")  # noqa: E731
         until(lambda: len(rows()) == 3, what="three runs")
-        best = [r.text for r in browser.find_elements("css selector", '#runs-table td[data-col="best_valid"]')]
+        best = until(lambda: [r.text for r in browser.find_elements(  # read again if the table re-rendered
+            "css selector", '#runs-table td[data-col="best_valid"]')], what="the best losses")
         assert float(best[0]) <= float(best[1]) <= float(best[2])  # best validation loss first
         click(browser, '#runs-table th[data-key="best_valid"]')
         until(lambda: float(browser.find_element("css selector", '#runs-table td[data-col="best_valid"]').text)
