@@ -26,9 +26,9 @@ from rich.table import Table
 from tlm.config import RUN_INPUTS, ConfigError
 from tlm.files import with_retries
 from tlm.interrupts import StopOnSignal
-from tlm_cli.options import given_options, params_options, train_options
+from tlm_cli.options import given_options, params_options, refuse_empty, train_options
 from tlm_cli.render import ProgressDisplay, fitted_table, table_console, watch_table
-from tlm_worker.kinds import KINDS, PRIORITIES, Job, JobKind
+from tlm_worker.kinds import KINDS, PRIORITIES, Job, JobKind, submitted_path
 from tlm_worker.lab import Lab, LabError, Placement, training_job
 from tlm_worker.options import FiniteRange
 from tlm_worker.placement import size_text, waiting_reasons
@@ -207,12 +207,10 @@ def read_command(kind: JobKind) -> click.Command:
     flag fields (``kinds.flag``), so a new kind is its entry in KINDS and its run function."""
     def command(run, save_dir, wait, queue, priority, after, needs, on, **values) -> None:
         run_key = target(run, save_dir)[1]
-        empty = next((k for k, v in values.items() if v == ""), None)
-        if empty:
-            raise click.UsageError(f"--{empty} is empty")
+        refuse_empty(values)
         fields = {f.name: f for f in dataclasses.fields(kind.params)}
-        values = {k: str(Path(v).expanduser().resolve()) if v is not None and fields[k].metadata.get("path")
-                  else v for k, v in values.items()}  # a path as the submitting machine sees it
+        values = {k: submitted_path(v) if v is not None and fields[k].metadata.get("path") else v
+                  for k, v in values.items()}
         registry = connect(queue)
         job = announce(Lab(registry).read(kind.name, run_key, dataclasses.asdict(kind.params(**values)),
                                           Placement.of(priority, after, needs, on)))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import typing
 import socket
+import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -55,11 +55,16 @@ def params_options(params: type) -> Callable[[Callable], Callable]:
     return add
 
 
-def given_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The flags the user gave (click passes None for the rest), over their --preset's."""
+def refuse_empty(options: dict[str, Any]) -> None:
+    """A usage error for an option given as the empty string (`--x ""`): never a default."""
     empty = next((k for k, v in options.items() if v == ""), None)
     if empty:
         raise click.UsageError(f"--{empty} is empty")
+
+
+def given_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The flags the user gave (click passes None for the rest), over their --preset's."""
+    refuse_empty(options)
     try:
         return apply_preset({k: v for k, v in options.items() if v is not None})
     except ConfigError as e:

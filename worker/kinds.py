@@ -125,6 +125,11 @@ def resolve(ref: str) -> Callable[..., Any]:
 # ``tlm submit KIND``; the dashboard builds them too, and the kind's ``run`` reads them back
 # (``params_of``).
 
+def submitted_path(path: str) -> str:
+    """A path given to a job as the machine that submits it sees it: absolute, links resolved."""
+    return str(Path(path).expanduser().resolve())
+
+
 def flag(default: Any = dataclasses.MISSING, help: str = "", **cli: Any) -> Any:
     """A params field that ``tlm submit KIND`` offers as ``--NAME``: its help, and how the
     command reads it: ``choices``, ``min`` (an integer at least this), ``path`` (made absolute
@@ -173,7 +178,7 @@ class ExportParams:
         """To the directory ``arg``, made absolute here (on the machine that submits it)."""
         if not arg:
             raise ValueError("give the directory to write")
-        return cls(out=str(Path(arg).expanduser().resolve()))
+        return cls(out=submitted_path(arg))
 
 
 # The kinds' and lanes' names, for the code that must name one (the table below is the rest).

@@ -677,8 +677,9 @@ class Registry:
         for job in jobs:
             if job.id not in kept and job.spec.forget:
                 resolve(job.spec.forget)(self, job.id)
+        alive_ids = {j.id for j in alive}
         for lane, named in woken.items():  # an ended job is never queued again (retry: a new id)
-            self.queue.forget(lane, named - {j.id for j in alive})
+            self.queue.forget(lane, named - alive_ids)
         if not keep_runs:  # a run's folder, under a save root, still lists it (tlm runs --save_root)
             runs = {j.run for j in jobs if j.id not in kept and j.spec.trainer}
             self.store.drop_runs([run for run in runs if not self.store.run_ids(run)])
