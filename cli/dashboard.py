@@ -44,15 +44,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tlm.config import PRESETS, apply_preset, flag_types, flag_value
-from tlm_cli.jobs import connect
-from tlm_worker import sweeps
-from tlm_worker.kinds import ACTIVE, CLAIMABLE, KINDS, SAMPLE, STATES, Job, SampleParams, misfit
-from tlm_worker.lab import Lab, LabError, Placement
-from tlm_worker.placement import waiting_reasons
-from tlm_worker.queue import QUEUE_ERRORS, outage
-from tlm_worker.registry import FINAL, LIVE, JobNotFound, Registry, holder
-from tlm_worker.runs import leaderboard, runs_table
-from tlm_worker.targets import TargetError, resolve_save_dir, run_target
+from tlm_worker.kinds import (ACTIVE, CLAIMABLE, FINAL, KINDS, LIVE, SAMPLE, STATES, Job, SampleParams, TrainParams,
+                              misfit)
+from tlm_worker.lab import Lab, LabError, Placement, answering
 
 STATIC = Path(__file__).parent / "static"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -63,6 +57,7 @@ MAX_COMPARE = 12  # runs on one compare page (each is its curves and configurati
 MAX_STREAMS = 64  # event streams open at once; more get 503 (each is a coroutine, never a thread)
 MAX_BODY = 64 * 1024  # bytes of a POST body: a form's fields, never a dataset
 MAX_STRING = 10_000  # characters of any one string in a body (a prompt is the longest)
+MACHINE_ADDED = ("data_mirror", "dataset_sha1")  # params the submitting machine adds: no one types them
 
 
 class Refused(Exception):
@@ -81,15 +76,26 @@ TABLE = {"kinds": [{"name": k.name, "trainer": k.trainer, "driven": k.driven} fo
 def shown(job: Job, waiting: Optional[str] = None) -> dict[str, Any]:
     """A job as the page reads it: its record, who holds it, whether it is its run's trainer,
     and why it waits when no live worker can run it."""
-    return {**job.to_record(), "holder": holder(job), "trainer": job.spec.trainer, "driven": job.spec.driven,
+    return {**job.to_record(), "holder": job.holder, "trainer": job.spec.trainer, "driven": job.spec.driven,
             "waiting": waiting}
+
+
+def best_by_dataset(rows: list[dict[str, Any]], top: int = 5) -> dict[str, list[dict[str, Any]]]:
+    """The best runs of each dataset by validation loss."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["best_valid"] is not None and row["dataset"]:
+            board = out.setdefault(str(row["dataset"]), [])
+            if len(board) < top:
+                board.append(row)
+    return out
 
 
 def command(verb: str, params: dict[str, Any]) -> str:
     """The ``tlm`` command line that does what the page just did."""
     parts = ["tlm", *verb.split()]
     for k, v in params.items():
-        if v is None or v is False or k in ("data_mirror", "dataset_sha1"):
+        if v is None or v is False or k in MACHINE_ADDED:
             continue
         parts += [f"--{k}"] if v is True else [f"--{k}", str(v)]
     return shlex.join(parts)
@@ -113,13 +119,12 @@ def typed_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
 class Api:
     """What the page reads (over one registry) and does (through the lab's service)."""
 
-    def __init__(self, registry: Registry, save_root: Optional[str] = None):
-        self.registry, self.save_root = registry, save_root
-        self.lab = Lab(registry, save_root)  # what the page does, as the commands do it
+    def __init__(self, lab: Lab):
+        self.lab, self.registry, self.save_root = lab, lab.registry, lab.save_root
 
     def _on_disk(self, key: str, identifier: str) -> Optional[bool]:
         """Whether a checkpoint's file is still there (None: the run is not visible here)."""
-        directory = Path(resolve_save_dir(self.lab.target(key), self.save_root))
+        directory = self.lab.run_dir(key)
         return (directory / f"{identifier}.safetensors").exists() if directory.is_dir() else None
 
     def overview(self, state: Optional[str], run: Optional[str], limit: int,
@@ -136,7 +141,7 @@ class Api:
         jobs = self.registry.jobs(limit, state=state or None, run=run or None,
                                   after=tuple(cursor) if cursor else None)
         workers = self.registry.workers()
-        waiting = waiting_reasons(jobs, workers)
+        waiting = self.lab.waiting(jobs, workers)
         done = [j for j in jobs if j.state in FINAL]
         last = min(done, key=lambda j: (j.finished, j.id)) if len(done) >= limit and not run else None
         return {"jobs": [{k: v for k, v in shown(j, waiting.get(j.id)).items() if k != "params"}
@@ -176,7 +181,7 @@ class Api:
         metrics.jsonl and its checkpoints' headers (none hashed), for runs the registry forgot."""
         from tlm import checkpoint, metrics  # MLX
 
-        directory = Path(resolve_save_dir(self.lab.target(key), self.save_root))
+        directory = self.lab.run_dir(key)
         state = checkpoint.peek_state(directory) or {}
         return {"config": state.get("config") or {}, "config_from": "checkpoint" if state else "job",
                 "points": [p for p in metrics.read(directory) if p.get("kind") in ("train", "valid", "test")],
@@ -188,7 +193,7 @@ class Api:
             raise Refused(400, f"compare 1 to {MAX_COMPARE} runs, not {len(keys)}")
         runs = [self.run(k) for k in keys]
         configs = [r["config"] for r in runs]
-        flags = sorted({k for c in configs for k in c} - {"data_mirror", "dataset_sha1"})
+        flags = sorted({k for c in configs for k in c} - set(MACHINE_ADDED))
         differs = [k for k in flags if len({repr(c.get(k)) for c in configs}) > 1]
         out = []
         for r in runs:
@@ -206,10 +211,9 @@ class Api:
         if not 0 < limit <= 1000:
             raise Refused(400, "limit must be 1-1000")
         cursor = _cursor(after, (int, [(int, float, str)]))
-        rows, more = runs_table(self.registry, self.save_root, disk=self.save_root is not None,
-                                limit=limit, cursor=cursor)
+        rows, more = self.lab.runs(limit, cursor, disk=self.save_root is not None)
         return {"runs": rows, "next": json.dumps(more) if more is not None else None,
-                "leaderboard": leaderboard(rows) if not after else {}}
+                "leaderboard": best_by_dataset(rows) if not after else {}}
 
     def log(self, job_id: str, after: Optional[str]) -> dict[str, Any]:
         """A job's log lines after a cursor (404 for no such job)."""
@@ -241,10 +245,7 @@ class Api:
         run, save_dir = field(body, "run", str, "").strip(), field(body, "save_dir", str, "").strip()
         if bool(run) == bool(save_dir):
             raise Refused(400, "give a run name or a save directory (one of them)")
-        try:
-            _, key = run_target(run or None, save_dir or None)
-        except TargetError as e:
-            raise Refused(400, str(e)) from None
+        key = self.lab.run_target(run or None, save_dir or None)[1]
         preset = field(body, "preset", str, "") or None
         if preset is not None and preset not in PRESETS:
             raise Refused(400, f"unknown preset {preset!r}")
@@ -255,35 +256,22 @@ class Api:
 
     def resume(self, key: str) -> dict[str, Any]:
         job = self.lab.resume(key)
-        return {"job": job.id, "command": command("submit train", {**self.lab.target(key), **{
-            k: v for k, v in job.params.items() if k not in ("run", "save_dir")}})}
+        return {"job": job.id, "command": command("submit train", {**self.lab.target(key),
+                                                                   **TrainParams.again(job.params)})}
 
     # -- sweeps --------------------------------------------------------------------------
 
     def sweep(self, sweep_id: str) -> dict[str, Any]:
         """A sweep's leaderboard, every trial's validation curve, and Optuna's importances."""
         job = self.lab.sweep(sweep_id)
-        rows = sweeps.leaderboard(self.registry, job)
+        rows = self.lab.trials(job)
         curves = {}
         for row in rows:
             points = self.registry.points(row["job"])[0]
             curves[row["trial"]] = [{"step": p["step"], "loss": p["loss"], "elapsed": p.get("elapsed")}
                                     for p in points if p.get("kind") == "valid"]
         return {"sweep": shown(job), "trials": rows, "curves": curves,
-                "importances": self._importances(job)}
-
-    def _importances(self, job: Job) -> dict[str, float]:
-        """Optuna's parameter importances (fANOVA), once two trials are complete."""
-        import optuna  # Optuna
-
-        try:
-            study = sweeps.study(self.registry, job.id, sweeps.SweepSpec.from_dict(job.params))
-            done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if len(done) < 2 or len(job.params["search"]) < 1:
-                return {}
-            return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
-        except (RuntimeError, ValueError, KeyError):  # too few distinct values, no study, a bad spec
-            return {}
+                "importances": self.lab.importances(job)}
 
     def sweep_cancel(self, sweep_id: str) -> dict[str, Any]:
         job = self.lab.sweep(sweep_id)
@@ -299,10 +287,7 @@ class Api:
     def sweep_best(self, sweep_id: str, run: str) -> dict[str, Any]:
         """Queue the best trial's flags as a run of its own."""
         job = self.lab.sweep(sweep_id)
-        try:
-            _, key = run_target(run.strip() or None, None)
-        except TargetError as e:
-            raise Refused(400, str(e)) from None
+        key = self.lab.run_target(run.strip() or None, None)[1]
         if not run.strip():
             raise Refused(400, "give the new run a name")
         return self.submit(key, self.lab.best(job)[1])
@@ -372,8 +357,8 @@ class Changes:
     """One thread follows the registry for every event stream: a client costs a coroutine
     that looks at a counter, so slow or idle clients never hold the threads requests use."""
 
-    def __init__(self, registry: Registry):
-        self.registry, self.version, self.streams = registry, 0, 0
+    def __init__(self, lab: Lab):
+        self.registry, self.version, self.streams = lab.registry, 0, 0
         self._thread: Optional[threading.Thread] = None
 
     def open_stream(self) -> Optional[Callable[[], None]]:
@@ -421,27 +406,28 @@ class Changes:
     def _follow(self) -> None:
         while True:
             try:
-                with self.registry.changes() as wait:
+                with answering(), self.registry.changes() as wait:
                     while True:
                         if wait(EVENT_WAIT):
                             self.version += 1
-            except QUEUE_ERRORS:
+            except LabError:
                 time.sleep(1)  # the queue is down: the page shows it; follow again when back
 
 
-def _endpoint(fn: Callable[[Request, Any], Any]) -> Callable:
+def _endpoint(fn: Callable[[Request, Any], Any], url: Optional[str]) -> Callable:
     """An API route: ``fn(request, body)`` in a thread, its answer as JSON; a refusal, a missing
-    job, an outage or a field of the wrong type as its status and one line."""
+    job, an outage (503: the page tries again) or a field of the wrong type as its status and
+    one line."""
+    def answer(request: Request, body: dict[str, Any]) -> Any:
+        with answering(url):
+            return fn(request, body)
+
     async def endpoint(request: Request) -> Response:
         try:
             body = await read_body(request)
-            return JSONResponse(await anyio.to_thread.run_sync(fn, request, body))
+            return JSONResponse(await anyio.to_thread.run_sync(answer, request, body))
         except (Refused, LabError) as e:
             return PlainTextResponse(str(e), status_code=e.status)
-        except JobNotFound as e:
-            return PlainTextResponse(str(e), status_code=404)
-        except QUEUE_ERRORS as e:  # an outage, or a busy SQLite file: the page tries again
-            return PlainTextResponse(f"cannot reach the queue: {outage(e)}", status_code=503)
         except (ValueError, TypeError) as e:  # a field of the wrong type (int("many"))
             return PlainTextResponse(f"bad request: {e}".splitlines()[0], status_code=400)
     return endpoint
@@ -458,42 +444,42 @@ def _cursor(after: Optional[str], shape: Any) -> Any:
     return cursor
 
 
-def create_app(registry: Registry, token: str, require_token: bool,
-               save_root: Optional[str] = None) -> "Guard":
+def create_app(lab: Lab, token: str, require_token: bool) -> "Guard":
     """The dashboard's ASGI app; ``require_token`` for every request (bound beyond localhost)."""
-    lab = Api(registry, save_root)
+    api = Api(lab)
     table = _html.escape(json.dumps(TABLE), quote=True)  # the kinds and states, as the page's <meta>
-    changes = Changes(registry)
+    changes = Changes(lab)
 
     def page(request: Request) -> Response:
         html = (STATIC / "index.html").read_text().replace("{{TOKEN}}", token).replace("{{TABLE}}", table)
         return Response(html, media_type="text/html")
 
+    endpoint = lambda fn: _endpoint(fn, lab.url)  # noqa: E731
     q = lambda request, name, default=None: request.query_params.get(name, default)  # noqa: E731
     routes = [
         Route("/", page),
-        Route("/api/overview", _endpoint(lambda r, b: lab.overview(
+        Route("/api/overview", endpoint(lambda r, b: api.overview(
             q(r, "state"), q(r, "run"), int(q(r, "limit", "50")), q(r, "after")))),
-        Route("/api/runs", _endpoint(lambda r, b: lab.runs(int(q(r, "limit", "100")), q(r, "after")))),
-        Route("/api/jobs/{id}/retry", _endpoint(lambda r, b: lab.retry(r.path_params["id"])), methods=["POST"]),
-        Route("/api/jobs/{id}", _endpoint(lambda r, b: {"job": shown(registry.get(r.path_params["id"]))})),
-        Route("/api/jobs/{id}/log", _endpoint(lambda r, b: lab.log(r.path_params["id"], q(r, "after")))),
-        Route("/api/run", _endpoint(lambda r, b: lab.run(q(r, "key", "")))),
-        Route("/api/compare", _endpoint(lambda r, b: lab.compare(r.query_params.getlist("key")))),
-        Route("/api/presets", _endpoint(lambda r, b: {"presets": PRESETS})),
-        Route("/api/sweep", _endpoint(lambda r, b: lab.sweep(q(r, "id", "")))),
-        Route("/api/sweep/cancel", _endpoint(lambda r, b: lab.sweep_cancel(field(b, "id", str, ""))),
+        Route("/api/runs", endpoint(lambda r, b: api.runs(int(q(r, "limit", "100")), q(r, "after")))),
+        Route("/api/jobs/{id}/retry", endpoint(lambda r, b: api.retry(r.path_params["id"])), methods=["POST"]),
+        Route("/api/jobs/{id}", endpoint(lambda r, b: {"job": shown(lab.registry.get(r.path_params["id"]))})),
+        Route("/api/jobs/{id}/log", endpoint(lambda r, b: api.log(r.path_params["id"], q(r, "after")))),
+        Route("/api/run", endpoint(lambda r, b: api.run(q(r, "key", "")))),
+        Route("/api/compare", endpoint(lambda r, b: api.compare(r.query_params.getlist("key")))),
+        Route("/api/presets", endpoint(lambda r, b: {"presets": PRESETS})),
+        Route("/api/sweep", endpoint(lambda r, b: api.sweep(q(r, "id", "")))),
+        Route("/api/sweep/cancel", endpoint(lambda r, b: api.sweep_cancel(field(b, "id", str, ""))),
               methods=["POST"]),
-        Route("/api/sweep/add", _endpoint(lambda r, b: lab.sweep_add(
+        Route("/api/sweep/add", endpoint(lambda r, b: api.sweep_add(
             field(b, "id", str, ""), field(b, "trials", int, 1))), methods=["POST"]),
-        Route("/api/sweep/best", _endpoint(lambda r, b: lab.sweep_best(
+        Route("/api/sweep/best", endpoint(lambda r, b: api.sweep_best(
             field(b, "id", str, ""), field(b, "run", str, ""))), methods=["POST"]),
         Route("/api/events", changes.events),
-        Route("/api/jobs/{id}/cancel", _endpoint(lambda r, b: lab.cancel(
+        Route("/api/jobs/{id}/cancel", endpoint(lambda r, b: api.cancel(
             r.path_params["id"], field(b, "force", bool, False))), methods=["POST"]),
-        Route("/api/resume", _endpoint(lambda r, b: lab.resume(field(b, "key", str, ""))), methods=["POST"]),
-        Route("/api/submit", _endpoint(lambda r, b: lab.new_run(b)), methods=["POST"]),
-        Route("/api/sample", _endpoint(lambda r, b: lab.sample(
+        Route("/api/resume", endpoint(lambda r, b: api.resume(field(b, "key", str, ""))), methods=["POST"]),
+        Route("/api/submit", endpoint(lambda r, b: api.new_run(b)), methods=["POST"]),
+        Route("/api/sample", endpoint(lambda r, b: api.sample(
             field(b, "key", str, ""), field(b, "prompt", str, ""), field(b, "max_tokens", int, 60),
             field(b, "temperature", float, 0.5))), methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
@@ -572,10 +558,13 @@ def dashboard(queue, host, port, token, save_root) -> None:
     """Serve the lab's web page: jobs, workers, live curves, logs, controls."""
     import uvicorn  # web server
 
-    registry = connect(queue)
+    try:
+        lab = Lab.connect(queue, save_root)
+    except LabError as e:
+        raise click.ClickException(str(e)) from None
     token = token or secrets.token_urlsafe(18)
     local = is_local(host)
-    app = create_app(registry, token, require_token=not local, save_root=save_root)
+    app = create_app(lab, token, require_token=not local)
     try:  # bound before the address is printed: a busy port is the one line said
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as e:

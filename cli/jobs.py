@@ -20,22 +20,16 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import click
-import redis
 from rich.table import Table
 
 from tlm.config import RUN_INPUTS, ConfigError
 from tlm.files import with_retries
 from tlm.interrupts import StopOnSignal
-from tlm_cli.options import given_options, params_options, refuse_empty, train_options
+from tlm.memory import size_text
+from tlm_cli.options import FiniteRange, given_options, params_options, refuse_empty, train_options
 from tlm_cli.render import ProgressDisplay, fitted_table, table_console, watch_table
-from tlm_worker.kinds import KINDS, PRIORITIES, Job, JobKind, submitted_path
-from tlm_worker.lab import Lab, LabError, Placement, training_job
-from tlm_worker.options import FiniteRange
-from tlm_worker.placement import size_text, waiting_reasons
-from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError, outage, queue_url, redact
-from tlm_worker.registry import CANCELLED, FINAL, LIVE, SUCCEEDED, JobNotFound, Registry, holder
-from tlm_worker.runs import COLUMNS as RUN_COLUMNS, runs_table
-from tlm_worker.targets import TargetError, resolve_save_dir, run_target
+from tlm_worker.kinds import CANCELLED, FINAL, KINDS, LIVE, PRIORITIES, SUCCEEDED, Job, JobKind, submitted_path
+from tlm_worker.lab import RUN_COLUMNS, Lab, LabError, Placement, answering, run_dir, training_job
 
 queue_option = click.option("--queue", envvar="TLM_QUEUE", default=None,
                             help="redis://[:password@]host:port/db (env TLM_QUEUE); "
@@ -46,46 +40,26 @@ def echo(message: str) -> None:
     click.echo(message, err=True)
 
 
-def connect(url: Optional[str]) -> Registry:
-    try:
-        queue = Queue(url)
-        queue.ping()
-        return Registry(queue)
-    except QueueError as e:
-        raise click.ClickException(str(e)) from None
+def connect(url: Optional[str], save_root: Optional[str] = None) -> Lab:
+    """The lab of the queue at ``url``, for a command wrapped in ``queue_errors``."""
+    return Lab.connect(url, save_root)
 
 
 def queue_errors(fn: Callable) -> Callable:
-    """Turn an unreachable queue or an unknown job id into a one-line error."""
+    """Turn the lab's refusals, an unreachable queue or an unknown job id into a one-line error."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
-        except JobNotFound as e:
-            raise click.ClickException(str(e)) from None
+            with answering(kwargs.get("queue")):
+                return fn(*args, **kwargs)
         except LabError as e:  # bad input as a usage error (status 2), the lab's refusals as 1
             raise (click.UsageError if e.status == 400 else click.ClickException)(str(e)) from None
-        except QUEUE_ERRORS as e:
-            url = redact(queue_url(kwargs.get("queue")))
-            raise click.ClickException(f"cannot reach the queue at {url}: {outage(e)}") from None
-        except redis.exceptions.ResponseError as e:  # an ACL user without the rights tlm needs
-            url = redact(queue_url(kwargs.get("queue")))
-            raise click.ClickException(f"the queue at {url} refused: {str(e).splitlines()[0]} (tlm's Redis "
-                                       "user needs read, write, WATCH and MULTI on the lab's keys)") from None
     return wrapper
 
 
 @click.group()
 def submit() -> None:
     """Queue a job for tlm-worker."""
-
-
-def target(run: Optional[str], save_dir: Optional[str]) -> tuple[dict[str, Any], str]:
-    """``run_target`` with its refusal as a usage error."""
-    try:
-        return run_target(run, save_dir)
-    except TargetError as e:
-        raise click.UsageError(str(e)) from None
 
 
 def placement_options(fn: Callable) -> Callable:
@@ -183,7 +157,7 @@ def submit_train(run, save_root, wait, queue, priority, after, needs, on, then, 
     model's shape, batch, context and optimizer (tlm.memory); --needs memory= raises it.
     """
     given = given_options(options)
-    where, run_key = target(run, given.pop("save_dir", None))
+    where, run_key = Lab.run_target(run, given.pop("save_dir", None))
     follow_ups = parse_then(then)
     place = Placement.of(priority, after, needs, on)
     try:
@@ -193,29 +167,29 @@ def submit_train(run, save_root, wait, queue, priority, after, needs, on, then, 
     from tlm.data import is_text_path  # numpy
     carried = None
     if given.get("dataset") and is_text_path(given["dataset"]):
-        carried = carry_dataset(given["dataset"], Path(resolve_save_dir(where, save_root)))
-    lab = Lab(connect(queue), save_root)
+        carried = carry_dataset(given["dataset"], run_dir(where, save_root))
+    lab = connect(queue, save_root)
     job = announce(lab.train(run_key, given, place, carried))
     for kind, params in follow_ups:
         announce(lab.read(kind, run_key, params, Placement(place.priority, job.id)))
     if wait:
-        raise SystemExit(follow(lab.registry, job.id))
+        raise SystemExit(follow(lab, job.id))
 
 
 def read_command(kind: JobKind) -> click.Command:
     """``tlm submit KIND`` for a kind that reads a run's checkpoint: its options are its params'
     flag fields (``kinds.flag``), so a new kind is its entry in KINDS and its run function."""
     def command(run, save_dir, wait, queue, priority, after, needs, on, **values) -> None:
-        run_key = target(run, save_dir)[1]
+        run_key = Lab.run_target(run, save_dir)[1]
         refuse_empty(values)
         fields = {f.name: f for f in dataclasses.fields(kind.params)}
         values = {k: submitted_path(v) if v is not None and fields[k].metadata.get("path") else v
                   for k, v in values.items()}
-        registry = connect(queue)
-        job = announce(Lab(registry).read(kind.name, run_key, dataclasses.asdict(kind.params(**values)),
-                                          Placement.of(priority, after, needs, on)))
+        lab = connect(queue)
+        job = announce(lab.read(kind.name, run_key, dataclasses.asdict(kind.params(**values)),
+                                Placement.of(priority, after, needs, on)))
         if wait:
-            raise SystemExit(follow(registry, job.id))
+            raise SystemExit(follow(lab, job.id))
     command.__name__ = f"submit_{kind.name}"
     fn = queue_option(queue_errors(command))
     fn = click.option("--wait", is_flag=True, help="follow the job to its end")(fn)
@@ -250,11 +224,12 @@ def describe_needs(needs: dict[str, Any]) -> str:
     return "needs " + ", ".join(parts)
 
 
-def follow(registry: Registry, job_id: str) -> int:
+def follow(lab: Lab, job_id: str) -> int:
     """Print the job's log as it grows until it ends; Ctrl+C cancels (twice: forced).
 
     Exit status: 0 succeeded, 1 failed, 130 cancelled.
     """
+    registry = lab.registry
     def first(_):
         if registry.cancel(job_id):
             echo("\ncancelled before a worker took it")
@@ -348,9 +323,10 @@ def _worker_cell(w: dict, key: str) -> str:
     return str(w.get(key, "-"))
 
 
-def status_table(jobs: list[Job], workers: list[dict], now: float, width: int) -> Table:
+def status_table(jobs: list[Job], workers: list[dict], waiting: dict[str, str], now: float,
+                 width: int) -> Table:
     grid = Table.grid()
-    grid.add_row(jobs_table(jobs, workers, now, width))
+    grid.add_row(jobs_table(jobs, waiting, now, width))
     grid.add_row("")
     grid.add_row(workers_table(workers, now, width))
     return grid
@@ -360,10 +336,10 @@ JOB_COLUMNS = ("id", "kind", "run", "state", "worker", "tries", "age", "progress
 JOB_IMPORTANCE = ("id", "state", "run", "progress", "kind", "tries", "age", "error", "worker")
 
 
-def jobs_table(jobs: list[Job], workers: list[dict], now: float, width: int,
+def jobs_table(jobs: list[Job], waiting: dict[str, str], now: float, width: int,
                title: Optional[str] = "jobs") -> Table:
-    waiting = waiting_reasons(jobs, workers)
-    rows = [(job.id, job.kind, run_label(job.run), job.state, holder(job), _tries(job), _age(job.created, now),
+    """The jobs, one row each; ``waiting``: why a job no live worker can run waits, by id."""
+    rows = [(job.id, job.kind, run_label(job.run), job.state, job.holder, _tries(job), _age(job.created, now),
              _progress(job, waiting.get(job.id)), (job.error or "")[:60]) for job in jobs]
     table = fitted_table(title, JOB_COLUMNS, rows, width, JOB_IMPORTANCE,
                          least={"run": 16, "progress": 16, "error": 12})
@@ -386,16 +362,17 @@ def workers_table(workers: list[dict], now: float, width: int) -> Table:
     return fitted_table("workers", WORKER_COLUMNS, rows, width, WORKER_IMPORTANCE, least={"jobs": 12})
 
 
-def stream_all(registry: Registry, state: Optional[str], as_json: bool) -> None:
+def stream_all(lab: Lab, state: Optional[str], as_json: bool) -> None:
     """`tlm status --all`: the live jobs and the workers at once, then every finished job kept,
     newest first, a page at a time as it is read (the first page costs what one page costs,
     however long the history)."""
+    registry = lab.registry
     workers, now = registry.workers(), registry.now()
     live = sorted(registry.in_states(LIVE if state is None else [state]), key=lambda j: j.created) \
         if state in (None, *LIVE) else []
     pages = registry.finished_pages(state) if state not in LIVE else iter(())
+    waiting = lab.waiting(live, workers)
     if as_json:
-        waiting = waiting_reasons(live, workers)
         click.echo('{"jobs": [', nl=False)
         first = True
         for jobs in itertools.chain([live], pages):
@@ -406,9 +383,9 @@ def stream_all(registry: Registry, state: Optional[str], as_json: bool) -> None:
         click.echo(f'], "workers": {json.dumps(workers)}}}')
         return
     console = table_console()
-    console.print(status_table(live, workers, now, console.width))
-    for n, jobs in enumerate(pages):
-        console.print(jobs_table(jobs, workers, now, console.width, "finished, newest first" if n == 0 else None))
+    console.print(status_table(live, workers, waiting, now, console.width))
+    for n, jobs in enumerate(pages):  # finished: none waits
+        console.print(jobs_table(jobs, {}, now, console.width, "finished, newest first" if n == 0 else None))
 
 
 @click.command()
@@ -425,30 +402,31 @@ def stream_all(registry: Registry, state: Optional[str], as_json: bool) -> None:
 @queue_errors
 def status(job_id, as_json, watch, limit, show_all, state, run, save_dir, queue) -> None:
     """List live jobs, the latest finished ones and the workers; or show one job in full."""
-    registry = connect(queue)
+    lab = connect(queue)
+    registry = lab.registry
     if job_id:
         job = registry.get(job_id)
-        why = waiting_reasons([job], registry.workers()).get(job.id)
+        why = lab.waiting([job]).get(job.id)
         if as_json:
             click.echo(json.dumps({**job.to_record(), **({"waiting": why} if why else {})}, sort_keys=True))
             return
-        for line in job_lines(job, why, registry.now()) + chain_lines(registry, job):
+        for line in job_lines(job, why, registry.now()) + chain_lines(lab, job):
             click.echo(line)
         return
-    run_key = target(run, save_dir)[1] if run or save_dir else None
+    run_key = Lab.run_target(run, save_dir)[1] if run or save_dir else None
     if show_all and not watch and run_key is None:
-        stream_all(registry, state, as_json)
+        stream_all(lab, state, as_json)
         return
 
-    def listing() -> tuple[list[Job], list[dict], float]:
+    def listing() -> tuple[list[Job], list[dict], dict[str, str], float]:
         jobs = registry.jobs(None if show_all else limit, state=state, run=run_key)
         for bad in registry.skipped.values():
             echo(f"skipped {bad}")
         registry.skipped.clear()
-        return jobs, registry.workers(), registry.now()
+        workers = registry.workers()
+        return jobs, workers, lab.waiting(jobs, workers), registry.now()
     if as_json:
-        jobs, workers, _ = listing()
-        waiting = waiting_reasons(jobs, workers)
+        jobs, workers, waiting, _ = listing()
         click.echo(json.dumps({"jobs": [{**j.to_record(), **({"waiting": waiting[j.id]} if j.id in waiting
                                                               else {})} for j in jobs],
                                "workers": workers}))
@@ -460,9 +438,9 @@ def status(job_id, as_json, watch, limit, show_all, state, run, save_dir, queue)
     watch_table(console, registry.changes, lambda: status_table(*listing(), console.width), lambda: False)
 
 
-def chain_lines(registry: Registry, job: Job) -> list[str]:
+def chain_lines(lab: Lab, job: Job) -> list[str]:
     """What a job waits (or waited) for and what waits on it, one line each."""
-    lines = []
+    lines, registry = [], lab.registry
     for parent in registry.find([job.after] if job.after else []):
         waits = "waits for" if job.state == "waiting" else "waited for"
         lines.append(f"{waits}: {parent.kind} job {parent.id} ({parent.state})")
@@ -482,7 +460,7 @@ def job_lines(job: Job, waiting: Optional[str], now: float) -> list[str]:
         tries += f", {job.interruptions} interruption(s) (a worker stopped or paused: not counted)"
     result = job.result or {}
     fields = [("state", job.state + (f" ({waiting})" if waiting else "")),
-              ("worker", holder(job) if job.state in ("running", "cancelling") or job.members else None),
+              ("worker", job.holder if job.state in ("running", "cancelling") or job.members else None),
               ("tries", tries if job.attempts or job.interruptions else None),
               ("priority", next((k for k, v in PRIORITIES.items() if v == job.priority), str(job.priority))),
               ("needs", describe_needs(job.needs).removeprefix("needs ") if job.needs else None),
@@ -522,7 +500,7 @@ def _short(value: Any) -> str:
 @queue_errors
 def logs(job_id, follow, queue) -> None:
     """Print a job's log lines, from whichever worker runs it."""
-    registry = connect(queue)
+    registry = connect(queue).registry
     job_id = registry.get(job_id).id
     cursor = None
     with registry.changes() as wait:
@@ -543,12 +521,12 @@ def logs(job_id, follow, queue) -> None:
 @queue_errors
 def cancel(job_id, force, queue) -> None:
     """Cancel a job: it finishes its step, saves, and can be resumed by submitting again."""
-    registry = connect(queue)
-    job = registry.get(job_id)
-    waiting = [f.id for f in registry.find(job.followers) if f.state == "waiting"]
+    lab = connect(queue)
+    job = lab.registry.get(job_id)
+    waiting = [f.id for f in lab.registry.find(job.followers) if f.state == "waiting"]
     step = job.progress.get("step")
     final = job.spec.trainer and not job.spec.driven and step and step >= job.progress.get("total", 0)
-    job, ended = Lab(registry).cancel(job.id, force)
+    job, ended = lab.cancel(job.id, force)
     if ended:
         echo(f"job {job.id} removed from the queue")
     elif force:
@@ -574,7 +552,7 @@ def cancel(job_id, force, queue) -> None:
 def prune(older_than, keep_runs, queue) -> None:
     """Delete finished jobs and their logs now, and what `tlm runs` kept of the runs no job is
     left of (checkpoints and metrics files are untouched)."""
-    n = connect(queue).prune(older_than, keep_runs)
+    n = connect(queue).registry.prune(older_than, keep_runs)
     echo(f"deleted {n} finished job(s)" + ("" if keep_runs or not n else
                                          "; runs with no job left are listed from their folders only "
                                          "(tlm runs --save_root; --keep_runs keeps them)"))
@@ -598,7 +576,7 @@ def runs(as_json, as_csv, dataset, sort_by, save_root, limit, show_all, queue) -
     """The runs the registry knows and the runs under the save root, best first: shape, key
     flags, best validation loss and its step, test loss, steps, minutes, tokens/s, state."""
     everything = show_all or as_json or as_csv or dataset is not None or sort_by != "best_valid"
-    rows, more = runs_table(connect(queue), save_root, limit=None if everything else limit)
+    rows, more = connect(queue, save_root).runs(limit=None if everything else limit)
     rows = [r for r in rows if dataset in (None, r["dataset"])]
     numeric = sort_by not in ("run", "dataset", "optimizer", "state")
     rows.sort(key=lambda r: (r[sort_by] is None, r[sort_by] if r[sort_by] is not None else 0)

@@ -15,7 +15,7 @@ from tlm.interrupts import StopOnSignal
 from tlm.lease import LeaseLost, RunHeld
 from tlm_cli.options import find_checkpoint, given_options, run_options, train_options
 from tlm_cli.render import ConsoleHooks, ProgressDisplay
-from tlm_worker.targets import data_folder
+from tlm_worker.lab import data_folder
 
 
 class LazyGroup(click.Group):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import socket
 import typing
 from pathlib import Path
@@ -13,9 +14,17 @@ from typing import Any, Callable, Optional
 import click
 
 from tlm.config import ConfigError, TrainConfig, apply_preset, default_save_dir, flag_types
-from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError
-from tlm_worker.registry import Registry
-from tlm_worker.targets import resolve_save_dir
+from tlm_worker.lab import Lab, LabError, answering, run_dir
+
+
+class FiniteRange(click.FloatRange):
+    """A float range that also refuses nan and inf (which compare false with any bound)."""
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def train_options(fn: Callable) -> Callable:
@@ -98,7 +107,7 @@ def run_directory(given: str, save_root: Optional[str], what: str = "RUN") -> st
     if Path(given).expanduser().is_dir():
         return str(Path(given).expanduser())
     if "/" not in given and not given.startswith("."):
-        named = Path(resolve_save_dir({"run": given}, save_root))
+        named = run_dir({"run": given}, save_root)
         roots = [named.parent] + [r for r in workers_save_roots() if r != named.parent]
         for root in roots:
             if (root / given).is_dir():
@@ -113,10 +122,9 @@ def workers_save_roots() -> list[Path]:
     with its own --save_root trained is found by name here too; none if the queue (TLM_QUEUE,
     or the default one) does not answer at once."""
     try:
-        queue = Queue(None, patient=False)
-        queue.ping()
-        workers = Registry(queue).workers()
-    except (QueueError, *QUEUE_ERRORS):
+        with answering():
+            workers = Lab.connect(None, patient=False).registry.workers()
+    except LabError:
         return []
     here = socket.gethostname()
     return sorted({Path(w["save_root"]) for w in workers

@@ -12,12 +12,10 @@ from pathlib import Path
 import click
 
 from tlm.config import ConfigError
-from tlm_cli.jobs import connect, queue_errors, queue_option, target
-from tlm_cli.options import find_checkpoint, run_directory, save_root_option
-from tlm_worker.kinds import SAMPLE, SampleParams
+from tlm_cli.jobs import connect, queue_errors, queue_option
+from tlm_cli.options import FiniteRange, find_checkpoint, run_directory, save_root_option
+from tlm_worker.kinds import FINAL, SAMPLE, SUCCEEDED, SampleParams
 from tlm_worker.lab import Lab
-from tlm_worker.options import FiniteRange
-from tlm_worker.registry import FINAL, SUCCEEDED
 
 
 def echo(message: str) -> None:
@@ -63,7 +61,7 @@ def sample(run, save_dir, identifier, prompt, max_tokens, num_samples, temperatu
                        stop=list(stop), stop_at_eos=stop_at_eos, allow_unk=allow_unk)
     if "" in stop:
         raise click.UsageError("--stop is empty: it would stop before the first token")
-    where, run_key = target(run, save_dir)
+    where, run_key = Lab.run_target(run, save_dir)
     if not (local or interactive):
         _queued(queue, run_key, identifier, prompt, cfg, num_samples)
         return
@@ -111,9 +109,10 @@ def _warn_unknown(tokenizer, text: str) -> None:
 
 
 def _queued(queue, run_key, identifier, prompt, cfg, num_samples) -> None:
-    registry = connect(queue)
+    lab = connect(queue)
+    registry = lab.registry
     params = SampleParams(prompt, dataclasses.asdict(cfg), identifier, num_samples)
-    job = Lab(registry).read(SAMPLE, run_key, dataclasses.asdict(params))
+    job = lab.read(SAMPLE, run_key, dataclasses.asdict(params))
     echo(f"queued sample job {job.id}; waiting for a worker (Ctrl+C to cancel)")
     try:
         if not any(not w.get("stopping") for w in registry.workers()):

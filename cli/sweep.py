@@ -13,13 +13,9 @@ from typing import Any, Optional
 import click
 from rich.table import Table
 
-from tlm.config import flag_types, flag_value
 from tlm_cli.jobs import connect, duration, echo, queue_errors, queue_option
-from tlm_cli.options import given_options
 from tlm_cli.render import fitted_table, table_console, watch_table
-from tlm_worker import sweeps
 from tlm_worker.kinds import FINAL, misfit
-from tlm_worker.lab import Lab
 
 SPEC_KEYS = ("name", "preset", "search", "trials", "parallel", "metric", "budget", "prune", "sampler",
              "seed", "priority", "flags")
@@ -86,14 +82,12 @@ def submit(spec_file, name, preset, search, flags, trials, parallel, metric, bud
     given.update({k: v for k, v in options.items() if v is not None})
     given["search"] = list(given.get("search", [])) + list(search)
     fixed = {**given.pop("flags", {}), **dict(_pair(f) for f in flags)}
-    try:
-        spec = build_spec(given, fixed)
-    except sweeps.SpecError as e:
-        raise click.UsageError(str(e)) from None
-    job = Lab(connect(queue)).submit_sweep(spec)
+    job = connect(queue).submit_sweep(given, fixed)
+    spec = job.params
     click.echo(job.id)
-    echo(f"queued sweep {spec.name} ({job.id}): {spec.trials} trials, {spec.parallel} at a time, "
-         f"{spec.sampler} sampler, {spec.prune.replace('none', 'no')} pruning; `tlm sweep status {spec.name}` to watch")
+    echo(f"queued sweep {spec['name']} ({job.id}): {spec['trials']} trials, {spec['parallel']} at a time, "
+         f"{spec['sampler']} sampler, {spec['prune'].replace('none', 'no')} pruning; "
+         f"`tlm sweep status {spec['name']}` to watch")
 
 
 def _pair(item: str) -> tuple[str, str]:
@@ -101,33 +95,6 @@ def _pair(item: str) -> tuple[str, str]:
     if not eq:
         raise click.UsageError(f"--flag {item!r}: give FLAG=VALUE")
     return key.strip().lstrip("-").replace("-", "_"), value
-
-
-def build_spec(given: dict[str, Any], fixed: dict[str, Any]):
-    """A checked SweepSpec from the options (or a file's keys) and fixed flags."""
-    if not given.get("name"):
-        raise sweeps.SpecError("give the sweep a --name")
-    types = flag_types()
-    base: dict[str, Any] = {}
-    for key, value in fixed.items():
-        if key not in types or key in sweeps.LOCATION_FLAGS:
-            raise sweeps.SpecError(f"--flag {key}: not a training flag a sweep can set")
-        try:
-            base[key] = flag_value(value, types[key])
-        except ValueError:
-            raise sweeps.SpecError(f"--flag {key}={value}: expected {types[key].__name__}") from None
-    if given.get("preset"):
-        try:
-            base = given_options({"preset": given["preset"], **base})
-        except click.UsageError as e:
-            raise sweeps.SpecError(e.message) from None
-        base.pop("preset", None)
-    search = dict(sweeps.parse_search(item, types) for item in given.get("search", []))
-    spec = sweeps.SweepSpec(name=given["name"], search=search, base=base,
-                            **{k: given[k] for k in ("trials", "parallel", "metric", "budget", "prune",
-                                                     "sampler", "seed", "priority") if k in given})
-    spec.budget = str(spec.budget)
-    return sweeps.check(spec)
 
 
 def _fmt(value: Any, spec: str = ".3g") -> str:
@@ -165,10 +132,10 @@ def leaderboard_table(sweep_job, rows: list[dict[str, Any]], width: int) -> Tabl
 def status(name, as_json, as_csv, watch, queue) -> None:
     """The leaderboard: rank, trial, searched flags, best metric (step, minute), steps, state."""
 
-    registry = connect(queue)
-    job = Lab(registry).sweep(name)
+    lab = connect(queue)
+    job = lab.sweep(name)
     if as_json:
-        click.echo(json.dumps({"sweep": job.to_record(), "trials": sweeps.leaderboard(registry, job)}))
+        click.echo(json.dumps({"sweep": job.to_record(), "trials": lab.trials(job)}))
         return
     if as_csv:
         out = io.StringIO()
@@ -176,21 +143,21 @@ def status(name, as_json, as_csv, watch, queue) -> None:
         writer = csv.writer(out)
         writer.writerow(["rank", "trial", *names, "best", "best_step", "best_minute", "steps",
                          "worker_time", "state"])
-        for r in sweeps.leaderboard(registry, job):
+        for r in lab.trials(job):
             writer.writerow([r["rank"], r["trial"], *(r["params"].get(n) for n in names), r["best"],
                              r["best_step"], r["best_minute"], r["steps"], r["worker_time"], r["state"]])
         click.echo(out.getvalue(), nl=False)
         return
     console = table_console()
     if not watch:
-        console.print(leaderboard_table(job, sweeps.leaderboard(registry, job), console.width))
+        console.print(leaderboard_table(job, lab.trials(job), console.width))
         return
 
     def board() -> Table:
         nonlocal job
-        job = registry.get(job.id)
-        return leaderboard_table(job, sweeps.leaderboard(registry, job), console.width)
-    watch_table(console, registry.changes, board, lambda: job.state in FINAL)
+        job = lab.registry.get(job.id)
+        return leaderboard_table(job, lab.trials(job), console.width)
+    watch_table(console, lab.registry.changes, board, lambda: job.state in FINAL)
 
 
 @sweep.command("best")
@@ -201,8 +168,7 @@ def status(name, as_json, as_csv, watch, queue) -> None:
 @queue_errors
 def best(name, preset_out, queue) -> None:
     """Print the winning flags as a ready `tlm submit train` command."""
-    registry = connect(queue)
-    lab = Lab(registry)
+    lab = connect(queue)
     row, flags = lab.best(lab.sweep(name))
     echo(f"best: trial {row['trial']} ({row['run']}), valid_loss {row['best']:.4f} at step "
          f"{row['best_step']}")
@@ -225,8 +191,7 @@ def submit_command(flags: dict[str, Any], run: Optional[str] = None) -> str:
 @queue_errors
 def cancel(name, queue) -> None:
     """Stop the sweep: every running trial saves and ends cancelled; no new trial starts."""
-    registry = connect(queue)
-    lab = Lab(registry)
+    lab = connect(queue)
     lab.cancel_sweep(lab.sweep(name))
     echo(f"sweep {name}: no new trials; running ones finish their step, save and end cancelled")
 
@@ -238,7 +203,6 @@ def cancel(name, queue) -> None:
 @queue_errors
 def add(name, more, queue) -> None:
     """Add MORE trials to a sweep that still runs."""
-    registry = connect(queue)
-    lab = Lab(registry)
+    lab = connect(queue)
     trials = lab.add_trials(lab.sweep(name), more)
     echo(f"sweep {name}: {trials} trials in all")

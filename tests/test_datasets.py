@@ -18,7 +18,7 @@ import pytest
 
 import tlm  # noqa: F401
 from tlm import data
-from tlm.data import DATASETS, DataError, Remote, fetch, load_dataset
+from tlm.data import SOURCES, DataError, Remote, fetch, load_dataset
 
 
 class Server:
@@ -147,9 +147,9 @@ def test_wikitext_from_a_mirror_url_in_the_release_format(server, tmp_path, monk
     archive = zipped({f"wikitext-2/wiki.{s}.tokens": (WIKI * 20 + " unseen words here \n" * (s != "train")).encode()
                       for s in ("train", "valid", "test")})
     server.files["wikitext-2-v1.zip"] = archive
-    spec = DATASETS["wikitext2"]
+    spec = SOURCES["wikitext2"]
     remote = replace(spec.files[0], sha256=hashlib.sha256(archive).hexdigest(), urls=())
-    monkeypatch.setitem(DATASETS, "wikitext2", replace(spec, files=(remote,)))
+    monkeypatch.setitem(SOURCES, "wikitext2", replace(spec, files=(remote,)))
     # The mirror is a URL base laid out like ../shared/data: <base>/wikitext/<file>.
     server.files["wikitext/wikitext-2-v1.zip"] = archive
     d = load_dataset("wikitext2", tmp_path, mirror=f"{server.url}/ok")
@@ -165,10 +165,10 @@ def test_enwik8_is_byte_level_with_the_standard_proportions(tmp_path, monkeypatc
     mirror = tmp_path / "mirror" / "enwik8"
     mirror.mkdir(parents=True)
     (mirror / "enwik8.zip").write_bytes(zipped({"enwik8": body}))
-    spec = DATASETS["enwik8"]
+    spec = SOURCES["enwik8"]
     remote = replace(spec.files[0], sha256=hashlib.sha256((mirror / "enwik8.zip").read_bytes()).hexdigest(),
                      urls=())
-    monkeypatch.setitem(DATASETS, "enwik8", replace(spec, files=(remote,)))
+    monkeypatch.setitem(SOURCES, "enwik8", replace(spec, files=(remote,)))
     d = load_dataset("enwik8", tmp_path / "data", mirror=str(tmp_path / "mirror"))
     assert d.vocab_size == 256 and d.bits_per_char
     assert (len(d.train), len(d.valid), len(d.test)) == (9216, 512, 512)
@@ -248,3 +248,11 @@ def test_training_on_your_own_text_end_to_end(tmp_path):
     out = subprocess.run(tlm_cmd("sample", "--local", "--save_dir", str(run), "--prompt", "Once upon",
                                  "--max_tokens", "5"), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_every_built_in_dataset_has_its_sources_and_only_those():
+    """One list of datasets (tlm.config.DATASETS: names, tokenizers, vocabularies); tlm.data
+    adds each one's files, and no other."""
+    from tlm.config import DATASETS
+
+    assert set(SOURCES) == set(DATASETS)

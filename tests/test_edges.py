@@ -4,8 +4,6 @@ a Redis that refuses writes, planted records. Real workers, queues, files and re
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -13,7 +11,7 @@ import redis
 
 from tlm import checkpoint
 
-from queue_helpers import TINY, RedisServer, Workers, registry, submit, tlm, until, wait_for
+from queue_helpers import TINY, RedisServer, Workers, registry, submit, tlm, wait_for
 
 REDIS_DB = 4
 SHAKES = [*TINY, "--dataset", "shakespeare"]
@@ -143,13 +141,14 @@ def test_a_runs_page_after_prune_reads_its_curves_checkpoints_and_configuration_
         url, workers, tmp_path, mirror):
     """Item 5: `tlm prune` forgets the jobs; the run page shows what the run's folder holds."""
     from tlm_cli.dashboard import Api
+    from tlm_worker.lab import Lab
     root = tmp_path / "root"
     workers.start("--save_root", str(root))
     job = submit(url, "train", "--run", "kept", *SHAKES, "--num_iters", "20", "--steps_per_eval", "10")
     wait_for(url, job, ["succeeded"], timeout=180)
-    before = Api(registry(url), str(root)).run("run:kept")
+    before = Api(Lab(registry(url), str(root))).run("run:kept")
     assert tlm("prune", "--older_than", "0", "--queue", url).returncode == 0
-    after = Api(registry(url), str(root)).run("run:kept")
+    after = Api(Lab(registry(url), str(root))).run("run:kept")
     assert after["jobs"] == [] and after["config"]["dim"] == 32
     assert {(p["kind"], p["step"]) for p in after["points"]} == {(p["kind"], p["step"]) for p in before["points"]}
     assert [c["identifier"] for c in after["checkpoints"]] == [c.identifier for c in checkpoint.list_checkpoints(

@@ -20,7 +20,19 @@ from typing import Any, Optional
 import platformdirs
 
 RAMDISK = Path("/Volumes/RAMDisk")
-DATASETS = ("ptb", "shakespeare", "wikitext2", "wikitext103", "enwik8")
+
+
+@dataclass(frozen=True)
+class BuiltIn:
+    """A built-in dataset as flags and the memory estimate know it (its files and how they
+    become splits: ``tlm.data.SOURCES``, which needs numpy)."""
+    tokenizer: str  # its own: word, char or byte
+    vocab: int  # that tokenizer's vocabulary on it
+
+
+DATASETS: dict[str, BuiltIn] = {  # the one list of built-in datasets
+    "ptb": BuiltIn("word", 10_000), "shakespeare": BuiltIn("char", 65), "wikitext2": BuiltIn("word", 33_278),
+    "wikitext103": BuiltIn("word", 267_735), "enwik8": BuiltIn("byte", 205)}
 MORE = re.compile(r"[1-9]\d*|\d+(\.\d+)?m")  # --more: steps, or minutes
 RUN_INPUTS = "inputs"  # where `tlm submit` copies a run's own text, inside its directory
 RUN_DATA = "datasets"  # where a run's data is prepared, inside its directory (unless its opener says)
@@ -126,8 +138,10 @@ def default_save_dir() -> str:
     return str(Path(platformdirs.user_data_dir("tlm")) / "transformer-lm")
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
+def _opt(default: Any, help: str, invocation: bool = False) -> Any:
+    """A flag: its default and help; ``invocation``: it says how this one invocation trains
+    (where, from which checkpoint, how much more), not what the run is."""
+    return field(default=default, metadata={"help": help, "invocation": invocation})
 
 
 @dataclass
@@ -138,9 +152,11 @@ class TrainConfig:
     tokenizer: Optional[str] = _opt(None, "word, char, byte or bpe (default: the dataset's own; "
                                           "char for your text)")
     save_dir: str = _opt("", "checkpoint and data directory (default: /Volumes/RAMDisk/"
-                             "transformer-lm if that disk exists, else the per-user data dir)")
+                             "transformer-lm if that disk exists, else the per-user data dir)",
+                         invocation=True)
     data_mirror: Optional[str] = _opt(None, "directory or URL laid out like the dataset "
-                                            "sources, tried first (env TLM_DATA_MIRROR)")
+                                            "sources, tried first (env TLM_DATA_MIRROR)",
+                                      invocation=True)
     seed: int = _opt(42, "RNG seed for initialisation, batches and dropout")
     context_size: int = _opt(48, "context window size in tokens")
     num_blocks: int = _opt(4, "number of Transformer blocks")
@@ -176,9 +192,11 @@ class TrainConfig:
     eval_stride: int = _opt(0, "start evaluation windows every N tokens, scoring only new targets "
                                "(0: the context, non-overlapping; less: every target sees more context)")
     more: str = _opt("", "resume and train this much beyond the checkpoint: minutes (2m) or steps "
-                         "(500); sets --time_budget or --num_iters from where the run stands")
-    identifier: Optional[str] = _opt(None, "checkpoint identifier (SHA1 or unique prefix) to load")
-    new_model: bool = _opt(False, "start from scratch, ignoring existing checkpoints")
+                         "(500); sets --time_budget or --num_iters from where the run stands",
+                     invocation=True)
+    identifier: Optional[str] = _opt(None, "checkpoint identifier (SHA1 or unique prefix) to load",
+                                     invocation=True)
+    new_model: bool = _opt(False, "start from scratch, ignoring existing checkpoints", invocation=True)
     gpu: bool = _opt(False, "use MLX's GPU (Metal on macOS, CUDA on Linux)")
     nodes: int = _opt(1, "data-parallel ranks on MLX's distributed engine: `tlm train` starts "
                          "them on this machine, `tlm submit train` on N workers")
@@ -277,6 +295,12 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
         return cls(**data)
+
+
+def invocation_flags() -> frozenset[str]:
+    """The flags that say how one invocation trains, not what the run is: a run's recorded
+    configuration leaves them out, and a sweep's trials never set them."""
+    return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["invocation"])
 
 
 def flag_types() -> dict[str, type]:

@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from tlm.config import DATASETS
 from tlm.files import file_digest, replace, with_retries
 from tlm.vocab import KINDS, BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
 
@@ -68,10 +69,10 @@ def _wikitext(n: str, sha: str) -> Remote:
 
 @dataclass(frozen=True)
 class Spec:
-    """A named dataset: its files, how they become split texts, its natural tokenizer."""
+    """A built-in dataset's sources: its files and how they become split texts (its tokenizer
+    and vocabulary: ``tlm.config.DATASETS``)."""
 
     files: tuple[Remote, ...]
-    tokenizer: str
     read: Callable[[Path], dict[str, bytes]]
 
 
@@ -103,23 +104,23 @@ def _read_enwik8(root: Path) -> dict[str, bytes]:
     return {"train": data[:a], "valid": data[a:b], "test": data[b:]}
 
 
-DATASETS: dict[str, Spec] = {
+SOURCES: dict[str, Spec] = {  # each of tlm.config.DATASETS
     "ptb": Spec((
         _ptb("train", "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf"),
         _ptb("valid", "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2"),
         _ptb("test", "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0")),
-        "word", _read_files({s: f"ptb.{s}.txt" for s in SPLITS})),
+        _read_files({s: f"ptb.{s}.txt" for s in SPLITS})),
     "shakespeare": Spec((Remote(
         "input.txt", "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
         ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",),
-        "tinyshakespeare/input.txt"),), "char", _read_shakespeare),
+        "tinyshakespeare/input.txt"),), _read_shakespeare),
     "wikitext2": Spec((_wikitext("2", "92675f1d63015c1c8b51f1656a52d5bdbc33aafa60cc47a218a66e7ee817488c"),),
-                      "word", _read_zip("wikitext-2/wiki.{split}.tokens")),
+                      _read_zip("wikitext-2/wiki.{split}.tokens")),
     "wikitext103": Spec((_wikitext("103", "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590"),),
-                        "word", _read_zip("wikitext-103/wiki.{split}.tokens")),
+                        _read_zip("wikitext-103/wiki.{split}.tokens")),
     "enwik8": Spec((Remote("enwik8.zip", "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc",
                            ("http://mattmahoney.net/dc/enwik8.zip",), "enwik8/enwik8.zip"),),
-                   "byte", _read_enwik8),
+                   _read_enwik8),
 }
 
 
@@ -504,7 +505,7 @@ def _prepare(name: str, cache: Path, mirror: Optional[str], log: Log, kind: str 
     if is_text_path(name):
         raw = _read_own_text(Path(name).expanduser(), log)
     else:
-        spec = DATASETS[name]
+        spec = SOURCES[name]
         for remote in spec.files:
             dest = root / remote.name
             if not dest.exists() or sha256_of(dest) != remote.sha256:

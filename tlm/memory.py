@@ -24,12 +24,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tlm.config import TrainConfig
+from tlm.config import DATASETS, TrainConfig
 
-# Vocabulary of each built-in dataset's own tokenizer (own text: char, at most a few hundred).
-VOCAB = {"ptb": 10_000, "shakespeare": 65, "wikitext2": 33_278, "wikitext103": 267_735,
-         "enwik8": 205}
-OWN_TEXT_VOCAB = 256
+OWN_TEXT_VOCAB = 256  # own text: char, at most a few hundred
 EVAL_TOKENS = 8192  # tokens per evaluation batch (tlm.train.EVAL_TOKENS)
 ACT_D, ACT_F, ACT_ATT, ACT_LOGITS, EVAL_LOGITS = 14, 4, 3, 7.5, 6.5
 CKPT_BLOCKS = 0.75  # of --num_blocks, with --checkpoint
@@ -47,7 +44,7 @@ def estimate(config: dict[str, Any], vocab: int | None = None) -> int:
     """Bytes a training job's process will peak at, from its flags (TrainConfig's fields)."""
     c = TrainConfig(**{k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__
                        and k != "save_dir"})
-    v = vocab or VOCAB.get(c.dataset, OWN_TEXT_VOCAB)
+    v = vocab or (DATASETS[c.dataset].vocab if c.dataset in DATASETS else OWN_TEXT_VOCAB)
     d, n, h, t = c.dim, c.num_blocks, c.num_heads, c.context_size
     b = c.batch_size // max(c.nodes, 1)  # each rank holds its share of the batch
     f = -(-8 * d // 3 // 64) * 64
@@ -57,3 +54,10 @@ def estimate(config: dict[str, Any], vocab: int | None = None) -> int:
     activations = per_block * (max(1.0, CKPT_BLOCKS * n) if c.checkpoint else n) + b * t * v * ACT_LOGITS
     evaluation = EVAL_TOKENS * v * EVAL_LOGITS
     return int(BASE + 8 * p + optimizer + 4 * max(activations, evaluation))
+
+
+def size_text(n: float) -> str:
+    """Bytes as a reader wants them: 512 MiB, 2.1 GiB, 1.5 TiB."""
+    if n >= 2**40:
+        return f"{n / 2**40:,.1f} TiB"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"

@@ -31,7 +31,7 @@ from tlm.files import SETUP, transient, with_retries
 from tlm.interrupts import StopOnSignal
 from tlm.lease import DEFAULT_TTL as RUN_LEASE_TTL, LeaseLost as RunLeaseLost, RunHeld
 from tlm.ranks import rank_env
-from tlm_worker.kinds import EvalParams, ExportParams, SampleParams, params_of, resolve
+from tlm_worker.kinds import EvalParams, ExportParams, SampleParams, TrainParams, params_of, resolve
 from tlm_worker.queue import QUEUE_ERRORS, Queue
 from tlm_worker.registry import ACTIVE, FAILED, SUCCEEDED, Job, JobNotFound, LeaseLost, Registry
 from tlm_worker.sweeps import trial_hooks
@@ -179,7 +179,7 @@ def run_job(url: str, job_id: str, fence: int, save_root: Optional[str], gpu: bo
         from tlm.device import select_device  # MLX
 
         select_device(gpu)
-        params = {k: v for k, v in job.params.items() if k not in ("run", "save_dir", "dataset_sha1")}
+        params = TrainParams.flags(job.params)  # a reading kind's own params pass as they are
         save_dir = resolve_save_dir(job.params, save_root)
         if job.spec.trainer and not rank:
             check_one_trainer(registry, job, save_dir, save_root)

@@ -138,6 +138,30 @@ def flag(default: Any = dataclasses.MISSING, help: str = "", **cli: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class TrainParams:
+    """A training job: these fields beside the TrainConfig flags given, flat in the record
+    (checked by ``lab.training_job`` as `tlm train` checks them; a resume keeps the run's own
+    for any flag not given). `tlm submit train`'s options are TrainConfig's."""
+    run: Optional[str] = None  # where its run is: a name under each worker's --save_root,
+    save_dir: Optional[str] = None  # or a directory (one of the two)
+    dataset_sha1: Optional[str] = None  # the digest of a --dataset copied into the run by `tlm submit`
+
+    @staticmethod
+    def flags(params: dict[str, Any]) -> dict[str, Any]:
+        """The training flags of a record's params: the rest once these fields are left out."""
+        return {k: v for k, v in params.items() if k not in _TRAIN_OWN}
+
+    @staticmethod
+    def again(params: dict[str, Any]) -> dict[str, Any]:
+        """What submits the same training again, once the run's place is given anew."""
+        return {k: v for k, v in params.items() if k not in LOCATION}
+
+
+_TRAIN_OWN = frozenset(f.name for f in dataclasses.fields(TrainParams))
+LOCATION = ("run", "save_dir")  # a job's run, as ``targets.run_target`` writes it into params
+
+
+@dataclass(frozen=True)
 class EvalParams:
     """Loss and perplexity of a checkpoint on a split."""
     identifier: Optional[str] = flag(None, "checkpoint SHA1 or prefix (default: latest)")
@@ -217,7 +241,7 @@ class JobKind:
 
 
 KINDS: dict[str, JobKind] = {k.name: k for k in (
-    JobKind(TRAIN, TRAINING, "tlm_worker.jobs:run_train", trainer=True,
+    JobKind(TRAIN, TRAINING, "tlm_worker.jobs:run_train", trainer=True, params=TrainParams,
             nodes=lambda params: int(params.get("nodes", 1)),
             result={"step": int, "val_loss": OPTIONAL_NUMBER, "test_loss": OPTIONAL_NUMBER}),
     JobKind(EVAL, INTERACTIVE, "tlm_worker.jobs:run_eval", params=EvalParams, then="eval[:SPLIT]",
@@ -287,6 +311,13 @@ class Job:
         """An earlier attempt ran and may have saved (published or not, as a crash or an
         outage can cut it short): a resume finishes that work rather than refusing it."""
         return bool(self.checkpoint) or self.attempts > 1 or self.interruptions > 0
+
+    @property
+    def holder(self) -> str:
+        """Who runs it: its worker, a gang's members (rank 0 first), or how far a gang has gathered."""
+        if self.nodes > 1 and self.state in CLAIMABLE:
+            return f"gathering {len(self.members)}/{self.nodes}"
+        return ", ".join(m["worker"] for m in self.members) if self.members else self.worker or "-"
 
     @property
     def run_name(self) -> str:

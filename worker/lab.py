@@ -1,7 +1,9 @@
 """The lab's one application service: what the `tlm` commands and the dashboard ask of the lab.
 
-Both front ends are thin: they turn a request into a call here and a ``LabError`` into a
-one-line error or an HTTP status (its ``status``). So the same request gets the same checks
+Both front ends are thin: they import this module (and the kinds table, to display jobs)
+and nothing else of the worker's. They turn a request into a call here, and a ``LabError``
+(``answering`` makes one of a missing job or a queue that does not answer) into a one-line
+error or an HTTP status (its ``status``). So the same request gets the same checks
 and the same answer from either: a training job's flags are checked as `tlm train` checks
 them, a run this machine sees is opened (flags that contradict its checkpoint, a spent
 budget), a job's memory need is estimated from the configuration it will really train (the
@@ -10,18 +12,26 @@ run's own on a resume), and a second trainer of a run is refused in one line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
+
+import redis
 
 from tlm.config import ConfigError, TrainConfig
 from tlm.memory import estimate
-from tlm_worker import sweeps
-from tlm_worker.kinds import FINAL, PRIORITIES, RUNNING, TRAIN, BadRecord, Job
-from tlm_worker.placement import parse_needs
+from tlm_worker import runs, sweeps
+from tlm_worker.kinds import FINAL, PRIORITIES, RUNNING, TRAIN, BadRecord, Job, TrainParams
+from tlm_worker.placement import parse_needs, waiting_reasons
+from tlm_worker.queue import QUEUE_ERRORS, Queue, QueueError, outage, queue_url, redact
 from tlm_worker.registry import JobNotFound, Registry, RunBusy
-from tlm_worker.targets import TargetError, resolve_save_dir, target_of
+from tlm_worker.targets import TargetError, data_folder, resolve_save_dir, run_target, target_of
+
+RUN_COLUMNS = runs.COLUMNS  # the runs table's columns, in the order front ends show them
+__all__ = ["Conflict", "Invalid", "Lab", "LabError", "Missing", "Placement", "RUN_COLUMNS", "Unreachable",
+           "answering", "data_folder", "run_dir", "training_job"]
 
 
 class LabError(Exception):
@@ -40,6 +50,34 @@ class Conflict(LabError):
 
 class Missing(LabError):
     status = 404
+
+
+class Unreachable(LabError):
+    """The queue does not answer (down, or its SQLite file kept busy) or refuses what tlm asks."""
+    status = 503
+
+
+@contextlib.contextmanager
+def answering(url: Optional[str] = None) -> Iterator[None]:
+    """A front end's calls, with every failure it may meet as a one-line LabError: a job id
+    that names no job, a queue that does not answer or that refuses tlm's commands."""
+    where = redact(queue_url(url))
+    try:
+        yield
+    except JobNotFound as e:
+        raise Missing(str(e)) from None
+    except QueueError as e:
+        raise Unreachable(str(e)) from None
+    except QUEUE_ERRORS as e:
+        raise Unreachable(f"cannot reach the queue at {where}: {outage(e)}") from None
+    except redis.exceptions.ResponseError as e:  # an ACL user without the rights tlm needs
+        raise Unreachable(f"the queue at {where} refused: {str(e).splitlines()[0]} (tlm's Redis user "
+                          "needs read, write, WATCH and MULTI on the lab's keys)") from None
+
+
+def run_dir(target: dict[str, str], save_root: Optional[str]) -> Path:
+    """Where a run (its job params ``target``) is on this machine: a name under ``save_root``."""
+    return Path(resolve_save_dir(target, save_root))
 
 
 @dataclass(frozen=True)
@@ -70,8 +108,7 @@ def _busy(e: RunBusy) -> Conflict:
 def training_job(given: dict[str, Any], target: dict[str, str]):
     """A training job's validated configuration and the params to queue (ConfigError if bad);
     the data mirror this machine uses travels with the job."""
-    config = TrainConfig(**{k: v for k, v in given.items() if k != "dataset_sha1"},
-                         save_dir=target.get("save_dir", "/unused"))
+    config = TrainConfig(**TrainParams.flags(given), save_dir=target.get("save_dir", "/unused"))
     config.validate()
     params = {**given, **target}
     if config.data_mirror and "data_mirror" not in given:
@@ -83,8 +120,18 @@ class Lab:
     """Submit, cancel, retry and resume jobs of one registry; ``save_root``: where this
     machine sees runs named by ``--run`` (to check them as `tlm train` would)."""
 
-    def __init__(self, registry: Registry, save_root: Optional[str] = None):
-        self.registry, self.save_root = registry, save_root
+    def __init__(self, registry: Registry, save_root: Optional[str] = None, url: Optional[str] = None):
+        self.registry, self.save_root, self.url = registry, save_root, url
+
+    @classmethod
+    def connect(cls, url: Optional[str] = None, save_root: Optional[str] = None,
+                patient: bool = True) -> "Lab":
+        """The lab of the queue at ``url`` (TLM_QUEUE, or the embedded SQLite file), once it
+        answers; Unreachable otherwise. ``patient``: wait out a busy SQLite file (a command)."""
+        with answering(url):
+            queue = Queue(url, patient=patient)
+            queue.ping()
+        return cls(Registry(queue), save_root, url)
 
     # -- runs ------------------------------------------------------------------------------
 
@@ -96,10 +143,31 @@ class Lab:
         except TargetError as e:
             raise Invalid(str(e)) from None
 
+    @staticmethod
+    def run_target(run: Optional[str], save_dir: Optional[str]) -> tuple[dict[str, str], str]:
+        """The job params and the key of a run named by ``--run`` or ``--save_dir`` (Invalid if bad)."""
+        try:
+            return run_target(run, save_dir)
+        except TargetError as e:
+            raise Invalid(str(e)) from None
+
+    def run_dir(self, key: str) -> Path:
+        """Where the run is on this machine (under its save root for a run by name)."""
+        return run_dir(self.target(key), self.save_root)
+
     def visible_dir(self, key: str) -> Optional[Path]:
         """The run's directory if this machine sees it."""
-        path = Path(resolve_save_dir(self.target(key), self.save_root))
+        path = self.run_dir(key)
         return path if path.is_dir() else None
+
+    def runs(self, limit: Optional[int] = None, cursor: Any = None,
+             disk: bool = True) -> tuple[list[dict[str, Any]], Any]:
+        """A page of the runs table, best first, and the next page's cursor (``runs.runs_table``)."""
+        return runs.runs_table(self.registry, self.save_root, disk=disk, limit=limit, cursor=cursor)
+
+    def waiting(self, jobs: list[Job], workers: Optional[list[dict[str, Any]]] = None) -> dict[str, str]:
+        """Why each claimable job that no live worker can run waits, by job id."""
+        return waiting_reasons(jobs, self.registry.workers() if workers is None else workers)
 
     # -- submitting ------------------------------------------------------------------------
 
@@ -156,8 +224,7 @@ class Lab:
         trains = [j for j in self.registry.jobs(None, run=key) if j.spec.trainer]
         if not trains:
             raise Missing(f"no training job of {key.split(':', 1)[-1]} to resume")
-        flags = {k: v for k, v in trains[-1].params.items() if k not in ("run", "save_dir")}
-        return self.train(key, flags)
+        return self.train(key, TrainParams.again(trains[-1].params))
 
     # -- changing jobs ---------------------------------------------------------------------
 
@@ -179,12 +246,25 @@ class Lab:
 
     # -- sweeps ----------------------------------------------------------------------------
 
-    def submit_sweep(self, spec) -> Job:
-        """Queue a sweep (a ``sweeps.SweepSpec``); Conflict if its name is taken."""
+    def submit_sweep(self, given: dict[str, Any], fixed: dict[str, Any]) -> Job:
+        """Queue a sweep from its options (or a file's keys) and its fixed flags (strings or
+        values); Invalid for a spec that cannot run, Conflict if its name is taken."""
+        try:
+            spec = sweeps.spec_of(given, fixed)
+        except sweeps.SpecError as e:
+            raise Invalid(str(e)) from None
         try:
             return sweeps.submit(self.registry, spec)
         except sweeps.SpecError as e:
             raise Conflict(str(e)) from None
+
+    def trials(self, job: Job) -> list[dict[str, Any]]:
+        """A sweep's leaderboard: every trial, best first (``sweeps.leaderboard``)."""
+        return sweeps.leaderboard(self.registry, job)
+
+    def importances(self, job: Job) -> dict[str, float]:
+        """Optuna's importance of each searched flag, once two trials are complete (else none)."""
+        return sweeps.importances(self.registry, job)
 
     def sweep(self, ref: str) -> Job:
         """A sweep by name (its latest) or by id; Missing if there is none."""
@@ -225,7 +305,7 @@ class Lab:
     def best(self, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
         """(the best trial's leaderboard row, its full training flags); Conflict before any
         trial was evaluated."""
-        rows = [r for r in sweeps.leaderboard(self.registry, job) if r["best"] is not None]
+        rows = [r for r in self.trials(job) if r["best"] is not None]
         if not rows:
             raise Conflict(f"sweep {job.params['name']}: no trial has been evaluated yet")
         return rows[0], sweeps.SweepSpec.from_dict(job.params).trial_flags(rows[0]["params"])

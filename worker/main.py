@@ -9,7 +9,7 @@ import redis
 
 from tlm.config import ConfigError
 from tlm.ranks import free_ports
-from tlm_worker.options import FiniteRange
+from tlm_cli.options import FiniteRange
 from tlm_worker.placement import capabilities, parse_labels
 from tlm_worker.power import Policy
 from tlm_worker.process import Worker

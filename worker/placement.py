@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable, Optional
 
+from tlm.config import TRUE_WORDS
+from tlm.memory import size_text
 from tlm_worker.kinds import CLAIMABLE, Job, misfit
 
 FAKE_CAPABILITIES = "TLM_FAKE_CAPABILITIES"  # the test seam: JSON merged over the probe's
@@ -87,7 +89,7 @@ def parse_needs(needs: tuple[str, ...], on: tuple[str, ...], gpu: bool = False) 
         key, _, value = item.partition("=")
         if key == "memory":
             out["memory"] = parse_size(value)
-        elif key == "gpu" and value.lower() in ("", "yes", "true", "1"):
+        elif key == "gpu" and value.lower() in ("", *TRUE_WORDS):
             out["gpu"] = True
         else:
             raise ValueError(f"--needs {item!r}: give memory=SIZE (e.g. memory=24G) or gpu")
@@ -122,12 +124,6 @@ def parse_size(text: str) -> int:
     if not m or float(m.group(1)) <= 0:
         raise ValueError(f"--needs memory={text!r}: give a size such as 24G or 512M")
     return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
-def size_text(n: float) -> str:
-    if n >= 2**40:
-        return f"{n / 2**40:,.1f} TiB"
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 # -- probes: what this machine has (the OS-specific parts, behind one function each) ----

@@ -133,14 +133,3 @@ def _only_on_disk(registry, save_root: Optional[str], known: dict[str, Any]) -> 
             out[key] = _row(key)
             _from_disk(out[key], run_dir)
     return out
-
-
-def leaderboard(rows: list[dict[str, Any]], top: int = 5) -> dict[str, list[dict[str, Any]]]:
-    """The best runs of each dataset by validation loss."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        if row["best_valid"] is not None and row["dataset"]:
-            board = out.setdefault(str(row["dataset"]), [])
-            if len(board) < top:
-                board.append(row)
-    return out

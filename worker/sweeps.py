@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from tlm.config import ConfigError, TrainConfig, flag_value
+from tlm.config import ConfigError, TrainConfig, apply_preset, flag_types, flag_value, invocation_flags
 from tlm.memory import estimate
 from tlm_worker.kinds import (ACTIVE, FAILED, FINAL, LIVE, NUMBER, PRIORITIES, PRUNED, REQUIRED_KEYS,
                               RUNNING, SUCCEEDED, SWEEP, TRAIN, Job, misfit)
@@ -61,8 +61,8 @@ if TYPE_CHECKING:
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("asha", "hyperband", "none")
 METRICS = ("valid_loss",)
-LOCATION_FLAGS = ("save_dir", "preset", "identifier", "new_model", "nodes", "backend", "gpu",
-                  "data_mirror", "init_from")
+# Flags a trial never sets: how one invocation trains, where it runs, what it starts from.
+FIXED_FLAGS = invocation_flags() | {"preset", "nodes", "backend", "gpu", "init_from"}
 
 
 class SpecError(ValueError):
@@ -130,7 +130,7 @@ def parse_search(item: str, types: dict[str, type]) -> tuple[str, dict[str, Any]
     name = name.strip().lstrip("-").replace("-", "_")
     if not eq or not text:
         raise SpecError(f"--search {item!r}: give FLAG=LO:HI, FLAG=log:LO:HI or FLAG=a,b,c")
-    if name not in types or name in LOCATION_FLAGS:
+    if name not in types or name in FIXED_FLAGS:
         raise SpecError(f"--search {item!r}: {name!r} is not a training flag that can be searched")
     typ = types[name]
 
@@ -157,6 +157,34 @@ def parse_search(item: str, types: dict[str, type]) -> tuple[str, dict[str, Any]
     if len(values) < 2 or log:
         raise SpecError(f"--search {item!r}: a choice needs at least two values (a,b)")
     return name, {"type": "choice", "values": values}
+
+
+def spec_of(given: dict[str, Any], fixed: dict[str, Any]) -> SweepSpec:
+    """A checked spec from `tlm sweep submit`'s options (or a spec file's keys) and its fixed
+    flags (``--flag`` strings, or a file's typed values); SpecError, one line, if it cannot run."""
+    if not given.get("name"):
+        raise SpecError("give the sweep a --name")
+    types = flag_types()
+    base: dict[str, Any] = {}
+    for key, value in fixed.items():
+        if key not in types or key in FIXED_FLAGS:
+            raise SpecError(f"--flag {key}: not a training flag a sweep can set")
+        try:
+            base[key] = flag_value(value, types[key])
+        except ValueError:
+            raise SpecError(f"--flag {key}={value}: expected {types[key].__name__}") from None
+    if given.get("preset"):
+        try:
+            base = apply_preset({"preset": given["preset"], **base})
+        except ConfigError as e:
+            raise SpecError(str(e)) from None
+        base.pop("preset", None)
+    search = dict(parse_search(item, types) for item in given.get("search", []))
+    spec = SweepSpec(name=given["name"], search=search, base=base,
+                     **{k: given[k] for k in ("trials", "parallel", "metric", "budget", "prune",
+                                              "sampler", "seed", "priority") if k in given})
+    spec.budget = str(spec.budget)
+    return check(spec)
 
 
 def check(spec: SweepSpec) -> SweepSpec:
@@ -376,6 +404,20 @@ def submit(registry: "Registry", spec: SweepSpec) -> Job:
                         "choose another --name") from None
     reconcile(registry, sweep.id)
     return registry.get(sweep.id)
+
+
+def importances(registry: "Registry", sweep: Job) -> dict[str, float]:
+    """Optuna's parameter importances (fANOVA), once two trials are complete; none before."""
+    import optuna  # Optuna
+
+    try:
+        found = study(registry, sweep.id, SweepSpec.from_dict(sweep.params))
+        done = found.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if len(done) < 2 or len(sweep.params["search"]) < 1:
+            return {}
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(found).items()}
+    except (RuntimeError, ValueError, KeyError):  # too few distinct values, no study, a bad spec
+        return {}
 
 
 def trials(registry: "Registry", sweep: Job) -> list[Job]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from tlm.config import invocation_flags
 from tlm.hooks import Progress, TrainingHooks, TrainResult
 from tlm_worker.queue import QUEUE_ERRORS
 from tlm_worker.registry import CANCELLED, SUCCEEDED, JobNotFound, LeaseLost
@@ -15,7 +16,6 @@ from tlm_worker.registry import CANCELLED, SUCCEEDED, JobNotFound, LeaseLost
 if TYPE_CHECKING:
     from tlm_worker.jobs import Context
 
-INVOCATION = ("save_dir", "data_mirror", "identifier", "new_model", "more")  # not the run's own settings
 CANCEL_POLL_SECONDS = 1.0  # how often a training job looks at its record (cancel, fence)
 # A job process that cannot confirm its hold on the job (the queue unreachable) for this
 # fraction of the lease saves and stops; it publishes a checkpoint only within PUBLISH_LIMIT
@@ -70,7 +70,7 @@ class RegistryHooks(TrainingHooks):
     def on_start(self, config: dict[str, Any]) -> None:
         """The run's own configuration, for the pages that show and compare runs (rank 0)."""
         if not self.c.rank:
-            own = {k: v for k, v in config.items() if k not in INVOCATION}
+            own = {k: v for k, v in config.items() if k not in invocation_flags()}
             self.on_record({"time": time.time(), "kind": "config", "step": self.progress.get("step", 0),
                             "config": own})
             self.progress.update(phase="compiling the first step", config=own)

@@ -43,7 +43,7 @@ from tlm_worker.targets import canonical
 
 __all__ = ["ACTIVE", "CANCELLED", "CANCELLING", "CLAIMABLE", "FAILED", "FINAL", "INTERRUPTED",
            "LIVE", "QUEUED", "RUNNING", "SKIPPED", "STATES", "SUCCEEDED", "WAITING", "Job",
-           "JobNotFound", "LeaseLost", "MAX_LOG_LINES", "Registry", "RunBusy", "STREAMS", "Store", "holder"]
+           "JobNotFound", "LeaseLost", "MAX_LOG_LINES", "Registry", "RunBusy", "STREAMS", "Store"]
 
 KEEP_DAYS = float(os.environ.get("TLM_KEEP_DAYS", "30"))
 LAYOUT = 3  # of the lab's keys and tables: 3 added run summaries and lab values (tlm:lab:*, tlm_lab)
@@ -53,13 +53,6 @@ HEAD = 32  # wake-ups a claim reads at the front of its lane
 SCAN_SECONDS = 30.0  # the most often one registry reads every claimable job for a claim
 CLAIM_FIELDS = ("id", "kind", "params", "run", "state", "priority", "needs", "enqueued", "version")
 Change = Callable[[Job], Optional[dict[str, Any]]]
-
-
-def holder(job: Job) -> str:
-    """Who runs a job: its worker, a gang's members (rank 0 first), or how far a gang has gathered."""
-    if job.nodes > 1 and job.state in CLAIMABLE:
-        return f"gathering {len(job.members)}/{job.nodes}"
-    return ", ".join(m["worker"] for m in job.members) if job.members else job.worker or "-"
 
 
 def _wake(queue: Queue, job: Job) -> None:
