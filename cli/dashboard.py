@@ -44,8 +44,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tlm.config import PRESETS, apply_preset, flag_types, flag_value
-from tlm_worker.kinds import (ACTIVE, CLAIMABLE, FINAL, KINDS, LIVE, SAMPLE, STATES, Job, SampleParams, TrainParams,
-                              misfit)
+from tlm_worker.kinds import (ACTIVE, CLAIMABLE, FINAL, KINDS, LIVE, SAMPLE, STATES, Job, SampleParams,
+                              TrainParams, misfit)
 from tlm_worker.lab import Lab, LabError, Placement, answering
 
 STATIC = Path(__file__).parent / "static"

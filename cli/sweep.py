@@ -67,7 +67,9 @@ def read_toml(path: str) -> dict[str, Any]:
               help="trials queued at once (default 2: one per worker you have)")
 @click.option("--metric", default=None, help="what is minimised: valid_loss")
 @click.option("--budget", default=None, help="each trial's training: minutes (10m) or steps (500)")
-@click.option("--prune", default=None, help="asha (default), hyperband or none")
+@click.option("--prune", default=None,
+              help="asha (default: trials pause at rungs, the best resume), asha-stop (stops them), "
+                   "hyperband or none")
 @click.option("--sampler", default=None, help="tpe (default), random or grid")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="same seed, same proposals")
 @click.option("--priority", default=None, help="of the trials: low (default), normal or high")

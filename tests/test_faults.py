@@ -124,7 +124,7 @@ def test_a_sweep_redis_forgot_leaves_its_running_trial_an_ordinary_job_and_no_jo
         proc = tlm("sweep", "submit", "--name", "forgot", "--flag", "dataset=shakespeare",
                    *[f for k, v in zip(LONG[::2], LONG[1::2]) for f in ("--flag", f"{k[2:]}={v}")],
                    "--flag", "steps_per_eval=5", "--search", "learning_rate=log:1e-4:1e-2",
-                   "--trials", "2", "--parallel", "1", "--budget", "150", "--prune", "asha",
+                   "--trials", "2", "--parallel", "1", "--budget", "150", "--prune", "asha-stop",
                    "--queue", server.url)
         assert proc.returncode == 0, proc.stderr
         trial_id = f"{proc.stdout.strip()[:7]}t0000"

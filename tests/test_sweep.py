@@ -77,6 +77,36 @@ def test_an_asha_sweep_prunes_some_trials_and_its_best_command_reproduces_the_wi
     assert listed.returncode == 0, listed.stderr
 
 
+def test_promotion_asha_pauses_trials_at_rungs_and_resumes_the_best_from_their_checkpoints(url, workers, tmp_path):
+    """--prune asha (the default): a trial at a rung that is not in the top third of those that
+    reached it saves and pauses (the first always: it is alone there); once it is in the top
+    third, its sweep queues it again and it resumes from its checkpoint; with nothing else to
+    run, the leader trains on to the whole budget; the ones still paused when the sweep ends
+    end pruned, their checkpoints kept. The grid's order for seed 1 puts the good rate first."""
+    root = tmp_path / "root"
+    root.mkdir()
+    workers.start("--save_root", str(root))
+    sweep_id = sweep(url, "promo", "--search", "learning_rate=3e-3,1e-5,2e-5", "--flag", "lr_warmup=1",
+                     "--trials", "3", "--parallel", "1", "--budget", "45", "--sampler", "grid", "--seed", "1")
+    finished(url, sweep_id)
+    reg, rows = registry(url), board(url, "promo")["trials"]
+    by_trial = {r["trial"]: r for r in rows}
+    assert reg.get(sweep_id).state == "succeeded"
+    assert [by_trial[n]["state"] for n in range(3)] == ["succeeded", "pruned", "pruned"], rows
+    assert by_trial[0]["params"]["learning_rate"] == 0.003
+    logs = {n: "\n".join(reg.logs(by_trial[n]["job"])[0]) for n in range(3)}
+    assert "rung at step 5: 1 of 1, not in the top 1/3 (0 go on): saved, pausing" in logs[0]  # never first past the post
+    assert "rung at step 5: 3 of 3, not in the top 1/3 (1 go on)" in logs[2], logs[2]
+    said = "\n".join(reg.logs(sweep_id)[0])
+    assert "trial 0 promoted past step 5\n" in said + "\n" and "trial 0 promoted past step 15 (the leader" in said
+    assert logs[0].count("promoted: queued to resume") == 2 and logs[0].count("new model") == 1
+    assert logs[0].count("resuming ") == 2 and "succeeded at iteration 45" in logs[0]
+    steps = [r["step"] for r in metrics.read(root / by_trial[0]["run"]) if r["kind"] == "valid"]
+    assert steps == list(range(5, 50, 5)), steps  # each evaluation once: resumed, never repeated
+    for n in (1, 2):  # paused at the first rung when the sweep ended: pruned, their checkpoints kept
+        assert by_trial[n]["steps"] == 5 and checkpoint.find(root / by_trial[n]["run"]).step == 5
+
+
 def test_the_same_spec_and_seed_propose_the_same_parameters_in_the_same_order(url):
     args = ["--search", "learning_rate=log:1e-4:1e-1", "--search", "dropout=0:0.3",
             "--search", "num_blocks=1:3", "--trials", "4", "--parallel", "4", "--budget", "20",
@@ -253,7 +283,7 @@ def test_a_damaged_journal_fails_the_sweep_and_its_trial_trains_on_stops_at_one_
     root.mkdir()
     worker = workers.start("--save_root", str(root))
     sweep_id = sweep(url, "damaged", "--search", "learning_rate=log:1e-4:1e-2", "--trials", "2",
-                     "--parallel", "1", "--budget", "100000", "--prune", "asha")
+                     "--parallel", "1", "--budget", "100000", "--prune", "asha-stop")
     trial = wait_for(url, f"{sweep_id[:7]}t0000", ["running"], until=lambda j: j.progress.get("step", 0) >= 10)
     if url.startswith("redis"):
         redis_lib.Redis.from_url(url).incr(f"tlm:optuna:{sweep_id}:log_number")  # an entry never written

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Optional
 
 from tlm.ranks import COLLECTIVE_TIMEOUT, STALLED
 from tlm_worker.jobs import EXIT_ELSEWHERE, EXIT_INTERRUPTED
+from tlm_worker.kinds import PAUSED
 from tlm_worker.registry import CANCELLED, FAILED, FINAL, Job, JobNotFound
 
 if TYPE_CHECKING:
@@ -24,6 +25,9 @@ def end(w: "Worker", r: "Running", code: int) -> Optional[Job]:
         w._say_notices()
         if job is None:
             return None
+    if job.state == PAUSED:  # a sweep trial at a rung: its sweep queues it again if promoted
+        w.say(f"job {r.job_id} paused at a rung of its sweep")
+        return job
     if job.fence != r.fence:
         w.say(f"job {r.job_id}: no longer this worker's (now {job.state}, fence {job.fence})")
         return job

@@ -29,9 +29,12 @@ QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
 CANCELLED, SUCCEEDED, FAILED, INTERRUPTED = "cancelled", "succeeded", "failed", "interrupted"
 WAITING, SKIPPED = "waiting", "skipped"  # chains: waiting for its parent; the parent did not succeed
 PRUNED = "pruned"  # a sweep trial Optuna stopped early (it saved first)
+# A sweep trial that saved at a rung and waits to be promoted: no worker holds it, it keeps its
+# run (one trainer) and its checkpoint; its sweep queues it again, or ends it pruned.
+PAUSED = "paused"
 CLAIMABLE = (QUEUED, INTERRUPTED)  # interrupted jobs are back in the queue
 ACTIVE = (RUNNING, CANCELLING)  # held by a worker
-LIVE = (WAITING,) + CLAIMABLE + ACTIVE
+LIVE = (WAITING,) + CLAIMABLE + ACTIVE + (PAUSED,)
 FINAL = (CANCELLED, SUCCEEDED, FAILED, SKIPPED, PRUNED)
 STATES = LIVE + FINAL
 
@@ -289,6 +292,7 @@ class Job:
     after: Optional[str] = None  # the job this one waits for (a chain)
     followers: list[str] = field(default_factory=list)  # the jobs that wait for this one
     sweep: Optional[dict[str, Any]] = None  # a sweep trial's family: sweep id, name, trial, params
+    worked: float = 0.0  # seconds its attempts that ended (paused at rungs, or finished) ran
     version: int = VERSION
 
     @property
@@ -311,6 +315,13 @@ class Job:
         """An earlier attempt ran and may have saved (published or not, as a crash or an
         outage can cut it short): a resume finishes that work rather than refusing it."""
         return bool(self.checkpoint) or self.attempts > 1 or self.interruptions > 0
+
+    def worker_time(self, now: float) -> float:
+        """Seconds workers ran it, over its attempts that paused or ended and the one running
+        (a record from before ``worked``: its last attempt)."""
+        if self.state in ACTIVE and self.started:
+            return self.worked + max(now - self.started, 0.0)
+        return self.worked or (self.finished - self.started if self.finished and self.started else 0.0)
 
     @property
     def holder(self) -> str:

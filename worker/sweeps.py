@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from tlm.config import ConfigError, TrainConfig, apply_preset, flag_types, flag_value, invocation_flags
 from tlm.memory import estimate
-from tlm_worker.kinds import (ACTIVE, FAILED, FINAL, LIVE, NUMBER, PRIORITIES, PRUNED, REQUIRED_KEYS,
+from tlm_worker.kinds import (ACTIVE, FAILED, FINAL, LIVE, NUMBER, PAUSED, PRIORITIES, PRUNED, REQUIRED_KEYS,
                               RUNNING, SUCCEEDED, SWEEP, TRAIN, Job, misfit)
 from tlm_worker.queue import QUEUE_ERRORS
 from tlm_worker.registry import CANCELLED, JobNotFound, RunBusy
@@ -59,7 +59,8 @@ if TYPE_CHECKING:
     from tlm_worker.registry import Registry
 
 SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = ("asha", "hyperband", "none")
+PRUNERS = ("asha", "asha-stop", "hyperband", "none")  # asha: promotion (pause, resume); the rest stop
+ETA = 3  # successive halving's reduction factor: a third of the trials at a rung go on
 METRICS = ("valid_loss",)
 # Flags a trial never sets: how one invocation trains, where it runs, what it starts from.
 FIXED_FLAGS = invocation_flags() | {"preset", "nodes", "backend", "gpu", "init_from"}
@@ -345,19 +346,87 @@ def sampler(spec: SweepSpec, trial: int):
 
 
 def pruner(spec: SweepSpec):
-    """ASHA's or Hyperband's first rung at a trial's first evaluation (with a step budget), so
-    no trial is judged on less than one evaluation's worth of training; a third goes on at each."""
+    """Stopping ASHA's or Hyperband's first rung at a trial's first evaluation (with a step
+    budget), so no trial is judged on less than one evaluation's worth of training; a third goes
+    on at each. Promotion ASHA (``asha``) is judged by tlm (``rungs``, ``promotable``): Optuna
+    prunes nothing there."""
     import optuna  # Optuna
 
     first: Any = "auto"
     if not spec.by_time:
         first = int(spec.trial_flags({}).get("steps_per_eval", 1000))
-    if spec.prune == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
+    if spec.prune == "asha-stop":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=ETA)
     if spec.prune == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1 if first == "auto" else first,
-                                              reduction_factor=3)
+                                              reduction_factor=ETA)
     return optuna.pruners.NopPruner()
+
+
+# -- promotion ASHA: trials pause at rungs and the best resume ------------------------------
+
+def rungs(spec: SweepSpec) -> list[float]:
+    """Where promotion ASHA judges a trial, in steps (seconds of training with a time budget):
+    its first evaluation, then ETA times further each time, short of the whole budget (with a
+    time budget: the budget over ETA, ETA^2, ETA^3)."""
+    if spec.by_time:
+        whole = float(spec.budget[:-1]) * 60
+        return [whole / ETA**k for k in (3, 2, 1)]
+    flags = spec.trial_flags({})
+    first = int(flags.get("steps_per_eval", TrainConfig.steps_per_eval))
+    whole = int(flags.get("num_iters", TrainConfig.num_iters))
+    out: list[float] = []
+    while first * ETA ** len(out) < whole:
+        out.append(float(first * ETA ** len(out)))
+    return out
+
+
+def rung_value(values: dict[int, float], rung: float) -> Optional[float]:
+    """A trial's metric at a rung: the mean of its evaluations in the rung's second half (up
+    to the first at or past the rung), so one noisy evaluation does not decide alone; None if
+    it has not reached the rung."""
+    end = min((at for at in values if at >= rung), default=None)
+    if end is None:
+        return None
+    window = [v for at, v in values.items() if rung / 2 <= at <= end]
+    return sum(window) / len(window)
+
+
+def standing(trials: list, rung: float) -> list[tuple[float, int]]:
+    """(metric, Optuna number) of every trial that reached the rung, best first."""
+    scored = ((rung_value(t.intermediate_values, rung), t.number) for t in trials)
+    return sorted((v, n) for v, n in scored if v is not None)
+
+
+def promotable(trials: list, number: int, rung: float) -> bool:
+    """In the top 1/ETA of the trials that reached the rung (none while fewer than ETA have:
+    no trial trains on merely for being first)."""
+    board = standing(trials, rung)
+    return number in [n for _, n in board[:len(board) // ETA]]
+
+
+def _promote(registry: "Registry", st, spec: SweepSpec, jobs: list[Job], leader: bool = False) -> Optional[Job]:
+    """Queue the paused trial to resume first: the best promotable one at the highest rung; with
+    ``leader`` (nothing else runs or is left to start, and no trial has trained its whole
+    budget yet), the best one at the highest rung any reached, so one trial always does."""
+    paused = {j.sweep["number"]: j for j in jobs if j.state == PAUSED and j.sweep}
+    if not paused:
+        return None
+    trials = st.get_trials(deepcopy=False)
+    highest = {t.number: max((r for r in rungs(spec) if rung_value(t.intermediate_values, r) is not None),
+                             default=None) for t in trials if t.number in paused}
+    for rung in reversed(rungs(spec)):
+        board = standing(trials, rung)
+        top = {n for _, n in board[:len(board) // ETA]}
+        for _, n in board:
+            if n in paused and highest.get(n) == rung and (leader or n in top):
+                job = registry.promote(paused[n].id)
+                if job is not None:
+                    registry.log(job.sweep["id"], f"trial {job.sweep['trial']} promoted past "
+                                 f"{'step' if not spec.by_time else 'second'} {rung:g}"
+                                 + (" (the leader: nothing else to run)" if leader and n not in top else ""))
+                return job
+    return None
 
 
 def study(registry: "Registry", sweep_id: str, spec: "SweepSpec", trial: int = 0, create: bool = False):
@@ -481,13 +550,21 @@ def _round(registry: "Registry", sweep: Job, lease: float) -> None:
         for n in range((sweep.result or {}).get("created", 0)):
             if n not in have and registry.now() - reserved.get(str(n), 0) > lease:
                 _create(registry, sweep, spec, n)  # its creator died between reserving and creating
-        while len(live) < spec.parallel:
-            n = _reserve(registry, sweep.id, spec)
-            if n is None:
-                break
-            job = _create(registry, sweep, spec, n)
-            if job is not None:
-                live.append(job)
+        running = [j for j in live if j.state != PAUSED]
+        while len(running) < spec.parallel:  # promotions first, then new trials
+            job = _promote(registry, st, spec, jobs)
+            if job is None:
+                n = _reserve(registry, sweep.id, spec)
+                if n is not None:
+                    job = _create(registry, sweep, spec, n)
+                    if job is None:
+                        continue
+                elif not running and not any(j.state == SUCCEEDED for j in jobs):
+                    job = _promote(registry, st, spec, jobs, leader=True)
+                if job is None:
+                    break
+            running.append(job)
+            jobs = [job if j.id == job.id else j for j in jobs]
     except QUEUE_ERRORS:
         raise
     except Exception as e:  # its spec edited, its Optuna journal deleted or damaged
@@ -498,7 +575,11 @@ def _round(registry: "Registry", sweep: Job, lease: float) -> None:
     sweep = registry.get(sweep.id)  # with the trials this round created
     jobs = trials(registry, sweep)
     registry.update(sweep.id, progress=summary(jobs, spec))
-    if len(jobs) >= spec.trials and all(j.state in FINAL for j in jobs):
+    if len(jobs) >= spec.trials and all(j.state in FINAL + (PAUSED,) for j in jobs):
+        for job in jobs:  # nothing runs and none is promoted: the paused end with the sweep
+            if job.state == PAUSED:
+                registry.finish(job.id, PRUNED, log="pruned: its sweep ended while it waited at a rung")
+        jobs = trials(registry, sweep)
         with _study_errors():
             _tell(st, jobs, lease)  # a trial that ended during this round: told before the end
         best = leaderboard(registry, sweep)[:1]
@@ -614,7 +695,7 @@ def leaderboard(registry: "Registry", sweep: Job) -> list[dict[str, Any]]:
     rows = []
     for job in trials(registry, sweep):
         best = best_metric(job)
-        worker_time = (job.finished or registry.now()) - job.started if job.started else 0.0
+        worker_time = job.worker_time(registry.now())
         rows.append({"trial": job.sweep["trial"], "job": job.id, "run": job.run_name,
                      "params": job.sweep["params"], "best": best[0] if best else None,
                      "best_step": best[1] if best else None,
@@ -637,7 +718,8 @@ def trial_hooks(c, stop):
     class Trial(RegistryHooks):
         def __init__(self):
             super().__init__(c, stop)
-            self.pruned = False
+            self.pruned = self.paused = False
+            self.since: float = 0.0  # where this process began, then its last evaluation: rungs past it are judged
             self.family = c.job.sweep
             self.spec: Optional[SweepSpec] = None  # None: reports to no study
             self._trial = None
@@ -658,15 +740,22 @@ def trial_hooks(c, stop):
 
         def on_progress(self, p) -> None:
             super().on_progress(p)
-            if p.kind != "eval" or p.message == "test" or p.val_loss is None or self.pruned or c.rank \
-                    or self.spec is None:
+            if self.spec is None or c.rank:
+                return
+            at = int(p.elapsed or 0) if self.spec.by_time else p.step
+            if p.kind == "start":
+                self.since = at
+            if p.kind != "eval" or p.message == "test" or p.val_loss is None or self.pruned or self.paused:
                 return
             unit = "second" if self.spec.by_time else "step"
-            at = int(p.elapsed) if self.spec.by_time else p.step
             try:
                 trial = self.trial()
                 trial.report(p.val_loss, at)
                 self.pruned = trial.should_prune()
+                crossed = [r for r in rungs(self.spec) if self.since < r <= at]
+                self.since = at
+                if self.spec.prune == "asha" and crossed:
+                    self.judge(trial, crossed[-1], unit)
             except QUEUE_ERRORS as e:  # the study unreachable for now: train on, unpruned
                 self.log(f"could not report to sweep {self.spec.name}'s study ({e}); training on")
                 return
@@ -679,9 +768,24 @@ def trial_hooks(c, stop):
                 self.log(f"pruned ({self.spec.prune}) at {unit} {at}, valid loss {p.val_loss:.4f}: "
                          "saved, stopping")
 
+        def judge(self, trial, rung: float, unit: str) -> None:
+            """At a rung: train on if in the top 1/ETA of the trials that reached it, else
+            save and pause (the sweep resumes it if it becomes promotable)."""
+            trials = trial.study.get_trials(deepcopy=False)
+            board = standing(trials, rung)
+            place = next((i for i, (_, n) in enumerate(board, 1) if n == self.family["number"]), None)
+            if promotable(trials, self.family["number"], rung):
+                self.log(f"rung at {unit} {rung:g}: {place} of {len(board)}, in the top 1/{ETA}: training on")
+                return
+            self.paused = True
+            self.log(f"rung at {unit} {rung:g}: {place} of {len(board)}, not in the top 1/{ETA} "
+                     f"({len(board) // ETA} go on): saved, pausing until promoted")
+
         def should_stop(self) -> bool:
-            return self.pruned or super().should_stop()
+            return self.pruned or self.paused or super().should_stop()
 
         def end_state(self, result):
+            if self.paused and not self.cancelled:
+                return PAUSED
             return PRUNED if self.pruned else super().end_state(result)
     return Trial()

@@ -540,7 +540,7 @@ function sweepView(root, id) {
       + `${sweep.params.prune === "none" ? "no" : sweep.params.prune} pruning · metric ${sweep.params.metric}`));
     for (const control of [stop, more, add]) control.hidden = sweep.state !== "running";  // an ended sweep: best only
     const trials = [...data.trials].sort((a, b) => a.trial - b.trial);
-    const labels = trials.map(t => `trial ${t.trial}${t.state === "pruned" ? " (pruned)" : ""}`);
+    const labels = trials.map(t => `trial ${t.trial}${["pruned", "paused"].includes(t.state) ? ` (${t.state})` : ""}`);
     const pruned = trials.map(t => t.state === "pruned");
     const best = trials.map((t, i) => [t.best, i]).filter(([b]) => b !== null && b !== undefined)
       .sort((a, b) => a[0] - b[0]).slice(0, 3).map(([, i]) => i);  // the best three, in colour

@@ -31,7 +31,7 @@ import uuid
 from typing import Any, Callable, Iterator, Optional
 
 from tlm_worker.kinds import (ACTIVE, CANCELLED, CANCELLING, CLAIMABLE, FAILED, FINAL, INTERRUPTED,
-                              KINDS, LIVE, QUEUED, RUNNING, SKIPPED, STATES, SUCCEEDED,
+                              KINDS, LIVE, PAUSED, QUEUED, RUNNING, SKIPPED, STATES, SUCCEEDED,
                               WAITING, BadRecord, Job, misfit, resolve)
 from tlm_worker.placement import CAPABILITIES, unmet
 from tlm_worker.queue import LANES, QUEUE_ERRORS, Queue, QueueError
@@ -353,14 +353,20 @@ class Registry:
                **fields: Any) -> Optional[Job]:
         """End a live job (held under ``fence``, if given), its final ``log`` line written in
         the same step (a follower stops at the state and has the line; a stale holder
-        writes neither); None if it was not."""
-        assert state in FINAL
+        writes neither); None if it was not. PAUSED ends a sweep trial's attempt at a rung
+        (``promote`` queues it again): no worker holds it, a new fence voids the old holder,
+        and a trial asked to stop meanwhile ends cancelled instead."""
+        assert state in FINAL + (PAUSED,)
         now = self.now()
 
         def end(job: Job):
             if job.state not in LIVE or (fence is not None and job.fence != fence):
                 return None
-            return {"state": state, "finished": now, **fields}
+            worked = {"worked": job.worked + max(now - job.started, 0.0)} if job.state in ACTIVE and job.started else {}
+            if state == PAUSED and not job.cancel:  # "finished": when it paused, until it is promoted
+                return {"state": PAUSED, "worker": None, "members": [], "fence": job.fence + 1,
+                        "finished": now, **worked, **fields}
+            return {"state": CANCELLED if state == PAUSED else state, "finished": now, **worked, **fields}
         return self.change(job_id, end, expire=self._ttl, log=log)
 
     def requeue(self, job_id: str, fence: int, reason: str, interrupted: bool) -> Optional[Job]:
@@ -391,12 +397,12 @@ class Registry:
         return job
 
     def cancel(self, job_id: str, force: bool = False) -> bool:
-        """Cancel: a claimable or waiting job ends at once (True); a held one is asked to stop
-        (False). What waits on it is cancelled with it."""
+        """Cancel: a claimable, waiting or paused job ends at once (True); a held one is asked
+        to stop (False). What waits on it is cancelled with it."""
         now = self.now()
 
         def drop(job: Job):
-            if job.state not in CLAIMABLE + (WAITING,):
+            if job.state not in CLAIMABLE + (WAITING, PAUSED):
                 return None
             return {"state": CANCELLED, "finished": now, "cancel": "stop"}
         waiting, seen, frontier = [], {job_id}, [self.get(job_id)]
@@ -412,6 +418,16 @@ class Registry:
         if job is None:
             self.update(job_id, cancel="force" if force else "stop")
         return job is not None
+
+    def promote(self, job_id: str) -> Optional[Job]:
+        """Queue a paused trial again, to resume from its checkpoint (None unless it was
+        paused: a promotion done twice queues it once)."""
+        now = self.now()
+        job = self.change(job_id, lambda j: {"state": QUEUED, "enqueued": now, "error": None, "finished": None}
+                          if j.state == PAUSED and not j.cancel else None, log="promoted: queued to resume")
+        if job is not None:
+            _wake(self.queue, job)
+        return job
 
     def retry(self, job_id: str) -> Job:
         """A new job doing what an ended one did (same kind, params, run, priority, needs)."""

@@ -54,7 +54,8 @@ class SqliteStore:
 
     def _upgrade(self) -> None:
         """Files made before the kinds table named 'train' in their index: a trainer column;
-        before keyset paging: the finish-time index with the id."""
+        before keyset paging: the finish-time index with the id; before a live state was
+        added (paused): the one-trainer index over the live states of now."""
         columns = [r[1] for r in self.db.execute("PRAGMA table_info(tlm_job)")]
         with self._tx() as db:
             if "trainer" not in columns:
@@ -64,8 +65,13 @@ class SqliteStore:
             if len(db.execute("PRAGMA index_info(tlm_job_finished)").fetchall()) == 1:  # (finished) only
                 db.execute("DROP INDEX tlm_job_finished")
                 db.execute("CREATE INDEX tlm_job_finished ON tlm_job (finished, id)")
-            db.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS tlm_one_live_trainer_per_run ON tlm_job (run) "
-                       f"WHERE trainer = 1 AND state IN ({', '.join(repr(s) for s in LIVE)})")
+            one_trainer = (f"CREATE UNIQUE INDEX tlm_one_live_trainer_per_run ON tlm_job (run) "
+                           f"WHERE trainer = 1 AND state IN ({', '.join(repr(s) for s in LIVE)})")
+            found = db.execute("SELECT sql FROM sqlite_master WHERE type = 'index' "
+                               "AND name = 'tlm_one_live_trainer_per_run'").fetchone()
+            if found is None or found[0] != one_trainer:
+                db.execute("DROP INDEX IF EXISTS tlm_one_live_trainer_per_run")
+                db.execute(one_trainer)
 
     @property
     def db(self) -> sqlite3.Connection:
