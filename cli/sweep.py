@@ -166,14 +166,24 @@ def status(name, as_json, as_csv, watch, queue) -> None:
 @click.argument("name")
 @click.option("--preset-out", "--preset_out", "preset_out", type=click.Path(dir_okay=False), default=None,
               help="also write the flags as a preset file that --preset accepts (JSON)")
+@click.option("--train-on", "--train_on", "train_on", default=None, metavar="BUDGET",
+              help="queue the winning trial's own run to train on for BUDGET more (30m, or 5000 steps) "
+                   "from its checkpoint, instead of retraining its flags from scratch")
 @queue_option
 @queue_errors
-def best(name, preset_out, queue) -> None:
-    """Print the winning flags as a ready `tlm submit train` command."""
+def best(name, preset_out, train_on, queue) -> None:
+    """Print the winning flags as a ready `tlm submit train` command (or train the winner on)."""
     lab = connect(queue)
-    row, flags = lab.best(lab.sweep(name))
+    job = lab.sweep(name)
+    row, flags = lab.best(job)
     echo(f"best: trial {row['trial']} ({row['run']}), valid_loss {row['best']:.4f} at step "
          f"{row['best_step']}")
+    if train_on is not None:
+        queued = lab.train_on(job, train_on)
+        click.echo(queued.id)
+        echo(f"queued train job {queued.id}: trial {row['trial']}'s run {row['run']} trains on for "
+             f"{train_on} more from its checkpoint; `tlm logs -f {queued.id}` to follow")
+        return
     click.echo(submit_command(flags))
     if preset_out:
         Path(preset_out).write_text(json.dumps(flags, indent=2, sort_keys=True) + "\n")

@@ -121,6 +121,34 @@ def test_transitions_are_fenced(reg):
     assert sum("iteration 40" in line or "late" in line for line in reg.logs(job.id)[0]) == 1
 
 
+def test_a_paused_trial_holds_its_run_is_promoted_once_and_a_cancel_or_prune_never_loses_it(reg):
+    """Issue 39: a trial that pauses at a rung keeps its run (one trainer), its checkpoint and its
+    record (a prune takes only ended jobs); its old holder is voided; a promotion queues it once;
+    a cancel ends it at once; one asked to stop while it ran ends cancelled, not paused."""
+    job = reg.create("train", {}, "run:a")
+    held = reg.claim(job.id, "w1")
+    paused = reg.finish(job.id, "paused", held.fence, log="paused at iteration 5", checkpoint="c" * 40)
+    assert paused.state == "paused" and paused.worker is None and paused.fence == held.fence + 1
+    assert paused.checkpoint == "c" * 40 and paused.worked >= 0 and paused.worker_time(reg.now()) == paused.worked
+    assert reg.finish(job.id, "succeeded", held.fence) is None  # the old holder is voided
+    with pytest.raises(RunBusy):
+        reg.create("train", {}, "run:a")  # the paused trial still holds its run
+    assert reg.prune(0) == 0 and reg.get(job.id).state == "paused"
+    assert job.id in {j.id for j in reg.jobs(None)}  # listed with the live jobs
+    assert reg.claim(job.id, "w2") is None  # not claimable until promoted
+    assert reg.promote(job.id).state == "queued" and reg.promote(job.id) is None  # queued once
+    assert list(reg.queue.pending("train")).count(job.id) == 1
+    again = reg.claim(job.id, "w2")
+    assert again.fence == paused.fence + 1 and again.attempts == held.attempts + 1
+    assert reg.finish(job.id, "paused", again.fence).state == "paused"
+    assert reg.cancel(job.id) is True and reg.get(job.id).state == "cancelled"  # a paused job ends at once
+    assert reg.promote(job.id) is None
+    other = reg.create("train", {}, "run:b")
+    running = reg.claim(other.id, "w1")
+    reg.cancel(other.id)  # asked to stop while it runs, then it reaches a rung
+    assert reg.finish(other.id, "paused", running.fence).state == "cancelled"
+
+
 def test_interruptions_do_not_use_up_attempts_but_crashes_do(reg):
     job = reg.create("train", {}, "run:a")
     for _ in range(3):

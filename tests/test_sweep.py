@@ -105,6 +105,72 @@ def test_promotion_asha_pauses_trials_at_rungs_and_resumes_the_best_from_their_c
     assert steps == list(range(5, 50, 5)), steps  # each evaluation once: resumed, never repeated
     for n in (1, 2):  # paused at the first rung when the sweep ended: pruned, their checkpoints kept
         assert by_trial[n]["steps"] == 5 and checkpoint.find(root / by_trial[n]["run"]).step == 5
+    # The winner trained on from where it stands (its own run, its checkpoint), not from scratch.
+    proc = tlm("sweep", "best", "promo", "--train-on", "15", "--queue", url)
+    assert proc.returncode == 0, proc.stderr
+    on = wait_for(url, proc.stdout.strip(), ["succeeded"], timeout=120)
+    assert on.run == f"run:{by_trial[0]['run']}" and on.result["step"] == 60
+    log = "\n".join(reg.logs(on.id)[0])
+    assert "resuming " in log and "at iteration 45" in log and "new model" not in log, log
+    bad = tlm("sweep", "best", "promo", "--train-on", "soon", "--queue", url)
+    assert bad.returncode == 2 and "--more 'soon'" in bad.stderr, bad.stderr
+
+
+def test_a_worker_killed_while_trials_pause_and_resume_loses_none_and_tells_optuna_each_once(url, workers, tmp_path):
+    """Promotion ASHA under a SIGKILL: a worker dies while its trial trains between rungs and
+    others sit paused; its trial is re-queued and resumes; every trial ends once (succeeded or
+    pruned, none left paused or running), each tells Optuna once, and the paused ones' runs
+    were never trained by two workers (one trainer per run: no evaluation step twice)."""
+    from optuna.trial import TrialState
+    from tlm_worker.sweeps import SweepSpec, study
+    root = tmp_path / "root"
+    root.mkdir()
+    first = workers.start("--save_root", str(root), lease=3)
+    workers.start("--save_root", str(root), lease=3)
+    sweep_id = sweep(url, "kill", "--search", "learning_rate=log:1e-4:3e-2", "--flag", "lr_warmup=1",
+                     "--trials", "6", "--parallel", "2", "--budget", "135", "--sampler", "random", "--seed", "5")
+    reg = registry(url)
+    until(lambda: any(j.state == "paused" for j in reg.jobs(None) if j.sweep), 120, "a paused trial")
+    until(lambda: any(j.state == "running" and j.worker and j.progress.get("step", 0) > 5
+                      for j in reg.jobs(None) if j.sweep), 120, "a trial training past a rung")
+    first.send_signal(signal.SIGKILL)  # a Mac that died mid-trial, whatever it held
+    first.wait()
+    workers.start("--save_root", str(root), lease=3)
+    finished(url, sweep_id, timeout=400)
+    rows = board(url, "kill")["trials"]
+    assert reg.get(sweep_id).state == "succeeded" and sorted(r["trial"] for r in rows) == list(range(6))
+    assert {r["state"] for r in rows} <= {"succeeded", "pruned"} and "succeeded" in {r["state"] for r in rows}
+    for row in rows:
+        steps = [r["step"] for r in metrics.read(root / row["run"]) if r["kind"] == "valid"]
+        assert steps == sorted(set(steps)), (row["trial"], steps)
+    told = study(reg, sweep_id, SweepSpec.from_dict(reg.get(sweep_id).params)).get_trials(deepcopy=False)
+    assert not [t for t in told if t.state == TrialState.RUNNING]
+    by_number = {t.number: t.state for t in told}
+    for row in rows:
+        number = reg.get(row["job"]).sweep["number"]
+        assert by_number[number] == (TrialState.COMPLETE if row["state"] == "succeeded" else TrialState.PRUNED)
+
+
+def test_trials_added_and_a_cancel_while_trials_sit_paused(url, workers, tmp_path):
+    """`tlm sweep add` while a trial is paused grows the sweep; `tlm sweep cancel` then ends the
+    paused trials at once (cancelled, checkpoints kept) and the running ones after a save."""
+    root = tmp_path / "root"
+    root.mkdir()
+    workers.start("--save_root", str(root))
+    sweep_id = sweep(url, "hold", "--search", "learning_rate=log:1e-4:3e-2", "--trials", "3",
+                     "--parallel", "1", "--budget", "100000", "--sampler", "random", "--seed", "2")
+    reg = registry(url)
+    until(lambda: any(j.state == "paused" for j in reg.jobs(None) if j.sweep), 120, "a paused trial")
+    proc = tlm("sweep", "add", "hold", "2", "--queue", url)
+    assert proc.returncode == 0 and "5 trials in all" in proc.stderr, proc.stderr
+    until(lambda: sum(j.state == "paused" for j in reg.jobs(None) if j.sweep) >= 2, 120, "two paused trials")
+    assert tlm("sweep", "cancel", "hold", "--queue", url).returncode == 0
+    finished(url, sweep_id, timeout=120)
+    rows = board(url, "hold")["trials"]
+    assert reg.get(sweep_id).state == "cancelled" and {r["state"] for r in rows} == {"cancelled"}, rows
+    for row in rows:
+        assert checkpoint.find(root / row["run"]) is not None
+    assert any("cancelled" in line for r in rows for line in reg.logs(r["job"])[0])
 
 
 def test_the_same_spec_and_seed_propose_the_same_parameters_in_the_same_order(url):

@@ -98,7 +98,7 @@ NEEDS = {"gpu": bool, "memory": int, "host": str, "labels": {str: str}}
 MEMBER = {REQUIRED_KEYS: ("worker", "expires", "address", "port"), "worker": str, "expires": NUMBER,
           "heartbeat": NUMBER, "address": str, "port": int, "rdma": ({str: str}, type(None))}
 TRIAL = {REQUIRED_KEYS: ("id", "name", "trial", "params"), "id": str, "name": str, "trial": int,
-         "params": dict}
+         "params": dict, "passed": NUMBER}  # passed: the last rung it was let past (promotion ASHA)
 PROGRESS = {  # written by job processes and sweeps; a value of another shape is dropped on read
     "step": int, "total": int, "first_step": int, "val_step": int, "phase": str, "kind": str,
     "message": str, "checkpoint": (str, type(None)), "bits_per_char": bool, "config": dict,

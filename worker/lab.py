@@ -302,6 +302,13 @@ class Lab:
         sweeps.reconcile(self.registry, job.id)
         return added.params["trials"]
 
+    def train_on(self, job: Job, more: str) -> Job:
+        """Queue the sweep's best trial's own run to train ``more`` (minutes or steps) from its
+        checkpoint: the winner goes on where it stands, not from scratch. Conflict while the
+        trial still runs or is paused (the run has its trainer)."""
+        row = self.best(job)[0]
+        return self.train(f"run:{row['run']}", {"more": more})
+
     def best(self, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
         """(the best trial's leaderboard row, its full training flags); Conflict before any
         trial was evaluated."""

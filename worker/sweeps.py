@@ -420,7 +420,7 @@ def _promote(registry: "Registry", st, spec: SweepSpec, jobs: list[Job], leader:
         top = {n for _, n in board[:len(board) // ETA]}
         for _, n in board:
             if n in paused and highest.get(n) == rung and (leader or n in top):
-                job = registry.promote(paused[n].id)
+                job = registry.promote(paused[n].id, sweep={**paused[n].sweep, "passed": rung})
                 if job is not None:
                     registry.log(job.sweep["id"], f"trial {job.sweep['trial']} promoted past "
                                  f"{'step' if not spec.by_time else 'second'} {rung:g}"
@@ -719,8 +719,10 @@ def trial_hooks(c, stop):
         def __init__(self):
             super().__init__(c, stop)
             self.pruned = self.paused = False
-            self.since: float = 0.0  # where this process began, then its last evaluation: rungs past it are judged
             self.family = c.job.sweep
+            # The last rung it was let past (by its own judgement, or promoted): a rung above it is
+            # judged when an evaluation reaches it, also after a crash lost the judgement's pause.
+            self.passed = float(self.family.get("passed", 0))
             self.spec: Optional[SweepSpec] = None  # None: reports to no study
             self._trial = None
             try:
@@ -742,18 +744,15 @@ def trial_hooks(c, stop):
             super().on_progress(p)
             if self.spec is None or c.rank:
                 return
-            at = int(p.elapsed or 0) if self.spec.by_time else p.step
-            if p.kind == "start":
-                self.since = at
             if p.kind != "eval" or p.message == "test" or p.val_loss is None or self.pruned or self.paused:
                 return
+            at = int(p.elapsed or 0) if self.spec.by_time else p.step
             unit = "second" if self.spec.by_time else "step"
             try:
                 trial = self.trial()
                 trial.report(p.val_loss, at)
                 self.pruned = trial.should_prune()
-                crossed = [r for r in rungs(self.spec) if self.since < r <= at]
-                self.since = at
+                crossed = [r for r in rungs(self.spec) if self.passed < r <= at]
                 if self.spec.prune == "asha" and crossed:
                     self.judge(trial, crossed[-1], unit)
             except QUEUE_ERRORS as e:  # the study unreachable for now: train on, unpruned
@@ -776,6 +775,9 @@ def trial_hooks(c, stop):
             place = next((i for i, (_, n) in enumerate(board, 1) if n == self.family["number"]), None)
             if promotable(trials, self.family["number"], rung):
                 self.log(f"rung at {unit} {rung:g}: {place} of {len(board)}, in the top 1/{ETA}: training on")
+                self.passed = rung
+                self.family = {**self.family, "passed": rung}
+                c.report(c.registry.update, c.job.id, sweep=self.family)
                 return
             self.paused = True
             self.log(f"rung at {unit} {rung:g}: {place} of {len(board)}, not in the top 1/{ETA} "

@@ -363,9 +363,8 @@ class Registry:
             if job.state not in LIVE or (fence is not None and job.fence != fence):
                 return None
             worked = {"worked": job.worked + max(now - job.started, 0.0)} if job.state in ACTIVE and job.started else {}
-            if state == PAUSED and not job.cancel:  # "finished": when it paused, until it is promoted
-                return {"state": PAUSED, "worker": None, "members": [], "fence": job.fence + 1,
-                        "finished": now, **worked, **fields}
+            if state == PAUSED and not job.cancel:  # no finish time: only an ended job has one
+                return {"state": PAUSED, "worker": None, "members": [], "fence": job.fence + 1, **worked, **fields}
             return {"state": CANCELLED if state == PAUSED else state, "finished": now, **worked, **fields}
         return self.change(job_id, end, expire=self._ttl, log=log)
 
@@ -419,11 +418,11 @@ class Registry:
             self.update(job_id, cancel="force" if force else "stop")
         return job is not None
 
-    def promote(self, job_id: str) -> Optional[Job]:
-        """Queue a paused trial again, to resume from its checkpoint (None unless it was
-        paused: a promotion done twice queues it once)."""
+    def promote(self, job_id: str, **fields: Any) -> Optional[Job]:
+        """Queue a paused trial again, to resume from its checkpoint, with ``fields`` (None
+        unless it was paused: a promotion done twice queues it once)."""
         now = self.now()
-        job = self.change(job_id, lambda j: {"state": QUEUED, "enqueued": now, "error": None, "finished": None}
+        job = self.change(job_id, lambda j: {"state": QUEUED, "enqueued": now, "error": None, **fields}
                           if j.state == PAUSED and not j.cancel else None, log="promoted: queued to resume")
         if job is not None:
             _wake(self.queue, job)
