@@ -1,6 +1,8 @@
 """tlm sweep on this machine: ASHA against running every trial to its budget, and preset searches.
 
     .venv/bin/python benchmarks/sweep.py asha   [--workers 2]   # the same 16 configurations twice
+    .venv/bin/python benchmarks/sweep.py compare [--seeds 0,1,2] [--trials 16] [--steps 200]
+        # one search space, seeds and workers: no pruning, stopping ASHA, promotion ASHA
     .venv/bin/python benchmarks/sweep.py search --preset shakespeare-cpu --budget 0.2m --trials 24 \\
         --search learning_rate=log:1e-3:2e-2 --search muon_learning_rate=log:5e-3:5e-2 ...
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,8 +33,10 @@ SHAPE = ["--flag", "dataset=shakespeare", "--flag", "num_blocks=2", "--flag", "n
          "--flag", "steps_per_eval=25", "--flag", "steps_per_report=25", "--flag", "lr_warmup=10"]
 
 
-def run_sweep(name: str, args: list[str], workers: int) -> dict:
-    """Submit a sweep to a fresh queue, run workers until it ends, return its leaderboard."""
+def run_sweep(name: str, args: list[str], workers: int, whole_split: bool = False) -> dict:
+    """Submit a sweep to a fresh queue, run workers until it ends, return its leaderboard (with
+    ``whole_split``: its best trial's last checkpoint scored on the whole validation split, and
+    the best-so-far curve of every evaluation against worker time)."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "TLM_QUEUE": f"sqlite://{tmp}/queue.db"}
         root = Path(tmp) / "root"
@@ -51,7 +56,69 @@ def run_sweep(name: str, args: list[str], workers: int) -> dict:
         table = subprocess.run([*TLM, "sweep", "status", name], env={**env, "COLUMNS": "160"},
                                capture_output=True, text=True).stdout
         best = subprocess.run([*TLM, "sweep", "best", name], env=env, capture_output=True, text=True)
-        return {"trials": data["trials"], "wall": wall, "table": table, "best": best.stdout.strip()}
+        out = {"trials": data["trials"], "wall": wall, "table": table, "best": best.stdout.strip()}
+        if whole_split:
+            out["curve"] = evaluations(root, data["trials"], tic, workers)
+            winner = next(t for t in data["trials"] if t["best"] is not None)
+            scored = subprocess.run([*TLM, "eval", "--save_dir", str(root / winner["run"]), "--split", "valid"],
+                                    env=env, check=True, capture_output=True, text=True)
+            out["whole"] = float(scored.stdout.split("valid loss ")[1].split()[0])
+        return out
+
+
+def evaluations(root: Path, trials: list[dict], start: float, workers: int) -> list[tuple[float, float]]:
+    """(worker-seconds since the sweep began, best validation loss so far) at every evaluation
+    of every trial, in time order: workers x wall time, as every worker of a burst is busy."""
+    points = []
+    for t in trials:
+        for line in (root / t["run"] / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if r.get("kind") == "valid":
+                points.append((r["time"], r["loss"]))
+    out, best = [], float("inf")
+    for when, loss in sorted(points):
+        best = min(best, loss)
+        out.append(((when - start) * workers, best))
+    return out
+
+
+def compare(args) -> None:
+    """The same space, seeds and workers searched with each pruning: the best found (scored on
+    the whole validation split), the worker time spent, and the worker time each took to
+    reach stopping ASHA's best."""
+    space = ["--search", "learning_rate=log:3e-4:3e-2", "--search", "dim=32,64,96,128", "--search", "lr_warmup=1:50"]
+    figures: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        common = [*SHAPE, *space, "--sampler", "tpe", "--trials", str(args.trials), "--parallel",
+                  str(args.workers), "--budget", str(args.steps), "--seed", str(seed)]
+        runs = {prune: run_sweep(f"cmp-{prune}-{seed}", [*common, "--prune", prune], args.workers, True)
+                for prune in args.prunes}
+        target = min(b for _, b in runs["asha-stop"]["curve"]) if "asha-stop" in runs else None
+        for prune, r in runs.items():
+            spent = sum(t["worker_time"] for t in r["trials"])
+            reach = next((t for t, b in r["curve"] if target is not None and b <= target), None)
+            figures.setdefault(prune, []).append({"whole": r["whole"], "spent": spent, "reach": reach,
+                                                  "wall": r["wall"]})
+            states = {s: sum(t["state"] == s for t in r["trials"]) for s in {t["state"] for t in r["trials"]}}
+            print(f"seed {seed} --prune {prune}: best whole-split valid loss {r['whole']:.4f}, worker time "
+                  f"{spent:.0f} s, wall {r['wall']:.0f} s, reached asha-stop's best "
+                  + (f"after {reach:.0f} worker-s" if reach is not None else "never") + f", {states}", flush=True)
+    print("\nmean over seeds (perplexity = exp(loss); worker-seconds to reach stopping ASHA's best):")
+    base = figures.get("asha-stop")
+    for prune, rows in figures.items():
+        whole = sum(r["whole"] for r in rows) / len(rows)
+        reached = [r["reach"] for r in rows if r["reach"] is not None]
+        line = f"  {prune:10s} whole-split loss {whole:.4f} (ppl {math.exp(whole):.3f})"
+        if base:
+            ref = sum(r["whole"] for r in base) / len(base)
+            line += f", ppl x{math.exp(whole) / math.exp(ref):.4f} stopping ASHA's"
+            ref_reach = [r["reach"] for r in base if r["reach"] is not None]
+            if reached and len(reached) == len(rows) and ref_reach:
+                line += (f", reached its best in {sum(reached) / len(reached):.0f} worker-s "
+                         f"(x{(sum(reached) / len(reached)) / (sum(ref_reach) / len(ref_reach)):.2f})")
+            else:
+                line += f", reached its best in {len(reached)} of {len(rows)} seeds"
+        print(line, flush=True)
 
 
 def curve(trials: list[dict]) -> list[tuple[float, float]]:
@@ -111,6 +178,12 @@ def main() -> None:
     a = sub.add_parser("asha")
     a.add_argument("--workers", type=int, default=2)
     a.add_argument("--steps", type=int, default=200)
+    c = sub.add_parser("compare")
+    c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--steps", type=int, default=200)
+    c.add_argument("--trials", type=int, default=16)
+    c.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    c.add_argument("--prunes", type=lambda s: s.split(","), default=["none", "asha-stop", "asha"])
     s = sub.add_parser("search")
     s.add_argument("--preset", required=True)
     s.add_argument("--budget", required=True)
@@ -121,7 +194,7 @@ def main() -> None:
     s.add_argument("--search", action="append", default=[])
     s.add_argument("--flag", action="append", default=[])
     args = ap.parse_args()
-    asha(args) if args.what == "asha" else search(args)
+    {"asha": asha, "compare": compare, "search": search}[args.what](args)
 
 
 if __name__ == "__main__":
