@@ -59,6 +59,9 @@ def run_sweep(name: str, args: list[str], workers: int, whole_split: bool = Fals
         out = {"trials": data["trials"], "wall": wall, "table": table, "best": best.stdout.strip()}
         if whole_split:
             out["curve"] = evaluations(root, data["trials"], tic, workers)
+            out["series"] = [{r["step"]: r["loss"] for r in map(json.loads, (root / t["run"] / "metrics.jsonl")
+                                                                .read_text().splitlines()) if r.get("kind") == "valid"}
+                             for t in data["trials"]]
             winner = next(t for t in data["trials"] if t["best"] is not None)
             scored = subprocess.run([*TLM, "eval", "--save_dir", str(root / winner["run"]), "--split", "valid"],
                                     env=env, check=True, capture_output=True, text=True)
@@ -82,6 +85,23 @@ def evaluations(root: Path, trials: list[dict], start: float, workers: int) -> l
     return out
 
 
+def rank_quality(series: list[dict[int, float]], rungs: list[float]) -> dict[str, list[float]]:
+    """How well each rung metric ranks trials trained to the end (their final loss): Spearman's
+    rank correlation at each rung of one evaluation at the rung, and of promotion ASHA's
+    (``sweeps.rung_value``: the mean over the rung's second half)."""
+    import numpy as np  # numpy
+
+    from tlm_worker.sweeps import rung_value
+
+    def spearman(a: list[float], b: list[float]) -> float:
+        ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+        return float(np.corrcoef(ra, rb)[0, 1])
+    done = [s for s in series if s]
+    final = [s[max(s)] for s in done]
+    return {"one evaluation": [spearman([s[min(k for k in s if k >= r)] for s in done], final) for r in rungs],
+            "second-half mean": [spearman([rung_value(s, r) for s in done], final) for r in rungs]}
+
+
 def compare(args) -> None:
     """The same space, seeds and workers searched with each pruning: the best found (scored on
     the whole validation split), the worker time spent, and the worker time each took to
@@ -94,6 +114,11 @@ def compare(args) -> None:
         runs = {prune: run_sweep(f"cmp-{prune}-{seed}", [*common, "--prune", prune], args.workers, True)
                 for prune in args.prunes}
         target = min(b for _, b in runs["asha-stop"]["curve"]) if "asha-stop" in runs else None
+        if "none" in runs:  # every trial trained to the end: which rung metric ranks them better
+            rungs = [25.0 * 3 ** k for k in range(3) if 25 * 3 ** k < args.steps]
+            for metric, rho in rank_quality(runs["none"]["series"], rungs).items():
+                print(f"seed {seed}: rank correlation with the final loss at rungs {rungs}, {metric}: "
+                      + ", ".join(f"{r:.3f}" for r in rho), flush=True)
         for prune, r in runs.items():
             spent = sum(t["worker_time"] for t in r["trials"])
             reach = next((t for t, b in r["curve"] if target is not None and b <= target), None)
