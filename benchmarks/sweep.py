@@ -1,8 +1,10 @@
 """tlm sweep on this machine: ASHA against running every trial to its budget, and preset searches.
 
     .venv/bin/python benchmarks/sweep.py asha   [--workers 2]   # the same 16 configurations twice
-    .venv/bin/python benchmarks/sweep.py compare [--seeds 0,1,2] [--trials 16] [--steps 200]
-        # one search space, seeds and workers: no pruning, stopping ASHA, promotion ASHA
+    .venv/bin/python benchmarks/sweep.py compare [--seeds 0,1,2] [--seconds 120] [--steps 200]
+        # one search space, seeds and worker budget: no pruning, stopping ASHA, promotion ASHA
+    .venv/bin/python benchmarks/sweep.py train-on [--more 200]
+        # a sweep's winner trained on from its checkpoint vs its flags retrained from scratch
     .venv/bin/python benchmarks/sweep.py search --preset shakespeare-cpu --budget 0.2m --trials 24 \\
         --search learning_rate=log:1e-3:2e-2 --search muon_learning_rate=log:5e-3:5e-2 ...
 
@@ -33,10 +35,8 @@ SHAPE = ["--flag", "dataset=shakespeare", "--flag", "num_blocks=2", "--flag", "n
          "--flag", "steps_per_eval=25", "--flag", "steps_per_report=25", "--flag", "lr_warmup=10"]
 
 
-def run_sweep(name: str, args: list[str], workers: int, whole_split: bool = False) -> dict:
-    """Submit a sweep to a fresh queue, run workers until it ends, return its leaderboard (with
-    ``whole_split``: its best trial's last checkpoint scored on the whole validation split, and
-    the best-so-far curve of every evaluation against worker time)."""
+def run_sweep(name: str, args: list[str], workers: int) -> dict:
+    """Submit a sweep to a fresh queue, run workers until it ends, return its leaderboard."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "TLM_QUEUE": f"sqlite://{tmp}/queue.db"}
         root = Path(tmp) / "root"
@@ -56,17 +56,7 @@ def run_sweep(name: str, args: list[str], workers: int, whole_split: bool = Fals
         table = subprocess.run([*TLM, "sweep", "status", name], env={**env, "COLUMNS": "160"},
                                capture_output=True, text=True).stdout
         best = subprocess.run([*TLM, "sweep", "best", name], env=env, capture_output=True, text=True)
-        out = {"trials": data["trials"], "wall": wall, "table": table, "best": best.stdout.strip()}
-        if whole_split:
-            out["curve"] = evaluations(root, data["trials"], tic, workers)
-            out["series"] = [{r["step"]: r["loss"] for r in map(json.loads, (root / t["run"] / "metrics.jsonl")
-                                                                .read_text().splitlines()) if r.get("kind") == "valid"}
-                             for t in data["trials"]]
-            winner = next(t for t in data["trials"] if t["best"] is not None)
-            scored = subprocess.run([*TLM, "eval", "--save_dir", str(root / winner["run"]), "--split", "valid"],
-                                    env=env, check=True, capture_output=True, text=True)
-            out["whole"] = float(scored.stdout.split("valid loss ")[1].split()[0])
-        return out
+        return {"trials": data["trials"], "wall": wall, "table": table, "best": best.stdout.strip()}
 
 
 def evaluations(root: Path, trials: list[dict], start: float, workers: int) -> list[tuple[float, float]]:
@@ -102,33 +92,68 @@ def rank_quality(series: list[dict[int, float]], rungs: list[float]) -> dict[str
             "second-half mean": [spearman([rung_value(s, r) for s in done], final) for r in rungs]}
 
 
+def run_for(name: str, args: list[str], workers: int, seconds: float) -> dict:
+    """A sweep of many trials on a fresh queue, its workers given ``seconds`` of wall time (so
+    workers x seconds of worker time), then cancelled: the best validation loss it had found
+    by then, in the trials' own evaluations and on the whole validation split (its trial's
+    checkpoint when the budget ran out), and the best-so-far curve against worker time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "TLM_QUEUE": f"sqlite://{tmp}/queue.db"}
+        root = Path(tmp) / "root"
+        root.mkdir()
+        tlm = lambda *a: subprocess.run([*TLM, *a], env=env, check=True, capture_output=True, text=True)  # noqa: E731
+        tlm("sweep", "submit", "--name", name, *args)
+        tic = time.time()
+        procs = [subprocess.Popen([sys.executable, "-m", "tlm_worker.main", "--save_root", str(root)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(workers)]
+        time.sleep(max(0.0, tic + seconds - time.time()))
+        tlm("sweep", "cancel", name)  # running trials save; nothing after the budget counts
+        deadline = time.time() + 120
+        while json.loads(tlm("sweep", "status", name, "--json").stdout)["sweep"]["state"] == "running" \
+                and time.time() < deadline:
+            time.sleep(1)
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        trials = json.loads(tlm("sweep", "status", name, "--json").stdout)["trials"]
+        curve = [(t, b) for t, b in evaluations(root, trials, tic, workers) if t <= seconds * workers]
+        best_loss = curve[-1][1] if curve else float("inf")
+        winner = next((t for t in trials if t["best"] is not None and t["best"] <= best_loss), trials[0])
+        scored = tlm("eval", "--save_dir", str(root / winner["run"]), "--split", "valid").stdout
+        states = {s: sum(t["state"] == s for t in trials) for s in {t["state"] for t in trials}}
+        return {"curve": curve, "found": best_loss, "states": states, "trials": trials,
+                "whole": float(scored.split("valid loss ")[1].split()[0]),
+                "series": [{r["step"]: r["loss"] for r in map(json.loads, (root / t["run"] / "metrics.jsonl")
+                                                              .read_text().splitlines()) if r.get("kind") == "valid"}
+                           for t in trials if (root / t["run"] / "metrics.jsonl").exists()]}
+
+
 def compare(args) -> None:
-    """The same space, seeds and workers searched with each pruning: the best found (scored on
-    the whole validation split), the worker time spent, and the worker time each took to
-    reach stopping ASHA's best."""
+    """The same space, seeds and worker budget searched with each pruning: the best found (in
+    the trials' evaluations, and scored on the whole validation split), and the worker time each
+    took to reach stopping ASHA's best."""
     space = ["--search", "learning_rate=log:3e-4:3e-2", "--search", "dim=32,64,96,128", "--search", "lr_warmup=1:50"]
     figures: dict[str, list[dict]] = {}
     for seed in args.seeds:
-        common = [*SHAPE, *space, "--sampler", "tpe", "--trials", str(args.trials), "--parallel",
-                  str(args.workers), "--budget", str(args.steps), "--seed", str(seed)]
-        runs = {prune: run_sweep(f"cmp-{prune}-{seed}", [*common, "--prune", prune], args.workers, True)
+        common = [*SHAPE, *space, "--sampler", "tpe", "--trials", "1000", "--parallel", str(args.workers),
+                  "--budget", str(args.steps), "--seed", str(seed)]
+        runs = {prune: run_for(f"cmp-{prune}-{seed}", [*common, "--prune", prune], args.workers, args.seconds)
                 for prune in args.prunes}
-        target = min(b for _, b in runs["asha-stop"]["curve"]) if "asha-stop" in runs else None
+        target = runs["asha-stop"]["found"] if "asha-stop" in runs else None
         if "none" in runs:  # every trial trained to the end: which rung metric ranks them better
             rungs = [25.0 * 3 ** k for k in range(3) if 25 * 3 ** k < args.steps]
-            for metric, rho in rank_quality(runs["none"]["series"], rungs).items():
-                print(f"seed {seed}: rank correlation with the final loss at rungs {rungs}, {metric}: "
-                      + ", ".join(f"{r:.3f}" for r in rho), flush=True)
+            done = [s for s in runs["none"]["series"] if s and max(s) >= args.steps]
+            for metric, rho in rank_quality(done, rungs).items():
+                print(f"seed {seed}: rank correlation with the final loss of {len(done)} trials at rungs "
+                      f"{rungs}, {metric}: " + ", ".join(f"{r:.3f}" for r in rho), flush=True)
         for prune, r in runs.items():
-            spent = sum(t["worker_time"] for t in r["trials"])
             reach = next((t for t, b in r["curve"] if target is not None and b <= target), None)
-            figures.setdefault(prune, []).append({"whole": r["whole"], "spent": spent, "reach": reach,
-                                                  "wall": r["wall"]})
-            states = {s: sum(t["state"] == s for t in r["trials"]) for s in {t["state"] for t in r["trials"]}}
-            print(f"seed {seed} --prune {prune}: best whole-split valid loss {r['whole']:.4f}, worker time "
-                  f"{spent:.0f} s, wall {r['wall']:.0f} s, reached asha-stop's best "
-                  + (f"after {reach:.0f} worker-s" if reach is not None else "never") + f", {states}", flush=True)
-    print("\nmean over seeds (perplexity = exp(loss); worker-seconds to reach stopping ASHA's best):")
+            figures.setdefault(prune, []).append({"whole": r["whole"], "found": r["found"], "reach": reach})
+            print(f"seed {seed} --prune {prune}: best found {r['found']:.4f} (whole split {r['whole']:.4f}), "
+                  f"reached asha-stop's best " + (f"after {reach:.0f} worker-s" if reach is not None else "never")
+                  + f", trials {r['states']}", flush=True)
+    print(f"\nmean over seeds {args.seeds}, {args.workers} workers x {args.seconds:.0f} s each (perplexity = exp(loss)):")
     base = figures.get("asha-stop")
     for prune, rows in figures.items():
         whole = sum(r["whole"] for r in rows) / len(rows)
@@ -138,11 +163,9 @@ def compare(args) -> None:
             ref = sum(r["whole"] for r in base) / len(base)
             line += f", ppl x{math.exp(whole) / math.exp(ref):.4f} stopping ASHA's"
             ref_reach = [r["reach"] for r in base if r["reach"] is not None]
-            if reached and len(reached) == len(rows) and ref_reach:
-                line += (f", reached its best in {sum(reached) / len(reached):.0f} worker-s "
-                         f"(x{(sum(reached) / len(reached)) / (sum(ref_reach) / len(ref_reach)):.2f})")
-            else:
-                line += f", reached its best in {len(reached)} of {len(rows)} seeds"
+            line += (f", reached stopping ASHA's best in {sum(reached) / len(reached):.0f} worker-s on average "
+                     f"(x{(sum(reached) / len(reached)) / (sum(ref_reach) / len(ref_reach)):.2f}), "
+                     if reached and ref_reach else ", ") + f"in {len(reached)} of {len(rows)} seeds"
         print(line, flush=True)
 
 
@@ -184,6 +207,41 @@ def asha(args) -> None:
           f"(x{full[-1][0] / asha_spent:.2f} ASHA's)")
 
 
+def train_on(args) -> None:
+    """`tlm sweep best --train-on`: the winner of a promotion-ASHA sweep trained ``--more`` steps
+    on from its checkpoint, against its flags trained from scratch for the same total steps; each
+    scored on the whole validation split, with its wall time (one worker)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "TLM_QUEUE": f"sqlite://{tmp}/queue.db", "TLM_SAVE_ROOT": f"{tmp}/root"}
+        Path(tmp, "root").mkdir()
+        space = ["--search", "learning_rate=log:3e-4:3e-2", "--search", "dim=32,64,96,128"]
+        tlm = lambda *a: subprocess.run([*TLM, *a], env=env, check=True, capture_output=True, text=True)  # noqa: E731
+        tlm("sweep", "submit", "--name", "won", *SHAPE, *space, "--trials", str(args.trials), "--parallel",
+            str(args.workers), "--budget", str(args.steps), "--seed", "0")
+
+        def work(n: int = 1) -> None:
+            procs = [subprocess.Popen([sys.executable, "-m", "tlm_worker.main", "--burst"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(n)]
+            for p in procs:
+                p.wait()
+        work(args.workers)
+        best = tlm("sweep", "best", "won").stdout.split()
+        flags = [a if a != "NAME" else "scratch" for a in best[3:]]
+        run = json.loads(tlm("sweep", "status", "won", "--json").stdout)["trials"][0]["run"]
+        timings = {}
+        for name, submit in (("trained on", ["sweep", "best", "won", "--train-on", str(args.more)]),
+                             ("from scratch", ["submit", "train", *flags, "--num_iters", str(args.steps + args.more)])):
+            tlm(*submit)
+            tic = time.time()
+            work()
+            timings[name] = time.time() - tic
+        for name, where in (("trained on", run), ("from scratch", "scratch")):
+            scored = tlm("eval", "--save_dir", f"{tmp}/root/{where}", "--split", "valid").stdout
+            loss = float(scored.split("valid loss ")[1].split()[0])
+            print(f"{name:>12}: whole-split valid loss {loss:.4f} (ppl {math.exp(loss):.3f}) at "
+                  f"{args.steps + args.more} steps; its job's wall time {timings[name]:.0f} s", flush=True)
+
+
 def search(args) -> None:
     flags = ["--preset", args.preset, "--budget", args.budget, "--trials", str(args.trials),
              "--parallel", str(args.workers), "--prune", args.prune, "--seed", str(args.seed)]
@@ -206,9 +264,14 @@ def main() -> None:
     c = sub.add_parser("compare")
     c.add_argument("--workers", type=int, default=2)
     c.add_argument("--steps", type=int, default=200)
-    c.add_argument("--trials", type=int, default=16)
+    c.add_argument("--seconds", type=float, default=120.0, help="each sweep's wall time (x --workers: its worker time)")
     c.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     c.add_argument("--prunes", type=lambda s: s.split(","), default=["none", "asha-stop", "asha"])
+    t = sub.add_parser("train-on")
+    t.add_argument("--workers", type=int, default=2)
+    t.add_argument("--steps", type=int, default=200)
+    t.add_argument("--more", type=int, default=200)
+    t.add_argument("--trials", type=int, default=8)
     s = sub.add_parser("search")
     s.add_argument("--preset", required=True)
     s.add_argument("--budget", required=True)
@@ -219,7 +282,7 @@ def main() -> None:
     s.add_argument("--search", action="append", default=[])
     s.add_argument("--flag", action="append", default=[])
     args = ap.parse_args()
-    {"asha": asha, "compare": compare, "search": search}[args.what](args)
+    {"asha": asha, "compare": compare, "train-on": train_on, "search": search}[args.what](args)
 
 
 if __name__ == "__main__":

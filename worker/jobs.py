@@ -34,7 +34,7 @@ from tlm.ranks import rank_env
 from tlm_worker.kinds import EvalParams, ExportParams, SampleParams, TrainParams, params_of, resolve
 from tlm_worker.queue import QUEUE_ERRORS, Queue
 from tlm_worker.registry import ACTIVE, FAILED, SUCCEEDED, Job, JobNotFound, LeaseLost, Registry
-from tlm_worker.sweeps import trial_hooks
+from tlm_worker.sweeps import TrialHooks
 from tlm_worker.targets import TargetError, data_folder, resolve_save_dir
 from tlm_worker.trainer_hooks import RegistryHooks
 
@@ -298,7 +298,7 @@ def run_train(c: Context) -> None:
         given = pin_more(c, given)
     stop = StopOnSignal()  # no I/O in the signal handler
     if c.job.sweep:
-        train_job(c, given, trial_hooks(c, stop))
+        train_job(c, given, TrialHooks(c, stop))
     else:
         train_job(c, given, RegistryHooks(c, stop))
 

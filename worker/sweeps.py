@@ -713,81 +713,78 @@ def live_sweeps(registry: "Registry") -> list[Job]:
     return [j for j in registry.in_states(ACTIVE) if j.spec.driven]
 
 
-def trial_hooks(c, stop):
-    """The hooks of a sweep trial's job process (``c``: its ``tlm_worker.jobs.Context``)."""
-    class Trial(RegistryHooks):
-        def __init__(self):
-            super().__init__(c, stop)
-            self.pruned = self.paused = False
-            self.family = c.job.sweep
-            # The last rung it was let past (by its own judgement, or promoted): a rung above it is
-            # judged when an evaluation reaches it, also after a crash lost the judgement's pause.
-            self.passed = float(self.family.get("passed", 0))
-            self.spec: Optional[SweepSpec] = None  # None: reports to no study
-            self._trial = None
-            try:
-                self.spec = SweepSpec.from_dict(c.registry.get(self.family["id"]).params)
-            except JobNotFound:  # pruned, or lost with a Redis restarted empty
-                self.log(f"its sweep {self.family['name']} is gone: training on as an ordinary job")
+class TrialHooks(RegistryHooks):
+    """The hooks of a sweep trial's job process (``c``: its ``tlm_worker.jobs.Context``): they
+    report each evaluation to the sweep's study, judge the trial at promotion ASHA's rungs (train
+    on or pause), and stop it where a stopping pruner says so."""
 
-        def trial(self):
-            import optuna  # Optuna
+    def __init__(self, c, stop):
+        super().__init__(c, stop)
+        self.pruned = self.paused = False
+        self.family = c.job.sweep
+        # The last rung it was let past (by its own judgement, or promoted): a rung above it is
+        # judged when an evaluation reaches it, also after a crash lost the judgement's pause.
+        self.passed = float(self.family.get("passed", 0))
+        self.spec: Optional[SweepSpec] = None  # None: reports to no study
+        self._trial = None
+        try:
+            self.spec = SweepSpec.from_dict(c.registry.get(self.family["id"]).params)
+        except JobNotFound:  # pruned, or lost with a Redis restarted empty
+            self.log(f"its sweep {self.family['name']} is gone: training on as an ordinary job")
 
-            if self._trial is None:
-                st = study(c.registry, self.family["id"], self.spec, self.family["trial"])
-                trial_id = st._storage.get_trial_id_from_study_id_trial_number(
-                    st._study_id, self.family["number"])
-                self._trial = optuna.trial.Trial(st, trial_id)
-            return self._trial
+    def trial(self):
+        import optuna  # Optuna
 
-        def on_progress(self, p) -> None:
-            super().on_progress(p)
-            if self.spec is None or c.rank:
-                return
-            if p.kind != "eval" or p.message == "test" or p.val_loss is None or self.pruned or self.paused:
-                return
-            at = int(p.elapsed or 0) if self.spec.by_time else p.step
-            unit = "second" if self.spec.by_time else "step"
-            try:
-                trial = self.trial()
-                trial.report(p.val_loss, at)
-                self.pruned = trial.should_prune()
-                crossed = [r for r in rungs(self.spec) if self.passed < r <= at]
-                if self.spec.prune == "asha" and crossed:
-                    self.judge(trial, crossed[-1], unit)
-            except QUEUE_ERRORS as e:  # the study unreachable for now: train on, unpruned
-                self.log(f"could not report to sweep {self.spec.name}'s study ({e}); training on")
-                return
-            except Exception as e:  # its journal gone or damaged: it never answers again
-                self.log(f"sweep {self.spec.name}'s study cannot be read ({e}): training on as an "
-                         "ordinary job")
-                self.spec = None
-                return
-            if self.pruned:
-                self.log(f"pruned ({self.spec.prune}) at {unit} {at}, valid loss {p.val_loss:.4f}: "
-                         "saved, stopping")
+        if self._trial is None:
+            st = study(self.c.registry, self.family["id"], self.spec, self.family["trial"])
+            trial_id = st._storage.get_trial_id_from_study_id_trial_number(st._study_id, self.family["number"])
+            self._trial = optuna.trial.Trial(st, trial_id)
+        return self._trial
 
-        def judge(self, trial, rung: float, unit: str) -> None:
-            """At a rung: train on if in the top 1/ETA of the trials that reached it, else
-            save and pause (the sweep resumes it if it becomes promotable)."""
-            trials = trial.study.get_trials(deepcopy=False)
-            board = standing(trials, rung)
-            place = next((i for i, (_, n) in enumerate(board, 1) if n == self.family["number"]), None)
-            if promotable(trials, self.family["number"], rung):
-                self.log(f"rung at {unit} {rung:g}: {place} of {len(board)}, in the top 1/{ETA}: training on")
-                self.passed = rung
-                self.family = {**self.family, "passed": rung}
-                c.report(c.registry.update, c.job.id, sweep=self.family)
-                return
-            self.paused = True
-            self.log(f"rung at {unit} {rung:g}: {place} of {len(board)}, not in the top 1/{ETA} "
-                     f"({len(board) // ETA} go on): saved, pausing until promoted")
+    def on_progress(self, p) -> None:
+        super().on_progress(p)
+        if self.spec is None or self.c.rank or p.kind != "eval" or p.message == "test" \
+                or p.val_loss is None or self.pruned or self.paused:
+            return
+        at = int(p.elapsed or 0) if self.spec.by_time else p.step
+        unit = "second" if self.spec.by_time else "step"
+        try:
+            trial = self.trial()
+            trial.report(p.val_loss, at)
+            self.pruned = trial.should_prune()
+            crossed = [r for r in rungs(self.spec) if self.passed < r <= at]
+            if self.spec.prune == "asha" and crossed:
+                self.judge(trial, crossed[-1], unit)
+        except QUEUE_ERRORS as e:  # the study unreachable for now: train on, unpruned
+            self.log(f"could not report to sweep {self.spec.name}'s study ({e}); training on")
+            return
+        except Exception as e:  # its journal gone or damaged: it never answers again
+            self.log(f"sweep {self.spec.name}'s study cannot be read ({e}): training on as an ordinary job")
+            self.spec = None
+            return
+        if self.pruned:
+            self.log(f"pruned ({self.spec.prune}) at {unit} {at}, valid loss {p.val_loss:.4f}: saved, stopping")
 
-        def should_stop(self) -> bool:
-            return self.pruned or self.paused or super().should_stop()
+    def judge(self, trial, rung: float, unit: str) -> None:
+        """At a rung: train on if in the top 1/ETA of the trials that reached it, else save and
+        pause (the sweep resumes it if it becomes promotable)."""
+        trials = trial.study.get_trials(deepcopy=False)
+        board = standing(trials, rung)
+        place = next((i for i, (_, n) in enumerate(board, 1) if n == self.family["number"]), None)
+        if promotable(trials, self.family["number"], rung):
+            self.log(f"rung at {unit} {rung:g}: {place} of {len(board)}, in the top 1/{ETA}: training on")
+            self.passed = rung
+            self.family = {**self.family, "passed": rung}
+            self.c.report(self.c.registry.update, self.c.job.id, sweep=self.family)
+            return
+        self.paused = True
+        self.log(f"rung at {unit} {rung:g}: {place} of {len(board)}, not in the top 1/{ETA} "
+                 f"({len(board) // ETA} go on): saved, pausing until promoted")
 
-        def end_state(self, result):
-            if self.paused and not self.cancelled:
-                return PAUSED
-            return PRUNED if self.pruned else super().end_state(result)
-    return Trial()
+    def should_stop(self) -> bool:
+        return self.pruned or self.paused or super().should_stop()
+
+    def end_state(self, result):
+        if self.paused and not self.cancelled:
+            return PAUSED
+        return PRUNED if self.pruned else super().end_state(result)

@@ -1,7 +1,7 @@
 """The trainer's hooks in a worker's job process: progress, log lines and metric points go
 to the registry; the job's cancel flag and the worker's signals stop the run after a save;
 each checkpoint and metrics record is published only while this process holds the job's
-fencing token. A sweep's trials extend them (``tlm_worker.sweeps.trial_hooks``)."""
+fencing token. A sweep's trials extend them (``tlm_worker.sweeps.TrialHooks``)."""
 
 from __future__ import annotations
 
