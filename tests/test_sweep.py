@@ -164,6 +164,8 @@ def test_trials_added_and_a_cancel_while_trials_sit_paused(url, workers, tmp_pat
     proc = tlm("sweep", "add", "hold", "2", "--queue", url)
     assert proc.returncode == 0 and "5 trials in all" in proc.stderr, proc.stderr
     until(lambda: sum(j.state == "paused" for j in reg.jobs(None) if j.sweep) >= 2, 120, "two paused trials")
+    shown = tlm("status", "--queue", url).stdout
+    assert "paused" in shown and "paused" in tlm("sweep", "status", "hold", "--queue", url).stdout, shown
     assert tlm("sweep", "cancel", "hold", "--queue", url).returncode == 0
     finished(url, sweep_id, timeout=120)
     rows = board(url, "hold")["trials"]
