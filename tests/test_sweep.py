@@ -105,6 +105,13 @@ def test_promotion_asha_pauses_trials_at_rungs_and_resumes_the_best_from_their_c
     assert steps == list(range(5, 50, 5)), steps  # each evaluation once: resumed, never repeated
     for n in (1, 2):  # paused at the first rung when the sweep ended: pruned, their checkpoints kept
         assert by_trial[n]["steps"] == 5 and checkpoint.find(root / by_trial[n]["run"]).step == 5
+    # Optuna learned from each pause as it happened (told pruned); each promotion went on as a
+    # new Optuna trial of the same flags, the last one complete.
+    from tlm_worker.sweeps import SweepSpec, study
+    told = study(reg, sweep_id, SweepSpec.from_dict(reg.get(sweep_id).params)).get_trials(deepcopy=False)
+    assert sorted(t.state.name for t in told) == ["COMPLETE"] + ["PRUNED"] * 4, told
+    final = told[reg.get(by_trial[0]["job"]).sweep["number"]]
+    assert final.state.name == "COMPLETE" and final.user_attrs["passed"] == 15 and final.params == {"learning_rate": 0.003}
     # The winner trained on from where it stands (its own run, its checkpoint), not from scratch.
     proc = tlm("sweep", "best", "promo", "--train-on", "15", "--queue", url)
     assert proc.returncode == 0, proc.stderr

@@ -393,8 +393,11 @@ def rung_value(values: dict[int, float], rung: float) -> Optional[float]:
 
 
 def standing(trials: list, rung: float) -> list[tuple[float, int]]:
-    """(metric, Optuna number) of every trial that reached the rung, best first."""
-    scored = ((rung_value(t.intermediate_values, rung), t.number) for t in trials)
+    """(metric, Optuna number) of every trial that reached the rung, best first. A promoted
+    trial's continuation (a new Optuna trial, ``passed`` the rung it was promoted past) counts
+    from its next rung on: at the earlier ones its first entry stands."""
+    scored = ((rung_value(t.intermediate_values, rung), t.number) for t in trials
+              if t.user_attrs.get("passed", -1.0) < rung)
     return sorted((v, n) for v, n in scored if v is not None)
 
 
@@ -420,7 +423,12 @@ def _promote(registry: "Registry", st, spec: SweepSpec, jobs: list[Job], leader:
         top = {n for _, n in board[:len(board) // ETA]}
         for _, n in board:
             if n in paused and highest.get(n) == rung and (leader or n in top):
-                job = registry.promote(paused[n].id, sweep={**paused[n].sweep, "passed": rung})
+                # Optuna was told it was pruned (TPE learns from it); it goes on as a new trial
+                # of the same flags, which its job carries from now on
+                _tell_once(st, n, state=_state("PRUNED"))
+                st.enqueue_trial(paused[n].sweep["params"], user_attrs={"passed": rung})
+                number = st.ask(distributions(spec)).number
+                job = registry.promote(paused[n].id, sweep={**paused[n].sweep, "passed": rung, "number": number})
                 if job is not None:
                     registry.log(job.sweep["id"], f"trial {job.sweep['trial']} promoted past "
                                  f"{'step' if not spec.by_time else 'second'} {rung:g}"
@@ -638,18 +646,19 @@ def _state(name: str):
 
 
 def _tell(st, jobs: list[Job], lease: float) -> None:
-    """Tell Optuna how each ended trial ended; fail Optuna trials no job carries (orphans)."""
+    """Tell Optuna how each ended trial ended, and a paused one as pruned (TPE learns from its
+    rungs now; promoted, it goes on as a new trial); fail Optuna trials no job carries (orphans)."""
     running = {t.number: t for t in st.get_trials(deepcopy=False, states=(_state("RUNNING"),))}
     carried = {j.sweep["number"] for j in jobs if j.sweep}
     for job in jobs:
         number = job.sweep["number"] if job.sweep else None
-        if number not in running or job.state not in FINAL:
+        if number not in running or job.state not in FINAL + (PAUSED,):
             continue
         best = best_metric(job)
         if job.state == SUCCEEDED and best is not None:
             _tell_once(st, number, value=best[0])
         else:
-            _tell_once(st, number, state=_state("PRUNED" if job.state == PRUNED else "FAIL"))
+            _tell_once(st, number, state=_state("PRUNED" if job.state in (PRUNED, PAUSED) else "FAIL"))
     for number, t in running.items():
         started = t.datetime_start.timestamp() if t.datetime_start else time.time()
         if number not in carried and time.time() - started > lease:
