@@ -40,11 +40,6 @@ def echo(message: str) -> None:
     click.echo(message, err=True)
 
 
-def connect(url: Optional[str], save_root: Optional[str] = None) -> Lab:
-    """The lab of the queue at ``url``, for a command wrapped in ``queue_errors``."""
-    return Lab.connect(url, save_root)
-
-
 def queue_errors(fn: Callable) -> Callable:
     """Turn the lab's refusals, an unreachable queue or an unknown job id into a one-line error."""
     @functools.wraps(fn)
@@ -168,7 +163,7 @@ def submit_train(run, save_root, wait, queue, priority, after, needs, on, then, 
     carried = None
     if given.get("dataset") and is_text_path(given["dataset"]):
         carried = carry_dataset(given["dataset"], run_dir(where, save_root))
-    lab = connect(queue, save_root)
+    lab = Lab.connect(queue, save_root)
     job = announce(lab.train(run_key, given, place, carried))
     for kind, params in follow_ups:
         announce(lab.read(kind, run_key, params, Placement(place.priority, job.id)))
@@ -185,7 +180,7 @@ def read_command(kind: JobKind) -> click.Command:
         fields = {f.name: f for f in dataclasses.fields(kind.params)}
         values = {k: submitted_path(v) if v is not None and fields[k].metadata.get("path") else v
                   for k, v in values.items()}
-        lab = connect(queue)
+        lab = Lab.connect(queue)
         job = announce(lab.read(kind.name, run_key, dataclasses.asdict(kind.params(**values)),
                                 Placement.of(priority, after, needs, on)))
         if wait:
@@ -402,7 +397,7 @@ def stream_all(lab: Lab, state: Optional[str], as_json: bool) -> None:
 @queue_errors
 def status(job_id, as_json, watch, limit, show_all, state, run, save_dir, queue) -> None:
     """List live jobs, the latest finished ones and the workers; or show one job in full."""
-    lab = connect(queue)
+    lab = Lab.connect(queue)
     registry = lab.registry
     if job_id:
         job = registry.get(job_id)
@@ -500,7 +495,7 @@ def _short(value: Any) -> str:
 @queue_errors
 def logs(job_id, follow, queue) -> None:
     """Print a job's log lines, from whichever worker runs it."""
-    registry = connect(queue).registry
+    registry = Lab.connect(queue).registry
     job_id = registry.get(job_id).id
     cursor = None
     with registry.changes() as wait:
@@ -521,7 +516,7 @@ def logs(job_id, follow, queue) -> None:
 @queue_errors
 def cancel(job_id, force, queue) -> None:
     """Cancel a job: it finishes its step, saves, and can be resumed by submitting again."""
-    lab = connect(queue)
+    lab = Lab.connect(queue)
     job = lab.registry.get(job_id)
     waiting = [f.id for f in lab.registry.find(job.followers) if f.state == "waiting"]
     step = job.progress.get("step")
@@ -552,7 +547,7 @@ def cancel(job_id, force, queue) -> None:
 def prune(older_than, keep_runs, queue) -> None:
     """Delete finished jobs and their logs now, and what `tlm runs` kept of the runs no job is
     left of (checkpoints and metrics files are untouched)."""
-    n = connect(queue).registry.prune(older_than, keep_runs)
+    n = Lab.connect(queue).registry.prune(older_than, keep_runs)
     echo(f"deleted {n} finished job(s)" + ("" if keep_runs or not n else
                                          "; runs with no job left are listed from their folders only "
                                          "(tlm runs --save_root; --keep_runs keeps them)"))
@@ -576,7 +571,7 @@ def runs(as_json, as_csv, dataset, sort_by, save_root, limit, show_all, queue) -
     """The runs the registry knows and the runs under the save root, best first: shape, key
     flags, best validation loss and its step, test loss, steps, minutes, tokens/s, state."""
     everything = show_all or as_json or as_csv or dataset is not None or sort_by != "best_valid"
-    rows, more = connect(queue, save_root).runs(limit=None if everything else limit)
+    rows, more = Lab.connect(queue, save_root).runs(limit=None if everything else limit)
     rows = [r for r in rows if dataset in (None, r["dataset"])]
     numeric = sort_by not in ("run", "dataset", "optimizer", "state")
     rows.sort(key=lambda r: (r[sort_by] is None, r[sort_by] if r[sort_by] is not None else 0)

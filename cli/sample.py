@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from tlm.config import ConfigError
-from tlm_cli.jobs import connect, queue_errors, queue_option
+from tlm_cli.jobs import queue_errors, queue_option
 from tlm_cli.options import FiniteRange, find_checkpoint, run_directory, save_root_option
 from tlm_worker.kinds import FINAL, SAMPLE, SUCCEEDED, SampleParams
 from tlm_worker.lab import Lab
@@ -109,7 +109,7 @@ def _warn_unknown(tokenizer, text: str) -> None:
 
 
 def _queued(queue, run_key, identifier, prompt, cfg, num_samples) -> None:
-    lab = connect(queue)
+    lab = Lab.connect(queue)
     registry = lab.registry
     params = SampleParams(prompt, dataclasses.asdict(cfg), identifier, num_samples)
     job = lab.read(SAMPLE, run_key, dataclasses.asdict(params))

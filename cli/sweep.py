@@ -13,9 +13,10 @@ from typing import Any, Optional
 import click
 from rich.table import Table
 
-from tlm_cli.jobs import connect, duration, echo, queue_errors, queue_option
+from tlm_cli.jobs import duration, echo, queue_errors, queue_option
 from tlm_cli.render import fitted_table, table_console, watch_table
 from tlm_worker.kinds import FINAL, misfit
+from tlm_worker.lab import Lab
 
 SPEC_KEYS = ("name", "preset", "search", "trials", "parallel", "metric", "budget", "prune", "sampler",
              "seed", "priority", "flags")
@@ -84,7 +85,7 @@ def submit(spec_file, name, preset, search, flags, trials, parallel, metric, bud
     given.update({k: v for k, v in options.items() if v is not None})
     given["search"] = list(given.get("search", [])) + list(search)
     fixed = {**given.pop("flags", {}), **dict(_pair(f) for f in flags)}
-    job = connect(queue).submit_sweep(given, fixed)
+    job = Lab.connect(queue).submit_sweep(given, fixed)
     spec = job.params
     click.echo(job.id)
     echo(f"queued sweep {spec['name']} ({job.id}): {spec['trials']} trials, {spec['parallel']} at a time, "
@@ -134,7 +135,7 @@ def leaderboard_table(sweep_job, rows: list[dict[str, Any]], width: int) -> Tabl
 def status(name, as_json, as_csv, watch, queue) -> None:
     """The leaderboard: rank, trial, searched flags, best metric (step, minute), steps, state."""
 
-    lab = connect(queue)
+    lab = Lab.connect(queue)
     job = lab.sweep(name)
     if as_json:
         click.echo(json.dumps({"sweep": job.to_record(), "trials": lab.trials(job)}))
@@ -173,7 +174,7 @@ def status(name, as_json, as_csv, watch, queue) -> None:
 @queue_errors
 def best(name, preset_out, train_on, queue) -> None:
     """Print the winning flags as a ready `tlm submit train` command (or train the winner on)."""
-    lab = connect(queue)
+    lab = Lab.connect(queue)
     job = lab.sweep(name)
     row, flags = lab.best(job)
     echo(f"best: trial {row['trial']} ({row['run']}), valid_loss {row['best']:.4f} at step "
@@ -203,7 +204,7 @@ def submit_command(flags: dict[str, Any], run: Optional[str] = None) -> str:
 @queue_errors
 def cancel(name, queue) -> None:
     """Stop the sweep: every running trial saves and ends cancelled; no new trial starts."""
-    lab = connect(queue)
+    lab = Lab.connect(queue)
     lab.cancel_sweep(lab.sweep(name))
     echo(f"sweep {name}: no new trials; running ones finish their step, save and end cancelled")
 
@@ -215,6 +216,6 @@ def cancel(name, queue) -> None:
 @queue_errors
 def add(name, more, queue) -> None:
     """Add MORE trials to a sweep that still runs."""
-    lab = connect(queue)
+    lab = Lab.connect(queue)
     trials = lab.add_trials(lab.sweep(name), more)
     echo(f"sweep {name}: {trials} trials in all")

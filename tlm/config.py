@@ -138,10 +138,11 @@ def default_save_dir() -> str:
     return str(Path(platformdirs.user_data_dir("tlm")) / "transformer-lm")
 
 
-def _opt(default: Any, help: str, invocation: bool = False) -> Any:
-    """A flag: its default and help; ``invocation``: it says how this one invocation trains
-    (where, from which checkpoint, how much more), not what the run is."""
-    return field(default=default, metadata={"help": help, "invocation": invocation})
+def _opt(default: Any, help: str, local: str = "") -> Any:
+    """A flag: its default and help; ``local``: it is not the run's own setting, but says how
+    this one invocation trains ("invocation": where, from which checkpoint, how much more) or
+    on what ("machine": its device, its ranks)."""
+    return field(default=default, metadata={"help": help, "local": local})
 
 
 @dataclass
@@ -153,10 +154,10 @@ class TrainConfig:
                                           "char for your text)")
     save_dir: str = _opt("", "checkpoint and data directory (default: /Volumes/RAMDisk/"
                              "transformer-lm if that disk exists, else the per-user data dir)",
-                         invocation=True)
+                         local="invocation")
     data_mirror: Optional[str] = _opt(None, "directory or URL laid out like the dataset "
                                             "sources, tried first (env TLM_DATA_MIRROR)",
-                                      invocation=True)
+                                      local="invocation")
     seed: int = _opt(42, "RNG seed for initialisation, batches and dropout")
     context_size: int = _opt(48, "context window size in tokens")
     num_blocks: int = _opt(4, "number of Transformer blocks")
@@ -193,15 +194,16 @@ class TrainConfig:
                                "(0: the context, non-overlapping; less: every target sees more context)")
     more: str = _opt("", "resume and train this much beyond the checkpoint: minutes (2m) or steps "
                          "(500); sets --time_budget or --num_iters from where the run stands",
-                     invocation=True)
+                     local="invocation")
     identifier: Optional[str] = _opt(None, "checkpoint identifier (SHA1 or unique prefix) to load",
-                                     invocation=True)
-    new_model: bool = _opt(False, "start from scratch, ignoring existing checkpoints", invocation=True)
-    gpu: bool = _opt(False, "use MLX's GPU (Metal on macOS, CUDA on Linux)")
+                                     local="invocation")
+    new_model: bool = _opt(False, "start from scratch, ignoring existing checkpoints", local="invocation")
+    gpu: bool = _opt(False, "use MLX's GPU (Metal on macOS, CUDA on Linux)", local="machine")
     nodes: int = _opt(1, "data-parallel ranks on MLX's distributed engine: `tlm train` starts "
-                         "them on this machine, `tlm submit train` on N workers")
+                         "them on this machine, `tlm submit train` on N workers", local="machine")
     backend: str = _opt("ring", "MLX distributed backend for --nodes: ring (TCP over Ethernet or "
-                                "a Thunderbolt bridge), jaccl (Thunderbolt 5 RDMA), nccl (CUDA)")
+                                "a Thunderbolt bridge), jaccl (Thunderbolt 5 RDMA), nccl (CUDA)",
+                        local="machine")
     checkpoint: bool = _opt(False, "gradient checkpointing (less memory, more compute)")
     init_from: Optional[str] = _opt(None, "start a new model from an exported or mlx-lm llama "
                                           "directory (its weights, shape and tokenizer)")
@@ -300,7 +302,12 @@ class TrainConfig:
 def invocation_flags() -> frozenset[str]:
     """The flags that say how one invocation trains, not what the run is: a run's recorded
     configuration leaves them out, and a sweep's trials never set them."""
-    return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["invocation"])
+    return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["local"] == "invocation")
+
+
+def local_flags() -> frozenset[str]:
+    """The invocation's flags and the machine's: never taken from a checkpoint on resume."""
+    return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["local"])
 
 
 def flag_types() -> dict[str, type]:

@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from tlm import checkpoint, ranks
 from tlm.checkpoint import Checkpoint, CheckpointError
-from tlm.config import RUN_DATA, ConfigError, TrainConfig, default_save_dir
+from tlm.config import RUN_DATA, ConfigError, TrainConfig, default_save_dir, local_flags
 from tlm.data import Dataset, load_dataset
 from tlm.device import select_device
 from tlm.hooks import Progress, TrainingHooks, TrainResult
@@ -25,8 +25,6 @@ from tlm.train import Trainer, evaluate
 # them from its checkpoint.
 ARCHITECTURE = ("dataset", "tokenizer", "dim", "num_blocks", "num_heads", "context_size",
                 "tie_embeddings", "optimizer")
-# Flags that describe this machine or this invocation, never taken from a checkpoint.
-LOCAL = ("save_dir", "data_mirror", "identifier", "new_model", "gpu", "nodes", "backend", "more")
 
 
 def resume_config(given: dict[str, Any], ckpt: Checkpoint) -> TrainConfig:
@@ -42,7 +40,7 @@ def resume_config(given: dict[str, Any], ckpt: Checkpoint) -> TrainConfig:
             had = stored[name] if stored[name] is not None else f"unset ({ckpt.tokenizer.kind})"
             raise ConfigError(f"checkpoint {ckpt.identifier[:12]} was trained with --{name} "
                               f"{had}, not {given[name]}: drop the flag or use --new_model")
-    merged = {k: v for k, v in stored.items() if k not in LOCAL}
+    merged = {k: v for k, v in stored.items() if k not in local_flags()}
     merged.update({k: v for k, v in given.items()})
     return TrainConfig.from_dict(merged)
 

@@ -61,7 +61,6 @@ class Unreachable(LabError):
 def answering(url: Optional[str] = None) -> Iterator[None]:
     """A front end's calls, with every failure it may meet as a one-line LabError: a job id
     that names no job, a queue that does not answer or that refuses tlm's commands."""
-    where = redact(queue_url(url))
     try:
         yield
     except JobNotFound as e:
@@ -69,10 +68,10 @@ def answering(url: Optional[str] = None) -> Iterator[None]:
     except QueueError as e:
         raise Unreachable(str(e)) from None
     except QUEUE_ERRORS as e:
-        raise Unreachable(f"cannot reach the queue at {where}: {outage(e)}") from None
+        raise Unreachable(f"cannot reach the queue at {redact(queue_url(url))}: {outage(e)}") from None
     except redis.exceptions.ResponseError as e:  # an ACL user without the rights tlm needs
-        raise Unreachable(f"the queue at {where} refused: {str(e).splitlines()[0]} (tlm's Redis user "
-                          "needs read, write, WATCH and MULTI on the lab's keys)") from None
+        raise Unreachable(f"the queue at {redact(queue_url(url))} refused: {str(e).splitlines()[0]} "
+                          "(tlm's Redis user needs read, write, WATCH and MULTI on the lab's keys)") from None
 
 
 def run_dir(target: dict[str, str], save_root: Optional[str]) -> Path:

@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from tlm.config import ConfigError, TrainConfig, apply_preset, flag_types, flag_value, invocation_flags
+from tlm.config import ConfigError, TrainConfig, apply_preset, flag_types, flag_value, local_flags
 from tlm.memory import estimate
 from tlm_worker.kinds import (ACTIVE, FAILED, FINAL, LIVE, NUMBER, PAUSED, PRIORITIES, PRUNED, REQUIRED_KEYS,
                               RUNNING, SUCCEEDED, SWEEP, TRAIN, Job, misfit)
@@ -62,8 +62,8 @@ SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("asha", "asha-stop", "hyperband", "none")  # asha: promotion (pause, resume); the rest stop
 ETA = 3  # successive halving's reduction factor: a third of the trials at a rung go on
 METRICS = ("valid_loss",)
-# Flags a trial never sets: how one invocation trains, where it runs, what it starts from.
-FIXED_FLAGS = invocation_flags() | {"preset", "nodes", "backend", "gpu", "init_from"}
+# Flags a trial never sets: how one invocation trains and on what, what it starts from.
+FIXED_FLAGS = local_flags() | {"preset", "init_from"}
 
 
 class SpecError(ValueError):
@@ -348,7 +348,7 @@ def sampler(spec: SweepSpec, trial: int):
 def pruner(spec: SweepSpec):
     """Stopping ASHA's or Hyperband's first rung at a trial's first evaluation (with a step
     budget), so no trial is judged on less than one evaluation's worth of training; a third goes
-    on at each. Promotion ASHA (``asha``) is judged by tlm (``rungs``, ``promotable``): Optuna
+    on at each. Promotion ASHA (``asha``) is judged by tlm (``rungs``, ``standing``, ``top``): Optuna
     prunes nothing there."""
     import optuna  # Optuna
 
@@ -401,11 +401,10 @@ def standing(trials: list, rung: float) -> list[tuple[float, int]]:
     return sorted((v, n) for v, n in scored if v is not None)
 
 
-def promotable(trials: list, number: int, rung: float) -> bool:
-    """In the top 1/ETA of the trials that reached the rung (none while fewer than ETA have:
-    no trial trains on merely for being first)."""
-    board = standing(trials, rung)
-    return number in [n for _, n in board[:len(board) // ETA]]
+def top(board: list[tuple[float, int]]) -> set[int]:
+    """The promotable of a rung's standing: its top 1/ETA (none while fewer than ETA reached
+    it: no trial trains on merely for being first)."""
+    return {n for _, n in board[:len(board) // ETA]}
 
 
 def _promote(registry: "Registry", st, spec: SweepSpec, jobs: list[Job], leader: bool = False) -> Optional[Job]:
@@ -420,9 +419,9 @@ def _promote(registry: "Registry", st, spec: SweepSpec, jobs: list[Job], leader:
                              default=None) for t in trials if t.number in paused}
     for rung in reversed(rungs(spec)):
         board = standing(trials, rung)
-        top = {n for _, n in board[:len(board) // ETA]}
+        best = top(board)
         for _, n in board:
-            if n in paused and highest.get(n) == rung and (leader or n in top):
+            if n in paused and highest.get(n) == rung and (leader or n in best):
                 # Optuna was told it was pruned (TPE learns from it); it goes on as a new trial
                 # of the same flags, which its job carries from now on
                 _tell_once(st, n, state=_state("PRUNED"))
@@ -432,7 +431,7 @@ def _promote(registry: "Registry", st, spec: SweepSpec, jobs: list[Job], leader:
                 if job is not None:
                     registry.log(job.sweep["id"], f"trial {job.sweep['trial']} promoted past "
                                  f"{'step' if not spec.by_time else 'second'} {rung:g}"
-                                 + (" (the leader: nothing else to run)" if leader and n not in top else ""))
+                                 + (" (the leader: nothing else to run)" if leader and n not in best else ""))
                 return job
     return None
 
@@ -777,10 +776,9 @@ class TrialHooks(RegistryHooks):
     def judge(self, trial, rung: float, unit: str) -> None:
         """At a rung: train on if in the top 1/ETA of the trials that reached it, else save and
         pause (the sweep resumes it if it becomes promotable)."""
-        trials = trial.study.get_trials(deepcopy=False)
-        board = standing(trials, rung)
+        board = standing(trial.study.get_trials(deepcopy=False), rung)
         place = next((i for i, (_, n) in enumerate(board, 1) if n == self.family["number"]), None)
-        if promotable(trials, self.family["number"], rung):
+        if self.family["number"] in top(board):
             self.log(f"rung at {unit} {rung:g}: {place} of {len(board)}, in the top 1/{ETA}: training on")
             self.passed = rung
             self.family = {**self.family, "passed": rung}
