@@ -19,12 +19,13 @@ from tlm_worker.kinds import FINAL, misfit
 from tlm_worker.lab import Lab
 
 SPEC_KEYS = ("name", "preset", "search", "trials", "parallel", "metric", "budget", "prune", "sampler",
-             "seed", "priority", "flags")
+             "seed", "priority", "schedule", "population", "interval", "flags")
 
 
 TOML_SHAPE = {"name": str, "preset": str, "search": ([str], {str: str}), "trials": int, "parallel": int,
               "metric": str, "budget": (str, int), "prune": str, "sampler": str, "seed": int,
-              "priority": str, "flags": {str: (str, int, float, bool)}}
+              "priority": str, "schedule": str, "population": int, "interval": (str, int),
+              "flags": {str: (str, int, float, bool)}}
 
 
 @click.group()
@@ -74,23 +75,33 @@ def read_toml(path: str) -> dict[str, Any]:
 @click.option("--sampler", default=None, help="tpe (default), random or grid")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="same seed, same proposals")
 @click.option("--priority", default=None, help="of the trials: low (default), normal or high")
+@click.option("--schedule", default=None,
+              help="search (default: Optuna proposes each trial) or pbt (population based training: the "
+                   "worst quarter takes the best quarter's checkpoints and perturbed flags each generation)")
+@click.option("--population", type=click.IntRange(2, 1000), default=None,
+              help="with --schedule pbt: trials that train at once (default 4)")
+@click.option("--interval", default=None,
+              help="with --schedule pbt: steps (or minutes, 2m, with a budget in minutes) per generation "
+                   "(default: a sixth of the budget)")
 @queue_option
 @queue_errors
 def submit(spec_file, name, preset, search, flags, trials, parallel, metric, budget, prune, sampler,
-           seed, priority, queue) -> None:
+           seed, priority, schedule, population, interval, queue) -> None:
     """Queue a sweep (options, or a TOML file with the same keys); prints its id."""
     given = read_toml(spec_file) if spec_file else {}
     options = {"name": name, "preset": preset, "trials": trials, "parallel": parallel, "metric": metric,
-               "budget": budget, "prune": prune, "sampler": sampler, "seed": seed, "priority": priority}
+               "budget": budget, "prune": prune, "sampler": sampler, "seed": seed, "priority": priority,
+               "schedule": schedule, "population": population, "interval": interval}
     given.update({k: v for k, v in options.items() if v is not None})
     given["search"] = list(given.get("search", [])) + list(search)
     fixed = {**given.pop("flags", {}), **dict(_pair(f) for f in flags)}
     job = Lab.connect(queue).submit_sweep(given, fixed)
     spec = job.params
     click.echo(job.id)
-    echo(f"queued sweep {spec['name']} ({job.id}): {spec['trials']} trials, {spec['parallel']} at a time, "
-         f"{spec['sampler']} sampler, {spec['prune'].replace('none', 'no')} pruning; "
-         f"`tlm sweep status {spec['name']}` to watch")
+    how = (f"population based training of {spec['trials']} trials at once" if spec.get("schedule") == "pbt" else
+           f"{spec['trials']} trials, {spec['parallel']} at a time, {spec['sampler']} sampler, "
+           f"{spec['prune'].replace('none', 'no')} pruning")
+    echo(f"queued sweep {spec['name']} ({job.id}): {how}; `tlm sweep status {spec['name']}` to watch")
 
 
 def _pair(item: str) -> tuple[str, str]:
@@ -115,14 +126,22 @@ def leaderboard_table(sweep_job, rows: list[dict[str, Any]], width: int) -> Tabl
     said = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     title = (f"sweep {sweep_job.params['name']} ({sweep_job.state}; "
              f"{len(rows)} of {sweep_job.params['trials']} trials: {said or 'none yet'})")
-    columns = ("rank", "trial", *names, "best valid_loss", "at step", "at minute", "steps", "worker time", "state")
+    copied = ("copied",) if sweep_job.params.get("schedule") == "pbt" else ()  # PBT's lineage
+    columns = ("rank", "trial", *names, "best valid_loss", "at step", "at minute", "steps", "worker time", "state",
+               *copied)
     cells = [(str(r["rank"]), str(r["trial"]), *(_fmt(r["params"].get(n)) for n in names),
               _fmt(r["best"], ".4f"), _fmt(r["best_step"]), _fmt(r["best_minute"], ".2f"), str(r["steps"]),
-              duration(r["worker_time"]) if r["worker_time"] else "-", r["state"]) for r in rows]
+              duration(r["worker_time"]) if r["worker_time"] else "-", r["state"], lineage(r))[:len(columns)]
+             for r in rows]
     return fitted_table(title, columns, cells, width,
-                        ("rank", "trial", "best valid_loss", "state", *names, "steps", "worker time",
+                        ("rank", "trial", "best valid_loss", "state", *names, *copied, "steps", "worker time",
                          "at step", "at minute"),
                         least={n: len(n) for n in names}, right=[c for c in columns if c not in (*names, "state")])
+
+
+def lineage(row: dict[str, Any]) -> str:
+    """A PBT trial's copies, "trial 2 at 300, trial 0 at 600": whose checkpoint it took, when."""
+    return ", ".join(f"trial {donor} at {at:g}" for at, donor in row["copies"]) or "-"
 
 
 @sweep.command("status")
@@ -185,6 +204,14 @@ def best(name, preset_out, train_on, queue) -> None:
         echo(f"queued train job {queued.id}: trial {row['trial']}'s run {row['run']} trains on for "
              f"{train_on} more from its checkpoint; `tlm logs -f {queued.id}` to follow")
         return
+    if len(row["schedule"]) > 1:  # PBT: its weights were trained with flags that changed on the way
+        echo(f"its flags changed as it trained (population based training): no one command reproduces it. "
+             f"Its checkpoint is {row['checkpoint'] or '-'} in run {row['run']} (`tlm sample --run {row['run']}`; "
+             f"`tlm sweep best {name} --train-on BUDGET` trains it on). The flags its weights saw:")
+        for at, params in row["schedule"]:
+            click.echo(f"from {'second' if job.params['budget'].endswith('m') else 'step'} {at:g}: "
+                       + " ".join(f"--{k} {v:.4g}" if isinstance(v, float) else f"--{k} {v}" for k, v in params.items()))
+        echo("the final flags as a command:")
     click.echo(submit_command(flags))
     if preset_out:
         Path(preset_out).write_text(json.dumps(flags, indent=2, sort_keys=True) + "\n")

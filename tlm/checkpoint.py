@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -424,6 +425,34 @@ def set_aside(directory: str | Path) -> Optional[Path]:
         os.replace(p, aside / p.name)
     _fsync_dir(directory)
     return aside
+
+
+def adopt(source: str | Path, identifier: str, directory: str | Path) -> None:
+    """Make ``source``'s checkpoint ``identifier`` the only one of ``directory``, so the run
+    there resumes exactly where that one stood (weights, optimizer, data position): population
+    based training's exploit. Copied pinned, by temporary files renamed metadata first as
+    ``save`` publishes; then the directory's other checkpoints are deleted. Idempotent: a copy
+    already in place is not made again, so a copier that died halfway is simply run again."""
+    source, directory = Path(source), Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{identifier}.safetensors"
+    if not target.exists():
+        with pinned(source, identifier):
+            verify(source, identifier)  # a damaged or vanished source is an error, not a copy
+            tmp = f".tmp-{uuid.uuid4().hex[:12]}"
+            try:
+                for suffix in (".metadata", ".safetensors"):
+                    shutil.copyfile(source / f"{identifier}{suffix}", directory / f"{tmp}{suffix}.new")
+                for suffix in (".metadata", ".safetensors"):
+                    os.replace(directory / f"{tmp}{suffix}.new", directory / f"{identifier}{suffix}")
+            finally:
+                for suffix in (".metadata", ".safetensors"):
+                    (directory / f"{tmp}{suffix}.new").unlink(missing_ok=True)
+        _fsync_dir(directory)
+    for _, _, other in _candidates(directory):
+        if other != identifier:
+            (directory / f"{other}.safetensors").unlink(missing_ok=True)  # weights first, as retain
+            (directory / f"{other}.metadata").unlink(missing_ok=True)
 
 
 def retain(directory: str | Path, keep_last: int = 1) -> list[str]:

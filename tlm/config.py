@@ -310,6 +310,12 @@ def local_flags() -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["local"])
 
 
+# Flags a run may change when it resumes (its shape, data and optimizer kind stay): what population
+# based training perturbs in a trial that took another's checkpoint.
+RESUMABLE = ("learning_rate", "muon_learning_rate", "weight_decay", "dropout", "embed_dropout", "grad_clip",
+             "lr_warmup", "lr_cooldown")
+
+
 def flag_types() -> dict[str, type]:
     """Each TrainConfig field's type, ``Optional[X]`` as X: what a flag's value converts to."""
     hints = typing.get_type_hints(TrainConfig)

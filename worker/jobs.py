@@ -34,7 +34,7 @@ from tlm.ranks import rank_env
 from tlm_worker.kinds import EvalParams, ExportParams, SampleParams, TrainParams, params_of, resolve
 from tlm_worker.queue import QUEUE_ERRORS, Queue
 from tlm_worker.registry import ACTIVE, FAILED, SUCCEEDED, Job, JobNotFound, LeaseLost, Registry
-from tlm_worker.sweeps import TrialHooks
+from tlm_worker.sweeps import TrialHooks, adopt
 from tlm_worker.targets import TargetError, data_folder, resolve_save_dir
 from tlm_worker.trainer_hooks import RegistryHooks
 
@@ -280,6 +280,7 @@ def run_train(c: Context) -> None:
 
     c.log(blas.describe())
     params = dict(c.params)
+    adopt(c)  # a PBT trial given another's checkpoint takes it first
     if c.job.checkpoint:  # started before and saved: resume that, never afresh again
         params.pop("new_model", None)
         from tlm.checkpoint import newest_name  # MLX

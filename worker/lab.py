@@ -289,6 +289,9 @@ class Lab:
         """``more`` trials for a sweep that still runs; its new number of trials."""
         if not 1 <= more <= sweeps.MAX_TRIALS:
             raise Invalid(f"add 1 to {sweeps.MAX_TRIALS} trials")
+        if job.params.get("schedule") == "pbt":
+            raise Conflict(f"sweep {job.params['name']} trains a fixed population (--schedule pbt): "
+                           "submit another sweep to search more")
         added = self.registry.change(job.id, lambda j: {"params": {**j.params, "trials": j.params["trials"] + more}}
                                      if j.state == RUNNING and not j.cancel
                                      and j.params["trials"] + more <= sweeps.MAX_TRIALS else None)

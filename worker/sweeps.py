@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import re
 import time
 import uuid
@@ -46,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from tlm.config import ConfigError, TrainConfig, apply_preset, flag_types, flag_value, local_flags
+from tlm.config import RESUMABLE, ConfigError, TrainConfig, apply_preset, flag_types, flag_value, local_flags
 from tlm.memory import estimate
 from tlm_worker.kinds import (ACTIVE, FAILED, FINAL, LIVE, NUMBER, PAUSED, PRIORITIES, PRUNED, REQUIRED_KEYS,
                               RUNNING, SUCCEEDED, SWEEP, TRAIN, Job, misfit)
@@ -59,8 +60,11 @@ if TYPE_CHECKING:
     from tlm_worker.registry import Registry
 
 SAMPLERS = ("tpe", "random", "grid")
+SCHEDULES = ("search", "pbt")
 PRUNERS = ("asha", "asha-stop", "hyperband", "none")  # asha: promotion (pause, resume); the rest stop
 ETA = 3  # successive halving's reduction factor: a third of the trials at a rung go on
+GENERATIONS = 6  # PBT's generations in a trial's budget when --interval is not given
+QUANTILE = 0.25  # PBT: the bottom quarter of a generation copies the top quarter
 METRICS = ("valid_loss",)
 # Flags a trial never sets: how one invocation trains and on what, what it starts from.
 FIXED_FLAGS = local_flags() | {"preset", "init_from"}
@@ -84,6 +88,8 @@ class SweepSpec:
     sampler: str = "tpe"
     seed: int = 0
     priority: str = "low"
+    schedule: str = "search"  # search: Optuna proposes each trial; pbt: a population that exploits and explores
+    interval: str = ""  # pbt: steps (or minutes, 2m) between generations; empty: the budget over GENERATIONS
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,7 +126,7 @@ SCALAR = (str, int, float, bool)
 SEARCH = {REQUIRED_KEYS: ("type",), "type": str, "low": NUMBER, "high": NUMBER, "log": bool, "values": [SCALAR]}
 SPEC = {REQUIRED_KEYS: ("name", "search"), "name": str, "search": {str: SEARCH}, "base": {str: SCALAR},
         "trials": int, "parallel": int, "metric": str, "budget": str, "prune": str, "sampler": str,
-        "seed": int, "priority": str}
+        "seed": int, "priority": str, "schedule": str, "interval": str}
 MAX_TRIALS, MAX_PARALLEL = 10000, 1000
 
 
@@ -181,10 +187,18 @@ def spec_of(given: dict[str, Any], fixed: dict[str, Any]) -> SweepSpec:
             raise SpecError(str(e)) from None
         base.pop("preset", None)
     search = dict(parse_search(item, types) for item in given.get("search", []))
+    if given.get("schedule") == "pbt":  # a population trains at once: N trials, N in parallel, none pruned
+        if given.get("trials") is not None or given.get("parallel") is not None:
+            raise SpecError("--schedule pbt trains its whole population at once: give --population N, "
+                            "not --trials or --parallel")
+        n = given.get("population") or 4
+        given = {"prune": "none", **given, "trials": n, "parallel": n}
+    elif given.get("population") is not None:
+        raise SpecError("--population is population based training's: add --schedule pbt")
     spec = SweepSpec(name=given["name"], search=search, base=base,
-                     **{k: given[k] for k in ("trials", "parallel", "metric", "budget", "prune",
-                                              "sampler", "seed", "priority") if k in given})
-    spec.budget = str(spec.budget)
+                     **{k: given[k] for k in ("trials", "parallel", "metric", "budget", "prune", "sampler",
+                                              "seed", "priority", "schedule", "interval") if k in given})
+    spec.budget, spec.interval = str(spec.budget), str(spec.interval)
     return check(spec)
 
 
@@ -195,6 +209,7 @@ def check(spec: SweepSpec) -> SweepSpec:
     if not spec.search:
         raise SpecError("nothing to search: give --search FLAG=...")
     for name, value, choices in (("prune", spec.prune, PRUNERS), ("sampler", spec.sampler, SAMPLERS),
+                                 ("schedule", spec.schedule, SCHEDULES),
                                  ("metric", spec.metric, METRICS), ("priority", spec.priority, PRIORITIES)):
         if value not in choices:
             raise SpecError(f"--{name} {value!r}: choose from {', '.join(choices)}")
@@ -230,13 +245,36 @@ def check(spec: SweepSpec) -> SweepSpec:
     if spec.by_time and float(spec.budget[:-1]) * 60 < 1:
         raise SpecError(f"--budget {spec.budget}: under a second of training")
     steps = config.num_iters
-    if spec.prune != "none" and steps <= config.steps_per_eval:
+    judged = "pruning" if spec.schedule == "search" else "population based training"
+    if (spec.prune != "none" or spec.schedule == "pbt") and steps <= config.steps_per_eval:
         budget = f"--budget of {steps} steps" if spec.budget and not spec.by_time else \
             f"a trial (at most {steps} steps, or its time budget)"
         raise SpecError(f"{budget} reaches no evaluation before the end "
-                        f"(--steps_per_eval {config.steps_per_eval}): pruning needs one; lower "
-                        "--steps_per_eval or use --prune none")
+                        f"(--steps_per_eval {config.steps_per_eval}): {judged} needs one; lower "
+                        "--steps_per_eval" + (" or use --prune none" if spec.schedule == "search" else ""))
+    check_pbt(spec)
     return spec
+
+
+def check_pbt(spec: SweepSpec) -> None:
+    """A population based training spec that can run: nothing pruned, a population, flags it
+    may perturb, an interval in the budget's unit that leaves generations before the end."""
+    if spec.schedule != "pbt":
+        if spec.interval:
+            raise SpecError("--interval is population based training's: add --schedule pbt")
+        return
+    if spec.prune != "none":
+        raise SpecError("--schedule pbt judges its population at each generation: drop --prune")
+    if spec.trials != spec.parallel or spec.trials < 2:
+        raise SpecError(f"--population must be at least 2, got {spec.trials}")
+    if not set(spec.search) & set(RESUMABLE):
+        raise SpecError("--schedule pbt perturbs the flags a run may change when it resumes: search at "
+                        f"least one of {', '.join(RESUMABLE)}")
+    if spec.interval and not re.fullmatch(r"\d+(\.\d+)?m" if spec.by_time else r"\d+", spec.interval):
+        raise SpecError(f"--interval {spec.interval!r}: give " + ("minutes (2m), as the budget"
+                                                                 if spec.by_time else "steps (200), as the budget"))
+    if not generations(spec):
+        raise SpecError(f"--interval {spec.interval}: not one generation ends before the budget does")
 
 
 # -- Optuna ------------------------------------------------------------------------------------
@@ -365,20 +403,34 @@ def pruner(spec: SweepSpec):
 
 # -- promotion ASHA: trials pause at rungs and the best resume ------------------------------
 
+def whole(spec: SweepSpec) -> float:
+    """A trial's whole budget: steps, or seconds of training with a time budget."""
+    if spec.by_time:
+        return float(spec.budget[:-1]) * 60
+    return float(spec.trial_flags({}).get("num_iters", TrainConfig.num_iters))
+
+
 def rungs(spec: SweepSpec) -> list[float]:
     """Where promotion ASHA judges a trial, in steps (seconds of training with a time budget):
     its first evaluation, then ETA times further each time, short of the whole budget (with a
     time budget: the budget over ETA, ETA^2, ETA^3)."""
     if spec.by_time:
-        whole = float(spec.budget[:-1]) * 60
-        return [whole / ETA**k for k in (3, 2, 1)]
-    flags = spec.trial_flags({})
-    first = int(flags.get("steps_per_eval", TrainConfig.steps_per_eval))
-    whole = int(flags.get("num_iters", TrainConfig.num_iters))
+        return [whole(spec) / ETA**k for k in (3, 2, 1)]
+    first = int(spec.trial_flags({}).get("steps_per_eval", TrainConfig.steps_per_eval))
     out: list[float] = []
-    while first * ETA ** len(out) < whole:
+    while first * ETA ** len(out) < whole(spec):
         out.append(float(first * ETA ** len(out)))
     return out
+
+
+def generations(spec: SweepSpec) -> list[float]:
+    """Where PBT's generations end, in steps (seconds with a time budget): every ``--interval``
+    short of the whole budget. A trial pauses at its first evaluation at or past each."""
+    every = (float(spec.interval[:-1]) * 60 if spec.by_time else float(spec.interval)) if spec.interval \
+        else whole(spec) / GENERATIONS
+    if every <= 0:
+        return []
+    return [every * k for k in range(1, int(whole(spec) // every) + 1) if every * k < whole(spec)]
 
 
 def rung_value(values: dict[int, float], rung: float) -> Optional[float]:
@@ -434,6 +486,112 @@ def _promote(registry: "Registry", st, spec: SweepSpec, jobs: list[Job], leader:
                                  + (" (the leader: nothing else to run)" if leader and n not in best else ""))
                 return job
     return None
+
+
+# -- population based training: generations, exploit and explore over the trials' checkpoints --
+
+def perturb(spec: SweepSpec, params: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """PBT's explore: each searched flag a resumed run may change is drawn anew with probability
+    QUANTILE, else moved by a factor 0.8 or 1.2 (a choice: to a neighbour), within its range;
+    the rest (the model's shape) stay as they are, since the checkpoint carries them."""
+    out = dict(params)
+    for name, s in spec.search.items():
+        if name not in RESUMABLE:
+            continue
+        if s["type"] == "choice":
+            values = s["values"]
+            at = values.index(params[name]) if params[name] in values else 0
+            out[name] = rng.choice(values) if rng.random() < QUANTILE \
+                else values[min(max(at + rng.choice((-1, 1)), 0), len(values) - 1)]
+            continue
+        if rng.random() < QUANTILE:
+            value = math.exp(rng.uniform(math.log(s["low"]), math.log(s["high"]))) if s["log"] \
+                else rng.uniform(s["low"], s["high"])
+        else:
+            value = params[name] * rng.choice((0.8, 1.2))
+        value = min(max(value, s["low"]), s["high"])
+        out[name] = round(value) if s["type"] == "int" else value
+    return out
+
+
+def _generation(registry: "Registry", st, spec: SweepSpec, jobs: list[Job]) -> None:
+    """PBT, one idempotent step at a time. When every live trial has paused at the end of a
+    generation, those that paused at the earliest are ranked: each of the bottom QUANTILE is
+    given a plan (``copy``: a top trial's checkpoint, perturbed flags, a new Optuna trial) and
+    all are queued to go on; a trial whose checkpoint a queued one has yet to copy stays paused
+    until it has (its retention would delete it), then goes on too."""
+    live = [j for j in jobs if j.sweep and j.state in LIVE]
+    g = min((j.sweep.get("generation", 0) for j in live), default=0)
+    cohort = sorted((j for j in live if j.sweep.get("generation", 0) == g),
+                    key=lambda j: (j.sweep.get("value", math.inf), j.sweep["trial"]))
+    # ranked once every trial of the generation has paused (a decision a crash cut short is
+    # finished over the same ranking: those already decided keep their value in it)
+    if g and all(j.state == PAUSED or j.sweep.get("go") == g for j in cohort):
+        q = math.ceil(len(cohort) * QUANTILE) if len(cohort) >= 2 else 0
+        for i, job in enumerate(cohort):
+            if job.state != PAUSED or job.sweep.get("go") == g:
+                continue
+            family = {**job.sweep, "go": g}
+            if i >= len(cohort) - q:
+                rng = random.Random(f"{spec.seed}:{g}:{job.sweep['trial']}")
+                family = _exploit(registry, st, spec, family, rng.choice(cohort[:q]), rng)
+            registry.change(job.id, lambda j, family=family: {"sweep": family}
+                            if j.state == PAUSED and j.sweep.get("go") != g else None)
+        jobs = trials(registry, registry.get(cohort[0].sweep["id"]))
+    copying = {j.sweep["copy"]["from"] for j in jobs if j.sweep and j.state in LIVE and j.sweep.get("copy")}
+    for job in jobs:
+        family = job.sweep or {}
+        if job.state == PAUSED and family.get("go") == family.get("generation") and family["trial"] not in copying:
+            fields = {"params": {**job.params, **family["params"]}} if family.get("copy") else {}
+            registry.promote(job.id, **fields)
+
+
+def _exploit(registry: "Registry", st, spec: SweepSpec, family: dict[str, Any], donor_job: Job,
+             rng: random.Random) -> dict[str, Any]:
+    """A bottom trial's plan: the donor's checkpoint (copied by the trial's own job process as it
+    starts: ``adopt``), the donor's flags perturbed, a new Optuna trial of them (the old one told
+    pruned), and the lineage: its copies, and the flag schedule its weights were trained with."""
+    donor = donor_job.sweep
+    params = perturb(spec, donor["params"], rng)
+    at, g = donor["at"], family["generation"]
+    _tell_once(st, family["number"], state=_state("PRUNED"))
+    st.enqueue_trial(params, user_attrs={"parent": donor["number"], "generation": g})
+    number = st.ask(distributions(spec)).number
+    schedule = [s for s in donor.get("schedule", [[0, donor["params"]]]) if s[0] < at]
+    if params != schedule[-1][1]:  # the same flags on: exact resume makes it one run of them
+        schedule.append([at, params])
+    registry.log(family["id"], f"generation {g}: trial {family['trial']} ({family['value']:.4f}) takes trial "
+                 f"{donor['trial']}'s checkpoint ({donor['value']:.4f}) at {at:g}: "
+                 + " ".join(f"--{k} {_short(v)}" for k, v in params.items()))
+    return {**family, "number": number, "params": params, "schedule": schedule,
+            "copies": family.get("copies", []) + [[at, donor["trial"]]],
+            "copy": {"from": donor["trial"], "run": donor_job.run_name, "generation": g}}
+
+
+def _short(value: Any) -> str:
+    return format(value, ".4g") if isinstance(value, float) else str(value)
+
+
+def adopt(c) -> None:
+    """In a PBT trial's own job process (``c``: its Context), before it resumes: take the
+    checkpoint its plan names into its run (``checkpoint.adopt``: idempotent, so a process that
+    died halfway is run again), then drop the plan, which lets the donor go on."""
+    from tlm import checkpoint  # MLX
+
+    plan = (c.job.sweep or {}).get("copy")
+    if not plan:
+        return
+    donor = Path(c.save_dir).parent / Path(plan["run"]).name  # a sweep's trials are siblings
+    ident = checkpoint.newest_name(donor)  # the donor stays paused until this plan is dropped
+    if ident is None:
+        raise checkpoint.CheckpointError(f"trial {plan['from']}'s run {donor} has no checkpoint to take")
+    checkpoint.adopt(donor, ident, c.save_dir)
+    c.log(f"took trial {plan['from']}'s checkpoint {ident[:12]} (generation {plan['generation']}): "
+          "training on from it with " + " ".join(f"--{k} {_short(v)}" for k, v in c.job.sweep["params"].items()))
+    job = c.registry.change(c.job.id, lambda j: {"sweep": {k: v for k, v in j.sweep.items() if k != "copy"}}
+                            if j.fence == c.fence else None)
+    if job is not None:
+        c.job = job
 
 
 def study(registry: "Registry", sweep_id: str, spec: "SweepSpec", trial: int = 0, create: bool = False):
@@ -557,16 +715,21 @@ def _round(registry: "Registry", sweep: Job, lease: float) -> None:
         for n in range((sweep.result or {}).get("created", 0)):
             if n not in have and registry.now() - reserved.get(str(n), 0) > lease:
                 _create(registry, sweep, spec, n)  # its creator died between reserving and creating
+        if spec.schedule == "pbt":
+            _generation(registry, st, spec, jobs)
+            jobs = trials(registry, registry.get(sweep.id))
+            live = [j for j in jobs if j.state in LIVE]
+        asha = spec.schedule == "search"
         running = [j for j in live if j.state != PAUSED]
         while len(running) < spec.parallel:  # promotions first, then new trials
-            job = _promote(registry, st, spec, jobs)
+            job = _promote(registry, st, spec, jobs) if asha else None
             if job is None:
                 n = _reserve(registry, sweep.id, spec)
                 if n is not None:
                     job = _create(registry, sweep, spec, n)
                     if job is None:
                         continue
-                elif not running and not any(j.state == SUCCEEDED for j in jobs):
+                elif asha and not running and not any(j.state == SUCCEEDED for j in jobs):
                     job = _promote(registry, st, spec, jobs, leader=True)
                 if job is None:
                     break
@@ -582,7 +745,9 @@ def _round(registry: "Registry", sweep: Job, lease: float) -> None:
     sweep = registry.get(sweep.id)  # with the trials this round created
     jobs = trials(registry, sweep)
     registry.update(sweep.id, progress=summary(jobs, spec))
-    if len(jobs) >= spec.trials and all(j.state in FINAL + (PAUSED,) for j in jobs):
+    # promotion ASHA's paused trials end with it; PBT's go on at the end of every generation
+    if len(jobs) >= spec.trials and all(j.state in FINAL + ((PAUSED,) if spec.schedule == "search" else ())
+                                        for j in jobs):
         for job in jobs:  # nothing runs and none is promoted: the paused end with the sweep
             if job.state == PAUSED:
                 registry.finish(job.id, PRUNED, log="pruned: its sweep ended while it waited at a rung")
@@ -645,13 +810,15 @@ def _state(name: str):
 
 
 def _tell(st, jobs: list[Job], lease: float) -> None:
-    """Tell Optuna how each ended trial ended, and a paused one as pruned (TPE learns from its
-    rungs now; promoted, it goes on as a new trial); fail Optuna trials no job carries (orphans)."""
+    """Tell Optuna how each ended trial ended, and one paused at a rung as pruned (TPE learns from
+    its rungs now; promoted, it goes on as a new trial; one paused at a PBT generation goes on as
+    the same trial); fail Optuna trials no job carries (orphans)."""
     running = {t.number: t for t in st.get_trials(deepcopy=False, states=(_state("RUNNING"),))}
     carried = {j.sweep["number"] for j in jobs if j.sweep}
     for job in jobs:
         number = job.sweep["number"] if job.sweep else None
-        if number not in running or job.state not in FINAL + (PAUSED,):
+        if number not in running or job.state not in FINAL + (PAUSED,) \
+                or (job.state == PAUSED and "generation" in job.sweep):
             continue
         best = best_metric(job)
         if job.state == SUCCEEDED and best is not None:
@@ -709,7 +876,11 @@ def leaderboard(registry: "Registry", sweep: Job) -> list[dict[str, Any]]:
                      "best_step": best[1] if best else None,
                      "best_minute": round(best[2] / 60, 2) if best else None,
                      "steps": (job.progress or {}).get("step", 0), "worker_time": round(worker_time, 1),
-                     "state": job.state, "finished": job.finished})
+                     "state": job.state, "finished": job.finished, "checkpoint": job.checkpoint,
+                     # PBT's lineage: [step, donor trial] of each copy it took; the flags its weights
+                     # were trained with, [from step, flags] (one entry: reproducible by its flags)
+                     "copies": job.sweep.get("copies", []),
+                     "schedule": job.sweep.get("schedule", [[0, job.sweep["params"]]])})
     rows.sort(key=lambda r: (r["best"] is None, r["best"] if r["best"] is not None else math.inf,
                              r["trial"]))
     for i, row in enumerate(rows, 1):
@@ -763,6 +934,8 @@ class TrialHooks(RegistryHooks):
             crossed = [r for r in rungs(self.spec) if self.passed < r <= at]
             if self.spec.prune == "asha" and crossed:
                 self.judge(trial, crossed[-1], unit)
+            if self.spec.schedule == "pbt" and p.step < p.total:
+                self.generation_end(at, p.val_loss, unit)
         except QUEUE_ERRORS as e:  # the study unreachable for now: train on, unpruned
             self.log(f"could not report to sweep {self.spec.name}'s study ({e}); training on")
             return
@@ -787,6 +960,17 @@ class TrialHooks(RegistryHooks):
         self.paused = True
         self.log(f"rung at {unit} {rung:g}: {place} of {len(board)}, not in the top 1/{ETA} "
                  f"({len(board) // ETA} go on): saved, pausing until promoted")
+
+    def generation_end(self, at: int, loss: float, unit: str) -> None:
+        """PBT: at the first evaluation past a generation's end, record the loss and pause
+        until the whole population has reached it (the sweep ranks them there)."""
+        g = sum(1 for end in generations(self.spec) if end <= at)
+        if g <= self.family.get("generation", 0):
+            return
+        self.family = {**self.family, "generation": g, "value": loss, "at": at}
+        self.c.report(self.c.registry.update, self.c.job.id, sweep=self.family)
+        self.paused = True
+        self.log(f"generation {g} ends at {unit} {at}: valid loss {loss:.4f}: saved, pausing for the population")
 
     def should_stop(self) -> bool:
         return self.pruned or self.paused or super().should_stop()
