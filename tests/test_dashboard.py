@@ -601,3 +601,35 @@ def test_a_sweep_page_of_many_trials_stays_readable(tmp_path, browser, trials):
         browser.save_screenshot(str(tmp_path / f"sweep-{trials}.png"))
     finally:
         d.stop()
+
+
+def test_a_pbt_sweep_page_draws_each_trials_lineage(tmp_path, browser):
+    """Population based training's page: no add-trials control (a fixed population) and a lineage
+    picture: a lane per trial, each copy drawn from the donor's lane into the taker's."""
+    url = f"sqlite://{tmp_path / 'queue.db'}"
+    root = tmp_path / "root"
+    root.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "tlm_cli.main", "sweep", "submit", "--name", "family",
+                           "--flag", "dataset=shakespeare", "--flag", "dim=32", "--flag", "num_heads=2",
+                           "--flag", "num_blocks=1", "--flag", "context_size=16", "--flag", "batch_size=8",
+                           "--flag", "eval_tokens=400", "--flag", "steps_per_eval=5", "--flag", "lr_warmup=1",
+                           "--schedule", "pbt", "--population", "4", "--interval", "10", "--budget", "30",
+                           "--search", "learning_rate=3e-3,1e-3,1e-4,1e-5", "--sampler", "grid", "--seed", "3",
+                           "--queue", url], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    sweep_id = proc.stdout.strip()
+    workers, d = Workers(url, tmp_path), Dashboard(url, tmp_path)
+    workers.start("--save_root", str(root))
+    try:
+        wait_for(url, sweep_id, ["succeeded"], timeout=300)
+        browser.get(d.base + f"/#/sweep/{sweep_id}")
+        until(lambda: "population based training" in browser.page_source, what="the schedule said")
+        until(lambda: browser.find_element("css selector", "#sweep-lineage").get_attribute("data-copies") == "2",
+              what="two copies on the lineage picture")
+        lanes = "return document.querySelector('#sweep-lineage').__plot.series.length"
+        assert until(lambda: browser.execute_script(lanes), what="the lanes") == 5  # x and a lane per trial
+        assert browser.find_element("css selector", "#sweep-lineage canvas").is_displayed()
+        assert not browser.find_element("css selector", "#sweep-add").is_displayed()
+    finally:
+        workers.stop_all()
+        d.stop()

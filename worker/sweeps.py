@@ -868,6 +868,7 @@ def leaderboard(registry: "Registry", sweep: Job) -> list[dict[str, Any]]:
     """Every trial, best first: rank, trial, parameters, best metric (step, minute), steps,
     worker time, state. Trials with no evaluation yet come last."""
     rows = []
+    unit = "elapsed" if str(sweep.params.get("budget", "")).endswith("m") else "step"  # of rungs, generations
     for job in trials(registry, sweep):
         best = best_metric(job)
         worker_time = job.worker_time(registry.now())
@@ -879,7 +880,7 @@ def leaderboard(registry: "Registry", sweep: Job) -> list[dict[str, Any]]:
                      "state": job.state, "finished": job.finished, "checkpoint": job.checkpoint,
                      # PBT's lineage: [step, donor trial] of each copy it took; the flags its weights
                      # were trained with, [from step, flags] (one entry: reproducible by its flags)
-                     "copies": job.sweep.get("copies", []),
+                     "copies": job.sweep.get("copies", []), "reached": (job.progress or {}).get(unit, 0),
                      "schedule": job.sweep.get("schedule", [[0, job.sweep["params"]]])})
     rows.sort(key=lambda r: (r["best"] is None, r["best"] if r["best"] is not None else math.inf,
                              r["trial"]))

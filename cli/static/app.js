@@ -511,12 +511,41 @@ function scatter(box, name, spec, points) {
   resizing.observe(box);
 }
 
+// PBT's lineage: a lane per trial along the steps; where a trial took another's checkpoint its
+// lane is entered by a slanted line from the donor's lane at that step, its own line before it cut.
+function lineage(box, trials, unit) {
+  box.replaceChildren();
+  const last = Math.max(1, ...trials.map(t => t.reached || 0)), d = last / 80;
+  const at = (t, x) => {  // a lane's height at x: every series has a value at every x (null: no line)
+    if (x < 0 || x > (t.reached || 0)) return null;
+    for (const [step, donor] of t.copies) {
+      if (x > step - 2 * d && x < step - d) return null;
+      if (x >= step - d && x <= step) return donor + (t.trial - donor) * (x - step + d) / d;
+    }
+    return t.trial;
+  };
+  const xs = [...new Set(trials.flatMap(t => [0, t.reached || 0,
+    ...t.copies.flatMap(([step]) => [step - 2 * d, step - 1.5 * d, step - d, step])]))].sort((a, b) => a - b);
+  const lanes = trials.map(t => t.trial);
+  box.__plot = new uPlot({
+    title: "lineage: whose checkpoint each trial goes on from", width: Math.max(320, box.clientWidth - 16),
+    height: 60 + 28 * trials.length,
+    scales: { x: { time: false, range: [0, last] }, y: { range: [Math.min(...lanes) - 0.5, Math.max(...lanes) + 0.5] } },
+    axes: [{ label: unit }, { label: "trial", splits: () => lanes, values: (u, splits) => splits.map(v => `trial ${v}`) }],
+    series: [{}, ...trials.map((t, i) => ({ label: `trial ${t.trial}`, spanGaps: false, width: 2,
+      stroke: COLORS[i % COLORS.length], points: { show: false } }))],
+  }, [xs, ...trials.map(t => xs.map(x => at(t, x)))], box);
+  box.dataset.copies = String(trials.reduce((n, t) => n + t.copies.length, 0));
+  resizing.observe(box);
+}
+
 function sweepView(root, id) {
   const head = el("div"), controls = el("div", { class: "row" });
   const byStep = el("div", { class: "chart", id: "sweep-chart-step" });
   const byTime = el("div", { class: "chart", id: "sweep-chart-time" });
   const board = el("div", { id: "sweep-board" }), params = el("div", { class: "charts", id: "sweep-params" });
   const importance = el("div", { id: "sweep-importances" });
+  const family = el("div", { class: "chart", id: "sweep-lineage" });
   let sortKey = "rank", ascending = true;
   const more = el("input", { id: "sweep-more", type: "number", value: 4, min: 1, max: 1000 });
   const bestRun = el("input", { id: "sweep-best-run", placeholder: "new run name" });
@@ -528,17 +557,23 @@ function sweepView(root, id) {
     bestRun, el("button", { class: "primary", id: "sweep-best", onclick: () => act(
       post("/api/sweep/best", { id, run: bestRun.value }), r => `queued job ${r.job} with the best flags`) },
     "submit the best as a run"));
-  root.append(head, controls, el("div", { class: "charts" }, byStep, byTime), el("h2", {}, "Leaderboard"), board,
+  root.append(head, controls, el("div", { class: "charts" }, byStep, byTime), family, el("h2", {}, "Leaderboard"), board,
     el("h2", {}, "Each searched flag against the best loss"), params,
     el("h2", {}, "Parameter importances (Optuna)"), importance);
 
   return async () => {
     const data = await api("/api/sweep?id=" + encodeURIComponent(id));
     const sweep = data.sweep, names = Object.keys(sweep.params.search);
+    const pbt = sweep.params.schedule === "pbt";
     head.replaceChildren(el("h1", {}, `sweep ${sweep.params.name}`), el("p", { class: "muted" },
-      `${sweep.state} · ${data.trials.length} of ${sweep.params.trials} trials · ${sweep.params.sampler} sampler · `
-      + `${sweep.params.prune === "none" ? "no" : sweep.params.prune} pruning · metric ${sweep.params.metric}`));
+      `${sweep.state} · ${data.trials.length} of ${sweep.params.trials} trials · `
+      + (pbt ? "population based training · " : `${sweep.params.sampler} sampler · `
+        + `${sweep.params.prune === "none" ? "no" : sweep.params.prune} pruning · `) + `metric ${sweep.params.metric}`));
     for (const control of [stop, more, add]) control.hidden = sweep.state !== "running";  // an ended sweep: best only
+    add.hidden = more.hidden = add.hidden || pbt;  // a population is fixed
+    family.hidden = !pbt;
+    if (pbt) setTimeout(() => lineage(family, [...data.trials].sort((a, b) => a.trial - b.trial),
+      sweep.params.budget.endsWith("m") ? "seconds of training" : "step"));
     const trials = [...data.trials].sort((a, b) => a.trial - b.trial);
     const labels = trials.map(t => `trial ${t.trial}${["pruned", "paused"].includes(t.state) ? ` (${t.state})` : ""}`);
     const pruned = trials.map(t => t.state === "pruned");
