@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/sweep.py asha   [--workers 2]   # the same 16 configurations twice
     .venv/bin/python benchmarks/sweep.py compare [--seeds 0,1,2] [--seconds 120] [--steps 200]
-        # one search space, seeds and worker budget: no pruning, stopping ASHA, promotion ASHA
+        # one search space, seeds and worker budget: no pruning, stopping ASHA, promotion ASHA, PBT
     .venv/bin/python benchmarks/sweep.py train-on [--more 200]
         # a sweep's winner trained on from its checkpoint vs its flags retrained from scratch
     .venv/bin/python benchmarks/sweep.py search --preset shakespeare-cpu --budget 0.2m --trials 24 \\
@@ -130,15 +130,19 @@ def run_for(name: str, args: list[str], workers: int, seconds: float) -> dict:
 
 
 def compare(args) -> None:
-    """The same space, seeds and worker budget searched with each pruning: the best found (in
-    the trials' evaluations, and scored on the whole validation split), and the worker time each
-    took to reach stopping ASHA's best."""
+    """The same space, seeds and worker budget searched with each pruning (and ``pbt``: population
+    based training, its population sharing the worker budget, each member given an equal share of
+    it as a time budget): the best found (in the trials' evaluations, and scored on the whole
+    validation split), and the worker time each took to reach stopping ASHA's best."""
     space = ["--search", "learning_rate=log:3e-4:3e-2", "--search", "dim=32,64,96,128", "--search", "lr_warmup=1:50"]
     figures: dict[str, list[dict]] = {}
     for seed in args.seeds:
-        common = [*SHAPE, *space, "--sampler", "tpe", "--trials", "1000", "--parallel", str(args.workers),
-                  "--budget", str(args.steps), "--seed", str(seed)]
-        runs = {prune: run_for(f"cmp-{prune}-{seed}", [*common, "--prune", prune], args.workers, args.seconds)
+        common = [*SHAPE, *space, "--sampler", "tpe", "--seed", str(seed)]
+        share = args.seconds * args.workers / args.population * 0.85 / 60  # of training, less start-ups
+        how = {prune: ["--schedule", "pbt", "--population", str(args.population), "--budget", f"{share:.2f}m"]
+               if prune == "pbt" else ["--trials", "1000", "--parallel", str(args.workers), "--budget", str(args.steps),
+                                       "--prune", prune] for prune in args.prunes}
+        runs = {prune: run_for(f"cmp-{prune}-{seed}", [*common, *how[prune]], args.workers, args.seconds)
                 for prune in args.prunes}
         target = runs["asha-stop"]["found"] if "asha-stop" in runs else None
         if "none" in runs:  # every trial trained to the end: which rung metric ranks them better
@@ -266,7 +270,9 @@ def main() -> None:
     c.add_argument("--steps", type=int, default=200)
     c.add_argument("--seconds", type=float, default=120.0, help="each sweep's wall time (x --workers: its worker time)")
     c.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
-    c.add_argument("--prunes", type=lambda s: s.split(","), default=["none", "asha-stop", "asha"])
+    c.add_argument("--prunes", type=lambda s: s.split(","), default=["none", "asha-stop", "asha", "pbt"],
+                   help="pruning methods, and pbt for population based training")
+    c.add_argument("--population", type=int, default=4, help="pbt's population")
     t = sub.add_parser("train-on")
     t.add_argument("--workers", type=int, default=2)
     t.add_argument("--steps", type=int, default=200)
