@@ -139,9 +139,12 @@ def compare(args) -> None:
     for seed in args.seeds:
         common = [*SHAPE, *space, "--sampler", "tpe", "--seed", str(seed)]
         share = args.seconds * args.workers / args.population * 0.85 / 60  # of training, less start-ups
+        # a pruning's trials train --steps each, or, named PRUNE-long, as long as a PBT member may
         how = {prune: ["--schedule", "pbt", "--population", str(args.population), "--budget", f"{share:.2f}m"]
-               if prune == "pbt" else ["--trials", "1000", "--parallel", str(args.workers), "--budget", str(args.steps),
-                                       "--prune", prune] for prune in args.prunes}
+               if prune == "pbt" else ["--trials", "1000", "--parallel", str(args.workers), "--prune",
+                                       prune.removesuffix("-long"), "--budget",
+                                       f"{share:.2f}m" if prune.endswith("-long") else str(args.steps)]
+               for prune in args.prunes}
         runs = {prune: run_for(f"cmp-{prune}-{seed}", [*common, *how[prune]], args.workers, args.seconds)
                 for prune in args.prunes}
         target = runs["asha-stop"]["found"] if "asha-stop" in runs else None
@@ -271,7 +274,8 @@ def main() -> None:
     c.add_argument("--seconds", type=float, default=120.0, help="each sweep's wall time (x --workers: its worker time)")
     c.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     c.add_argument("--prunes", type=lambda s: s.split(","), default=["none", "asha-stop", "asha", "pbt"],
-                   help="pruning methods, and pbt for population based training")
+                   help="pruning methods (PRUNE-long: each trial as long as a PBT member), and pbt for "
+                        "population based training")
     c.add_argument("--population", type=int, default=4, help="pbt's population")
     t = sub.add_parser("train-on")
     t.add_argument("--workers", type=int, default=2)

@@ -123,3 +123,20 @@ def test_a_pbt_spec_that_cannot_run_is_one_line(url):
     proc = tlm("sweep", "submit", "--name", "bad", "--schedule", "pbt", "--search", "dim=32,64",
                "--budget", "30", "--flag", "steps_per_eval=5", "--queue", url)
     assert proc.returncode != 0 and "perturbs the flags a run may change" in proc.stderr, proc.stderr
+
+
+def test_a_pbt_sweep_cancelled_mid_generation_ends_every_trial_with_its_checkpoint(url, workers, tmp_path):
+    """`tlm sweep cancel` while trials wait at a generation's end and others train: the waiting
+    end at once, the training ones after a save; every run keeps a readable checkpoint."""
+    root = tmp_path / "root"
+    root.mkdir()
+    workers.start("--save_root", str(root))
+    sweep_id = sweep(url, "pbt-stop", *[a if a != "30" else "100000" for a in PBT])
+    reg = registry(url)
+    until(lambda: any(j.state == "paused" for j in reg.jobs(None) if j.sweep), 200, "a trial at a generation's end")
+    assert tlm("sweep", "cancel", "pbt-stop", "--queue", url).returncode == 0
+    finished(url, sweep_id, timeout=200)
+    rows = board(url, "pbt-stop")["trials"]
+    assert reg.get(sweep_id).state == "cancelled" and {r["state"] for r in rows} == {"cancelled"}, rows
+    for row in rows:
+        assert checkpoint.find(root / row["run"]) is not None, row

@@ -30,7 +30,10 @@ with (--seed, trial number), so --seed makes the proposals reproducible.
 
 Trials report their validation loss at each evaluation (step, or seconds of
 training with a time budget) from the trial's own process (``TrialHooks``); a
-trial Optuna prunes saves and ends ``pruned``.
+trial Optuna prunes saves and ends ``pruned``; with promotion ASHA a trial pauses
+at a rung and the sweep resumes the best (``_promote``); with ``--schedule pbt``
+every trial pauses at each generation's end and the sweep makes the bottom quarter
+take the top quarter's checkpoints with perturbed flags (``_generation``).
 """
 
 from __future__ import annotations
