@@ -394,3 +394,45 @@ def test_parallel_is_never_exceeded_while_many_workers_drive_the_sweep(url, work
         most = max(most, len(live))
         time.sleep(0.05)
     assert reg.get(sweep_id).state == "succeeded" and 1 <= most <= 3, most
+
+
+def test_a_winner_that_cooled_down_trains_on_from_before_its_cooldown(url, workers, tmp_path):
+    """--train-on for a run with --lr_cooldown: retention kept its last checkpoint before the
+    cooldown; the job branches there (the newer checkpoints and their metrics set aside, nothing
+    deleted), trains the more plus the span it branched back over, and after an interruption
+    resumes its own newest checkpoint, never the named one again."""
+    root = tmp_path / "root"
+    root.mkdir()
+    first = workers.start("--save_root", str(root))
+    sweep_id = sweep(url, "cool", "--search", "learning_rate=log:1e-3:3e-3", "--flag", "lr_warmup=1",
+                     "--flag", "lr_cooldown=0.5", "--trials", "1", "--parallel", "1", "--budget", "30",
+                     "--prune", "none", "--sampler", "random")
+    finished(url, sweep_id)
+    run = root / board(url, "cool")["trials"][0]["run"]
+    kept = dict(checkpoint.listed(run))  # step -> identifier: the cooldown began after step 15
+    assert sorted(kept) == [15, 30], kept
+    proc = tlm("sweep", "best", "cool", "--train-on", "2000", "--queue", url)
+    assert proc.returncode == 0, proc.stderr
+    reg = registry(url)
+    job_id = proc.stdout.strip()
+    until(lambda: reg.get(job_id).progress.get("step", 0) >= 60, 120, "the branch past step 60")
+    first.send_signal(signal.SIGTERM)  # the worker stops: the job saves and goes back to the queue
+    first.wait()
+    assert reg.get(job_id).state in ("queued", "interrupted")
+    workers.start("--save_root", str(root))
+    at = reg.get(job_id).progress["step"]
+    until(lambda: reg.get(job_id).progress.get("step", 0) > at + 10, 120, "the job going on")
+    assert tlm("cancel", job_id, "--queue", url).returncode == 0
+    done = wait_for(url, job_id, ["cancelled"], timeout=120)
+    log = "\n".join(reg.logs(job_id)[0])
+    assert f"--more 2000 from checkpoint {kept[15][:12]} at iteration 15, the last before" in log, log
+    assert f"training on from checkpoint {kept[15][:12]} at iteration 15" in log, log
+    resumed = [line.split("resuming ")[1] for line in log.splitlines() if "resuming " in line]
+    assert resumed[0].startswith(f"{kept[15][:12]} at iteration 15") and len(resumed) == 2, resumed
+    assert int(resumed[1].split("at iteration ")[1].split(",")[0]) >= 60, resumed
+    steps = [r["step"] for r in metrics.read(run) if r["kind"] == "valid"]
+    assert steps == sorted(set(steps)) and steps[:4] == [5, 10, 15, 20] and steps[-1] == done.result["step"], steps
+    aside = list(run.glob("replaced-*"))
+    assert len(aside) == 1 and (aside[0] / f"{kept[30]}.safetensors").exists()
+    assert [r["step"] for r in metrics.read(aside[0]) if r["kind"] == "valid"] == [20, 25, 30]
+    assert reg.get(job_id).params["num_iters"] == 2030  # the budget counts from the newest: 30 + 2,000

@@ -40,6 +40,7 @@ from tlm.vocab import Tokenizer
 from tlm import files
 from tlm.files import file_digest
 from tlm.model import Model, ModelArgs
+from tlm.optimizer import cooling
 
 FORMAT = "tlm-checkpoint"
 VERSION = 1
@@ -455,6 +456,49 @@ def adopt(source: str | Path, identifier: str, directory: str | Path) -> None:
             (directory / f"{other}.metadata").unlink(missing_ok=True)
 
 
+def before_cooldown(valid: list[Checkpoint]) -> Optional[Checkpoint]:
+    """The newest of ``valid`` (newest first) taken before the run's ``--lr_cooldown`` began, if
+    the newest is in its cooldown: training on from there cools down over the new budget."""
+    def cooled(c: Checkpoint) -> bool:
+        return cooling(c.state["config"], c.step, c.state.get("elapsed", 0.0))
+    if not valid or not cooled(valid[0]):
+        return None
+    return next((c for c in valid if not cooled(c)), None)
+
+
+def branch(directory: str | Path, ckpt: Checkpoint) -> Optional[Path]:
+    """Train on from an older checkpoint ``ckpt`` of the run: its newer checkpoints and the
+    metrics records past its step move into ``replaced-<time>/`` (nothing is deleted), so
+    retention and a later resume follow the branch instead of the newer ones. Where they went,
+    or None when ``ckpt`` is the newest."""
+    directory = Path(directory)
+    newer = [ident for step, _, ident in _candidates(directory) if step > ckpt.step]
+    if not newer:
+        return None
+    aside = directory / time.strftime("replaced-%Y%m%d-%H%M%S")
+    aside.mkdir(exist_ok=True)
+    for ident in newer:  # weights first: never a visible pair without its metadata
+        for suffix in (".safetensors", ".metadata"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(directory / f"{ident}{suffix}", aside / f"{ident}{suffix}")
+    log = directory / "metrics.jsonl"
+    if log.exists():
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+        past = [line for line in lines if _step_of(line) > ckpt.step]
+        (aside / "metrics.jsonl").write_text("".join(past), encoding="utf-8")
+        kept = "".join(line for line in lines if _step_of(line) <= ckpt.step)
+        files.replace(log, lambda tmp: tmp.write_text(kept, encoding="utf-8"))
+    _fsync_dir(directory)
+    return aside
+
+
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", -1))
+    except (ValueError, AttributeError):
+        return -1.0
+
+
 def retain(directory: str | Path, keep_last: int = 1) -> list[str]:
     """Delete all but the newest ``keep_last`` checkpoints and the best one; return what went.
 
@@ -468,6 +512,9 @@ def retain(directory: str | Path, keep_last: int = 1) -> list[str]:
     scored = [c for c in valid if c.state.get("val_loss") is not None]
     if scored:
         keep.add(min(scored, key=lambda c: c.state["val_loss"]).identifier)
+    stable = before_cooldown(valid)
+    if stable is not None:  # where the run can be trained on beyond its cooldown (``branch``)
+        keep.add(stable.identifier)
     pins = _pinned(directory)  # what a sample, eval or export reads now stays until it is read
     removed = []
     for c in valid:

@@ -193,7 +193,8 @@ class TrainConfig:
     eval_stride: int = _opt(0, "start evaluation windows every N tokens, scoring only new targets "
                                "(0: the context, non-overlapping; less: every target sees more context)")
     more: str = _opt("", "resume and train this much beyond the checkpoint: minutes (2m) or steps "
-                         "(500); sets --time_budget or --num_iters from where the run stands",
+                         "(500); sets --time_budget or --num_iters from where the run stands (a run in "
+                         "or past its --lr_cooldown goes on from its last checkpoint before it)",
                      local="invocation")
     identifier: Optional[str] = _opt(None, "checkpoint identifier (SHA1 or unique prefix) to load",
                                      local="invocation")

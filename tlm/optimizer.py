@@ -24,6 +24,20 @@ def decay(config: TrainConfig, fraction: mx.array) -> mx.array:
     return FINAL_RATE + (1 - FINAL_RATE) * shape
 
 
+def cooling(config: dict, step: int, elapsed: float) -> bool:
+    """Whether a run (its recorded ``config``) at ``step``, ``elapsed`` seconds of training, has
+    begun its ``--lr_cooldown``: the checkpoint before that is where it can be trained on (a
+    branch) without its rate climbing back from a finished cooldown."""
+    if not config.get("lr_cooldown"):
+        return False
+    if config.get("time_budget"):
+        fraction = max(elapsed / (config["time_budget"] * 60), step / config["num_iters"])
+    else:
+        warm = min(config.get("lr_warmup", 0), config["num_iters"])
+        fraction = (step - warm) / max(config["num_iters"] - warm, 1)
+    return fraction > 1 - config["lr_cooldown"]
+
+
 def make_schedule(config: TrainConfig, peak: Optional[float] = None) -> Callable | float:
     """Linear warmup to the peak rate (default ``--learning_rate``), then :func:`decay` over the steps.
 

@@ -69,9 +69,15 @@ def open_run(given: dict[str, Any], warn: Callable[[str], None] = lambda m: None
             config = TrainConfig(**{**given, **more_budget(config.more, 0, 0.0)})
         return config, None
     config = resume_config(given, ckpt)
-    if config.more:
-        config = dataclasses.replace(config, **more_budget(config.more, ckpt.step,
-                                                           ckpt.state.get("elapsed", 0.0)))
+    if config.more:  # counted from the newest; one that began its cooldown goes on from before it
+        budget = more_budget(config.more, ckpt.step, ckpt.state.get("elapsed", 0.0))
+        stable = None if config.identifier else checkpoint.before_cooldown(checkpoint.list_checkpoints(config.save_dir))
+        if stable is not None:
+            warn(f"--more {config.more} from checkpoint {stable.identifier[:12]} at iteration {stable.step}, "
+                 f"the last before the --lr_cooldown began: the rate stays at its peak and cools down "
+                 f"at the end of the new budget")
+            ckpt, budget["identifier"] = stable, stable.identifier
+        config = dataclasses.replace(config, **budget)
     config.validate()
     nothing = refuse_spent and nothing_to_train(config, ckpt)
     if nothing:
@@ -146,6 +152,11 @@ def opened(given: dict[str, Any], hooks: TrainingHooks, labels: Optional[dict[st
                                                            hooks.log).take()
     try:
         config, ckpt = open_run(given, warn=hooks.log, refuse_spent=refuse_spent)
+        if ckpt is not None and config.identifier and lease is not None:
+            aside = checkpoint.branch(save_dir, ckpt)  # retention and a later resume follow it
+            if aside is not None:
+                hooks.log(f"training on from checkpoint {ckpt.identifier[:12]} at iteration {ckpt.step}: "
+                          f"the run's newer checkpoints and their metrics moved to {aside.name}/")
         group = join_ranks(config)
         select_device(config.gpu)
         dataset, init = prepare(config, ckpt, hooks.log, data or Path(save_dir) / RUN_DATA)

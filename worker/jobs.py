@@ -281,8 +281,9 @@ def run_train(c: Context) -> None:
     c.log(blas.describe())
     params = dict(c.params)
     adopt(c)  # a PBT trial given another's checkpoint takes it first
-    if c.job.checkpoint:  # started before and saved: resume that, never afresh again
+    if c.job.checkpoint:  # started before and saved: resume that, never afresh nor the named one again
         params.pop("new_model", None)
+        params.pop("identifier", None)
         from tlm.checkpoint import newest_name  # MLX
         # retention may have replaced the recorded one by a newer one whose publish was lost
         # (the worker killed between the save and the record): that one is resumed
@@ -310,7 +311,8 @@ def pin_more(c: Context, given: dict[str, Any]) -> dict[str, Any]:
     from tlm.run import open_run  # MLX
 
     config, _ = open_run(given, warn=c.log)
-    budget = {"time_budget": config.time_budget, "num_iters": config.num_iters}
+    budget = {"time_budget": config.time_budget, "num_iters": config.num_iters,  # a branch: from where
+              **({"identifier": config.identifier} if config.identifier else {})}
     c.log(f"--more {given['more']}: to --num_iters {config.num_iters}"
           + (f", --time_budget {config.time_budget:.2f}" if config.time_budget else ""))
     c.registry.update(c.job.id, params={**{k: v for k, v in c.job.params.items() if k != "more"}, **budget})
