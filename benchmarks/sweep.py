@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/sweep.py asha   [--workers 2]   # the same 16 configurations twice
     .venv/bin/python benchmarks/sweep.py compare [--seeds 0,1,2] [--seconds 120] [--steps 200]
         # one search space, seeds and worker budget: no pruning, stopping ASHA, promotion ASHA, PBT
-    .venv/bin/python benchmarks/sweep.py train-on [--more 200]
+    .venv/bin/python benchmarks/sweep.py train-on [--more 200] [--cooldown 0.2]
         # a sweep's winner trained on from its checkpoint vs its flags retrained from scratch
     .venv/bin/python benchmarks/sweep.py search --preset shakespeare-cpu --budget 0.2m --trials 24 \\
         --search learning_rate=log:1e-3:2e-2 --search muon_learning_rate=log:5e-3:5e-2 ...
@@ -217,13 +217,16 @@ def asha(args) -> None:
 def train_on(args) -> None:
     """`tlm sweep best --train-on`: the winner of a promotion-ASHA sweep trained ``--more`` steps
     on from its checkpoint, against its flags trained from scratch for the same total steps; each
-    scored on the whole validation split, with its wall time (one worker)."""
+    scored on the whole validation split, with its wall time (one worker). ``--cooldown C``: the
+    trials use the warmup-stable-decay schedule (``--lr_cooldown C``), and training on branches
+    from the winner's last checkpoint before its cooldown."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "TLM_QUEUE": f"sqlite://{tmp}/queue.db", "TLM_SAVE_ROOT": f"{tmp}/root"}
         Path(tmp, "root").mkdir()
         space = ["--search", "learning_rate=log:3e-4:3e-2", "--search", "dim=32,64,96,128"]
         tlm = lambda *a: subprocess.run([*TLM, *a], env=env, check=True, capture_output=True, text=True)  # noqa: E731
-        tlm("sweep", "submit", "--name", "won", *SHAPE, *space, "--trials", str(args.trials), "--parallel",
+        cooldown = ["--flag", f"lr_cooldown={args.cooldown}"] if args.cooldown else []
+        tlm("sweep", "submit", "--name", "won", *SHAPE, *cooldown, *space, "--trials", str(args.trials), "--parallel",
             str(args.workers), "--budget", str(args.steps), "--seed", "0")
 
         def work(n: int = 1) -> None:
@@ -282,6 +285,7 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=200)
     t.add_argument("--more", type=int, default=200)
     t.add_argument("--trials", type=int, default=8)
+    t.add_argument("--cooldown", type=float, default=0.0, help="--lr_cooldown of the trials (0: cosine)")
     s = sub.add_parser("search")
     s.add_argument("--preset", required=True)
     s.add_argument("--budget", required=True)
