@@ -281,14 +281,17 @@ def test_the_page_lists_everything_else_beside_records_a_stranger_wrote(url, das
     assert httpx.get(dashboard.base + "/api/jobs/bad000000001").status_code == 404
 
 
+# `tlm sweep submit` of tiny character-model trials
+SWEEP = [sys.executable, "-m", "tlm_cli.main", "sweep", "submit", "--flag", "dataset=shakespeare", "--flag", "dim=32",
+         "--flag", "num_heads=2", "--flag", "num_blocks=1", "--flag", "context_size=16", "--flag", "batch_size=8",
+         "--flag", "eval_tokens=400", "--flag", "steps_per_eval=5"]
+
+
 def test_a_sweep_page_shows_its_leaderboard_curves_and_controls(tmp_path, browser):
     url = f"sqlite://{tmp_path / 'queue.db'}"
     root = tmp_path / "root"
     root.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "tlm_cli.main", "sweep", "submit", "--name", "page",
-                           "--flag", "dataset=shakespeare", "--flag", "dim=32", "--flag", "num_heads=2",
-                           "--flag", "num_blocks=1", "--flag", "context_size=16", "--flag", "batch_size=8",
-                           "--flag", "eval_tokens=400", "--flag", "steps_per_eval=5",
+    proc = subprocess.run([*SWEEP, "--name", "page",
                            "--search", "learning_rate=log:1e-4:1e-1", "--search", "dropout=0.0,0.1",
                            "--trials", "3", "--parallel", "2",
                            "--budget", "15", "--prune", "none", "--queue", url],
@@ -609,10 +612,7 @@ def test_a_pbt_sweep_page_draws_each_trials_lineage(tmp_path, browser):
     url = f"sqlite://{tmp_path / 'queue.db'}"
     root = tmp_path / "root"
     root.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "tlm_cli.main", "sweep", "submit", "--name", "family",
-                           "--flag", "dataset=shakespeare", "--flag", "dim=32", "--flag", "num_heads=2",
-                           "--flag", "num_blocks=1", "--flag", "context_size=16", "--flag", "batch_size=8",
-                           "--flag", "eval_tokens=400", "--flag", "steps_per_eval=5", "--flag", "lr_warmup=1",
+    proc = subprocess.run([*SWEEP, "--name", "family", "--flag", "lr_warmup=1",
                            "--schedule", "pbt", "--population", "4", "--interval", "10", "--budget", "30",
                            "--search", "learning_rate=3e-3,1e-3,1e-4,1e-5", "--sampler", "grid", "--seed", "3",
                            "--queue", url], capture_output=True, text=True, timeout=120)
