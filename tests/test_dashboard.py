@@ -281,25 +281,27 @@ def test_the_page_lists_everything_else_beside_records_a_stranger_wrote(url, das
     assert httpx.get(dashboard.base + "/api/jobs/bad000000001").status_code == 404
 
 
-# `tlm sweep submit` of tiny character-model trials
-SWEEP = [sys.executable, "-m", "tlm_cli.main", "sweep", "submit", "--flag", "dataset=shakespeare", "--flag", "dim=32",
-         "--flag", "num_heads=2", "--flag", "num_blocks=1", "--flag", "context_size=16", "--flag", "batch_size=8",
-         "--flag", "eval_tokens=400", "--flag", "steps_per_eval=5"]
-
-
-def test_a_sweep_page_shows_its_leaderboard_curves_and_controls(tmp_path, browser):
+def swept(tmp_path, *args: str) -> tuple[str, str, Workers, Dashboard]:
+    """A sweep of tiny character-model trials on a fresh embedded queue, with a worker and a
+    dashboard on it: (the queue's url, the sweep's id, the workers, the dashboard)."""
     url = f"sqlite://{tmp_path / 'queue.db'}"
     root = tmp_path / "root"
     root.mkdir()
-    proc = subprocess.run([*SWEEP, "--name", "page",
-                           "--search", "learning_rate=log:1e-4:1e-1", "--search", "dropout=0.0,0.1",
-                           "--trials", "3", "--parallel", "2",
-                           "--budget", "15", "--prune", "none", "--queue", url],
+    proc = subprocess.run([sys.executable, "-m", "tlm_cli.main", "sweep", "submit", "--flag", "dataset=shakespeare",
+                           "--flag", "dim=32", "--flag", "num_heads=2", "--flag", "num_blocks=1",
+                           "--flag", "context_size=16", "--flag", "batch_size=8", "--flag", "eval_tokens=400",
+                           "--flag", "steps_per_eval=5", *args, "--queue", url],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    sweep_id = proc.stdout.strip()
     workers, d = Workers(url, tmp_path), Dashboard(url, tmp_path)
     workers.start("--save_root", str(root))
+    return url, proc.stdout.strip(), workers, d
+
+
+def test_a_sweep_page_shows_its_leaderboard_curves_and_controls(tmp_path, browser):
+    url, sweep_id, workers, d = swept(tmp_path, "--name", "page", "--search", "learning_rate=log:1e-4:1e-1",
+                                      "--search", "dropout=0.0,0.1", "--trials", "3", "--parallel", "2",
+                                      "--budget", "15", "--prune", "none")
     try:
         wait_for(url, sweep_id, ["succeeded"], timeout=180)
         browser.get(d.base + "/")
@@ -609,17 +611,9 @@ def test_a_sweep_page_of_many_trials_stays_readable(tmp_path, browser, trials):
 def test_a_pbt_sweep_page_draws_each_trials_lineage(tmp_path, browser):
     """Population based training's page: no add-trials control (a fixed population) and a lineage
     picture: a lane per trial, each copy drawn from the donor's lane into the taker's."""
-    url = f"sqlite://{tmp_path / 'queue.db'}"
-    root = tmp_path / "root"
-    root.mkdir()
-    proc = subprocess.run([*SWEEP, "--name", "family", "--flag", "lr_warmup=1",
-                           "--schedule", "pbt", "--population", "4", "--interval", "10", "--budget", "30",
-                           "--search", "learning_rate=3e-3,1e-3,1e-4,1e-5", "--sampler", "grid", "--seed", "3",
-                           "--queue", url], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    sweep_id = proc.stdout.strip()
-    workers, d = Workers(url, tmp_path), Dashboard(url, tmp_path)
-    workers.start("--save_root", str(root))
+    url, sweep_id, workers, d = swept(tmp_path, "--name", "family", "--flag", "lr_warmup=1", "--schedule", "pbt",
+                                      "--population", "4", "--interval", "10", "--budget", "30", "--sampler", "grid",
+                                      "--search", "learning_rate=3e-3,1e-3,1e-4,1e-5", "--seed", "3")
     try:
         wait_for(url, sweep_id, ["succeeded"], timeout=300)
         browser.get(d.base + f"/#/sweep/{sweep_id}")
