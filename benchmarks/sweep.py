@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 TLM = [sys.executable, "-m", "tlm_cli.main"]
@@ -107,7 +108,8 @@ def run_for(name: str, args: list[str], workers: int, seconds: float) -> dict:
         procs = [subprocess.Popen([sys.executable, "-m", "tlm_worker.main", "--save_root", str(root)], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(workers)]
         time.sleep(max(0.0, tic + seconds - time.time()))
-        tlm("sweep", "cancel", name)  # running trials save; nothing after the budget counts
+        subprocess.run([*TLM, "sweep", "cancel", name], env=env, capture_output=True)  # unless it ended: running
+        # trials save; nothing after the budget counts
         deadline = time.time() + 120
         while json.loads(tlm("sweep", "status", name, "--json").stdout)["sweep"]["state"] == "running" \
                 and time.time() < deadline:
@@ -122,6 +124,7 @@ def run_for(name: str, args: list[str], workers: int, seconds: float) -> dict:
         winner = next((t for t in trials if t["best"] is not None and t["best"] <= best_loss), trials[0])
         scored = tlm("eval", "--save_dir", str(root / winner["run"]), "--split", "valid").stdout
         states = {s: sum(t["state"] == s for t in trials) for s in {t["state"] for t in trials}}
+        states["sweep"] = json.loads(tlm("sweep", "status", name, "--json").stdout)["sweep"]["state"]
         return {"curve": curve, "found": best_loss, "states": states, "trials": trials,
                 "whole": float(scored.split("valid loss ")[1].split()[0]),
                 "series": [{r["step"]: r["loss"] for r in map(json.loads, (root / t["run"] / "metrics.jsonl")
@@ -133,7 +136,8 @@ def compare(args) -> None:
     """The same space, seeds and worker budget searched with each pruning (and ``pbt``: population
     based training, its population sharing the worker budget, each member given an equal share of
     it as a time budget): the best found (in the trials' evaluations, and scored on the whole
-    validation split), and the worker time each took to reach stopping ASHA's best."""
+    validation split), and the worker time each took to reach the best of stopping ASHA with trials
+    as long as its own (``reference``)."""
     space = ["--search", "learning_rate=log:3e-4:3e-2", "--search", "dim=32,64,96,128", "--search", "lr_warmup=1:50"]
     figures: dict[str, list[dict]] = {}
     for seed in args.seeds:
@@ -147,7 +151,6 @@ def compare(args) -> None:
                for prune in args.prunes}
         runs = {prune: run_for(f"cmp-{prune}-{seed}", [*common, *how[prune]], args.workers, args.seconds)
                 for prune in args.prunes}
-        target = runs["asha-stop"]["found"] if "asha-stop" in runs else None
         if "none" in runs:  # every trial trained to the end: which rung metric ranks them better
             rungs = [25.0 * 3 ** k for k in range(3) if 25 * 3 ** k < args.steps]
             done = [s for s in runs["none"]["series"] if s and max(s) >= args.steps]
@@ -155,25 +158,34 @@ def compare(args) -> None:
                 print(f"seed {seed}: rank correlation with the final loss of {len(done)} trials at rungs "
                       f"{rungs}, {metric}: " + ", ".join(f"{r:.3f}" for r in rho), flush=True)
         for prune, r in runs.items():
-            reach = next((t for t, b in r["curve"] if target is not None and b <= target), None)
+            ref = reference(prune, runs)
+            reach = next((t for t, b in r["curve"] if ref and b <= runs[ref]["found"]), None)
             figures.setdefault(prune, []).append({"whole": r["whole"], "found": r["found"], "reach": reach})
             print(f"seed {seed} --prune {prune}: best found {r['found']:.4f} (whole split {r['whole']:.4f}), "
-                  f"reached asha-stop's best " + (f"after {reach:.0f} worker-s" if reach is not None else "never")
+                  f"reached {ref}'s best " + (f"after {reach:.0f} worker-s" if reach is not None else "never")
                   + f", trials {r['states']}", flush=True)
     print(f"\nmean over seeds {args.seeds}, {args.workers} workers x {args.seconds:.0f} s each (perplexity = exp(loss)):")
-    base = figures.get("asha-stop")
     for prune, rows in figures.items():
         whole = sum(r["whole"] for r in rows) / len(rows)
         reached = [r["reach"] for r in rows if r["reach"] is not None]
-        line = f"  {prune:10s} whole-split loss {whole:.4f} (ppl {math.exp(whole):.3f})"
-        if base:
-            ref = sum(r["whole"] for r in base) / len(base)
-            line += f", ppl x{math.exp(whole) / math.exp(ref):.4f} stopping ASHA's"
+        line = f"  {prune:14s} whole-split loss {whole:.4f} (ppl {math.exp(whole):.3f})"
+        ref = reference(prune, figures)
+        if ref:
+            base = figures[ref]
+            mean = sum(r["whole"] for r in base) / len(base)
+            line += f", ppl x{math.exp(whole) / math.exp(mean):.4f} {ref}'s"
             ref_reach = [r["reach"] for r in base if r["reach"] is not None]
-            line += (f", reached stopping ASHA's best in {sum(reached) / len(reached):.0f} worker-s on average "
+            line += (f", reached {ref}'s best in {sum(reached) / len(reached):.0f} worker-s on average "
                      f"(x{(sum(reached) / len(reached)) / (sum(ref_reach) / len(ref_reach)):.2f}), "
                      if reached and ref_reach else ", ") + f"in {len(reached)} of {len(rows)} seeds"
         print(line, flush=True)
+
+
+def reference(method: str, runs: dict) -> Optional[str]:
+    """What a method is measured against: stopping ASHA at the same length of trial (PBT's members
+    train as long as the -long trials)."""
+    ref = "asha-stop-long" if method.endswith("-long") or method == "pbt" else "asha-stop"
+    return ref if ref in runs else None
 
 
 def curve(trials: list[dict]) -> list[tuple[float, float]]:
