@@ -25,8 +25,8 @@ def end(w: "Worker", r: "Running", code: int) -> Optional[Job]:
         w._say_notices()
         if job is None:
             return None
-    if job.state == PAUSED:  # a sweep trial at a rung: its sweep queues it again if promoted
-        w.say(f"job {r.job_id} paused at a rung of its sweep")
+    if job.state == PAUSED:  # a sweep trial at a rung or a generation's end: its sweep queues it again
+        w.say(f"job {r.job_id} paused by its sweep (a rung, or a generation's end)")
         return job
     if job.fence != r.fence:
         w.say(f"job {r.job_id}: no longer this worker's (now {job.state}, fence {job.fence})")

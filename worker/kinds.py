@@ -29,8 +29,9 @@ QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
 CANCELLED, SUCCEEDED, FAILED, INTERRUPTED = "cancelled", "succeeded", "failed", "interrupted"
 WAITING, SKIPPED = "waiting", "skipped"  # chains: waiting for its parent; the parent did not succeed
 PRUNED = "pruned"  # a sweep trial Optuna stopped early (it saved first)
-# A sweep trial that saved at a rung and waits to be promoted: no worker holds it, it keeps its
-# run (one trainer) and its checkpoint; its sweep queues it again, or ends it pruned.
+# A sweep trial that saved at a rung (or at a PBT generation's end) and waits to be promoted: no
+# worker holds it, it keeps its run (one trainer) and its checkpoint; its sweep queues it again,
+# or ends it pruned.
 PAUSED = "paused"
 CLAIMABLE = (QUEUED, INTERRUPTED)  # interrupted jobs are back in the queue
 ACTIVE = (RUNNING, CANCELLING)  # held by a worker
@@ -98,7 +99,13 @@ NEEDS = {"gpu": bool, "memory": int, "host": str, "labels": {str: str}}
 MEMBER = {REQUIRED_KEYS: ("worker", "expires", "address", "port"), "worker": str, "expires": NUMBER,
           "heartbeat": NUMBER, "address": str, "port": int, "rdma": ({str: str}, type(None))}
 TRIAL = {REQUIRED_KEYS: ("id", "name", "trial", "params"), "id": str, "name": str, "trial": int,
-         "params": dict, "passed": NUMBER}  # passed: the last rung it was let past (promotion ASHA)
+         "params": dict, "passed": NUMBER,  # passed: the last rung it was let past (promotion ASHA)
+         # PBT: the generation it paused at, its loss and step there, the generation it was let go
+         # on from, the copies it took ([step, trial]), the flags its weights saw ([step, flags]),
+         # and the copy it is yet to take
+         "generation": int, "value": OPTIONAL_NUMBER, "at": NUMBER, "go": int, "copies": [[NUMBER]],
+         "schedule": [[(NUMBER, dict)]],
+         "copy": {REQUIRED_KEYS: ("from", "run", "generation"), "from": int, "run": str, "generation": int}}
 PROGRESS = {  # written by job processes and sweeps; a value of another shape is dropped on read
     "step": int, "total": int, "first_step": int, "val_step": int, "phase": str, "kind": str,
     "message": str, "checkpoint": (str, type(None)), "bits_per_char": bool, "config": dict,

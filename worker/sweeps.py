@@ -526,7 +526,7 @@ def _generation(registry: "Registry", st, spec: SweepSpec, jobs: list[Job]) -> N
     live = [j for j in jobs if j.sweep and j.state in LIVE]
     g = min((j.sweep.get("generation", 0) for j in live), default=0)
     cohort = sorted((j for j in live if j.sweep.get("generation", 0) == g),
-                    key=lambda j: (j.sweep.get("value", math.inf), j.sweep["trial"]))
+                    key=lambda j: (_loss(j.sweep), j.sweep["trial"]))
     # ranked once every trial of the generation has paused (a decision a crash cut short is
     # finished over the same ranking: those already decided keep their value in it)
     if g and all(j.state == PAUSED or j.sweep.get("go") == g for j in cohort):
@@ -563,12 +563,18 @@ def _exploit(registry: "Registry", st, spec: SweepSpec, family: dict[str, Any], 
     schedule = [s for s in donor.get("schedule", [[0, donor["params"]]]) if s[0] < at]
     if params != schedule[-1][1]:  # the same flags on: exact resume makes it one run of them
         schedule.append([at, params])
-    registry.log(family["id"], f"generation {g}: trial {family['trial']} ({family['value']:.4f}) takes trial "
-                 f"{donor['trial']}'s checkpoint ({donor['value']:.4f}) at {at:g}: "
+    registry.log(family["id"], f"generation {g}: trial {family['trial']} ({_loss(family):.4f}) takes trial "
+                 f"{donor['trial']}'s checkpoint ({_loss(donor):.4f}) at {at:g}: "
                  + " ".join(f"--{k} {_short(v)}" for k, v in params.items()))
     return {**family, "number": number, "params": params, "schedule": schedule,
             "copies": family.get("copies", []) + [[at, donor["trial"]]],
             "copy": {"from": donor["trial"], "run": donor_job.run_name, "generation": g}}
+
+
+def _loss(family: dict[str, Any]) -> float:
+    """A PBT trial's loss at the generation it paused at (none recorded, or not finite: last)."""
+    value = family.get("value")
+    return math.inf if value is None else value
 
 
 def _short(value: Any) -> str:
@@ -584,7 +590,10 @@ def adopt(c) -> None:
     plan = (c.job.sweep or {}).get("copy")
     if not plan:
         return
-    donor = Path(c.save_dir).parent / Path(plan["run"]).name  # a sweep's trials are siblings
+    name = Path(plan["run"]).name  # a sweep's trials are siblings: never a path out of its folder
+    if not name.startswith(TRIAL):
+        raise checkpoint.CheckpointError(f"the copy's run {plan['run']!r} is not a trial of this sweep")
+    donor = Path(c.save_dir).parent / name
     ident = checkpoint.newest_name(donor)  # the donor stays paused until this plan is dropped
     if ident is None:
         raise checkpoint.CheckpointError(f"trial {plan['from']}'s run {donor} has no checkpoint to take")
@@ -971,7 +980,7 @@ class TrialHooks(RegistryHooks):
         g = sum(1 for end in generations(self.spec) if end <= at)
         if g <= self.family.get("generation", 0):
             return
-        self.family = {**self.family, "generation": g, "value": loss, "at": at}
+        self.family = {**self.family, "generation": g, "value": loss if math.isfinite(loss) else None, "at": at}
         self.c.report(self.c.registry.update, self.c.job.id, sweep=self.family)
         self.paused = True
         self.log(f"generation {g} ends at {unit} {at}: valid loss {loss:.4f}: saved, pausing for the population")
