@@ -366,9 +366,10 @@ def test_an_idle_worker_is_one_process_and_its_first_job_starts_the_interactive_
     until(lambda: "serving" in workers.log(w), 60, "the worker serving")
     time.sleep(2)
     assert Path(f"/proc/{w.pid}/task/{w.pid}/children").read_text().split() == []
-    submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "2")
+    trained = submit(url, "train", "--save_dir", str(save_dir), *TINY, "--num_iters", "2")
     ready = until(lambda: re.search(r"interactive process ready \(pid (\d+), ", workers.log(w)), 120,
                   "the interactive process ready")
+    wait_for(url, trained, ["succeeded"], timeout=120)  # its checkpoint saved (a loaded machine is slow)
     proc = tlm("sample", "--save_dir", str(save_dir), "--prompt", "the", "--max_tokens", "3", "--queue", url)
     assert proc.returncode == 0, proc.stderr
     assert job_pid(workers.log(w), registry(url).jobs(None)[-1].id) == int(ready.group(1))
