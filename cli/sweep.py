@@ -210,7 +210,7 @@ def best(name, preset_out, train_on, queue) -> None:
              f"`tlm sweep best {name} --train-on BUDGET` trains it on). The flags its weights saw:")
         for at, params in row["schedule"]:
             click.echo(f"from {'second' if job.params['budget'].endswith('m') else 'step'} {at:g}: "
-                       + " ".join(f"--{k} {v:.4g}" if isinstance(v, float) else f"--{k} {v}" for k, v in params.items()))
+                       + " ".join(f"--{k} {_fmt(v, '.4g')}" for k, v in params.items()))
         echo("the final flags as a command:")
     click.echo(submit_command(flags))
     if preset_out:

@@ -303,9 +303,14 @@ def peek_state(directory: str | Path) -> Optional[dict[str, Any]]:
     """The newest checkpoint's recorded state, read without hashing (for listings of many runs:
     not verified, so never for loading)."""
     name = newest_name(directory)
+    return _peek(Path(directory), name) if name else None
+
+
+def _peek(directory: Path, identifier: str) -> Optional[dict[str, Any]]:
+    """A checkpoint's recorded state from its header, unverified; None if unreadable or partial."""
     try:
-        return json.loads(_header(Path(directory) / f"{name}.metadata")["tlm"]) if name else None
-    except Exception:  # unreadable or partial: the listing shows the run without it
+        return json.loads(_header(directory / f"{identifier}.metadata")["tlm"])
+    except Exception:
         return None
 
 
@@ -452,18 +457,38 @@ def adopt(source: str | Path, identifier: str, directory: str | Path) -> None:
         _fsync_dir(directory)
     for _, _, other in _candidates(directory):
         if other != identifier:
-            (directory / f"{other}.safetensors").unlink(missing_ok=True)  # weights first, as retain
-            (directory / f"{other}.metadata").unlink(missing_ok=True)
+            _unpublish(directory, other)
 
 
-def before_cooldown(valid: list[Checkpoint]) -> Optional[Checkpoint]:
-    """The newest of ``valid`` (newest first) taken before the run's ``--lr_cooldown`` began, if
-    the newest is in its cooldown: training on from there cools down over the new budget."""
-    def cooled(c: Checkpoint) -> bool:
-        return cooling(c.state["config"], c.step, c.state.get("elapsed", 0.0))
-    if not valid or not cooled(valid[0]):
+def _unpublish(directory: Path, identifier: str) -> None:
+    """Delete a checkpoint's pair, weights first: never a visible weights file without metadata."""
+    (directory / f"{identifier}.safetensors").unlink(missing_ok=True)
+    (directory / f"{identifier}.metadata").unlink(missing_ok=True)
+
+
+def _before_cooldown(states: list[tuple[str, dict[str, Any]]]) -> Optional[str]:
+    """Of (identifier, recorded state) pairs, newest first: the newest taken before the run's
+    ``--lr_cooldown`` began, if the newest is in its cooldown (None otherwise)."""
+    def cooled(state: dict[str, Any]) -> bool:
+        return cooling(state["config"], state["step"], state.get("elapsed", 0.0))
+    if not states or not cooled(states[0][1]):
         return None
-    return next((c for c in valid if not cooled(c)), None)
+    return next((ident for ident, state in states if not cooled(state)), None)
+
+
+def branch_point(directory: str | Path) -> Optional[Checkpoint]:
+    """Where training a run in (or past) its cooldown on goes on from: its newest checkpoint
+    before the cooldown began, chosen from the headers (no hashing) and then verified; if that
+    one is damaged, chosen again among the valid ones. None if the run is not cooling down."""
+    directory = Path(directory)
+    headers = [(ident, state) for _, _, ident in _candidates(directory) if (state := _peek(directory, ident))]
+    ident = _before_cooldown(headers)
+    try:
+        return verify(directory, ident) if ident else None
+    except CheckpointError:
+        valid = list_checkpoints(directory)
+        ident = _before_cooldown([(c.identifier, c.state) for c in valid])
+        return next((c for c in valid if c.identifier == ident), None)
 
 
 def branch(directory: str | Path, ckpt: Checkpoint) -> Optional[Path]:
@@ -500,7 +525,8 @@ def _step_of(line: str) -> float:
 
 
 def retain(directory: str | Path, keep_last: int = 1) -> list[str]:
-    """Delete all but the newest ``keep_last`` checkpoints and the best one; return what went.
+    """Delete all but the newest ``keep_last`` checkpoints, the best one and, in a run past its
+    cooldown's start, the last one before it; return what went.
 
     Also removes temporary and orphaned files older than ``STALE_SECONDS``
     (left by writers that died; younger ones may belong to a live writer on
@@ -512,15 +538,14 @@ def retain(directory: str | Path, keep_last: int = 1) -> list[str]:
     scored = [c for c in valid if c.state.get("val_loss") is not None]
     if scored:
         keep.add(min(scored, key=lambda c: c.state["val_loss"]).identifier)
-    stable = before_cooldown(valid)
-    if stable is not None:  # where the run can be trained on beyond its cooldown (``branch``)
-        keep.add(stable.identifier)
+    stable = _before_cooldown([(c.identifier, c.state) for c in valid])
+    if stable is not None:  # where the run can be trained on beyond its cooldown (``branch_point``)
+        keep.add(stable)
     pins = _pinned(directory)  # what a sample, eval or export reads now stays until it is read
     removed = []
     for c in valid:
         if c.identifier not in keep and not any(c.identifier.startswith(p) for p in pins):
-            c.weights_path.unlink(missing_ok=True)  # weights first: never a pair without metadata
-            c.metadata_path.unlink(missing_ok=True)
+            _unpublish(directory, c.identifier)
             removed.append(c.identifier)
     now = time.time()
     for path in list(directory.glob(".tmp-*.new")) + list(directory.glob("*.metadata")):

@@ -71,7 +71,10 @@ def open_run(given: dict[str, Any], warn: Callable[[str], None] = lambda m: None
     config = resume_config(given, ckpt)
     if config.more:  # counted from the newest; one that began its cooldown goes on from before it
         budget = more_budget(config.more, ckpt.step, ckpt.state.get("elapsed", 0.0))
-        stable = None if config.identifier else checkpoint.before_cooldown(checkpoint.list_checkpoints(config.save_dir))
+        try:
+            stable = None if config.identifier else checkpoint.branch_point(config.save_dir)
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
         if stable is not None:
             warn(f"--more {config.more} from checkpoint {stable.identifier[:12]} at iteration {stable.step}, "
                  f"the last before the --lr_cooldown began: the rate stays at its peak and cools down "

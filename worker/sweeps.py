@@ -517,12 +517,12 @@ def perturb(spec: SweepSpec, params: dict[str, Any], rng: random.Random) -> dict
     return out
 
 
-def _generation(registry: "Registry", st, spec: SweepSpec, jobs: list[Job]) -> None:
+def _generation(registry: "Registry", st, spec: SweepSpec, sweep: Job, jobs: list[Job]) -> list[Job]:
     """PBT, one idempotent step at a time. When every live trial has paused at the end of a
     generation, those that paused at the earliest are ranked: each of the bottom QUANTILE is
     given a plan (``copy``: a top trial's checkpoint, perturbed flags, a new Optuna trial) and
     all are queued to go on; a trial whose checkpoint a queued one has yet to copy stays paused
-    until it has (its retention would delete it), then goes on too."""
+    until it has (its retention would delete it), then goes on too. The trials as they are now."""
     live = [j for j in jobs if j.sweep and j.state in LIVE]
     g = min((j.sweep.get("generation", 0) for j in live), default=0)
     cohort = sorted((j for j in live if j.sweep.get("generation", 0) == g),
@@ -540,13 +540,15 @@ def _generation(registry: "Registry", st, spec: SweepSpec, jobs: list[Job]) -> N
                 family = _exploit(registry, st, spec, family, rng.choice(cohort[:q]), rng)
             registry.change(job.id, lambda j, family=family: {"sweep": family}
                             if j.state == PAUSED and j.sweep.get("go") != g else None)
-        jobs = trials(registry, registry.get(cohort[0].sweep["id"]))
+        jobs = trials(registry, sweep)
     copying = {j.sweep["copy"]["from"] for j in jobs if j.sweep and j.state in LIVE and j.sweep.get("copy")}
+    promoted = {}
     for job in jobs:
         family = job.sweep or {}
         if job.state == PAUSED and family.get("go") == family.get("generation") and family["trial"] not in copying:
             fields = {"params": {**job.params, **family["params"]}} if family.get("copy") else {}
-            registry.promote(job.id, **fields)
+            promoted[job.id] = registry.promote(job.id, **fields) or job
+    return [promoted.get(j.id, j) for j in jobs]
 
 
 def _exploit(registry: "Registry", st, spec: SweepSpec, family: dict[str, Any], donor_job: Job,
@@ -728,8 +730,7 @@ def _round(registry: "Registry", sweep: Job, lease: float) -> None:
             if n not in have and registry.now() - reserved.get(str(n), 0) > lease:
                 _create(registry, sweep, spec, n)  # its creator died between reserving and creating
         if spec.schedule == "pbt":
-            _generation(registry, st, spec, jobs)
-            jobs = trials(registry, registry.get(sweep.id))
+            jobs = _generation(registry, st, spec, sweep, jobs)
             live = [j for j in jobs if j.state in LIVE]
         asha = spec.schedule == "search"
         running = [j for j in live if j.state != PAUSED]
