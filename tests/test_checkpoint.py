@@ -263,3 +263,24 @@ def test_sigkill_at_random_moments_never_leaves_an_unusable_checkpoint(save_dir)
     if last_step:
         assert f"at iteration {last_step}," in proc.stderr
     assert checkpoint.find(save_dir).step == last_step + 2
+
+
+def test_the_branch_point_of_a_cooling_run_passes_over_damaged_checkpoints(save_dir):
+    """--more on a run in its cooldown goes on from its newest checkpoint before the cooldown,
+    chosen from the headers: a header with a damaged record is passed over (no traceback), a
+    chosen checkpoint that fails verification makes way for the next older valid one."""
+    from safetensors.numpy import load_file, save_file
+    run_trainer(save_dir, num_iters=8, steps_per_eval=2, keep_last=10, lr_cooldown=0.5)
+    by_step = {c.step: c.identifier for c in checkpoint.list_checkpoints(save_dir)}
+    assert sorted(by_step) == [2, 4, 6, 8]  # the cooldown begins after step 5: (step - 2) / 6 > 0.5
+    assert checkpoint.branch_point(save_dir).step == 4
+    newest = save_dir / f"{by_step[8]}.metadata"
+    with checkpoint.safe_open(str(newest), framework="numpy") as f:
+        header = f.metadata()
+    save_file(load_file(str(newest)), str(newest), metadata={**header, "tlm": '{"step": "8"}'})
+    assert checkpoint.branch_point(save_dir).step == 4
+    weights = save_dir / f"{by_step[4]}.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert checkpoint.branch_point(save_dir).step == 2

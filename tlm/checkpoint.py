@@ -220,10 +220,9 @@ def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
-def check_contents(state: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
-    """The recorded state makes sense and the weights are the ones its model arguments
-    describe (every tensor, each of its shape); CheckpointError naming the first problem.
-    Hashes only prove the files are as written: this proves what was written can be used."""
+def check_fields(state: dict[str, Any]) -> None:
+    """The recorded state holds each of STATE_FIELDS, of its type, step and elapsed in range;
+    CheckpointError naming the first problem."""
     for key, types in STATE_FIELDS.items():
         value = state.get(key)
         if value is None:
@@ -234,6 +233,13 @@ def check_contents(state: dict[str, Any], shapes: dict[str, tuple[int, ...]]) ->
     if not 0 <= state["step"] <= MAX_STEP or not 0 <= state["elapsed"] < float("inf"):
         raise CheckpointError(f"its metadata's step {state['step']} or elapsed {state['elapsed']} "
                               "is out of range")
+
+
+def check_contents(state: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+    """The recorded state makes sense and the weights are the ones its model arguments
+    describe (every tensor, each of its shape); CheckpointError naming the first problem.
+    Hashes only prove the files are as written: this proves what was written can be used."""
+    check_fields(state)
     context = state["config"].get("context_size")
     if isinstance(context, bool) or not isinstance(context, int) or context < 1:
         raise CheckpointError(f"its configuration's context_size is not usable: {context!r}")
@@ -481,7 +487,8 @@ def branch_point(directory: str | Path) -> Optional[Checkpoint]:
     before the cooldown began, chosen from the headers (no hashing) and then verified; if that
     one is damaged, chosen again among the valid ones. None if the run is not cooling down."""
     directory = Path(directory)
-    headers = [(ident, state) for _, _, ident in _candidates(directory) if (state := _peek(directory, ident))]
+    headers = [(ident, state) for _, _, ident in _candidates(directory)
+               if _fields_ok(state := _peek(directory, ident))]
     ident = _before_cooldown(headers)
     try:
         return verify(directory, ident) if ident else None
@@ -489,6 +496,16 @@ def branch_point(directory: str | Path) -> Optional[Checkpoint]:
         valid = list_checkpoints(directory)
         ident = _before_cooldown([(c.identifier, c.state) for c in valid])
         return next((c for c in valid if c.identifier == ident), None)
+
+
+def _fields_ok(state: Optional[dict[str, Any]]) -> bool:
+    """Whether an unverified header's state can be read for a choice (a damaged or hand-made
+    one is passed over, as an unreadable one is: the choice is verified after)."""
+    try:
+        check_fields(state)
+        return True
+    except (CheckpointError, AttributeError, TypeError):  # None, or not a record at all
+        return False
 
 
 def branch(directory: str | Path, ckpt: Checkpoint) -> Optional[Path]:
